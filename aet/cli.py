@@ -1,0 +1,47 @@
+"""`aet <command>`: dispatch to the module that owns each stage of the data flow.
+
+Each command module exposes `configure_parser(parser)` and `run(args) -> int`. Modules are
+imported only when their command runs, so `aet serve` never imports torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from aet.errors import UserError
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    "pretrain": ("training.pretrain", "pretrain an autoencoder on a data set"),
+    "export": ("training.export", "export a trained encoder to the ONNX model repository"),
+    "serve": ("server.app", "serve the model repository over gRPC"),
+    "embed": ("clients.extract", "batch feature extraction (server, local onnxruntime or Ray)"),
+    "probe": ("clients.probe", "train classifiers on frozen embeddings"),
+    "demo": ("clients.demo", "the whole flow on the embedded default data"),
+}
+
+
+def main(argv: list[str] | None = None, commands: tuple[str, ...] | None = None) -> int:
+    """Run one `aet` command; `commands` restricts the choice (for `python -m <package>`)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    allowed = {name: COMMANDS[name] for name in (commands or COMMANDS)}
+    parser = argparse.ArgumentParser(prog="aet", description=__doc__.splitlines()[0])
+    parser.add_argument("command", choices=sorted(allowed), help="; ".join(
+        f"{name}: {text}" for name, (_, text) in allowed.items()))
+    if not argv or argv[0] not in allowed:
+        parser.parse_args(argv[:1])  # prints usage and the valid commands, then exits
+        return 2
+    module = importlib.import_module(allowed[argv[0]][0])
+    sub = argparse.ArgumentParser(prog=f"aet {argv[0]}", description=allowed[argv[0]][1])
+    module.configure_parser(sub)
+    args = sub.parse_args(argv[1:])
+    try:
+        return int(module.run(args) or 0)
+    except UserError as exc:
+        print(f"aet {argv[0]}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

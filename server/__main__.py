@@ -1,0 +1,6 @@
+"""`python -m server serve ...`"""
+import sys
+
+from aet.cli import main
+
+sys.exit(main(commands=("serve",)))

@@ -1,0 +1,418 @@
+"""The model repository: `<root>/<model>/<version>/{model.onnx, model.json}`.
+
+`training.export` is the only writer (`write_version`); the server and clients read through
+`scan_repository`, which verifies every version's sha256 and reports the ones it refuses.
+Versions are positive integers, the highest usable one is "latest". A version folder appears
+only by an atomic rename of a finished temporary folder, so readers never see half a version.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from aet.errors import UserError
+
+MODEL_FILE = "model.onnx"
+CARD_FILE = "model.json"
+MODEL_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+_VERSION_PATTERN = re.compile(r"[1-9][0-9]*")
+_SHA256_PATTERN = re.compile(r"[0-9a-f]{64}")
+_TEMP_PREFIX = ".tmp-"
+
+
+class RepositoryError(UserError):
+    """A repository folder or model card is missing, invalid or cannot be written."""
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """The graph input: one batch of `shape` (without the batch axis) in `value_range`."""
+
+    name: str  # "pixels"
+    shape: tuple[int, ...]  # (C, H, W)
+    dtype: str  # "float32"
+    value_range: tuple[float, float]  # (0, raw_max): the raw pixel range the graph expects
+
+
+@dataclass(frozen=True)
+class OutputSpec:
+    """The graph output: one `embedding_dim` vector per input row."""
+
+    name: str  # "embedding"
+    dtype: str  # "float32"
+    embedding_dim: int
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """The contents of `model.json`: what the graph is, what it expects and where it came from."""
+
+    name: str
+    version: int
+    architecture: str  # the model kind, e.g. "mlp", "stacked", "vae", "conv"
+    hyperparameters: dict[str, Any]  # the model config that built the encoder
+    input: InputSpec
+    output: OutputSpec
+    preprocessing: list[str]  # the steps baked into the graph, in order
+    dataset: dict[str, Any]  # training data set: name, source and split
+    metrics: dict[str, float]  # final metrics of the run, e.g. held-out reconstruction MSE
+    opset: int
+    sha256: str  # of model.onnx
+    parity_max_abs_diff: float  # onnxruntime vs PyTorch, measured at export
+    parity_samples: int  # rows that parity was measured on
+    library_versions: dict[str, str]
+    created: str  # ISO 8601 with time zone
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON-ready mapping written to `model.json`."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str = CARD_FILE) -> ModelCard:
+        """Validate a parsed `model.json`; errors name `source` and the field."""
+        reader = _FieldReader(source)
+        card = reader.mapping(data, "")
+        inp = reader.mapping(reader.get(card, "input"), "input.")
+        out = reader.mapping(reader.get(card, "output"), "output.")
+        return cls(
+            name=reader.model_name(card, "name"),
+            version=reader.positive_int(card, "version"),
+            architecture=reader.string(card, "architecture"),
+            hyperparameters=reader.mapping(reader.get(card, "hyperparameters"), "hyperparameters"),
+            input=InputSpec(
+                name=reader.string(inp, "name", "input."),
+                shape=reader.shape(inp, "shape", "input."),
+                dtype=reader.string(inp, "dtype", "input."),
+                value_range=reader.value_range(inp, "value_range", "input."),
+            ),
+            output=OutputSpec(
+                name=reader.string(out, "name", "output."),
+                dtype=reader.string(out, "dtype", "output."),
+                embedding_dim=reader.positive_int(out, "embedding_dim", "output."),
+            ),
+            preprocessing=reader.strings(card, "preprocessing"),
+            dataset=reader.dataset(card, "dataset"),
+            metrics=reader.metrics(card, "metrics"),
+            opset=reader.positive_int(card, "opset"),
+            sha256=reader.sha256(card, "sha256"),
+            parity_max_abs_diff=reader.number(card, "parity_max_abs_diff"),
+            parity_samples=reader.positive_int(card, "parity_samples"),
+            library_versions=reader.library_versions(card, "library_versions"),
+            created=reader.timestamp(card, "created"),
+        )
+
+
+class _FieldReader:
+    """Type checks for `ModelCard.from_dict`, raising `RepositoryError` naming file and field."""
+
+    def __init__(self, source: str):
+        self.source = source
+
+    def fail(self, path: str, expected: str, value: Any) -> RepositoryError:
+        shown = repr(value)
+        if len(shown) > 80:
+            shown = shown[:77] + "..."
+        return RepositoryError(f"{self.source}: field {path!r}: expected {expected}, got {shown}")
+
+    def get(self, data: dict, key: str, prefix: str = "") -> Any:
+        if key not in data:
+            raise RepositoryError(f"{self.source}: missing field {prefix + key!r}")
+        return data[key]
+
+    def mapping(self, value: Any, path: str) -> dict:
+        if not isinstance(value, dict):
+            raise self.fail(path or "<top level>", "a JSON object", value)
+        return value
+
+    def string(self, data: dict, key: str, prefix: str = "") -> str:
+        value = self.get(data, key, prefix)
+        if not isinstance(value, str) or not value:
+            raise self.fail(prefix + key, "a non-empty string", value)
+        return value
+
+    def model_name(self, data: dict, key: str) -> str:
+        value = self.get(data, key)
+        if not isinstance(value, str) or not MODEL_NAME_PATTERN.fullmatch(value):
+            raise self.fail(key, f"a model name matching {MODEL_NAME_PATTERN.pattern}", value)
+        return value
+
+    def positive_int(self, data: dict, key: str, prefix: str = "") -> int:
+        value = self.get(data, key, prefix)
+        if not _is_int(value) or value < 1:
+            raise self.fail(prefix + key, "a positive integer", value)
+        return value
+
+    def number(self, data: dict, key: str, prefix: str = "") -> float:
+        value = self.get(data, key, prefix)
+        if not _is_number(value):
+            raise self.fail(prefix + key, "a number", value)
+        return float(value)
+
+    def shape(self, data: dict, key: str, prefix: str) -> tuple[int, ...]:
+        value = self.get(data, key, prefix)
+        if not isinstance(value, list) or not value or not all(_is_int(d) and d > 0 for d in value):
+            raise self.fail(prefix + key, "a non-empty list of positive integers", value)
+        return tuple(value)
+
+    def value_range(self, data: dict, key: str, prefix: str) -> tuple[float, float]:
+        value = self.get(data, key, prefix)
+        if (not isinstance(value, list) or len(value) != 2 or not all(map(_is_number, value))
+                or not value[0] < value[1]):
+            raise self.fail(prefix + key, "[low, high] with low < high", value)
+        return float(value[0]), float(value[1])
+
+    def strings(self, data: dict, key: str) -> list[str]:
+        value = self.get(data, key)
+        if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
+            raise self.fail(key, "a list of strings", value)
+        return list(value)
+
+    def dataset(self, data: dict, key: str) -> dict[str, Any]:
+        value = self.mapping(self.get(data, key), key)
+        self.string(value, "name", key + ".")
+        return value
+
+    def metrics(self, data: dict, key: str) -> dict[str, float]:
+        value = self.mapping(self.get(data, key), key)
+        for name, number in value.items():
+            if not _is_number(number):
+                raise self.fail(f"{key}.{name}", "a number", number)
+        return {name: float(number) for name, number in value.items()}
+
+    def sha256(self, data: dict, key: str) -> str:
+        value = self.get(data, key)
+        if not isinstance(value, str) or not _SHA256_PATTERN.fullmatch(value):
+            raise self.fail(key, "64 lowercase hex digits", value)
+        return value
+
+    def library_versions(self, data: dict, key: str) -> dict[str, str]:
+        value = self.mapping(self.get(data, key), key)
+        for name, version in value.items():
+            if not isinstance(version, str):
+                raise self.fail(f"{key}.{name}", "a version string", version)
+        return dict(value)
+
+    def timestamp(self, data: dict, key: str) -> str:
+        value = self.string(data, key)
+        try:
+            parsed = datetime.fromisoformat(value)
+        except ValueError:
+            parsed = None
+        if parsed is None or parsed.tzinfo is None:
+            raise self.fail(key, "an ISO 8601 time with a time zone", value)
+        return value
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class ModelVersion:
+    """One `<model>/<version>/` folder as found by `scan_repository`.
+
+    `error` is None when the version is usable; otherwise it says why it was refused
+    (unreadable card, card naming another model or version, missing model, sha256 mismatch)
+    and `card` may be None.
+    """
+
+    name: str
+    version: int
+    path: Path
+    card: ModelCard | None = None
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    @property
+    def status(self) -> str:
+        return "ok" if self.ok else "refused"
+
+    @property
+    def model_path(self) -> Path:
+        return self.path / MODEL_FILE
+
+    @property
+    def card_path(self) -> Path:
+        return self.path / CARD_FILE
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """The hex sha256 of a file's bytes, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def read_model_card(path: str | os.PathLike) -> ModelCard:
+    """Read and validate one `model.json`; `RepositoryError` names the file and the field."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise RepositoryError(f"cannot read model card {path}: {exc.strerror or exc}") from exc
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise RepositoryError(f"{path}: not valid JSON: {exc}") from exc
+    return ModelCard.from_dict(data, source=str(path))
+
+
+def validate_model_name(name: str) -> str:
+    """Return `name` if it is a valid model folder name, else raise `RepositoryError`."""
+    if not isinstance(name, str) or not MODEL_NAME_PATTERN.fullmatch(name):
+        raise RepositoryError(
+            f"model name: expected letters, digits, '_', '.' or '-' starting with a letter or "
+            f"digit ({MODEL_NAME_PATTERN.pattern}), got {name!r}")
+    return name
+
+
+def _version_numbers(model_dir: Path) -> list[int]:
+    """Version folder numbers under `model_dir`, ignoring hidden, temporary and other entries."""
+    if not model_dir.is_dir():
+        return []
+    return sorted(int(entry.name) for entry in model_dir.iterdir()
+                  if entry.is_dir() and _VERSION_PATTERN.fullmatch(entry.name))
+
+
+def next_version(root: str | os.PathLike, name: str) -> int:
+    """The version number the next export of `name` gets: one above the highest, or 1."""
+    versions = _version_numbers(Path(root) / validate_model_name(name))
+    return versions[-1] + 1 if versions else 1
+
+
+def write_version(root: str | os.PathLike, name: str, model: bytes | str | os.PathLike,
+                  card: ModelCard) -> Path:
+    """Write `model` (ONNX bytes or a file) and its card as the next version of `name`.
+
+    The card's `version` and `sha256` are stamped here (next free version, digest of the bytes
+    written). Files are written into a hidden temporary folder beside the versions and renamed
+    into place, so a failure leaves no version behind and an existing version is never
+    replaced; if another writer takes the number first, the next one is used. Returns the new
+    version folder.
+    """
+    validate_model_name(name)
+    if card.name != name:
+        raise RepositoryError(f"model card name: expected {name!r}, got {card.name!r}")
+    onnx_bytes = model if isinstance(model, bytes) else _read_bytes(Path(model))
+    digest = hashlib.sha256(onnx_bytes).hexdigest()
+    model_dir = Path(root) / name
+    try:
+        model_dir.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=_TEMP_PREFIX, dir=model_dir))
+        staging.chmod(0o755)  # mkdtemp's 0700 would hide the version from other readers
+    except OSError as exc:
+        raise RepositoryError(
+            f"cannot write to model repository folder {model_dir}: {exc.strerror or exc}") from exc
+    try:
+        _write_file(staging / MODEL_FILE, onnx_bytes)
+        version = next_version(root, name)
+        while True:
+            target = model_dir / str(version)
+            if not target.exists():
+                stamped = dataclasses.replace(card, version=version, sha256=digest)
+                _write_file(staging / CARD_FILE, _card_json(stamped).encode("utf-8"))
+                try:
+                    os.rename(staging, target)
+                except OSError:
+                    if not target.exists():
+                        raise
+                else:
+                    _fsync_dir(model_dir)
+                    return target
+            # Another writer took this number first (or something else sits there): move on.
+            version = max(version + 1, next_version(root, name))
+    except OSError as exc:
+        raise RepositoryError(
+            f"cannot write model version under {model_dir}: {exc.strerror or exc}") from exc
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _read_bytes(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise RepositoryError(f"cannot read ONNX model {path}: {exc.strerror or exc}") from exc
+
+
+def _card_json(card: ModelCard) -> str:
+    return json.dumps(card.to_dict(), indent=2) + "\n"
+
+
+def _write_file(path: Path, data: bytes) -> None:
+    with open(path, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _check_version(name: str, version: int, path: Path) -> ModelVersion:
+    """Read one version folder's card and verify it against the folder and the model bytes."""
+    try:
+        card = read_model_card(path / CARD_FILE)
+    except RepositoryError as exc:
+        return ModelVersion(name, version, path, error=str(exc))
+    if (card.name, card.version) != (name, version):
+        return ModelVersion(name, version, path, card, error=(
+            f"{path / CARD_FILE}: card says {card.name}/{card.version}, folder is {name}/{version}"))
+    try:
+        actual = sha256_file(path / MODEL_FILE)
+    except OSError as exc:
+        return ModelVersion(name, version, path, card,
+                            error=f"cannot read {path / MODEL_FILE}: {exc.strerror or exc}")
+    if actual != card.sha256:
+        return ModelVersion(name, version, path, card, error=(
+            f"{path / MODEL_FILE}: sha256 mismatch: card expects {card.sha256}, file has {actual}"))
+    return ModelVersion(name, version, path, card)
+
+
+def scan_repository(root: str | os.PathLike) -> list[ModelVersion]:
+    """Every version under `root`, sorted by model name then version, each verified.
+
+    Usable versions have `ok` True; refused ones carry the reason in `error` and do not stop
+    the others from being listed. Hidden and temporary folders, files, folders that are not
+    valid model names and version folders that are not positive integers are ignored.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise RepositoryError(f"model repository {root}: not a directory")
+    found = []
+    for model_dir in sorted(root.iterdir()):
+        if not model_dir.is_dir() or not MODEL_NAME_PATTERN.fullmatch(model_dir.name):
+            continue
+        for version in _version_numbers(model_dir):
+            found.append(_check_version(model_dir.name, version, model_dir / str(version)))
+    return found
+
+
+def latest_version(versions: Iterable[ModelVersion], name: str) -> ModelVersion | None:
+    """The highest-numbered usable version of `name` among `versions`, or None."""
+    usable = [v for v in versions if v.name == name and v.ok]
+    return max(usable, key=lambda v: v.version, default=None)

@@ -1,0 +1,143 @@
+"""Transport security for the gRPC server: TLS credentials and bearer-token authentication.
+
+Tokens travel in the request metadata as `authorization: Bearer <token>`. They come from a file
+(one token per line; blank lines and `#` comments ignored) and/or an environment variable, are
+compared in constant time (`hmac.compare_digest`) and never appear in a log or an error message.
+Health checks stay open so that load balancers and orchestrators can probe without a token.
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import grpc
+
+from aet.errors import UserError
+
+AUTH_METADATA_KEY = "authorization"
+BEARER_PREFIX = "bearer "
+HEALTH_SERVICE_PREFIX = "/grpc.health.v1.Health/"
+
+
+class SecurityConfigError(UserError):
+    """A token source or TLS file is missing, unreadable or malformed."""
+
+
+def read_tokens(token_file: str | os.PathLike | None = None,
+                token_env: str | None = None) -> frozenset[str]:
+    """Collect the accepted tokens from `token_file` and the environment variable `token_env`.
+
+    Raises `SecurityConfigError` naming the file or variable when a named source is missing,
+    unreadable or holds no token.
+    """
+    tokens: set[str] = set()
+    if token_file is not None:
+        try:
+            text = Path(token_file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise SecurityConfigError(f"token file {token_file}: cannot read it: {exc}") from exc
+        from_file = {line.strip() for line in text.splitlines()
+                     if line.strip() and not line.strip().startswith("#")}
+        if not from_file:
+            raise SecurityConfigError(
+                f"token file {token_file}: expected at least one token (one per line), got none")
+        tokens |= from_file
+    if token_env is not None:
+        value = os.environ.get(token_env, "").strip()
+        if not value:
+            raise SecurityConfigError(
+                f"environment variable {token_env}: expected a bearer token, got it unset or empty")
+        tokens.add(value)
+    for token in tokens:
+        if any(ch.isspace() for ch in token) or not token.isprintable():
+            raise SecurityConfigError(
+                "bearer tokens: expected printable characters without spaces, got a token "
+                f"of {len(token)} characters that has some")
+    return frozenset(tokens)
+
+
+class BearerTokenInterceptor(grpc.ServerInterceptor):
+    """Refuse calls without a valid `authorization: Bearer <token>` with UNAUTHENTICATED.
+
+    Methods whose full name starts with one of `open_prefixes` (by default the gRPC health
+    service) pass without a token.
+    """
+
+    def __init__(self, tokens: Iterable[str],
+                 open_prefixes: tuple[str, ...] = (HEALTH_SERVICE_PREFIX,)):
+        self._tokens = tuple(token.encode("utf-8") for token in tokens)
+        if not self._tokens:
+            raise SecurityConfigError("bearer tokens: expected at least one token, got none")
+        self._open_prefixes = open_prefixes
+
+    def intercept_service(self, continuation, handler_call_details):
+        method = handler_call_details.method
+        if method.startswith(self._open_prefixes):
+            return continuation(handler_call_details)
+        refusal = self._refusal(handler_call_details.invocation_metadata or ())
+        if refusal is None:
+            return continuation(handler_call_details)
+        handler = continuation(handler_call_details)
+        return None if handler is None else _refusing_handler(handler, refusal)
+
+    def _refusal(self, metadata: Iterable[tuple[str, str | bytes]]) -> str | None:
+        """None when the metadata holds an accepted token, else the reason (never the token)."""
+        values = [value for key, value in metadata if key == AUTH_METADATA_KEY]
+        if not values:
+            return (f"missing metadata {AUTH_METADATA_KEY!r}: expected "
+                    f"'{AUTH_METADATA_KEY}: Bearer <token>', got no such key")
+        value = values[0] if isinstance(values[0], str) else values[0].decode("latin-1")
+        if not value.lower().startswith(BEARER_PREFIX):
+            return (f"metadata {AUTH_METADATA_KEY!r}: expected the scheme 'Bearer <token>', "
+                    f"got a value without it")
+        presented = value[len(BEARER_PREFIX):].strip().encode("utf-8")
+        # Compare with every token, always, so the time taken does not reveal which one matched.
+        matched = False
+        for token in self._tokens:
+            matched |= hmac.compare_digest(presented, token)
+        return None if matched else (f"metadata {AUTH_METADATA_KEY!r}: the bearer token is not "
+                                     "one of the server's tokens")
+
+
+def _refusing_handler(handler: grpc.RpcMethodHandler, reason: str) -> grpc.RpcMethodHandler:
+    """A handler of the same streaming kind as `handler` that aborts with UNAUTHENTICATED."""
+
+    def refuse(_request_or_iterator, context):
+        context.abort(grpc.StatusCode.UNAUTHENTICATED, reason)
+
+    factories: dict[tuple[bool, bool], Callable] = {
+        (False, False): grpc.unary_unary_rpc_method_handler,
+        (False, True): grpc.unary_stream_rpc_method_handler,
+        (True, False): grpc.stream_unary_rpc_method_handler,
+        (True, True): grpc.stream_stream_rpc_method_handler,
+    }
+    kind = (handler.request_streaming, handler.response_streaming)
+    return factories[kind](refuse, request_deserializer=handler.request_deserializer,
+                           response_serializer=handler.response_serializer)
+
+
+def _read_pem(path: str | os.PathLike, what: str) -> bytes:
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise SecurityConfigError(f"{what} {path}: cannot read it: {exc.strerror or exc}") from exc
+    if b"-----BEGIN " not in data:
+        raise SecurityConfigError(f"{what} {path}: expected PEM text ('-----BEGIN ...'), "
+                                  f"got {len(data)} bytes without it")
+    return data
+
+
+def tls_server_credentials(cert_file: str | os.PathLike, key_file: str | os.PathLike,
+                           client_ca_file: str | os.PathLike | None = None
+                           ) -> grpc.ServerCredentials:
+    """TLS credentials from PEM files; with `client_ca_file`, clients must present a certificate
+    signed by that CA (mutual TLS)."""
+    certificate = _read_pem(cert_file, "TLS certificate")
+    private_key = _read_pem(key_file, "TLS private key")
+    client_ca = None if client_ca_file is None else _read_pem(client_ca_file, "TLS client CA")
+    return grpc.ssl_server_credentials(
+        [(private_key, certificate)], root_certificates=client_ca,
+        require_client_auth=client_ca is not None)

@@ -1,0 +1,194 @@
+"""Bearer tokens and TLS on a real gRPC server bound to 127.0.0.1.
+
+The protected services here are grpc's own health and reflection services, so every path
+(unary and bidirectional streaming, open and protected) runs through real grpc machinery. A
+throwaway CA, server and client certificates are made with the openssl command line.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
+
+from server.auth import (BearerTokenInterceptor, SecurityConfigError, read_tokens,
+                         tls_server_credentials)
+
+TOKEN = "s3cret-token-0123456789"
+HEALTH_CHECK = "/grpc.health.v1.Health/Check"
+
+
+def _start(interceptors=(), credentials=None) -> tuple[grpc.Server, int]:
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2), interceptors=interceptors)
+    health_pb2_grpc.add_HealthServicer_to_server(health.HealthServicer(), server)
+    reflection.enable_server_reflection(
+        (health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+        server)
+    if credentials is None:
+        port = server.add_insecure_port("127.0.0.1:0")
+    else:
+        port = server.add_secure_port("127.0.0.1:0", credentials)
+    server.start()
+    return server, port
+
+
+@pytest.fixture
+def token_server():
+    """Health open (the default), reflection protected by TOKEN."""
+    server, port = _start([BearerTokenInterceptor([TOKEN])])
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        yield channel
+    server.stop(None)
+
+
+def _bearer(token: str) -> list[tuple[str, str]]:
+    return [("authorization", f"Bearer {token}")]
+
+
+def _list_services(channel: grpc.Channel, metadata=None) -> list[str]:
+    stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+    request = reflection_pb2.ServerReflectionRequest(list_services="")
+    responses = stub.ServerReflectionInfo(iter([request]), metadata=metadata, timeout=10)
+    return [s.name for r in responses for s in r.list_services_response.service]
+
+
+def test_health_stays_open_without_token(token_server):
+    reply = health_pb2_grpc.HealthStub(token_server).Check(health_pb2.HealthCheckRequest(),
+                                                            timeout=10)
+    assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_valid_token_passes_streaming_call(token_server):
+    assert "grpc.health.v1.Health" in _list_services(token_server, _bearer(TOKEN))
+
+
+@pytest.mark.parametrize("metadata, fragment", [
+    (None, "missing metadata 'authorization'"),
+    (_bearer("wrong-token"), "not one of the server's tokens"),
+    ([("authorization", TOKEN)], "expected the scheme 'Bearer <token>'"),
+    (_bearer(TOKEN[:-1]), "not one of the server's tokens"),
+])
+def test_bad_token_is_unauthenticated_and_never_echoed(token_server, metadata, fragment):
+    with pytest.raises(grpc.RpcError) as caught:
+        _list_services(token_server, metadata)
+    assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert fragment in caught.value.details()
+    assert "wrong-token" not in caught.value.details() and TOKEN[:-1] not in caught.value.details()
+
+
+def test_unary_method_is_protected_when_not_listed_open():
+    server, port = _start([BearerTokenInterceptor([TOKEN], open_prefixes=())])
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            check = channel.unary_unary(
+                HEALTH_CHECK, request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
+                response_deserializer=health_pb2.HealthCheckResponse.FromString)
+            with pytest.raises(grpc.RpcError) as caught:
+                check(health_pb2.HealthCheckRequest(), timeout=10)
+            assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            reply = check(health_pb2.HealthCheckRequest(), metadata=_bearer(TOKEN), timeout=10)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        server.stop(None)
+
+
+def test_read_tokens_from_file_and_environment(tmp_path, monkeypatch):
+    token_file = tmp_path / "tokens"
+    token_file.write_text("# deploy tokens\nalpha-1\n\n  beta-2  \n")
+    monkeypatch.setenv("AET_TEST_TOKEN", "gamma-3")
+    assert read_tokens(token_file, "AET_TEST_TOKEN") == {"alpha-1", "beta-2", "gamma-3"}
+
+
+@pytest.mark.parametrize("content, env, fragment", [
+    ("# only a comment\n", None, "expected at least one token"),
+    (None, "", "got it unset or empty"),
+    ("two words\n", None, "without spaces"),
+])
+def test_read_tokens_refuses_bad_sources(tmp_path, monkeypatch, content, env, fragment):
+    token_file = None
+    if content is not None:
+        token_file = tmp_path / "tokens"
+        token_file.write_text(content)
+    if env is not None:
+        monkeypatch.setenv("AET_TEST_TOKEN", env)
+    with pytest.raises(SecurityConfigError, match=fragment):
+        read_tokens(token_file, "AET_TEST_TOKEN" if env is not None else None)
+
+
+def test_missing_token_file_is_named(tmp_path):
+    with pytest.raises(SecurityConfigError, match=str(tmp_path / "absent")):
+        read_tokens(tmp_path / "absent")
+
+
+# --- TLS ---------------------------------------------------------------------------------------
+
+def _openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory) -> Path:
+    """A throwaway CA, a server certificate for 127.0.0.1/localhost and a client certificate."""
+    if shutil.which("openssl") is None:
+        pytest.skip("the openssl command line is needed to make throwaway certificates")
+    folder = tmp_path_factory.mktemp("pki")
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=aet test CA",
+             "-keyout", "ca.key", "-out", "ca.pem", cwd=folder)
+    (folder / "server.ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
+    for name, extra in (("server", ["-extfile", "server.ext"]), ("client", [])):
+        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}",
+                 "-keyout", f"{name}.key", "-out", f"{name}.csr", cwd=folder)
+        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+                 "-CAcreateserial", "-days", "1", "-out", f"{name}.pem", *extra, cwd=folder)
+    return folder
+
+
+def _check_health(port: int, credentials: grpc.ChannelCredentials) -> int:
+    with grpc.secure_channel(f"127.0.0.1:{port}", credentials) as channel:
+        return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(),
+                                                         timeout=10).status
+
+
+def test_tls_serves_clients_that_trust_the_ca(pki):
+    server, port = _start(credentials=tls_server_credentials(pki / "server.pem", pki / "server.key"))
+    try:
+        trusted = grpc.ssl_channel_credentials(root_certificates=(pki / "ca.pem").read_bytes())
+        assert _check_health(port, trusted) == health_pb2.HealthCheckResponse.SERVING
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as plaintext:
+            with pytest.raises(grpc.RpcError) as caught:
+                health_pb2_grpc.HealthStub(plaintext).Check(health_pb2.HealthCheckRequest(),
+                                                            timeout=5)
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        server.stop(None)
+
+
+def test_mutual_tls_requires_a_client_certificate(pki):
+    credentials = tls_server_credentials(pki / "server.pem", pki / "server.key", pki / "ca.pem")
+    server, port = _start(credentials=credentials)
+    try:
+        ca = (pki / "ca.pem").read_bytes()
+        with_client_cert = grpc.ssl_channel_credentials(
+            root_certificates=ca, private_key=(pki / "client.key").read_bytes(),
+            certificate_chain=(pki / "client.pem").read_bytes())
+        assert _check_health(port, with_client_cert) == health_pb2.HealthCheckResponse.SERVING
+        with pytest.raises(grpc.RpcError) as caught:
+            _check_health(port, grpc.ssl_channel_credentials(root_certificates=ca))
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        server.stop(None)
+
+
+def test_tls_files_are_checked_and_named(tmp_path, pki):
+    not_pem = tmp_path / "server.pem"
+    not_pem.write_bytes(b"\x00\x01binary")
+    with pytest.raises(SecurityConfigError, match=f"TLS certificate {not_pem}: expected PEM"):
+        tls_server_credentials(not_pem, pki / "server.key")
+    with pytest.raises(SecurityConfigError, match="TLS client CA .*absent.pem: cannot read"):
+        tls_server_credentials(pki / "server.pem", pki / "server.key", tmp_path / "absent.pem")

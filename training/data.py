@@ -229,21 +229,26 @@ def _require_path(name: str, path: Path | None) -> Path:
     return path
 
 
-def _npz_images(path: Path, x: np.ndarray) -> tuple[np.ndarray, float]:
-    """Array `x` as float32 (N, C, H, W) in [0, 1], and its raw_max."""
+def _npz_image_shape(path: Path, x: np.ndarray) -> tuple[int, int, int]:
+    """(C, H, W) of the images stored in array `x`: (N, H, W), (N, C, H, W) or (N, s*s)."""
     if x.ndim == 2:
         side = math.isqrt(x.shape[1])
         if side * side != x.shape[1]:
             raise DataError(f"{path}: array 'x' has shape {x.shape}; a flat (N, D) array needs D "
                             f"a perfect square, got D={x.shape[1]}")
-        x = x.reshape(len(x), 1, side, side)
-    elif x.ndim == 3:
-        x = x[:, None]
-    elif x.ndim != 4:
+        shape = (1, side, side)
+    elif x.ndim in (3, 4):
+        shape = (1, *x.shape[1:]) if x.ndim == 3 else x.shape[1:]
+    else:
         raise DataError(f"{path}: array 'x' has shape {x.shape}; expected (N, H, W), "
                         f"(N, C, H, W) or (N, D)")
     if len(x) == 0:
         raise DataError(f"{path}: array 'x' holds no images (shape {x.shape})")
+    return shape
+
+
+def _npz_scaled(path: Path, x: np.ndarray) -> tuple[np.ndarray, float]:
+    """Array `x` as float32 in [0, 1], and its raw_max: uint8 / 255, or float checked as is."""
     if x.dtype == np.uint8:
         return x.astype(np.float32) / np.float32(255.0), 255.0
     if not np.issubdtype(x.dtype, np.floating):
@@ -287,8 +292,10 @@ def _load_npz(path: Path | None, *, image_size: int | None,
         raise DataError(f"{path}: no such file") from exc
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
         raise DataError(f"{path}: not a readable .npz archive ({exc})") from exc
-    x, raw_max = _npz_images(path, x)
-    _fixed_shape_only("npz", image_size, channels, x.shape[1:])
+    image_shape = _npz_image_shape(path, x)
+    _fixed_shape_only("npz", image_size, channels, image_shape)
+    x, raw_max = _npz_scaled(path, x)
+    x = x.reshape(len(x), *image_shape)
     labels = None if y is None else _npz_labels(path, y, len(x))
     return LoadedImages(pool=Split(x, labels), raw_max=raw_max,
                         origin={"path": str(path.resolve())}, default_test_fraction=0.2)

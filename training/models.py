@@ -1,0 +1,278 @@
+"""Autoencoders for pretraining: MLP (optionally linear, tied or stacked), VAE and convolutional.
+
+All models take images `x` of shape (B, C, H, W), float32 in [0, 1]. `encode(x)` gives the
+(B, code_size) embedding (for the VAE its mean mu), `decode(z)` the decoder's output in loss
+space (logits for `bce`, pixel values for `mse`) and `reconstruct(x)` pixels in [0, 1] units.
+`objective(x_input, target, generator)` is the per-example training loss, summed over pixels
+and averaged over the batch (for the VAE the negative ELBO).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from aet.config import ConfigError
+
+ARCHITECTURES = ("mlp", "linear", "stacked", "vae", "conv")
+ACTIVATIONS: dict[str, type[nn.Module]] = {
+    "relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "gelu": nn.GELU, "elu": nn.ELU}
+LOSSES = ("bce", "mse")
+TIEABLE = ("mlp", "linear", "stacked")  # architectures built from transposable Linear layers
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """What `build_autoencoder` needs; stored in every checkpoint so a model can be rebuilt."""
+
+    architecture: str = "mlp"
+    hidden_sizes: tuple[int, ...] = (256, 64)  # MLP units, or conv channels, input side first
+    code_size: int = 8
+    activation: str = "relu"  # ignored by `linear`
+    tied_weights: bool = False
+    loss: str = "bce"  # bce: Bernoulli decoder (logits); mse: Gaussian decoder
+    allow_overcomplete: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "hidden_sizes", tuple(int(h) for h in self.hidden_sizes))
+        _check_choice("architecture", self.architecture, ARCHITECTURES)
+        _check_choice("activation", self.activation, tuple(ACTIVATIONS))
+        _check_choice("loss", self.loss, LOSSES)
+        if not self.hidden_sizes and self.architecture in ("stacked", "conv"):
+            raise ConfigError(f"hidden_sizes: {self.architecture} needs at least one hidden "
+                              f"layer; got an empty list")
+        if any(h < 1 for h in self.hidden_sizes):
+            raise ConfigError(f"hidden_sizes: expected positive sizes; got {list(self.hidden_sizes)}")
+        if self.code_size < 1:
+            raise ConfigError(f"code_size: expected a positive size; got {self.code_size}")
+        if self.tied_weights and self.architecture not in TIEABLE:
+            raise ConfigError(f"tied_weights: supported by {', '.join(TIEABLE)}; "
+                              f"got architecture {self.architecture!r}")
+
+    def check_input(self, image_shape: tuple[int, int, int]) -> None:
+        """Reject a code at least as large as the input unless overcomplete codes are allowed."""
+        n_inputs = math.prod(image_shape)
+        if self.code_size >= n_inputs and not self.allow_overcomplete:
+            raise ConfigError(f"code_size: expected fewer than the {n_inputs} inputs of images "
+                              f"{tuple(image_shape)} (pass --allow-overcomplete to permit it); "
+                              f"got {self.code_size}")
+
+    def to_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "hidden_sizes": list(self.hidden_sizes)}
+
+
+def _check_choice(name: str, value: str, valid: tuple[str, ...]) -> None:
+    if value not in valid:
+        raise ConfigError(f"{name}: unknown {name} {value!r}; valid: {', '.join(valid)}")
+
+
+def reconstruction_loss(output: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
+    """Per-example negative log-likelihood (up to a constant), summed over features.
+
+    `bce` treats `output` as Bernoulli logits (BCE-with-logits is the numerically stable form
+    of a sigmoid decoder); `mse` as the mean of a unit-variance Gaussian (half squared error).
+    Returns shape (B,).
+    """
+    if kind == "bce":
+        per_feature = F.binary_cross_entropy_with_logits(output, target, reduction="none")
+    else:
+        per_feature = 0.5 * (output - target).square()
+    return per_feature.flatten(1).sum(1)
+
+
+class Autoencoder(nn.Module):
+    """Base class: `encode`, `decode`, `reconstruct` and the training `objective`."""
+
+    def __init__(self, config: ModelConfig, image_shape: tuple[int, int, int]) -> None:
+        super().__init__()
+        self.config = config
+        self.image_shape = tuple(image_shape)
+        self.n_inputs = math.prod(image_shape)
+
+    @property
+    def code_size(self) -> int:
+        return self.config.code_size
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Decoder output in loss space for input `x`: (B, C, H, W)."""
+        return self.decode(self.encode(x))
+
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """Reconstructed pixels in [0, 1] units: (B, C, H, W)."""
+        output = self(x)
+        return torch.sigmoid(output) if self.config.loss == "bce" else output
+
+    def objective(self, x_input: torch.Tensor, target: torch.Tensor,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+        """Mean over the batch of the per-example loss of reconstructing `target` from `x_input`."""
+        return reconstruction_loss(self(x_input), target, self.config.loss).mean()
+
+
+def _linear_layers(sizes: list[int]) -> nn.ModuleList:
+    """Linear layers sizes[0] -> sizes[1] -> ... -> sizes[-1]."""
+    return nn.ModuleList(nn.Linear(a, b) for a, b in zip(sizes[:-1], sizes[1:]))
+
+
+class TransposedLinear(nn.Module):
+    """A decoder layer sharing (transposed) the weight of an encoder `nn.Linear`: tied weights."""
+
+    def __init__(self, encoder_layer: nn.Linear) -> None:
+        super().__init__()
+        # A plain attribute, not a submodule: the weight is owned (and saved) by the encoder.
+        object.__setattr__(self, "encoder_layer", encoder_layer)
+        self.bias = nn.Parameter(torch.zeros(encoder_layer.in_features))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return F.linear(h, self.encoder_layer.weight.t(), self.bias)
+
+
+class MLPAutoencoder(Autoencoder):
+    """Fully connected encoder input -> hidden_sizes -> code, decoder its mirror.
+
+    Hidden layers use the activation (none for `linear`); the code and the decoder's output
+    layer are linear. Layer k of the encoder (`encoder_layers[k]`) and its mirror
+    `decoder_layers[k]` form the one-hidden-layer autoencoder trained in greedy stage k.
+    """
+
+    def __init__(self, config: ModelConfig, image_shape: tuple[int, int, int]) -> None:
+        super().__init__(config, image_shape)
+        sizes = [self.n_inputs, *config.hidden_sizes, config.code_size]
+        self.encoder_layers = _linear_layers(sizes)
+        # decoder_layers[k] maps layer k's output size back to its input size.
+        if config.tied_weights:
+            self.decoder_layers = nn.ModuleList(TransposedLinear(e) for e in self.encoder_layers)
+        else:
+            self.decoder_layers = nn.ModuleList(nn.Linear(b, a) for a, b in zip(sizes[:-1], sizes[1:]))
+        self.act = nn.Identity() if config.architecture == "linear" else ACTIVATIONS[config.activation]()
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.encoder_layers)
+
+    def encode_layer(self, k: int, h: torch.Tensor) -> torch.Tensor:
+        """Encoder layer k (with its activation unless it makes the code)."""
+        h = self.encoder_layers[k](h)
+        return h if k == self.n_layers - 1 else self.act(h)
+
+    def decode_layer(self, k: int, h: torch.Tensor) -> torch.Tensor:
+        """Decoder mirror of layer k (with the activation unless it outputs pixels)."""
+        h = self.decoder_layers[k](h)
+        return h if k == 0 else self.act(h)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.flatten(1)  # (B, C*H*W)
+        for k in range(self.n_layers):
+            h = self.encode_layer(k, h)
+        return h  # (B, code_size)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        h = z
+        for k in reversed(range(self.n_layers)):
+            h = self.decode_layer(k, h)
+        return h.view(-1, *self.image_shape)
+
+    def stage_input(self, k: int, x: torch.Tensor) -> torch.Tensor:
+        """The clean code layer k reads (the flattened pixels for k = 0): (B, size_k)."""
+        h = x.flatten(1)
+        for j in range(k):
+            h = self.encode_layer(j, h)
+        return h
+
+    def stage_parameters(self, k: int) -> list[nn.Parameter]:
+        """The parameters greedy stage k trains: encoder layer k and its decoder mirror."""
+        return [*self.encoder_layers[k].parameters(), *self.decoder_layers[k].parameters()]
+
+    def stage_objective(self, k: int, h_input: torch.Tensor, h_target: torch.Tensor) -> torch.Tensor:
+        """Loss of the one-layer autoencoder k reconstructing `h_target` from `h_input`.
+
+        Stage 0 reconstructs pixels with the model's loss; deeper stages reconstruct hidden
+        codes, which are not probabilities, so they use squared error.
+        """
+        output = self.decode_layer(k, self.encode_layer(k, h_input))
+        kind = self.config.loss if k == 0 else "mse"
+        return reconstruction_loss(output, h_target, kind).mean()
+
+
+class VariationalAutoencoder(MLPAutoencoder):
+    """VAE (Kingma & Welling 2014, arXiv:1312.6114) on the MLP trunk; the embedding is mu.
+
+    The last encoder layer outputs 2 * code_size numbers: the posterior mean and log-variance.
+    """
+
+    def __init__(self, config: ModelConfig, image_shape: tuple[int, int, int]) -> None:
+        super().__init__(dataclasses.replace(config, code_size=2 * config.code_size), image_shape)
+        self.config = config
+        self.decoder_layers[-1] = nn.Linear(config.code_size, self.encoder_layers[-1].in_features)
+
+    def posterior(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mu, log-variance) of q(z | x), each (B, code_size)."""
+        return super().encode(x).chunk(2, dim=1)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self.posterior(x)[0]
+
+    def objective(self, x_input: torch.Tensor, target: torch.Tensor,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+        """Negative ELBO: reconstruction NLL of one reparameterised sample + KL(q(z|x) || N(0, I))."""
+        mu, logvar = self.posterior(x_input)
+        eps = torch.randn(mu.shape, generator=generator, dtype=mu.dtype)
+        z = mu + eps * torch.exp(0.5 * logvar)
+        kl = 0.5 * (mu.square() + logvar.exp() - 1.0 - logvar).sum(1)
+        return (reconstruction_loss(self.decode(z), target, self.config.loss) + kl).mean()
+
+
+class ConvAutoencoder(Autoencoder):
+    """Strided 3x3 convolutions (channels = hidden_sizes) -> linear code; transposed mirror."""
+
+    def __init__(self, config: ModelConfig, image_shape: tuple[int, int, int]) -> None:
+        super().__init__(config, image_shape)
+        channels, height, width = image_shape
+        act = ACTIVATIONS[config.activation]
+        encoder: list[nn.Module] = []
+        sizes = [(height, width)]
+        for c_in, c_out in zip((channels, *config.hidden_sizes), config.hidden_sizes):
+            encoder += [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1), act()]
+            h, w = sizes[-1]
+            sizes.append(((h + 1) // 2, (w + 1) // 2))
+        self.feature_shape = (config.hidden_sizes[-1], *sizes[-1])
+        n_features = math.prod(self.feature_shape)
+        self.encoder = nn.Sequential(*encoder, nn.Flatten(), nn.Linear(n_features, config.code_size))
+        decoder: list[nn.Module] = [nn.Linear(config.code_size, n_features), act(),
+                                    nn.Unflatten(1, self.feature_shape)]
+        outs = (*reversed(config.hidden_sizes[:-1]), channels)
+        for i, (c_in, c_out) in enumerate(zip(reversed(config.hidden_sizes), outs)):
+            (h, w), (target_h, target_w) = sizes[-1 - i], sizes[-2 - i]
+            # A stride-2 transposed conv gives 2n - 1 (+ output_padding) pixels: pad to the target.
+            padding = (target_h - (2 * h - 1), target_w - (2 * w - 1))
+            decoder.append(nn.ConvTranspose2d(c_in, c_out, 3, stride=2, padding=1,
+                                              output_padding=padding))
+            if i < len(config.hidden_sizes) - 1:  # the last layer outputs loss-space pixels
+                decoder.append(act())
+        self.decoder = nn.Sequential(*decoder)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self.encoder(x)  # (B, code_size)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return self.decoder(z)  # (B, C, H, W)
+
+
+def build_autoencoder(config: ModelConfig, image_shape: tuple[int, int, int]) -> Autoencoder:
+    """The autoencoder `config` describes for images of `image_shape` (C, H, W)."""
+    config.check_input(tuple(image_shape))
+    if config.architecture == "vae":
+        return VariationalAutoencoder(config, image_shape)
+    if config.architecture == "conv":
+        return ConvAutoencoder(config, image_shape)
+    return MLPAutoencoder(config, image_shape)

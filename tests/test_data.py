@@ -94,6 +94,23 @@ def test_limit_keeps_a_seeded_subset():
     assert data.source["limit"] == 100
 
 
+def test_limit_on_an_official_split_keeps_its_share(tmp_path):
+    images, labels = numbered_images(40)
+    write_idx_part(tmp_path, "train", images[:30], labels[:30], compress=False)
+    write_idx_part(tmp_path, "t10k", images[30:], labels[30:], compress=False)
+    data = load_dataset("mnist-idx", tmp_path, limit=20)
+    assert (len(data.fit), len(data.test)) == (15, 5)
+    assert set(image_ids(data.test.x).tolist()) <= set(range(30, 40))
+
+
+def test_too_few_examples_to_split():
+    with pytest.raises(ConfigError, match="test_fraction: 1 example.s. are too few"):
+        load_dataset("digits", limit=1)
+    tiny = load_dataset("digits", limit=12)  # too few to stratify: a plain seeded cut, recorded
+    assert tiny.source["stratified"] == {"test": False, "val": False}
+    assert (len(tiny.train), len(tiny.val), len(tiny.test)) == (7, 1, 4)
+
+
 def test_unknown_data_set_lists_the_valid_ones():
     with pytest.raises(DataError) as error:
         load_dataset("cifar")

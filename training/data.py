@@ -12,11 +12,14 @@ import math
 import os
 import zipfile
 import zlib
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
+from PIL import Image, UnidentifiedImageError
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
 
 from aet.config import ConfigError
 from aet.errors import UserError
@@ -53,8 +56,12 @@ class Dataset:
     @property
     def fit(self) -> Split:
         """Train + val: everything a probe may learn from ("all training labels")."""
-        y = None if self.train.y is None else np.concatenate([self.train.y, self.val.y])
-        return Split(np.concatenate([self.train.x, self.val.x]), y)
+        return _concat(self.train, self.val)
+
+
+def _concat(first: Split, second: Split) -> Split:
+    y = None if first.y is None else np.concatenate([first.y, second.y])
+    return Split(np.concatenate([first.x, second.x]), y)
 
 
 @dataclass(frozen=True)
@@ -72,7 +79,11 @@ class LoadedImages:
     official_test: Split | None = None
 
 
-Loader = Callable[..., LoadedImages]  # (path, *, image_size, channels) -> LoadedImages
+class Loader(Protocol):
+    """One entry of `DATASETS`: reads a data set in full, before any split."""
+
+    def __call__(self, path: Path | None, *, image_size: int | None,
+                 channels: int | None) -> LoadedImages: ...
 
 
 def _fixed_shape_only(name: str, image_size: int | None, channels: int | None,
@@ -89,8 +100,6 @@ def _fixed_shape_only(name: str, image_size: int | None, channels: int | None,
 def _load_digits(path: Path | None, *, image_size: int | None,
                  channels: int | None) -> LoadedImages:
     """scikit-learn's 1,797 8x8 digits (pixel values 0..16), bundled with the library."""
-    from sklearn.datasets import load_digits
-
     if path is not None:
         raise ConfigError(f"path: the digits data set is bundled with scikit-learn and takes "
                           f"no path; got {path}")
@@ -307,10 +316,8 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".t
 _GREY_MODES = {"1", "L", "LA", "I", "I;16", "F"}
 
 
-def _open_image(file: Path):
+def _open_image(file: Path) -> Image.Image:
     """Open one image file (PIL reads the header only), or raise DataError naming it."""
-    from PIL import Image, UnidentifiedImageError
-
     try:
         return Image.open(file)
     except (UnidentifiedImageError, OSError) as exc:
@@ -319,8 +326,6 @@ def _open_image(file: Path):
 
 def _decode_image(file: Path, mode: str, size: int) -> np.ndarray:
     """Pixels of `file` in PIL `mode` ("L" or "RGB"), resized to size x size, as uint8."""
-    from PIL import Image
-
     with _open_image(file) as image:
         try:
             image = image.convert(mode).resize((size, size), Image.Resampling.BILINEAR)
@@ -378,7 +383,7 @@ DATASETS: dict[str, Loader] = {
 
 def _check_fraction(name: str, value: float, *, allow_zero: bool) -> None:
     low_ok = value >= 0 if allow_zero else value > 0
-    if not (low_ok and value < 1):
+    if not (low_ok and value < 1):  # also rejects NaN
         interval = "[0, 1)" if allow_zero else "(0, 1)"
         raise ConfigError(f"{name}: expected a fraction in {interval}; got {value}")
 
@@ -388,12 +393,25 @@ def _take(split: Split, index: np.ndarray) -> Split:
 
 
 def _shuffled_prefix(split: Split, count: int, rng: np.random.Generator) -> Split:
-    """The first `count` examples of a seeded shuffle (used by `limit`)."""
+    """The first `count` examples of a seeded shuffle, kept in their original order."""
     return _take(split, np.sort(rng.permutation(len(split))[:count]))
 
 
+def _limited(pool: Split, official_test: Split | None, limit: int,
+             seed: int) -> tuple[Split, Split | None]:
+    """At most `limit` examples in all; an official test set keeps its share of them."""
+    total = len(pool) + (0 if official_test is None else len(official_test))
+    if limit >= total:
+        return pool, official_test
+    rng = np.random.default_rng(seed)
+    pool_share = round(limit * len(pool) / total)
+    if official_test is not None:
+        official_test = _shuffled_prefix(official_test, limit - pool_share, rng)
+    return _shuffled_prefix(pool, pool_share, rng), official_test
+
+
 def _stratifiable(y: np.ndarray | None, n_held_out: int) -> bool:
-    """sklearn's stratified split needs >= 2 examples per class and a part per class on each side."""
+    """A stratified cut needs >= 2 examples per class and room for every class on each side."""
     if y is None:
         return False
     counts = np.bincount(y)
@@ -401,14 +419,16 @@ def _stratifiable(y: np.ndarray | None, n_held_out: int) -> bool:
     return counts.min() >= 2 and min(n_held_out, len(y) - n_held_out) >= len(counts)
 
 
-def _hold_out(split: Split, fraction: float, seed: int) -> tuple[Split, Split, bool]:
-    """Cut `fraction` of `split` off (rounded up), stratified by label when possible.
+def _hold_out(split: Split, fraction: float, seed: int, part: str) -> tuple[Split, Split, bool]:
+    """Cut `fraction` of `split` off (rounded up) as `part`, stratified by label when possible.
 
-    Returns (kept, held out, stratified).
+    Returns (kept, held out, stratified). Too few examples to stratify (tiny `limit`s) fall back
+    to a plain seeded shuffle, which `Dataset.source["stratified"]` records.
     """
-    from sklearn.model_selection import train_test_split
-
-    n_held_out = int(np.ceil(fraction * len(split)))
+    n_held_out = math.ceil(fraction * len(split))
+    if len(split) - n_held_out < 1:
+        raise ConfigError(f"{part}_fraction: {len(split)} example(s) are too few to hold out "
+                          f"{fraction} as {part} and keep some for training")
     index = np.arange(len(split))
     if n_held_out == 0:
         return split, _take(split, index[:0]), False
@@ -441,33 +461,24 @@ def load_dataset(name: str, path: str | Path | None = None, *, seed: int = 0,
                             channels=channels)
     pool, official_test = loaded.pool, loaded.official_test
     if official_test is not None and test_fraction is not None:
-        pool = Split(np.concatenate([pool.x, official_test.x]),
-                     None if pool.y is None else np.concatenate([pool.y, official_test.y]))
-        official_test = None
-    labels = pool.y if official_test is None else np.concatenate([pool.y, official_test.y])
-    num_classes = None if labels is None else int(labels.max()) + 1
-
-    rng = np.random.default_rng(seed)
+        pool, official_test = _concat(pool, official_test), None
+    everything = pool if official_test is None else _concat(pool, official_test)
+    num_classes = None if everything.y is None else int(everything.y.max()) + 1
     if limit is not None:
-        total = len(pool) + (0 if official_test is None else len(official_test))
-        if limit < total:
-            pool_share = round(limit * len(pool) / total)
-            if official_test is not None:
-                official_test = _shuffled_prefix(official_test, limit - pool_share, rng)
-            pool = _shuffled_prefix(pool, pool_share, rng)
+        pool, official_test = _limited(pool, official_test, limit, seed)
 
     if official_test is None:
-        fraction = loaded.default_test_fraction if test_fraction is None else test_fraction
-        fit, test, test_stratified = _hold_out(pool, fraction, seed)
+        test_fraction = loaded.default_test_fraction if test_fraction is None else test_fraction
+        fit, test, test_stratified = _hold_out(pool, test_fraction, seed, "test")
     else:
         fit, test, test_stratified = pool, official_test, False
-    train, val, val_stratified = _hold_out(fit, val_fraction, seed)
+    train, val, val_stratified = _hold_out(fit, val_fraction, seed, "val")
 
     source = {
         "name": name,
         **loaded.origin,
         "seed": seed,
-        "test_fraction": "official" if official_test is not None else fraction,
+        "test_fraction": "official" if official_test is not None else test_fraction,
         "val_fraction": val_fraction,
         "limit": limit,
         "stratified": {"test": test_stratified, "val": val_stratified},

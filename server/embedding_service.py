@@ -1,0 +1,127 @@
+"""`aet.v1.EmbeddingService`: embeddings from the models of a `ModelRegistry`.
+
+The hot path per request: look the model up, decode and check the tensor against the version's
+prepared `RequestSpec`, submit to its batcher, wait, post-process (L2 / float16), encode. No
+logging, and no card parsing, on that path; every error becomes its gRPC status via
+`server.errors`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+
+import grpc
+import numpy as np
+
+from aet_proto import embedding_pb2, embedding_pb2_grpc
+from aet_proto.codec import WIRE_DTYPES, decode_tensor, encode_tensor
+from server.errors import abort, grpc_status
+from server.models import LoadedModel, ModelRegistry, ModelState, VersionStatus
+from server.validation import FLOAT32, validate_inputs
+
+_TINY = np.finfo(np.float32).tiny
+
+
+class EmbeddingService(embedding_pb2_grpc.EmbeddingServiceServicer):
+    """The servicer; register it with `embedding_pb2_grpc.add_EmbeddingServiceServicer_to_server`."""
+
+    def __init__(self, registry: ModelRegistry) -> None:
+        self.registry = registry
+
+    def Embed(self, request: embedding_pb2.EmbedRequest,
+              context: grpc.ServicerContext) -> embedding_pb2.EmbedResponse:
+        try:
+            return self._embed(request, context)
+        except Exception as exc:
+            abort(context, exc)
+
+    def EmbedStream(self, request_iterator: Iterator[embedding_pb2.EmbedRequest],
+                    context: grpc.ServicerContext) -> Iterator[embedding_pb2.EmbedResponse]:
+        for request in request_iterator:
+            try:
+                response = self._embed(request, context)
+            except Exception as exc:
+                code, message = grpc_status(exc)
+                context.abort(code, f"request_id {request.request_id!r}: {message}")
+            yield response
+
+    def ListModels(self, request: embedding_pb2.ListModelsRequest,
+                   context: grpc.ServicerContext) -> embedding_pb2.ListModelsResponse:
+        summaries = []
+        for name in self.registry.names():
+            statuses = self.registry.statuses(name)
+            ready = [s.version for s in statuses if s.state is ModelState.READY]
+            summaries.append(embedding_pb2.ModelSummary(
+                name=name, latest_version=max(ready, default=0),
+                versions=[_version_state(s) for s in statuses]))
+        return embedding_pb2.ListModelsResponse(models=summaries)
+
+    def DescribeModel(self, request: embedding_pb2.DescribeModelRequest,
+                      context: grpc.ServicerContext) -> embedding_pb2.ModelDescription:
+        try:
+            model = self.registry.lookup(request.model, request.version or None)
+        except Exception as exc:
+            abort(context, exc)
+        return describe(model, self.registry.statuses(model.name))
+
+    def _embed(self, request: embedding_pb2.EmbedRequest,
+               context: grpc.ServicerContext) -> embedding_pb2.EmbedResponse:
+        started = time.perf_counter()
+        model = self.registry.lookup(request.model, request.version or None)
+        inputs = validate_inputs(decode_tensor(request.inputs, "inputs"), model.request_spec)
+        decoded = time.perf_counter()
+        remaining = context.time_remaining()
+        future = model.batcher.submit(
+            inputs, None if remaining is None else time.monotonic() + remaining,
+            lambda: not context.is_active())
+        embeddings = future.result()
+        answered = time.perf_counter()
+        tensor = encode_tensor(_postprocess(embeddings, request.options))
+        encoded = time.perf_counter()
+        return embedding_pb2.EmbedResponse(
+            request_id=request.request_id, model=model.name, version=model.version,
+            embeddings=tensor, timing=embedding_pb2.ServerTiming(
+                decode_us=(decoded - started) * 1e6, queue_us=future.queue_seconds * 1e6,
+                run_us=future.run_seconds * 1e6, encode_us=(encoded - answered) * 1e6))
+
+
+def _postprocess(embeddings: np.ndarray, options: embedding_pb2.EmbedOptions) -> np.ndarray:
+    """Apply the request's options; never writes into `embeddings` (it may share a batch)."""
+    if options.l2_normalize:
+        norms = np.linalg.norm(embeddings, axis=1, keepdims=True)
+        embeddings = embeddings / np.maximum(norms, _TINY)  # zero rows stay zero
+    if options.float16_output:
+        embeddings = embeddings.astype(np.float16)
+    return embeddings
+
+
+def _version_state(status: VersionStatus) -> embedding_pb2.ModelVersionState:
+    return embedding_pb2.ModelVersionState(
+        version=status.version, reason=status.reason,
+        state=embedding_pb2.ModelVersionState.State.Value(status.state.value))
+
+
+def describe(model: LoadedModel, statuses: list[VersionStatus]) -> embedding_pb2.ModelDescription:
+    """The `ModelDescription` of one loaded version."""
+    card, spec, batcher = model.card, model.request_spec, model.batcher
+    low, high = card.input.value_range
+    return embedding_pb2.ModelDescription(
+        name=model.name, version=model.version,
+        versions=[_version_state(s) for s in statuses],
+        input=embedding_pb2.TensorSpec(
+            name=card.input.name, shape=card.input.shape, dtype=WIRE_DTYPES[FLOAT32],
+            accepted_dtypes=[WIRE_DTYPES[d] for d in spec.accepted_dtypes],
+            min_value=low, max_value=high),
+        output=embedding_pb2.TensorSpec(
+            name=card.output.name, shape=[card.output.embedding_dim],
+            dtype=WIRE_DTYPES[FLOAT32]),
+        embedding_dim=card.output.embedding_dim,
+        execution_provider=model.session.provider,
+        batching=embedding_pb2.BatchingLimits(
+            max_batch_size=batcher.max_batch_size,
+            max_queue_delay_ms=batcher.max_queue_delay * 1e3,
+            max_queue_size=batcher.max_queue_size, max_request_rows=spec.max_rows,
+            dynamic_batching=batcher.merge_requests),
+        sha256=card.sha256, model_card_json=json.dumps(card.to_dict()))

@@ -1,0 +1,257 @@
+"""The loaded models: one session and one dynamic batcher per model version, shared by all APIs.
+
+`ModelRegistry` loads what `scan_repository` finds (refused versions are logged and reported,
+the others serve), warms every session up before it turns READY, resolves "latest", and lets a
+version be loaded or unloaded while serving (hot reload). Both gRPC APIs answer from it.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from server.batcher import BatchRecord, DynamicBatcher
+from server.errors import NotFound, Unavailable
+from server.repository import ModelCard, ModelVersion, scan_repository
+from server.runtime import EncoderSession, ModelLoadError, RuntimeOptions, resolve_providers
+from server.validation import RequestSpec
+
+log = logging.getLogger(__name__)
+
+
+class ModelState(enum.Enum):
+    """Life cycle of one model version (names match `aet.v1.ModelVersionState.State`)."""
+
+    LOADING = "LOADING"
+    READY = "READY"
+    DRAINING = "DRAINING"
+    FAILED = "FAILED"
+    UNLOADED = "UNLOADED"  # told to state listeners when a version is gone; never listed
+
+
+@dataclass(frozen=True)
+class BatchingOptions:
+    """Dynamic batching limits, the same for every model version."""
+
+    max_batch_size: int = 64  # rows per onnxruntime run
+    max_queue_delay: float = 0.002  # seconds of extra wait, only spent under load
+    max_queue_size: int = 256  # requests waiting per model version
+    max_request_rows: int = 16384  # rows one request may carry
+    dynamic_batching: bool = True  # False: every request runs on its own
+
+
+@dataclass(frozen=True)
+class VersionStatus:
+    """What the registry knows about one `<model>/<version>` folder."""
+
+    name: str
+    version: int
+    state: ModelState
+    reason: str = ""  # why it is not READY
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A model version that has been loaded: its card, session, batcher and request checks."""
+
+    card: ModelCard
+    path: Path
+    session: EncoderSession
+    batcher: DynamicBatcher
+    request_spec: RequestSpec
+
+    @property
+    def name(self) -> str:
+        return self.card.name
+
+    @property
+    def version(self) -> int:
+        return self.card.version
+
+
+StateListener = Callable[[VersionStatus], None]
+BatchListener = Callable[[LoadedModel, BatchRecord], None]
+
+
+class ModelRegistry:
+    """Every model version of one repository, by name and version; thread-safe.
+
+    Lookups read plain dicts (atomic under the GIL) and never take the lock; loading and
+    unloading replace entries under the lock.
+    """
+
+    def __init__(self, runtime: RuntimeOptions = RuntimeOptions(),
+                 batching: BatchingOptions = BatchingOptions(),
+                 providers: list[str] | None = None) -> None:
+        self.runtime = runtime
+        self.batching = batching
+        self.providers = providers if providers is not None else resolve_providers(runtime.device)
+        self._lock = threading.Lock()
+        self._ready: dict[tuple[str, int], LoadedModel] = {}
+        self._latest: dict[str, LoadedModel] = {}
+        self._statuses: dict[tuple[str, int], VersionStatus] = {}
+        self._state_listeners: list[StateListener] = []
+        self._batch_listeners: list[BatchListener] = []
+
+    # -- loading ---------------------------------------------------------------------------
+
+    def load_repository(self, root: str | os.PathLike) -> list[VersionStatus]:
+        """Load every version under `root`; refused or failing ones are logged and skipped."""
+        return [self.load(found) for found in scan_repository(root)]
+
+    def load(self, found: ModelVersion) -> VersionStatus:
+        """Load one scanned version: session, warm-up, batcher, then READY (or FAILED)."""
+        key = (found.name, found.version)
+        if key in self._ready:
+            raise ValueError(f"model {found.name} version {found.version}: already loaded; "
+                             "unload it first")
+        if not found.ok:
+            log.warning("model_refused", extra={"model": found.name, "version": found.version,
+                                                "reason": found.error})
+            return self._set_status(VersionStatus(*key, ModelState.FAILED, found.error))
+        self._set_status(VersionStatus(*key, ModelState.LOADING))
+        started = time.perf_counter()
+        card = found.card
+        row_shape = tuple(card.input.shape)
+        try:
+            session = EncoderSession(found.model_path, card.input.name, card.output.name,
+                                     row_shape, self.providers, self.runtime)
+            session.warm_up(row_shape, (1, self.batching.max_batch_size))
+        except ModelLoadError as exc:
+            log.error("model_load_failed", extra={"model": found.name, "version": found.version,
+                                                  "reason": str(exc)})
+            return self._set_status(VersionStatus(*key, ModelState.FAILED, str(exc)))
+        batcher = DynamicBatcher(session.run, self.batching.max_batch_size,
+                                 self.batching.max_queue_delay, self.batching.max_queue_size,
+                                 merge_requests=self.batching.dynamic_batching,
+                                 name=f"{found.name}/{found.version}")
+        model = LoadedModel(card, found.path, session, batcher,
+                            RequestSpec.from_card(card, self.batching.max_request_rows))
+        with self._lock:
+            for listener in self._batch_listeners:
+                batcher.stats.listeners.append(_bind(listener, model))
+            self._ready[key] = model
+            self._update_latest(found.name)
+        log.info("model_ready", extra={
+            "model": found.name, "version": found.version, "provider": session.provider,
+            "load_ms": round((time.perf_counter() - started) * 1e3, 1)})
+        return self._set_status(VersionStatus(*key, ModelState.READY))
+
+    def unload(self, name: str, version: int, timeout: float | None = None) -> bool:
+        """Stop routing to a version, finish its queued requests, forget it.
+
+        Returns True if its queue drained within `timeout` seconds.
+        """
+        with self._lock:
+            model = self._ready.pop((name, version), None)
+            if model is None:
+                raise NotFound(f"model {name!r} version {version}: not loaded")
+            self._update_latest(name)
+        self._set_status(VersionStatus(name, version, ModelState.DRAINING))
+        drained = model.batcher.close(timeout)
+        with self._lock:
+            self._statuses.pop((name, version), None)
+        log.info("model_unloaded", extra={"model": name, "version": version, "drained": drained})
+        self._notify(VersionStatus(name, version, ModelState.UNLOADED))
+        return drained
+
+    def close(self, timeout: float | None = None) -> bool:
+        """Refuse new requests on every version and finish queued ones; True if all drained."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        drained = True
+        for model in list(self._ready.values()):
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            drained = model.batcher.close(remaining) and drained
+        return drained
+
+    # -- lookups ---------------------------------------------------------------------------
+
+    def lookup(self, name: str, version: int | None = None) -> LoadedModel:
+        """The READY model version (the latest when `version` is None).
+
+        Raises `NotFound` for an unknown name or version and `Unavailable` for a version that
+        is loading, draining or failed to load.
+        """
+        model = self._latest.get(name) if version is None else self._ready.get((name, version))
+        if model is not None:
+            return model
+        raise self._missing(name, version)
+
+    def __iter__(self) -> Iterator[LoadedModel]:
+        """The READY model versions, by name then version."""
+        return iter(sorted(self._ready.values(), key=lambda m: (m.name, m.version)))
+
+    def names(self) -> list[str]:
+        """Every model name the repository holds, loaded or not."""
+        return sorted({name for name, _ in self._statuses})
+
+    def statuses(self, name: str | None = None) -> list[VersionStatus]:
+        """The status of every version (of `name`, if given), by name then version."""
+        return sorted((s for s in list(self._statuses.values()) if name in (None, s.name)),
+                      key=lambda s: (s.name, s.version))
+
+    def is_ready(self, name: str) -> bool:
+        """True when `name` has a READY version."""
+        return name in self._latest
+
+    # -- listeners -------------------------------------------------------------------------
+
+    def add_state_listener(self, listener: StateListener) -> None:
+        """Call `listener(status)` on every state change from now on (health, metrics)."""
+        self._state_listeners.append(listener)
+
+    def add_batch_listener(self, listener: BatchListener) -> None:
+        """Call `listener(model, record)` after every batch of every version, present and future.
+
+        It runs in the batch's thread between batches: keep it quick.
+        """
+        with self._lock:
+            self._batch_listeners.append(listener)
+            for model in self._ready.values():
+                model.batcher.stats.listeners.append(_bind(listener, model))
+
+    # -- internals -------------------------------------------------------------------------
+
+    def _set_status(self, status: VersionStatus) -> VersionStatus:
+        with self._lock:
+            self._statuses[(status.name, status.version)] = status
+        self._notify(status)
+        return status
+
+    def _notify(self, status: VersionStatus) -> None:
+        for listener in list(self._state_listeners):
+            listener(status)
+
+    def _update_latest(self, name: str) -> None:
+        """Point "latest" at the highest READY version of `name` (lock held)."""
+        versions = [m for (n, _), m in self._ready.items() if n == name]
+        if versions:
+            self._latest[name] = max(versions, key=lambda m: m.version)
+        else:
+            self._latest.pop(name, None)
+
+    def _missing(self, name: str, version: int | None) -> NotFound | Unavailable:
+        statuses = self.statuses(name)
+        if not statuses:
+            return NotFound(f"model: expected one of {self.names()}, got {name!r}")
+        if version is None:
+            states = ", ".join(f"{s.version}: {s.state.value} {s.reason}".rstrip()
+                               for s in statuses)
+            return Unavailable(f"model {name!r}: no version is READY ({states})")
+        by_version = {s.version: s for s in statuses}
+        if version not in by_version:
+            return NotFound(f"version: model {name!r} has versions {sorted(by_version)}, "
+                            f"got {version}")
+        status = by_version[version]
+        return Unavailable(f"model {name!r} version {version}: {status.state.value}"
+                           + (f": {status.reason}" if status.reason else ""))
+
+
+def _bind(listener: BatchListener, model: LoadedModel) -> Callable[[BatchRecord], None]:
+    return lambda record: listener(model, record)

@@ -1,0 +1,144 @@
+"""onnxruntime execution: which provider to use, and one encoder session per model version.
+
+`choose_providers` is the only place that decides CUDA vs CPU. CUDA is chosen only when
+onnxruntime offers it and a device is really usable (`cuda_usable`: an NVIDIA device node,
+`nvidia-smi -L` listing a GPU when the tool exists, and `onnxruntime.preload_dlls()`); otherwise
+CPU, silently. The provider a session really uses is read back from onnxruntime.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from aet.errors import UserError
+
+CPU_PROVIDER = "CPUExecutionProvider"
+CUDA_PROVIDER = "CUDAExecutionProvider"
+DEVICES = ("auto", "cpu", "cuda")
+_ORT_ERROR_ONLY = 3  # onnxruntime log severity: errors and fatal only
+
+log = logging.getLogger(__name__)
+
+
+class ModelLoadError(Exception):
+    """onnxruntime could not load a model, or its graph does not match its model card."""
+
+
+class DeviceError(UserError):
+    """`--device cuda` was asked for but no CUDA device is usable."""
+
+
+@dataclass(frozen=True)
+class RuntimeOptions:
+    """How sessions run: device preference and onnxruntime thread pools (0 = its default)."""
+
+    device: str = "auto"
+    intra_op_threads: int = 0
+    inter_op_threads: int = 0
+
+
+def choose_providers(available: list[str], cuda_usable: bool) -> list[str]:
+    """Execution providers in priority order: CUDA then CPU when CUDA is usable, else CPU."""
+    if cuda_usable and CUDA_PROVIDER in available:
+        return [CUDA_PROVIDER, CPU_PROVIDER]
+    return [CPU_PROVIDER]
+
+
+def cuda_usable(available: list[str]) -> bool:
+    """True when onnxruntime has the CUDA provider and a GPU with its libraries is there."""
+    if CUDA_PROVIDER not in available:
+        return False
+    if not any(Path("/dev").glob("nvidia[0-9]*")):
+        return False
+    nvidia_smi = shutil.which("nvidia-smi")
+    if nvidia_smi is not None:
+        try:
+            listing = subprocess.run([nvidia_smi, "-L"], capture_output=True, text=True,
+                                     timeout=10, check=False)
+        except (OSError, subprocess.TimeoutExpired):
+            return False
+        if listing.returncode != 0 or "GPU" not in listing.stdout:
+            return False
+    # preload_dlls reports missing libraries by printing; keep that out of the server's output.
+    with contextlib.redirect_stdout(io.StringIO()):
+        ort.preload_dlls()
+    return True
+
+
+def resolve_providers(device: str) -> list[str]:
+    """The providers for `device` ("auto", "cpu" or "cuda") on this machine."""
+    if device not in DEVICES:
+        raise DeviceError(f"device: expected one of {', '.join(DEVICES)}, got {device!r}")
+    available = ort.get_available_providers()
+    if device == "cpu":
+        return choose_providers(available, cuda_usable=False)
+    usable = cuda_usable(available)
+    if device == "cuda" and not usable:
+        raise DeviceError(
+            f"device: expected a usable CUDA GPU for 'cuda', got none (onnxruntime providers: "
+            f"{', '.join(available)}; NVIDIA device node present: "
+            f"{any(Path('/dev').glob('nvidia[0-9]*'))})")
+    return choose_providers(available, usable)
+
+
+class EncoderSession:
+    """One `onnxruntime.InferenceSession` for an encoder: (rows, ...) float32 -> (rows, dim)."""
+
+    def __init__(self, model_path: Path, input_name: str, output_name: str,
+                 row_shape: tuple[int, ...], providers: list[str], options: RuntimeOptions):
+        session_options = ort.SessionOptions()
+        session_options.intra_op_num_threads = options.intra_op_threads
+        session_options.inter_op_num_threads = options.inter_op_threads
+        session_options.log_severity_level = _ORT_ERROR_ONLY
+        try:
+            self._session = ort.InferenceSession(str(model_path), session_options,
+                                                 providers=providers)
+        except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
+            raise ModelLoadError(f"{model_path}: onnxruntime cannot load it: {exc}") from exc
+        self._check_signature(model_path, input_name, output_name, row_shape)
+        self.input_name = input_name
+        self.output_name = output_name
+        self.provider = self._session.get_providers()[0]
+        # IO binding pays on a GPU (outputs land straight in host memory, no extra staging);
+        # on CPU the plain `run` already works on the numpy buffers.
+        self._binding = self._session.io_binding() if self.provider == CUDA_PROVIDER else None
+
+    def _check_signature(self, model_path: Path, input_name: str, output_name: str,
+                         row_shape: tuple[int, ...]) -> None:
+        inputs = {i.name: i for i in self._session.get_inputs()}
+        outputs = {o.name for o in self._session.get_outputs()}
+        if input_name not in inputs:
+            raise ModelLoadError(f"{model_path}: input: expected {input_name!r} (model card), "
+                                 f"got {sorted(inputs)}")
+        if output_name not in outputs:
+            raise ModelLoadError(f"{model_path}: output: expected {output_name!r} (model card), "
+                                 f"got {sorted(outputs)}")
+        graph_rows = tuple(inputs[input_name].shape[1:])
+        if len(graph_rows) != len(row_shape) or any(
+                isinstance(g, int) and g != c for g, c in zip(graph_rows, row_shape)):
+            raise ModelLoadError(f"{model_path}: input shape: expected [batch, "
+                                 f"{', '.join(map(str, row_shape))}] (model card), "
+                                 f"got {inputs[input_name].shape}")
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        """Embeddings (rows, dim) of a float32 batch (rows, ...); one caller at a time."""
+        if self._binding is None:
+            return self._session.run((self.output_name,), {self.input_name: batch})[0]
+        self._binding.bind_cpu_input(self.input_name, batch)
+        self._binding.bind_output(self.output_name, "cpu")
+        self._session.run_with_iobinding(self._binding)
+        return self._binding.copy_outputs_to_cpu()[0]
+
+    def warm_up(self, row_shape: tuple[int, ...], batch_sizes: tuple[int, ...]) -> None:
+        """Run zeros at each batch size so allocations and kernel choices happen before serving."""
+        for rows in batch_sizes:
+            self.run(np.zeros((rows, *row_shape), dtype=np.float32))

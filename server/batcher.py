@@ -28,6 +28,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
@@ -47,8 +48,7 @@ class BatchFuture(Future):
         self.run_seconds = 0.0  # time of the runs that held its rows
 
 
-@dataclass(frozen=True)
-class BatchRecord:
+class BatchRecord(NamedTuple):
     """One onnxruntime run, as reported to `BatcherStats.listeners`."""
 
     rows: int
@@ -215,15 +215,15 @@ class DynamicBatcher:
         now = time.monotonic()
         while self._queue and rows < self.max_batch_size:
             request = self._queue[0]
-            if not self._admit(request, now):
-                self._queue.popleft()
-                continue
-            if parts and not self.merge_requests and parts[-1][0] is not request:
+            if parts and not self.merge_requests:
                 break
             room = self.max_batch_size - rows
             left = request.rows - request.taken
             if left > room and request.rows <= self.max_batch_size:
                 break  # fits a batch of its own: wait for the next one rather than split it
+            if not self._admit(request, now):
+                self._queue.popleft()
+                continue
             count = min(left, room)
             parts.append((request, request.taken, request.taken + count))
             request.taken += count
@@ -238,10 +238,11 @@ class DynamicBatcher:
         Marks the future running when its first rows are admitted, so that `Future.cancel`
         cannot race with the result.
         """
-        if request.future.done():  # a piece of it failed already
-            return False
-        if request.taken == 0 and not request.future.set_running_or_notify_cancel():
-            self.stats.dropped_cancelled += 1
+        if request.taken == 0:
+            if not request.future.set_running_or_notify_cancel():  # Future.cancel() was called
+                self.stats.dropped_cancelled += 1
+                return False
+        elif request.future.done():  # an earlier piece of it failed or was dropped
             return False
         if request.deadline is not None and now >= request.deadline:
             self.stats.dropped_deadline += 1

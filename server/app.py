@@ -1,0 +1,246 @@
+"""`aet serve`: the gRPC server over a model repository, and how it is built and stopped.
+
+`build_server` assembles one `grpc.Server` from a `ServeConfig` and a `ModelRegistry`:
+`aet.v1.EmbeddingService`, `grpc.health.v1.Health` (overall "" and one entry per model name,
+following model state), server reflection, and any further services, interceptors and
+credentials the caller passes (e.g. the KServe v2 API, authentication, TLS). `serve` runs it
+until SIGTERM or SIGINT, then shuts down gracefully: health turns NOT_SERVING, new calls are
+refused, calls in flight and queued requests get `grace_period` seconds to finish, exit 0.
+Every lifecycle event is one JSON log line on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from aet.config import ConfigError, add_config_arguments, config_from_args
+from aet.errors import UserError
+from aet_proto import embedding_pb2, embedding_pb2_grpc
+from server.embedding_service import EmbeddingService
+from server.models import BatchingOptions, ModelRegistry
+from server.repository import scan_repository
+from server.runtime import DEVICES, RuntimeOptions
+
+log = logging.getLogger(__name__)
+
+EMBEDDING_SERVICE = embedding_pb2.DESCRIPTOR.services_by_name["EmbeddingService"].full_name
+MIB = 1 << 20
+
+
+@dataclass
+class ServeConfig:
+    """Configuration of `aet serve` (flags or a TOML file with the same field names)."""
+
+    repository: Path = field(default=Path("exported"), metadata={
+        "help": "model repository: <repository>/<model>/<version>/{model.onnx,model.json}"})
+    host: str = field(default="127.0.0.1", metadata={
+        "help": "address to bind; 0.0.0.0 exposes the server to the network"})
+    port: int = field(default=8500, metadata={"help": "port to bind; 0 picks a free one (logged)"})
+    device: str = field(default="auto", metadata={
+        "help": "execution device: auto uses CUDA only when a GPU is really usable",
+        "choices": list(DEVICES)})
+    intra_op_threads: int = field(default=0, metadata={
+        "help": "onnxruntime threads inside one operator per session (0: one per core)"})
+    inter_op_threads: int = field(default=0, metadata={
+        "help": "onnxruntime threads across operators per session (0: its default)"})
+    max_batch_size: int = field(default=64, metadata={
+        "help": "rows per onnxruntime run; larger requests are split"})
+    max_queue_delay_ms: float = field(default=2.0, metadata={
+        "help": "longest extra wait for requests to join a batch, spent only under load"})
+    max_queue_size: int = field(default=256, metadata={
+        "help": "requests that may wait per model version; beyond it RESOURCE_EXHAUSTED"})
+    max_request_rows: int = field(default=16384, metadata={
+        "help": "rows one request may carry; beyond it INVALID_ARGUMENT"})
+    dynamic_batching: bool = field(default=True, metadata={
+        "help": "merge concurrent requests into shared runs (off: each request runs alone)"})
+    max_message_mb: int = field(default=64, metadata={
+        "help": "largest gRPC message in MiB, each way; 64 MiB carries 21,399 float32 rows "
+                "(85,598 uint8 rows) of 784 pixels"})
+    workers: int = field(default=64, metadata={
+        "help": "gRPC handler threads: the most calls served at once"})
+    grace_period: float = field(default=10.0, metadata={
+        "help": "seconds in-flight and queued requests get to finish on SIGTERM/SIGINT"})
+
+    def __post_init__(self) -> None:
+        if not self.host:
+            raise ConfigError("host: expected an address such as 127.0.0.1, got ''")
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"port: expected 0..65535, got {self.port}")
+        if self.device not in DEVICES:
+            raise ConfigError(f"device: expected one of {', '.join(DEVICES)}, got {self.device!r}")
+        for name in ("max_batch_size", "max_queue_size", "max_request_rows", "max_message_mb",
+                     "workers"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}: expected at least 1, got {getattr(self, name)}")
+        for name in ("intra_op_threads", "inter_op_threads", "max_queue_delay_ms",
+                     "grace_period"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}: expected 0 or more, got {getattr(self, name)}")
+
+    @property
+    def runtime(self) -> RuntimeOptions:
+        return RuntimeOptions(self.device, self.intra_op_threads, self.inter_op_threads)
+
+    @property
+    def batching(self) -> BatchingOptions:
+        return BatchingOptions(self.max_batch_size, self.max_queue_delay_ms / 1e3,
+                               self.max_queue_size, self.max_request_rows, self.dynamic_batching)
+
+
+@dataclass(frozen=True)
+class ServiceBinding:
+    """A further service for `build_server`: its full name (listed by reflection, reported by
+    health) and the generated `add_<Service>Servicer_to_server` call that registers it."""
+
+    name: str  # e.g. "inference.GRPCInferenceService"
+    add_to_server: Callable[[grpc.Server], None]
+
+
+class RunningServer:
+    """A started server: its bound port, its health service, and graceful `stop`."""
+
+    def __init__(self, server: grpc.Server, port: int, health_servicer: health.HealthServicer,
+                 registry: ModelRegistry, service_names: Sequence[str]) -> None:
+        self.server = server
+        self.port = port
+        self.health = health_servicer
+        self.registry = registry
+        self._service_names = ("", *service_names)
+        registry.add_state_listener(lambda status: self._refresh_health(status.name))
+        for name in registry.names():
+            self._refresh_health(name)
+        self._refresh_health(None)
+
+    def _refresh_health(self, model: str | None) -> None:
+        """Per model: SERVING with a READY version. Overall and per service: any model READY."""
+        serving, not_serving = (health_pb2.HealthCheckResponse.SERVING,
+                                health_pb2.HealthCheckResponse.NOT_SERVING)
+        if model is not None:
+            self.health.set(model, serving if self.registry.is_ready(model) else not_serving)
+        overall = any(self.registry.is_ready(name) for name in self.registry.names())
+        for name in self._service_names:
+            self.health.set(name, serving if overall else not_serving)
+
+    def stop(self, grace_period: float) -> bool:
+        """Health NOT_SERVING, refuse new calls, let work finish; True if all of it did."""
+        started = time.monotonic()
+        log.info("shutdown_started", extra={"grace_period_s": grace_period})
+        self.health.enter_graceful_shutdown()
+        self.server.stop(grace_period).wait()
+        remaining = max(0.0, grace_period - (time.monotonic() - started))
+        drained = self.registry.close(remaining)
+        log.info("shutdown_finished", extra={
+            "seconds": round(time.monotonic() - started, 3), "drained": drained})
+        return drained
+
+
+def build_server(config: ServeConfig, registry: ModelRegistry,
+                 services: Sequence[ServiceBinding] = (),
+                 interceptors: Sequence[grpc.ServerInterceptor] = (),
+                 credentials: grpc.ServerCredentials | None = None) -> RunningServer:
+    """Bind and start a server with the embedding, health and reflection services plus `services`.
+
+    `interceptors` wrap every call (e.g. authentication); `credentials` switch the port to TLS.
+    Raises `UserError` if the address cannot be bound.
+    """
+    message_bytes = config.max_message_mb * MIB
+    server = grpc.server(
+        ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="grpc"),
+        interceptors=list(interceptors),
+        options=[("grpc.max_receive_message_length", message_bytes),
+                 ("grpc.max_send_message_length", message_bytes),
+                 ("grpc.so_reuseport", 0)])  # a taken port must fail, not be shared
+    embedding_pb2_grpc.add_EmbeddingServiceServicer_to_server(EmbeddingService(registry), server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for service in services:
+        service.add_to_server(server)
+    service_names = [EMBEDDING_SERVICE, *(service.name for service in services)]
+    reflection.enable_server_reflection(
+        [*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    address = f"{config.host}:{config.port}"
+    try:
+        port = (server.add_secure_port(address, credentials) if credentials is not None
+                else server.add_insecure_port(address))
+    except RuntimeError as exc:
+        raise UserError(f"host/port: cannot bind {address}: {exc}") from exc
+    server.start()
+    return RunningServer(server, port, health_servicer, registry, service_names)
+
+
+def serve(config: ServeConfig, stop: threading.Event | None = None) -> int:
+    """Serve `config.repository` until `stop` is set or SIGTERM/SIGINT arrives; exit code."""
+    versions = scan_repository(config.repository)  # a missing repository fails before binding
+    registry = ModelRegistry(config.runtime, config.batching)
+    running = build_server(config, registry)
+    log.info("server_started", extra={
+        "host": config.host, "port": running.port, "providers": registry.providers,
+        "repository": str(config.repository), "versions_found": len(versions)})
+    stop = stop or threading.Event()
+    previous = {sig: signal.signal(sig, lambda signum, frame: stop.set())
+                for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        for version in versions:
+            if stop.is_set():
+                break
+            registry.load(version)
+        ready = [f"{m.name}/{m.version}" for m in registry]
+        log.info("server_ready", extra={"port": running.port, "ready": ready,
+                                        "failed": len(versions) - len(ready)})
+        stop.wait()
+        running.stop(config.grace_period)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 0
+
+
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, event (the message) and its fields."""
+
+    _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {"time": datetime.fromtimestamp(record.created, timezone.utc).isoformat(),
+                 "level": record.levelname.lower(), "logger": record.name,
+                 "event": record.getMessage()}
+        entry.update((k, v) for k, v in vars(record).items() if k not in self._STANDARD)
+        if record.exc_info:
+            entry["traceback"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+def configure_logging() -> None:
+    """Send the `server` package's INFO and above to stderr as JSON lines."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonLogFormatter())
+    logger = logging.getLogger("server")
+    logger.handlers[:] = [handler]
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    """Flags of `aet serve`: one per `ServeConfig` field, plus `--config`."""
+    add_config_arguments(parser, ServeConfig)
+
+
+def run(args: argparse.Namespace) -> int:
+    """`aet serve`: serve until SIGTERM or SIGINT."""
+    configure_logging()
+    return serve(config_from_args(ServeConfig, args))

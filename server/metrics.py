@@ -1,9 +1,11 @@
 """What the server counts, and the two views of it: Prometheus metrics and KServe statistics.
 
-Every request is recorded once by the API that answered it (`observe_request`), every batch
-once by the dynamic batcher that ran it (`VersionStatistics.observe_batch`). The same counts
-feed the Prometheus exposition (scraped over HTTP on a configurable port) and the
-`inference.GRPCInferenceService/ModelStatistics` RPC, so the two never disagree.
+Two sources feed both views. Each dynamic batcher reports every batch it ran (rows, run time,
+the queue wait of each request in it), whichever API the requests came from. Each API reports
+every request it answered (`ServingMetrics.observe_request`: outcome, time in the server and,
+on success, where that time went). The Prometheus exposition is scraped over HTTP on a
+configurable port; the `inference.GRPCInferenceService/ModelStatistics` RPC reads the same
+counters, so the two never disagree.
 
 Prometheus series (all prefixed `aet_`):
 - `requests_total{model,version,api,outcome}`: outcome is "success" or the failure's gRPC
@@ -13,14 +15,16 @@ Prometheus series (all prefixed `aet_`):
 - `compute_seconds{model,version}`: time one batch took to run;
 - `batch_size{model,version}`: rows per executed batch (shows batching at work);
 - `queue_depth{model,version}`: requests waiting, read at scrape time;
-- `model_state{model,version,aet_model_state}`: 1 for the version's current load state.
+- `model_state{model,version,aet_model_state}`: 1 for the version's current load state
+  (loading, ready, draining, failed).
 """
 
 from __future__ import annotations
 
+import copy
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import grpc
@@ -28,9 +32,12 @@ from prometheus_client import CollectorRegistry, Counter, Enum, Histogram, start
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from server.batcher import BatchRecord
+from server.models import LoadedModel, ModelRegistry, ModelState, VersionStatus
+
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
                    0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-MODEL_STATES = ("loading", "ready", "unloading", "unavailable")
+MODEL_STATES = tuple(s.value.lower() for s in ModelState if s != ModelState.UNLOADED)
 SUCCESS = "success"
 UNKNOWN_MODEL = ""  # the model label of requests naming no servable model: bounds cardinality
 
@@ -58,29 +65,47 @@ class Duration:
     count: int = 0
     ns: int = 0
 
-    def add(self, seconds: float, times: int = 1) -> None:
-        self.count += times
-        self.ns += int(seconds * 1e9) * times
+    def add(self, count: int, seconds: float) -> None:
+        """Count `count` more events that took `seconds` together."""
+        self.count += count
+        self.ns += int(seconds * 1e9)
+
+
+@dataclass(frozen=True)
+class RequestTiming:
+    """Where a successful request's time went, in seconds."""
+
+    decode: float  # request message to a checked array
+    queue: float  # waiting for its batch to start
+    run: float  # the onnxruntime runs that held its rows
+    encode: float  # embeddings to the response message
 
 
 @dataclass
 class StatisticsSnapshot:
-    """A consistent copy of one model version's cumulative KServe statistics."""
+    """One model version's cumulative KServe statistics (names follow `ModelStatistics`).
+
+    Per-request durations count successful requests; compute_input is decoding, compute_infer
+    the batch run (each request is charged its whole batch, as Triton does), compute_output
+    encoding. Per-batch figures count every batch, whichever API its requests came from.
+    """
 
     model: str
     version: str
-    last_inference_ms: int = 0
-    inference_count: int = 0  # rows inferred in successful batches
+    last_inference_ms: int = 0  # epoch milliseconds of the last successful request
+    inference_count: int = 0  # rows run
     execution_count: int = 0  # batches run
     success: Duration = field(default_factory=Duration)  # requests, time in the server
     fail: Duration = field(default_factory=Duration)
-    queue: Duration = field(default_factory=Duration)  # per request, time before its batch ran
-    compute_infer: Duration = field(default_factory=Duration)  # per request, its batch's run
-    batches: dict[int, Duration] = field(default_factory=dict)  # batch size -> executions
+    queue: Duration = field(default_factory=Duration)
+    compute_input: Duration = field(default_factory=Duration)
+    compute_infer: Duration = field(default_factory=Duration)
+    compute_output: Duration = field(default_factory=Duration)
+    batches: dict[int, Duration] = field(default_factory=dict)  # batch rows -> runs
 
 
 class VersionStatistics:
-    """The counters of one served model version; the batcher calls `observe_batch`."""
+    """The counters of one served model version."""
 
     def __init__(self, metrics: ServingMetrics, model: str, version: str):
         self._lock = threading.Lock()
@@ -90,39 +115,35 @@ class VersionStatistics:
         self._compute_seconds = metrics.compute_seconds.labels(**labels)
         self._batch_size = metrics.batch_size.labels(**labels)
 
-    def observe_batch(self, rows: int, queue_seconds: Sequence[float], compute_seconds: float,
-                      ok: bool = True) -> None:
-        """One executed batch: `rows` in total, one queue wait per request it merged."""
-        self._batch_size.observe(rows)
-        self._compute_seconds.observe(compute_seconds)
-        for wait in queue_seconds:
+    def observe_batch(self, record: BatchRecord) -> None:
+        """One batch the version's `DynamicBatcher` ran."""
+        self._batch_size.observe(record.rows)
+        self._compute_seconds.observe(record.run_seconds)
+        for wait in record.queue_seconds:
             self._queue_seconds.observe(wait)
         with self._lock:
-            stats = self._stats
-            stats.execution_count += 1
-            stats.batches.setdefault(rows, Duration()).add(compute_seconds)
-            for wait in queue_seconds:
-                stats.queue.add(wait)
-            if ok:
-                stats.inference_count += rows
-                stats.compute_infer.add(compute_seconds, times=len(queue_seconds))
-                stats.last_inference_ms = int(time.time() * 1000)
+            self._stats.execution_count += 1
+            self._stats.inference_count += record.rows
+            self._stats.batches.setdefault(record.rows, Duration()).add(1, record.run_seconds)
 
-    def observe_outcome(self, ok: bool, seconds: float) -> None:
-        """One request's end as KServe statistics count it (success or fail, time taken)."""
+    def observe_request(self, seconds: float, timing: RequestTiming | None) -> None:
+        """One answered request: successful with its `timing`, or failed (`timing` None)."""
         with self._lock:
-            (self._stats.success if ok else self._stats.fail).add(seconds)
+            stats = self._stats
+            if timing is None:
+                stats.fail.add(1, seconds)
+                return
+            stats.success.add(1, seconds)
+            stats.queue.add(1, timing.queue)
+            stats.compute_input.add(1, timing.decode)
+            stats.compute_infer.add(1, timing.run)
+            stats.compute_output.add(1, timing.encode)
+            stats.last_inference_ms = int(time.time() * 1000)
 
     def snapshot(self) -> StatisticsSnapshot:
         """A copy that later requests do not change."""
         with self._lock:
-            s = self._stats
-            return StatisticsSnapshot(
-                s.model, s.version, s.last_inference_ms, s.inference_count, s.execution_count,
-                Duration(s.success.count, s.success.ns), Duration(s.fail.count, s.fail.ns),
-                Duration(s.queue.count, s.queue.ns),
-                Duration(s.compute_infer.count, s.compute_infer.ns),
-                {size: Duration(d.count, d.ns) for size, d in s.batches.items()})
+            return copy.deepcopy(self._stats)
 
 
 class _QueueDepthCollector(Collector):
@@ -176,27 +197,39 @@ class ServingMetrics:
             return self._versions[key]
 
     def observe_request(self, model: str, version: int | str, api: str,
-                        code: grpc.StatusCode, seconds: float) -> None:
-        """One answered request. Use `UNKNOWN_MODEL` and version "" when none was resolved."""
+                        code: grpc.StatusCode, seconds: float,
+                        timing: RequestTiming | None = None) -> None:
+        """One answered request; `timing` for successful ones. Use `UNKNOWN_MODEL` and
+        version "" when the request named no servable model or version."""
         version = str(version)
         self.requests.labels(model, version, api, outcome_of(code)).inc()
         self.request_seconds.labels(model, version, api).observe(seconds)
         if model != UNKNOWN_MODEL and version:
-            self.version(model, version).observe_outcome(code == grpc.StatusCode.OK, seconds)
+            self.version(model, version).observe_request(
+                seconds, timing if code == grpc.StatusCode.OK else None)
 
-    def set_model_state(self, model: str, version: int | str, state: str) -> None:
-        """Record a version's load state, one of `MODEL_STATES`."""
-        self.model_state.labels(model, str(version)).state(state)
+    def watch_registry(self, registry: ModelRegistry) -> None:
+        """Follow `registry` from now on: every batch, load state and queue of every version."""
+        registry.add_batch_listener(self._observe_batch)
+        registry.add_state_listener(lambda status: self._observe_state(registry, status))
+        for status in registry.statuses():
+            self._observe_state(registry, status)
 
-    def watch_queue(self, model: str, version: int | str, depth: Callable[[], int]) -> None:
-        """Report `depth()` as the version's queue depth at every scrape."""
+    def _observe_batch(self, model: LoadedModel, record: BatchRecord) -> None:
+        self.version(model.name, model.version).observe_batch(record)
+
+    def _observe_state(self, registry: ModelRegistry, status: VersionStatus) -> None:
+        key = (status.name, str(status.version))
         with self._lock:
-            self._queue_depths[(model, str(version))] = depth
-
-    def unwatch_queue(self, model: str, version: int | str) -> None:
-        """Stop reporting a version's queue (it was unloaded)."""
-        with self._lock:
-            self._queue_depths.pop((model, str(version)), None)
+            self._queue_depths.pop(key, None)
+        if status.state == ModelState.UNLOADED:
+            self.model_state.remove(*key)
+            return
+        self.model_state.labels(*key).state(status.state.value.lower())
+        if status.state == ModelState.READY:
+            batcher = registry.lookup(status.name, status.version).batcher
+            with self._lock:
+                self._queue_depths[key] = lambda: batcher.queued_requests
 
     def snapshots(self, model: str | None = None,
                   version: str | None = None) -> list[StatisticsSnapshot]:

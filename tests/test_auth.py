@@ -138,8 +138,8 @@ def pki(tmp_path_factory) -> Path:
     if shutil.which("openssl") is None:
         pytest.skip("the openssl command line is needed to make throwaway certificates")
     folder = tmp_path_factory.mktemp("pki")
-    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=aet test CA",
-             "-keyout", "ca.key", "-out", "ca.pem", cwd=folder)
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+             "-subj", "/CN=aet test CA", "-keyout", "ca.key", "-out", "ca.pem", cwd=folder)
     (folder / "server.ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
     for name, extra in (("server", ["-extfile", "server.ext"]), ("client", [])):
         _openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}",
@@ -156,7 +156,8 @@ def _check_health(port: int, credentials: grpc.ChannelCredentials) -> int:
 
 
 def test_tls_serves_clients_that_trust_the_ca(pki):
-    server, port = _start(credentials=tls_server_credentials(pki / "server.pem", pki / "server.key"))
+    credentials = tls_server_credentials(pki / "server.pem", pki / "server.key")
+    server, port = _start(credentials=credentials)
     try:
         trusted = grpc.ssl_channel_credentials(root_certificates=(pki / "ca.pem").read_bytes())
         assert _check_health(port, trusted) == health_pb2.HealthCheckResponse.SERVING

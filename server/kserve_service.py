@@ -1,0 +1,452 @@
+"""`inference.GRPCInferenceService`: the KServe v2 / Open Inference Protocol over the registry.
+
+Speaks Triton's gRPC protocol so that `tritonclient.grpc`, `perf_analyzer` and KServe work
+unchanged, on the same `ModelRegistry`, request checks and dynamic batchers as our own
+`aet.v1.EmbeddingService`. A model has one input (the card's, e.g. `pixels`, FP32 or UINT8,
+shape [-1, C, H, W]) and one output (`embedding`, FP32, [-1, dim]). Inputs arrive as
+`raw_input_contents` (little-endian bytes) or as typed `contents`; outputs always leave as
+`raw_output_contents`, as Triton sends them.
+
+Request parameters: `timeout` (int64, microseconds) bounds the time a request may wait for its
+batch, on top of the gRPC deadline; sequence parameters are refused (no stateful models);
+`triton_enable_empty_final_response` (sent by perf_analyzer) is accepted; others are ignored.
+"""
+
+from __future__ import annotations
+
+import math
+import queue
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from importlib import metadata
+
+import grpc
+import numpy as np
+
+from aet_proto import grpc_service_pb2 as pb
+from aet_proto import grpc_service_pb2_grpc, model_config_pb2
+from aet_proto.codec import decode_raw
+from server.batcher import BatchFuture
+from server.errors import InvalidArgument, Unavailable, abort, grpc_status
+from server.metrics import (UNKNOWN_MODEL, Duration, RequestTiming, ServingMetrics,
+                            StatisticsSnapshot)
+from server.models import LoadedModel, ModelRegistry, ModelState
+from server.reload import RepositoryReloader
+from server.repository import MODEL_FILE
+from server.validation import validate_inputs
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+SERVER_NAME = "ae-transfer"
+PLATFORM = "onnxruntime_onnx"
+API_LABEL = "kserve"
+# Only what is really implemented: "statistics" makes perf_analyzer read ModelStatistics.
+EXTENSIONS = ("model_configuration", "model_repository", "statistics")
+SEQUENCE_PARAMETERS = ("sequence_id", "sequence_start", "sequence_end")
+STREAM_IN_FLIGHT = 64  # requests of one ModelStreamInfer stream submitted ahead of its answers
+
+# v2 datatype names <-> numpy, for the types a request may name (checked against the model).
+V2_DTYPES: dict[str, np.dtype] = {
+    "BOOL": np.dtype("?"), "UINT8": np.dtype("u1"), "UINT16": np.dtype("<u2"),
+    "UINT32": np.dtype("<u4"), "UINT64": np.dtype("<u8"), "INT8": np.dtype("i1"),
+    "INT16": np.dtype("<i2"), "INT32": np.dtype("<i4"), "INT64": np.dtype("<i8"),
+    "FP16": np.dtype("<f2"), "FP32": np.dtype("<f4"), "FP64": np.dtype("<f8"),
+}
+V2_NAMES: dict[np.dtype, str] = {dtype: name for name, dtype in V2_DTYPES.items()}
+CONFIG_TYPES = {"FP32": model_config_pb2.TYPE_FP32, "UINT8": model_config_pb2.TYPE_UINT8}
+# The typed `contents` field each accepted datatype travels in.
+CONTENTS_FIELDS = {"FP32": "fp32_contents", "UINT8": "uint_contents"}
+INDEX_STATES = {ModelState.LOADING: "LOADING", ModelState.READY: "READY",
+                ModelState.DRAINING: "UNLOADING", ModelState.FAILED: "UNAVAILABLE"}
+
+
+def server_version() -> str:
+    """The installed ae-transfer version, as ServerMetadata reports it."""
+    try:
+        return metadata.version(SERVER_NAME)
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def parse_version(text: str, field: str) -> int | None:
+    """A v2 version string: "" means the latest (None), else a positive integer."""
+    if not text:
+        return None
+    if not text.isdigit() or int(text) < 1:
+        raise InvalidArgument(f"{field}: expected a positive integer or '' (latest), "
+                              f"got {text!r}")
+    return int(text)
+
+
+def _one_of(names) -> str:
+    return " or ".join(names)
+
+
+def decode_input(request: pb.ModelInferRequest, model: LoadedModel) -> np.ndarray:
+    """The request's one input as a checked float32 array (rows, *row shape)."""
+    expected_name = model.card.input.name
+    if len(request.inputs) != 1:
+        raise InvalidArgument(f"inputs: expected 1 tensor ({expected_name!r}), "
+                              f"got {len(request.inputs)}")
+    tensor = request.inputs[0]
+    if tensor.name != expected_name:
+        raise InvalidArgument(f"inputs[0].name: expected {expected_name!r}, got {tensor.name!r}")
+    field = f"inputs[{tensor.name}]"
+    accepted = [V2_NAMES[dtype] for dtype in model.request_spec.accepted_dtypes]
+    if tensor.datatype not in accepted:
+        raise InvalidArgument(f"{field}.datatype: expected {_one_of(accepted)}, "
+                              f"got {tensor.datatype!r}")
+    dtype = V2_DTYPES[tensor.datatype]
+    if request.raw_input_contents:
+        if len(request.raw_input_contents) != 1:
+            raise InvalidArgument(f"raw_input_contents: expected 1 entry (one per input), "
+                                  f"got {len(request.raw_input_contents)}")
+        if tensor.HasField("contents"):
+            raise InvalidArgument(f"{field}.contents: expected it empty when "
+                                  "raw_input_contents is given, got both")
+        array = decode_raw(request.raw_input_contents[0], tensor.shape, dtype, field)
+    else:
+        array = _typed_contents(tensor, dtype, field)
+    return validate_inputs(array, model.request_spec, field)
+
+
+def _typed_contents(tensor: pb.ModelInferRequest.InferInputTensor, dtype: np.dtype,
+                    field: str) -> np.ndarray:
+    """The tensor's typed `contents` as an array of its declared shape."""
+    expected_field = CONTENTS_FIELDS[tensor.datatype]
+    present = [f.name for f, _ in tensor.contents.ListFields()]
+    if present != [expected_field]:
+        raise InvalidArgument(
+            f"{field}.contents: expected {expected_field} for {tensor.datatype} (or "
+            f"raw_input_contents), got {', '.join(present) or 'no data'}")
+    shape = tuple(tensor.shape)
+    if not shape or any(d < 0 for d in shape):
+        raise InvalidArgument(f"{field}.shape: expected at least one dimension, none negative, "
+                              f"got {list(shape)}")
+    values = getattr(tensor.contents, expected_field)
+    if len(values) != math.prod(shape):
+        raise InvalidArgument(f"{field}.contents.{expected_field}: expected {math.prod(shape)} "
+                              f"values for shape {list(shape)}, got {len(values)}")
+    array = np.asarray(values)
+    if dtype == np.uint8 and array.size and int(array.max()) > 255:
+        raise InvalidArgument(f"{field}.contents.{expected_field}: expected UINT8 values "
+                              f"0..255, got {int(array.max())}")
+    return array.astype(dtype).reshape(shape)
+
+
+def request_timeout(request: pb.ModelInferRequest) -> float | None:
+    """The `timeout` request parameter in seconds (None if absent), after checking the
+    parameters this server understands; others pass, as Triton passes them to backends."""
+    params = request.parameters
+    for key in SEQUENCE_PARAMETERS:
+        if key in params:
+            raise InvalidArgument(f"parameters[{key!r}]: expected absent (models here are not "
+                                  "stateful: no sequence batching), got it set")
+    for key, expected in (("triton_enable_empty_final_response", "bool_param"),
+                          ("timeout", "int64_param")):
+        if key in params and params[key].WhichOneof("parameter_choice") != expected:
+            raise InvalidArgument(f"parameters[{key!r}]: expected {expected}, got "
+                                  f"{params[key].WhichOneof('parameter_choice') or 'no value'}")
+    if "timeout" not in params:
+        return None
+    if params["timeout"].int64_param < 0:
+        raise InvalidArgument(f"parameters['timeout']: expected microseconds >= 0, "
+                              f"got {params['timeout'].int64_param}")
+    return params["timeout"].int64_param / 1e6
+
+
+def check_requested_outputs(request: pb.ModelInferRequest, model: LoadedModel) -> None:
+    """Every requested output must be the model's one output, without classification."""
+    for i, output in enumerate(request.outputs):
+        if output.name != model.card.output.name:
+            raise InvalidArgument(f"outputs[{i}].name: expected {model.card.output.name!r}, "
+                                  f"got {output.name!r}")
+        if "classification" in output.parameters:
+            raise InvalidArgument(f"outputs[{i}].parameters['classification']: expected absent "
+                                  "(embeddings have no classes), got it set")
+
+
+def infer_response(request: pb.ModelInferRequest, model: LoadedModel,
+                   embeddings: np.ndarray) -> pb.ModelInferResponse:
+    """The v2 response carrying `embeddings` as raw little-endian FP32 bytes."""
+    little = np.ascontiguousarray(embeddings, dtype="<f4")
+    return pb.ModelInferResponse(
+        model_name=model.name, model_version=str(model.version), id=request.id,
+        outputs=[pb.ModelInferResponse.InferOutputTensor(
+            name=model.card.output.name, datatype="FP32", shape=little.shape)],
+        raw_output_contents=[little.tobytes()])
+
+
+@dataclass
+class _Call:
+    """One inference request on its way through the server."""
+
+    request: pb.ModelInferRequest
+    started: float  # perf_counter() on arrival
+    model: LoadedModel | None = None  # the version serving it, once resolved
+    future: BatchFuture | None = None  # its embeddings, once queued
+    queued: float = 0.0  # perf_counter() once queued
+    error: Exception | None = None  # why it failed before reaching the batcher
+
+
+class InferenceService(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
+    """The v2 servicer; `build_server(services=[ServiceBinding(SERVICE_NAME, s.add_to_server)])`."""
+
+    def __init__(self, registry: ModelRegistry, reloader: RepositoryReloader,
+                 metrics: ServingMetrics) -> None:
+        self.registry = registry
+        self.reloader = reloader
+        self.metrics = metrics
+
+    def add_to_server(self, server: grpc.Server) -> None:
+        """Register this servicer with `server`."""
+        grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(self, server)
+
+    # -- health and metadata ----------------------------------------------------------------
+
+    def ServerLive(self, request, context) -> pb.ServerLiveResponse:
+        return pb.ServerLiveResponse(live=True)
+
+    def ServerReady(self, request, context) -> pb.ServerReadyResponse:
+        """Ready when every model of the repository has a READY version."""
+        names = self.registry.names()
+        return pb.ServerReadyResponse(
+            ready=bool(names) and all(self.registry.is_ready(name) for name in names))
+
+    def ModelReady(self, request, context) -> pb.ModelReadyResponse:
+        try:
+            self._lookup(request.name, request.version)
+        except Unavailable:  # a known version that is loading, draining or failed
+            return pb.ModelReadyResponse(ready=False)
+        except Exception as exc:
+            abort(context, exc)
+        return pb.ModelReadyResponse(ready=True)
+
+    def ServerMetadata(self, request, context) -> pb.ServerMetadataResponse:
+        return pb.ServerMetadataResponse(name=SERVER_NAME, version=server_version(),
+                                         extensions=EXTENSIONS)
+
+    def ModelMetadata(self, request, context) -> pb.ModelMetadataResponse:
+        try:
+            model = self._lookup(request.name, request.version)
+        except Exception as exc:
+            abort(context, exc)
+        tensor = pb.ModelMetadataResponse.TensorMetadata
+        return pb.ModelMetadataResponse(
+            name=model.name, versions=self._ready_versions(model.name), platform=PLATFORM,
+            inputs=[tensor(name=model.card.input.name, datatype="FP32",
+                           shape=[-1, *model.card.input.shape])],
+            outputs=[tensor(name=model.card.output.name, datatype="FP32",
+                            shape=[-1, model.card.output.embedding_dim])])
+
+    def ModelConfig(self, request, context) -> pb.ModelConfigResponse:
+        try:
+            model = self._lookup(request.name, request.version)
+        except Exception as exc:
+            abort(context, exc)
+        return pb.ModelConfigResponse(config=model_config(model))
+
+    # -- inference --------------------------------------------------------------------------
+
+    def ModelInfer(self, request: pb.ModelInferRequest,
+                   context: grpc.ServicerContext) -> pb.ModelInferResponse:
+        response, code, message = self._finish(self._start(request, context))
+        if response is None:
+            context.abort(code, message)
+        return response
+
+    def ModelStreamInfer(self, request_iterator: Iterator[pb.ModelInferRequest],
+                         context: grpc.ServicerContext) -> Iterator[pb.ModelStreamInferResponse]:
+        """Answers in request order; a failed request gets `error_message`, the stream goes on.
+
+        A reader thread decodes and submits up to `STREAM_IN_FLIGHT` requests ahead, so the
+        requests of one stream batch together like concurrent unary calls.
+        """
+        calls: queue.Queue[_Call | None] = queue.Queue(maxsize=STREAM_IN_FLIGHT)
+        reader = threading.Thread(target=self._read_stream, args=(request_iterator, context, calls),
+                                  name="kserve-stream-reader", daemon=True)
+        reader.start()
+        while (call := calls.get()) is not None:
+            response, _, message = self._finish(call)
+            if response is None:
+                response = pb.ModelInferResponse(id=call.request.id,
+                                                 model_name=call.request.model_name,
+                                                 model_version=call.request.model_version)
+            yield pb.ModelStreamInferResponse(error_message=message, infer_response=response)
+        reader.join()
+
+    def _read_stream(self, request_iterator, context, calls: queue.Queue) -> None:
+        """Start each streamed request as it arrives; None marks the end of the stream."""
+        try:
+            for request in request_iterator:
+                calls.put(self._start(request, context))
+        except grpc.RpcError:
+            pass  # the client went away; the answers already started are still yielded
+        finally:
+            calls.put(None)
+
+    def _start(self, request: pb.ModelInferRequest, context: grpc.ServicerContext) -> _Call:
+        """Resolve, decode, check and queue one request; a failure is kept in `call.error`."""
+        call = _Call(request, started=time.perf_counter())
+        try:
+            version = parse_version(request.model_version, "model_version")
+            deadlines = [time.monotonic() + limit for limit in
+                         (context.time_remaining(), request_timeout(request))
+                         if limit is not None]
+            while call.future is None:
+                call.model = self.registry.lookup(request.model_name, version)
+                inputs = decode_input(request, call.model)
+                check_requested_outputs(request, call.model)
+                try:
+                    call.future = call.model.batcher.submit(
+                        inputs, min(deadlines, default=None), lambda: not context.is_active())
+                except Unavailable:
+                    # Hot reload: the latest version was unloaded between lookup and submit
+                    # and a newer one serves now: follow it. A pinned version cannot move.
+                    latest = self.registry.lookup(request.model_name)
+                    if version is not None or latest is call.model:
+                        raise
+            call.queued = time.perf_counter()
+        except Exception as exc:
+            call.error = exc
+        return call
+
+    def _finish(self, call: _Call) -> tuple[pb.ModelInferResponse | None, grpc.StatusCode, str]:
+        """Wait for the call's embeddings and build its response; record the outcome.
+
+        Returns (response, OK, "") or (None, status code, message).
+        """
+        try:
+            if call.error is not None:
+                raise call.error
+            embeddings = call.future.result()
+            answered = time.perf_counter()
+            response = infer_response(call.request, call.model, embeddings)
+        except Exception as exc:
+            code, message = grpc_status(exc)
+            if call.model is not None:
+                name, version = call.model.name, call.model.version
+            else:  # unresolved: name a known model, never an arbitrary one (label cardinality)
+                known = call.request.model_name in self.registry.names()
+                name, version = (call.request.model_name if known else UNKNOWN_MODEL), ""
+            self.metrics.observe_request(name, version, API_LABEL, code,
+                                         time.perf_counter() - call.started)
+            return None, code, message
+        done = time.perf_counter()
+        timing = RequestTiming(decode=call.queued - call.started, queue=call.future.queue_seconds,
+                               run=call.future.run_seconds, encode=done - answered)
+        self.metrics.observe_request(call.model.name, call.model.version, API_LABEL,
+                                     grpc.StatusCode.OK, done - call.started, timing)
+        return response, grpc.StatusCode.OK, ""
+
+    # -- statistics and repository ------------------------------------------------------------
+
+    def ModelStatistics(self, request, context) -> pb.ModelStatisticsResponse:
+        """Cumulative statistics of READY versions (of one model and version, if named)."""
+        try:
+            if request.name:
+                self._lookup(request.name, request.version)
+        except Exception as exc:
+            abort(context, exc)
+        version = parse_version(request.version, "version") if request.name else None
+        chosen = [model for model in self.registry
+                  if request.name in ("", model.name) and version in (None, model.version)]
+        return pb.ModelStatisticsResponse(model_stats=[
+            statistics_message(self.metrics.version(model.name, model.version).snapshot())
+            for model in chosen])
+
+    def RepositoryIndex(self, request, context) -> pb.RepositoryIndexResponse:
+        """Every version the registry knows, plus repository models that are not loaded."""
+        index = pb.RepositoryIndexResponse.ModelIndex
+        entries = [index(name=s.name, version=str(s.version), state=INDEX_STATES[s.state],
+                         reason=s.reason) for s in self.registry.statuses()]
+        if not request.ready:
+            known = set(self.registry.names())
+            entries += [index(name=name, state="UNAVAILABLE", reason="unloaded")
+                        for name in self.reloader.model_names() if name not in known]
+        else:
+            entries = [entry for entry in entries if entry.state == "READY"]
+        return pb.RepositoryIndexResponse(models=sorted(entries,
+                                                        key=lambda e: (e.name, e.version)))
+
+    def RepositoryModelLoad(self, request, context) -> pb.RepositoryModelLoadResponse:
+        """Load the model's new versions from the repository, unload its removed ones."""
+        try:
+            _refuse_parameters(request.parameters)
+            self.reloader.load_model(request.model_name)
+        except Exception as exc:
+            abort(context, exc)
+        return pb.RepositoryModelLoadResponse()
+
+    def RepositoryModelUnload(self, request, context) -> pb.RepositoryModelUnloadResponse:
+        """Stop serving every version of the model once in-flight requests finish."""
+        try:
+            _refuse_parameters(request.parameters)
+            self.reloader.unload_model(request.model_name)
+        except Exception as exc:
+            abort(context, exc)
+        return pb.RepositoryModelUnloadResponse()
+
+    # -- helpers ----------------------------------------------------------------------------
+
+    def _lookup(self, name: str, version: str, version_field: str = "version") -> LoadedModel:
+        return self.registry.lookup(name, parse_version(version, version_field))
+
+    def _ready_versions(self, name: str) -> list[str]:
+        return [str(s.version) for s in self.registry.statuses(name)
+                if s.state == ModelState.READY]
+
+
+def _refuse_parameters(parameters) -> None:
+    """Load/unload parameters (config overrides, unload_dependents) are not supported."""
+    if parameters:
+        key = sorted(parameters)[0]
+        raise InvalidArgument(f"parameters[{key!r}]: expected none (this server loads models "
+                              "as the repository holds them), got one")
+
+
+def model_config(model: LoadedModel) -> model_config_pb2.ModelConfig:
+    """The version's configuration in Triton's schema (what perf_analyzer needs to drive it)."""
+    card, spec, batcher = model.card, model.request_spec, model.batcher
+    config = model_config_pb2.ModelConfig(
+        name=model.name, platform=PLATFORM, backend="onnxruntime",
+        version_policy=model_config_pb2.ModelVersionPolicy(
+            all=model_config_pb2.ModelVersionPolicy.All()),
+        max_batch_size=spec.max_rows,
+        input=[model_config_pb2.ModelInput(name=card.input.name,
+                                           data_type=model_config_pb2.TYPE_FP32,
+                                           dims=card.input.shape)],
+        output=[model_config_pb2.ModelOutput(name=card.output.name,
+                                             data_type=model_config_pb2.TYPE_FP32,
+                                             dims=[card.output.embedding_dim])],
+        instance_group=[model_config_pb2.ModelInstanceGroup(
+            count=1, kind=(model_config_pb2.ModelInstanceGroup.KIND_GPU
+                           if model.session.provider.startswith("CUDA")
+                           else model_config_pb2.ModelInstanceGroup.KIND_CPU))],
+        default_model_filename=MODEL_FILE)
+    if batcher.merge_requests:
+        config.dynamic_batching.CopyFrom(model_config_pb2.ModelDynamicBatching(
+            preferred_batch_size=[batcher.max_batch_size],
+            max_queue_delay_microseconds=round(batcher.max_queue_delay * 1e6),
+            default_queue_policy=model_config_pb2.ModelQueuePolicy(
+                max_queue_size=batcher.max_queue_size)))
+    return config
+
+
+def statistics_message(snapshot: StatisticsSnapshot) -> pb.ModelStatistics:
+    """A `StatisticsSnapshot` as the v2 ModelStatistics message."""
+    def duration(d: Duration) -> pb.StatisticDuration:
+        return pb.StatisticDuration(count=d.count, ns=d.ns)
+
+    return pb.ModelStatistics(
+        name=snapshot.model, version=snapshot.version,
+        last_inference=snapshot.last_inference_ms, inference_count=snapshot.inference_count,
+        execution_count=snapshot.execution_count,
+        inference_stats=pb.InferStatistics(
+            success=duration(snapshot.success), fail=duration(snapshot.fail),
+            queue=duration(snapshot.queue), compute_input=duration(snapshot.compute_input),
+            compute_infer=duration(snapshot.compute_infer),
+            compute_output=duration(snapshot.compute_output)),
+        batch_stats=[pb.InferBatchStatistics(batch_size=size, compute_infer=duration(d))
+                     for size, d in sorted(snapshot.batches.items())])

@@ -261,7 +261,7 @@ class ShardStore:
 
     def __init__(self, folder: Path, manifest: dict[str, Any]):
         self.folder = folder
-        self.manifest = manifest
+        self.manifest = json.loads(json.dumps(manifest))  # as read back: tuples become lists
         self.rows = manifest["rows"]
         self.shard_size = manifest["shard_size"]
         self.embedding_dim = manifest["model"]["embedding_dim"]
@@ -362,11 +362,13 @@ def extract(config: EmbedConfig, backend, dataset: Dataset | None = None) -> Ext
     if dataset is None:
         dataset = load_dataset(config.data, config.path, seed=config.seed, limit=config.limit)
     rows = extraction_rows(dataset)
-    if rows.pixels.shape[1:] != backend.model.input_shape:
-        raise ExtractionError(f"model {backend.model.name} v{backend.model.version}: input "
-                              f"shape {backend.model.input_shape}; data set {config.data} has "
-                              f"images of shape {rows.pixels.shape[1:]}")
-    manifest = {"dataset": config.dataset_args(), "model": dataclasses.asdict(backend.model),
+    model = backend.model
+    if rows.pixels.shape[1:] != model.input_shape or model.max_value != dataset.raw_max:
+        raise ExtractionError(
+            f"model {model.name} v{model.version}: expected images of shape {model.input_shape} "
+            f"with pixel values up to {model.max_value:g}; data set {config.data} has shape "
+            f"{rows.pixels.shape[1:]} with values up to {dataset.raw_max:g}")
+    manifest = {"dataset": config.dataset_args(), "model": dataclasses.asdict(model),
                 "rows": len(rows), "shard_size": config.shard_size}
     store = ShardStore(output.with_name(output.name + ".shards"), manifest)
     store.open()
@@ -399,7 +401,7 @@ def extract(config: EmbedConfig, backend, dataset: Dataset | None = None) -> Ext
         raise ExtractionError(f"backend {backend.label} ended early: shard {index} of "
                               f"{store.count} is incomplete; run again to resume")
 
-    metadata = {"dataset": config.dataset_args(), "model": dataclasses.asdict(backend.model),
+    metadata = {"dataset": config.dataset_args(), "model": dataclasses.asdict(model),
                 "backend": backend.label, "created": datetime.now(timezone.utc).isoformat()}
     table = EmbeddingTable(np.concatenate(shards), np.arange(len(rows), dtype=np.int64),
                            rows.labels, rows.split, metadata)

@@ -1,0 +1,223 @@
+"""Where `aet embed` runs the encoder: a gRPC server, onnxruntime in-process, or Ray Data.
+
+Every backend offers the same two things: `model` (which encoder answers) and
+`embed_rows(pixels, batch_size)`, an iterator of embeddings for consecutive row blocks in
+order. The local and Ray backends run the same `server.runtime.EncoderSession` the server
+runs, so all three give the same embeddings.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from aet.errors import UserError
+from server.repository import CARD_FILE, ModelVersion, latest_version, scan_repository
+from server.runtime import EncoderSession, RuntimeOptions, resolve_providers
+
+
+class BackendError(UserError):
+    """A backend could not start: no such model folder, no usable version, Ray failed."""
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """The encoder version that computes the embeddings (recorded in outputs and manifests)."""
+
+    name: str
+    version: int
+    sha256: str
+    embedding_dim: int
+    input_shape: tuple[int, ...]  # (C, H, W)
+    max_value: float  # the raw pixel value the graph maps to 1.0
+
+
+def find_model_version(path: str | os.PathLike) -> ModelVersion:
+    """The verified version at `exported/<model>/<version>`, or the latest of `exported/<model>`."""
+    path = Path(path)
+    if (path / CARD_FILE).exists():
+        root, name, wanted = path.parent.parent, path.parent.name, path.name
+    else:
+        root, name, wanted = path.parent, path.name, None
+    if not (root / name).is_dir():
+        raise BackendError(f"model folder {path}: no such folder; expected "
+                           f"exported/<model> or exported/<model>/<version>")
+    versions = [v for v in scan_repository(root) if v.name == name]
+    if wanted is not None:
+        found = next((v for v in versions if str(v.version) == wanted), None)
+        if found is None:
+            raise BackendError(f"model folder {path}: expected a positive integer version "
+                               f"folder, got {wanted!r}")
+        if not found.ok:
+            raise BackendError(f"model folder {path}: refused: {found.error}")
+        return found
+    found = latest_version(versions, name)
+    if found is None:
+        reasons = "; ".join(f"v{v.version}: {v.error}" for v in versions) or "no version folders"
+        raise BackendError(f"model folder {path}: no usable version ({reasons})")
+    return found
+
+
+def _identity(found: ModelVersion) -> ModelIdentity:
+    card = found.card
+    return ModelIdentity(card.name, card.version, card.sha256, card.output.embedding_dim,
+                         tuple(card.input.shape), card.input.value_range[1])
+
+
+def _open_session(found: ModelVersion, threads: int) -> EncoderSession:
+    card = found.card
+    return EncoderSession(found.model_path, card.input.name, card.output.name,
+                          tuple(card.input.shape), resolve_providers("auto"),
+                          RuntimeOptions(intra_op_threads=threads))
+
+
+class _Backend:
+    """Context-manager plumbing shared by the backends."""
+
+    label: str
+    model: ModelIdentity
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Release what the backend holds (channel, Ray); the default holds nothing."""
+
+
+class LocalBackend(_Backend):
+    """onnxruntime in this process, on `exported/<model>[/<version>]`."""
+
+    def __init__(self, model_dir: str | os.PathLike, threads: int = 0):
+        found = find_model_version(model_dir)
+        self.model = _identity(found)
+        self._session = _open_session(found, threads)
+        self.label = f"local onnxruntime ({self._session.provider})"
+
+    def embed_rows(self, pixels: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
+        """Embeddings of `pixels` (uint8 or float32, raw range) in blocks of `batch_size`."""
+        for start in range(0, len(pixels), batch_size):
+            yield self._session.run(pixels[start:start + batch_size].astype(np.float32))
+
+
+class ServerBackend(_Backend):
+    """An `aet serve` server, over one `EmbedStream` per job."""
+
+    def __init__(self, client, model: str, version: int | None = None):
+        self._client = client
+        description = client.describe(model, version)
+        self.model = ModelIdentity(description.name, description.version, description.sha256,
+                                   description.embedding_dim, tuple(description.input.shape),
+                                   description.input.max_value)
+        self.label = f"server {client.target}"
+
+    def embed_rows(self, pixels: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
+        """Embeddings of `pixels`, `batch_size` rows per request (fewer if the limit wants).
+
+        The stream has no overall deadline (a job may run for hours); each request still
+        fails fast on a server that is down or full, after the client's retries.
+        """
+        batches = (pixels[start:start + batch_size] for start in range(0, len(pixels), batch_size))
+        return self._client.embed_batches(batches, self.model.name, self.model.version)
+
+    def close(self) -> None:
+        self._client.close()
+
+
+class EncoderActor:
+    """A Ray Data `map_batches` worker: one onnxruntime session, one thread."""
+
+    def __init__(self, model_dir: str):
+        self._session = _open_session(find_model_version(model_dir), threads=1)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {"row": batch["row"],
+                "embedding": self._session.run(batch["pixels"].astype(np.float32))}
+
+
+class RayBackend(_Backend):
+    """Ray Data `map_batches` with `workers` onnxruntime actors.
+
+    Starts a local Ray (`workers` CPUs, no dashboard) unless `address` names a cluster to join;
+    on a cluster, `model_dir` must be readable at the same path on every node. Only a Ray
+    this backend started is shut down by `close()`.
+    """
+
+    def __init__(self, model_dir: str | os.PathLike, workers: int, address: str | None = None):
+        import ray
+
+        found = find_model_version(model_dir)
+        self.model = _identity(found)
+        self._model_dir = str(found.path.resolve())
+        self._workers = workers
+        self._started_ray = not ray.is_initialized()
+        if self._started_ray:
+            try:
+                if address is None:
+                    ray.init(num_cpus=workers, include_dashboard=False,
+                             logging_level=logging.WARNING, log_to_driver=False)
+                else:
+                    ray.init(address=address, logging_level=logging.WARNING)
+            except (ConnectionError, RuntimeError, ValueError) as exc:
+                raise BackendError(f"ray: cannot {'join ' + address if address else 'start'}: "
+                                   f"{exc}") from exc
+        logging.getLogger("ray.data").setLevel(logging.WARNING)  # no per-dataset INFO lines
+        context = ray.data.DataContext.get_current()
+        context.execution_options.preserve_order = True  # shards need rows back in order
+        context.enable_progress_bars = False  # the job has its own bar
+        self.label = f"ray ({workers} actors)"
+
+    def embed_rows(self, pixels: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
+        """Embeddings of `pixels`, in order, computed by the actor pool."""
+        if len(pixels) == 0:
+            return
+        import pyarrow as pa
+        import ray
+        from ray.data.extensions import ArrowTensorArray
+
+        rows = np.arange(len(pixels))
+        blocks = [pa.table({"row": rows[start:start + batch_size],
+                            "pixels": ArrowTensorArray.from_numpy(pixels[start:start + batch_size])})
+                  for start in range(0, len(pixels), batch_size)]  # one task per block
+        dataset = ray.data.from_arrow(blocks).map_batches(
+            EncoderActor, fn_constructor_kwargs={"model_dir": self._model_dir},
+            batch_size=batch_size, batch_format="numpy", num_cpus=1,
+            compute=ray.data.ActorPoolStrategy(size=self._workers))
+        expected = 0
+        for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
+            if not np.array_equal(batch["row"], rows[expected:expected + len(batch["row"])]):
+                raise BackendError(f"ray: rows came back out of order at row {expected}")
+            expected += len(batch["row"])
+            yield batch["embedding"]
+
+    def close(self) -> None:
+        import ray
+
+        if self._started_ray:
+            ray.shutdown()
+
+
+def open_backend(config) -> _Backend:
+    """The backend an `EmbedConfig` asks for (`--server`, `--local` or `--ray`)."""
+    if config.local is not None:
+        return LocalBackend(config.local)
+    if config.ray is not None:
+        return RayBackend(config.ray, config.workers, config.ray_address)
+    from clients.client import EmbeddingClient
+
+    client = EmbeddingClient(config.server, timeout=config.timeout,
+                             token=os.environ.get(config.token_env) or None,
+                             root_cert=config.root_cert, client_cert=config.client_cert,
+                             client_key=config.client_key)
+    try:
+        return ServerBackend(client, config.model, config.version)
+    except BaseException:
+        client.close()
+        raise

@@ -1,0 +1,116 @@
+"""What the KServe, metrics, auth, reload and bad-request tests share: a model repository of tiny
+real ONNX encoders, and a real server on 127.0.0.1 with the KServe v2 API, Prometheus metrics,
+the repository reloader and, when asked, bearer tokens and TLS; wired as `aet serve` wires them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import grpc
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from aet_proto import grpc_service_pb2_grpc
+from server.app import RunningServer, ServeConfig, ServiceBinding, build_server
+from server.auth import BearerTokenInterceptor
+from server.kserve_service import SERVICE_NAME, InferenceService
+from server.metrics import MetricsEndpoint, ServingMetrics
+from server.models import ModelRegistry
+from server.reload import RepositoryReloader
+from server.repository import InputSpec, ModelCard, OutputSpec, write_version
+
+MODEL = "digits"
+ROW_SHAPE = (1, 8, 8)
+RAW_MAX = 16.0
+EMBEDDING_DIM = 4
+
+
+def encoder_onnx(seed: int) -> bytes:
+    """pixels (batch, 1, 8, 8) in [0, 16] -> flatten(pixels / 16) @ W: a tiny real encoder."""
+    weights = np.random.default_rng(seed).standard_normal((64, EMBEDDING_DIM)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Div", ["pixels", "raw_max"], ["scaled"]),
+         helper.make_node("Flatten", ["scaled"], ["flat"]),
+         helper.make_node("MatMul", ["flat", "weights"], ["embedding"])],
+        "tiny_encoder",
+        [helper.make_tensor_value_info("pixels", TensorProto.FLOAT, ["batch", *ROW_SHAPE])],
+        [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["batch", EMBEDDING_DIM])],
+        [numpy_helper.from_array(np.array(RAW_MAX, np.float32), "raw_max"),
+         numpy_helper.from_array(weights, "weights")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+    return model.SerializeToString()
+
+
+def expected_embeddings(pixels: np.ndarray, seed: int) -> np.ndarray:
+    """What `encoder_onnx(seed)` computes, in numpy."""
+    weights = np.random.default_rng(seed).standard_normal((64, EMBEDDING_DIM)).astype(np.float32)
+    return (pixels.reshape(len(pixels), -1) / RAW_MAX) @ weights
+
+
+def add_version(root: Path, seed: int, name: str = MODEL) -> Path:
+    """Write the next version of `name` (weights drawn with `seed`); its folder."""
+    card = ModelCard(
+        name=name, version=1, architecture="linear", hyperparameters={"seed": seed},
+        input=InputSpec("pixels", ROW_SHAPE, "float32", (0.0, RAW_MAX)),
+        output=OutputSpec("embedding", "float32", EMBEDDING_DIM),
+        preprocessing=["divide by 16", "flatten"], dataset={"name": "digits"},
+        metrics={}, opset=17, sha256="0" * 64, parity_max_abs_diff=0.0, parity_samples=1,
+        library_versions={"onnx": onnx.__version__},
+        created=datetime.now(timezone.utc).isoformat())
+    return write_version(root, name, encoder_onnx(seed), card)
+
+
+def digits_pixels(rows: int, seed: int = 0) -> np.ndarray:
+    """`rows` float32 inputs (rows, 1, 8, 8) in the model's range [0, 16]."""
+    return np.random.default_rng(seed).uniform(0, RAW_MAX, (rows, *ROW_SHAPE)).astype(np.float32)
+
+
+@dataclass
+class LiveServer:
+    """A started server with every operational part of `aet serve`."""
+
+    running: RunningServer
+    registry: ModelRegistry
+    metrics: ServingMetrics
+    reloader: RepositoryReloader
+    metrics_endpoint: MetricsEndpoint
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.running.port}"
+
+    def stop(self, grace_period: float = 5.0) -> None:
+        self.reloader.stop_polling()
+        self.running.stop(grace_period)
+        self.metrics_endpoint.close()
+
+
+def start_server(repository: Path, *, tokens: tuple[str, ...] = (),
+                 credentials: grpc.ServerCredentials | None = None, poll_seconds: float = 0.0,
+                 **config: object) -> LiveServer:
+    """Serve `repository` on a free 127.0.0.1 port, one onnxruntime thread per session."""
+    serve_config = dataclasses.replace(
+        ServeConfig(repository=repository, port=0, intra_op_threads=1, inter_op_threads=1,
+                    workers=16, grace_period=5.0), **config)
+    registry = ModelRegistry(serve_config.runtime, serve_config.batching)
+    metrics = ServingMetrics(serve_config.max_batch_size)
+    metrics.watch_registry(registry)
+    reloader = RepositoryReloader(registry, repository)
+    kserve = InferenceService(registry, reloader, metrics)
+    interceptors = [BearerTokenInterceptor(tokens)] if tokens else []
+    running = build_server(serve_config, registry,
+                           [ServiceBinding(SERVICE_NAME, kserve.add_to_server)],
+                           interceptors, credentials)
+    reloader.sync()
+    if poll_seconds:
+        reloader.start_polling(poll_seconds)
+    return LiveServer(running, registry, metrics, reloader, metrics.serve_http(0))
+
+
+def kserve_stub(channel: grpc.Channel) -> grpc_service_pb2_grpc.GRPCInferenceServiceStub:
+    return grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel)

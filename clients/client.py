@@ -34,6 +34,7 @@ DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024  # gRPC's default receive limit, on 
 # Room for everything in a request or response besides the tensor bytes (names, shape, ids).
 _ENVELOPE_BYTES = 4096
 RETRYABLE_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED})
+_MESSAGE_TOO_LARGE = "larger than max"  # gRPC core's words for a message over the limit
 INPUT_DTYPES = (np.dtype(np.uint8), np.dtype(np.float32))
 
 T = TypeVar("T")
@@ -248,7 +249,10 @@ class EmbeddingClient:
     def _backoff(self, method: str, exc: grpc.RpcError, retry: int) -> None:
         """Sleep before retry number `retry`, or raise `EmbeddingError` if `exc` is final."""
         code = exc.code()
-        if code not in RETRYABLE_CODES or retry + 1 >= self.retry.max_attempts:
+        # gRPC reports a message over the receiver's limit as RESOURCE_EXHAUSTED too; sending
+        # it again cannot help (lower max_message_bytes instead).
+        too_large = _MESSAGE_TOO_LARGE in (exc.details() or "")
+        if code not in RETRYABLE_CODES or too_large or retry + 1 >= self.retry.max_attempts:
             raise EmbeddingError(code, exc.details() or "", method) from None
         delay = self.retry.delay(retry, self._rng)
         log.warning("%s to %s: %s (%s); retry %d of %d in %.3f s", method, self.target,

@@ -1,0 +1,226 @@
+"""`EmbeddingClient` against real servers on 127.0.0.1: chunking under a small message limit,
+retries on a real RESOURCE_EXHAUSTED from a tiny queue, no retry on INVALID_ARGUMENT, streams,
+options, model information, bearer tokens and mutual TLS."""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import grpc
+import numpy as np
+import pytest
+import torch
+
+from clients.client import EmbeddingClient, EmbeddingError, RetryPolicy
+from kserve_harness import (EMBEDDING_DIM, MODEL, RAW_MAX, add_version, digits_pixels,
+                            expected_embeddings, start_server)
+from server.auth import tls_server_credentials
+from test_auth import pki  # noqa: F401  (fixture: throwaway CA, server and client certificates)
+
+torch.set_num_threads(1)
+SEED = 0
+MIB = 1 << 20
+RETRY_LOGGER = "clients.client"
+
+
+@pytest.fixture(scope="module")
+def repository(tmp_path_factory):
+    root = tmp_path_factory.mktemp("repository")
+    add_version(root, seed=SEED)
+    return root
+
+
+@pytest.fixture(scope="module")
+def small_message_server(repository):
+    """A server that takes messages of at most 1 MiB (4,096 float32 rows of 8x8 pixels)."""
+    server = start_server(repository, max_message_mb=1)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def tiny_queue_server(repository):
+    """One row per run and one waiting request: concurrent large requests overflow the queue."""
+    server = start_server(repository, max_batch_size=1, max_queue_size=1, max_queue_delay_ms=0.0)
+    yield server
+    server.stop()
+
+
+def retry_records(caplog) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.name == RETRY_LOGGER and "retry" in r.getMessage()]
+
+
+def test_long_input_is_split_under_the_message_limit_and_streamed(small_message_server, caplog):
+    pixels = digits_pixels(10_000, seed=1)  # 2.4 MiB of float32
+    with EmbeddingClient(small_message_server.target, max_message_bytes=MIB) as client:
+        rows = client.rows_per_request(pixels, MODEL)
+        embeddings = client.embed(pixels, MODEL)
+    assert rows * pixels[0].nbytes <= MIB and -(-len(pixels) // rows) >= 3
+    assert embeddings.shape == (10_000, EMBEDDING_DIM) and embeddings.dtype == np.float32
+    np.testing.assert_allclose(embeddings, expected_embeddings(pixels, SEED), rtol=1e-5, atol=1e-5)
+    assert not retry_records(caplog)
+
+
+def test_message_over_the_server_limit_is_not_retried(small_message_server, caplog):
+    pixels = digits_pixels(8_000, seed=2)  # 2 MiB in one request: the server refuses it
+    with EmbeddingClient(small_message_server.target, max_message_bytes=4 * MIB) as client:
+        with pytest.raises(EmbeddingError) as caught:
+            client.embed(pixels, MODEL)
+    assert caught.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "larger than max" in caught.value.details
+    assert not retry_records(caplog)
+
+
+def test_stream_of_batches_answers_each_batch_in_order(small_message_server):
+    sizes = [1, 4_500, 7, 300]  # the 4,500-row batch needs two requests under 1 MiB
+    batches = [digits_pixels(n, seed=10 + i) for i, n in enumerate(sizes)]
+    with EmbeddingClient(small_message_server.target, max_message_bytes=MIB) as client:
+        answers = list(client.embed_batches(iter(batches), MODEL))
+    assert [len(a) for a in answers] == sizes
+    for batch, answer in zip(batches, answers):
+        np.testing.assert_allclose(answer, expected_embeddings(batch, SEED), rtol=1e-5, atol=1e-5)
+
+
+def test_uint8_input_and_output_options(small_message_server):
+    pixels = np.random.default_rng(3).integers(0, int(RAW_MAX) + 1, (50, 1, 8, 8), dtype=np.uint8)
+    with EmbeddingClient(small_message_server.target) as client:
+        plain = client.embed(pixels, MODEL)
+        normalised = client.embed(pixels, MODEL, l2_normalize=True)
+        half = client.embed(pixels, MODEL, version=1, float16=True)
+    np.testing.assert_allclose(plain, expected_embeddings(pixels.astype(np.float32), SEED),
+                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(normalised, axis=1), 1.0, rtol=1e-5)
+    assert half.dtype == np.float16
+    np.testing.assert_allclose(half, plain, rtol=2e-3, atol=2e-3)
+
+
+def _embed_concurrently(target: str, retry: RetryPolicy, pixels: np.ndarray,
+                        callers: int) -> tuple[list[np.ndarray], list[EmbeddingError]]:
+    """`callers` threads send `pixels` at once through one client each."""
+    results, errors = [], []
+    start = threading.Barrier(callers)
+
+    def call() -> None:
+        with EmbeddingClient(target, retry=retry, seed=SEED) as client:
+            client.describe(MODEL)  # connect and learn the limits before the race
+            start.wait()
+            try:
+                results.append(client.embed(pixels, MODEL))
+            except EmbeddingError as exc:
+                errors.append(exc)
+
+    threads = [threading.Thread(target=call) for _ in range(callers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return results, errors
+
+
+def test_queue_full_is_real_and_retried_with_backoff(tiny_queue_server, caplog):
+    pixels = digits_pixels(2_000, seed=4)  # 2,000 one-row runs keep the model busy
+    _, errors = _embed_concurrently(tiny_queue_server.target, RetryPolicy(max_attempts=1),
+                                    pixels, callers=4)
+    assert errors and {e.code for e in errors} == {grpc.StatusCode.RESOURCE_EXHAUSTED}
+    assert not retry_records(caplog)
+
+    results, errors = _embed_concurrently(
+        tiny_queue_server.target, RetryPolicy(max_attempts=30, initial_backoff=0.02,
+                                              max_backoff=0.5), pixels, callers=4)
+    assert not errors and len(results) == 4
+    for embeddings in results:
+        np.testing.assert_allclose(embeddings, expected_embeddings(pixels, SEED), rtol=1e-5,
+                                   atol=1e-5)
+    retried = retry_records(caplog)
+    assert retried and all("RESOURCE_EXHAUSTED" in r.getMessage() for r in retried)
+
+
+def test_backoff_grows_with_jitter_and_stays_capped():
+    import random
+
+    policy = RetryPolicy(initial_backoff=0.1, max_backoff=1.0, multiplier=2.0)
+    rng = random.Random(SEED)
+    delays = [[policy.delay(n, rng) for _ in range(200)] for n in range(6)]
+    for n, samples in enumerate(delays):
+        ceiling = min(1.0, 0.1 * 2 ** n)
+        assert ceiling / 2 <= min(samples) and max(samples) <= ceiling
+        assert len(set(samples)) == len(samples)  # jittered, not one fixed value
+
+
+def test_invalid_argument_is_raised_at_once_with_the_server_message(small_message_server,
+                                                                   caplog):
+    wrong_shape = np.zeros((3, 1, 7, 7), np.float32)
+    with EmbeddingClient(small_message_server.target) as client:
+        with pytest.raises(EmbeddingError) as caught:
+            client.embed(wrong_shape, MODEL)
+        with pytest.raises(EmbeddingError) as missing:
+            client.embed(digits_pixels(2), "no-such-model")
+    assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert caught.value.method == "Embed" and "7" in caught.value.details
+    assert missing.value.code == grpc.StatusCode.NOT_FOUND
+    assert "no-such-model" in str(missing.value)
+    assert not retry_records(caplog)
+
+
+def test_bad_row_in_a_stream_ends_it_with_invalid_argument(small_message_server, caplog):
+    batches = [digits_pixels(5), np.full((2, 1, 8, 8), np.nan, np.float32)]
+    with EmbeddingClient(small_message_server.target) as client:
+        answers = client.embed_batches(iter(batches), MODEL)
+        assert len(next(answers)) == 5
+        with pytest.raises(EmbeddingError) as caught:
+            next(answers)
+    assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert caught.value.method == "EmbedStream" and "request_id '1'" in caught.value.details
+    assert not retry_records(caplog)
+
+
+def test_inputs_are_checked_before_sending(small_message_server):
+    with EmbeddingClient(small_message_server.target) as client:
+        with pytest.raises(TypeError, match="uint8 or float32, got float64"):
+            client.embed(np.zeros((2, 1, 8, 8)), MODEL)
+        with pytest.raises(ValueError, match=r"got \(0, 1, 8, 8\)"):
+            client.embed(np.zeros((0, 1, 8, 8), np.float32), MODEL)
+
+
+def test_list_models_and_describe(small_message_server):
+    with EmbeddingClient(small_message_server.target) as client:
+        models = client.list_models()
+        description = client.describe(MODEL)
+    assert [(m.name, m.latest_version) for m in models] == [(MODEL, 1)]
+    assert description.embedding_dim == EMBEDDING_DIM
+    assert list(description.input.shape) == [1, 8, 8]
+    assert description.input.max_value == RAW_MAX
+
+
+def test_bearer_token(repository):
+    server = start_server(repository, tokens=("s3cret-token",))
+    try:
+        with EmbeddingClient(server.target) as anonymous:
+            with pytest.raises(EmbeddingError) as caught:
+                anonymous.list_models()
+        with EmbeddingClient(server.target, token="s3cret-token") as client:
+            embeddings = client.embed(digits_pixels(3), MODEL)
+    finally:
+        server.stop()
+    assert caught.value.code == grpc.StatusCode.UNAUTHENTICATED
+    assert embeddings.shape == (3, EMBEDDING_DIM)
+
+
+def test_mutual_tls(repository, pki):  # noqa: F811
+    credentials = tls_server_credentials(pki / "server.pem", pki / "server.key", pki / "ca.pem")
+    server = start_server(repository, credentials=credentials)
+    try:
+        with EmbeddingClient(server.target, root_cert=pki / "ca.pem",
+                             client_cert=pki / "client.pem",
+                             client_key=pki / "client.key") as client:
+            pixels = digits_pixels(4)
+            embeddings = client.embed(pixels, MODEL)
+        with EmbeddingClient(server.target, root_cert=pki / "ca.pem",
+                             retry=RetryPolicy(max_attempts=1)) as no_client_cert:
+            with pytest.raises(EmbeddingError) as caught:
+                no_client_cert.list_models()
+    finally:
+        server.stop()
+    np.testing.assert_allclose(embeddings, expected_embeddings(pixels, SEED), rtol=1e-5, atol=1e-5)
+    assert caught.value.code == grpc.StatusCode.UNAVAILABLE

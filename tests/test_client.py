@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from clients.client import EmbeddingClient, EmbeddingError, RetryPolicy
+import kserve_harness as harness
 from kserve_harness import (EMBEDDING_DIM, MODEL, RAW_MAX, add_version, digits_pixels,
-                            expected_embeddings, start_server)
+                            expected_embeddings)
 from server.auth import tls_server_credentials
 from test_auth import pki  # noqa: F401  (fixture: throwaway CA, server and client certificates)
 
@@ -34,7 +35,7 @@ def repository(tmp_path_factory):
 @pytest.fixture(scope="module")
 def small_message_server(repository):
     """A server that takes messages of at most 1 MiB (4,096 float32 rows of 8x8 pixels)."""
-    server = start_server(repository, max_message_mb=1)
+    server = harness.start_server(repository, max_message_mb=1)
     yield server
     server.stop()
 
@@ -42,7 +43,8 @@ def small_message_server(repository):
 @pytest.fixture(scope="module")
 def tiny_queue_server(repository):
     """One row per run and one waiting request: concurrent large requests overflow the queue."""
-    server = start_server(repository, max_batch_size=1, max_queue_size=1, max_queue_delay_ms=0.0)
+    server = harness.start_server(repository, max_batch_size=1, max_queue_size=1,
+                                  max_queue_delay_ms=0.0)
     yield server
     server.stop()
 
@@ -194,7 +196,7 @@ def test_list_models_and_describe(small_message_server):
 
 
 def test_bearer_token(repository):
-    server = start_server(repository, tokens=("s3cret-token",))
+    server = harness.start_server(repository, tokens=("s3cret-token",))
     try:
         with EmbeddingClient(server.target) as anonymous:
             with pytest.raises(EmbeddingError) as caught:
@@ -209,7 +211,7 @@ def test_bearer_token(repository):
 
 def test_mutual_tls(repository, pki):  # noqa: F811
     credentials = tls_server_credentials(pki / "server.pem", pki / "server.key", pki / "ca.pem")
-    server = start_server(repository, credentials=credentials)
+    server = harness.start_server(repository, credentials=credentials)
     try:
         with EmbeddingClient(server.target, root_cert=pki / "ca.pem",
                              client_cert=pki / "client.pem",

@@ -1,0 +1,111 @@
+"""Checkpoints: everything needed to rebuild a trained model, export it, or resume its training.
+
+A checkpoint is a dict of plain values and tensors written with `torch.save` to a temporary
+file and renamed into place, so a crash never leaves a half-written file, and read back with
+`weights_only=True`, so opening one never runs code from it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pickle
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from aet.config import ConfigError
+from aet.errors import UserError
+from training.models import Autoencoder, ModelConfig, build_autoencoder
+
+FORMAT = "aet-checkpoint/1"
+
+
+class CheckpointError(UserError):
+    """A checkpoint is missing, unreadable, of another format or of another model."""
+
+
+@dataclass
+class Checkpoint:
+    """One saved model and, for the latest checkpoint of a run, the state to resume it.
+
+    `training_state` (optimizer, RNG, position in the schedule, early stopping) is None in
+    `best.pt`, which only holds the model to export.
+    """
+
+    model_config: ModelConfig
+    image_shape: tuple[int, int, int]  # (C, H, W) of the training images
+    raw_max: float  # raw pixel value that maps to 1.0
+    source: dict  # the data set's origin and split (training.data.Dataset.source)
+    run_config: dict  # the full `aet pretrain` configuration that produced the model
+    model_state: dict[str, torch.Tensor]
+    stage: str  # the schedule stage the model is in ("layer-1", ..., "fine-tune", "train")
+    epoch: int  # epochs completed in that stage
+    metrics: dict  # per-stage loss history and, once training ends, the evaluation
+    training_state: dict[str, Any] | None = None
+
+    def build_model(self) -> Autoencoder:
+        """The autoencoder with the saved weights, in eval mode."""
+        model = build_autoencoder(self.model_config, self.image_shape)
+        model.load_state_dict(self.model_state)
+        return model.eval()
+
+    def require_model(self, config: ModelConfig, image_shape: tuple[int, int, int],
+                      path: Path) -> None:
+        """Raise CheckpointError unless this checkpoint holds a model of `config` on `image_shape`."""
+        if self.model_config != config:
+            raise CheckpointError(f"checkpoint {path}: holds a different model; expected "
+                                  f"{config.to_dict()}, got {self.model_config.to_dict()}")
+        if tuple(self.image_shape) != tuple(image_shape):
+            raise CheckpointError(f"checkpoint {path}: trained on images {tuple(self.image_shape)}; "
+                                  f"the data set has images {tuple(image_shape)}")
+
+
+def save_checkpoint(path: str | Path, checkpoint: Checkpoint) -> None:
+    """Write `checkpoint` to `path` atomically (temporary file in the same folder, then rename)."""
+    path = Path(path)
+    payload = {**{f.name: getattr(checkpoint, f.name) for f in dataclasses.fields(Checkpoint)},
+               "format": FORMAT,
+               "model_config": checkpoint.model_config.to_dict(),
+               "image_shape": list(checkpoint.image_shape)}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise CheckpointError(f"cannot write checkpoint {path}: {exc}") from exc
+    try:
+        with os.fdopen(fd, "wb") as file:
+            torch.save(payload, file)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(path: str | Path) -> Checkpoint:
+    """Read a checkpoint written by `save_checkpoint`; CheckpointError if missing or malformed."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path}: no such file")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint {path}: not a readable checkpoint ({exc})") from exc
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
+        raise CheckpointError(f"checkpoint {path}: expected format {FORMAT!r}, got {found!r}")
+    fields = {f.name for f in dataclasses.fields(Checkpoint)}
+    missing = sorted(fields - payload.keys())
+    if missing:
+        raise CheckpointError(f"checkpoint {path}: missing fields {', '.join(missing)}")
+    values = {name: payload[name] for name in fields}
+    try:
+        values["model_config"] = ModelConfig(**values["model_config"])
+    except (TypeError, ConfigError) as exc:
+        raise CheckpointError(f"checkpoint {path}: invalid model configuration ({exc})") from exc
+    values["image_shape"] = tuple(int(d) for d in values["image_shape"])
+    return Checkpoint(**values)

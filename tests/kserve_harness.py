@@ -90,7 +90,7 @@ class LiveServer:
         self.metrics_endpoint.close()
 
 
-def start_server(repository: Path, *, tokens: tuple[str, ...] = (),
+def start_kserve_server(repository: Path, *, tokens: tuple[str, ...] = (),
                  credentials: grpc.ServerCredentials | None = None, poll_seconds: float = 0.0,
                  **config: object) -> LiveServer:
     """Serve `repository` on a free 127.0.0.1 port, one onnxruntime thread per session."""

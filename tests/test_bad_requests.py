@@ -15,7 +15,7 @@ import grpc
 import numpy as np
 import pytest
 from kserve_harness import (MODEL, ROW_SHAPE, add_version, digits_pixels, expected_embeddings,
-                            kserve_stub, start_server)
+                            kserve_stub, start_kserve_server)
 
 from aet_proto import embedding_pb2, embedding_pb2_grpc
 from aet_proto import grpc_service_pb2 as pb
@@ -228,7 +228,7 @@ class GoodTraffic:
 def server(tmp_path_factory):
     repository = tmp_path_factory.mktemp("repository")
     add_version(repository, SEED)
-    live = start_server(repository, tokens=(TOKEN,), max_batch_size=8,
+    live = start_kserve_server(repository, tokens=(TOKEN,), max_batch_size=8,
                         max_request_rows=MAX_REQUEST_ROWS)
     yield live
     live.stop()
@@ -271,7 +271,7 @@ def test_overload_is_resource_exhausted_and_accepted_work_completes(tmp_path):
     """max_batch_size 1 and a queue of 1: a 1,000-row request occupies the queue while it is
     cut into 1,000 runs, so every request arriving meanwhile is refused, on either API."""
     add_version(tmp_path, SEED)
-    live = start_server(tmp_path, max_batch_size=1, max_queue_size=1, max_request_rows=1000)
+    live = start_kserve_server(tmp_path, max_batch_size=1, max_queue_size=1, max_request_rows=1000)
     try:
         with grpc.insecure_channel(live.target) as channel:
             stub, embedder = kserve_stub(channel), embedding_pb2_grpc.EmbeddingServiceStub(channel)

@@ -21,7 +21,7 @@ import grpc
 import numpy as np
 import pytest
 from kserve_harness import (EMBEDDING_DIM, MODEL, ROW_SHAPE, add_version, digits_pixels,
-                            expected_embeddings, kserve_stub, start_server)
+                            expected_embeddings, kserve_stub, start_kserve_server)
 
 from aet_proto import grpc_service_pb2 as pb
 from aet_proto import model_config_pb2
@@ -33,7 +33,7 @@ SEED = 3  # weights of version 1
 def server(tmp_path_factory):
     repository = tmp_path_factory.mktemp("repository")
     add_version(repository, SEED)
-    live = start_server(repository, max_batch_size=8, max_request_rows=32)
+    live = start_kserve_server(repository, max_batch_size=8, max_request_rows=32)
     yield live
     live.stop()
 

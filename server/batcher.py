@@ -310,7 +310,7 @@ class DynamicBatcher:
         stats.rows += record.rows
         stats.batch_sizes[record.rows] += 1
         self._last_batch_requests = record.requests
-        for listener in stats.listeners:
+        for listener in tuple(stats.listeners):  # listeners may come and go meanwhile
             try:
                 listener(record)
             except Exception:

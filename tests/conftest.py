@@ -1,0 +1,122 @@
+"""Shared fixtures: a real digits encoder trained and exported in the test session, and real
+gRPC servers over it on 127.0.0.1 ephemeral ports.
+
+- `digits_dataset`, `digits_checkpoint`: `load_digits` splits and a small MLP autoencoder
+  trained for a few epochs (seeded), saved as `best.pt`.
+- `model_repository`: a repository holding `digits/1`, written by `training.export`.
+- `embedding_server`: one server for the session over `model_repository` (read-only use).
+- `start_server(repository, services=..., interceptors=..., **config)`: a fresh server per
+  test, stopped at teardown, for tests that change models or hold batches.
+- `embedding_stub(server)`: an `aet.v1.EmbeddingService` stub on a server's port.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+import torch
+
+from aet_proto import embedding_pb2_grpc
+from server.app import RunningServer, ServeConfig, build_server
+from server.models import ModelRegistry
+
+DIGITS_MODEL = "digits"
+TEST_MESSAGE_MB = 8
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_torch_thread():
+    torch.set_num_threads(1)  # the test machine's cores are shared
+
+
+@pytest.fixture(scope="session")
+def digits_dataset():
+    from training.data import load_dataset
+
+    return load_dataset("digits", seed=0)
+
+
+@pytest.fixture(scope="session")
+def digits_checkpoint(tmp_path_factory, digits_dataset) -> Path:
+    """`best.pt` of a small MLP autoencoder (64-32-8) trained 3 epochs on digits, seed 0."""
+    from training.models import ModelConfig, build_autoencoder
+    from training.train import Trainer, TrainingConfig
+
+    torch.manual_seed(0)
+    model_config = ModelConfig(hidden_sizes=(32,), code_size=8)
+    model = build_autoencoder(model_config, digits_dataset.image_shape)
+    run_dir = tmp_path_factory.mktemp("run")
+    trainer = Trainer(model, digits_dataset, TrainingConfig(epochs=3, progress=False, seed=0),
+                      run_dir, run_config={"model": model_config.to_dict(), "data": "digits"})
+    trainer.fit()
+    return trainer.best_path
+
+
+@pytest.fixture(scope="session")
+def model_repository(tmp_path_factory, digits_checkpoint) -> Path:
+    """A model repository with one real version, `digits/1`, written by `aet export`."""
+    from training.export import ExportConfig, export
+
+    root = tmp_path_factory.mktemp("exported")
+    export(ExportConfig(checkpoint=digits_checkpoint, repository=root, model_name=DIGITS_MODEL))
+    return root
+
+
+def serve_config_for_tests(**overrides) -> ServeConfig:
+    """A `ServeConfig` for tests: ephemeral port, one onnxruntime thread, small limits."""
+    values = dict(port=0, intra_op_threads=1, inter_op_threads=1, workers=32,
+                  max_message_mb=TEST_MESSAGE_MB, grace_period=5.0)
+    return ServeConfig(**{**values, **overrides})
+
+
+def _start(repository: Path, services=(), interceptors=(), credentials=None,
+           **overrides) -> RunningServer:
+    config = serve_config_for_tests(repository=repository, **overrides)
+    registry = ModelRegistry(config.runtime, config.batching)
+    running = build_server(config, registry, services, interceptors, credentials)
+    registry.load_repository(repository)
+    return running
+
+
+@pytest.fixture(scope="session")
+def embedding_server(model_repository) -> Iterator[RunningServer]:
+    """One running server over `model_repository` for the whole session; do not change it."""
+    running = _start(model_repository)
+    yield running
+    running.stop(grace_period=1.0)
+
+
+@pytest.fixture
+def start_server() -> Iterator[Callable[..., RunningServer]]:
+    """Start servers with `start_server(repository, **ServeConfig overrides)`; all are stopped
+    when the test ends. `services`, `interceptors` and `credentials` go to `build_server`."""
+    started: list[RunningServer] = []
+
+    def start(repository: Path, **kwargs) -> RunningServer:
+        started.append(_start(repository, **kwargs))
+        return started[-1]
+
+    yield start
+    for running in started:
+        running.stop(grace_period=1.0)
+
+
+@pytest.fixture
+def embedding_stub() -> Iterator[Callable[[RunningServer], embedding_pb2_grpc.EmbeddingServiceStub]]:
+    """`embedding_stub(server)`: a stub on a channel that is closed when the test ends."""
+    channels: list[grpc.Channel] = []
+
+    def stub(running: RunningServer) -> embedding_pb2_grpc.EmbeddingServiceStub:
+        limit = TEST_MESSAGE_MB << 20
+        channels.append(grpc.insecure_channel(
+            f"127.0.0.1:{running.port}",
+            options=[("grpc.max_send_message_length", limit),
+                     ("grpc.max_receive_message_length", limit)]))
+        return embedding_pb2_grpc.EmbeddingServiceStub(channels[-1])
+
+    yield stub
+    for channel in channels:
+        channel.close()

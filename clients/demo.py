@@ -1,0 +1,186 @@
+"""`aet demo`: the whole flow on one command: serve the shipped encoder, embed, probe, stop.
+
+On digits (the default) it starts `aet serve` on a free 127.0.0.1 port over the repository
+holding `exported/digits`, waits until the model is SERVING, extracts embeddings of every row
+through gRPC (`aet embed --server`), trains the probes (`aet probe`), prints the results table
+and where the plots are, and stops the server with SIGTERM (a graceful shutdown). `--pretrain`
+first trains and exports a fresh encoder (`aet pretrain`, `aet export`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from aet.config import ConfigError, add_config_arguments, config_from_args
+from aet.errors import UserError
+from clients.backends import ServerBackend
+from clients.client import EmbeddingClient
+from clients.extract import EmbedConfig, extract, read_embeddings
+from clients.probe import ProbeConfig, dataset_of, probe, write_results
+from training.data import DATASETS
+
+MODEL_NAMES = {"digits": "digits", "mnist-idx": "mnist"}  # data set -> shipped model name
+SERVER_START_SECONDS = 120.0  # the server imports onnxruntime and warms each model up
+SERVER_STOP_SECONDS = 30.0
+
+
+class DemoError(UserError):
+    """The demo's server did not start or stop, or its model is missing."""
+
+
+@dataclass
+class DemoConfig:
+    """`aet demo`: which data, which encoder, where results go."""
+
+    data: str = field(default="digits", metadata={
+        "help": "data set of the training registry", "choices": sorted(DATASETS)})
+    path: Path | None = field(default=None, metadata={
+        "help": "data file or folder (mnist-idx: the folder of IDX files)"})
+    repository: Path = field(default=Path("exported"), metadata={
+        "help": "model repository the server serves"})
+    model: str | None = field(default=None, metadata={
+        "help": "model to use (default: digits for digits, mnist for mnist-idx)"})
+    pretrain: bool = field(default=False, metadata={
+        "help": "pretrain and export a fresh encoder first (otherwise use the shipped one)"})
+    epochs: int = field(default=20, metadata={"help": "with --pretrain: training epochs"})
+    output: Path | None = field(default=None, metadata={
+        "help": "folder for embeddings and probe results (default: runs/demo/<data>)"})
+    label_counts: list[int] = field(default_factory=lambda: [100, 1000], metadata={
+        "help": "probe label budgets; all labels are always added"})
+    seed: int = field(default=0, metadata={"help": "split, label-subset and training seed"})
+
+    def __post_init__(self):
+        if self.model is None:
+            if self.data not in MODEL_NAMES:
+                raise ConfigError(f"model: no shipped model for data set {self.data!r}; pass "
+                                  f"--model (shipped: {', '.join(MODEL_NAMES.values())})")
+            self.model = MODEL_NAMES[self.data]
+        if self.output is None:
+            self.output = Path("runs") / "demo" / self.data
+        if self.epochs < 1:
+            raise ConfigError(f"epochs: expected a positive integer; got {self.epochs}")
+
+
+def free_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe_socket:
+        probe_socket.bind(("127.0.0.1", 0))
+        return probe_socket.getsockname()[1]
+
+
+class ServerProcess:
+    """`aet serve` in a child process on 127.0.0.1, its log in `log_path`."""
+
+    def __init__(self, repository: Path, log_path: Path):
+        self.port = free_port()
+        self.target = f"127.0.0.1:{self.port}"
+        self.log_path = log_path
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log = open(log_path, "wb")
+        command = [sys.executable, "-m", "aet.cli", "serve", "--repository", str(repository),
+                   "--host", "127.0.0.1", "--port", str(self.port)]
+        self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT)
+
+    def wait_until_serving(self, model: str, timeout: float = SERVER_START_SECONDS) -> None:
+        """Block until the health service reports `model` SERVING; DemoError if it never does."""
+        deadline = time.monotonic() + timeout
+        with grpc.insecure_channel(self.target) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            while time.monotonic() < deadline:
+                if self.process.poll() is not None:
+                    raise DemoError(f"aet serve exited with code {self.process.returncode} "
+                                    f"before serving; see {self.log_path}")
+                try:
+                    status = health.Check(health_pb2.HealthCheckRequest(service=model),
+                                          timeout=1.0).status
+                except grpc.RpcError:
+                    status = None
+                if status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+                time.sleep(0.2)
+        raise DemoError(f"aet serve: model {model!r} not SERVING after {timeout:.0f} s; "
+                        f"see {self.log_path}")
+
+    def stop(self) -> int:
+        """SIGTERM, then wait for the graceful shutdown; the exit code (killed if it hangs)."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(SERVER_STOP_SECONDS)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log.close()
+        return self.process.returncode
+
+
+def pretrain_and_export(config: DemoConfig) -> None:
+    """`aet pretrain` then `aet export` into `config.repository` under `config.model`."""
+    from aet.cli import main
+
+    run_dir = Path("runs") / config.model
+    data_args = ["--data", config.data] + ([] if config.path is None else
+                                           ["--path", str(config.path)])
+    steps = [["pretrain", *data_args, "--name", config.model, "--epochs", str(config.epochs),
+              "--seed", str(config.seed)],
+             ["export", "--run", str(run_dir), "--repository", str(config.repository),
+              "--model-name", config.model]]
+    for argv in steps:
+        print(f"$ aet {' '.join(argv)}", flush=True)
+        if main(argv) != 0:
+            raise DemoError(f"aet {argv[0]} failed; see the messages above")
+
+
+def run_demo(config: DemoConfig) -> int:
+    """The demo; returns the exit code."""
+    started = time.perf_counter()
+    if config.pretrain:
+        pretrain_and_export(config)
+    model_dir = config.repository / config.model
+    if not model_dir.is_dir():
+        raise DemoError(f"{model_dir}: no such model; run `aet demo --pretrain"
+                        f"{'' if config.data == 'digits' else ' --data ' + config.data}` to "
+                        f"train and export one first")
+    server = ServerProcess(config.repository, config.output / "server.log")
+    try:
+        server.wait_until_serving(config.model)
+        print(f"server: aet serve on {server.target} (log: {server.log_path})", flush=True)
+        embed_config = EmbedConfig(data=config.data, path=config.path, seed=config.seed,
+                                   server=server.target, model=config.model,
+                                   output=config.output / "embeddings.npz", overwrite=True)
+        with ServerBackend(EmbeddingClient(server.target), config.model) as backend:
+            summary = extract(embed_config, backend)
+        print(summary.line(), flush=True)
+    finally:
+        exit_code = server.stop()
+    print(f"server: stopped (exit code {exit_code})", flush=True)
+
+    table = read_embeddings(embed_config.output)
+    probe_config = ProbeConfig(embeddings=embed_config.output, seed=config.seed,
+                               label_counts=config.label_counts, output=config.output / "probe")
+    results = probe(table, dataset_of(table, str(embed_config.output)), probe_config)
+    paths = write_results(results, probe_config.output)
+    print()
+    print(results.markdown())
+    print(f"results: {paths['markdown']}, {paths['json']}")
+    print(f"plots: {paths['accuracy_plot']}, {paths['confusion_plot']}")
+    print(f"demo finished in {time.perf_counter() - started:.1f} s")
+    return 0 if exit_code == 0 else 1
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    add_config_arguments(parser, DemoConfig)
+
+
+def run(args: argparse.Namespace) -> int:
+    return run_demo(config_from_args(DemoConfig, args))

@@ -5,7 +5,11 @@ the repository reloader and, when asked, bearer tokens and TLS; wired as `aet se
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import threading
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -15,7 +19,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from aet_proto import grpc_service_pb2_grpc
+from aet_proto import embedding_pb2, embedding_pb2_grpc, grpc_service_pb2, grpc_service_pb2_grpc
+from aet_proto.codec import encode_tensor
 from server.app import RunningServer, ServeConfig, ServiceBinding, build_server
 from server.auth import BearerTokenInterceptor
 from server.kserve_service import SERVICE_NAME, InferenceService
@@ -114,3 +119,79 @@ def start_kserve_server(repository: Path, *, tokens: tuple[str, ...] = (),
 
 def kserve_stub(channel: grpc.Channel) -> grpc_service_pb2_grpc.GRPCInferenceServiceStub:
     return grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel)
+
+
+def kserve_request(pixels: np.ndarray, **fields) -> grpc_service_pb2.ModelInferRequest:
+    """A ModelInfer request for MODEL (unless `model_name` says otherwise) with raw FP32 bytes."""
+    return grpc_service_pb2.ModelInferRequest(
+        **{"model_name": MODEL, **fields},
+        inputs=[grpc_service_pb2.ModelInferRequest.InferInputTensor(
+            name="pixels", datatype="FP32", shape=pixels.shape)],
+        raw_input_contents=[pixels.astype("<f4").tobytes()])
+
+
+class SteadyTraffic:
+    """Threads sending good requests for the latest version of MODEL on both APIs until
+    stopped, checking each answer against the weights of the version that gave it."""
+
+    def __init__(self, channel: grpc.Channel, seed_of_version: dict[int, int],
+                 metadata: Sequence[tuple[str, str]] = (), threads: int = 3) -> None:
+        self.seed_of_version = seed_of_version  # may grow while running, as versions appear
+        self.metadata = tuple(metadata)
+        self.kserve = kserve_stub(channel)
+        self.embed = embedding_pb2_grpc.EmbeddingServiceStub(channel)
+        self.answered_by: collections.Counter[int] = collections.Counter()
+        self.failures: list[str] = []
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._threads = [threading.Thread(target=self._send, args=(i,)) for i in range(threads)]
+
+    def __enter__(self) -> SteadyTraffic:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join()
+
+    @property
+    def answered(self) -> int:
+        return sum(self.answered_by.values())
+
+    def wait_for_answers(self, version: int, count: int, timeout: float = 60.0) -> None:
+        """Block until `version` has answered `count` more requests (or fail after `timeout`)."""
+        target = self.answered_by[version] + count
+        give_up = time.monotonic() + timeout
+        while self.answered_by[version] < target:
+            if time.monotonic() > give_up or self.failures:
+                raise AssertionError(f"version {version} answered {self.answered_by[version]} "
+                                     f"requests, expected {target}; failures: {self.failures}")
+            time.sleep(0.01)
+
+    def _send(self, thread_seed: int) -> None:
+        rng = np.random.default_rng(thread_seed)
+        while not self._stop.is_set():
+            pixels = digits_pixels(int(rng.integers(1, 4)), seed=int(rng.integers(1 << 30)))
+            try:
+                if rng.random() < 0.5:
+                    reply = self.kserve.ModelInfer(kserve_request(pixels),
+                                                   metadata=self.metadata, timeout=30)
+                    version, data = int(reply.model_version), reply.raw_output_contents[0]
+                else:
+                    reply = self.embed.Embed(embedding_pb2.EmbedRequest(
+                        model=MODEL, inputs=encode_tensor(pixels)), metadata=self.metadata,
+                        timeout=30)
+                    version, data = reply.version, reply.embeddings.data
+                got = np.frombuffer(data, "<f4").reshape(len(pixels), -1)
+                want = expected_embeddings(pixels, self.seed_of_version[version])
+                error = None if np.allclose(got, want, rtol=1e-5, atol=1e-5) else (
+                    f"version {version}: wrong embeddings")
+            except grpc.RpcError as exc:
+                version, error = None, f"{exc.code()}: {exc.details()}"
+            with self._lock:
+                if error is None:
+                    self.answered_by[version] += 1
+                else:
+                    self.failures.append(error)

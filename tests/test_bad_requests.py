@@ -7,15 +7,15 @@ what does not fit the queue, and every accepted request answered.
 
 from __future__ import annotations
 
-import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import grpc
 import numpy as np
 import pytest
-from kserve_harness import (MODEL, ROW_SHAPE, add_version, digits_pixels, expected_embeddings,
-                            kserve_stub, start_kserve_server)
+from kserve_harness import (MODEL, ROW_SHAPE, SteadyTraffic, add_version, digits_pixels,
+                            expected_embeddings, kserve_stub, start_kserve_server)
 
 from aet_proto import embedding_pb2, embedding_pb2_grpc
 from aet_proto import grpc_service_pb2 as pb
@@ -180,50 +180,6 @@ CATALOGUE = {
 }
 
 
-class GoodTraffic:
-    """Threads sending good requests on both APIs until stopped, checking every answer."""
-
-    def __init__(self, channel: grpc.Channel, threads: int = 3) -> None:
-        self.kserve = kserve_stub(channel)
-        self.embed = embedding_pb2_grpc.EmbeddingServiceStub(channel)
-        self.stop = threading.Event()
-        self.answered = 0
-        self.failures: list[str] = []
-        self._lock = threading.Lock()
-        self._threads = [threading.Thread(target=self._send, args=(i,)) for i in range(threads)]
-
-    def __enter__(self) -> GoodTraffic:
-        for thread in self._threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop.set()
-        for thread in self._threads:
-            thread.join()
-
-    def _send(self, seed: int) -> None:
-        rng = np.random.default_rng(seed)
-        while not self.stop.is_set():
-            pixels = digits_pixels(int(rng.integers(1, 4)), seed=int(rng.integers(1 << 30)))
-            try:
-                if rng.random() < 0.5:
-                    reply = self.kserve.ModelInfer(kserve(pixels), metadata=AUTH, timeout=30)
-                    got = np.frombuffer(reply.raw_output_contents[0], "<f4")
-                else:
-                    reply = self.embed.Embed(embed(pixels), metadata=AUTH, timeout=30)
-                    got = np.frombuffer(reply.embeddings.data, "<f4")
-                ok = np.allclose(got.reshape(len(pixels), -1),
-                                 expected_embeddings(pixels, SEED), rtol=1e-5, atol=1e-5)
-                error = None if ok else "wrong embeddings"
-            except grpc.RpcError as exc:
-                error = f"{exc.code()}: {exc.details()}"
-            with self._lock:
-                self.answered += 1
-                if error is not None:
-                    self.failures.append(error)
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     repository = tmp_path_factory.mktemp("repository")
@@ -242,7 +198,7 @@ def channel(server):
 
 @pytest.fixture(scope="module")
 def traffic(channel):
-    with GoodTraffic(channel) as running:
+    with SteadyTraffic(channel, seed_of_version={1: SEED}, metadata=AUTH) as running:
         yield running
 
 
@@ -279,7 +235,7 @@ def test_overload_is_resource_exhausted_and_accepted_work_completes(tmp_path):
             batcher = live.registry.lookup(MODEL).batcher
             future = stub.ModelInfer.future(kserve(big), timeout=120)
             while batcher.queued_requests == 0 and not future.done():
-                threading.Event().wait(0.001)
+                time.sleep(0.001)
             refused = []
             for call, request in [(stub.ModelInfer, kserve()), (embedder.Embed, embed())] * 3:
                 try:

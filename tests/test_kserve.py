@@ -21,7 +21,8 @@ import grpc
 import numpy as np
 import pytest
 from kserve_harness import (EMBEDDING_DIM, MODEL, ROW_SHAPE, add_version, digits_pixels,
-                            expected_embeddings, kserve_stub, start_kserve_server)
+                            expected_embeddings, kserve_request, kserve_stub,
+                            start_kserve_server)
 
 from aet_proto import grpc_service_pb2 as pb
 from aet_proto import model_config_pb2
@@ -42,13 +43,6 @@ def server(tmp_path_factory):
 def stub(server):
     with grpc.insecure_channel(server.target) as channel:
         yield kserve_stub(channel)
-
-
-def raw_request(pixels: np.ndarray, **fields) -> pb.ModelInferRequest:
-    return pb.ModelInferRequest(
-        model_name=MODEL, inputs=[pb.ModelInferRequest.InferInputTensor(
-            name="pixels", datatype="FP32", shape=pixels.shape)],
-        raw_input_contents=[pixels.astype("<f4").tobytes()], **fields)
 
 
 def embeddings_of(response: pb.ModelInferResponse) -> np.ndarray:
@@ -91,7 +85,7 @@ def test_model_config_describes_batching(stub):
 
 def test_infer_raw_in_raw_out_matches_the_graph(stub):
     pixels = digits_pixels(5)
-    response = stub.ModelInfer(raw_request(pixels, id="req-7"))
+    response = stub.ModelInfer(kserve_request(pixels, id="req-7"))
     assert (response.model_name, response.model_version, response.id) == (MODEL, "1", "req-7")
     np.testing.assert_allclose(embeddings_of(response), expected_embeddings(pixels, SEED),
                                rtol=1e-5, atol=1e-5)
@@ -112,8 +106,8 @@ def test_infer_typed_contents_are_accepted(stub, datatype, contents):
 
 def test_stream_answers_in_order_and_survives_a_bad_request(stub):
     good = [digits_pixels(2, seed=s) for s in range(4)]
-    requests = [raw_request(p, id=f"r{i}") for i, p in enumerate(good)]
-    bad = raw_request(good[0], id="bad")
+    requests = [kserve_request(p, id=f"r{i}") for i, p in enumerate(good)]
+    bad = kserve_request(good[0], id="bad")
     bad.inputs[0].shape[:] = [2, 1, 8, 7]
     requests.insert(2, bad)
     answers = list(stub.ModelStreamInfer(iter(requests), timeout=30))
@@ -132,7 +126,7 @@ def test_statistics_count_requests_queue_and_batches(stub):
 
     before = stats()
     for _ in range(3):
-        stub.ModelInfer(raw_request(digits_pixels(2)))
+        stub.ModelInfer(kserve_request(digits_pixels(2)))
     after = stats()
     assert (after.name, after.version) == (MODEL, "1")
     grew = {name: getattr(after.inference_stats, name).count

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import threading
+import time
 import urllib.request
 
 import grpc
 import pytest
-from kserve_harness import MODEL, add_version, digits_pixels, kserve_stub, start_kserve_server
+from kserve_harness import (MODEL, add_version, digits_pixels, kserve_request, kserve_stub,
+                            start_kserve_server)
 from prometheus_client.parser import text_string_to_metric_families
 
 from aet_proto import embedding_pb2, embedding_pb2_grpc
-from aet_proto import grpc_service_pb2 as pb
 from aet_proto.codec import encode_tensor
 from server.metrics import MODEL_STATES, batch_size_buckets, outcome_of
 
@@ -26,13 +26,6 @@ def scrape(port: int) -> dict[tuple[str, frozenset], float]:
 
 def sample(samples, name: str, **labels) -> float:
     return samples[(name, frozenset(labels.items()))]
-
-
-def infer(pixels, **fields) -> pb.ModelInferRequest:
-    return pb.ModelInferRequest(**{"model_name": MODEL, **fields}, inputs=[
-        pb.ModelInferRequest.InferInputTensor(name="pixels", datatype="FP32",
-                                              shape=pixels.shape)],
-        raw_input_contents=[pixels.tobytes()])
 
 
 def test_batch_size_buckets_are_powers_of_two_up_to_the_limit():
@@ -60,10 +53,11 @@ def test_requests_batches_latencies_and_state_match_the_traffic(live):
     with grpc.insecure_channel(live.target) as channel:
         stub = kserve_stub(channel)
         for i, rows in enumerate(row_counts):
-            stub.ModelInfer(infer(digits_pixels(rows, seed=i)), timeout=30)
+            stub.ModelInfer(kserve_request(digits_pixels(rows, seed=i)), timeout=30)
         embedding_pb2_grpc.EmbeddingServiceStub(channel).Embed(embedding_pb2.EmbedRequest(
             model=MODEL, inputs=encode_tensor(digits_pixels(2))), timeout=30)
-        for bad in (infer(digits_pixels(0)), infer(digits_pixels(1), model_name="absent")):
+        for bad in (kserve_request(digits_pixels(0)),
+                    kserve_request(digits_pixels(1), model_name="absent")):
             with pytest.raises(grpc.RpcError):
                 stub.ModelInfer(bad, timeout=30)
     samples = scrape(live.metrics_endpoint.port)
@@ -92,10 +86,10 @@ def test_queue_depth_is_read_at_scrape_time(tmp_path):
     try:
         batcher = live.registry.lookup(MODEL).batcher
         with grpc.insecure_channel(live.target) as channel:
-            future = kserve_stub(channel).ModelInfer.future(infer(digits_pixels(1000)),
-                                                            timeout=60)
+            future = kserve_stub(channel).ModelInfer.future(
+                kserve_request(digits_pixels(1000)), timeout=60)
             while batcher.queued_requests == 0:
-                threading.Event().wait(0.001)
+                time.sleep(0.001)
             depth_while_busy = sample(scrape(live.metrics_endpoint.port), "aet_queue_depth",
                                       model=MODEL, version="1")
             still_running = not future.done()

@@ -1,6 +1,9 @@
 """`EmbeddingClient` against real servers on 127.0.0.1: chunking under a small message limit,
 retries on a real RESOURCE_EXHAUSTED from a tiny queue, no retry on INVALID_ARGUMENT, streams,
-options, model information, bearer tokens and mutual TLS."""
+options, model information, bearer tokens and mutual TLS.
+
+The served model is the harness's tiny real ONNX encoder, whose exact output `expected_embeddings`
+computes in numpy, so every answer is checked number by number."""
 
 from __future__ import annotations
 
@@ -10,16 +13,13 @@ import threading
 import grpc
 import numpy as np
 import pytest
-import torch
 
 from clients.client import EmbeddingClient, EmbeddingError, RetryPolicy
-import kserve_harness as harness
 from kserve_harness import (EMBEDDING_DIM, MODEL, RAW_MAX, add_version, digits_pixels,
                             expected_embeddings)
-from server.auth import tls_server_credentials
+from server.auth import BearerTokenInterceptor, tls_server_credentials
 from test_auth import pki  # noqa: F401  (fixture: throwaway CA, server and client certificates)
 
-torch.set_num_threads(1)
 SEED = 0
 MIB = 1 << 20
 RETRY_LOGGER = "clients.client"
@@ -32,21 +32,20 @@ def repository(tmp_path_factory):
     return root
 
 
-@pytest.fixture(scope="module")
-def small_message_server(repository):
+@pytest.fixture
+def small_message_server(repository, start_server):
     """A server that takes messages of at most 1 MiB (4,096 float32 rows of 8x8 pixels)."""
-    server = harness.start_server(repository, max_message_mb=1)
-    yield server
-    server.stop()
+    return start_server(repository, max_message_mb=1)
 
 
-@pytest.fixture(scope="module")
-def tiny_queue_server(repository):
+@pytest.fixture
+def tiny_queue_server(repository, start_server):
     """One row per run and one waiting request: concurrent large requests overflow the queue."""
-    server = harness.start_server(repository, max_batch_size=1, max_queue_size=1,
-                                  max_queue_delay_ms=0.0)
-    yield server
-    server.stop()
+    return start_server(repository, max_batch_size=1, max_queue_size=1, max_queue_delay_ms=0.0)
+
+
+def target(server) -> str:
+    return f"127.0.0.1:{server.port}"
 
 
 def retry_records(caplog) -> list[logging.LogRecord]:
@@ -55,7 +54,7 @@ def retry_records(caplog) -> list[logging.LogRecord]:
 
 def test_long_input_is_split_under_the_message_limit_and_streamed(small_message_server, caplog):
     pixels = digits_pixels(10_000, seed=1)  # 2.4 MiB of float32
-    with EmbeddingClient(small_message_server.target, max_message_bytes=MIB) as client:
+    with EmbeddingClient(target(small_message_server), max_message_bytes=MIB) as client:
         rows = client.rows_per_request(pixels, MODEL)
         embeddings = client.embed(pixels, MODEL)
     assert rows * pixels[0].nbytes <= MIB and -(-len(pixels) // rows) >= 3
@@ -66,7 +65,7 @@ def test_long_input_is_split_under_the_message_limit_and_streamed(small_message_
 
 def test_message_over_the_server_limit_is_not_retried(small_message_server, caplog):
     pixels = digits_pixels(8_000, seed=2)  # 2 MiB in one request: the server refuses it
-    with EmbeddingClient(small_message_server.target, max_message_bytes=4 * MIB) as client:
+    with EmbeddingClient(target(small_message_server), max_message_bytes=4 * MIB) as client:
         with pytest.raises(EmbeddingError) as caught:
             client.embed(pixels, MODEL)
     assert caught.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -77,7 +76,7 @@ def test_message_over_the_server_limit_is_not_retried(small_message_server, capl
 def test_stream_of_batches_answers_each_batch_in_order(small_message_server):
     sizes = [1, 4_500, 7, 300]  # the 4,500-row batch needs two requests under 1 MiB
     batches = [digits_pixels(n, seed=10 + i) for i, n in enumerate(sizes)]
-    with EmbeddingClient(small_message_server.target, max_message_bytes=MIB) as client:
+    with EmbeddingClient(target(small_message_server), max_message_bytes=MIB) as client:
         answers = list(client.embed_batches(iter(batches), MODEL))
     assert [len(a) for a in answers] == sizes
     for batch, answer in zip(batches, answers):
@@ -86,7 +85,7 @@ def test_stream_of_batches_answers_each_batch_in_order(small_message_server):
 
 def test_uint8_input_and_output_options(small_message_server):
     pixels = np.random.default_rng(3).integers(0, int(RAW_MAX) + 1, (50, 1, 8, 8), dtype=np.uint8)
-    with EmbeddingClient(small_message_server.target) as client:
+    with EmbeddingClient(target(small_message_server)) as client:
         plain = client.embed(pixels, MODEL)
         normalised = client.embed(pixels, MODEL, l2_normalize=True)
         half = client.embed(pixels, MODEL, version=1, float16=True)
@@ -122,13 +121,13 @@ def _embed_concurrently(target: str, retry: RetryPolicy, pixels: np.ndarray,
 
 def test_queue_full_is_real_and_retried_with_backoff(tiny_queue_server, caplog):
     pixels = digits_pixels(2_000, seed=4)  # 2,000 one-row runs keep the model busy
-    _, errors = _embed_concurrently(tiny_queue_server.target, RetryPolicy(max_attempts=1),
+    _, errors = _embed_concurrently(target(tiny_queue_server), RetryPolicy(max_attempts=1),
                                     pixels, callers=4)
     assert errors and {e.code for e in errors} == {grpc.StatusCode.RESOURCE_EXHAUSTED}
     assert not retry_records(caplog)
 
     results, errors = _embed_concurrently(
-        tiny_queue_server.target, RetryPolicy(max_attempts=30, initial_backoff=0.02,
+        target(tiny_queue_server), RetryPolicy(max_attempts=30, initial_backoff=0.02,
                                               max_backoff=0.5), pixels, callers=4)
     assert not errors and len(results) == 4
     for embeddings in results:
@@ -153,7 +152,7 @@ def test_backoff_grows_with_jitter_and_stays_capped():
 def test_invalid_argument_is_raised_at_once_with_the_server_message(small_message_server,
                                                                    caplog):
     wrong_shape = np.zeros((3, 1, 7, 7), np.float32)
-    with EmbeddingClient(small_message_server.target) as client:
+    with EmbeddingClient(target(small_message_server)) as client:
         with pytest.raises(EmbeddingError) as caught:
             client.embed(wrong_shape, MODEL)
         with pytest.raises(EmbeddingError) as missing:
@@ -167,7 +166,7 @@ def test_invalid_argument_is_raised_at_once_with_the_server_message(small_messag
 
 def test_bad_row_in_a_stream_ends_it_with_invalid_argument(small_message_server, caplog):
     batches = [digits_pixels(5), np.full((2, 1, 8, 8), np.nan, np.float32)]
-    with EmbeddingClient(small_message_server.target) as client:
+    with EmbeddingClient(target(small_message_server)) as client:
         answers = client.embed_batches(iter(batches), MODEL)
         assert len(next(answers)) == 5
         with pytest.raises(EmbeddingError) as caught:
@@ -178,7 +177,7 @@ def test_bad_row_in_a_stream_ends_it_with_invalid_argument(small_message_server,
 
 
 def test_inputs_are_checked_before_sending(small_message_server):
-    with EmbeddingClient(small_message_server.target) as client:
+    with EmbeddingClient(target(small_message_server)) as client:
         with pytest.raises(TypeError, match="uint8 or float32, got float64"):
             client.embed(np.zeros((2, 1, 8, 8)), MODEL)
         with pytest.raises(ValueError, match=r"got \(0, 1, 8, 8\)"):
@@ -186,7 +185,7 @@ def test_inputs_are_checked_before_sending(small_message_server):
 
 
 def test_list_models_and_describe(small_message_server):
-    with EmbeddingClient(small_message_server.target) as client:
+    with EmbeddingClient(target(small_message_server)) as client:
         models = client.list_models()
         description = client.describe(MODEL)
     assert [(m.name, m.latest_version) for m in models] == [(MODEL, 1)]
@@ -195,34 +194,27 @@ def test_list_models_and_describe(small_message_server):
     assert description.input.max_value == RAW_MAX
 
 
-def test_bearer_token(repository):
-    server = harness.start_server(repository, tokens=("s3cret-token",))
-    try:
-        with EmbeddingClient(server.target) as anonymous:
-            with pytest.raises(EmbeddingError) as caught:
-                anonymous.list_models()
-        with EmbeddingClient(server.target, token="s3cret-token") as client:
-            embeddings = client.embed(digits_pixels(3), MODEL)
-    finally:
-        server.stop()
+def test_bearer_token(repository, start_server):
+    server = start_server(repository, interceptors=[BearerTokenInterceptor(["s3cret-token"])])
+    with EmbeddingClient(target(server)) as anonymous:
+        with pytest.raises(EmbeddingError) as caught:
+            anonymous.list_models()
+    with EmbeddingClient(target(server), token="s3cret-token") as client:
+        embeddings = client.embed(digits_pixels(3), MODEL)
     assert caught.value.code == grpc.StatusCode.UNAUTHENTICATED
     assert embeddings.shape == (3, EMBEDDING_DIM)
 
 
-def test_mutual_tls(repository, pki):  # noqa: F811
+def test_mutual_tls(repository, start_server, pki):  # noqa: F811
     credentials = tls_server_credentials(pki / "server.pem", pki / "server.key", pki / "ca.pem")
-    server = harness.start_server(repository, credentials=credentials)
-    try:
-        with EmbeddingClient(server.target, root_cert=pki / "ca.pem",
-                             client_cert=pki / "client.pem",
-                             client_key=pki / "client.key") as client:
-            pixels = digits_pixels(4)
-            embeddings = client.embed(pixels, MODEL)
-        with EmbeddingClient(server.target, root_cert=pki / "ca.pem",
-                             retry=RetryPolicy(max_attempts=1)) as no_client_cert:
-            with pytest.raises(EmbeddingError) as caught:
-                no_client_cert.list_models()
-    finally:
-        server.stop()
+    server = start_server(repository, credentials=credentials)
+    with EmbeddingClient(target(server), root_cert=pki / "ca.pem",
+                         client_cert=pki / "client.pem", client_key=pki / "client.key") as client:
+        pixels = digits_pixels(4)
+        embeddings = client.embed(pixels, MODEL)
+    with EmbeddingClient(target(server), root_cert=pki / "ca.pem",
+                         retry=RetryPolicy(max_attempts=1)) as no_client_cert:
+        with pytest.raises(EmbeddingError) as caught:
+            no_client_cert.list_models()
     np.testing.assert_allclose(embeddings, expected_embeddings(pixels, SEED), rtol=1e-5, atol=1e-5)
     assert caught.value.code == grpc.StatusCode.UNAVAILABLE

@@ -1,8 +1,9 @@
 """Bearer tokens and TLS on a real gRPC server bound to 127.0.0.1.
 
-The protected services here are grpc's own health and reflection services, so every path
-(unary and bidirectional streaming, open and protected) runs through real grpc machinery. A
-throwaway CA, server and client certificates are made with the openssl command line.
+The interceptor is first checked on grpc's own health and reflection services, so every path
+(unary and bidirectional streaming, open and protected) runs through real grpc machinery; then
+the whole server (KServe API, tokens, mutual TLS) end to end. A throwaway CA, server and client
+certificates are made with the openssl command line.
 """
 
 from __future__ import annotations
@@ -13,8 +14,11 @@ from concurrent import futures
 from pathlib import Path
 
 import grpc
+import numpy as np
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from kserve_harness import (MODEL, add_version, digits_pixels, expected_embeddings,
+                            kserve_request, kserve_stub, start_kserve_server)
 from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
 from server.auth import (BearerTokenInterceptor, SecurityConfigError, read_tokens,
@@ -193,3 +197,29 @@ def test_tls_files_are_checked_and_named(tmp_path, pki):
         tls_server_credentials(not_pem, pki / "server.key")
     with pytest.raises(SecurityConfigError, match="TLS client CA .*absent.pem: cannot read"):
         tls_server_credentials(pki / "server.pem", pki / "server.key", tmp_path / "absent.pem")
+
+
+def test_kserve_server_over_mutual_tls_with_tokens(pki, tmp_path):
+    """The whole server as `aet serve` wires it: mTLS, tokens on the APIs, health open."""
+    add_version(tmp_path, seed=5)
+    credentials = tls_server_credentials(pki / "server.pem", pki / "server.key", pki / "ca.pem")
+    live = start_kserve_server(tmp_path, tokens=(TOKEN,), credentials=credentials)
+    try:
+        channel_credentials = grpc.ssl_channel_credentials(
+            root_certificates=(pki / "ca.pem").read_bytes(),
+            private_key=(pki / "client.key").read_bytes(),
+            certificate_chain=(pki / "client.pem").read_bytes())
+        with grpc.secure_channel(live.target, channel_credentials) as channel:
+            health_reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=MODEL), timeout=10)
+            stub = kserve_stub(channel)
+            pixels = digits_pixels(2)
+            reply = stub.ModelInfer(kserve_request(pixels), metadata=_bearer(TOKEN), timeout=10)
+            with pytest.raises(grpc.RpcError) as caught:
+                stub.ModelInfer(kserve_request(pixels), timeout=10)
+    finally:
+        live.stop()
+    assert health_reply.status == health_pb2.HealthCheckResponse.SERVING
+    np.testing.assert_allclose(np.frombuffer(reply.raw_output_contents[0], "<f4").reshape(2, -1),
+                               expected_embeddings(pixels, seed=5), rtol=1e-5, atol=1e-5)
+    assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED

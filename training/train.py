@@ -245,9 +245,8 @@ class Trainer:
             pos.epochs_since_best += 1
         stop = pos.epochs_since_best >= self.config.patience
         record["stopped_early"] = stop and pos.epoch < stage.epochs
-        if self.config.progress:
-            tqdm.write(f"{stage.name} epoch {pos.epoch}/{stage.epochs}: train {train_loss:.4f} "
-                       f"val {val_loss:.4f}{' *' if improved else ''}")
+        tqdm.write(f"{stage.name} epoch {pos.epoch}/{stage.epochs}: train {train_loss:.4f} "
+                   f"val {val_loss:.4f}{' *' if improved else ''}")
         if improved and pos.stage == len(self.stages) - 1:
             save_checkpoint(self.best_path, self._checkpoint(with_training_state=False))
         return stop

@@ -1,0 +1,205 @@
+"""`aet pretrain`: train an autoencoder on a data set and evaluate its codes.
+
+Writes `runs/<name>/`: config.json, checkpoint.pt (latest, resumable), best.pt (best validation,
+with the evaluation: what `aet export` reads), metrics.json, loss_curve.png,
+reconstructions.png and latent_2d.png. The defaults are the shipped digits encoder: a stacked
+denoising autoencoder (Gaussian noise, tied weights) with 8-dimensional codes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from aet.config import ConfigError, add_config_arguments, config_from_args
+from aet.errors import UserError
+from training.checkpoint import load_checkpoint, save_checkpoint
+from training.corruption import CORRUPTION_KINDS
+from training.data import DATASETS, Dataset, load_dataset
+from training.evaluate import encode_array, evaluate_autoencoder, format_evaluation
+from training.models import ACTIVATIONS, ARCHITECTURES, LOSSES, Autoencoder, ModelConfig, build_autoencoder
+from training.plots import plot_latent_2d, plot_loss_curves, plot_reconstructions
+from training.train import Trainer, TrainingConfig, TrainingInterrupted
+
+EXIT_INTERRUPTED = 130  # the shell's code for a process stopped by SIGINT
+N_RECONSTRUCTIONS = 10
+
+
+@dataclass
+class PretrainConfig:
+    """Everything `aet pretrain` does, as flags or TOML fields."""
+
+    # run folder
+    name: str | None = field(default=None, metadata={
+        "help": "run name, the folder under --runs-dir (default: <dataset>-<architecture>-<code-size>)"})
+    runs_dir: Path = field(default=Path("runs"), metadata={"help": "folder holding run folders"})
+    resume: bool = field(default=False, metadata={
+        "help": "continue the run from its checkpoint.pt (same model configuration)"})
+    # data
+    dataset: str = field(default="digits", metadata={
+        "help": "data set", "choices": list(DATASETS)})
+    data_path: Path | None = field(default=None, metadata={
+        "help": "file or folder of the data set (mnist-idx, npz, image-folder)"})
+    test_fraction: float | None = field(default=None, metadata={
+        "help": "held-out test fraction (default: the data set's own test files or its default)"})
+    val_fraction: float = field(default=0.1, metadata={
+        "help": "validation fraction of the rest, for early stopping"})
+    limit: int | None = field(default=None, metadata={
+        "help": "use only this many examples (a seeded subset, for quick runs)"})
+    image_size: int | None = field(default=None, metadata={
+        "help": "resize image-folder images to this square size"})
+    # model
+    architecture: str = field(default="stacked", metadata={
+        "help": "mlp: end-to-end MLP; linear: MLP without activations; stacked: greedy "
+                "layer-wise then fine-tune; vae: variational; conv: convolutional encoder",
+        "choices": list(ARCHITECTURES)})
+    hidden_sizes: list[int] = field(default_factory=lambda: [256, 64], metadata={
+        "help": "hidden layer sizes, input side first (channels for conv)"})
+    code_size: int = field(default=8, metadata={"help": "embedding dimension"})
+    activation: str = field(default="relu", metadata={
+        "help": "hidden activation", "choices": list(ACTIVATIONS)})
+    tied_weights: bool = field(default=True, metadata={
+        "help": "decoder reuses the transposed encoder weights (mlp, linear, stacked)"})
+    loss: str = field(default="bce", metadata={
+        "help": "bce: Bernoulli decoder, for data in [0, 1]; mse: Gaussian decoder",
+        "choices": list(LOSSES)})
+    allow_overcomplete: bool = field(default=False, metadata={
+        "help": "permit a code at least as large as the input"})
+    # denoising
+    noise: str = field(default="gaussian", metadata={
+        "help": "input corruption during training", "choices": list(CORRUPTION_KINDS)})
+    noise_level: float = field(default=0.2, metadata={
+        "help": "sigma for gaussian; corrupted fraction nu in [0, 1) for masking, salt-and-pepper"})
+    # optimisation
+    epochs: int = field(default=200, metadata={
+        "help": "maximum end-to-end epochs (the fine-tune stage of stacked)"})
+    layer_epochs: int = field(default=30, metadata={
+        "help": "maximum epochs of each greedy layer stage (stacked)"})
+    batch_size: int = field(default=64, metadata={"help": "examples per step"})
+    learning_rate: float = field(default=1e-3, metadata={"help": "Adam learning rate"})
+    patience: int = field(default=30, metadata={
+        "help": "stop a stage after this many epochs without a better validation loss"})
+    seed: int = field(default=0, metadata={"help": "seed for the split, initialisation, "
+                                                   "shuffling, noise and probe subsets"})
+    log_every: int = field(default=20, metadata={"help": "steps between progress-bar updates"})
+    progress: bool = field(default=True, metadata={"help": "show progress bars"})
+    # evaluation
+    probe_labels: list[int] = field(default_factory=lambda: [100, 1000], metadata={
+        "help": "label counts for the linear probe (all training labels are always added)"})
+
+    def __post_init__(self) -> None:
+        if self.dataset not in DATASETS:
+            raise ConfigError(f"dataset: unknown data set {self.dataset!r}; valid data sets: "
+                              f"{', '.join(DATASETS)}")
+        self.model_config()  # validates the model fields
+        self.training_config()  # validates optimisation and noise fields
+        if any(n < 1 for n in self.probe_labels):
+            raise ConfigError(f"probe_labels: expected positive label counts; got {self.probe_labels}")
+        if self.name is not None and (not self.name or "/" in self.name or self.name in (".", "..")):
+            raise ConfigError(f"name: expected a folder name without '/'; got {self.name!r}")
+
+    @property
+    def run_name(self) -> str:
+        return self.name or f"{self.dataset}-{self.architecture}-{self.code_size}"
+
+    @property
+    def run_dir(self) -> Path:
+        return self.runs_dir / self.run_name
+
+    def model_config(self) -> ModelConfig:
+        return ModelConfig(architecture=self.architecture, hidden_sizes=tuple(self.hidden_sizes),
+                           code_size=self.code_size, activation=self.activation,
+                           tied_weights=self.tied_weights, loss=self.loss,
+                           allow_overcomplete=self.allow_overcomplete)
+
+    def training_config(self) -> TrainingConfig:
+        return TrainingConfig(epochs=self.epochs, layer_epochs=self.layer_epochs,
+                              batch_size=self.batch_size, learning_rate=self.learning_rate,
+                              patience=self.patience, noise=self.noise,
+                              noise_level=self.noise_level, seed=self.seed,
+                              log_every=self.log_every, progress=self.progress)
+
+    def to_dict(self) -> dict:
+        return {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(self).items()}
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    add_config_arguments(parser, PretrainConfig)
+
+
+def prepare_run_dir(config: PretrainConfig) -> Path:
+    """Create the run folder; refuse to overwrite a previous run unless resuming it."""
+    run_dir = config.run_dir
+    if (run_dir / "checkpoint.pt").exists() and not config.resume:
+        raise ConfigError(f"name: run folder {run_dir} already holds a run; pass --resume to "
+                          f"continue it or choose another --name")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create run folder {run_dir}: {exc}") from exc
+    return run_dir
+
+
+def write_json(path: Path, data: dict) -> None:
+    try:
+        path.write_text(json.dumps(data, indent=2) + "\n")
+    except OSError as exc:
+        raise UserError(f"cannot write {path}: {exc}") from exc
+
+
+def write_figures(model: Autoencoder, dataset: Dataset, config: PretrainConfig,
+                  history: dict, run_dir: Path) -> None:
+    """loss_curve.png, reconstructions.png (clean, corrupted, reconstructed), latent_2d.png."""
+    plot_loss_curves(history, run_dir / "loss_curve.png")
+    clean = torch.from_numpy(dataset.test.x[:N_RECONSTRUCTIONS])
+    corruption = config.training_config().corruption()
+    corrupted = clean if corruption is None else corruption(clean)
+    with torch.no_grad():
+        reconstructed = model.eval().reconstruct(corrupted)
+    plot_reconstructions({"clean": clean.numpy(), "corrupted": corrupted.numpy(),
+                          "reconstructed": reconstructed.numpy()}, run_dir / "reconstructions.png")
+    plot_latent_2d(encode_array(model, dataset.test.x), dataset.test.y, run_dir / "latent_2d.png")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Train, evaluate and write the run folder; 130 after saving when interrupted."""
+    config = config_from_args(PretrainConfig, args)
+    dataset = load_dataset(config.dataset, config.data_path, seed=config.seed,
+                           test_fraction=config.test_fraction, val_fraction=config.val_fraction,
+                           image_size=config.image_size, limit=config.limit)
+    torch.manual_seed(config.seed)  # model initialisation
+    model = build_autoencoder(config.model_config(), dataset.image_shape)
+    run_dir = prepare_run_dir(config)
+    trainer = Trainer(model, dataset, config.training_config(), run_dir, config.to_dict())
+    if config.resume:
+        trainer.resume()  # checks the checkpoint holds this model before anything is written
+    write_json(run_dir / "config.json", config.to_dict())
+    print(f"pretraining {config.architecture} on {dataset.name} {dataset.image_shape} "
+          f"({len(dataset.train)} train / {len(dataset.val)} val / {len(dataset.test)} test) "
+          f"into {run_dir}")
+    started = time.perf_counter()
+    try:
+        history = trainer.fit()
+    except TrainingInterrupted as exc:
+        print(f"{exc}; continue with --resume")
+        return EXIT_INTERRUPTED
+    train_seconds = time.perf_counter() - started
+
+    best = load_checkpoint(trainer.best_path)
+    model = best.build_model()
+    label_counts = (*config.probe_labels, None)
+    evaluation = evaluate_autoencoder(model, dataset, label_counts, config.seed)
+    print(format_evaluation(evaluation))
+    best.metrics = {"stages": history, "evaluation": evaluation}
+    save_checkpoint(trainer.best_path, best)
+    # train_seconds: wall time of this invocation's training (after a resume, only its part)
+    write_json(run_dir / "metrics.json", {**best.metrics, "train_seconds": train_seconds})
+    write_figures(model, dataset, config, history, run_dir)
+    print(f"run written to {run_dir}")
+    return 0

@@ -52,7 +52,8 @@ class DemoConfig:
         "help": "model to use (default: digits for digits, mnist for mnist-idx)"})
     pretrain: bool = field(default=False, metadata={
         "help": "pretrain and export a fresh encoder first (otherwise use the shipped one)"})
-    epochs: int = field(default=20, metadata={"help": "with --pretrain: training epochs"})
+    epochs: int | None = field(default=None, metadata={
+        "help": "with --pretrain: end-to-end training epochs (default: aet pretrain's)"})
     output: Path | None = field(default=None, metadata={
         "help": "folder for embeddings and probe results (default: runs/demo/<data>)"})
     label_counts: list[int] = field(default_factory=lambda: [100, 1000], metadata={
@@ -67,7 +68,7 @@ class DemoConfig:
             self.model = MODEL_NAMES[self.data]
         if self.output is None:
             self.output = Path("runs") / "demo" / self.data
-        if self.epochs < 1:
+        if self.epochs is not None and self.epochs < 1:
             raise ConfigError(f"epochs: expected a positive integer; got {self.epochs}")
 
 
@@ -125,17 +126,19 @@ class ServerProcess:
 
 
 def pretrain_and_export(config: DemoConfig) -> None:
-    """`aet pretrain` then `aet export` into `config.repository` under `config.model`."""
+    """`aet pretrain` into `runs/<model>`, then `aet export` into `config.repository`."""
     from aet.cli import main
 
-    run_dir = Path("runs") / config.model
-    data_args = ["--data", config.data] + ([] if config.path is None else
-                                           ["--path", str(config.path)])
-    steps = [["pretrain", *data_args, "--name", config.model, "--epochs", str(config.epochs),
-              "--seed", str(config.seed)],
-             ["export", "--run", str(run_dir), "--repository", str(config.repository),
-              "--model-name", config.model]]
-    for argv in steps:
+    runs_dir = Path("runs")
+    pretrain = ["pretrain", "--dataset", config.data, "--name", config.model,
+                "--runs-dir", str(runs_dir), "--seed", str(config.seed)]
+    if config.path is not None:
+        pretrain += ["--data-path", str(config.path)]
+    if config.epochs is not None:
+        pretrain += ["--epochs", str(config.epochs)]
+    export = ["export", "--run", str(runs_dir / config.model), "--repository",
+              str(config.repository), "--model-name", config.model]
+    for argv in (pretrain, export):
         print(f"$ aet {' '.join(argv)}", flush=True)
         if main(argv) != 0:
             raise DemoError(f"aet {argv[0]} failed; see the messages above")

@@ -1,0 +1,182 @@
+"""`aet embed`: the same embeddings through the server, in-process onnxruntime and local Ray;
+atomic `.npz`/Parquet outputs; shards that survive an interrupted job and resume it."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from aet.cli import main
+from aet.config import ConfigError
+from clients.backends import BackendError, LocalBackend, RayBackend, ServerBackend
+from clients.client import EmbeddingClient
+from clients.extract import (EmbedConfig, ExtractionError, extract, extraction_rows, raw_pixels,
+                             read_embeddings)
+from conftest import DIGITS_MODEL
+from training.data import load_dataset
+
+LIMIT = 400  # digits rows per job: five shards of 96, quick on any backend
+
+
+def config(tmp_path, name: str, **values) -> EmbedConfig:
+    values.setdefault("local", tmp_path / "unused")
+    return EmbedConfig(limit=LIMIT, shard_size=96, batch_size=40, progress=False,
+                       output=tmp_path / name, **values)
+
+
+@pytest.fixture(scope="module")
+def model_dir(model_repository):
+    return model_repository / DIGITS_MODEL
+
+
+@pytest.fixture(scope="module")
+def dataset():
+    return load_dataset("digits", limit=LIMIT)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, model_dir, dataset):
+    """The local backend's output for the job: the embeddings every other path must match."""
+    folder = tmp_path_factory.mktemp("reference")
+    with LocalBackend(model_dir) as backend:
+        extract(config(folder, "local.npz", local=model_dir), backend, dataset)
+    return read_embeddings(folder / "local.npz")
+
+
+def test_raw_pixels_recover_bytes_exactly(dataset):
+    rows = extraction_rows(dataset)
+    assert rows.pixels.dtype == np.uint8 and rows.pixels.max() == 16
+    np.testing.assert_array_equal(rows.pixels / np.float32(16), np.concatenate(
+        [dataset.train.x, dataset.val.x, dataset.test.x]))
+    halves = np.full((2, 1, 2, 2), 0.5, np.float32)
+    assert raw_pixels(halves, 1.0).dtype == np.float32  # not bytes: stays float
+
+
+def test_output_holds_every_split_with_labels_and_provenance(reference, dataset, model_dir):
+    assert len(reference.ids) == LIMIT and reference.embeddings.shape[1] == 8
+    np.testing.assert_array_equal(reference.ids, np.arange(LIMIT))
+    for name in ("train", "val", "test"):
+        _, labels = reference.part(name)
+        np.testing.assert_array_equal(labels, getattr(dataset, name).y)
+    assert reference.metadata["dataset"] == {"name": "digits", "path": None, "seed": 0,
+                                             "limit": LIMIT}
+    card = json.loads((model_dir / "1" / "model.json").read_text())
+    assert reference.metadata["model"]["sha256"] == card["sha256"]
+    assert np.isfinite(reference.embeddings).all() and reference.embeddings.std() > 0
+
+
+def test_server_and_ray_backends_match_local(tmp_path, model_dir, dataset, reference,
+                                             embedding_server):
+    target = f"127.0.0.1:{embedding_server.port}"
+    with ServerBackend(EmbeddingClient(target), DIGITS_MODEL) as backend:
+        served = extract(config(tmp_path, "served.parquet"), backend, dataset)
+    with RayBackend(model_dir, workers=2) as backend:
+        on_ray = extract(config(tmp_path, "ray.npz"), backend, dataset)
+    assert served.embedded_rows == on_ray.embedded_rows == LIMIT
+    for path in (served.output, on_ray.output):
+        table = read_embeddings(path)
+        np.testing.assert_allclose(table.embeddings, reference.embeddings, rtol=0, atol=1e-5)
+        np.testing.assert_array_equal(table.labels, reference.labels)
+        np.testing.assert_array_equal(table.split, reference.split)
+    assert not list(tmp_path.glob("*.shards"))  # merged and cleaned up
+
+
+class _Interrupted(Exception):
+    pass
+
+
+class _InterruptedAfter(LocalBackend):
+    """The real local backend, stopped (as by Ctrl-C) after `blocks` blocks."""
+
+    def __init__(self, model_dir, blocks: int):
+        super().__init__(model_dir)
+        self.blocks = blocks
+
+    def embed_rows(self, pixels, batch_size):
+        for count, embeddings in enumerate(super().embed_rows(pixels, batch_size)):
+            if count == self.blocks:
+                raise _Interrupted
+            yield embeddings
+
+
+def test_interrupted_job_resumes_from_its_finished_shards(tmp_path, model_dir, dataset,
+                                                          reference):
+    job = config(tmp_path, "resumed.npz", local=model_dir)
+    with pytest.raises(_Interrupted), _InterruptedAfter(model_dir, blocks=6) as backend:
+        extract(job, backend, dataset)  # 6 blocks of 40 rows: shards 0 and 1 (96 rows each)
+    shards = tmp_path / "resumed.npz.shards"
+    assert sorted(p.name for p in shards.glob("shard-*.npz")) == ["shard-00000.npz",
+                                                                  "shard-00001.npz"]
+    assert not job.output.exists()
+    (shards / "shard-00001.npz").write_bytes(b"truncated by a crash")  # fails validation
+
+    with LocalBackend(model_dir) as backend:
+        summary = extract(job, backend, dataset)
+    assert summary.embedded_rows == LIMIT - 96  # shard 0 reused, the broken shard 1 redone
+    assert "96 rows from finished shards" in summary.line()
+    resumed = read_embeddings(job.output)
+    np.testing.assert_array_equal(resumed.embeddings, reference.embeddings)
+    assert not shards.exists()
+
+
+def test_unfinished_job_of_other_arguments_is_refused(tmp_path, model_dir, dataset):
+    with pytest.raises(_Interrupted), _InterruptedAfter(model_dir, blocks=3) as backend:
+        extract(config(tmp_path, "job.npz", local=model_dir), backend, dataset)
+    other = config(tmp_path, "job.npz", local=model_dir, seed=1)
+    with pytest.raises(ExtractionError, match=r"field 'dataset'.*'seed': 1.*'seed': 0"):
+        with LocalBackend(model_dir) as backend:
+            extract(other, backend, load_dataset("digits", seed=1, limit=LIMIT))
+
+
+def test_existing_output_needs_overwrite(tmp_path, model_dir, dataset):
+    job = config(tmp_path, "once.npz", local=model_dir)
+    with LocalBackend(model_dir) as backend:
+        extract(job, backend, dataset)
+        with pytest.raises(ExtractionError, match="already exists; pass --overwrite"):
+            extract(job, backend, dataset)
+
+
+def test_model_for_other_images_is_refused(tmp_path, model_dir):
+    images = np.random.default_rng(0).integers(0, 256, (30, 28, 28), dtype=np.uint8)
+    np.savez(tmp_path / "images.npz", x=images, y=np.arange(30) % 3)
+    job = config(tmp_path, "mismatch.npz", local=model_dir, data="npz",
+                 path=tmp_path / "images.npz")
+    with LocalBackend(model_dir) as backend:
+        with pytest.raises(ExtractionError, match=r"shape \(1, 8, 8\).*up to 16.*\(1, 28, 28\)"):
+            extract(job, backend)
+
+
+def test_config_and_model_folder_errors(tmp_path, model_dir):
+    with pytest.raises(ConfigError, match="exactly one of --server, --local, --ray; got "
+                                          "--server, --local"):
+        EmbedConfig(server="127.0.0.1:1", model="m", local=model_dir)
+    with pytest.raises(ConfigError, match="--server 127.0.0.1:1 needs --model"):
+        EmbedConfig(server="127.0.0.1:1")
+    with pytest.raises(ConfigError, match=r"ending in \.npz or \.parquet; got out\.csv"):
+        EmbedConfig(local=model_dir, output="out.csv")
+    with pytest.raises(BackendError, match="no such folder"):
+        LocalBackend(tmp_path / "absent")
+
+
+def test_tampered_model_is_refused(tmp_path, model_dir):
+    copy = tmp_path / "exported" / DIGITS_MODEL
+    shutil.copytree(model_dir, copy)
+    with open(copy / "1" / "model.onnx", "ab") as model:
+        model.write(b"tampered")
+    with pytest.raises(BackendError, match=r"digits/1: refused: .*sha256 mismatch"):
+        LocalBackend(copy / "1")
+    with pytest.raises(BackendError, match=r"no usable version \(v1: .*sha256 mismatch"):
+        RayBackend(copy, workers=1)  # refused before Ray starts
+
+
+def test_cli_prints_a_summary_with_rows_per_second(tmp_path, model_dir, capsys):
+    output = tmp_path / "cli.parquet"
+    code = main(["embed", "--local", str(model_dir), "--limit", str(LIMIT), "--output",
+                 str(output), "--no-progress"])
+    assert code == 0
+    line = capsys.readouterr().out.strip()
+    assert line.startswith(f"embedded {LIMIT} rows in ") and "rows/s, local onnxruntime" in line
+    assert read_embeddings(output).embeddings.shape == (LIMIT, 8)

@@ -1,0 +1,112 @@
+"""`aet probe` on the session's trained digits encoder: accuracies above floors, the same numbers
+from an `aet embed` output as from the model itself, fine-tuning, the written table and plots."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from clients.backends import LocalBackend
+from clients.extract import EmbedConfig, EmbeddingTable, extract, write_embeddings
+from clients.probe import ProbeConfig, ProbeError, dataset_of, load_inputs, probe, write_results
+from conftest import DIGITS_MODEL
+from training.data import load_dataset
+
+
+@pytest.fixture(scope="module")
+def model_dir(model_repository):
+    return model_repository / DIGITS_MODEL
+
+
+@pytest.fixture(scope="module")
+def probed(tmp_path_factory, model_dir, digits_checkpoint):
+    """The full probe of the digits encoder, fine-tuning included, written to a folder."""
+    folder = tmp_path_factory.mktemp("probe")
+    config = ProbeConfig(model=model_dir, fine_tune=digits_checkpoint.parent,
+                         output=folder / "results")
+    results = probe(*load_inputs(config), config)
+    return results, write_results(results, config.output)
+
+
+def test_accuracies_are_above_floors(probed):
+    results, _ = probed
+    assert results.label_counts == [100, 1000, 1257]
+    accuracy = results.accuracy
+    assert set(accuracy) == {"embedding", "pixels", "PCA-8"}
+    # Digits pixels are a strong baseline: published linear probes reach about 0.96.
+    assert accuracy["pixels"]["logreg"][-1] >= 0.93
+    assert accuracy["pixels"]["mlp"][-1] >= 0.90
+    # An 8-d code from three epochs of pretraining still separates most digits.
+    assert accuracy["embedding"]["logreg"][-1] >= 0.75
+    assert accuracy["embedding"]["mlp"][-1] >= 0.75
+    assert accuracy["PCA-8"]["logreg"][-1] >= 0.80
+    for features in accuracy.values():  # more labels never hurt much, and help from 100
+        for scores in features.values():
+            assert all(0.1 < a <= 1.0 for a in scores)
+            assert scores[-1] >= scores[0] - 0.02
+
+
+def test_fine_tuning_the_encoder_beats_its_frozen_probe(probed):
+    results, _ = probed
+    fine_tuned = results.accuracy["embedding"]["fine-tune"]
+    assert fine_tuned[-1] >= 0.85
+    assert fine_tuned[-1] >= results.accuracy["embedding"]["logreg"][-1]
+
+
+def test_written_table_json_and_plots(probed):
+    results, paths = probed
+    table = paths["markdown"].read_text()
+    assert "| features | classifier | 100 labels | 1,000 labels | all (1,257) |" in table
+    assert f"| embedding | logistic regression | {results.accuracy['embedding']['logreg'][0]:.3f}" \
+        in table
+    assert "linear head, encoder trained too" in table
+    saved = json.loads(paths["json"].read_text())
+    assert saved["accuracy"] == results.accuracy and saved["model"]["name"] == DIGITS_MODEL
+    confusion = np.array(saved["confusion"])
+    assert confusion.shape == (10, 10) and confusion.sum() == 540  # the digits test split
+    assert np.trace(confusion) / confusion.sum() == pytest.approx(
+        results.accuracy["embedding"]["mlp"][-1])
+    for key in ("accuracy_plot", "confusion_plot"):
+        with Image.open(paths[key]) as image:
+            assert image.format == "PNG" and min(image.size) > 300
+
+
+def test_extraction_output_gives_the_same_numbers(tmp_path, model_dir, probed):
+    output = tmp_path / "digits.parquet"
+    with LocalBackend(model_dir) as backend:
+        extract(EmbedConfig(local=model_dir, output=output, progress=False), backend)
+    config = ProbeConfig(embeddings=output, label_counts=[100], output=tmp_path / "probe")
+    results = probe(*load_inputs(config), config)
+    expected = probed[0].accuracy
+    for features in ("embedding", "pixels", "PCA-8"):
+        for classifier in ("logreg", "mlp"):
+            scores = results.accuracy[features][classifier]
+            assert scores == [expected[features][classifier][i] for i in (0, 2)]
+
+
+def test_embeddings_of_other_rows_are_refused(tmp_path):
+    dataset = load_dataset("digits", limit=300)
+    rows = len(dataset.train) + len(dataset.val) + len(dataset.test)
+    table = EmbeddingTable(np.zeros((rows, 4), np.float32), np.arange(rows),
+                           np.zeros(rows, np.int64), np.full(rows, "train"),
+                           {"dataset": {"name": "digits", "path": None, "seed": 0, "limit": 300},
+                            "model": {"name": "m", "version": 1, "embedding_dim": 4}})
+    write_embeddings(tmp_path / "wrong.npz", table)
+    with pytest.raises(ProbeError, match=r"wrong\.npz: its 300 rows do not match data set"):
+        load_inputs(ProbeConfig(embeddings=tmp_path / "wrong.npz"))
+    with pytest.raises(ProbeError, match="wrong.npz"):
+        dataset_of(table, str(tmp_path / "wrong.npz"))
+
+
+def test_unlabelled_data_has_nothing_to_probe(tmp_path, model_dir):
+    images = np.random.default_rng(0).integers(0, 17, (60, 8, 8)).astype(np.float32) / 16
+    np.savez(tmp_path / "unlabelled.npz", x=images)
+    dataset = load_dataset("npz", tmp_path / "unlabelled.npz")
+    config = ProbeConfig(model=model_dir, output=tmp_path / "out")
+    with pytest.raises(ProbeError, match="has no labels"):
+        probe(EmbeddingTable(np.zeros((60, 8), np.float32), np.arange(60),
+                             np.full(60, -1), np.full(60, "train"), {"model": {}}), dataset,
+              config)

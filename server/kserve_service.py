@@ -186,7 +186,7 @@ class _Call:
     started: float  # perf_counter() on arrival
     model: LoadedModel | None = None  # the version serving it, once resolved
     future: BatchFuture | None = None  # its embeddings, once queued
-    queued: float = 0.0  # perf_counter() once queued
+    decoded: float = 0.0  # perf_counter() once decoded and checked
     error: Exception | None = None  # why it failed before reaching the batcher
 
 
@@ -298,6 +298,7 @@ class InferenceService(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
                 call.model = self.registry.lookup(request.model_name, version)
                 inputs = decode_input(request, call.model)
                 check_requested_outputs(request, call.model)
+                call.decoded = time.perf_counter()
                 try:
                     call.future = call.model.batcher.submit(
                         inputs, min(deadlines, default=None), lambda: not context.is_active())
@@ -307,7 +308,6 @@ class InferenceService(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
                     latest = self.registry.lookup(request.model_name)
                     if version is not None or latest is call.model:
                         raise
-            call.queued = time.perf_counter()
         except Exception as exc:
             call.error = exc
         return call
@@ -334,7 +334,7 @@ class InferenceService(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
                                          time.perf_counter() - call.started)
             return None, code, message
         done = time.perf_counter()
-        timing = RequestTiming(decode=call.queued - call.started, queue=call.future.queue_seconds,
+        timing = RequestTiming(decode=call.decoded - call.started, queue=call.future.queue_seconds,
                                run=call.future.run_seconds, encode=done - answered)
         self.metrics.observe_request(call.model.name, call.model.version, API_LABEL,
                                      grpc.StatusCode.OK, done - call.started, timing)

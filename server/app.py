@@ -32,7 +32,7 @@ from aet.config import ConfigError, add_config_arguments, config_from_args
 from aet.errors import UserError
 from aet_proto import embedding_pb2, embedding_pb2_grpc
 from server.embedding_service import EmbeddingService
-from server.models import BatchingOptions, ModelRegistry
+from server.models import BatchingOptions, ModelRegistry, ModelState
 from server.repository import scan_repository
 from server.runtime import DEVICES, RuntimeOptions
 
@@ -136,10 +136,10 @@ class RunningServer:
         for name in self._service_names:
             self.health.set(name, serving if overall else not_serving)
 
-    def stop(self, grace_period: float) -> bool:
+    def stop(self, grace_period: float, reason: str = "stop requested") -> bool:
         """Health NOT_SERVING, refuse new calls, let work finish; True if all of it did."""
         started = time.monotonic()
-        log.info("shutdown_started", extra={"grace_period_s": grace_period})
+        log.info("shutdown_started", extra={"reason": reason, "grace_period_s": grace_period})
         self.health.enter_graceful_shutdown()
         self.server.stop(grace_period).wait()
         remaining = max(0.0, grace_period - (time.monotonic() - started))
@@ -192,19 +192,25 @@ def serve(config: ServeConfig, stop: threading.Event | None = None) -> int:
         "host": config.host, "port": running.port, "providers": registry.providers,
         "repository": str(config.repository), "versions_found": len(versions)})
     stop = stop or threading.Event()
-    previous = {sig: signal.signal(sig, lambda signum, frame: stop.set())
-                for sig in (signal.SIGTERM, signal.SIGINT)}
+    received: list[str] = []
+
+    def on_signal(signum: int, frame) -> None:  # only flag it: logging here could deadlock
+        received.append(signal.Signals(signum).name)
+        stop.set()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         for version in versions:
             if stop.is_set():
                 break
             registry.load(version)
-        ready = [f"{m.name}/{m.version}" for m in registry]
-        log.info("server_ready", extra={"port": running.port, "ready": ready,
-                                        "failed": len(versions) - len(ready)})
+        log.info("server_ready", extra={
+            "port": running.port, "ready": [f"{m.name}/{m.version}" for m in registry],
+            "failed": [f"{s.name}/{s.version}" for s in registry.statuses()
+                       if s.state is ModelState.FAILED]})
         stop.wait()
-        running.stop(config.grace_period)
     finally:
+        running.stop(config.grace_period, reason=", ".join(received) or "stop requested")
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     return 0

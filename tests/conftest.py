@@ -41,16 +41,22 @@ def digits_dataset():
 
 @pytest.fixture(scope="session")
 def digits_checkpoint(tmp_path_factory, digits_dataset) -> Path:
-    """`best.pt` of a small MLP autoencoder (64-32-8) trained 3 epochs on digits, seed 0."""
-    from training.models import ModelConfig, build_autoencoder
-    from training.train import Trainer, TrainingConfig
+    """`best.pt` of a small MLP autoencoder (64-32-8) trained 3 epochs on digits, seed 0.
 
-    torch.manual_seed(0)
-    model_config = ModelConfig(hidden_sizes=(32,), code_size=8)
-    model = build_autoencoder(model_config, digits_dataset.image_shape)
-    run_dir = tmp_path_factory.mktemp("run")
-    trainer = Trainer(model, digits_dataset, TrainingConfig(epochs=3, progress=False, seed=0),
-                      run_dir, run_config={"model": model_config.to_dict(), "data": "digits"})
+    Trained as `aet pretrain --architecture mlp --hidden-sizes 32 --code-size 8 --epochs 3`
+    would, without its evaluation and figures (not needed here, and slow).
+    """
+    from training.models import build_autoencoder
+    from training.pretrain import PretrainConfig
+    from training.train import Trainer
+
+    config = PretrainConfig(architecture="mlp", hidden_sizes=(32,), code_size=8, epochs=3,
+                            progress=False, seed=0, name=DIGITS_MODEL,
+                            runs_dir=tmp_path_factory.mktemp("runs"))
+    torch.manual_seed(config.seed)
+    model = build_autoencoder(config.model_config(), digits_dataset.image_shape)
+    trainer = Trainer(model, digits_dataset, config.training_config(),
+                      config.run_dir, config.to_dict())
     trainer.fit()
     return trainer.best_path
 

@@ -14,6 +14,7 @@ batch, on top of the gRPC deadline; sequence parameters are refused (no stateful
 
 from __future__ import annotations
 
+import contextlib
 import math
 import queue
 import threading
@@ -54,7 +55,6 @@ V2_DTYPES: dict[str, np.dtype] = {
     "FP16": np.dtype("<f2"), "FP32": np.dtype("<f4"), "FP64": np.dtype("<f8"),
 }
 V2_NAMES: dict[np.dtype, str] = {dtype: name for name, dtype in V2_DTYPES.items()}
-CONFIG_TYPES = {"FP32": model_config_pb2.TYPE_FP32, "UINT8": model_config_pb2.TYPE_UINT8}
 # The typed `contents` field each accepted datatype travels in.
 CONTENTS_FIELDS = {"FP32": "fp32_contents", "UINT8": "uint_contents"}
 INDEX_STATES = {ModelState.LOADING: "LOADING", ModelState.READY: "READY",
@@ -79,10 +79,6 @@ def parse_version(text: str, field: str) -> int | None:
     return int(text)
 
 
-def _one_of(names) -> str:
-    return " or ".join(names)
-
-
 def decode_input(request: pb.ModelInferRequest, model: LoadedModel) -> np.ndarray:
     """The request's one input as a checked float32 array (rows, *row shape)."""
     expected_name = model.card.input.name
@@ -95,7 +91,7 @@ def decode_input(request: pb.ModelInferRequest, model: LoadedModel) -> np.ndarra
     field = f"inputs[{tensor.name}]"
     accepted = [V2_NAMES[dtype] for dtype in model.request_spec.accepted_dtypes]
     if tensor.datatype not in accepted:
-        raise InvalidArgument(f"{field}.datatype: expected {_one_of(accepted)}, "
+        raise InvalidArgument(f"{field}.datatype: expected {' or '.join(accepted)}, "
                               f"got {tensor.datatype!r}")
     dtype = V2_DTYPES[tensor.datatype]
     if request.raw_input_contents:
@@ -267,14 +263,19 @@ class InferenceService(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         reader = threading.Thread(target=self._read_stream, args=(request_iterator, context, calls),
                                   name="kserve-stream-reader", daemon=True)
         reader.start()
-        while (call := calls.get()) is not None:
-            response, _, message = self._finish(call)
-            if response is None:
-                response = pb.ModelInferResponse(id=call.request.id,
-                                                 model_name=call.request.model_name,
-                                                 model_version=call.request.model_version)
-            yield pb.ModelStreamInferResponse(error_message=message, infer_response=response)
-        reader.join()
+        try:
+            while (call := calls.get()) is not None:
+                response, _, message = self._finish(call)
+                if response is None:
+                    response = pb.ModelInferResponse(id=call.request.id,
+                                                     model_name=call.request.model_name,
+                                                     model_version=call.request.model_version)
+                yield pb.ModelStreamInferResponse(error_message=message, infer_response=response)
+        finally:
+            # If the client left mid-stream, the reader may be blocked on a full queue.
+            while reader.is_alive():
+                with contextlib.suppress(queue.Empty):
+                    calls.get(timeout=0.1)
 
     def _read_stream(self, request_iterator, context, calls: queue.Queue) -> None:
         """Start each streamed request as it arrives; None marks the end of the stream."""

@@ -185,16 +185,19 @@ class ServingMetrics:
                                 ["model", "version"], states=list(MODEL_STATES), registry=r)
         self._lock = threading.Lock()
         self._versions: dict[tuple[str, str], VersionStatistics] = {}
+        self._request_series: dict[tuple, tuple[Counter, Histogram]] = {}
         self._queue_depths: dict[tuple[str, str], Callable[[], int]] = {}
         r.register(_QueueDepthCollector(self._queue_depths, self._lock))
 
     def version(self, model: str, version: int | str) -> VersionStatistics:
         """The statistics of one model version, created on first use."""
         key = (model, str(version))
-        with self._lock:
-            if key not in self._versions:
-                self._versions[key] = VersionStatistics(self, *key)
-            return self._versions[key]
+        found = self._versions.get(key)  # the hot path: no lock once created
+        if found is None:
+            with self._lock:
+                found = self._versions.get(key) or VersionStatistics(self, *key)
+                self._versions[key] = found
+        return found
 
     def observe_request(self, model: str, version: int | str, api: str,
                         code: grpc.StatusCode, seconds: float,
@@ -202,8 +205,14 @@ class ServingMetrics:
         """One answered request; `timing` for successful ones. Use `UNKNOWN_MODEL` and
         version "" when the request named no servable model or version."""
         version = str(version)
-        self.requests.labels(model, version, api, outcome_of(code)).inc()
-        self.request_seconds.labels(model, version, api).observe(seconds)
+        key = (model, version, api, code)
+        series = self._request_series.get(key)
+        if series is None:  # labels() takes a lock and builds a key: do it once per series
+            series = (self.requests.labels(model, version, api, outcome_of(code)),
+                      self.request_seconds.labels(model, version, api))
+            self._request_series[key] = series
+        series[0].inc()
+        series[1].observe(seconds)
         if model != UNKNOWN_MODEL and version:
             self.version(model, version).observe_request(
                 seconds, timing if code == grpc.StatusCode.OK else None)

@@ -345,12 +345,13 @@ class InferenceService(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
 
     def ModelStatistics(self, request, context) -> pb.ModelStatisticsResponse:
         """Cumulative statistics of READY versions (of one model and version, if named)."""
+        version = None
         try:
-            if request.name:
-                self._lookup(request.name, request.version)
+            if request.name:  # a version without a model name is ignored, as in Triton
+                version = parse_version(request.version, "version")
+                self.registry.lookup(request.name, version)
         except Exception as exc:
             abort(context, exc)
-        version = parse_version(request.version, "version") if request.name else None
         chosen = [model for model in self.registry
                   if request.name in ("", model.name) and version in (None, model.version)]
         return pb.ModelStatisticsResponse(model_stats=[

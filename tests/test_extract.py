@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -156,7 +157,7 @@ def test_config_and_model_folder_errors(tmp_path, model_dir):
     with pytest.raises(ConfigError, match="--server 127.0.0.1:1 needs --model"):
         EmbedConfig(server="127.0.0.1:1")
     with pytest.raises(ConfigError, match=r"ending in \.npz or \.parquet; got out\.csv"):
-        EmbedConfig(local=model_dir, output="out.csv")
+        EmbedConfig(local=model_dir, output=Path("out.csv"))
     with pytest.raises(BackendError, match="no such folder"):
         LocalBackend(tmp_path / "absent")
 

@@ -86,9 +86,8 @@ def encoder_graph(encoder: Encoder, seed: int = 0) -> bytes:
     weights = [numpy_helper.from_array(np.array(encoder.raw_max, np.float32), "raw_max")]
     layers = list(zip(encoder.sizes[:-1], encoder.sizes[1:]))
     for i, (fan_in, fan_out) in enumerate(layers):
-        weights += [numpy_helper.from_array(
-                        (rng.standard_normal((fan_in, fan_out)) / np.sqrt(fan_in)).astype(np.float32),
-                        f"w{i}"),
+        weight = rng.standard_normal((fan_in, fan_out)) / np.sqrt(fan_in)
+        weights += [numpy_helper.from_array(weight.astype(np.float32), f"w{i}"),
                     numpy_helper.from_array(np.zeros(fan_out, np.float32), f"b{i}")]
         last = i == len(layers) - 1
         nodes.append(helper.make_node("Gemm", [f"h{i}", f"w{i}", f"b{i}"],
@@ -97,8 +96,10 @@ def encoder_graph(encoder: Encoder, seed: int = 0) -> bytes:
             nodes.append(helper.make_node("Relu", [f"z{i}"], [f"h{i + 1}"]))
     graph = helper.make_graph(
         nodes, encoder.name,
-        [helper.make_tensor_value_info("pixels", TensorProto.FLOAT, ["batch", *encoder.image_shape])],
-        [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["batch", encoder.sizes[-1]])],
+        [helper.make_tensor_value_info("pixels", TensorProto.FLOAT,
+                                       ["batch", *encoder.image_shape])],
+        [helper.make_tensor_value_info("embedding", TensorProto.FLOAT,
+                                       ["batch", encoder.sizes[-1]])],
         weights)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
     onnx.checker.check_model(model)

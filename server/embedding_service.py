@@ -1,22 +1,26 @@
 """`aet.v1.EmbeddingService`: embeddings from the models of a `ModelRegistry`.
 
 The hot path per request: look the model up, decode and check the tensor against the version's
-prepared `RequestSpec`, submit to its batcher, wait, post-process (L2 / float16), encode. No
-logging, and no card parsing, on that path; every error becomes its gRPC status via
-`server.errors`.
+prepared `RequestSpec`, submit to its batcher (`_submit`); wait, post-process (L2 / float16),
+encode (`_respond`). No logging, and no card parsing, on that path; every error becomes its
+gRPC status via `server.errors`. A stream submits its next requests while earlier ones run.
 """
 
 from __future__ import annotations
 
 import json
+import queue
+import threading
 import time
 from collections.abc import Iterator
+from typing import NamedTuple
 
 import grpc
 import numpy as np
 
 from aet_proto import embedding_pb2, embedding_pb2_grpc
 from aet_proto.codec import WIRE_DTYPES, decode_tensor, encode_tensor
+from server.batcher import BatchFuture
 from server.errors import abort, grpc_status
 from server.models import LoadedModel, ModelRegistry, ModelState, VersionStatus
 from server.validation import FLOAT32, validate_inputs
@@ -24,8 +28,23 @@ from server.validation import FLOAT32, validate_inputs
 _TINY = np.finfo(np.float32).tiny
 
 
+STREAM_READ_AHEAD = 4  # requests of one stream decoded and queued ahead of its responses
+
+
+class _Submitted(NamedTuple):
+    """A request handed to its model's batcher."""
+
+    request: embedding_pb2.EmbedRequest
+    model: LoadedModel
+    future: BatchFuture
+    decode_seconds: float
+
+
+_END_OF_STREAM = object()
+
+
 class EmbeddingService(embedding_pb2_grpc.EmbeddingServiceServicer):
-    """The servicer; register it with `embedding_pb2_grpc.add_EmbeddingServiceServicer_to_server`."""
+    """The servicer (`build_server` registers it) over the models of `registry`."""
 
     def __init__(self, registry: ModelRegistry) -> None:
         self.registry = registry
@@ -33,19 +52,44 @@ class EmbeddingService(embedding_pb2_grpc.EmbeddingServiceServicer):
     def Embed(self, request: embedding_pb2.EmbedRequest,
               context: grpc.ServicerContext) -> embedding_pb2.EmbedResponse:
         try:
-            return self._embed(request, context)
+            return self._respond(self._submit(request, context))
         except Exception as exc:
             abort(context, exc)
 
     def EmbedStream(self, request_iterator: Iterator[embedding_pb2.EmbedRequest],
                     context: grpc.ServicerContext) -> Iterator[embedding_pb2.EmbedResponse]:
-        for request in request_iterator:
+        """Answers in request order. A reader thread decodes and submits up to
+        `STREAM_READ_AHEAD` requests ahead, so the model does not sit idle while the next
+        request of the stream is received and decoded."""
+        ahead: queue.Queue = queue.Queue(STREAM_READ_AHEAD)
+        threading.Thread(target=self._read_ahead, args=(request_iterator, context, ahead),
+                         name="embed-stream-reader", daemon=True).start()
+        while (item := ahead.get()) is not _END_OF_STREAM:
+            request, submitted = item
             try:
-                response = self._embed(request, context)
+                if isinstance(submitted, Exception):
+                    raise submitted
+                response = self._respond(submitted)
             except Exception as exc:
                 code, message = grpc_status(exc)
                 context.abort(code, f"request_id {request.request_id!r}: {message}")
             yield response
+
+    def _read_ahead(self, request_iterator: Iterator[embedding_pb2.EmbedRequest],
+                    context: grpc.ServicerContext, ahead: queue.Queue) -> None:
+        """Submit the stream's requests in order; a failed one is passed on and ends reading."""
+        try:
+            for request in request_iterator:
+                try:
+                    item = (request, self._submit(request, context))
+                except Exception as exc:
+                    item = (request, exc)
+                if not _put_while_active(ahead, item, context) or isinstance(item[1], Exception):
+                    return
+        except grpc.RpcError:
+            return  # the client cancelled or the call ended: nobody to answer
+        finally:
+            _put_while_active(ahead, _END_OF_STREAM, context)
 
     def ListModels(self, request: embedding_pb2.ListModelsRequest,
                    context: grpc.ServicerContext) -> embedding_pb2.ListModelsResponse:
@@ -66,8 +110,9 @@ class EmbeddingService(embedding_pb2_grpc.EmbeddingServiceServicer):
             abort(context, exc)
         return describe(model, self.registry.statuses(model.name))
 
-    def _embed(self, request: embedding_pb2.EmbedRequest,
-               context: grpc.ServicerContext) -> embedding_pb2.EmbedResponse:
+    def _submit(self, request: embedding_pb2.EmbedRequest,
+                context: grpc.ServicerContext) -> _Submitted:
+        """Find the model, decode and check the inputs, queue them: nothing waits here."""
         started = time.perf_counter()
         model = self.registry.lookup(request.model, request.version or None)
         inputs = validate_inputs(decode_tensor(request.inputs, "inputs"), model.request_spec)
@@ -76,6 +121,12 @@ class EmbeddingService(embedding_pb2_grpc.EmbeddingServiceServicer):
         future = model.batcher.submit(
             inputs, None if remaining is None else time.monotonic() + remaining,
             lambda: not context.is_active())
+        return _Submitted(request, model, future, decoded - started)
+
+    @staticmethod
+    def _respond(submitted: _Submitted) -> embedding_pb2.EmbedResponse:
+        """Wait for the embeddings, apply the request's options, encode the response."""
+        request, model, future, decode_seconds = submitted
         embeddings = future.result()
         answered = time.perf_counter()
         tensor = encode_tensor(_postprocess(embeddings, request.options))
@@ -83,8 +134,19 @@ class EmbeddingService(embedding_pb2_grpc.EmbeddingServiceServicer):
         return embedding_pb2.EmbedResponse(
             request_id=request.request_id, model=model.name, version=model.version,
             embeddings=tensor, timing=embedding_pb2.ServerTiming(
-                decode_us=(decoded - started) * 1e6, queue_us=future.queue_seconds * 1e6,
+                decode_us=decode_seconds * 1e6, queue_us=future.queue_seconds * 1e6,
                 run_us=future.run_seconds * 1e6, encode_us=(encoded - answered) * 1e6))
+
+
+def _put_while_active(ahead: queue.Queue, item: object, context: grpc.ServicerContext) -> bool:
+    """Put `item` once there is room; False if the call ended first (nobody reads any more)."""
+    while True:
+        try:
+            ahead.put(item, timeout=0.1)
+            return True
+        except queue.Full:
+            if not context.is_active():
+                return False
 
 
 def _postprocess(embeddings: np.ndarray, options: embedding_pb2.EmbedOptions) -> np.ndarray:

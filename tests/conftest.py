@@ -19,7 +19,7 @@ import grpc
 import pytest
 import torch
 
-from aet_proto import embedding_pb2_grpc
+from aet_proto.embedding_pb2_grpc import EmbeddingServiceStub as EmbeddingStub
 from server.app import RunningServer, ServeConfig, build_server
 from server.models import ModelRegistry
 
@@ -111,17 +111,17 @@ def start_server() -> Iterator[Callable[..., RunningServer]]:
 
 
 @pytest.fixture
-def embedding_stub() -> Iterator[Callable[[RunningServer], embedding_pb2_grpc.EmbeddingServiceStub]]:
+def embedding_stub() -> Iterator[Callable[[RunningServer], EmbeddingStub]]:
     """`embedding_stub(server)`: a stub on a channel that is closed when the test ends."""
     channels: list[grpc.Channel] = []
 
-    def stub(running: RunningServer) -> embedding_pb2_grpc.EmbeddingServiceStub:
+    def stub(running: RunningServer) -> EmbeddingStub:
         limit = TEST_MESSAGE_MB << 20
         channels.append(grpc.insecure_channel(
             f"127.0.0.1:{running.port}",
             options=[("grpc.max_send_message_length", limit),
                      ("grpc.max_receive_message_length", limit)]))
-        return embedding_pb2_grpc.EmbeddingServiceStub(channels[-1])
+        return EmbeddingStub(channels[-1])
 
     yield stub
     for channel in channels:

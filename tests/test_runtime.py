@@ -58,7 +58,8 @@ def write_encoder(path: Path, weights: np.ndarray, input_name: str = "pixels",
          helper.make_node("MatMul", ["flat", "weights"], [output_name])],
         "tiny_encoder",
         [helper.make_tensor_value_info(input_name, TensorProto.FLOAT, ["batch", *ROW_SHAPE])],
-        [helper.make_tensor_value_info(output_name, TensorProto.FLOAT, ["batch", weights.shape[1]])],
+        [helper.make_tensor_value_info(output_name, TensorProto.FLOAT,
+                                       ["batch", weights.shape[1]])],
         [numpy_helper.from_array(np.array(16, np.float32), "raw_max"),
          numpy_helper.from_array(weights, "weights")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
@@ -83,7 +84,8 @@ def test_encoder_session_matches_the_graph_on_cpu(tmp_path, weights):
 
 
 @pytest.mark.parametrize("names, row_shape, message", [
-    (("image", "embedding"), ROW_SHAPE, r"input: expected 'image' \(model card\), got \['pixels'\]"),
+    (("image", "embedding"), ROW_SHAPE,
+     r"input: expected 'image' \(model card\), got \['pixels'\]"),
     (("pixels", "code"), ROW_SHAPE, r"output: expected 'code' \(model card\), got \['embedding'\]"),
     (("pixels", "embedding"), (1, 8, 8),
      r"input shape: expected \[batch, 1, 8, 8\] \(model card\), got \['batch', 1, 4, 4\]"),

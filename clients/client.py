@@ -309,6 +309,12 @@ class EmbeddingClient:
                     if chunk.last:
                         yield parts[0].copy() if len(parts) == 1 else np.concatenate(parts)
                         parts = []
+                with lock:
+                    unsent = next(chunks, None) is not None
+                if unanswered or unsent:
+                    raise EmbeddingError(grpc.StatusCode.INTERNAL, f"the server ended the stream "
+                                         f"with {len(unanswered)} requests unanswered"
+                                         f"{' and more unsent' if unsent else ''}", "EmbedStream")
                 return
             except grpc.RpcError as exc:
                 with lock:

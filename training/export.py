@@ -199,7 +199,11 @@ def export(config: ExportConfig) -> Path:
     Nothing is written unless the graph passes `onnx.checker` and the parity check.
     Returns the new version folder.
     """
-    checkpoint = load_checkpoint(config.checkpoint_path)
+    try:
+        checkpoint = load_checkpoint(config.checkpoint_path)
+    except OSError as exc:  # torch.load raises a bare OSError for some truncated zip files
+        raise CheckpointError(f"checkpoint {config.checkpoint_path}: not a readable checkpoint "
+                              f"({exc})") from exc
     try:
         autoencoder = checkpoint.build_model()
     except RuntimeError as exc:  # weights that do not fit the stored model configuration

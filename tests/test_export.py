@@ -1,0 +1,195 @@
+"""`aet export`: ONNX graph, parity with PyTorch, model card, failures that write nothing."""
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime
+import pytest
+import torch
+
+from aet.cli import main
+from aet.config import ConfigError
+from server.repository import ModelCard, read_model_card, scan_repository, sha256_file
+from training import export as export_module
+from training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from training.export import (
+    PARITY_ROWS, ExportConfig, ExportError, PixelEncoder, export, max_parity_diff, to_onnx)
+from training.models import ModelConfig, build_autoencoder
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CODE_SIZE = 4
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    """A real `aet pretrain` run: a tiny MLP autoencoder trained two epochs on digits."""
+    torch.set_num_threads(1)
+    runs = tmp_path_factory.mktemp("runs")
+    status = main(["pretrain", "--runs-dir", str(runs), "--name", "tiny", "--architecture", "mlp",
+                   "--hidden-sizes", "16", "--code-size", str(CODE_SIZE), "--noise", "none",
+                   "--epochs", "2", "--no-progress", "--probe-labels", "100"])
+    assert status == 0
+    return runs / "tiny"
+
+
+@pytest.fixture(scope="module")
+def exported(run_dir, tmp_path_factory) -> Path:
+    repository = tmp_path_factory.mktemp("exported")
+    return export(ExportConfig(run=run_dir, repository=repository))
+
+
+def digits_pixels(rows: int) -> np.ndarray:
+    from sklearn.datasets import load_digits
+    return load_digits().images[:rows, None].astype(np.float32)  # (rows, 1, 8, 8) in [0, 16]
+
+
+def test_export_writes_version_one_with_a_complete_card(exported, run_dir):
+    assert exported.name == "1" and exported.parent.name == "tiny"
+    card = read_model_card(exported / "model.json")
+    assert card.sha256 == sha256_file(exported / "model.onnx")
+    checkpoint = load_checkpoint(run_dir / "best.pt")
+    evaluation = checkpoint.metrics["evaluation"]
+    assert (card.name, card.version, card.architecture) == ("tiny", 1, "mlp")
+    assert card.hyperparameters == checkpoint.model_config.to_dict()
+    assert (card.input.name, card.input.shape, card.input.dtype) == ("pixels", (1, 8, 8), "float32")
+    assert card.input.value_range == (0.0, 16.0)
+    assert (card.output.name, card.output.dtype, card.output.embedding_dim) == (
+        "embedding", "float32", CODE_SIZE)
+    assert card.preprocessing == ["scale: pixels / 16 -> [0, 1]", "flatten: (1, 8, 8) -> 64"]
+    assert card.dataset == checkpoint.source and card.dataset["sizes"]["test"] == 540
+    assert card.metrics == {
+        "test_reconstruction_mse": evaluation["reconstruction_mse"]["model"],
+        "test_pca_reconstruction_mse": evaluation["reconstruction_mse"]["pca"],
+        "probe_accuracy_100_labels": evaluation["probe"]["model"][0],
+        "probe_accuracy_1257_labels": evaluation["probe"]["model"][1]}
+    assert card.opset == 20
+    assert 0 <= card.parity_max_abs_diff <= 1e-4 and card.parity_samples == PARITY_ROWS
+    assert set(card.library_versions) == {"torch", "onnx", "onnxscript", "onnxruntime", "numpy"}
+    assert card.library_versions["torch"] == torch.__version__.split("+")[0]
+    json_fields = json.loads((exported / "model.json").read_text())
+    assert set(json_fields) == {f.name for f in dataclasses.fields(ModelCard)}
+    assert [(v.name, v.version, v.status) for v in scan_repository(exported.parents[1])] == [
+        ("tiny", 1, "ok")]
+
+
+def test_graph_is_small_with_a_dynamic_batch_and_matches_pytorch(exported, run_dir):
+    graph = onnx.load(exported / "model.onnx")
+    onnx.checker.check_model(graph, full_check=True)
+    assert [n.op_type for n in graph.graph.node] == ["Div", "Reshape", "Gemm", "Relu", "Gemm"]
+    (pixels_input,), (embedding_output,) = graph.graph.input, graph.graph.output
+    assert pixels_input.name == "pixels" and embedding_output.name == "embedding"
+    dims = pixels_input.type.tensor_type.shape.dim
+    assert dims[0].dim_param and [d.dim_value for d in dims[1:]] == [1, 8, 8]
+    assert b"/work/" not in (exported / "model.onnx").read_bytes()  # no local paths leak
+
+    model = load_checkpoint(run_dir / "best.pt").build_model()
+    session = onnxruntime.InferenceSession(str(exported / "model.onnx"),
+                                           providers=["CPUExecutionProvider"])
+    pixels = digits_pixels(41)
+    with torch.no_grad():  # the graph's input is raw pixels: the model's is pixels / 16
+        expected = model.encode(torch.from_numpy(pixels / 16.0)).numpy()
+    for batch in (1, 5, 35):
+        (got,) = session.run(["embedding"], {"pixels": pixels[:batch]})
+        assert got.shape == (batch, CODE_SIZE) and got.dtype == np.float32
+        np.testing.assert_allclose(got, expected[:batch], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("architecture, hidden_sizes", [("vae", (16,)), ("conv", (4, 8))])
+def test_vae_and_conv_encoders_export_with_parity(architecture, hidden_sizes):
+    torch.manual_seed(0)
+    model = build_autoencoder(ModelConfig(architecture=architecture, hidden_sizes=hidden_sizes,
+                                          code_size=3), (1, 8, 8)).eval()
+    encoder = PixelEncoder(model, 16.0).eval()
+    pixels = digits_pixels(64)
+    graph = to_onnx(encoder, torch.from_numpy(pixels[:2]), opset=20)
+    assert max_parity_diff(graph.SerializeToString(), encoder, pixels) <= 1e-4
+    if architecture == "vae":  # the embedding is the posterior mean, not a sample
+        session = onnxruntime.InferenceSession(graph.SerializeToString(),
+                                               providers=["CPUExecutionProvider"])
+        with torch.no_grad():
+            mu, _ = model.posterior(torch.from_numpy(pixels / 16.0))
+        np.testing.assert_allclose(session.run(None, {"pixels": pixels})[0], mu.numpy(), atol=1e-5)
+
+
+def test_parity_failure_reports_the_diff_and_writes_nothing(run_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(export_module, "PARITY_TOLERANCE", 0.0)  # any rounding now fails
+    with pytest.raises(ExportError, match=r"parity check failed: .* over 1000 inputs: "
+                                          r"expected <= 0, got \d.*e-0\d; nothing written"):
+        export(ExportConfig(run=run_dir, repository=tmp_path / "exported"))
+    assert not (tmp_path / "exported").exists()
+
+
+def test_diverged_weights_fail_and_write_nothing(run_dir, tmp_path):
+    checkpoint = load_checkpoint(run_dir / "best.pt")
+    checkpoint.model_state = {k: torch.full_like(v, float("nan")) for k, v in checkpoint.model_state.items()}
+    save_checkpoint(tmp_path / "nan.pt", checkpoint)
+    with pytest.raises(ExportError, match="NaN or Inf for 1000 of 1000 inputs"):
+        export(ExportConfig(checkpoint=tmp_path / "nan.pt", model_name="nan",
+                            repository=tmp_path / "exported"))
+    assert not (tmp_path / "exported").exists()
+
+
+@pytest.mark.parametrize("content", [None, b"", b"not a checkpoint at all"])
+def test_missing_or_corrupt_checkpoint_fails_cleanly(tmp_path, content):
+    path = tmp_path / "best.pt"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(CheckpointError, match=f"checkpoint {path}"):
+        export(ExportConfig(checkpoint=path, model_name="digits", repository=tmp_path / "exported"))
+    assert not (tmp_path / "exported").exists()
+
+
+def test_truncated_checkpoint_fails_cleanly(run_dir, tmp_path):
+    data = (run_dir / "best.pt").read_bytes()
+    (tmp_path / "best.pt").write_bytes(data[:len(data) // 2])
+    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
+        export(ExportConfig(checkpoint=tmp_path / "best.pt", model_name="digits",
+                            repository=tmp_path / "exported"))
+    assert not (tmp_path / "exported").exists()
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({}, "give exactly one of --run or --checkpoint"),
+    ({"run": Path("r"), "checkpoint": Path("c")}, "give exactly one of --run or --checkpoint"),
+    ({"checkpoint": Path("c")}, "model_name: required with --checkpoint"),
+    ({"run": Path("r"), "model_name": "../up"}, "model_name: expected .*; got '../up'"),
+    ({"run": Path("r"), "opset": 17}, "opset: expected >= 18"),
+])
+def test_invalid_config_is_rejected(fields, message):
+    with pytest.raises(ConfigError, match=message):
+        ExportConfig(**fields)
+
+
+def run_aet_export(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), str(REPO_ROOT / "proto")])}
+    return subprocess.run([sys.executable, "-m", "training", "export", *args], env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_aet_export_subprocess_adds_version_two_with_identical_bytes(exported, run_dir):
+    repository = exported.parents[1]
+    first = (exported / "model.onnx").read_bytes()
+    result = run_aet_export("--run", str(run_dir), "--repository", str(repository))
+    assert result.returncode == 0, result.stderr
+    assert f"-> {repository / 'tiny' / '2'}" in result.stdout
+    assert "over 1000 inputs" in result.stdout
+    assert (exported / "model.onnx").read_bytes() == first  # version 1 untouched
+    assert (repository / "tiny" / "2" / "model.onnx").read_bytes() == first  # reproducible
+    assert [(v.version, v.status) for v in scan_repository(repository)] == [(1, "ok"), (2, "ok")]
+
+
+def test_aet_export_subprocess_reports_a_corrupt_checkpoint(tmp_path):
+    (tmp_path / "best.pt").write_bytes(b"\x00" * 64)
+    result = run_aet_export("--checkpoint", str(tmp_path / "best.pt"), "--model-name", "digits",
+                            "--repository", str(tmp_path / "exported"))
+    assert result.returncode == 2
+    assert f"aet export: error: checkpoint {tmp_path / 'best.pt'}: not a readable checkpoint" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "exported").exists()

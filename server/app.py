@@ -3,10 +3,11 @@
 `build_server` assembles one `grpc.Server` from a `ServeConfig` and a `ModelRegistry`:
 `aet.v1.EmbeddingService`, `grpc.health.v1.Health` (overall "" and one entry per model name,
 following model state), server reflection, and any further services, interceptors and
-credentials the caller passes (e.g. the KServe v2 API, authentication, TLS). `serve` runs it
-until SIGTERM or SIGINT, then shuts down gracefully: health turns NOT_SERVING, new calls are
-refused, calls in flight and queued requests get `grace_period` seconds to finish, exit 0.
-Every lifecycle event is one JSON log line on stderr.
+credentials the caller passes. `serve` (the `aet serve` command) adds the KServe v2 API, the
+repository reloader, Prometheus metrics, bearer tokens and TLS as configured, and runs until
+SIGTERM or SIGINT, then shuts down gracefully: health turns NOT_SERVING, new calls are refused,
+calls in flight and queued requests get `grace_period` seconds to finish, exit 0. Every
+lifecycle event is one JSON log line on stderr.
 """
 
 from __future__ import annotations
@@ -31,8 +32,13 @@ from grpc_reflection.v1alpha import reflection
 from aet.config import ConfigError, add_config_arguments, config_from_args
 from aet.errors import UserError
 from aet_proto import embedding_pb2, embedding_pb2_grpc
+from server.auth import BearerTokenInterceptor, read_tokens, tls_server_credentials
 from server.embedding_service import EmbeddingService
+from server.kserve_service import SERVICE_NAME as KSERVE_SERVICE
+from server.kserve_service import InferenceService
+from server.metrics import ServingMetrics
 from server.models import BatchingOptions, ModelRegistry, ModelState
+from server.reload import RepositoryReloader
 from server.repository import scan_repository
 from server.runtime import DEVICES, RuntimeOptions
 
@@ -75,6 +81,22 @@ class ServeConfig:
         "help": "gRPC handler threads: the most calls served at once"})
     grace_period: float = field(default=10.0, metadata={
         "help": "seconds in-flight and queued requests get to finish on SIGTERM/SIGINT"})
+    poll_repository: float = field(default=0.0, metadata={
+        "help": "seconds between repository scans that load new versions and unload removed "
+                "ones (0: load once at start)"})
+    metrics_port: int | None = field(default=None, metadata={
+        "help": "serve Prometheus /metrics over HTTP on this port of --host (0: any free "
+                "port, logged; unset: no endpoint)"})
+    token_file: Path | None = field(default=None, metadata={
+        "help": "file of accepted bearer tokens, one per line: calls without one get "
+                "UNAUTHENTICATED (health stays open)"})
+    token_env: str | None = field(default=None, metadata={
+        "help": "environment variable holding one more accepted bearer token"})
+    tls_cert: Path | None = field(default=None, metadata={
+        "help": "PEM certificate chain: serve TLS (needs --tls-key)"})
+    tls_key: Path | None = field(default=None, metadata={"help": "PEM private key for --tls-cert"})
+    tls_client_ca: Path | None = field(default=None, metadata={
+        "help": "PEM CA that client certificates must be signed by (mutual TLS)"})
 
     def __post_init__(self) -> None:
         if not self.host:
@@ -88,9 +110,17 @@ class ServeConfig:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: expected at least 1, got {getattr(self, name)}")
         for name in ("intra_op_threads", "inter_op_threads", "max_queue_delay_ms",
-                     "grace_period"):
+                     "grace_period", "poll_repository"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}: expected 0 or more, got {getattr(self, name)}")
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            raise ConfigError(f"metrics_port: expected 0..65535, got {self.metrics_port}")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ConfigError(f"tls_cert, tls_key: expected both (TLS) or neither, got "
+                              f"tls_cert={self.tls_cert} and tls_key={self.tls_key}")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ConfigError(f"tls_client_ca: needs --tls-cert and --tls-key, got only "
+                              f"tls_client_ca={self.tls_client_ca}")
 
     @property
     def runtime(self) -> RuntimeOptions:
@@ -152,11 +182,13 @@ class RunningServer:
 def build_server(config: ServeConfig, registry: ModelRegistry,
                  services: Sequence[ServiceBinding] = (),
                  interceptors: Sequence[grpc.ServerInterceptor] = (),
-                 credentials: grpc.ServerCredentials | None = None) -> RunningServer:
+                 credentials: grpc.ServerCredentials | None = None,
+                 metrics: ServingMetrics | None = None) -> RunningServer:
     """Bind and start a server with the embedding, health and reflection services plus `services`.
 
-    `interceptors` wrap every call (e.g. authentication); `credentials` switch the port to TLS.
-    Raises `UserError` if the address cannot be bound.
+    `interceptors` wrap every call (e.g. authentication); `credentials` switch the port to TLS;
+    `metrics` counts the embedding service's requests. Raises `UserError` if the address cannot
+    be bound.
     """
     message_bytes = config.max_message_mb * MIB
     server = grpc.server(
@@ -165,7 +197,8 @@ def build_server(config: ServeConfig, registry: ModelRegistry,
         options=[("grpc.max_receive_message_length", message_bytes),
                  ("grpc.max_send_message_length", message_bytes),
                  ("grpc.so_reuseport", 0)])  # a taken port must fail, not be shared
-    embedding_pb2_grpc.add_EmbeddingServiceServicer_to_server(EmbeddingService(registry), server)
+    embedding_pb2_grpc.add_EmbeddingServiceServicer_to_server(
+        EmbeddingService(registry, metrics), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for service in services:
@@ -184,13 +217,30 @@ def build_server(config: ServeConfig, registry: ModelRegistry,
 
 
 def serve(config: ServeConfig, stop: threading.Event | None = None) -> int:
-    """Serve `config.repository` until `stop` is set or SIGTERM/SIGINT arrives; exit code."""
-    versions = scan_repository(config.repository)  # a missing repository fails before binding
+    """Serve `config.repository` until `stop` is set or SIGTERM/SIGINT arrives; exit code.
+
+    Both APIs (aet.v1 and KServe v2) over one registry, Prometheus metrics when
+    `metrics_port` is set, bearer tokens and TLS when configured, repository polling when
+    `poll_repository` is set.
+    """
+    scan_repository(config.repository)  # a missing repository fails before anything binds
     registry = ModelRegistry(config.runtime, config.batching)
-    running = build_server(config, registry)
+    metrics = ServingMetrics(config.max_batch_size)
+    metrics.watch_registry(registry)
+    reloader = RepositoryReloader(registry, config.repository)
+    kserve = InferenceService(registry, reloader, metrics)
+    interceptors = ([BearerTokenInterceptor(read_tokens(config.token_file, config.token_env))]
+                    if config.token_file is not None or config.token_env is not None else [])
+    credentials = (None if config.tls_cert is None else
+                   tls_server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca))
+    services = [ServiceBinding(KSERVE_SERVICE, kserve.add_to_server)]
+    running = build_server(config, registry, services, interceptors, credentials, metrics)
+    endpoint = (None if config.metrics_port is None
+                else metrics.serve_http(config.metrics_port, config.host))
     log.info("server_started", extra={
         "host": config.host, "port": running.port, "providers": registry.providers,
-        "repository": str(config.repository), "versions_found": len(versions)})
+        "repository": str(config.repository), "tls": credentials is not None,
+        "auth": bool(interceptors), "metrics_port": None if endpoint is None else endpoint.port})
     stop = stop or threading.Event()
     received: list[str] = []
 
@@ -200,17 +250,19 @@ def serve(config: ServeConfig, stop: threading.Event | None = None) -> int:
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        for version in versions:
-            if stop.is_set():
-                break
-            registry.load(version)
+        reloader.sync()
+        if config.poll_repository:
+            reloader.start_polling(config.poll_repository)
         log.info("server_ready", extra={
             "port": running.port, "ready": [f"{m.name}/{m.version}" for m in registry],
             "failed": [f"{s.name}/{s.version}" for s in registry.statuses()
                        if s.state is ModelState.FAILED]})
         stop.wait()
     finally:
+        reloader.stop_polling()
         running.stop(config.grace_period, reason=", ".join(received) or "stop requested")
+        if endpoint is not None:
+            endpoint.close()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     return 0

@@ -22,6 +22,7 @@ from aet_proto import embedding_pb2, embedding_pb2_grpc
 from aet_proto.codec import WIRE_DTYPES, decode_tensor, encode_tensor
 from server.batcher import BatchFuture
 from server.errors import abort, grpc_status
+from server.metrics import UNKNOWN_MODEL, RequestTiming, ServingMetrics
 from server.models import LoadedModel, ModelRegistry, ModelState, VersionStatus
 from server.validation import FLOAT32, validate_inputs
 
@@ -29,6 +30,7 @@ _TINY = np.finfo(np.float32).tiny
 
 
 STREAM_READ_AHEAD = 4  # requests of one stream decoded and queued ahead of its responses
+API_LABEL = "embed"  # the `api` of this service's requests in the metrics
 
 
 class _Submitted(NamedTuple):
@@ -46,15 +48,23 @@ _END_OF_STREAM = object()
 class EmbeddingService(embedding_pb2_grpc.EmbeddingServiceServicer):
     """The servicer (`build_server` registers it) over the models of `registry`."""
 
-    def __init__(self, registry: ModelRegistry) -> None:
+    def __init__(self, registry: ModelRegistry, metrics: ServingMetrics | None = None) -> None:
         self.registry = registry
+        self.metrics = metrics
 
     def Embed(self, request: embedding_pb2.EmbedRequest,
               context: grpc.ServicerContext) -> embedding_pb2.EmbedResponse:
+        started = time.perf_counter()
+        submitted = None
         try:
-            return self._respond(self._submit(request, context))
+            submitted = self._submit(request, context, started)
+            response = self._respond(submitted)
         except Exception as exc:
-            abort(context, exc)
+            code, message = grpc_status(exc)
+            self._observe(request, submitted, code, started)
+            context.abort(code, message)
+        self._observe(request, submitted, grpc.StatusCode.OK, started, response.timing)
+        return response
 
     def EmbedStream(self, request_iterator: Iterator[embedding_pb2.EmbedRequest],
                     context: grpc.ServicerContext) -> Iterator[embedding_pb2.EmbedResponse]:
@@ -65,14 +75,17 @@ class EmbeddingService(embedding_pb2_grpc.EmbeddingServiceServicer):
         threading.Thread(target=self._read_ahead, args=(request_iterator, context, ahead),
                          name="embed-stream-reader", daemon=True).start()
         while (item := ahead.get()) is not _END_OF_STREAM:
-            request, submitted = item
+            request, submitted, started = item
             try:
                 if isinstance(submitted, Exception):
                     raise submitted
                 response = self._respond(submitted)
             except Exception as exc:
                 code, message = grpc_status(exc)
+                self._observe(request, None if isinstance(submitted, Exception) else submitted,
+                              code, started)
                 context.abort(code, f"request_id {request.request_id!r}: {message}")
+            self._observe(request, submitted, grpc.StatusCode.OK, started, response.timing)
             yield response
 
     def _read_ahead(self, request_iterator: Iterator[embedding_pb2.EmbedRequest],
@@ -80,10 +93,11 @@ class EmbeddingService(embedding_pb2_grpc.EmbeddingServiceServicer):
         """Submit the stream's requests in order; a failed one is passed on and ends reading."""
         try:
             for request in request_iterator:
+                started = time.perf_counter()
                 try:
-                    item = (request, self._submit(request, context))
+                    item = (request, self._submit(request, context, started), started)
                 except Exception as exc:
-                    item = (request, exc)
+                    item = (request, exc, started)
                 if not _put_while_active(ahead, item, context) or isinstance(item[1], Exception):
                     return
         except grpc.RpcError:
@@ -110,10 +124,9 @@ class EmbeddingService(embedding_pb2_grpc.EmbeddingServiceServicer):
             abort(context, exc)
         return describe(model, self.registry.statuses(model.name))
 
-    def _submit(self, request: embedding_pb2.EmbedRequest,
-                context: grpc.ServicerContext) -> _Submitted:
+    def _submit(self, request: embedding_pb2.EmbedRequest, context: grpc.ServicerContext,
+                started: float) -> _Submitted:
         """Find the model, decode and check the inputs, queue them: nothing waits here."""
-        started = time.perf_counter()
         model = self.registry.lookup(request.model, request.version or None)
         inputs = validate_inputs(decode_tensor(request.inputs, "inputs"), model.request_spec)
         decoded = time.perf_counter()
@@ -136,6 +149,24 @@ class EmbeddingService(embedding_pb2_grpc.EmbeddingServiceServicer):
             embeddings=tensor, timing=embedding_pb2.ServerTiming(
                 decode_us=decode_seconds * 1e6, queue_us=future.queue_seconds * 1e6,
                 run_us=future.run_seconds * 1e6, encode_us=(encoded - answered) * 1e6))
+
+
+    def _observe(self, request: embedding_pb2.EmbedRequest, submitted: _Submitted | None,
+                 code: grpc.StatusCode, started: float,
+                 timing: embedding_pb2.ServerTiming | None = None) -> None:
+        """Report one answered request to the metrics, if the server keeps any."""
+        if self.metrics is None:
+            return
+        if submitted is not None:
+            name, version = submitted.model.name, submitted.model.version
+        else:  # unresolved: label a known model only, never an arbitrary name (cardinality)
+            known = request.model in self.registry.names()
+            name, version = (request.model if known else UNKNOWN_MODEL), ""
+        self.metrics.observe_request(
+            name, version, API_LABEL, code, time.perf_counter() - started,
+            None if timing is None else RequestTiming(
+                decode=timing.decode_us / 1e6, queue=timing.queue_us / 1e6,
+                run=timing.run_us / 1e6, encode=timing.encode_us / 1e6))
 
 
 def _put_while_active(ahead: queue.Queue, item: object, context: grpc.ServicerContext) -> bool:

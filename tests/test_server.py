@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import grpc
@@ -25,7 +26,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from aet.config import ConfigError
 from aet_proto import embedding_pb2 as pb
-from aet_proto import embedding_pb2_grpc
+from aet_proto import embedding_pb2_grpc, grpc_service_pb2, grpc_service_pb2_grpc
 from aet_proto.codec import decode_tensor, encode_tensor
 from server.app import ServeConfig
 from server.auth import BearerTokenInterceptor
@@ -402,6 +403,32 @@ def next_event(events: queue.Queue, name: str) -> dict:
         event = events.get(timeout=max(0.0, deadline - time.monotonic()))
         if event["event"] == name:
             return event
+
+
+def test_aet_serve_wires_both_apis_and_metrics(model_repository, pixels):
+    process = serve_process(model_repository, "--metrics-port", "0")
+    events: queue.Queue = queue.Queue()
+    threading.Thread(target=read_events, args=(process, events), daemon=True).start()
+    try:
+        started = next_event(events, "server_started")
+        next_event(events, "server_ready")
+        with grpc.insecure_channel(f"127.0.0.1:{started['port']}") as channel:
+            kserve = grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel)
+            assert kserve.ModelReady(grpc_service_pb2.ModelReadyRequest(name="digits"),
+                                     timeout=WAIT).ready
+            embedding_pb2_grpc.EmbeddingServiceStub(channel).Embed(
+                embed_request(pixels[:3]), timeout=WAIT)
+        url = f"http://127.0.0.1:{started['metrics_port']}/metrics"
+        with urllib.request.urlopen(url, timeout=WAIT) as page:
+            exposition = page.read().decode()
+        assert ('aet_requests_total{api="embed",model="digits",outcome="success",version="1"} 1.0'
+                in exposition)
+        process.send_signal(signal.SIGINT)
+        assert process.wait(WAIT) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
 
 
 def test_missing_repository_exits_2_naming_it(tmp_path):

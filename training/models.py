@@ -28,19 +28,24 @@ TIEABLE = ("mlp", "linear", "stacked")  # architectures built from transposable 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """What `build_autoencoder` needs; stored in every checkpoint so a model can be rebuilt."""
+    """What `build_autoencoder` needs; stored in every checkpoint so a model can be rebuilt.
 
-    architecture: str = "mlp"
+    The defaults are the shipped digits encoder.
+    """
+
+    architecture: str = "stacked"
     hidden_sizes: tuple[int, ...] = (256, 64)  # MLP units, or conv channels, input side first
     code_size: int = 8
     activation: str = "relu"  # ignored by `linear`
-    tied_weights: bool = False
+    tied_weights: bool | None = None  # None: tied where the architecture allows (TIEABLE)
     loss: str = "bce"  # bce: Bernoulli decoder (logits); mse: Gaussian decoder
     allow_overcomplete: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "hidden_sizes", tuple(int(h) for h in self.hidden_sizes))
         _check_choice("architecture", self.architecture, ARCHITECTURES)
+        if self.tied_weights is None:
+            object.__setattr__(self, "tied_weights", self.architecture in TIEABLE)
         _check_choice("activation", self.activation, tuple(ACTIVATIONS))
         _check_choice("loss", self.loss, LOSSES)
         if not self.hidden_sizes and self.architecture in ("stacked", "conv"):

@@ -29,6 +29,7 @@ from training.train import Trainer, TrainingConfig, TrainingInterrupted
 
 EXIT_INTERRUPTED = 130  # the shell's code for a process stopped by SIGINT
 N_RECONSTRUCTIONS = 10
+_MODEL, _TRAINING = ModelConfig(), TrainingConfig()  # the defaults of the fields below
 
 
 @dataclass
@@ -55,42 +56,43 @@ class PretrainConfig:
     image_size: int | None = field(default=None, metadata={
         "help": "resize image-folder images to this square size"})
     # model
-    architecture: str = field(default="stacked", metadata={
+    architecture: str = field(default=_MODEL.architecture, metadata={
         "help": "mlp: end-to-end MLP; linear: MLP without activations; stacked: greedy "
                 "layer-wise then fine-tune; vae: variational; conv: convolutional encoder",
         "choices": list(ARCHITECTURES)})
-    hidden_sizes: list[int] = field(default_factory=lambda: [256, 64], metadata={
+    hidden_sizes: list[int] = field(default_factory=lambda: list(_MODEL.hidden_sizes), metadata={
         "help": "hidden layer sizes, input side first (channels for conv)"})
-    code_size: int = field(default=8, metadata={"help": "embedding dimension"})
-    activation: str = field(default="relu", metadata={
+    code_size: int = field(default=_MODEL.code_size, metadata={"help": "embedding dimension"})
+    activation: str = field(default=_MODEL.activation, metadata={
         "help": "hidden activation", "choices": list(ACTIVATIONS)})
-    tied_weights: bool = field(default=True, metadata={
-        "help": "decoder reuses the transposed encoder weights (mlp, linear, stacked)"})
-    loss: str = field(default="bce", metadata={
+    tied_weights: bool | None = field(default=None, metadata={
+        "help": "decoder reuses the transposed encoder weights; only mlp, linear and stacked "
+                "can, and do unless --no-tied-weights"})
+    loss: str = field(default=_MODEL.loss, metadata={
         "help": "bce: Bernoulli decoder, for data in [0, 1]; mse: Gaussian decoder",
         "choices": list(LOSSES)})
-    allow_overcomplete: bool = field(default=False, metadata={
+    allow_overcomplete: bool = field(default=_MODEL.allow_overcomplete, metadata={
         "help": "permit a code at least as large as the input"})
     # denoising
-    noise: str = field(default="gaussian", metadata={
+    noise: str = field(default=_TRAINING.noise, metadata={
         "help": "input corruption during training", "choices": list(CORRUPTION_KINDS)})
-    noise_level: float = field(default=0.2, metadata={
+    noise_level: float = field(default=_TRAINING.noise_level, metadata={
         "help": "sigma for gaussian; corrupted fraction nu in [0, 1) for masking, salt-and-pepper"})
     # optimisation
-    epochs: int = field(default=200, metadata={
+    epochs: int = field(default=_TRAINING.epochs, metadata={
         "help": "maximum end-to-end epochs (the fine-tune stage of stacked)"})
-    layer_epochs: int = field(default=30, metadata={
+    layer_epochs: int = field(default=_TRAINING.layer_epochs, metadata={
         "help": "maximum epochs of each greedy layer stage (stacked)"})
-    batch_size: int = field(default=64, metadata={"help": "examples per step"})
-    learning_rate: float = field(default=1e-3, metadata={"help": "Adam learning rate"})
-    patience: int = field(default=30, metadata={
+    batch_size: int = field(default=_TRAINING.batch_size, metadata={"help": "examples per step"})
+    learning_rate: float = field(default=_TRAINING.learning_rate, metadata={"help": "Adam learning rate"})
+    patience: int = field(default=_TRAINING.patience, metadata={
         "help": "stop a stage after this many epochs without a better validation loss"})
-    seed: int = field(default=0, metadata={"help": "seed for the split, initialisation, "
+    seed: int = field(default=_TRAINING.seed, metadata={"help": "seed for the split, initialisation, "
                                                    "shuffling, noise and probe subsets"})
     threads: int = field(default=1, metadata={
         "help": "torch CPU threads; small models train fastest on one, above all on a busy machine"})
-    log_every: int = field(default=20, metadata={"help": "steps between progress-bar updates"})
-    progress: bool = field(default=True, metadata={"help": "show progress bars"})
+    log_every: int = field(default=_TRAINING.log_every, metadata={"help": "steps between progress-bar updates"})
+    progress: bool = field(default=_TRAINING.progress, metadata={"help": "show progress bars"})
     # evaluation
     probe_labels: list[int] = field(default_factory=lambda: [100, 1000], metadata={
         "help": "label counts for the linear probe (all training labels are always added)"})

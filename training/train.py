@@ -7,7 +7,7 @@ training only; validation always compares against the clean target with a fixed 
 
 All randomness after model initialisation (shuffling, corruption, VAE sampling) comes from
 seeded generators whose states go into `checkpoint.pt` with the model, the optimizer and the
-position in the schedule, so `resume=True` continues exactly where the run stopped, even
+position in the schedule, so `Trainer.resume()` continues exactly where a run stopped, even
 mid-epoch after Ctrl-C. The per-step work outside forward/backward is kept to a slice of a
 pre-shuffled tensor, the corruption draw and an in-place loss sum; the loss is read back to
 the host only every `log_every` steps.
@@ -47,15 +47,18 @@ class TrainingInterrupted(Exception):
 
 @dataclass(frozen=True)
 class TrainingConfig:
-    """How to train: optimiser, schedule, early stopping, corruption and logging."""
+    """How to train: optimiser, schedule, early stopping, corruption and logging.
 
-    epochs: int = 60  # end-to-end epochs (the fine-tune stage for stacked autoencoders)
-    layer_epochs: int = 20  # epochs of each greedy layer stage (stacked only)
+    The defaults train the shipped digits encoder (a stacked denoising autoencoder).
+    """
+
+    epochs: int = 200  # end-to-end epochs (the fine-tune stage for stacked autoencoders)
+    layer_epochs: int = 30  # epochs of each greedy layer stage (stacked only)
     batch_size: int = 64
     learning_rate: float = 1e-3
-    patience: int = 10  # stop a stage after this many epochs without a better validation loss
-    noise: str = "none"
-    noise_level: float = 0.0  # sigma for gaussian, fraction nu for masking / salt-and-pepper
+    patience: int = 30  # stop a stage after this many epochs without a better validation loss
+    noise: str = "gaussian"
+    noise_level: float = 0.2  # sigma for gaussian, fraction nu for masking / salt-and-pepper
     seed: int = 0
     log_every: int = 20  # steps between progress-bar loss updates
     progress: bool = True
@@ -119,14 +122,14 @@ class _InterruptFlag:
 
 
 @contextmanager
-def _catch_interrupt() -> Iterator[_InterruptFlag]:
-    flag = _InterruptFlag()
+def _catch_interrupt(flag: _InterruptFlag) -> Iterator[None]:
+    """Route SIGINT to `flag` inside the block (only possible from the main thread)."""
     if threading.current_thread() is not threading.main_thread():
-        yield flag  # signal handlers can only be installed from the main thread
+        yield
         return
     previous = signal.signal(signal.SIGINT, flag)
     try:
-        yield flag
+        yield
     finally:
         signal.signal(signal.SIGINT, previous)
 
@@ -144,6 +147,7 @@ class Trainer:
         self.generator = torch.Generator().manual_seed(config.seed)  # shuffling, VAE sampling
         self.corruption = config.corruption()
         self.position = Position()
+        self.interrupt = _InterruptFlag()
         self.history: dict[str, dict] = {s.name: {"train_loss": [], "val_loss": []} for s in self.stages}
         self.optimizer = self._make_optimizer()
 
@@ -197,7 +201,7 @@ class Trainer:
         self.generator.set_state(saved)
         return total.item() / len(val_data)
 
-    def _run_epoch(self, stage: Stage, train_data: torch.Tensor, interrupt: _InterruptFlag) -> float:
+    def _run_epoch(self, stage: Stage, train_data: torch.Tensor) -> float:
         """Finish the current epoch from `position.step`; returns its mean training loss."""
         pos, batch = self.position, self.config.batch_size
         if pos.permutation is None:
@@ -222,15 +226,15 @@ class Trainer:
                 bar.update()
                 if pos.step % self.config.log_every == 0:
                     bar.set_postfix(loss=f"{pos.loss_sum.item() / pos.step:.4f}")
-                if interrupt.requested and pos.step < n_steps:
+                if self.interrupt.requested and pos.step < n_steps:
                     self.save()
                     raise TrainingInterrupted(self.checkpoint_path)
         mean_loss = pos.loss_sum.item() / n_steps
         pos.permutation, pos.loss_sum, pos.step = None, None, 0
         return mean_loss
 
-    def _end_epoch(self, stage: Stage, train_loss: float, val_loss: float) -> bool:
-        """Record the epoch, keep the best weights; True when the stage should stop early."""
+    def _end_epoch(self, stage: Stage, train_loss: float, val_loss: float) -> None:
+        """Record the epoch's losses and keep the best weights so far."""
         pos = self.position
         pos.epoch += 1
         record = self.history[stage.name]
@@ -243,13 +247,12 @@ class Trainer:
             record["best_epoch"] = pos.epoch
         else:
             pos.epochs_since_best += 1
-        stop = pos.epochs_since_best >= self.config.patience
-        record["stopped_early"] = stop and pos.epoch < stage.epochs
+        record["stopped_early"] = (pos.epochs_since_best >= self.config.patience
+                                   and pos.epoch < stage.epochs)
         tqdm.write(f"{stage.name} epoch {pos.epoch}/{stage.epochs}: train {train_loss:.4f} "
                    f"val {val_loss:.4f}{' *' if improved else ''}")
         if improved and pos.stage == len(self.stages) - 1:
             save_checkpoint(self.best_path, self._checkpoint(with_training_state=False))
-        return stop
 
     def _next_stage(self) -> None:
         """Keep the stage's best weights and move on with a fresh optimizer and record."""
@@ -260,26 +263,36 @@ class Trainer:
         if not self.finished:
             self.optimizer = self._make_optimizer()
 
-    def fit(self) -> dict:
-        """Run (or finish) the schedule; returns the per-stage loss history.
+    def _stage_done(self, stage: Stage) -> bool:
+        pos = self.position
+        return pos.epoch >= stage.epochs or pos.epochs_since_best >= self.config.patience
+
+    def run_stage(self) -> None:
+        """Train the current stage to its end (epochs or early stop), then move to the next.
 
         Raises TrainingInterrupted after saving when Ctrl-C arrives.
         """
-        with _catch_interrupt() as interrupt:
-            while not self.finished:
-                stage = self._stage()
-                train_data = self._stage_data(stage, self.train_x)
-                val_data = self._stage_data(stage, self.val_x)
-                stop = self.position.epoch >= stage.epochs
-                while not stop:
-                    train_loss = self._run_epoch(stage, train_data, interrupt)
-                    val_loss = self._validation_loss(stage, val_data)
-                    stop = self._end_epoch(stage, train_loss, val_loss) or self.position.epoch >= stage.epochs
-                    self.save()
-                    if interrupt.requested:
-                        raise TrainingInterrupted(self.checkpoint_path)
-                self._next_stage()
+        with _catch_interrupt(self.interrupt):
+            stage = self._stage()
+            train_data = self._stage_data(stage, self.train_x)
+            val_data = self._stage_data(stage, self.val_x)
+            while not self._stage_done(stage):
+                train_loss = self._run_epoch(stage, train_data)
+                self._end_epoch(stage, train_loss, self._validation_loss(stage, val_data))
                 self.save()
+                if self.interrupt.requested:
+                    raise TrainingInterrupted(self.checkpoint_path)
+            self._next_stage()
+            self.save()
+
+    def fit(self) -> dict:
+        """Run (or finish) the whole schedule; returns the per-stage loss history.
+
+        Raises TrainingInterrupted after saving when Ctrl-C arrives.
+        """
+        with _catch_interrupt(self.interrupt):
+            while not self.finished:
+                self.run_stage()
         return self.history
 
     def _checkpoint(self, *, with_training_state: bool) -> Checkpoint:

@@ -75,8 +75,9 @@ class ServeConfig:
     dynamic_batching: bool = field(default=True, metadata={
         "help": "merge concurrent requests into shared runs (off: each request runs alone)"})
     max_message_mb: int = field(default=64, metadata={
-        "help": "largest gRPC message in MiB, each way; 64 MiB carries 21,399 float32 rows "
-                "(85,598 uint8 rows) of 784 pixels"})
+        "help": "largest gRPC message in MiB, each way; 64 MiB carries one request of up to "
+                "21,399 float32 or 85,597 uint8 rows of 1x28x28 pixels (max_request_rows "
+                "applies too)"})
     workers: int = field(default=64, metadata={
         "help": "gRPC handler threads: the most calls served at once"})
     grace_period: float = field(default=10.0, metadata={

@@ -5,6 +5,7 @@ import hashlib
 import json
 import os
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -196,3 +197,28 @@ def test_every_card_field_is_required(tmp_path):
 def test_missing_card_file_is_named(tmp_path):
     with pytest.raises(RepositoryError, match=f"cannot read model card {tmp_path / 'model.json'}"):
         read_model_card(tmp_path / "model.json")
+
+
+def test_committed_default_model_is_intact_and_meets_its_targets():
+    import numpy as np
+    import onnxruntime
+    from sklearn.datasets import load_digits
+
+    root = Path(__file__).resolve().parents[1] / "exported"
+    versions = scan_repository(root)
+    assert [v.error for v in versions] == [None] * len(versions)
+    digits = latest_version(versions, "digits")
+    card = digits.card
+    assert digits.version == 1 and sha256_file(digits.model_path) == card.sha256
+    assert digits.model_path.stat().st_size < 300_000
+    assert (card.input.shape, card.input.value_range, card.output.embedding_dim) == (
+        (1, 8, 8), (0.0, 16.0), 8)
+    assert card.metrics["probe_accuracy_1257_labels"] >= 0.95
+    assert card.metrics["test_reconstruction_mse"] <= 0.5 * card.metrics["test_pca_reconstruction_mse"]
+
+    session = onnxruntime.InferenceSession(str(digits.model_path), providers=["CPUExecutionProvider"])
+    pixels = load_digits().images[:33, None].astype(np.float32)  # raw 0..16, as the card says
+    for batch in (1, 33):
+        (embedding,) = session.run([card.output.name], {card.input.name: pixels[:batch]})
+        assert embedding.shape == (batch, card.output.embedding_dim)
+        assert embedding.dtype == np.float32 and np.isfinite(embedding).all()

@@ -227,8 +227,7 @@ class Trainer:
                 if pos.step % self.config.log_every == 0:
                     bar.set_postfix(loss=f"{pos.loss_sum.item() / pos.step:.4f}")
                 if self.interrupt.requested and pos.step < n_steps:
-                    self.save()
-                    raise TrainingInterrupted(self.checkpoint_path)
+                    self._stop()
         mean_loss = pos.loss_sum.item() / n_steps
         pos.permutation, pos.loss_sum, pos.step = None, None, 0
         return mean_loss
@@ -263,6 +262,15 @@ class Trainer:
         if not self.finished:
             self.optimizer = self._make_optimizer()
 
+    def request_stop(self) -> None:
+        """Ask training to save and stop after the current step, as Ctrl-C does."""
+        self.interrupt.requested = True
+
+    def _stop(self) -> None:
+        self.save()
+        self.interrupt.requested = False  # this request is served; the trainer stays usable
+        raise TrainingInterrupted(self.checkpoint_path)
+
     def _stage_done(self, stage: Stage) -> bool:
         pos = self.position
         return pos.epoch >= stage.epochs or pos.epochs_since_best >= self.config.patience
@@ -279,9 +287,9 @@ class Trainer:
             while not self._stage_done(stage):
                 train_loss = self._run_epoch(stage, train_data)
                 self._end_epoch(stage, train_loss, self._validation_loss(stage, val_data))
-                self.save()
                 if self.interrupt.requested:
-                    raise TrainingInterrupted(self.checkpoint_path)
+                    self._stop()
+                self.save()
             self._next_stage()
             self.save()
 

@@ -168,7 +168,6 @@ class RayBackend(_Backend):
             except (ConnectionError, RuntimeError, ValueError) as exc:
                 raise BackendError(f"ray: cannot {'join ' + address if address else 'start'}: "
                                    f"{exc}") from exc
-        logging.getLogger("ray.data").setLevel(logging.WARNING)  # no per-dataset INFO lines
         context = ray.data.DataContext.get_current()
         context.execution_options.preserve_order = True  # shards need rows back in order
         context.enable_progress_bars = False  # the job has its own bar

@@ -52,8 +52,11 @@ class DemoConfig:
         "help": "model to use (default: digits for digits, mnist for mnist-idx)"})
     pretrain: bool = field(default=False, metadata={
         "help": "pretrain and export a fresh encoder first (otherwise use the shipped one)"})
-    epochs: int | None = field(default=None, metadata={
-        "help": "with --pretrain: end-to-end training epochs (default: aet pretrain's)"})
+    epochs: int = field(default=15, metadata={
+        "help": "with --pretrain: end-to-end epochs, a quick budget (aet pretrain alone runs "
+                "the full schedule)"})
+    layer_epochs: int = field(default=5, metadata={
+        "help": "with --pretrain: epochs of each greedy layer stage"})
     output: Path | None = field(default=None, metadata={
         "help": "folder for embeddings and probe results (default: runs/demo/<data>)"})
     label_counts: list[int] = field(default_factory=lambda: [100, 1000], metadata={
@@ -68,8 +71,10 @@ class DemoConfig:
             self.model = MODEL_NAMES[self.data]
         if self.output is None:
             self.output = Path("runs") / "demo" / self.data
-        if self.epochs is not None and self.epochs < 1:
-            raise ConfigError(f"epochs: expected a positive integer; got {self.epochs}")
+        for name in ("epochs", "layer_epochs"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}: expected a positive integer; got "
+                                  f"{getattr(self, name)}")
 
 
 def free_port() -> int:
@@ -131,11 +136,10 @@ def pretrain_and_export(config: DemoConfig) -> None:
 
     runs_dir = Path("runs")
     pretrain = ["pretrain", "--dataset", config.data, "--name", config.model,
-                "--runs-dir", str(runs_dir), "--seed", str(config.seed)]
+                "--runs-dir", str(runs_dir), "--seed", str(config.seed),
+                "--epochs", str(config.epochs), "--layer-epochs", str(config.layer_epochs)]
     if config.path is not None:
         pretrain += ["--data-path", str(config.path)]
-    if config.epochs is not None:
-        pretrain += ["--epochs", str(config.epochs)]
     export = ["export", "--run", str(runs_dir / config.model), "--repository",
               str(config.repository), "--model-name", config.model]
     for argv in (pretrain, export):

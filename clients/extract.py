@@ -15,6 +15,7 @@ import dataclasses
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 import zipfile
@@ -33,6 +34,7 @@ SPLITS = ("train", "val", "test")
 FORMATS = (".npz", ".parquet")
 NO_LABEL = -1  # the label of rows from unlabelled data sets
 MANIFEST = "manifest.json"
+EXIT_INTERRUPTED = 130  # the shell's code for a process stopped by SIGINT
 
 
 class ExtractionError(UserError):
@@ -384,8 +386,10 @@ def extract(config: EmbedConfig, backend, dataset: Dataset | None = None) -> Ext
         buffered: list[np.ndarray] = []
         waiting = iter(pending)
         index = next(waiting, None)
+        returned = 0
         for embeddings in backend.embed_rows(pixels, config.batch_size):
             buffered.append(embeddings)
+            returned += len(embeddings)
             progress.update(len(embeddings))
             while index is not None:
                 start, stop = store.bounds(index)
@@ -397,9 +401,9 @@ def extract(config: EmbedConfig, backend, dataset: Dataset | None = None) -> Ext
                 buffered = [joined[stop - start:]]
                 index = next(waiting, None)
     seconds = time.perf_counter() - started
-    if index is not None:
-        raise ExtractionError(f"backend {backend.label} ended early: shard {index} of "
-                              f"{store.count} is incomplete; run again to resume")
+    if returned != pending_rows:
+        raise ExtractionError(f"backend {backend.label}: expected {pending_rows} embeddings, "
+                              f"got {returned}; finished shards are kept, run again to resume")
 
     metadata = {"dataset": config.dataset_args(), "model": dataclasses.asdict(model),
                 "backend": backend.label, "created": datetime.now(timezone.utc).isoformat()}
@@ -418,7 +422,12 @@ def run(args: argparse.Namespace) -> int:
     from clients.backends import open_backend
 
     config = config_from_args(EmbedConfig, args)
-    with open_backend(config) as backend:
-        summary = extract(config, backend)
+    try:
+        with open_backend(config) as backend:
+            summary = extract(config, backend)
+    except KeyboardInterrupt:
+        print(f"aet embed: interrupted; finished shards are kept in {config.output}.shards, "
+              f"run the same command to resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
     print(summary.line())
     return 0

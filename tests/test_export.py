@@ -18,8 +18,10 @@ from aet.config import ConfigError
 from server.repository import ModelCard, read_model_card, scan_repository, sha256_file
 from training import export as export_module
 from training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from training.data import Dataset, Split
 from training.export import (
-    PARITY_ROWS, ExportConfig, ExportError, PixelEncoder, export, max_parity_diff, to_onnx)
+    PARITY_ROWS, ExportConfig, ExportError, PixelEncoder, export, max_parity_diff, parity_pixels,
+    to_onnx)
 from training.models import ModelConfig, build_autoencoder
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -135,6 +137,28 @@ def test_diverged_weights_fail_and_write_nothing(run_dir, tmp_path):
     assert not (tmp_path / "exported").exists()
 
 
+def test_parity_inputs_take_held_out_rows_first_and_top_up_small_data_sets():
+    def split(n: int, value: float) -> Split:
+        return Split(np.full((n, 1, 2, 2), value, np.float32), None)
+
+    small = Dataset(name="tiny", train=split(5, 0.25), val=split(2, 0.5), test=split(3, 1.0),
+                    raw_max=255.0, image_shape=(1, 2, 2), num_classes=None, source={})
+    pixels = parity_pixels(small, rows=40)
+    assert pixels.shape == (40, 1, 2, 2) and pixels.dtype == np.float32
+    assert pixels[:10, 0, 0, 0].tolist() == [255.0] * 3 + [127.5] * 2 + [63.75] * 5
+    noise = pixels[10:]
+    assert noise.min() >= 0 and noise.max() <= 255 and len(np.unique(noise)) == noise.size
+    np.testing.assert_array_equal(parity_pixels(small, rows=40), pixels)  # seeded
+    np.testing.assert_array_equal(parity_pixels(small, rows=4), pixels[:4])
+
+
+def test_graph_onnxruntime_cannot_load_is_an_export_error():
+    encoder = PixelEncoder(build_autoencoder(ModelConfig(hidden_sizes=(4,), code_size=2),
+                                             (1, 8, 8)), 16.0).eval()
+    with pytest.raises(ExportError, match="onnxruntime .* cannot load the exported graph"):
+        max_parity_diff(b"not an onnx graph", encoder, digits_pixels(3))
+
+
 @pytest.mark.parametrize("content", [None, b"", b"not a checkpoint at all"])
 def test_missing_or_corrupt_checkpoint_fails_cleanly(tmp_path, content):
     path = tmp_path / "best.pt"
@@ -159,7 +183,8 @@ def test_truncated_checkpoint_fails_cleanly(run_dir, tmp_path):
     ({"run": Path("r"), "checkpoint": Path("c")}, "give exactly one of --run or --checkpoint"),
     ({"checkpoint": Path("c")}, "model_name: required with --checkpoint"),
     ({"run": Path("r"), "model_name": "../up"}, "model_name: expected .*; got '../up'"),
-    ({"run": Path("r"), "opset": 17}, "opset: expected >= 18"),
+    ({"run": Path("r"), "opset": 17}, "opset: expected 18 .* to \\d+ .*; got 17"),
+    ({"run": Path("r"), "opset": 99}, "opset: expected 18 .* to \\d+ .*; got 99"),
 ])
 def test_invalid_config_is_rejected(fields, message):
     with pytest.raises(ConfigError, match=message):

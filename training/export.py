@@ -21,6 +21,7 @@ import numpy as np
 import onnx
 import onnxruntime
 import torch
+from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
 
 from aet.config import ConfigError, add_config_arguments, config_from_args, config_from_mapping
 from aet.errors import UserError
@@ -45,6 +46,8 @@ class ExportError(UserError):
 
 @dataclass
 class ExportConfig:
+    """What `aet export` exports (a run's best.pt or a checkpoint file) and where to."""
+
     run: Path | None = field(default=None, metadata={
         "help": "run folder written by `aet pretrain`; exports its best.pt"})
     checkpoint: Path | None = field(default=None, metadata={
@@ -53,7 +56,8 @@ class ExportConfig:
         "help": "model repository root"})
     model_name: str | None = field(default=None, metadata={
         "help": "model folder name in the repository; the run folder's name if omitted"})
-    opset: int = field(default=20, metadata={"help": "ONNX opset (the exporter needs >= 18)"})
+    opset: int = field(default=20, metadata={
+        "help": "ONNX opset: 18 (the exporter's lowest) up to what the installed onnx knows"})
 
     def __post_init__(self):
         if (self.run is None) == (self.checkpoint is None):
@@ -64,8 +68,10 @@ class ExportConfig:
         if self.model_name is not None and not MODEL_NAME_PATTERN.fullmatch(self.model_name):
             raise ConfigError(f"model_name: expected {MODEL_NAME_PATTERN.pattern}; "
                               f"got {self.model_name!r}")
-        if self.opset < 18:
-            raise ConfigError(f"opset: expected >= 18 (torch's ONNX exporter); got {self.opset}")
+        highest = onnx.defs.onnx_opset_version()
+        if not 18 <= self.opset <= highest:
+            raise ConfigError(f"opset: expected 18 (torch's ONNX exporter) to {highest} "
+                              f"(onnx {onnx.__version__}); got {self.opset}")
 
     @property
     def checkpoint_path(self) -> Path:
@@ -126,7 +132,11 @@ def parity_pixels(dataset: Dataset, rows: int = PARITY_ROWS, seed: int = 0) -> n
 
 def max_parity_diff(onnx_bytes: bytes, encoder: PixelEncoder, pixels: np.ndarray) -> float:
     """Max |onnxruntime - PyTorch| over `pixels`, onnxruntime fed in `PARITY_BATCH_SIZES` chunks."""
-    session = onnxruntime.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
+    try:
+        session = onnxruntime.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
+    except (ort_errors.Fail, ort_errors.InvalidGraph, ort_errors.InvalidProtobuf) as exc:
+        raise ExportError(f"onnxruntime {onnxruntime.__version__} cannot load the exported "
+                          f"graph: {exc}") from exc
     with torch.no_grad():
         expected = encoder(torch.from_numpy(pixels)).numpy()  # (N, code_size)
     bad_rows = int((~np.isfinite(expected)).any(axis=1).sum())
@@ -176,9 +186,14 @@ def card_metrics(metrics: dict) -> dict[str, float]:
     return {key: float(value) for key, value in result.items()}
 
 
-def training_dataset(checkpoint: Checkpoint) -> Dataset:
-    """The data set `checkpoint` was trained on, split exactly as `aet pretrain` split it."""
-    config = config_from_mapping(PretrainConfig, checkpoint.run_config)
+def training_dataset(checkpoint: Checkpoint, path: Path) -> Dataset:
+    """The data set `checkpoint` (read from `path`) was trained on, split as in training."""
+    try:
+        config = config_from_mapping(PretrainConfig, checkpoint.run_config)
+    except ConfigError as exc:
+        raise CheckpointError(f"checkpoint {path}: its pretrain configuration is not valid for "
+                              f"this version of aet ({exc})") from exc
+    # The same arguments `aet pretrain` passes, so the held-out rows are the same rows.
     return load_dataset(config.dataset, config.data_path, seed=config.seed,
                         test_fraction=config.test_fraction, val_fraction=config.val_fraction,
                         image_size=config.image_size, limit=config.limit)
@@ -210,7 +225,7 @@ def export(config: ExportConfig) -> Path:
         raise CheckpointError(f"checkpoint {config.checkpoint_path}: weights do not match its "
                               f"model configuration ({exc})") from exc
     encoder = PixelEncoder(autoencoder, checkpoint.raw_max).eval()
-    pixels = parity_pixels(training_dataset(checkpoint))  # (PARITY_ROWS, C, H, W)
+    pixels = parity_pixels(training_dataset(checkpoint, config.checkpoint_path))  # (rows, C, H, W)
     model = to_onnx(encoder, torch.from_numpy(pixels[:2]), config.opset)
     onnx_bytes = model.SerializeToString()
     diff = max_parity_diff(onnx_bytes, encoder, pixels)

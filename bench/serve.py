@@ -155,6 +155,12 @@ class InProcess:
 
 # -- servers ---------------------------------------------------------------------------------
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time process `pid` has used so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 class ServerProcess:
     """A child `aet serve` with one onnxruntime thread; stopped with SIGTERM on exit."""
 
@@ -182,6 +188,9 @@ class ServerProcess:
                 raise RuntimeError(f"aet serve: no {event!r} within {SERVER_START_TIMEOUT} s")
             if entry["event"] == event:
                 return entry
+
+    def cpu_seconds(self) -> float:
+        return cpu_seconds(self.process.pid)
 
     def rss_bytes(self) -> int:
         """Resident memory of the server process (Linux /proc)."""
@@ -259,15 +268,16 @@ def unary_clients(port: int, request: embedding_pb2.EmbedRequest, threads: int,
             timing.append((t.decode_us, t.queue_us, t.run_us, t.encode_us))
 
     workers = [threading.Thread(target=caller, args=(i,)) for i in range(threads)]
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     for worker in workers:
         worker.start()
     for worker in workers:
         worker.join()
-    elapsed = time.perf_counter() - started
+    elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu_started
     channel.close()
     return {"latencies": [x for part in latencies for x in part],
-            "timings": [x for part in timings for x in part], "seconds": elapsed}
+            "timings": [x for part in timings for x in part], "seconds": elapsed,
+            "client_cpu_seconds": cpu}
 
 
 def streaming_client(port: int, request: embedding_pb2.EmbedRequest, seconds: float) -> dict:
@@ -367,11 +377,15 @@ def measure(quick: bool) -> dict:
                 bare_port = ports.get(timeout=SERVER_START_TIMEOUT)
                 request = _request(TINY.name, TINY.image_shape, TINY.raw_max, 1)
                 tallies = {k: Tally(1) for k in ("in_process", "server", "bare")}
+                server_cpu = {"server": 0.0, "bare": 0.0}
                 for _ in range(rounds):
                     tallies["in_process"].add(local["tiny"].run_for(1, round_seconds))
-                    for kind, port in (("server", server.port), ("bare", bare_port)):
+                    for kind, port, pid in (("server", server.port, server.process.pid),
+                                            ("bare", bare_port, bare.pid)):
+                        cpu_before = cpu_seconds(pid)
                         tallies[kind].add(pool.submit(unary_clients, port, request, 1,
                                                       round_seconds, None).result())
+                        server_cpu[kind] += cpu_seconds(pid) - cpu_before
             finally:
                 stop_bare.set()
                 bare.join(SERVER_STOP_TIMEOUT)
@@ -382,6 +396,8 @@ def measure(quick: bool) -> dict:
                 "p50_ms": served["p50_ms"], "p99_ms": served["p99_ms"],
                 "in_process_p50_ms": local_p50, "overhead_p50_ms": served["p50_ms"] - local_p50,
                 "bare_grpcio_p50_ms": tallies["bare"].summary()["p50_ms"],
+                "server_cpu_us_per_call": 1e6 * server_cpu["server"] / tallies["server"].calls,
+                "bare_grpcio_cpu_us_per_call": 1e6 * server_cpu["bare"] / tallies["bare"].calls,
                 "target_overhead_ms": 0.5,
                 "breakdown_p50_us": {
                     **inside,
@@ -393,18 +409,25 @@ def measure(quick: bool) -> dict:
                   flush=True)
             request = _request(encoder.name, encoder.image_shape, encoder.raw_max, 1)
             tallies = {"batching_on": Tally(1), "batching_off": Tally(1)}
+            cpu = {mode: {"server": 0.0, "clients": 0.0} for mode in tallies}
             with ServerProcess(repository) as on, \
                     ServerProcess(repository, "--no-dynamic-batching") as off:
                 for _ in range(rounds):
                     for mode, server in (("batching_on", on), ("batching_off", off)):
+                        server_cpu = server.cpu_seconds()
                         parts = [pool.submit(unary_clients, server.port, request,
                                              CLIENTS // CLIENT_PROCESSES, round_seconds, None)
                                  for _ in range(CLIENT_PROCESSES)]
                         merged = [p.result() for p in parts]
+                        cpu[mode]["server"] += server.cpu_seconds() - server_cpu
+                        cpu[mode]["clients"] += sum(m["client_cpu_seconds"] for m in merged)
                         tallies[mode].add({
                             "latencies": [x for m in merged for x in m["latencies"]],
                             "seconds": max(m["seconds"] for m in merged)})
-            modes = {mode: {k: tally.summary()[k] for k in ("calls_per_s", "p50_ms", "p99_ms")}
+            # On a saturated machine throughput follows CPU per call, whatever the wall clock.
+            modes = {mode: {**{k: tally.summary()[k] for k in ("calls_per_s", "p50_ms", "p99_ms")},
+                            "server_cpu_us_per_call": 1e6 * cpu[mode]["server"] / tally.calls,
+                            "client_cpu_us_per_call": 1e6 * cpu[mode]["clients"] / tally.calls}
                      for mode, tally in tallies.items()}
             modes["ratio"] = (modes["batching_on"]["calls_per_s"]
                               / modes["batching_off"]["calls_per_s"])
@@ -447,12 +470,19 @@ def print_table(results: dict) -> None:
                  f"+{tiny['overhead_p50_ms']:.3f} ms", "<= 0.5 ms"))
     rows.append(("  where that p50 goes (us)", ", ".join(
         f"{k} {v:.0f}" for k, v in tiny["breakdown_p50_us"].items()), "", ""))
+    rows.append(("  server CPU per call (us)", f"{tiny['server_cpu_us_per_call']:.0f} (bare grpcio "
+                 f"{tiny['bare_grpcio_cpu_us_per_call']:.0f})", "", ""))
     for name, modes in results["sixteen_one_row_clients"].items():
         on, off = modes["batching_on"], modes["batching_off"]
         rows.append((f"{name}, 16 one-row clients",
                      f"on {on['calls_per_s']:,.0f}/s p50 {on['p50_ms']:.1f} p99 {on['p99_ms']:.1f}"
                      f" ms; off {off['calls_per_s']:,.0f}/s p50 {off['p50_ms']:.1f} p99 "
                      f"{off['p99_ms']:.1f} ms", f"{modes['ratio']:.2f}x", ">= 3x"))
+        rows.append(("  CPU per call (us)",
+                     f"on: server {on['server_cpu_us_per_call']:.0f}, clients "
+                     f"{on['client_cpu_us_per_call']:.0f}; off: server "
+                     f"{off['server_cpu_us_per_call']:.0f}, clients "
+                     f"{off['client_cpu_us_per_call']:.0f}", "", ""))
     memory = results["memory"]
     rows.append((f"server RSS, {memory['requests']:,} requests",
                  f"{memory['rss_before_mb']:.1f} -> {memory['rss_after_mb']:.1f} MiB after warm-up",

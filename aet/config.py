@@ -48,7 +48,9 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_cls: type) -> N
         default = (field.default if field.default is not dataclasses.MISSING
                    else field.default_factory() if field.default_factory is not dataclasses.MISSING
                    else None)
-        help_text = f"{field.metadata.get('help', '')} (default: {default})"
+        help_text = field.metadata.get("help", "")
+        if "default" not in help_text:  # a help text may word its own default
+            help_text += f" (default: {default})"
         kwargs: dict[str, Any] = {"dest": field.name, "default": argparse.SUPPRESS, "help": help_text}
         if "choices" in field.metadata:
             kwargs["choices"] = field.metadata["choices"]

@@ -287,6 +287,24 @@ def test_request_whose_deadline_passes_in_the_queue_is_dropped(model_repository,
     assert model.batcher.stats.rows == 1  # the late request's 3 rows never ran
 
 
+def test_request_cancelled_by_its_client_is_dropped(model_repository, start_server,
+                                                    embedding_stub, pixels):
+    running = start_server(model_repository)
+    stub = embedding_stub(running)
+    model = running.registry.lookup("digits")
+    release = hold_first_batch(model, until=lambda: False)
+    busy = stub.Embed.future(embed_request(pixels[:1]), timeout=WAIT)
+    wait_for(lambda: model.batcher.stats.batches == 1)
+    gone = stub.Embed.future(embed_request(pixels[:3]), timeout=WAIT)
+    wait_for(lambda: model.batcher.queued_requests == 1)
+    assert gone.cancel()
+    time.sleep(1.0)  # the cancellation crosses loopback to the server (milliseconds, normally)
+    release.set()
+    busy.result()
+    wait_for(lambda: model.batcher.stats.dropped_cancelled == 1)
+    assert model.batcher.stats.rows == 1  # the cancelled request's 3 rows never ran
+
+
 def test_unauthenticated_when_auth_is_on(model_repository, start_server, embedding_stub, pixels):
     running = start_server(model_repository, interceptors=[BearerTokenInterceptor({"s3cret"})])
     stub = embedding_stub(running)

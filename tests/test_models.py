@@ -92,7 +92,7 @@ def test_conv_decoder_restores_odd_image_sizes():
     ({"architecture": "rbm"}, "valid: mlp, linear, stacked, vae, conv"),
     ({"activation": "swish"}, "valid: relu, tanh, sigmoid, gelu, elu"),
     ({"loss": "l1"}, "valid: bce, mse"),
-    ({"hidden_sizes": ()}, "hidden_sizes: stacked needs at least one hidden layer"),
+    ({"hidden_sizes": ()}, "hidden_sizes: expected at least one hidden layer size; got an empty"),
     ({"hidden_sizes": (16, 0)}, "expected positive sizes; got [16, 0]"),
     ({"code_size": 0}, "code_size: expected a positive size; got 0"),
     ({"architecture": "vae", "tied_weights": True}, "tied_weights: supported by mlp, linear, stacked"),

@@ -48,9 +48,9 @@ class ModelConfig:
             object.__setattr__(self, "tied_weights", self.architecture in TIEABLE)
         _check_choice("activation", self.activation, tuple(ACTIVATIONS))
         _check_choice("loss", self.loss, LOSSES)
-        if not self.hidden_sizes and self.architecture in ("stacked", "conv"):
-            raise ConfigError(f"hidden_sizes: {self.architecture} needs at least one hidden "
-                              f"layer; got an empty list")
+        if not self.hidden_sizes:
+            raise ConfigError("hidden_sizes: expected at least one hidden layer size; "
+                              "got an empty list")
         if any(h < 1 for h in self.hidden_sizes):
             raise ConfigError(f"hidden_sizes: expected positive sizes; got {list(self.hidden_sizes)}")
         if self.code_size < 1:

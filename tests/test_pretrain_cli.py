@@ -1,0 +1,103 @@
+"""`aet pretrain` end to end: the run folder, config errors before training, Ctrl-C and --resume."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from aet.cli import main
+from training.checkpoint import load_checkpoint
+
+torch.set_num_threads(1)
+
+SMALL_RUN = ["--architecture", "mlp", "--hidden-sizes", "32", "--code-size", "4",
+             "--noise", "masking", "--noise-level", "0.2", "--probe-labels", "100",
+             "--no-progress"]
+
+
+def pretrain(*flags):
+    """Start `aet pretrain` in a child process."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    command = [sys.executable, "-m", "aet.cli", "pretrain", *flags]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env)
+
+
+def test_pretrain_one_epoch_writes_the_run_folder(tmp_path):
+    child = pretrain("--runs-dir", str(tmp_path), "--name", "smoke", "--epochs", "1",
+                     "--layer-epochs", "1", "--probe-labels", "100")
+    out, err = child.communicate(timeout=300)
+    assert child.returncode == 0, err
+    run = tmp_path / "smoke"
+    assert sorted(p.name for p in run.iterdir()) == [
+        "best.pt", "checkpoint.pt", "config.json", "latent_2d.png", "loss_curve.png",
+        "metrics.json", "reconstructions.png"]
+    config = json.loads((run / "config.json").read_text())
+    assert (config["architecture"], config["code_size"], config["epochs"]) == ("stacked", 8, 1)
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert list(metrics["stages"]) == ["layer-1", "layer-2", "layer-3", "fine-tune"]
+    assert all(len(stage["val_loss"]) == 1 for stage in metrics["stages"].values())
+    evaluation = metrics["evaluation"]
+    assert evaluation["probe"]["labels"] == [100, 1257]
+    assert 0 < evaluation["reconstruction_mse"]["model"] < 0.2
+    assert "linear probe accuracy" in out
+    assert load_checkpoint(run / "best.pt").metrics["evaluation"] == evaluation
+
+    # The same run name again without --resume is refused, and the run is left as it was.
+    assert main(["pretrain", "--runs-dir", str(tmp_path), "--name", "smoke", "--epochs", "1"]) == 2
+    assert json.loads((run / "metrics.json").read_text()) == metrics
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--noise", "masking", "--noise-level", "1.0"], "masking needs a fraction nu in [0, 1); got 1.0"),
+    (["--noise", "salt-and-pepper", "--noise-level", "-0.1"], "got -0.1"),
+    (["--noise", "gaussian", "--noise-level", "-0.5"], "gaussian needs a finite sigma >= 0; got -0.5"),
+    (["--code-size", "64"], "code_size: expected fewer than the 64 inputs"),
+    (["--epochs", "0"], "epochs: expected a positive integer; got 0"),
+    (["--probe-labels", "0"], "probe_labels: expected positive label counts; got [0]"),
+])
+def test_invalid_hyper_parameters_are_rejected_before_training(tmp_path, capsys, flags, message):
+    assert main(["pretrain", "--runs-dir", str(tmp_path), "--name", "bad", *flags]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize("toml, message", [
+    ('architecture = "rbm"', "valid: mlp, linear, stacked, vae, conv"),
+    ('noise = "speckle"', "valid corruptions: none, gaussian, masking, salt-and-pepper"),
+    ('dataset = "cifar"', "valid data sets: digits, mnist-idx, npz, image-folder"),
+    ("hidden_sizes = []", "expected at least one hidden layer size; got an empty list"),
+])
+def test_unknown_choices_in_a_config_file_list_the_valid_ones(tmp_path, capsys, toml, message):
+    (tmp_path / "run.toml").write_text(toml + "\n")
+    assert main(["pretrain", "--runs-dir", str(tmp_path), "--config", str(tmp_path / "run.toml")]) == 2
+    assert message in capsys.readouterr().err
+    assert [p.name for p in tmp_path.iterdir()] == ["run.toml"]
+
+
+def test_ctrl_c_saves_and_exits_130_and_resume_finishes_exactly_like_an_uninterrupted_run(tmp_path):
+    flags = ["--runs-dir", str(tmp_path), *SMALL_RUN, "--epochs", "40", "--batch-size", "16",
+             "--patience", "40"]
+    interrupted = pretrain("--name", "run", *flags)
+    for line in interrupted.stdout:  # the SIGINT handler is installed once epochs are running
+        if line.startswith("train epoch 1/"):
+            break
+    interrupted.send_signal(signal.SIGINT)
+    out, err = interrupted.communicate(timeout=300)
+    assert interrupted.returncode == 130, err
+    assert "continue with --resume" in out
+    saved = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    assert saved.stage == "train" and 1 <= saved.epoch < 40
+    assert not (tmp_path / "run" / "metrics.json").exists()
+
+    # Resume and the uninterrupted reference run in this process (the child covered the CLI).
+    assert main(["pretrain", "--name", "run", "--resume", *flags]) == 0
+    assert main(["pretrain", "--name", "reference", *flags]) == 0
+    want = load_checkpoint(tmp_path / "reference" / "best.pt")
+    got = load_checkpoint(tmp_path / "run" / "best.pt")
+    assert got.metrics == want.metrics
+    assert all(torch.equal(got.model_state[k], want.model_state[k]) for k in want.model_state)

@@ -75,30 +75,30 @@ class EmbeddingService(embedding_pb2_grpc.EmbeddingServiceServicer):
         threading.Thread(target=self._read_ahead, args=(request_iterator, context, ahead),
                          name="embed-stream-reader", daemon=True).start()
         while (item := ahead.get()) is not _END_OF_STREAM:
-            request, submitted, started = item
+            request, started, submitted, error = item
             try:
-                if isinstance(submitted, Exception):
-                    raise submitted
+                if error is not None:
+                    raise error
                 response = self._respond(submitted)
             except Exception as exc:
                 code, message = grpc_status(exc)
-                self._observe(request, None if isinstance(submitted, Exception) else submitted,
-                              code, started)
+                self._observe(request, submitted, code, started)
                 context.abort(code, f"request_id {request.request_id!r}: {message}")
             self._observe(request, submitted, grpc.StatusCode.OK, started, response.timing)
             yield response
 
     def _read_ahead(self, request_iterator: Iterator[embedding_pb2.EmbedRequest],
                     context: grpc.ServicerContext, ahead: queue.Queue) -> None:
-        """Submit the stream's requests in order; a failed one is passed on and ends reading."""
+        """Submit the stream's requests in order, passing on (request, started, submitted, error);
+        a request that fails to submit is passed on with its error and ends the reading."""
         try:
             for request in request_iterator:
                 started = time.perf_counter()
                 try:
-                    item = (request, self._submit(request, context, started), started)
+                    item = (request, started, self._submit(request, context, started), None)
                 except Exception as exc:
-                    item = (request, exc, started)
-                if not _put_while_active(ahead, item, context) or isinstance(item[1], Exception):
+                    item = (request, started, None, exc)
+                if not _put_while_active(ahead, item, context) or item[3] is not None:
                     return
         except grpc.RpcError:
             return  # the client cancelled or the call ended: nobody to answer

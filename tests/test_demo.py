@@ -28,7 +28,7 @@ def test_demo_serves_embeds_probes_and_stops(tmp_path, model_repository):
     assert "| features | classifier | 100 labels | all (1,257) |" in out
     results = json.loads((tmp_path / "demo" / "probe" / "results.json").read_text())
     assert results["model"]["name"] == DIGITS_MODEL
-    assert results["accuracy"]["embedding"]["logreg"][-1] >= 0.60  # see test_probe's floors
+    assert results["accuracy"]["embedding"]["logreg"][-1] >= 0.65  # see test_probe's floors
     assert results["accuracy"]["pixels"]["logreg"][-1] >= 0.93
     for plot in ("accuracy_vs_labels.png", "confusion_matrix.png"):
         assert (tmp_path / "demo" / "probe" / plot).stat().st_size > 10_000

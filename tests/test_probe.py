@@ -39,10 +39,10 @@ def test_accuracies_are_above_floors(probed):
     # Digits pixels are a strong baseline: published linear probes reach about 0.96.
     assert accuracy["pixels"]["logreg"][-1] >= 0.93
     assert accuracy["pixels"]["mlp"][-1] >= 0.90
-    # An 8-d code after only three epochs of pretraining (measured: 0.71 and 0.67) is far
+    # An 8-d code after only three epochs of pretraining (measured: 0.78 and 0.74) is far
     # above chance (0.1) but below PCA-8 (0.90): the conftest encoder is barely trained.
-    assert accuracy["embedding"]["logreg"][-1] >= 0.60
-    assert accuracy["embedding"]["mlp"][-1] >= 0.55
+    assert accuracy["embedding"]["logreg"][-1] >= 0.65
+    assert accuracy["embedding"]["mlp"][-1] >= 0.60
     assert accuracy["PCA-8"]["logreg"][-1] >= 0.85
     for features in accuracy.values():  # more labels never hurt much, and help from 100
         for scores in features.values():
@@ -52,9 +52,9 @@ def test_accuracies_are_above_floors(probed):
 
 def test_fine_tuning_the_encoder_beats_its_frozen_probe(probed):
     results, _ = probed
-    fine_tuned = results.accuracy["embedding"]["fine-tune"]  # measured: 0.86, 0.88, 0.87
-    assert min(fine_tuned) >= 0.78
-    assert fine_tuned[-1] >= results.accuracy["embedding"]["logreg"][-1] + 0.05
+    fine_tuned = results.accuracy["embedding"]["fine-tune"]  # measured: 0.83, 0.97, 0.97
+    assert fine_tuned[0] >= 0.75 and fine_tuned[-1] >= 0.93
+    assert fine_tuned[-1] >= results.accuracy["embedding"]["logreg"][-1] + 0.1
 
 
 def test_written_table_json_and_plots(probed):

@@ -55,11 +55,10 @@ class ProbeConfig:
     label_counts: list[int] = field(default_factory=lambda: [100, 1000], metadata={
         "help": "numbers of training labels to probe with; all labels are always added"})
     hidden: int = field(default=128, metadata={"help": "MLP head: hidden units"})
-    steps: int = field(default=300, metadata={"help": "MLP head: Adam steps on mini-batches of 128"})
+    steps: int = field(default=1000, metadata={
+        "help": "MLP head and fine-tuning: Adam steps on mini-batches of 128"})
     fine_tune: Path | None = field(default=None, metadata={
         "help": "training run folder runs/<name> (its best.pt): also fine-tune the encoder"})
-    fine_tune_steps: int = field(default=1000, metadata={
-        "help": "fine-tuning: Adam steps on mini-batches of 128"})
     output: Path | None = field(default=None, metadata={
         "help": "results folder (default: runs/probe/<embeddings or model name>)"})
 
@@ -69,7 +68,7 @@ class ProbeConfig:
                               f"--model; got embeddings={self.embeddings}, model={self.model}")
         if not self.label_counts or min(self.label_counts) < 1:
             raise ConfigError(f"label_counts: expected positive numbers; got {self.label_counts}")
-        for name in ("hidden", "steps", "fine_tune_steps"):
+        for name in ("hidden", "steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: expected a positive integer; got {getattr(self, name)}")
         if self.output is None:
@@ -252,7 +251,7 @@ def _probe(table: EmbeddingTable, dataset: Dataset, config: ProbeConfig) -> Prob
         accuracy[features.name] = {"logreg": logreg, "mlp": mlp}
     if config.fine_tune is not None:
         accuracy["embedding"]["fine-tune"] = [
-            fine_tune_probe(config.fine_tune, dataset, index, config.fine_tune_steps, config.seed)
+            fine_tune_probe(config.fine_tune, dataset, index, config.steps, config.seed)
             for index in subsets]
     return ProbeResults(dataset.name, table.metadata["model"], counts, accuracy, confusion)
 

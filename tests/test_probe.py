@@ -39,10 +39,10 @@ def test_accuracies_are_above_floors(probed):
     # Digits pixels are a strong baseline: published linear probes reach about 0.96.
     assert accuracy["pixels"]["logreg"][-1] >= 0.93
     assert accuracy["pixels"]["mlp"][-1] >= 0.90
-    # An 8-d code after only three epochs of pretraining (measured: 0.78 and 0.74) is far
+    # An 8-d code after only three epochs of pretraining (measured: 0.78 and 0.81) is far
     # above chance (0.1) but below PCA-8 (0.90): the conftest encoder is barely trained.
     assert accuracy["embedding"]["logreg"][-1] >= 0.65
-    assert accuracy["embedding"]["mlp"][-1] >= 0.60
+    assert accuracy["embedding"]["mlp"][-1] >= 0.68
     assert accuracy["PCA-8"]["logreg"][-1] >= 0.85
     for features in accuracy.values():  # more labels never hurt much, and help from 100
         for scores in features.values():

@@ -138,6 +138,17 @@ def raw_pixels(x: np.ndarray, raw_max: float) -> np.ndarray:
     return scaled.astype(np.float32)
 
 
+def check_model_fits(model, dataset: Dataset) -> None:
+    """Raise `ExtractionError` unless the encoder (a `clients.backends.ModelIdentity`) takes
+    the data set's images: the same shape and the same raw pixel range."""
+    if tuple(model.input_shape) != dataset.image_shape or model.max_value != dataset.raw_max:
+        raise ExtractionError(
+            f"model {model.name} v{model.version}: expected images of shape "
+            f"{tuple(model.input_shape)} with pixel values up to {model.max_value:g}; data set "
+            f"{dataset.name} has shape {dataset.image_shape} with values up to "
+            f"{dataset.raw_max:g}")
+
+
 def extraction_rows(dataset: Dataset) -> ExtractionRows:
     """All rows of `dataset` (train, val, test), raw pixels, labels and split names."""
     parts = [getattr(dataset, name) for name in SPLITS]
@@ -365,11 +376,7 @@ def extract(config: EmbedConfig, backend, dataset: Dataset | None = None) -> Ext
         dataset = load_dataset(config.data, config.path, seed=config.seed, limit=config.limit)
     rows = extraction_rows(dataset)
     model = backend.model
-    if rows.pixels.shape[1:] != model.input_shape or model.max_value != dataset.raw_max:
-        raise ExtractionError(
-            f"model {model.name} v{model.version}: expected images of shape {model.input_shape} "
-            f"with pixel values up to {model.max_value:g}; data set {config.data} has shape "
-            f"{rows.pixels.shape[1:]} with values up to {dataset.raw_max:g}")
+    check_model_fits(model, dataset)
     manifest = {"dataset": config.dataset_args(), "model": dataclasses.asdict(model),
                 "rows": len(rows), "shard_size": config.shard_size}
     store = ShardStore(output.with_name(output.name + ".shards"), manifest)

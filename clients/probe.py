@@ -24,7 +24,8 @@ from torch import nn
 
 from aet.config import ConfigError, add_config_arguments, config_from_args
 from aet.errors import UserError
-from clients.extract import EmbeddingTable, extraction_rows, read_embeddings
+from clients.extract import (EmbeddingTable, check_model_fits, extraction_rows,
+                             read_embeddings)
 from training.data import DATASETS, Dataset, load_dataset
 from training.evaluate import fit_pca, label_subset, linear_probe
 
@@ -96,6 +97,7 @@ def embed_in_process(model_dir: Path, dataset: Dataset) -> EmbeddingTable:
 
     rows = extraction_rows(dataset)
     with LocalBackend(model_dir) as backend:
+        check_model_fits(backend.model, dataset)
         embeddings = np.concatenate(list(backend.embed_rows(rows.pixels, batch_size=1024)))
         model = asdict(backend.model)
     return EmbeddingTable(embeddings, np.arange(len(rows)), rows.labels, rows.split,

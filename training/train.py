@@ -147,6 +147,8 @@ class Trainer:
         self.generator = torch.Generator().manual_seed(config.seed)  # shuffling, VAE sampling
         self.corruption = config.corruption()
         self.position = Position()
+        self._tensors_stage: int | None = None  # the stage whose inputs `_tensors` holds
+        self._tensors: tuple[torch.Tensor, torch.Tensor] = (self.train_x, self.val_x)
         self.interrupt = _InterruptFlag()
         self.history: dict[str, dict] = {s.name: {"train_loss": [], "val_loss": []} for s in self.stages}
         self.optimizer = self._make_optimizer()
@@ -179,14 +181,24 @@ class Trainer:
         with torch.no_grad():
             return self.model.stage_input(stage.layer, x)
 
+    def _stage_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(train, validation) data of the current stage, computed once per stage."""
+        if self._tensors_stage != self.position.stage:
+            stage = self._stage()
+            self._tensors = (self._stage_data(stage, self.train_x), self._stage_data(stage, self.val_x))
+            self._tensors_stage = self.position.stage
+        return self._tensors
+
     def _loss_function(self, stage: Stage) -> Callable[..., torch.Tensor]:
         if stage.layer is None:
             return lambda inputs, target: self.model.objective(inputs, target, self.generator)
         return lambda inputs, target: self.model.stage_objective(stage.layer, inputs, target)
 
-    def _validation_loss(self, stage: Stage, val_data: torch.Tensor) -> float:
-        """Mean loss on the validation set, with the same corruption and samples every epoch."""
-        loss_of = self._loss_function(stage)
+    def _validation_loss(self) -> float:
+        """Mean loss of the current stage on the validation set, with the same corruption (and
+        VAE samples) every epoch."""
+        _, val_data = self._stage_tensors()
+        loss_of = self._loss_function(self._stage())
         saved = self.generator.get_state()
         self.generator.manual_seed(self.config.seed + 1)
         corruption = (None if self.corruption is None
@@ -201,8 +213,12 @@ class Trainer:
         self.generator.set_state(saved)
         return total.item() / len(val_data)
 
-    def _run_epoch(self, stage: Stage, train_data: torch.Tensor) -> float:
-        """Finish the current epoch from `position.step`; returns its mean training loss."""
+    def train_epoch(self) -> float:
+        """Train one epoch of the current stage (the rest of it after a resume); its mean loss.
+
+        Raises TrainingInterrupted after saving when a stop was requested mid-epoch.
+        """
+        stage, (train_data, _) = self._stage(), self._stage_tensors()
         pos, batch = self.position, self.config.batch_size
         if pos.permutation is None:
             pos.permutation = torch.randperm(len(train_data), generator=self.generator)
@@ -282,11 +298,9 @@ class Trainer:
         """
         with _catch_interrupt(self.interrupt):
             stage = self._stage()
-            train_data = self._stage_data(stage, self.train_x)
-            val_data = self._stage_data(stage, self.val_x)
             while not self._stage_done(stage):
-                train_loss = self._run_epoch(stage, train_data)
-                self._end_epoch(stage, train_loss, self._validation_loss(stage, val_data))
+                train_loss = self.train_epoch()
+                self._end_epoch(stage, train_loss, self._validation_loss())
                 if self.interrupt.requested:
                     self._stop()
                 self.save()
@@ -343,6 +357,7 @@ class Trainer:
             self.corruption.generator.set_state(corruption_state)
         optimizer_state = state.pop("optimizer")
         self.position = Position(**state)
+        self._tensors_stage = None
         if not self.finished:
             self.optimizer = self._make_optimizer()
             self.optimizer.load_state_dict(optimizer_state)

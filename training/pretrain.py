@@ -103,6 +103,9 @@ class PretrainConfig:
                               f"{', '.join(DATASETS)}")
         self.model_config()  # validates the model fields
         self.training_config()  # validates optimisation and noise fields
+        if not 0 < self.val_fraction < 1:
+            raise ConfigError(f"val_fraction: early stopping needs a validation split, a fraction "
+                              f"in (0, 1); got {self.val_fraction}")
         if self.threads < 1:
             raise ConfigError(f"threads: expected a positive integer; got {self.threads}")
         if any(n < 1 for n in self.probe_labels):

@@ -149,7 +149,7 @@ class Trainer:
         self.position = Position()
         self._tensors_stage: int | None = None  # the stage whose inputs `_tensors` holds
         self._tensors: tuple[torch.Tensor, torch.Tensor] = (self.train_x, self.val_x)
-        self.interrupt = _InterruptFlag()
+        self._interrupt = _InterruptFlag()
         self.history: dict[str, dict] = {s.name: {"train_loss": [], "val_loss": []} for s in self.stages}
         self.optimizer = self._make_optimizer()
 
@@ -242,7 +242,7 @@ class Trainer:
                 bar.update()
                 if pos.step % self.config.log_every == 0:
                     bar.set_postfix(loss=f"{pos.loss_sum.item() / pos.step:.4f}")
-                if self.interrupt.requested and pos.step < n_steps:
+                if self._interrupt.requested and pos.step < n_steps:
                     self._stop()
         mean_loss = pos.loss_sum.item() / n_steps
         pos.permutation, pos.loss_sum, pos.step = None, None, 0
@@ -280,11 +280,11 @@ class Trainer:
 
     def request_stop(self) -> None:
         """Ask training to save and stop after the current step, as Ctrl-C does."""
-        self.interrupt.requested = True
+        self._interrupt.requested = True
 
     def _stop(self) -> None:
         self.save()
-        self.interrupt.requested = False  # this request is served; the trainer stays usable
+        self._interrupt.requested = False  # this request is served; the trainer stays usable
         raise TrainingInterrupted(self.checkpoint_path)
 
     def _stage_done(self, stage: Stage) -> bool:
@@ -296,12 +296,12 @@ class Trainer:
 
         Raises TrainingInterrupted after saving when Ctrl-C arrives.
         """
-        with _catch_interrupt(self.interrupt):
+        with _catch_interrupt(self._interrupt):
             stage = self._stage()
             while not self._stage_done(stage):
                 train_loss = self.train_epoch()
                 self._end_epoch(stage, train_loss, self._validation_loss())
-                if self.interrupt.requested:
+                if self._interrupt.requested:
                     self._stop()
                 self.save()
             self._next_stage()
@@ -312,7 +312,7 @@ class Trainer:
 
         Raises TrainingInterrupted after saving when Ctrl-C arrives.
         """
-        with _catch_interrupt(self.interrupt):
+        with _catch_interrupt(self._interrupt):
             while not self.finished:
                 self.run_stage()
         return self.history

@@ -136,6 +136,19 @@ def test_missing_corrupt_or_foreign_checkpoints_raise_checkpoint_error(digits, t
         load_checkpoint(tmp_path / "checkpoint.pt")
 
 
+def test_truncated_or_inconsistent_checkpoints_raise_checkpoint_error(digits, tmp_path):
+    make_trainer(digits, tmp_path).fit()
+    path = tmp_path / "best.pt"
+    payload = torch.load(path, weights_only=True)
+    torch.save({**payload, "model_config": {**payload["model_config"], "hidden_sizes": [8]}},
+               tmp_path / "edited.pt")
+    with pytest.raises(CheckpointError, match="edited.pt: weights do not fit its model configuration"):
+        load_checkpoint(tmp_path / "edited.pt")
+    (tmp_path / "truncated.pt").write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="truncated.pt: not a readable checkpoint"):
+        load_checkpoint(tmp_path / "truncated.pt")
+
+
 def test_best_checkpoint_holds_what_export_needs(digits, tmp_path):
     trainer = make_trainer(digits, tmp_path)
     trainer.fit()

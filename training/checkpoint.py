@@ -93,7 +93,8 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         raise CheckpointError(f"checkpoint {path}: no such file")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, ValueError) as exc:
+    except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, ValueError,
+            OSError) as exc:  # torch.load raises a bare OSError for some truncated files
         raise CheckpointError(f"checkpoint {path}: not a readable checkpoint ({exc})") from exc
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
@@ -108,4 +109,10 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     except (TypeError, ConfigError) as exc:
         raise CheckpointError(f"checkpoint {path}: invalid model configuration ({exc})") from exc
     values["image_shape"] = tuple(int(d) for d in values["image_shape"])
-    return Checkpoint(**values)
+    checkpoint = Checkpoint(**values)
+    try:
+        checkpoint.build_model()
+    except (RuntimeError, ConfigError) as exc:
+        raise CheckpointError(f"checkpoint {path}: weights do not fit its model configuration "
+                              f"({exc})") from exc
+    return checkpoint

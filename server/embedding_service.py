@@ -19,7 +19,7 @@ import grpc
 import numpy as np
 
 from aet_proto import embedding_pb2, embedding_pb2_grpc
-from aet_proto.codec import WIRE_DTYPES, decode_tensor, encode_tensor
+from aet_proto.codec import WIRE_DTYPES, decode_tensor, fill_tensor
 from server.batcher import BatchFuture
 from server.errors import abort, grpc_status
 from server.metrics import UNKNOWN_MODEL, RequestTiming, ServingMetrics
@@ -142,13 +142,16 @@ class EmbeddingService(embedding_pb2_grpc.EmbeddingServiceServicer):
         request, model, future, decode_seconds = submitted
         embeddings = future.result()
         answered = time.perf_counter()
-        tensor = encode_tensor(_postprocess(embeddings, request.options))
-        encoded = time.perf_counter()
-        return embedding_pb2.EmbedResponse(
-            request_id=request.request_id, model=model.name, version=model.version,
-            embeddings=tensor, timing=embedding_pb2.ServerTiming(
-                decode_us=decode_seconds * 1e6, queue_us=future.queue_seconds * 1e6,
-                run_us=future.run_seconds * 1e6, encode_us=(encoded - answered) * 1e6))
+        # Sub-messages are filled in place: building them apart would copy them in.
+        response = embedding_pb2.EmbedResponse(
+            request_id=request.request_id, model=model.name, version=model.version)
+        fill_tensor(response.embeddings, _postprocess(embeddings, request.options))
+        timing = response.timing
+        timing.decode_us = decode_seconds * 1e6
+        timing.queue_us = future.queue_seconds * 1e6
+        timing.run_us = future.run_seconds * 1e6
+        timing.encode_us = (time.perf_counter() - answered) * 1e6
+        return response
 
 
     def _observe(self, request: embedding_pb2.EmbedRequest, submitted: _Submitted | None,

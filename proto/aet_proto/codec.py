@@ -45,13 +45,26 @@ def numpy_dtype(wire_dtype: int, field: str = "dtype") -> np.dtype:
 
 def encode_tensor(array: np.ndarray) -> embedding_pb2.Tensor:
     """An `aet.v1.Tensor` holding `array` (float32, uint8 or float16) as little-endian bytes."""
+    tensor = embedding_pb2.Tensor()
+    fill_tensor(tensor, array)
+    return tensor
+
+
+def fill_tensor(tensor: embedding_pb2.Tensor, array: np.ndarray) -> None:
+    """Write `array` into an empty `tensor` in place, e.g. a response's own field (no copy of
+    a separately built message)."""
     array = np.asarray(array)
-    wire_dtype = WIRE_DTYPES.get(array.dtype.newbyteorder("<"))
+    # A little-endian (native) dtype is found directly; only big-endian arrays pay the lookup.
+    wire_dtype = WIRE_DTYPES.get(array.dtype)
+    if wire_dtype is None:
+        wire_dtype = WIRE_DTYPES.get(array.dtype.newbyteorder("<"))
     if wire_dtype is None:
         expected = ", ".join(str(d) for d in NUMPY_DTYPES.values())
         raise TensorCodecError(f"array dtype: expected one of {expected}, got {array.dtype}")
     little = array.astype(NUMPY_DTYPES[wire_dtype], order="C", copy=False)
-    return embedding_pb2.Tensor(dtype=wire_dtype, shape=little.shape, data=little.tobytes())
+    tensor.dtype = wire_dtype
+    tensor.shape.extend(little.shape)
+    tensor.data = little.tobytes()
 
 
 def decode_tensor(tensor: embedding_pb2.Tensor, field: str = "tensor") -> np.ndarray:
@@ -66,7 +79,7 @@ def decode_raw(data: bytes, shape, dtype: np.dtype, field: str = "tensor") -> np
     Usable for any raw-bytes tensor protocol (e.g. KServe's `raw_input_contents`).
     """
     dims = tuple(shape)
-    if not dims or any(d < 0 for d in dims):
+    if not dims or min(dims) < 0:
         raise TensorCodecError(
             f"{field}.shape: expected at least one dimension, none negative, got {list(dims)}")
     expected = math.prod(dims) * dtype.itemsize

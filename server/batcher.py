@@ -120,6 +120,13 @@ class DynamicBatcher:
         self._queue: collections.deque[_Request] = collections.deque()
         self._cond = threading.Condition()
         self._busy = False  # a batch is being formed or run
+        self._queued_rows = 0  # rows of the queue not yet handed to a batch
+        # While the worker waits for a batch to fill (`_gather`), submitters wake it only once
+        # its wait can end: `_gather_missing` more requests or `_gather_room` more rows queued.
+        # One wake-up per batch, not one per request: each costs a context switch and the GIL.
+        self._gathering = False
+        self._gather_missing = 0
+        self._gather_room = 0
         self._closed = False
         self._last_batch_requests = 1
         self._worker = threading.Thread(target=self._work, name=f"batcher-{name}", daemon=True)
@@ -150,7 +157,11 @@ class DynamicBatcher:
                         f"model {self.name}: queue full ({self.max_queue_size} requests "
                         f"waiting); retry later")
                 self._queue.append(request)
-                self._cond.notify()
+                self._queued_rows += request.rows
+                if not self._busy or (self._gathering and (
+                        len(self._queue) >= self._gather_missing
+                        or self._queued_rows >= self._gather_room)):
+                    self._cond.notify()  # else the worker looks at the queue when it is free
                 return request.future
             self._busy = True
         # Idle model: run in the caller's thread, skipping the hand-off to the worker.
@@ -206,7 +217,11 @@ class DynamicBatcher:
             remaining = give_up - time.monotonic()
             if remaining <= 0:
                 break
+            self._gathering = True
+            self._gather_missing = self._last_batch_requests - len(parts)
+            self._gather_room = self.max_batch_size - rows
             self._cond.wait(remaining)
+            self._gathering = False
             rows = self._take(parts, rows)
         return parts
 
@@ -223,10 +238,12 @@ class DynamicBatcher:
                 break  # fits a batch of its own: wait for the next one rather than split it
             if not self._admit(request, now):
                 self._queue.popleft()
+                self._queued_rows -= left
                 continue
             count = min(left, room)
             parts.append((request, request.taken, request.taken + count))
             request.taken += count
+            self._queued_rows -= count
             rows += count
             if request.taken == request.rows:
                 self._queue.popleft()

@@ -182,9 +182,10 @@ class RayBackend(_Backend):
         from ray.data.extensions import ArrowTensorArray
 
         rows = np.arange(len(pixels))
-        blocks = [pa.table({"row": rows[start:start + batch_size],
-                            "pixels": ArrowTensorArray.from_numpy(pixels[start:start + batch_size])})
-                  for start in range(0, len(pixels), batch_size)]  # one task per block
+        starts = range(0, len(pixels), batch_size)
+        blocks = [pa.table({"row": rows[i:i + batch_size],
+                            "pixels": ArrowTensorArray.from_numpy(pixels[i:i + batch_size])})
+                  for i in starts]  # one block per batch: the actors share the blocks out
         dataset = ray.data.from_arrow(blocks).map_batches(
             EncoderActor, fn_constructor_kwargs={"model_dir": self._model_dir},
             batch_size=batch_size, batch_format="numpy", num_cpus=1,

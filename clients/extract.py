@@ -197,8 +197,9 @@ def write_embeddings(path: Path, table: EmbeddingTable) -> None:
     if path.suffix == ".npz":
         def write(temporary: Path) -> None:
             with open(temporary, "wb") as handle:
-                np.savez(handle, embeddings=table.embeddings, ids=table.ids, labels=table.labels,
-                         split=table.split.astype(str), metadata=np.array(json.dumps(table.metadata)))
+                np.savez(handle, embeddings=table.embeddings, ids=table.ids,
+                         labels=table.labels, split=table.split.astype(str),
+                         metadata=np.array(json.dumps(table.metadata)))
     else:
         import pyarrow as pa
         import pyarrow.parquet as pq

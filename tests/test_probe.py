@@ -75,17 +75,19 @@ def test_written_table_json_and_plots(probed):
             assert image.format == "PNG" and min(image.size) > 300
 
 
-def test_extraction_output_gives_the_same_numbers(tmp_path, model_dir, probed):
+def test_extraction_output_and_model_give_the_same_inputs(tmp_path, model_dir):
+    """`--embeddings` (an `aet embed` output) and `--model` feed the probes identical data."""
     output = tmp_path / "digits.parquet"
     with LocalBackend(model_dir) as backend:
         extract(EmbedConfig(local=model_dir, output=output, progress=False), backend)
-    config = ProbeConfig(embeddings=output, label_counts=[100], output=tmp_path / "probe")
-    results = probe(*load_inputs(config), config)
-    expected = probed[0].accuracy
-    for features in ("embedding", "pixels", "PCA-8"):
-        for classifier in ("logreg", "mlp"):
-            scores = results.accuracy[features][classifier]
-            assert scores == [expected[features][classifier][i] for i in (0, 2)]
+    from_file, file_dataset = load_inputs(ProbeConfig(embeddings=output))
+    in_process, dataset = load_inputs(ProbeConfig(model=model_dir))
+    np.testing.assert_array_equal(from_file.embeddings, in_process.embeddings)
+    np.testing.assert_array_equal(from_file.labels, in_process.labels)
+    np.testing.assert_array_equal(from_file.split, in_process.split)
+    assert from_file.metadata["model"]["sha256"] == in_process.metadata["model"]["sha256"]
+    for name in ("train", "val", "test"):
+        np.testing.assert_array_equal(getattr(file_dataset, name).x, getattr(dataset, name).x)
 
 
 def test_embeddings_of_other_rows_are_refused(tmp_path):

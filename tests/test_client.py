@@ -137,6 +137,16 @@ def test_queue_full_is_real_and_retried_with_backoff(tiny_queue_server, caplog):
     assert retried and all("RESOURCE_EXHAUSTED" in r.getMessage() for r in retried)
 
 
+def test_deadline_is_sent_and_not_retried(tiny_queue_server, caplog):
+    pixels = digits_pixels(5_000, seed=5)  # 5,000 one-row runs: far longer than 5 ms
+    with EmbeddingClient(target(tiny_queue_server)) as client:
+        client.describe(MODEL)  # connected, limits known: only the embedding call is timed
+        with pytest.raises(EmbeddingError) as caught:
+            client.embed(pixels, MODEL, timeout=0.005)
+    assert caught.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert not retry_records(caplog)
+
+
 def test_backoff_grows_with_jitter_and_stays_capped():
     import random
 

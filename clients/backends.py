@@ -76,11 +76,16 @@ def _open_session(found: ModelVersion, threads: int) -> EncoderSession:
                           RuntimeOptions(intra_op_threads=threads))
 
 
-class _Backend:
-    """Context-manager plumbing shared by the backends."""
+class EmbeddingBackend:
+    """What `clients.extract.extract` runs on: `model`, `label` and `embed_rows`; a context
+    manager that releases the backend's resources on exit."""
 
-    label: str
+    label: str  # for the summary line and the output's metadata
     model: ModelIdentity
+
+    def embed_rows(self, pixels: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
+        """Embeddings of consecutive blocks of `pixels` (raw range), in order."""
+        raise NotImplementedError
 
     def __enter__(self):
         return self
@@ -92,7 +97,7 @@ class _Backend:
         """Release what the backend holds (channel, Ray); the default holds nothing."""
 
 
-class LocalBackend(_Backend):
+class LocalBackend(EmbeddingBackend):
     """onnxruntime in this process, on `exported/<model>[/<version>]`."""
 
     def __init__(self, model_dir: str | os.PathLike, threads: int = 0):
@@ -107,7 +112,7 @@ class LocalBackend(_Backend):
             yield self._session.run(pixels[start:start + batch_size].astype(np.float32))
 
 
-class ServerBackend(_Backend):
+class ServerBackend(EmbeddingBackend):
     """An `aet serve` server, over one `EmbedStream` per job."""
 
     def __init__(self, client, model: str, version: int | None = None):
@@ -142,7 +147,7 @@ class EncoderActor:
                 "embedding": self._session.run(batch["pixels"].astype(np.float32))}
 
 
-class RayBackend(_Backend):
+class RayBackend(EmbeddingBackend):
     """Ray Data `map_batches` with `workers` onnxruntime actors.
 
     Starts a local Ray (`workers` CPUs, no dashboard) unless `address` names a cluster to join;
@@ -204,7 +209,7 @@ class RayBackend(_Backend):
             ray.shutdown()
 
 
-def open_backend(config) -> _Backend:
+def open_backend(config) -> EmbeddingBackend:
     """The backend an `EmbedConfig` asks for (`--server`, `--local` or `--ray`)."""
     if config.local is not None:
         return LocalBackend(config.local)

@@ -22,13 +22,16 @@ import zipfile
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from aet.config import ConfigError, add_config_arguments, config_from_args
 from aet.errors import UserError
 from training.data import DATASETS, Dataset, load_dataset
+
+if TYPE_CHECKING:  # the backends import onnxruntime (and Ray): only when a job runs
+    from clients.backends import EmbeddingBackend, ModelIdentity
 
 SPLITS = ("train", "val", "test")
 FORMATS = (".npz", ".parquet")
@@ -138,9 +141,9 @@ def raw_pixels(x: np.ndarray, raw_max: float) -> np.ndarray:
     return scaled.astype(np.float32)
 
 
-def check_model_fits(model, dataset: Dataset) -> None:
-    """Raise `ExtractionError` unless the encoder (a `clients.backends.ModelIdentity`) takes
-    the data set's images: the same shape and the same raw pixel range."""
+def check_model_fits(model: ModelIdentity, dataset: Dataset) -> None:
+    """Raise `ExtractionError` unless the encoder takes the data set's images: the same shape
+    and the same raw pixel range."""
     if tuple(model.input_shape) != dataset.image_shape or model.max_value != dataset.raw_max:
         raise ExtractionError(
             f"model {model.name} v{model.version}: expected images of shape "
@@ -366,8 +369,9 @@ class ExtractionSummary:
                 + f"; wrote {self.rows} rows to {self.output}")
 
 
-def extract(config: EmbedConfig, backend, dataset: Dataset | None = None) -> ExtractionSummary:
-    """Run the extraction job of `config` with an open `backend` (see `clients.backends`)."""
+def extract(config: EmbedConfig, backend: EmbeddingBackend,
+            dataset: Dataset | None = None) -> ExtractionSummary:
+    """Run the extraction job of `config` on an open `backend`; `dataset` saves reloading it."""
     from tqdm import tqdm
 
     output = config.output

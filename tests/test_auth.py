@@ -8,8 +8,6 @@ certificates are made with the openssl command line.
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 from concurrent import futures
 from pathlib import Path
 
@@ -131,27 +129,6 @@ def test_missing_token_file_is_named(tmp_path):
 
 
 # --- TLS ---------------------------------------------------------------------------------------
-
-def _openssl(*args: str, cwd: Path) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory) -> Path:
-    """A throwaway CA, a server certificate for 127.0.0.1/localhost and a client certificate."""
-    if shutil.which("openssl") is None:
-        pytest.skip("the openssl command line is needed to make throwaway certificates")
-    folder = tmp_path_factory.mktemp("pki")
-    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-             "-subj", "/CN=aet test CA", "-keyout", "ca.key", "-out", "ca.pem", cwd=folder)
-    (folder / "server.ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
-    for name, extra in (("server", ["-extfile", "server.ext"]), ("client", [])):
-        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}",
-                 "-keyout", f"{name}.key", "-out", f"{name}.csr", cwd=folder)
-        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
-                 "-CAcreateserial", "-days", "1", "-out", f"{name}.pem", *extra, cwd=folder)
-    return folder
-
 
 def _check_health(port: int, credentials: grpc.ChannelCredentials) -> int:
     with grpc.secure_channel(f"127.0.0.1:{port}", credentials) as channel:

@@ -18,7 +18,6 @@ from clients.client import EmbeddingClient, EmbeddingError, RetryPolicy
 from kserve_harness import (EMBEDDING_DIM, MODEL, RAW_MAX, add_version, digits_pixels,
                             expected_embeddings)
 from server.auth import BearerTokenInterceptor, tls_server_credentials
-from test_auth import pki  # noqa: F401  (fixture: throwaway CA, server and client certificates)
 
 SEED = 0
 MIB = 1 << 20
@@ -215,7 +214,7 @@ def test_bearer_token(repository, start_server):
     assert embeddings.shape == (3, EMBEDDING_DIM)
 
 
-def test_mutual_tls(repository, start_server, pki):  # noqa: F811
+def test_mutual_tls(repository, start_server, pki):
     credentials = tls_server_credentials(pki / "server.pem", pki / "server.key", pki / "ca.pem")
     server = start_server(repository, credentials=credentials)
     with EmbeddingClient(target(server), root_cert=pki / "ca.pem",

@@ -50,6 +50,9 @@ def test_pretrain_one_epoch_writes_the_run_folder(tmp_path):
     # The same run name again without --resume is refused, and the run is left as it was.
     assert main(["pretrain", "--runs-dir", str(tmp_path), "--name", "smoke", "--epochs", "1"]) == 2
     assert json.loads((run / "metrics.json").read_text()) == metrics
+    # --resume of a run that does not exist is refused before anything is written.
+    assert main(["pretrain", "--runs-dir", str(tmp_path), "--name", "other", "--resume"]) == 2
+    assert not (tmp_path / "other").exists()
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -145,6 +145,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 def prepare_run_dir(config: PretrainConfig) -> Path:
     """Create the run folder; refuse to overwrite a previous run unless resuming it."""
     run_dir = config.run_dir
+    if config.resume and not (run_dir / "checkpoint.pt").exists():
+        raise ConfigError(f"resume: no run to continue; expected {run_dir / 'checkpoint.pt'}")
     if (run_dir / "checkpoint.pt").exists() and not config.resume:
         raise ConfigError(f"name: run folder {run_dir} already holds a run; pass --resume to "
                           f"continue it or choose another --name")

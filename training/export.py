@@ -214,16 +214,8 @@ def export(config: ExportConfig) -> Path:
     Nothing is written unless the graph passes `onnx.checker` and the parity check.
     Returns the new version folder.
     """
-    try:
-        checkpoint = load_checkpoint(config.checkpoint_path)
-    except OSError as exc:  # torch.load raises a bare OSError for some truncated zip files
-        raise CheckpointError(f"checkpoint {config.checkpoint_path}: not a readable checkpoint "
-                              f"({exc})") from exc
-    try:
-        autoencoder = checkpoint.build_model()
-    except RuntimeError as exc:  # weights that do not fit the stored model configuration
-        raise CheckpointError(f"checkpoint {config.checkpoint_path}: weights do not match its "
-                              f"model configuration ({exc})") from exc
+    checkpoint = load_checkpoint(config.checkpoint_path)  # CheckpointError names the fault
+    autoencoder = checkpoint.build_model()
     encoder = PixelEncoder(autoencoder, checkpoint.raw_max).eval()
     pixels = parity_pixels(training_dataset(checkpoint, config.checkpoint_path))  # (rows, C, H, W)
     model = to_onnx(encoder, torch.from_numpy(pixels[:2]), config.opset)

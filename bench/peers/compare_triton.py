@@ -107,7 +107,7 @@ def free_port() -> int:
 class ServerProcess:
     """A server started in its own session; `stop()` ends it and everything it started."""
 
-    def __init__(self, command: list[str], name: str, ready_timeout: float,
+    def __init__(self, command: list[str], name: str, ready_marker: str, ready_timeout: float,
                  env: dict[str, str] | None = None) -> None:
         self.name = name
         self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -119,7 +119,7 @@ class ServerProcess:
             if not line:
                 break
             output.append(line)
-            if line.startswith("READY"):
+            if ready_marker in line:
                 return
         self.stop()
         raise RuntimeError(f"{name} did not start within {ready_timeout:.0f} s:\n"
@@ -247,13 +247,16 @@ def main() -> int:
                                "--threads", str(args.threads),
                                "--max-queue-delay-us", str(args.max_queue_delay_us)]
                 else:
-                    command = [sys.executable, str(HERE / "serve_ours.py"),
+                    command = [sys.executable, "-m", "server", "serve",
                                "--repository", str(model_repository), "--port", str(port),
-                               "--threads", str(args.threads),
-                               "--max-queue-delay-us", str(args.max_queue_delay_us)]
+                               "--intra-op-threads", str(args.threads),
+                               "--inter-op-threads", "1", "--max-batch-size", "256",
+                               "--max-queue-delay-ms", str(args.max_queue_delay_us / 1e3),
+                               "--grace-period", "5"]
                     command += ["--no-dynamic-batching"] if server == "bare" else []
+                ready_marker = "READY" if server == "triton" else '"event": "server_ready"'
                 print(f"{server}: {model} on port {port}", flush=True)
-                process = ServerProcess(command, server, ready_timeout=180)
+                process = ServerProcess(command, server, ready_marker, ready_timeout=180)
                 try:
                     for batch_size in batch_sizes:
                         for concurrency in args.concurrency:

@@ -32,9 +32,6 @@ import json
 import multiprocessing
 import os
 import platform
-import queue
-import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -55,6 +52,7 @@ from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 from aet_proto import embedding_pb2, embedding_pb2_grpc  # noqa: E402
 from aet_proto.codec import encode_tensor  # noqa: E402
+from clients.server_process import ServerProcess  # noqa: E402
 from server.repository import InputSpec, ModelCard, OutputSpec, write_version  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "serve.json"
@@ -161,54 +159,21 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-class ServerProcess:
-    """A child `aet serve` with one onnxruntime thread; stopped with SIGTERM on exit."""
+def rss_bytes(pid: int) -> int:
+    """Resident memory of process `pid` (Linux /proc)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("VmRSS missing from /proc status")
 
-    def __init__(self, repository: Path, *flags: str) -> None:
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "proto")])}
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "server", "serve", "--repository", str(repository),
-             "--port", "0", "--intra-op-threads", "1", "--inter-op-threads", "1", *flags],
-            stderr=subprocess.PIPE, text=True, env=env)
-        self._events: queue.Queue = queue.Queue()
-        threading.Thread(target=self._read_log, daemon=True).start()
-        self.port = self._wait_for("server_started")["port"]
-        self._wait_for("server_ready")
 
-    def _read_log(self) -> None:
-        for line in self.process.stderr:
-            self._events.put(json.loads(line))
-
-    def _wait_for(self, event: str) -> dict:
-        deadline = time.monotonic() + SERVER_START_TIMEOUT
-        while True:
-            try:
-                entry = self._events.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
-                raise RuntimeError(f"aet serve: no {event!r} within {SERVER_START_TIMEOUT} s")
-            if entry["event"] == event:
-                return entry
-
-    def cpu_seconds(self) -> float:
-        return cpu_seconds(self.process.pid)
-
-    def rss_bytes(self) -> int:
-        """Resident memory of the server process (Linux /proc)."""
-        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-        raise RuntimeError("VmRSS missing from /proc status")
-
-    def __enter__(self) -> ServerProcess:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(SERVER_STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+def start_server(repository: Path, *flags: str) -> ServerProcess:
+    """A child `aet serve` with one onnxruntime thread, SERVING when this returns."""
+    log_path = Path(tempfile.mkdtemp(prefix="aet-bench-serve-")) / "server.log"
+    server = ServerProcess(repository, log_path, "--intra-op-threads", "1",
+                           "--inter-op-threads", "1", *flags)
+    server.wait_until_serving()
+    return server
 
 
 class _BareEmbedding(embedding_pb2_grpc.EmbeddingServiceServicer):
@@ -350,7 +315,7 @@ def measure(quick: bool) -> dict:
         repository = Path(tmp)
         paths = build_repository(repository)
         local = {e.name: InProcess(paths[e.name], e) for e in (TINY, LARGE)}
-        with ServerProcess(repository) as server:
+        with start_server(repository) as server:
             results["large_one_client"] = []
             for batch in (64, 256):
                 print(f"large encoder, one client, batch {batch} ...", flush=True)
@@ -410,16 +375,16 @@ def measure(quick: bool) -> dict:
             request = _request(encoder.name, encoder.image_shape, encoder.raw_max, 1)
             tallies = {"batching_on": Tally(1), "batching_off": Tally(1)}
             cpu = {mode: {"server": 0.0, "clients": 0.0} for mode in tallies}
-            with ServerProcess(repository) as on, \
-                    ServerProcess(repository, "--no-dynamic-batching") as off:
+            with start_server(repository) as on, \
+                    start_server(repository, "--no-dynamic-batching") as off:
                 for _ in range(rounds):
                     for mode, server in (("batching_on", on), ("batching_off", off)):
-                        server_cpu = server.cpu_seconds()
+                        server_cpu = cpu_seconds(server.process.pid)
                         parts = [pool.submit(unary_clients, server.port, request,
                                              CLIENTS // CLIENT_PROCESSES, round_seconds, None)
                                  for _ in range(CLIENT_PROCESSES)]
                         merged = [p.result() for p in parts]
-                        cpu[mode]["server"] += server.cpu_seconds() - server_cpu
+                        cpu[mode]["server"] += cpu_seconds(server.process.pid) - server_cpu
                         cpu[mode]["clients"] += sum(m["client_cpu_seconds"] for m in merged)
                         tallies[mode].add({
                             "latencies": [x for m in merged for x in m["latencies"]],
@@ -436,7 +401,7 @@ def measure(quick: bool) -> dict:
 
         print(f"server memory over {memory_calls:,} requests ...", flush=True)
         request = _request(TINY.name, TINY.image_shape, TINY.raw_max, 1)
-        with ServerProcess(repository) as server:
+        with start_server(repository) as server:
             def burst(calls: int) -> int:
                 parts = [pool.submit(unary_clients, server.port, request, 4, None,
                                      calls // CLIENT_PROCESSES)
@@ -444,9 +409,9 @@ def measure(quick: bool) -> dict:
                 return sum(len(p.result()["latencies"]) for p in parts)
 
             burst(warmup_calls)
-            before = server.rss_bytes()
+            before = rss_bytes(server.process.pid)
             answered = burst(memory_calls)
-            after = server.rss_bytes()
+            after = rss_bytes(server.process.pid)
         results["memory"] = {"requests": answered, "clients": 4 * CLIENT_PROCESSES,
                              "rss_before_mb": before / 2**20, "rss_after_mb": after / 2**20,
                              "growth_percent": 100 * (after - before) / before,

@@ -10,16 +10,10 @@ first trains and exports a fresh encoder (`aet pretrain`, `aet export`).
 from __future__ import annotations
 
 import argparse
-import signal
-import socket
-import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from aet.config import ConfigError, add_config_arguments, config_from_args
 from aet.errors import UserError
@@ -27,15 +21,14 @@ from clients.backends import ServerBackend
 from clients.client import EmbeddingClient
 from clients.extract import EmbedConfig, extract, read_embeddings
 from clients.probe import ProbeConfig, dataset_of, probe, write_results
+from clients.server_process import ServerProcess
 from training.data import DATASETS
 
 MODEL_NAMES = {"digits": "digits", "mnist-idx": "mnist"}  # data set -> shipped model name
-SERVER_START_SECONDS = 120.0  # the server imports onnxruntime and warms each model up
-SERVER_STOP_SECONDS = 30.0
 
 
 class DemoError(UserError):
-    """The demo's server did not start or stop, or its model is missing."""
+    """A step of the demo failed, or its model is missing."""
 
 
 @dataclass
@@ -75,59 +68,6 @@ class DemoConfig:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: expected a positive integer; got "
                                   f"{getattr(self, name)}")
-
-
-def free_port() -> int:
-    """A port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe_socket:
-        probe_socket.bind(("127.0.0.1", 0))
-        return probe_socket.getsockname()[1]
-
-
-class ServerProcess:
-    """`aet serve` in a child process on 127.0.0.1, its log in `log_path`."""
-
-    def __init__(self, repository: Path, log_path: Path):
-        self.port = free_port()
-        self.target = f"127.0.0.1:{self.port}"
-        self.log_path = log_path
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        self._log = open(log_path, "wb")
-        command = [sys.executable, "-m", "aet.cli", "serve", "--repository", str(repository),
-                   "--host", "127.0.0.1", "--port", str(self.port)]
-        self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT)
-
-    def wait_until_serving(self, model: str, timeout: float = SERVER_START_SECONDS) -> None:
-        """Block until the health service reports `model` SERVING; DemoError if it never does."""
-        deadline = time.monotonic() + timeout
-        with grpc.insecure_channel(self.target) as channel:
-            health = health_pb2_grpc.HealthStub(channel)
-            while time.monotonic() < deadline:
-                if self.process.poll() is not None:
-                    raise DemoError(f"aet serve exited with code {self.process.returncode} "
-                                    f"before serving; see {self.log_path}")
-                try:
-                    status = health.Check(health_pb2.HealthCheckRequest(service=model),
-                                          timeout=1.0).status
-                except grpc.RpcError:
-                    status = None
-                if status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-                time.sleep(0.2)
-        raise DemoError(f"aet serve: model {model!r} not SERVING after {timeout:.0f} s; "
-                        f"see {self.log_path}")
-
-    def stop(self) -> int:
-        """SIGTERM, then wait for the graceful shutdown; the exit code (killed if it hangs)."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(SERVER_STOP_SECONDS)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self._log.close()
-        return self.process.returncode
 
 
 def pretrain_and_export(config: DemoConfig) -> None:

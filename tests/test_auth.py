@@ -9,7 +9,6 @@ certificates are made with the openssl command line.
 from __future__ import annotations
 
 from concurrent import futures
-from pathlib import Path
 
 import grpc
 import numpy as np

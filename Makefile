@@ -9,7 +9,7 @@ install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet --upgrade pip setuptools wheel
 	$(PY) -m pip install --quiet -e ".[test]"
 	# tritonclient 2.51 pins numpy<2 and protobuf<5 in its metadata but runs with ours; its
 	# perf_analyzer binary needs libb64 (Debian) and CUDA 12's runtime library to start.

@@ -13,12 +13,12 @@ import sys
 from aet.errors import UserError
 
 COMMANDS: dict[str, tuple[str, str]] = {
-    "pretrain": ("training.pretrain", "pretrain an autoencoder on a data set"),
-    "export": ("training.export", "export a trained encoder to the ONNX model repository"),
-    "serve": ("server.app", "serve the model repository over gRPC"),
-    "embed": ("clients.extract", "batch feature extraction (server, local onnxruntime or Ray)"),
-    "probe": ("clients.probe", "train classifiers on frozen embeddings"),
-    "demo": ("clients.demo", "the whole flow on the embedded default data"),
+    "pretrain": ("aet.training.pretrain", "pretrain an autoencoder on a data set"),
+    "export": ("aet.training.export", "export a trained encoder to the ONNX model repository"),
+    "serve": ("aet.server.app", "serve the model repository over gRPC"),
+    "embed": ("aet.clients.extract", "batch feature extraction (server, local onnxruntime or Ray)"),
+    "probe": ("aet.clients.probe", "train classifiers on frozen embeddings"),
+    "demo": ("aet.clients.demo", "the whole flow on the embedded default data"),
 }
 
 
@@ -27,8 +27,11 @@ def main(argv: list[str] | None = None, commands: tuple[str, ...] | None = None)
     argv = list(sys.argv[1:] if argv is None else argv)
     allowed = {name: COMMANDS[name] for name in (commands or COMMANDS)}
     parser = argparse.ArgumentParser(prog="aet", description=__doc__.splitlines()[0])
-    parser.add_argument("command", choices=sorted(allowed), help="; ".join(
-        f"{name}: {text}" for name, (_, text) in allowed.items()))
+    parser.add_argument(
+        "command",
+        choices=sorted(allowed),
+        help="; ".join(f"{name}: {text}" for name, (_, text) in allowed.items()),
+    )
     if not argv or argv[0] not in allowed:
         parser.parse_args(argv[:1])  # prints usage and the valid commands, then exits
         return 2

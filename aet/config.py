@@ -40,18 +40,30 @@ def _base_type(annotation: Any) -> tuple[Any, bool]:
 
 def add_config_arguments(parser: argparse.ArgumentParser, config_cls: type) -> None:
     """Add one flag per field of `config_cls`, plus `--config` for a TOML file."""
-    parser.add_argument("--config", type=Path, default=None,
-                        help="TOML file supplying any of these fields by name (flags win)")
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help="TOML file supplying any of these fields by name (flags win)",
+    )
     hints = typing.get_type_hints(config_cls)
     for field in dataclasses.fields(config_cls):
         base, _ = _base_type(hints[field.name])
-        default = (field.default if field.default is not dataclasses.MISSING
-                   else field.default_factory() if field.default_factory is not dataclasses.MISSING
-                   else None)
+        default = (
+            field.default
+            if field.default is not dataclasses.MISSING
+            else field.default_factory()
+            if field.default_factory is not dataclasses.MISSING
+            else None
+        )
         help_text = field.metadata.get("help", "")
         if "default" not in help_text:  # a help text may word its own default
             help_text += f" (default: {default})"
-        kwargs: dict[str, Any] = {"dest": field.name, "default": argparse.SUPPRESS, "help": help_text}
+        kwargs: dict[str, Any] = {
+            "dest": field.name,
+            "default": argparse.SUPPRESS,
+            "help": help_text,
+        }
         if "choices" in field.metadata:
             kwargs["choices"] = field.metadata["choices"]
         if base is bool:
@@ -96,8 +108,10 @@ def config_from_mapping(config_cls: type[C], values: dict[str, Any]) -> C:
     for key, value in values.items():
         name = key.replace("-", "_")
         if name not in names:
-            raise ConfigError(f"unknown field {key!r} for {config_cls.__name__}; "
-                              f"valid fields: {', '.join(sorted(names))}")
+            raise ConfigError(
+                f"unknown field {key!r} for {config_cls.__name__}; "
+                f"valid fields: {', '.join(sorted(names))}"
+            )
         kwargs[name] = _coerce(config_cls, name, value, hints)
     return config_cls(**kwargs)
 

@@ -19,12 +19,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from clients.backends import LocalBackend, RayBackend, ServerBackend
-from clients.client import EmbeddingClient
-from clients.demo import ServerProcess
-from clients.extract import EmbedConfig, extract, read_embeddings
-from clients.probe import ProbeConfig, dataset_of, probe
-from training.data import load_dataset
+from aet.clients.backends import LocalBackend, RayBackend, ServerBackend
+from aet.clients.client import EmbeddingClient
+from aet.clients.demo import ServerProcess
+from aet.clients.extract import EmbedConfig, extract, read_embeddings
+from aet.clients.probe import ProbeConfig, dataset_of, probe
+from aet.training.data import load_dataset
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -39,49 +39,88 @@ def time_backend(name: str, open_backend, job: EmbedConfig, dataset, repeats: in
         for _ in range(repeats):
             summary = extract(job, backend, dataset)
             rates.append(summary.rows_per_second)
-    print(f"{name:>7}: start-up {startup:6.2f} s, {statistics.median(rates):10,.0f} rows/s "
-          f"median of {repeats} (best {max(rates):,.0f})", flush=True)
-    return {"backend": backend.label, "startup_seconds": startup, "rows": summary.rows,
-            "rows_per_second": rates, "median_rows_per_second": statistics.median(rates)}
+    print(
+        f"{name:>7}: start-up {startup:6.2f} s, {statistics.median(rates):10,.0f} rows/s "
+        f"median of {repeats} (best {max(rates):,.0f})",
+        flush=True,
+    )
+    return {
+        "backend": backend.label,
+        "startup_seconds": startup,
+        "rows": summary.rows,
+        "rows_per_second": rates,
+        "median_rows_per_second": statistics.median(rates),
+    }
 
 
 def throughput(args: argparse.Namespace, scratch: Path) -> list[dict]:
     model_dir = args.repository / args.mnist_model
     dataset = load_dataset("mnist-idx", args.mnist_path)
-    job = dict(data="mnist-idx", path=args.mnist_path, batch_size=args.batch_size,
-               output=scratch / "throughput.npz", overwrite=True, progress=False)
-    results = [time_backend("local", lambda: LocalBackend(model_dir),
-                            EmbedConfig(local=model_dir, **job), dataset, args.repeats)]
+    job = dict(
+        data="mnist-idx",
+        path=args.mnist_path,
+        batch_size=args.batch_size,
+        output=scratch / "throughput.npz",
+        overwrite=True,
+        progress=False,
+    )
+    results = [
+        time_backend(
+            "local",
+            lambda: LocalBackend(model_dir),
+            EmbedConfig(local=model_dir, **job),
+            dataset,
+            args.repeats,
+        )
+    ]
     server = ServerProcess(args.repository, scratch / "server.log")
     try:
         started = time.perf_counter()
         server.wait_until_serving(args.mnist_model)
         serve_startup = time.perf_counter() - started
-        results.append(time_backend(
-            "server", lambda: ServerBackend(EmbeddingClient(server.target), args.mnist_model),
-            EmbedConfig(server=server.target, model=args.mnist_model, **job), dataset,
-            args.repeats))
+        results.append(
+            time_backend(
+                "server",
+                lambda: ServerBackend(EmbeddingClient(server.target), args.mnist_model),
+                EmbedConfig(server=server.target, model=args.mnist_model, **job),
+                dataset,
+                args.repeats,
+            )
+        )
         results[-1]["startup_seconds"] += serve_startup
     finally:
         server.stop()
-    results.append(time_backend("ray", lambda: RayBackend(model_dir, args.workers),
-                                EmbedConfig(ray=model_dir, workers=args.workers, **job), dataset,
-                                args.repeats))
+    results.append(
+        time_backend(
+            "ray",
+            lambda: RayBackend(model_dir, args.workers),
+            EmbedConfig(ray=model_dir, workers=args.workers, **job),
+            dataset,
+            args.repeats,
+        )
+    )
     return results
 
 
 def probe_tables(args: argparse.Namespace, scratch: Path) -> dict[str, str]:
     tables = {}
-    for data, path, model in (("digits", None, args.digits_model),
-                              ("mnist-idx", args.mnist_path, args.mnist_model)):
+    for data, path, model in (
+        ("digits", None, args.digits_model),
+        ("mnist-idx", args.mnist_path, args.mnist_model),
+    ):
         model_dir = args.repository / model
         output = scratch / f"{data}.npz"
         with LocalBackend(model_dir) as backend:
-            extract(EmbedConfig(data=data, path=path, local=model_dir, output=output,
-                                progress=False), backend)
+            extract(
+                EmbedConfig(data=data, path=path, local=model_dir, output=output, progress=False),
+                backend,
+            )
         table = read_embeddings(output)
-        results = probe(table, dataset_of(table, str(output)),
-                        ProbeConfig(embeddings=output, output=scratch / f"probe-{data}"))
+        results = probe(
+            table,
+            dataset_of(table, str(output)),
+            ProbeConfig(embeddings=output, output=scratch / f"probe-{data}"),
+        )
         tables[data] = results.markdown()
         print(tables[data], flush=True)
     return tables
@@ -89,44 +128,73 @@ def probe_tables(args: argparse.Namespace, scratch: Path) -> dict[str, str]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repository", type=Path, default=Path("exported"),
-                        help="model repository (default: exported)")
+    parser.add_argument(
+        "--repository",
+        type=Path,
+        default=Path("exported"),
+        help="model repository (default: exported)",
+    )
     parser.add_argument("--mnist-model", default="mnist", help="MNIST model name (default: mnist)")
-    parser.add_argument("--digits-model", default="digits",
-                        help="digits model name (default: digits)")
-    parser.add_argument("--mnist-path", type=Path, default=None,
-                        help="folder of MNIST IDX files (default: $AET_MNIST_DIR or "
-                             "../shared/data/mnist)")
+    parser.add_argument(
+        "--digits-model", default="digits", help="digits model name (default: digits)"
+    )
+    parser.add_argument(
+        "--mnist-path",
+        type=Path,
+        default=None,
+        help="folder of MNIST IDX files (default: $AET_MNIST_DIR or ../shared/data/mnist)",
+    )
     parser.add_argument("--workers", type=int, default=2, help="Ray actors (default: 2)")
-    parser.add_argument("--batch-size", type=int, default=512,
-                        help="rows per request or run (default: 512)")
-    parser.add_argument("--repeats", type=int, default=3,
-                        help="extraction runs per backend (default: 3)")
+    parser.add_argument(
+        "--batch-size", type=int, default=512, help="rows per request or run (default: 512)"
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="extraction runs per backend (default: 3)"
+    )
     args = parser.parse_args()
     for model in (args.mnist_model, args.digits_model):
         if not (args.repository / model).is_dir():
-            print(f"bench/extract.py: {args.repository / model}: no such model; train and "
-                  f"export it first (aet demo --pretrain, with --data mnist-idx for MNIST)",
-                  file=sys.stderr)
+            print(
+                f"bench/extract.py: {args.repository / model}: no such model; train and "
+                f"export it first (aet demo --pretrain, with --data mnist-idx for MNIST)",
+                file=sys.stderr,
+            )
             return 2
     with tempfile.TemporaryDirectory(prefix="aet-bench-") as scratch:
         backends = throughput(args, Path(scratch))
         tables = probe_tables(args, Path(scratch))
     RESULTS.mkdir(exist_ok=True)
-    lines = ["# Extraction throughput, MNIST test set (10,000 rows)", "",
-             "| backend | start-up (s) | seconds per job (median) | rows/s (median) | "
-             "rows/s (best) |", "|---|---:|---:|---:|---:|"]
-    lines += [f"| {r['backend']} | {r['startup_seconds']:.2f} | "
-              f"{r['rows'] / r['median_rows_per_second']:.2f} | "
-              f"{r['median_rows_per_second']:,.0f} | {max(r['rows_per_second']):,.0f} |"
-              for r in backends]
-    lines += ["", f"batch size {args.batch_size}, {args.repeats} runs per backend, Ray with "
-              f"{args.workers} actors", ""]
+    lines = [
+        "# Extraction throughput, MNIST test set (10,000 rows)",
+        "",
+        "| backend | start-up (s) | seconds per job (median) | rows/s (median) | rows/s (best) |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    lines += [
+        f"| {r['backend']} | {r['startup_seconds']:.2f} | "
+        f"{r['rows'] / r['median_rows_per_second']:.2f} | "
+        f"{r['median_rows_per_second']:,.0f} | {max(r['rows_per_second']):,.0f} |"
+        for r in backends
+    ]
+    lines += [
+        "",
+        f"batch size {args.batch_size}, {args.repeats} runs per backend, Ray with "
+        f"{args.workers} actors",
+        "",
+    ]
     lines += ["# Probe accuracy", ""] + [table for table in tables.values()]
     (RESULTS / "extract.md").write_text("\n".join(lines) + "\n")
-    (RESULTS / "extract.json").write_text(json.dumps(
-        {"throughput": backends, "probe_tables": tables, "args": {
-            k: str(v) for k, v in vars(args).items()}}, indent=2) + "\n")
+    (RESULTS / "extract.json").write_text(
+        json.dumps(
+            {
+                "throughput": backends,
+                "probe_tables": tables,
+                "args": {k: str(v) for k, v in vars(args).items()},
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     print(f"wrote {RESULTS / 'extract.md'} and {RESULTS / 'extract.json'}")
     return 0
 

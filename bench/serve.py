@@ -50,10 +50,10 @@ import onnx  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
-from aet_proto import embedding_pb2, embedding_pb2_grpc  # noqa: E402
-from aet_proto.codec import encode_tensor  # noqa: E402
-from clients.server_process import ServerProcess  # noqa: E402
-from server.repository import InputSpec, ModelCard, OutputSpec, write_version  # noqa: E402
+from aet.clients.server_process import ServerProcess  # noqa: E402
+from aet.proto import embedding_pb2, embedding_pb2_grpc  # noqa: E402
+from aet.proto.codec import encode_tensor  # noqa: E402
+from aet.server.repository import InputSpec, ModelCard, OutputSpec, write_version  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "serve.json"
 SERVER_START_TIMEOUT = 120.0
@@ -76,29 +76,45 @@ LARGE = Encoder("large", (784, 1000, 500, 250, 32), (1, 28, 28), 255.0)
 
 # -- models ----------------------------------------------------------------------------------
 
+
 def encoder_graph(encoder: Encoder, seed: int = 0) -> bytes:
     """pixels (batch, C, H, W) in [0, raw_max] -> embedding (batch, code): random weights."""
     rng = np.random.default_rng(seed)
-    nodes = [helper.make_node("Div", ["pixels", "raw_max"], ["scaled"]),
-             helper.make_node("Flatten", ["scaled"], ["h0"])]
+    nodes = [
+        helper.make_node("Div", ["pixels", "raw_max"], ["scaled"]),
+        helper.make_node("Flatten", ["scaled"], ["h0"]),
+    ]
     weights = [numpy_helper.from_array(np.array(encoder.raw_max, np.float32), "raw_max")]
     layers = list(zip(encoder.sizes[:-1], encoder.sizes[1:]))
     for i, (fan_in, fan_out) in enumerate(layers):
         weight = rng.standard_normal((fan_in, fan_out)) / np.sqrt(fan_in)
-        weights += [numpy_helper.from_array(weight.astype(np.float32), f"w{i}"),
-                    numpy_helper.from_array(np.zeros(fan_out, np.float32), f"b{i}")]
+        weights += [
+            numpy_helper.from_array(weight.astype(np.float32), f"w{i}"),
+            numpy_helper.from_array(np.zeros(fan_out, np.float32), f"b{i}"),
+        ]
         last = i == len(layers) - 1
-        nodes.append(helper.make_node("Gemm", [f"h{i}", f"w{i}", f"b{i}"],
-                                      ["embedding" if last else f"z{i}"]))
+        nodes.append(
+            helper.make_node(
+                "Gemm", [f"h{i}", f"w{i}", f"b{i}"], ["embedding" if last else f"z{i}"]
+            )
+        )
         if not last:
             nodes.append(helper.make_node("Relu", [f"z{i}"], [f"h{i + 1}"]))
     graph = helper.make_graph(
-        nodes, encoder.name,
-        [helper.make_tensor_value_info("pixels", TensorProto.FLOAT,
-                                       ["batch", *encoder.image_shape])],
-        [helper.make_tensor_value_info("embedding", TensorProto.FLOAT,
-                                       ["batch", encoder.sizes[-1]])],
-        weights)
+        nodes,
+        encoder.name,
+        [
+            helper.make_tensor_value_info(
+                "pixels", TensorProto.FLOAT, ["batch", *encoder.image_shape]
+            )
+        ],
+        [
+            helper.make_tensor_value_info(
+                "embedding", TensorProto.FLOAT, ["batch", encoder.sizes[-1]]
+            )
+        ],
+        weights,
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
     onnx.checker.check_model(model)
     return model.SerializeToString()
@@ -109,22 +125,32 @@ def build_repository(root: Path) -> dict[str, Path]:
     paths = {}
     for encoder in (TINY, LARGE):
         card = ModelCard(
-            name=encoder.name, version=1, architecture="mlp",
+            name=encoder.name,
+            version=1,
+            architecture="mlp",
             hyperparameters={"sizes": list(encoder.sizes), "weights": "random (benchmark)"},
             input=InputSpec("pixels", encoder.image_shape, "float32", (0.0, encoder.raw_max)),
             output=OutputSpec("embedding", "float32", encoder.sizes[-1]),
-            preprocessing=["divide by raw_max", "flatten"], dataset={"name": "none"},
-            metrics={}, opset=17, sha256="0" * 64, parity_max_abs_diff=0.0, parity_samples=1,
+            preprocessing=["divide by raw_max", "flatten"],
+            dataset={"name": "none"},
+            metrics={},
+            opset=17,
+            sha256="0" * 64,
+            parity_max_abs_diff=0.0,
+            parity_samples=1,
             library_versions={"onnx": onnx.__version__},
-            created=time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime()))
-        paths[encoder.name] = write_version(root, encoder.name, encoder_graph(encoder),
-                                            card) / "model.onnx"
+            created=time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime()),
+        )
+        paths[encoder.name] = (
+            write_version(root, encoder.name, encoder_graph(encoder), card) / "model.onnx"
+        )
     return paths
 
 
 def pixels(encoder: Encoder, rows: int) -> np.ndarray:
-    return (np.random.default_rng(1).random((rows, *encoder.image_shape), dtype=np.float32)
-            * np.float32(encoder.raw_max))
+    return np.random.default_rng(1).random(
+        (rows, *encoder.image_shape), dtype=np.float32
+    ) * np.float32(encoder.raw_max)
 
 
 class InProcess:
@@ -133,8 +159,9 @@ class InProcess:
     def __init__(self, model_path: Path, encoder: Encoder) -> None:
         options = ort.SessionOptions()
         options.intra_op_num_threads = options.inter_op_num_threads = 1
-        self.session = ort.InferenceSession(str(model_path), options,
-                                            providers=["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(
+            str(model_path), options, providers=["CPUExecutionProvider"]
+        )
         self.encoder = encoder
 
     def run_for(self, batch: int, seconds: float) -> dict:
@@ -153,6 +180,7 @@ class InProcess:
 
 # -- servers ---------------------------------------------------------------------------------
 
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time process `pid` has used so far (Linux /proc)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -170,8 +198,9 @@ def rss_bytes(pid: int) -> int:
 def start_server(repository: Path, *flags: str) -> ServerProcess:
     """A child `aet serve` with one onnxruntime thread, SERVING when this returns."""
     log_path = Path(tempfile.mkdtemp(prefix="aet-bench-serve-")) / "server.log"
-    server = ServerProcess(repository, log_path, "--intra-op-threads", "1",
-                           "--inter-op-threads", "1", *flags)
+    server = ServerProcess(
+        repository, log_path, "--intra-op-threads", "1", "--inter-op-threads", "1", *flags
+    )
     server.wait_until_serving()
     return server
 
@@ -181,7 +210,8 @@ class _BareEmbedding(embedding_pb2_grpc.EmbeddingServiceServicer):
 
     def __init__(self) -> None:
         self.response = embedding_pb2.EmbedResponse(
-            model=TINY.name, version=1, embeddings=encode_tensor(np.zeros((1, 8), np.float32)))
+            model=TINY.name, version=1, embeddings=encode_tensor(np.zeros((1, 8), np.float32))
+        )
 
     def Embed(self, request, context):
         return self.response
@@ -200,15 +230,23 @@ def _bare_server(port_queue, stop_event) -> None:
 
 # -- clients (run in child processes) -------------------------------------------------------
 
-def _request(encoder_name: str, image_shape: tuple, raw_max: float,
-             rows: int) -> embedding_pb2.EmbedRequest:
-    inputs = (np.random.default_rng(1).random((rows, *image_shape), dtype=np.float32)
-              * np.float32(raw_max))
+
+def _request(
+    encoder_name: str, image_shape: tuple, raw_max: float, rows: int
+) -> embedding_pb2.EmbedRequest:
+    inputs = np.random.default_rng(1).random((rows, *image_shape), dtype=np.float32) * np.float32(
+        raw_max
+    )
     return embedding_pb2.EmbedRequest(model=encoder_name, inputs=encode_tensor(inputs))
 
 
-def unary_clients(port: int, request: embedding_pb2.EmbedRequest, threads: int,
-                  seconds: float | None, calls: int | None) -> dict:
+def unary_clients(
+    port: int,
+    request: embedding_pb2.EmbedRequest,
+    threads: int,
+    seconds: float | None,
+    calls: int | None,
+) -> dict:
     """`threads` callers, each sending its next Embed when the last is answered.
 
     Runs for `seconds`, or until `calls` calls in all. Latencies in seconds; server timings
@@ -240,9 +278,12 @@ def unary_clients(port: int, request: embedding_pb2.EmbedRequest, threads: int,
         worker.join()
     elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu_started
     channel.close()
-    return {"latencies": [x for part in latencies for x in part],
-            "timings": [x for part in timings for x in part], "seconds": elapsed,
-            "client_cpu_seconds": cpu}
+    return {
+        "latencies": [x for part in latencies for x in part],
+        "timings": [x for part in timings for x in part],
+        "seconds": elapsed,
+        "client_cpu_seconds": cpu,
+    }
 
 
 def streaming_client(port: int, request: embedding_pb2.EmbedRequest, seconds: float) -> dict:
@@ -281,8 +322,11 @@ class Tally:
         self.timings += part.get("timings", [])
 
     def summary(self) -> dict:
-        result = {"calls": self.calls, "calls_per_s": self.calls / self.seconds,
-                  "rows_per_s": self.rows_per_call * self.calls / self.seconds}
+        result = {
+            "calls": self.calls,
+            "calls_per_s": self.calls / self.seconds,
+            "rows_per_s": self.rows_per_call * self.calls / self.seconds,
+        }
         if self.latencies:
             result.update(p50_ms=_ms(self.latencies, 50), p99_ms=_ms(self.latencies, 99))
         return result
@@ -301,17 +345,27 @@ def _ms(seconds: list[float], percentile: float) -> float:
 # Other work on the machine drifts over a run, so every comparison alternates its sides in
 # short rounds and sums them, instead of measuring one side after the other.
 
+
 def measure(quick: bool) -> dict:
     rounds, round_seconds = (2, 1.0) if quick else (4, 1.5)
     memory_calls, warmup_calls = (10_000, 2_000) if quick else (100_000, 5_000)
     spawn = multiprocessing.get_context("spawn")
-    results: dict = {"machine": {
-        "cpus": os.cpu_count(), "python": platform.python_version(),
-        "onnxruntime": ort.__version__, "grpcio": grpc.__version__,
-        "load_average_at_start": os.getloadavg()[0], "quick": quick,
-        "rounds": rounds, "round_seconds": round_seconds}}
-    with tempfile.TemporaryDirectory(prefix="aet-bench-") as tmp, \
-            ProcessPoolExecutor(CLIENT_PROCESSES, mp_context=spawn) as pool:
+    results: dict = {
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "onnxruntime": ort.__version__,
+            "grpcio": grpc.__version__,
+            "load_average_at_start": os.getloadavg()[0],
+            "quick": quick,
+            "rounds": rounds,
+            "round_seconds": round_seconds,
+        }
+    }
+    with (
+        tempfile.TemporaryDirectory(prefix="aet-bench-") as tmp,
+        ProcessPoolExecutor(CLIENT_PROCESSES, mp_context=spawn) as pool,
+    ):
         repository = Path(tmp)
         paths = build_repository(repository)
         local = {e.name: InProcess(paths[e.name], e) for e in (TINY, LARGE)}
@@ -323,10 +377,14 @@ def measure(quick: bool) -> dict:
                 tallies = {k: Tally(batch) for k in ("in_process", "stream", "unary")}
                 for _ in range(rounds):
                     tallies["in_process"].add(local["large"].run_for(batch, round_seconds))
-                    tallies["stream"].add(pool.submit(
-                        streaming_client, server.port, request, round_seconds).result())
-                    tallies["unary"].add(pool.submit(
-                        unary_clients, server.port, request, 1, round_seconds, None).result())
+                    tallies["stream"].add(
+                        pool.submit(streaming_client, server.port, request, round_seconds).result()
+                    )
+                    tallies["unary"].add(
+                        pool.submit(
+                            unary_clients, server.port, request, 1, round_seconds, None
+                        ).result()
+                    )
                 reference = tallies["in_process"].summary()["rows_per_s"]
                 entry = {"batch": batch, "in_process_rows_per_s": reference, "target_ratio": 0.9}
                 for kind in ("stream", "unary"):
@@ -345,11 +403,16 @@ def measure(quick: bool) -> dict:
                 server_cpu = {"server": 0.0, "bare": 0.0}
                 for _ in range(rounds):
                     tallies["in_process"].add(local["tiny"].run_for(1, round_seconds))
-                    for kind, port, pid in (("server", server.port, server.process.pid),
-                                            ("bare", bare_port, bare.pid)):
+                    for kind, port, pid in (
+                        ("server", server.port, server.process.pid),
+                        ("bare", bare_port, bare.pid),
+                    ):
                         cpu_before = cpu_seconds(pid)
-                        tallies[kind].add(pool.submit(unary_clients, port, request, 1,
-                                                      round_seconds, None).result())
+                        tallies[kind].add(
+                            pool.submit(
+                                unary_clients, port, request, 1, round_seconds, None
+                            ).result()
+                        )
                         server_cpu[kind] += cpu_seconds(pid) - cpu_before
             finally:
                 stop_bare.set()
@@ -358,64 +421,96 @@ def measure(quick: bool) -> dict:
             local_p50 = tallies["in_process"].summary()["p50_ms"]
             inside = tallies["server"].server_breakdown_us()
             results["tiny_batch_1"] = {
-                "p50_ms": served["p50_ms"], "p99_ms": served["p99_ms"],
-                "in_process_p50_ms": local_p50, "overhead_p50_ms": served["p50_ms"] - local_p50,
+                "p50_ms": served["p50_ms"],
+                "p99_ms": served["p99_ms"],
+                "in_process_p50_ms": local_p50,
+                "overhead_p50_ms": served["p50_ms"] - local_p50,
                 "bare_grpcio_p50_ms": tallies["bare"].summary()["p50_ms"],
                 "server_cpu_us_per_call": 1e6 * server_cpu["server"] / tallies["server"].calls,
                 "bare_grpcio_cpu_us_per_call": 1e6 * server_cpu["bare"] / tallies["bare"].calls,
                 "target_overhead_ms": 0.5,
                 "breakdown_p50_us": {
                     **inside,
-                    "grpc_network_client": served["p50_ms"] * 1e3 - sum(inside.values())}}
+                    "grpc_network_client": served["p50_ms"] * 1e3 - sum(inside.values()),
+                },
+            }
 
         results["sixteen_one_row_clients"] = {}
         for encoder in (LARGE, TINY):
-            print(f"{encoder.name} encoder, {CLIENTS} one-row clients, batching on vs off ...",
-                  flush=True)
+            print(
+                f"{encoder.name} encoder, {CLIENTS} one-row clients, batching on vs off ...",
+                flush=True,
+            )
             request = _request(encoder.name, encoder.image_shape, encoder.raw_max, 1)
             tallies = {"batching_on": Tally(1), "batching_off": Tally(1)}
             cpu = {mode: {"server": 0.0, "clients": 0.0} for mode in tallies}
-            with start_server(repository) as on, \
-                    start_server(repository, "--no-dynamic-batching") as off:
+            with (
+                start_server(repository) as on,
+                start_server(repository, "--no-dynamic-batching") as off,
+            ):
                 for _ in range(rounds):
                     for mode, server in (("batching_on", on), ("batching_off", off)):
                         server_cpu = cpu_seconds(server.process.pid)
-                        parts = [pool.submit(unary_clients, server.port, request,
-                                             CLIENTS // CLIENT_PROCESSES, round_seconds, None)
-                                 for _ in range(CLIENT_PROCESSES)]
+                        parts = [
+                            pool.submit(
+                                unary_clients,
+                                server.port,
+                                request,
+                                CLIENTS // CLIENT_PROCESSES,
+                                round_seconds,
+                                None,
+                            )
+                            for _ in range(CLIENT_PROCESSES)
+                        ]
                         merged = [p.result() for p in parts]
                         cpu[mode]["server"] += cpu_seconds(server.process.pid) - server_cpu
                         cpu[mode]["clients"] += sum(m["client_cpu_seconds"] for m in merged)
-                        tallies[mode].add({
-                            "latencies": [x for m in merged for x in m["latencies"]],
-                            "seconds": max(m["seconds"] for m in merged)})
+                        tallies[mode].add(
+                            {
+                                "latencies": [x for m in merged for x in m["latencies"]],
+                                "seconds": max(m["seconds"] for m in merged),
+                            }
+                        )
             # On a saturated machine throughput follows CPU per call, whatever the wall clock.
-            modes = {mode: {**{k: tally.summary()[k] for k in ("calls_per_s", "p50_ms", "p99_ms")},
-                            "server_cpu_us_per_call": 1e6 * cpu[mode]["server"] / tally.calls,
-                            "client_cpu_us_per_call": 1e6 * cpu[mode]["clients"] / tally.calls}
-                     for mode, tally in tallies.items()}
-            modes["ratio"] = (modes["batching_on"]["calls_per_s"]
-                              / modes["batching_off"]["calls_per_s"])
+            modes = {
+                mode: {
+                    **{k: tally.summary()[k] for k in ("calls_per_s", "p50_ms", "p99_ms")},
+                    "server_cpu_us_per_call": 1e6 * cpu[mode]["server"] / tally.calls,
+                    "client_cpu_us_per_call": 1e6 * cpu[mode]["clients"] / tally.calls,
+                }
+                for mode, tally in tallies.items()
+            }
+            modes["ratio"] = (
+                modes["batching_on"]["calls_per_s"] / modes["batching_off"]["calls_per_s"]
+            )
             modes["target_ratio"] = 3.0
             results["sixteen_one_row_clients"][encoder.name] = modes
 
         print(f"server memory over {memory_calls:,} requests ...", flush=True)
         request = _request(TINY.name, TINY.image_shape, TINY.raw_max, 1)
         with start_server(repository) as server:
+
             def burst(calls: int) -> int:
-                parts = [pool.submit(unary_clients, server.port, request, 4, None,
-                                     calls // CLIENT_PROCESSES)
-                         for _ in range(CLIENT_PROCESSES)]
+                parts = [
+                    pool.submit(
+                        unary_clients, server.port, request, 4, None, calls // CLIENT_PROCESSES
+                    )
+                    for _ in range(CLIENT_PROCESSES)
+                ]
                 return sum(len(p.result()["latencies"]) for p in parts)
 
             burst(warmup_calls)
             before = rss_bytes(server.process.pid)
             answered = burst(memory_calls)
             after = rss_bytes(server.process.pid)
-        results["memory"] = {"requests": answered, "clients": 4 * CLIENT_PROCESSES,
-                             "rss_before_mb": before / 2**20, "rss_after_mb": after / 2**20,
-                             "growth_percent": 100 * (after - before) / before,
-                             "target_growth_percent": 5.0}
+        results["memory"] = {
+            "requests": answered,
+            "clients": 4 * CLIENT_PROCESSES,
+            "rss_before_mb": before / 2**20,
+            "rss_after_mb": after / 2**20,
+            "growth_percent": 100 * (after - before) / before,
+            "target_growth_percent": 5.0,
+        }
     results["machine"]["load_average_at_end"] = os.getloadavg()[0]
     return results
 
@@ -423,51 +518,100 @@ def measure(quick: bool) -> dict:
 def print_table(results: dict) -> None:
     rows = []
     for entry in results["large_one_client"]:
-        rows.append((f"large, 1 client, batch {entry['batch']}",
-                     f"stream {entry['stream_rows_per_s']:,.0f} rows/s, unary "
-                     f"{entry['unary_rows_per_s']:,.0f} ({entry['unary_ratio']:.2f}x), "
-                     f"in-process {entry['in_process_rows_per_s']:,.0f}",
-                     f"{entry['stream_ratio']:.2f}x", ">= 0.9x"))
+        rows.append(
+            (
+                f"large, 1 client, batch {entry['batch']}",
+                f"stream {entry['stream_rows_per_s']:,.0f} rows/s, unary "
+                f"{entry['unary_rows_per_s']:,.0f} ({entry['unary_ratio']:.2f}x), "
+                f"in-process {entry['in_process_rows_per_s']:,.0f}",
+                f"{entry['stream_ratio']:.2f}x",
+                ">= 0.9x",
+            )
+        )
     tiny = results["tiny_batch_1"]
-    rows.append(("tiny, 1 client, batch 1",
-                 f"p50 {tiny['p50_ms']:.3f} ms (in-process {tiny['in_process_p50_ms']:.3f}, "
-                 f"bare grpcio {tiny['bare_grpcio_p50_ms']:.3f})",
-                 f"+{tiny['overhead_p50_ms']:.3f} ms", "<= 0.5 ms"))
-    rows.append(("  where that p50 goes (us)", ", ".join(
-        f"{k} {v:.0f}" for k, v in tiny["breakdown_p50_us"].items()), "", ""))
-    rows.append(("  server CPU per call (us)", f"{tiny['server_cpu_us_per_call']:.0f} (bare grpcio "
-                 f"{tiny['bare_grpcio_cpu_us_per_call']:.0f})", "", ""))
+    rows.append(
+        (
+            "tiny, 1 client, batch 1",
+            f"p50 {tiny['p50_ms']:.3f} ms (in-process {tiny['in_process_p50_ms']:.3f}, "
+            f"bare grpcio {tiny['bare_grpcio_p50_ms']:.3f})",
+            f"+{tiny['overhead_p50_ms']:.3f} ms",
+            "<= 0.5 ms",
+        )
+    )
+    rows.append(
+        (
+            "  where that p50 goes (us)",
+            ", ".join(f"{k} {v:.0f}" for k, v in tiny["breakdown_p50_us"].items()),
+            "",
+            "",
+        )
+    )
+    rows.append(
+        (
+            "  server CPU per call (us)",
+            f"{tiny['server_cpu_us_per_call']:.0f} (bare grpcio "
+            f"{tiny['bare_grpcio_cpu_us_per_call']:.0f})",
+            "",
+            "",
+        )
+    )
     for name, modes in results["sixteen_one_row_clients"].items():
         on, off = modes["batching_on"], modes["batching_off"]
-        rows.append((f"{name}, 16 one-row clients",
-                     f"on {on['calls_per_s']:,.0f}/s p50 {on['p50_ms']:.1f} p99 {on['p99_ms']:.1f}"
-                     f" ms; off {off['calls_per_s']:,.0f}/s p50 {off['p50_ms']:.1f} p99 "
-                     f"{off['p99_ms']:.1f} ms", f"{modes['ratio']:.2f}x", ">= 3x"))
-        rows.append(("  CPU per call (us)",
-                     f"on: server {on['server_cpu_us_per_call']:.0f}, clients "
-                     f"{on['client_cpu_us_per_call']:.0f}; off: server "
-                     f"{off['server_cpu_us_per_call']:.0f}, clients "
-                     f"{off['client_cpu_us_per_call']:.0f}", "", ""))
+        rows.append(
+            (
+                f"{name}, 16 one-row clients",
+                f"on {on['calls_per_s']:,.0f}/s p50 {on['p50_ms']:.1f} p99 {on['p99_ms']:.1f}"
+                f" ms; off {off['calls_per_s']:,.0f}/s p50 {off['p50_ms']:.1f} p99 "
+                f"{off['p99_ms']:.1f} ms",
+                f"{modes['ratio']:.2f}x",
+                ">= 3x",
+            )
+        )
+        rows.append(
+            (
+                "  CPU per call (us)",
+                f"on: server {on['server_cpu_us_per_call']:.0f}, clients "
+                f"{on['client_cpu_us_per_call']:.0f}; off: server "
+                f"{off['server_cpu_us_per_call']:.0f}, clients "
+                f"{off['client_cpu_us_per_call']:.0f}",
+                "",
+                "",
+            )
+        )
     memory = results["memory"]
-    rows.append((f"server RSS, {memory['requests']:,} requests",
-                 f"{memory['rss_before_mb']:.1f} -> {memory['rss_after_mb']:.1f} MiB after warm-up",
-                 f"{memory['growth_percent']:+.1f} %", "<= 5 %"))
+    rows.append(
+        (
+            f"server RSS, {memory['requests']:,} requests",
+            f"{memory['rss_before_mb']:.1f} -> {memory['rss_after_mb']:.1f} MiB after warm-up",
+            f"{memory['growth_percent']:+.1f} %",
+            "<= 5 %",
+        )
+    )
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     for row in [("scenario", "measured", "result", "target"), *rows]:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
     machine = results["machine"]
-    print(f"({machine['cpus']} CPUs; load average {machine['load_average_at_start']:.1f} at start, "
-          f"{machine['load_average_at_end']:.1f} at end; {machine['rounds']} alternating rounds "
-          f"of {machine['round_seconds']} s per side)")
+    print(
+        f"({machine['cpus']} CPUs; load average {machine['load_average_at_start']:.1f} at start, "
+        f"{machine['load_average_at_end']:.1f} at end; {machine['rounds']} alternating rounds "
+        f"of {machine['round_seconds']} s per side)"
+    )
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true",
-                        help="2 rounds of 1 s and 10,000 requests for the memory check "
-                             "(default: 4 rounds of 1.5 s, 100,000 requests)")
-    parser.add_argument("--output", type=Path, default=RESULTS,
-                        help=f"where to write the JSON results (default: {RESULTS})")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="2 rounds of 1 s and 10,000 requests for the memory check "
+        "(default: 4 rounds of 1.5 s, 100,000 requests)",
+    )
+    parser.add_argument(
+        "--output",
+        type=Path,
+        default=RESULTS,
+        help=f"where to write the JSON results (default: {RESULTS})",
+    )
     args = parser.parse_args()
     results = measure(args.quick)
     args.output.parent.mkdir(parents=True, exist_ok=True)

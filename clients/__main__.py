@@ -1,4 +1,5 @@
-"""`python -m clients embed|probe|demo ...`"""
+"""`python -m aet.clients embed|probe|demo ...`"""
+
 import sys
 
 from aet.cli import main

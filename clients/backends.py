@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from aet.errors import UserError
-from server.repository import CARD_FILE, ModelVersion, latest_version, scan_repository
-from server.runtime import EncoderSession, RuntimeOptions, resolve_providers
+from aet.server.repository import CARD_FILE, ModelVersion, latest_version, scan_repository
+from aet.server.runtime import EncoderSession, RuntimeOptions, resolve_providers
 
 
 class BackendError(UserError):
@@ -45,14 +45,17 @@ def find_model_version(path: str | os.PathLike) -> ModelVersion:
     else:
         root, name, wanted = path.parent, path.name, None
     if not (root / name).is_dir():
-        raise BackendError(f"model folder {path}: no such folder; expected "
-                           f"exported/<model> or exported/<model>/<version>")
+        raise BackendError(
+            f"model folder {path}: no such folder; expected "
+            f"exported/<model> or exported/<model>/<version>"
+        )
     versions = [v for v in scan_repository(root) if v.name == name]
     if wanted is not None:
         found = next((v for v in versions if str(v.version) == wanted), None)
         if found is None:
-            raise BackendError(f"model folder {path}: expected a positive integer version "
-                               f"folder, got {wanted!r}")
+            raise BackendError(
+                f"model folder {path}: expected a positive integer version folder, got {wanted!r}"
+            )
         if not found.ok:
             raise BackendError(f"model folder {path}: refused: {found.error}")
         return found
@@ -65,15 +68,26 @@ def find_model_version(path: str | os.PathLike) -> ModelVersion:
 
 def _identity(found: ModelVersion) -> ModelIdentity:
     card = found.card
-    return ModelIdentity(card.name, card.version, card.sha256, card.output.embedding_dim,
-                         tuple(card.input.shape), card.input.value_range[1])
+    return ModelIdentity(
+        card.name,
+        card.version,
+        card.sha256,
+        card.output.embedding_dim,
+        tuple(card.input.shape),
+        card.input.value_range[1],
+    )
 
 
 def _open_session(found: ModelVersion, threads: int) -> EncoderSession:
     card = found.card
-    return EncoderSession(found.model_path, card.input.name, card.output.name,
-                          tuple(card.input.shape), resolve_providers("auto"),
-                          RuntimeOptions(intra_op_threads=threads))
+    return EncoderSession(
+        found.model_path,
+        card.input.name,
+        card.output.name,
+        tuple(card.input.shape),
+        resolve_providers("auto"),
+        RuntimeOptions(intra_op_threads=threads),
+    )
 
 
 class EmbeddingBackend:
@@ -109,7 +123,7 @@ class LocalBackend(EmbeddingBackend):
     def embed_rows(self, pixels: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
         """Embeddings of `pixels` (uint8 or float32, raw range) in blocks of `batch_size`."""
         for start in range(0, len(pixels), batch_size):
-            yield self._session.run(pixels[start:start + batch_size].astype(np.float32))
+            yield self._session.run(pixels[start : start + batch_size].astype(np.float32))
 
 
 class ServerBackend(EmbeddingBackend):
@@ -118,9 +132,14 @@ class ServerBackend(EmbeddingBackend):
     def __init__(self, client, model: str, version: int | None = None):
         self._client = client
         description = client.describe(model, version)
-        self.model = ModelIdentity(description.name, description.version, description.sha256,
-                                   description.embedding_dim, tuple(description.input.shape),
-                                   description.input.max_value)
+        self.model = ModelIdentity(
+            description.name,
+            description.version,
+            description.sha256,
+            description.embedding_dim,
+            tuple(description.input.shape),
+            description.input.max_value,
+        )
         self.label = f"server {client.target}"
 
     def embed_rows(self, pixels: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
@@ -129,7 +148,9 @@ class ServerBackend(EmbeddingBackend):
         The stream has no overall deadline (a job may run for hours); each request still
         fails fast on a server that is down or full, after the client's retries.
         """
-        batches = (pixels[start:start + batch_size] for start in range(0, len(pixels), batch_size))
+        batches = (
+            pixels[start : start + batch_size] for start in range(0, len(pixels), batch_size)
+        )
         return self._client.embed_batches(batches, self.model.name, self.model.version)
 
     def close(self) -> None:
@@ -143,8 +164,10 @@ class EncoderActor:
         self._session = _open_session(find_model_version(model_dir), threads=1)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return {"row": batch["row"],
-                "embedding": self._session.run(batch["pixels"].astype(np.float32))}
+        return {
+            "row": batch["row"],
+            "embedding": self._session.run(batch["pixels"].astype(np.float32)),
+        }
 
 
 class RayBackend(EmbeddingBackend):
@@ -166,13 +189,18 @@ class RayBackend(EmbeddingBackend):
         if self._started_ray:
             try:
                 if address is None:
-                    ray.init(num_cpus=workers, include_dashboard=False,
-                             logging_level=logging.WARNING, log_to_driver=False)
+                    ray.init(
+                        num_cpus=workers,
+                        include_dashboard=False,
+                        logging_level=logging.WARNING,
+                        log_to_driver=False,
+                    )
                 else:
                     ray.init(address=address, logging_level=logging.WARNING)
             except (ConnectionError, RuntimeError, ValueError) as exc:
-                raise BackendError(f"ray: cannot {'join ' + address if address else 'start'}: "
-                                   f"{exc}") from exc
+                raise BackendError(
+                    f"ray: cannot {'join ' + address if address else 'start'}: {exc}"
+                ) from exc
         context = ray.data.DataContext.get_current()
         context.execution_options.preserve_order = True  # shards need rows back in order
         context.enable_progress_bars = False  # the job has its own bar
@@ -188,16 +216,26 @@ class RayBackend(EmbeddingBackend):
 
         rows = np.arange(len(pixels))
         starts = range(0, len(pixels), batch_size)
-        blocks = [pa.table({"row": rows[i:i + batch_size],
-                            "pixels": ArrowTensorArray.from_numpy(pixels[i:i + batch_size])})
-                  for i in starts]  # one block per batch: the actors share the blocks out
+        blocks = [
+            pa.table(
+                {
+                    "row": rows[i : i + batch_size],
+                    "pixels": ArrowTensorArray.from_numpy(pixels[i : i + batch_size]),
+                }
+            )
+            for i in starts
+        ]  # one block per batch: the actors share the blocks out
         dataset = ray.data.from_arrow(blocks).map_batches(
-            EncoderActor, fn_constructor_kwargs={"model_dir": self._model_dir},
-            batch_size=batch_size, batch_format="numpy", num_cpus=1,
-            compute=ray.data.ActorPoolStrategy(size=self._workers))
+            EncoderActor,
+            fn_constructor_kwargs={"model_dir": self._model_dir},
+            batch_size=batch_size,
+            batch_format="numpy",
+            num_cpus=1,
+            compute=ray.data.ActorPoolStrategy(size=self._workers),
+        )
         expected = 0
         for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
-            if not np.array_equal(batch["row"], rows[expected:expected + len(batch["row"])]):
+            if not np.array_equal(batch["row"], rows[expected : expected + len(batch["row"])]):
                 raise BackendError(f"ray: rows came back out of order at row {expected}")
             expected += len(batch["row"])
             yield batch["embedding"]
@@ -215,12 +253,16 @@ def open_backend(config) -> EmbeddingBackend:
         return LocalBackend(config.local)
     if config.ray is not None:
         return RayBackend(config.ray, config.workers, config.ray_address)
-    from clients.client import EmbeddingClient
+    from aet.clients.client import EmbeddingClient
 
-    client = EmbeddingClient(config.server, timeout=config.timeout,
-                             token=os.environ.get(config.token_env) or None,
-                             root_cert=config.root_cert, client_cert=config.client_cert,
-                             client_key=config.client_key)
+    client = EmbeddingClient(
+        config.server,
+        timeout=config.timeout,
+        token=os.environ.get(config.token_env) or None,
+        root_cert=config.root_cert,
+        client_cert=config.client_cert,
+        client_key=config.client_key,
+    )
     try:
         return ServerBackend(client, config.model, config.version)
     except BaseException:

@@ -25,8 +25,8 @@ import grpc
 import numpy as np
 
 from aet.errors import UserError
-from aet_proto import embedding_pb2, embedding_pb2_grpc
-from aet_proto.codec import TensorCodecError, decode_tensor, encode_tensor
+from aet.proto import embedding_pb2, embedding_pb2_grpc
+from aet.proto.codec import TensorCodecError, decode_tensor, encode_tensor
 
 log = logging.getLogger(__name__)
 
@@ -68,12 +68,14 @@ class RetryPolicy:
         if self.max_attempts < 1:
             raise ValueError(f"max_attempts: expected >= 1, got {self.max_attempts}")
         if not 0 < self.initial_backoff <= self.max_backoff:
-            raise ValueError(f"backoff: expected 0 < initial_backoff <= max_backoff, got "
-                             f"{self.initial_backoff} and {self.max_backoff}")
+            raise ValueError(
+                f"backoff: expected 0 < initial_backoff <= max_backoff, got "
+                f"{self.initial_backoff} and {self.max_backoff}"
+            )
 
     def delay(self, retry: int, rng: random.Random) -> float:
         """Seconds to wait before retry number `retry` (0 for the first retry)."""
-        ceiling = min(self.max_backoff, self.initial_backoff * self.multiplier ** retry)
+        ceiling = min(self.max_backoff, self.initial_backoff * self.multiplier**retry)
         return rng.uniform(ceiling / 2, ceiling)
 
 
@@ -114,34 +116,48 @@ class EmbeddingClient:
     Use as a context manager, or call `close()`.
     """
 
-    def __init__(self, target: str, *, timeout: float = 30.0, token: str | None = None,
-                 tls: bool = False, root_cert: str | os.PathLike | None = None,
-                 client_cert: str | os.PathLike | None = None,
-                 client_key: str | os.PathLike | None = None,
-                 tls_server_name: str | None = None,
-                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-                 retry: RetryPolicy = RetryPolicy(), seed: int | None = None):
+    def __init__(
+        self,
+        target: str,
+        *,
+        timeout: float = 30.0,
+        token: str | None = None,
+        tls: bool = False,
+        root_cert: str | os.PathLike | None = None,
+        client_cert: str | os.PathLike | None = None,
+        client_key: str | os.PathLike | None = None,
+        tls_server_name: str | None = None,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        retry: RetryPolicy = RetryPolicy(),
+        seed: int | None = None,
+    ):
         if (client_cert is None) != (client_key is None):
-            raise UserError("client_cert, client_key: expected both (mutual TLS) or neither, "
-                            f"got client_cert={client_cert} and client_key={client_key}")
+            raise UserError(
+                "client_cert, client_key: expected both (mutual TLS) or neither, "
+                f"got client_cert={client_cert} and client_key={client_key}"
+            )
         if max_message_bytes <= _ENVELOPE_BYTES:
-            raise UserError(f"max_message_bytes: expected more than {_ENVELOPE_BYTES}, "
-                            f"got {max_message_bytes}")
+            raise UserError(
+                f"max_message_bytes: expected more than {_ENVELOPE_BYTES}, got {max_message_bytes}"
+            )
         self.target = target
         self.timeout = timeout
         self.max_message_bytes = max_message_bytes
         self.retry = retry
         self._rng = random.Random(seed)
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
-        options = [("grpc.max_send_message_length", max_message_bytes),
-                   ("grpc.max_receive_message_length", max_message_bytes)]
+        options = [
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.max_receive_message_length", max_message_bytes),
+        ]
         if tls_server_name:
             options.append(("grpc.ssl_target_name_override", tls_server_name))
         if tls or root_cert or client_cert:
             credentials = grpc.ssl_channel_credentials(
                 root_certificates=_read_pem(root_cert, "TLS root certificate"),
                 private_key=_read_pem(client_key, "TLS client key"),
-                certificate_chain=_read_pem(client_cert, "TLS client certificate"))
+                certificate_chain=_read_pem(client_cert, "TLS client certificate"),
+            )
             self._channel = grpc.secure_channel(target, credentials, options=options)
         else:
             self._channel = grpc.insecure_channel(target, options=options)
@@ -162,21 +178,32 @@ class EmbeddingClient:
 
     def list_models(self) -> list[embedding_pb2.ModelSummary]:
         """Every model on the server with its versions and their state."""
-        response = self._unary("ListModels", self._stub.ListModels,
-                               embedding_pb2.ListModelsRequest(), self.timeout)
+        response = self._unary(
+            "ListModels", self._stub.ListModels, embedding_pb2.ListModelsRequest(), self.timeout
+        )
         return list(response.models)
 
     def describe(self, model: str, version: int | None = None) -> embedding_pb2.ModelDescription:
         """Input and output specs, batching limits, provider and card of one model version."""
-        return self._unary("DescribeModel", self._stub.DescribeModel,
-                           embedding_pb2.DescribeModelRequest(model=model, version=version or 0),
-                           self.timeout)
+        return self._unary(
+            "DescribeModel",
+            self._stub.DescribeModel,
+            embedding_pb2.DescribeModelRequest(model=model, version=version or 0),
+            self.timeout,
+        )
 
     # --- embeddings ------------------------------------------------------------------------
 
-    def embed(self, array: np.ndarray, model: str, version: int | None = None, *,
-              l2_normalize: bool = False, float16: bool = False,
-              timeout: float | None = None) -> np.ndarray:
+    def embed(
+        self,
+        array: np.ndarray,
+        model: str,
+        version: int | None = None,
+        *,
+        l2_normalize: bool = False,
+        float16: bool = False,
+        timeout: float | None = None,
+    ) -> np.ndarray:
         """Embeddings `(N, embedding_dim)` of `array` `(N, *input_shape)`, uint8 or float32.
 
         Float32 inputs are in the model's value range (`describe(model).input`). Returns
@@ -190,20 +217,28 @@ class EmbeddingClient:
             request = _request(model, version, chunks[0], options)
             response = self._unary("Embed", self._stub.Embed, request, per_request)
             return _embeddings(response, chunks[0], "Embed").copy()
-        parts = self._stream(iter(chunks), model, version, options,
-                             deadline=per_request * len(chunks))
+        parts = self._stream(
+            iter(chunks), model, version, options, deadline=per_request * len(chunks)
+        )
         return np.concatenate(list(parts))
 
-    def embed_batches(self, batches: Iterable[np.ndarray], model: str,
-                      version: int | None = None, *, l2_normalize: bool = False,
-                      float16: bool = False, timeout: float | None = None
-                      ) -> Iterator[np.ndarray]:
+    def embed_batches(
+        self,
+        batches: Iterable[np.ndarray],
+        model: str,
+        version: int | None = None,
+        *,
+        l2_normalize: bool = False,
+        float16: bool = False,
+        timeout: float | None = None,
+    ) -> Iterator[np.ndarray]:
         """Embeddings of each array of `batches`, in order, over one `EmbedStream`.
 
         `batches` is read lazily, so an extraction job never holds more than the requests in
         flight; `timeout` bounds the whole stream (None: no deadline). A broken stream is
         retried from its first unanswered request.
         """
+
         def checked(source: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
             for batch in source:
                 _check_input(batch)
@@ -219,8 +254,9 @@ class EmbeddingClient:
         key = (model, version or 0)
         if key not in self._limits:
             description = self.describe(model, version)
-            self._limits[key] = _ModelLimits(description.batching.max_request_rows,
-                                             description.embedding_dim)
+            self._limits[key] = _ModelLimits(
+                description.batching.max_request_rows, description.embedding_dim
+            )
         return self._limits[key]
 
     def rows_per_request(self, array: np.ndarray, model: str, version: int | None = None) -> int:
@@ -232,17 +268,20 @@ class EmbeddingClient:
         if rows < 1:
             raise UserError(
                 f"max_message_bytes: one row of shape {array.shape[1:]} needs {row_bytes} bytes "
-                f"plus {_ENVELOPE_BYTES} for the envelope, got a limit of {self.max_message_bytes}")
+                f"plus {_ENVELOPE_BYTES} for the envelope, got a limit of {self.max_message_bytes}"
+            )
         return min(rows, limits.max_request_rows) if limits.max_request_rows > 0 else rows
 
-    def _chunks(self, batches: Iterable[np.ndarray], model: str,
-                version: int | None) -> Iterator[_Chunk]:
+    def _chunks(
+        self, batches: Iterable[np.ndarray], model: str, version: int | None
+    ) -> Iterator[_Chunk]:
         ids = itertools.count()
         for batch in batches:
             step = self.rows_per_request(batch, model, version)
             for start in range(0, len(batch), step):
-                yield _Chunk(str(next(ids)), batch[start:start + step],
-                             last=start + step >= len(batch))
+                yield _Chunk(
+                    str(next(ids)), batch[start : start + step], last=start + step >= len(batch)
+                )
 
     # --- calls with retries ----------------------------------------------------------------
 
@@ -255,8 +294,16 @@ class EmbeddingClient:
         if code not in RETRYABLE_CODES or too_large or retry + 1 >= self.retry.max_attempts:
             raise EmbeddingError(code, exc.details() or "", method) from None
         delay = self.retry.delay(retry, self._rng)
-        log.warning("%s to %s: %s (%s); retry %d of %d in %.3f s", method, self.target,
-                    code.name, exc.details(), retry + 1, self.retry.max_attempts - 1, delay)
+        log.warning(
+            "%s to %s: %s (%s); retry %d of %d in %.3f s",
+            method,
+            self.target,
+            code.name,
+            exc.details(),
+            retry + 1,
+            self.retry.max_attempts - 1,
+            delay,
+        )
         time.sleep(delay)
 
     def _unary(self, method: str, call: Callable[..., T], request, timeout: float | None) -> T:
@@ -268,9 +315,14 @@ class EmbeddingClient:
                 self._backoff(method, exc, retry)
                 retry += 1
 
-    def _stream(self, chunks: Iterator[_Chunk], model: str, version: int | None,
-                options: embedding_pb2.EmbedOptions, deadline: float | None
-                ) -> Iterator[np.ndarray]:
+    def _stream(
+        self,
+        chunks: Iterator[_Chunk],
+        model: str,
+        version: int | None,
+        options: embedding_pb2.EmbedOptions,
+        deadline: float | None,
+    ) -> Iterator[np.ndarray]:
         """Send `chunks` over `EmbedStream`, yielding one array per caller batch, in order.
 
         Chunks sent but not yet answered wait in `unanswered`; after a retryable failure a new
@@ -299,8 +351,9 @@ class EmbeddingClient:
         parts: list[np.ndarray] = []
         retry = 0
         while True:
-            call = self._stub.EmbedStream(requests(generation), timeout=deadline,
-                                          metadata=self._metadata)
+            call = self._stub.EmbedStream(
+                requests(generation), timeout=deadline, metadata=self._metadata
+            )
             try:
                 for response in call:
                     chunk = unanswered.popleft()
@@ -312,9 +365,13 @@ class EmbeddingClient:
                 with lock:
                     unsent = next(chunks, None) is not None
                 if unanswered or unsent:
-                    raise EmbeddingError(grpc.StatusCode.INTERNAL, f"the server ended the stream "
-                                         f"with {len(unanswered)} requests unanswered"
-                                         f"{' and more unsent' if unsent else ''}", "EmbedStream")
+                    raise EmbeddingError(
+                        grpc.StatusCode.INTERNAL,
+                        f"the server ended the stream "
+                        f"with {len(unanswered)} requests unanswered"
+                        f"{' and more unsent' if unsent else ''}",
+                        "EmbedStream",
+                    )
                 return
             except grpc.RpcError as exc:
                 with lock:
@@ -335,23 +392,35 @@ def _check_input(array: np.ndarray) -> None:
         raise ValueError(f"array shape: expected (N >= 1, *input_shape), got {array.shape}")
 
 
-def _request(model: str, version: int | None, chunk: _Chunk,
-             options: embedding_pb2.EmbedOptions) -> embedding_pb2.EmbedRequest:
-    return embedding_pb2.EmbedRequest(model=model, version=version or 0,
-                                      inputs=encode_tensor(chunk.rows), options=options,
-                                      request_id=chunk.request_id)
+def _request(
+    model: str, version: int | None, chunk: _Chunk, options: embedding_pb2.EmbedOptions
+) -> embedding_pb2.EmbedRequest:
+    return embedding_pb2.EmbedRequest(
+        model=model,
+        version=version or 0,
+        inputs=encode_tensor(chunk.rows),
+        options=options,
+        request_id=chunk.request_id,
+    )
 
 
 def _embeddings(response: embedding_pb2.EmbedResponse, chunk: _Chunk, method: str) -> np.ndarray:
     """The embeddings of `response`, checked against the request they answer."""
     if response.request_id != chunk.request_id:
-        raise EmbeddingError(grpc.StatusCode.INTERNAL, f"response request_id: expected "
-                             f"{chunk.request_id!r}, got {response.request_id!r}", method)
+        raise EmbeddingError(
+            grpc.StatusCode.INTERNAL,
+            f"response request_id: expected {chunk.request_id!r}, got {response.request_id!r}",
+            method,
+        )
     try:
         embeddings = decode_tensor(response.embeddings, "embeddings")
     except TensorCodecError as exc:
         raise EmbeddingError(grpc.StatusCode.INTERNAL, f"response {exc}", method) from None
     if embeddings.ndim != 2 or len(embeddings) != len(chunk.rows):
-        raise EmbeddingError(grpc.StatusCode.INTERNAL, f"response embeddings.shape: expected "
-                             f"({len(chunk.rows)}, embedding_dim), got {embeddings.shape}", method)
+        raise EmbeddingError(
+            grpc.StatusCode.INTERNAL,
+            f"response embeddings.shape: expected "
+            f"({len(chunk.rows)}, embedding_dim), got {embeddings.shape}",
+            method,
+        )
     return embeddings

@@ -14,15 +14,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-
+from aet.clients.backends import ServerBackend
+from aet.clients.client import EmbeddingClient
+from aet.clients.extract import EmbedConfig, extract, read_embeddings
+from aet.clients.probe import ProbeConfig, dataset_of, probe, write_results
+from aet.clients.server_process import ServerProcess
 from aet.config import ConfigError, add_config_arguments, config_from_args
 from aet.errors import UserError
-from clients.backends import ServerBackend
-from clients.client import EmbeddingClient
-from clients.extract import EmbedConfig, extract, read_embeddings
-from clients.probe import ProbeConfig, dataset_of, probe, write_results
-from clients.server_process import ServerProcess
-from training.data import DATASETS
+from aet.training.data import DATASETS
 
 MODEL_NAMES = {"digits": "digits", "mnist-idx": "mnist"}  # data set -> shipped model name
 
@@ -35,39 +34,59 @@ class DemoError(UserError):
 class DemoConfig:
     """`aet demo`: which data, which encoder, where results go."""
 
-    data: str = field(default="digits", metadata={
-        "help": "data set of the training registry", "choices": sorted(DATASETS)})
-    path: Path | None = field(default=None, metadata={
-        "help": "data file or folder (mnist-idx: the folder of IDX files)"})
-    repository: Path = field(default=Path("exported"), metadata={
-        "help": "model repository the server serves"})
-    model: str | None = field(default=None, metadata={
-        "help": "model to use (default: digits for digits, mnist for mnist-idx)"})
-    pretrain: bool = field(default=False, metadata={
-        "help": "pretrain and export a fresh encoder first (otherwise use the shipped one)"})
-    epochs: int = field(default=15, metadata={
-        "help": "with --pretrain: end-to-end epochs, a quick budget (aet pretrain alone runs "
-                "the full schedule)"})
-    layer_epochs: int = field(default=5, metadata={
-        "help": "with --pretrain: epochs of each greedy layer stage"})
-    output: Path | None = field(default=None, metadata={
-        "help": "folder for embeddings and probe results (default: runs/demo/<data>)"})
-    label_counts: list[int] = field(default_factory=lambda: [100, 1000], metadata={
-        "help": "probe label budgets; all labels are always added"})
+    data: str = field(
+        default="digits",
+        metadata={"help": "data set of the training registry", "choices": sorted(DATASETS)},
+    )
+    path: Path | None = field(
+        default=None, metadata={"help": "data file or folder (mnist-idx: the folder of IDX files)"}
+    )
+    repository: Path = field(
+        default=Path("exported"), metadata={"help": "model repository the server serves"}
+    )
+    model: str | None = field(
+        default=None,
+        metadata={"help": "model to use (default: digits for digits, mnist for mnist-idx)"},
+    )
+    pretrain: bool = field(
+        default=False,
+        metadata={
+            "help": "pretrain and export a fresh encoder first (otherwise use the shipped one)"
+        },
+    )
+    epochs: int = field(
+        default=15,
+        metadata={
+            "help": "with --pretrain: end-to-end epochs, a quick budget (aet pretrain alone runs "
+            "the full schedule)"
+        },
+    )
+    layer_epochs: int = field(
+        default=5, metadata={"help": "with --pretrain: epochs of each greedy layer stage"}
+    )
+    output: Path | None = field(
+        default=None,
+        metadata={"help": "folder for embeddings and probe results (default: runs/demo/<data>)"},
+    )
+    label_counts: list[int] = field(
+        default_factory=lambda: [100, 1000],
+        metadata={"help": "probe label budgets; all labels are always added"},
+    )
     seed: int = field(default=0, metadata={"help": "split, label-subset and training seed"})
 
     def __post_init__(self):
         if self.model is None:
             if self.data not in MODEL_NAMES:
-                raise ConfigError(f"model: no shipped model for data set {self.data!r}; pass "
-                                  f"--model (shipped: {', '.join(MODEL_NAMES.values())})")
+                raise ConfigError(
+                    f"model: no shipped model for data set {self.data!r}; pass "
+                    f"--model (shipped: {', '.join(MODEL_NAMES.values())})"
+                )
             self.model = MODEL_NAMES[self.data]
         if self.output is None:
             self.output = Path("runs") / "demo" / self.data
         for name in ("epochs", "layer_epochs"):
             if getattr(self, name) < 1:
-                raise ConfigError(f"{name}: expected a positive integer; got "
-                                  f"{getattr(self, name)}")
+                raise ConfigError(f"{name}: expected a positive integer; got {getattr(self, name)}")
 
 
 def pretrain_and_export(config: DemoConfig) -> None:
@@ -75,13 +94,32 @@ def pretrain_and_export(config: DemoConfig) -> None:
     from aet.cli import main
 
     runs_dir = Path("runs")
-    pretrain = ["pretrain", "--dataset", config.data, "--name", config.model,
-                "--runs-dir", str(runs_dir), "--seed", str(config.seed),
-                "--epochs", str(config.epochs), "--layer-epochs", str(config.layer_epochs)]
+    pretrain = [
+        "pretrain",
+        "--dataset",
+        config.data,
+        "--name",
+        config.model,
+        "--runs-dir",
+        str(runs_dir),
+        "--seed",
+        str(config.seed),
+        "--epochs",
+        str(config.epochs),
+        "--layer-epochs",
+        str(config.layer_epochs),
+    ]
     if config.path is not None:
         pretrain += ["--data-path", str(config.path)]
-    export = ["export", "--run", str(runs_dir / config.model), "--repository",
-              str(config.repository), "--model-name", config.model]
+    export = [
+        "export",
+        "--run",
+        str(runs_dir / config.model),
+        "--repository",
+        str(config.repository),
+        "--model-name",
+        config.model,
+    ]
     for argv in (pretrain, export):
         print(f"$ aet {' '.join(argv)}", flush=True)
         if main(argv) != 0:
@@ -95,16 +133,24 @@ def run_demo(config: DemoConfig) -> int:
         pretrain_and_export(config)
     model_dir = config.repository / config.model
     if not model_dir.is_dir():
-        raise DemoError(f"{model_dir}: no such model; run `aet demo --pretrain"
-                        f"{'' if config.data == 'digits' else ' --data ' + config.data}` to "
-                        f"train and export one first")
+        raise DemoError(
+            f"{model_dir}: no such model; run `aet demo --pretrain"
+            f"{'' if config.data == 'digits' else ' --data ' + config.data}` to "
+            f"train and export one first"
+        )
     server = ServerProcess(config.repository, config.output / "server.log")
     try:
         server.wait_until_serving(config.model)
         print(f"server: aet serve on {server.target} (log: {server.log_path})", flush=True)
-        embed_config = EmbedConfig(data=config.data, path=config.path, seed=config.seed,
-                                   server=server.target, model=config.model,
-                                   output=config.output / "embeddings.npz", overwrite=True)
+        embed_config = EmbedConfig(
+            data=config.data,
+            path=config.path,
+            seed=config.seed,
+            server=server.target,
+            model=config.model,
+            output=config.output / "embeddings.npz",
+            overwrite=True,
+        )
         with ServerBackend(EmbeddingClient(server.target), config.model) as backend:
             summary = extract(embed_config, backend)
         print(summary.line(), flush=True)
@@ -113,8 +159,12 @@ def run_demo(config: DemoConfig) -> int:
     print(f"server: stopped (exit code {exit_code})", flush=True)
 
     table = read_embeddings(embed_config.output)
-    probe_config = ProbeConfig(embeddings=embed_config.output, seed=config.seed,
-                               label_counts=config.label_counts, output=config.output / "probe")
+    probe_config = ProbeConfig(
+        embeddings=embed_config.output,
+        seed=config.seed,
+        label_counts=config.label_counts,
+        output=config.output / "probe",
+    )
     results = probe(table, dataset_of(table, str(embed_config.output)), probe_config)
     paths = write_results(results, probe_config.output)
     print()

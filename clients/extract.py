@@ -20,7 +20,7 @@ import tempfile
 import time
 import zipfile
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,10 +28,10 @@ import numpy as np
 
 from aet.config import ConfigError, add_config_arguments, config_from_args
 from aet.errors import UserError
-from training.data import DATASETS, Dataset, load_dataset
+from aet.training.data import DATASETS, Dataset, load_dataset
 
 if TYPE_CHECKING:  # the backends import onnxruntime (and Ray): only when a job runs
-    from clients.backends import EmbeddingBackend, ModelIdentity
+    from aet.clients.backends import EmbeddingBackend, ModelIdentity
 
 SPLITS = ("train", "val", "test")
 FORMATS = (".npz", ".parquet")
@@ -48,72 +48,118 @@ class ExtractionError(UserError):
 class EmbedConfig:
     """`aet embed`: which data, which model through which backend, where the output goes."""
 
-    data: str = field(default="digits", metadata={
-        "help": "data set of the training registry", "choices": sorted(DATASETS)})
-    path: Path | None = field(default=None, metadata={
-        "help": "file or folder of the data set (digits needs none)"})
+    data: str = field(
+        default="digits",
+        metadata={"help": "data set of the training registry", "choices": sorted(DATASETS)},
+    )
+    path: Path | None = field(
+        default=None, metadata={"help": "file or folder of the data set (digits needs none)"}
+    )
     seed: int = field(default=0, metadata={"help": "split seed; the same as at pretraining"})
-    limit: int | None = field(default=None, metadata={
-        "help": "keep the first N rows of a seeded shuffle (quick runs)"})
-    server: str | None = field(default=None, metadata={
-        "help": "backend: embed through the gRPC server at host:port (needs --model)"})
+    limit: int | None = field(
+        default=None, metadata={"help": "keep the first N rows of a seeded shuffle (quick runs)"}
+    )
+    server: str | None = field(
+        default=None,
+        metadata={"help": "backend: embed through the gRPC server at host:port (needs --model)"},
+    )
     model: str | None = field(default=None, metadata={"help": "model name on the server"})
-    version: int | None = field(default=None, metadata={
-        "help": "model version on the server (default: latest)"})
-    local: Path | None = field(default=None, metadata={
-        "help": "backend: run exported/<model>[/<version>] with onnxruntime in this process"})
-    ray: Path | None = field(default=None, metadata={
-        "help": "backend: run exported/<model>[/<version>] on Ray Data, one onnxruntime actor "
-                "per worker"})
-    ray_address: str | None = field(default=None, metadata={
-        "help": "Ray cluster to join (default: start a local Ray with --workers CPUs)"})
+    version: int | None = field(
+        default=None, metadata={"help": "model version on the server (default: latest)"}
+    )
+    local: Path | None = field(
+        default=None,
+        metadata={
+            "help": "backend: run exported/<model>[/<version>] with onnxruntime in this process"
+        },
+    )
+    ray: Path | None = field(
+        default=None,
+        metadata={
+            "help": "backend: run exported/<model>[/<version>] on Ray Data, one onnxruntime actor "
+            "per worker"
+        },
+    )
+    ray_address: str | None = field(
+        default=None,
+        metadata={"help": "Ray cluster to join (default: start a local Ray with --workers CPUs)"},
+    )
     workers: int = field(default=2, metadata={"help": "Ray actors, one CPU each"})
-    batch_size: int = field(default=512, metadata={
-        "help": "rows per request or onnxruntime run (requests are split further to fit the "
-                "message limit)"})
+    batch_size: int = field(
+        default=512,
+        metadata={
+            "help": "rows per request or onnxruntime run (requests are split further to fit the "
+            "message limit)"
+        },
+    )
     shard_size: int = field(default=4096, metadata={"help": "rows per resumable shard"})
-    output: Path | None = field(default=None, metadata={
-        "help": "output file, .npz or .parquet (default: extracted/<data>.npz)"})
+    output: Path | None = field(
+        default=None,
+        metadata={"help": "output file, .npz or .parquet (default: extracted/<data>.npz)"},
+    )
     overwrite: bool = field(default=False, metadata={"help": "replace an existing output file"})
     timeout: float = field(default=30.0, metadata={"help": "server: seconds per request"})
-    token_env: str = field(default="AET_TOKEN", metadata={
-        "help": "server: environment variable holding the bearer token, if the server wants one"})
-    root_cert: Path | None = field(default=None, metadata={
-        "help": "server: PEM root certificate; turns TLS on"})
-    client_cert: Path | None = field(default=None, metadata={
-        "help": "server: PEM client certificate for mutual TLS"})
-    client_key: Path | None = field(default=None, metadata={
-        "help": "server: PEM client private key for mutual TLS"})
+    token_env: str = field(
+        default="AET_TOKEN",
+        metadata={
+            "help": "server: environment variable holding the bearer token, if the server wants one"
+        },
+    )
+    root_cert: Path | None = field(
+        default=None, metadata={"help": "server: PEM root certificate; turns TLS on"}
+    )
+    client_cert: Path | None = field(
+        default=None, metadata={"help": "server: PEM client certificate for mutual TLS"}
+    )
+    client_key: Path | None = field(
+        default=None, metadata={"help": "server: PEM client private key for mutual TLS"}
+    )
     progress: bool = field(default=True, metadata={"help": "show a tqdm progress bar"})
 
     def __post_init__(self):
-        chosen = [flag for flag, value in (("--server", self.server), ("--local", self.local),
-                                           ("--ray", self.ray)) if value is not None]
+        chosen = [
+            flag
+            for flag, value in (
+                ("--server", self.server),
+                ("--local", self.local),
+                ("--ray", self.ray),
+            )
+            if value is not None
+        ]
         if len(chosen) != 1:
-            raise ConfigError(f"backend: expected exactly one of --server, --local, --ray; "
-                              f"got {', '.join(chosen) or 'none'}")
+            raise ConfigError(
+                f"backend: expected exactly one of --server, --local, --ray; "
+                f"got {', '.join(chosen) or 'none'}"
+            )
         if self.server is not None and not self.model:
             raise ConfigError(f"model: --server {self.server} needs --model <name>; got none")
         if self.server is None and (self.model or self.version):
-            raise ConfigError("model, version: only for --server; --local and --ray take the "
-                              f"model folder; got model={self.model} version={self.version}")
+            raise ConfigError(
+                "model, version: only for --server; --local and --ray take the "
+                f"model folder; got model={self.model} version={self.version}"
+            )
         for name in ("workers", "batch_size", "shard_size"):
             if getattr(self, name) < 1:
-                raise ConfigError(f"{name}: expected a positive integer; got "
-                                  f"{getattr(self, name)}")
+                raise ConfigError(f"{name}: expected a positive integer; got {getattr(self, name)}")
         if self.output is None:
             self.output = Path("extracted") / f"{self.data}.npz"
         if self.output.suffix not in FORMATS:
-            raise ConfigError(f"output: expected a file ending in {' or '.join(FORMATS)}; "
-                              f"got {self.output}")
+            raise ConfigError(
+                f"output: expected a file ending in {' or '.join(FORMATS)}; got {self.output}"
+            )
 
     def dataset_args(self) -> dict[str, Any]:
         """The `load_dataset` arguments, as recorded in the output for `aet probe`."""
-        return {"name": self.data, "path": None if self.path is None else str(self.path),
-                "seed": self.seed, "limit": self.limit}
+        return {
+            "name": self.data,
+            "path": None if self.path is None else str(self.path),
+            "seed": self.seed,
+            "limit": self.limit,
+        }
 
 
 # --- the rows of a data set -----------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class ExtractionRows:
@@ -149,20 +195,23 @@ def check_model_fits(model: ModelIdentity, dataset: Dataset) -> None:
             f"model {model.name} v{model.version}: expected images of shape "
             f"{tuple(model.input_shape)} with pixel values up to {model.max_value:g}; data set "
             f"{dataset.name} has shape {dataset.image_shape} with values up to "
-            f"{dataset.raw_max:g}")
+            f"{dataset.raw_max:g}"
+        )
 
 
 def extraction_rows(dataset: Dataset) -> ExtractionRows:
     """All rows of `dataset` (train, val, test), raw pixels, labels and split names."""
     parts = [getattr(dataset, name) for name in SPLITS]
     x = np.concatenate([part.x for part in parts])
-    labels = np.concatenate([np.full(len(part), NO_LABEL, np.int64) if part.y is None
-                             else part.y for part in parts])
+    labels = np.concatenate(
+        [np.full(len(part), NO_LABEL, np.int64) if part.y is None else part.y for part in parts]
+    )
     split = np.concatenate([np.full(len(part), name) for name, part in zip(SPLITS, parts)])
     return ExtractionRows(raw_pixels(x, dataset.raw_max), labels, split)
 
 
 # --- the output file ------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class EmbeddingTable:
@@ -198,11 +247,17 @@ def _atomic_write(path: Path, write) -> None:
 def write_embeddings(path: Path, table: EmbeddingTable) -> None:
     """Write `table` atomically as `.npz` (arrays + JSON metadata) or `.parquet`."""
     if path.suffix == ".npz":
+
         def write(temporary: Path) -> None:
             with open(temporary, "wb") as handle:
-                np.savez(handle, embeddings=table.embeddings, ids=table.ids,
-                         labels=table.labels, split=table.split.astype(str),
-                         metadata=np.array(json.dumps(table.metadata)))
+                np.savez(
+                    handle,
+                    embeddings=table.embeddings,
+                    ids=table.ids,
+                    labels=table.labels,
+                    split=table.split.astype(str),
+                    metadata=np.array(json.dumps(table.metadata)),
+                )
     else:
         import pyarrow as pa
         import pyarrow.parquet as pq
@@ -213,12 +268,14 @@ def write_embeddings(path: Path, table: EmbeddingTable) -> None:
             "split": pa.array(table.split.astype(str)),
             "label": pa.array(table.labels),
             "embedding": pa.FixedSizeListArray.from_arrays(
-                pa.array(table.embeddings.reshape(-1)), dim),
+                pa.array(table.embeddings.reshape(-1)), dim
+            ),
         }
         arrow = pa.table(columns).replace_schema_metadata({"aet": json.dumps(table.metadata)})
 
         def write(temporary: Path) -> None:
             pq.write_table(arrow, temporary)
+
     _atomic_write(path, write)
 
 
@@ -226,17 +283,24 @@ def read_embeddings(path: str | os.PathLike) -> EmbeddingTable:
     """Read an `aet embed` output (`.npz` or `.parquet`); errors name the file and the fault."""
     path = Path(path)
     if path.suffix not in FORMATS:
-        raise ExtractionError(f"{path}: expected an aet embed output ending in "
-                              f"{' or '.join(FORMATS)}")
+        raise ExtractionError(
+            f"{path}: expected an aet embed output ending in {' or '.join(FORMATS)}"
+        )
     try:
         if path.suffix == ".npz":
             with np.load(path, allow_pickle=False) as archive:
                 missing = {"embeddings", "ids", "labels", "split", "metadata"} - set(archive.files)
                 if missing:
-                    raise ExtractionError(f"{path}: missing arrays {sorted(missing)}; "
-                                          f"found {archive.files}")
-                table = EmbeddingTable(archive["embeddings"], archive["ids"], archive["labels"],
-                                       archive["split"], json.loads(str(archive["metadata"])))
+                    raise ExtractionError(
+                        f"{path}: missing arrays {sorted(missing)}; found {archive.files}"
+                    )
+                table = EmbeddingTable(
+                    archive["embeddings"],
+                    archive["ids"],
+                    archive["labels"],
+                    archive["split"],
+                    json.loads(str(archive["metadata"])),
+                )
         else:
             import pyarrow as pa
             import pyarrow.parquet as pq
@@ -247,27 +311,35 @@ def read_embeddings(path: str | os.PathLike) -> EmbeddingTable:
                 raise ExtractionError(f"{path}: no 'aet' schema metadata; not an aet embed output")
             embedding = arrow.column("embedding").combine_chunks()
             if not pa.types.is_fixed_size_list(embedding.type):
-                raise ExtractionError(f"{path}: column 'embedding': expected fixed-size lists, "
-                                      f"got {embedding.type}")
+                raise ExtractionError(
+                    f"{path}: column 'embedding': expected fixed-size lists, got {embedding.type}"
+                )
             flat = embedding.flatten().to_numpy(zero_copy_only=False)
-            table = EmbeddingTable(flat.reshape(len(arrow), embedding.type.list_size),
-                                   arrow.column("id").to_numpy(), arrow.column("label").to_numpy(),
-                                   arrow.column("split").to_numpy(zero_copy_only=False).astype(str),
-                                   json.loads(metadata))
+            table = EmbeddingTable(
+                flat.reshape(len(arrow), embedding.type.list_size),
+                arrow.column("id").to_numpy(),
+                arrow.column("label").to_numpy(),
+                arrow.column("split").to_numpy(zero_copy_only=False).astype(str),
+                json.loads(metadata),
+            )
     except FileNotFoundError:
         raise ExtractionError(f"{path}: no such file; run aet embed first") from None
     except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
         raise ExtractionError(f"{path}: not a readable aet embed output ({exc})") from exc
     rows = len(table.ids)
-    if table.embeddings.ndim != 2 or any(len(a) != rows for a in
-                                         (table.embeddings, table.labels, table.split)):
-        raise ExtractionError(f"{path}: columns differ in length or shape: embeddings "
-                              f"{table.embeddings.shape}, ids {rows}, labels {len(table.labels)}, "
-                              f"split {len(table.split)}")
+    if table.embeddings.ndim != 2 or any(
+        len(a) != rows for a in (table.embeddings, table.labels, table.split)
+    ):
+        raise ExtractionError(
+            f"{path}: columns differ in length or shape: embeddings "
+            f"{table.embeddings.shape}, ids {rows}, labels {len(table.labels)}, "
+            f"split {len(table.split)}"
+        )
     return table
 
 
 # --- resumable shards ----------------------------------------------------------------------
+
 
 class ShardStore:
     """`<output>.shards/`: a manifest naming the job, and one `.npz` per finished shard.
@@ -290,14 +362,17 @@ class ShardStore:
             try:
                 previous = json.loads(manifest_path.read_text())
             except (OSError, ValueError) as exc:
-                raise ExtractionError(f"{manifest_path}: unreadable manifest ({exc}); delete "
-                                      f"{self.folder} to start afresh") from exc
+                raise ExtractionError(
+                    f"{manifest_path}: unreadable manifest ({exc}); delete "
+                    f"{self.folder} to start afresh"
+                ) from exc
             for key, value in self.manifest.items():
                 if previous.get(key) != value:
                     raise ExtractionError(
                         f"{manifest_path}: field {key!r}: this job has {value!r}, the unfinished "
                         f"one has {previous.get(key)!r}; finish it with the same arguments or "
-                        f"delete {self.folder}")
+                        f"delete {self.folder}"
+                    )
             return
         self.folder.mkdir(parents=True, exist_ok=True)
         _atomic_write(manifest_path, lambda t: t.write_text(json.dumps(self.manifest, indent=2)))
@@ -322,10 +397,12 @@ class ShardStore:
         try:
             with np.load(path, allow_pickle=False) as archive:
                 ids, embeddings = archive["ids"], archive["embeddings"]
-            valid = (np.array_equal(ids, np.arange(start, stop))
-                     and embeddings.dtype == np.float32
-                     and embeddings.shape == (stop - start, self.embedding_dim)
-                     and bool(np.isfinite(embeddings).all()))
+            valid = (
+                np.array_equal(ids, np.arange(start, stop))
+                and embeddings.dtype == np.float32
+                and embeddings.shape == (stop - start, self.embedding_dim)
+                and bool(np.isfinite(embeddings).all())
+            )
         except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError):
             valid = False
         if not valid:
@@ -341,6 +418,7 @@ class ShardStore:
         def write(temporary: Path) -> None:
             with open(temporary, "wb") as handle:
                 np.savez(handle, ids=ids, embeddings=embeddings)
+
         _atomic_write(self.path(index), write)
 
     def remove(self) -> None:
@@ -363,14 +441,17 @@ class ExtractionSummary:
 
     def line(self) -> str:
         reused = self.rows - self.embedded_rows
-        return (f"embedded {self.embedded_rows} rows in {self.seconds:.2f} s "
-                f"({self.rows_per_second:,.0f} rows/s, {self.backend})"
-                + (f", {reused} rows from finished shards" if reused else "")
-                + f"; wrote {self.rows} rows to {self.output}")
+        return (
+            f"embedded {self.embedded_rows} rows in {self.seconds:.2f} s "
+            f"({self.rows_per_second:,.0f} rows/s, {self.backend})"
+            + (f", {reused} rows from finished shards" if reused else "")
+            + f"; wrote {self.rows} rows to {self.output}"
+        )
 
 
-def extract(config: EmbedConfig, backend: EmbeddingBackend,
-            dataset: Dataset | None = None) -> ExtractionSummary:
+def extract(
+    config: EmbedConfig, backend: EmbeddingBackend, dataset: Dataset | None = None
+) -> ExtractionSummary:
     """Run the extraction job of `config` on an open `backend`; `dataset` saves reloading it."""
     from tqdm import tqdm
 
@@ -382,8 +463,12 @@ def extract(config: EmbedConfig, backend: EmbeddingBackend,
     rows = extraction_rows(dataset)
     model = backend.model
     check_model_fits(model, dataset)
-    manifest = {"dataset": config.dataset_args(), "model": dataclasses.asdict(model),
-                "rows": len(rows), "shard_size": config.shard_size}
+    manifest = {
+        "dataset": config.dataset_args(),
+        "model": dataclasses.asdict(model),
+        "rows": len(rows),
+        "shard_size": config.shard_size,
+    }
     store = ShardStore(output.with_name(output.name + ".shards"), manifest)
     store.open()
     shards = [store.load(index) for index in range(store.count)]
@@ -391,10 +476,18 @@ def extract(config: EmbedConfig, backend: EmbeddingBackend,
     pending_rows = sum(stop - start for start, stop in map(store.bounds, pending))
 
     started = time.perf_counter()
-    with tqdm(total=len(rows), initial=len(rows) - pending_rows, unit="row", desc="embed",
-              disable=not config.progress) as progress:
-        pixels = (np.concatenate([rows.pixels[slice(*store.bounds(i))] for i in pending])
-                  if pending else rows.pixels[:0])
+    with tqdm(
+        total=len(rows),
+        initial=len(rows) - pending_rows,
+        unit="row",
+        desc="embed",
+        disable=not config.progress,
+    ) as progress:
+        pixels = (
+            np.concatenate([rows.pixels[slice(*store.bounds(i))] for i in pending])
+            if pending
+            else rows.pixels[:0]
+        )
         buffered: list[np.ndarray] = []
         waiting = iter(pending)
         index = next(waiting, None)
@@ -408,19 +501,30 @@ def extract(config: EmbedConfig, backend: EmbeddingBackend,
                 if sum(map(len, buffered)) < stop - start:
                     break
                 joined = np.concatenate(buffered)
-                shards[index] = np.ascontiguousarray(joined[:stop - start], dtype=np.float32)
+                shards[index] = np.ascontiguousarray(joined[: stop - start], dtype=np.float32)
                 store.save(index, shards[index])
-                buffered = [joined[stop - start:]]
+                buffered = [joined[stop - start :]]
                 index = next(waiting, None)
     seconds = time.perf_counter() - started
     if returned != pending_rows:
-        raise ExtractionError(f"backend {backend.label}: expected {pending_rows} embeddings, "
-                              f"got {returned}; finished shards are kept, run again to resume")
+        raise ExtractionError(
+            f"backend {backend.label}: expected {pending_rows} embeddings, "
+            f"got {returned}; finished shards are kept, run again to resume"
+        )
 
-    metadata = {"dataset": config.dataset_args(), "model": dataclasses.asdict(model),
-                "backend": backend.label, "created": datetime.now(timezone.utc).isoformat()}
-    table = EmbeddingTable(np.concatenate(shards), np.arange(len(rows), dtype=np.int64),
-                           rows.labels, rows.split, metadata)
+    metadata = {
+        "dataset": config.dataset_args(),
+        "model": dataclasses.asdict(model),
+        "backend": backend.label,
+        "created": datetime.now(UTC).isoformat(),
+    }
+    table = EmbeddingTable(
+        np.concatenate(shards),
+        np.arange(len(rows), dtype=np.int64),
+        rows.labels,
+        rows.split,
+        metadata,
+    )
     write_embeddings(output, table)
     store.remove()
     return ExtractionSummary(output, len(rows), pending_rows, seconds, backend.label)
@@ -431,15 +535,18 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from clients.backends import open_backend
+    from aet.clients.backends import open_backend
 
     config = config_from_args(EmbedConfig, args)
     try:
         with open_backend(config) as backend:
             summary = extract(config, backend)
     except KeyboardInterrupt:
-        print(f"aet embed: interrupted; finished shards are kept in {config.output}.shards, "
-              f"run the same command to resume", file=sys.stderr)
+        print(
+            f"aet embed: interrupted; finished shards are kept in {config.output}.shards, "
+            f"run the same command to resume",
+            file=sys.stderr,
+        )
         return EXIT_INTERRUPTED
     print(summary.line())
     return 0

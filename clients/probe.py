@@ -22,15 +22,17 @@ from sklearn.metrics import confusion_matrix
 from sklearn.preprocessing import StandardScaler
 from torch import nn
 
+from aet.clients.extract import EmbeddingTable, check_model_fits, extraction_rows, read_embeddings
 from aet.config import ConfigError, add_config_arguments, config_from_args
 from aet.errors import UserError
-from clients.extract import (EmbeddingTable, check_model_fits, extraction_rows,
-                             read_embeddings)
-from training.data import DATASETS, Dataset, load_dataset
-from training.evaluate import fit_pca, label_subset, linear_probe
+from aet.training.data import DATASETS, Dataset, load_dataset
+from aet.training.evaluate import fit_pca, label_subset, linear_probe
 
-CLASSIFIERS = {"logreg": "logistic regression", "mlp": "MLP head",
-               "fine-tune": "linear head, encoder trained too"}
+CLASSIFIERS = {
+    "logreg": "logistic regression",
+    "mlp": "MLP head",
+    "fine-tune": "linear head, encoder trained too",
+}
 
 
 class ProbeError(UserError):
@@ -41,32 +43,62 @@ class ProbeError(UserError):
 class ProbeConfig:
     """`aet probe`: where the embeddings come from, how many labels, where results go."""
 
-    embeddings: Path | None = field(default=None, metadata={
-        "help": "an `aet embed` output (.npz or .parquet); its data set is reloaded for the "
-                "pixel and PCA baselines"})
-    model: Path | None = field(default=None, metadata={
-        "help": "instead of --embeddings: exported/<model>[/<version>], run in-process on --data"})
-    data: str = field(default="digits", metadata={
-        "help": "with --model: data set of the training registry", "choices": sorted(DATASETS)})
+    embeddings: Path | None = field(
+        default=None,
+        metadata={
+            "help": "an `aet embed` output (.npz or .parquet); its data set is reloaded for the "
+            "pixel and PCA baselines"
+        },
+    )
+    model: Path | None = field(
+        default=None,
+        metadata={
+            "help": "instead of --embeddings: exported/<model>[/<version>], run in-process on --data"
+        },
+    )
+    data: str = field(
+        default="digits",
+        metadata={
+            "help": "with --model: data set of the training registry",
+            "choices": sorted(DATASETS),
+        },
+    )
     path: Path | None = field(default=None, metadata={"help": "with --model: data file or folder"})
-    limit: int | None = field(default=None, metadata={
-        "help": "with --model: keep the first N rows of a seeded shuffle"})
-    seed: int = field(default=0, metadata={
-        "help": "seed of the label subsets and the classifiers (and, with --model, the split)"})
-    label_counts: list[int] = field(default_factory=lambda: [100, 1000], metadata={
-        "help": "numbers of training labels to probe with; all labels are always added"})
+    limit: int | None = field(
+        default=None, metadata={"help": "with --model: keep the first N rows of a seeded shuffle"}
+    )
+    seed: int = field(
+        default=0,
+        metadata={
+            "help": "seed of the label subsets and the classifiers (and, with --model, the split)"
+        },
+    )
+    label_counts: list[int] = field(
+        default_factory=lambda: [100, 1000],
+        metadata={"help": "numbers of training labels to probe with; all labels are always added"},
+    )
     hidden: int = field(default=128, metadata={"help": "MLP head: hidden units"})
-    steps: int = field(default=1000, metadata={
-        "help": "MLP head and fine-tuning: Adam steps on mini-batches of 128"})
-    fine_tune: Path | None = field(default=None, metadata={
-        "help": "training run folder runs/<name> (its best.pt): also fine-tune the encoder"})
-    output: Path | None = field(default=None, metadata={
-        "help": "results folder (default: runs/probe/<embeddings or model name>)"})
+    steps: int = field(
+        default=1000,
+        metadata={"help": "MLP head and fine-tuning: Adam steps on mini-batches of 128"},
+    )
+    fine_tune: Path | None = field(
+        default=None,
+        metadata={
+            "help": "training run folder runs/<name> (its best.pt): also fine-tune the encoder"
+        },
+    )
+    output: Path | None = field(
+        default=None,
+        metadata={"help": "results folder (default: runs/probe/<embeddings or model name>)"},
+    )
 
     def __post_init__(self):
         if (self.embeddings is None) == (self.model is None):
-            raise ConfigError("embeddings / model: expected exactly one of --embeddings or "
-                              f"--model; got embeddings={self.embeddings}, model={self.model}")
+            raise ConfigError(
+                "embeddings / model: expected exactly one of --embeddings or "
+                f"--model; got embeddings={self.embeddings}, model={self.model}"
+            )
         if not self.label_counts or min(self.label_counts) < 1:
             raise ConfigError(f"label_counts: expected positive numbers; got {self.label_counts}")
         for name in ("hidden", "steps"):
@@ -79,32 +111,42 @@ class ProbeConfig:
 
 # --- inputs ------------------------------------------------------------------------------
 
+
 def dataset_of(table: EmbeddingTable, source: str) -> Dataset:
     """Reload the data set an extraction was made from and check it is the same rows."""
     dataset = load_dataset(**table.metadata["dataset"])
     rows = extraction_rows(dataset)
-    if len(rows) != len(table.ids) or not (np.array_equal(rows.labels, table.labels)
-                                           and np.array_equal(rows.split, table.split)):
-        raise ProbeError(f"{source}: its {len(table.ids)} rows do not match data set "
-                         f"{table.metadata['dataset']} ({len(rows)} rows, or other labels or "
-                         f"splits); was the data changed since the extraction?")
+    if len(rows) != len(table.ids) or not (
+        np.array_equal(rows.labels, table.labels) and np.array_equal(rows.split, table.split)
+    ):
+        raise ProbeError(
+            f"{source}: its {len(table.ids)} rows do not match data set "
+            f"{table.metadata['dataset']} ({len(rows)} rows, or other labels or "
+            f"splits); was the data changed since the extraction?"
+        )
     return dataset
 
 
 def embed_in_process(model_dir: Path, dataset: Dataset) -> EmbeddingTable:
     """Every row of `dataset` through the exported encoder in `model_dir` (onnxruntime)."""
-    from clients.backends import LocalBackend
+    from aet.clients.backends import LocalBackend
 
     rows = extraction_rows(dataset)
     with LocalBackend(model_dir) as backend:
         check_model_fits(backend.model, dataset)
         embeddings = np.concatenate(list(backend.embed_rows(rows.pixels, batch_size=1024)))
         model = asdict(backend.model)
-    return EmbeddingTable(embeddings, np.arange(len(rows)), rows.labels, rows.split,
-                          {"dataset": {"name": dataset.name}, "model": model})
+    return EmbeddingTable(
+        embeddings,
+        np.arange(len(rows)),
+        rows.labels,
+        rows.split,
+        {"dataset": {"name": dataset.name}, "model": model},
+    )
 
 
 # --- classifiers -----------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class FeatureSet:
@@ -122,9 +164,11 @@ def feature_sets(table: EmbeddingTable, dataset: Dataset, seed: int) -> list[Fea
     fit_embeddings = np.concatenate([table.part("train")[0], table.part("val")[0]])
     dim = table.embeddings.shape[1]
     pca = fit_pca(dataset.train.x, dim, seed)
-    return [FeatureSet("embedding", fit_embeddings, table.part("test")[0]),
-            FeatureSet("pixels", fit_pixels, test_pixels),
-            FeatureSet(f"PCA-{dim}", pca.transform(fit_pixels), pca.transform(test_pixels))]
+    return [
+        FeatureSet("embedding", fit_embeddings, table.part("test")[0]),
+        FeatureSet("pixels", fit_pixels, test_pixels),
+        FeatureSet(f"PCA-{dim}", pca.transform(fit_pixels), pca.transform(test_pixels)),
+    ]
 
 
 def _batches(n_rows: int, steps: int, seed: int) -> list[torch.Tensor]:
@@ -134,8 +178,9 @@ def _batches(n_rows: int, steps: int, seed: int) -> list[torch.Tensor]:
     return [torch.randperm(n_rows, generator=generator)[:size] for _ in range(steps)]
 
 
-def _train(module: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, steps: int,
-           seed: int) -> None:
+def _train(
+    module: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, steps: int, seed: int
+) -> None:
     """Adam (lr 1e-3, weight decay 1e-4) on cross-entropy over seeded mini-batches."""
     optimizer = torch.optim.Adam(module.parameters(), lr=1e-3, weight_decay=1e-4)
     module.train()
@@ -146,13 +191,24 @@ def _train(module: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, steps
     module.eval()
 
 
-def mlp_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, num_classes: int,
-              hidden: int, steps: int, seed: int) -> np.ndarray:
+def mlp_probe(
+    train_x: np.ndarray,
+    train_y: np.ndarray,
+    test_x: np.ndarray,
+    num_classes: int,
+    hidden: int,
+    steps: int,
+    seed: int,
+) -> np.ndarray:
     """Test predictions of a one-hidden-layer MLP head on standardised frozen features."""
     torch.manual_seed(seed)
     scaler = StandardScaler().fit(train_x)
-    head = nn.Sequential(nn.Linear(train_x.shape[1], hidden), nn.ReLU(), nn.Dropout(0.2),
-                         nn.Linear(hidden, num_classes))
+    head = nn.Sequential(
+        nn.Linear(train_x.shape[1], hidden),
+        nn.ReLU(),
+        nn.Dropout(0.2),
+        nn.Linear(hidden, num_classes),
+    )
     inputs = torch.from_numpy(scaler.transform(train_x).astype(np.float32))
     _train(head, inputs, torch.from_numpy(train_y), steps, seed)
     with torch.no_grad():
@@ -167,35 +223,42 @@ class _EncoderClassifier(nn.Module):
     def __init__(self, encoder: nn.Module, code_size: int, num_classes: int):
         super().__init__()
         self.encoder = encoder
-        self.head = nn.Sequential(nn.BatchNorm1d(code_size, affine=False),
-                                  nn.Linear(code_size, num_classes))
+        self.head = nn.Sequential(
+            nn.BatchNorm1d(code_size, affine=False), nn.Linear(code_size, num_classes)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.encoder.encode(x))
 
 
-def fine_tune_probe(run: Path, dataset: Dataset, index: np.ndarray, steps: int,
-                    seed: int) -> float:
+def fine_tune_probe(run: Path, dataset: Dataset, index: np.ndarray, steps: int, seed: int) -> float:
     """Test accuracy of the run's encoder plus a linear head, all trained on rows `index`."""
-    from training.checkpoint import load_checkpoint
+    from aet.training.checkpoint import load_checkpoint
 
     checkpoint = load_checkpoint(run / "best.pt")
     if tuple(checkpoint.image_shape) != dataset.image_shape:
-        raise ProbeError(f"fine_tune: {run / 'best.pt'} was trained on images "
-                         f"{tuple(checkpoint.image_shape)}; data set {dataset.name} has "
-                         f"{dataset.image_shape}")
+        raise ProbeError(
+            f"fine_tune: {run / 'best.pt'} was trained on images "
+            f"{tuple(checkpoint.image_shape)}; data set {dataset.name} has "
+            f"{dataset.image_shape}"
+        )
     torch.manual_seed(seed)
     autoencoder = checkpoint.build_model()
     model = _EncoderClassifier(autoencoder, autoencoder.code_size, dataset.num_classes)
     fit = dataset.fit
     _train(model, torch.from_numpy(fit.x[index]), torch.from_numpy(fit.y[index]), steps, seed)
     with torch.no_grad():
-        predictions = torch.cat([model(torch.from_numpy(dataset.test.x[i:i + 1024])).argmax(1)
-                                 for i in range(0, len(dataset.test), 1024)])
+        predictions = torch.cat(
+            [
+                model(torch.from_numpy(dataset.test.x[i : i + 1024])).argmax(1)
+                for i in range(0, len(dataset.test), 1024)
+            ]
+        )
     return float((predictions.numpy() == dataset.test.y).mean())
 
 
 # --- the probe run ---------------------------------------------------------------------------
+
 
 @dataclass
 class ProbeResults:
@@ -211,10 +274,13 @@ class ProbeResults:
         """The results as a Markdown table, one row per (features, classifier)."""
         total = self.label_counts[-1]
         heads = [f"{n:,} labels" for n in self.label_counts[:-1]] + [f"all ({total:,})"]
-        lines = [f"Test accuracy on {self.dataset}, encoder {self.model['name']} "
-                 f"v{self.model['version']} ({self.model['embedding_dim']}-d)", "",
-                 "| features | classifier | " + " | ".join(heads) + " |",
-                 "|---|---|" + "---:|" * len(heads)]
+        lines = [
+            f"Test accuracy on {self.dataset}, encoder {self.model['name']} "
+            f"v{self.model['version']} ({self.model['embedding_dim']}-d)",
+            "",
+            "| features | classifier | " + " | ".join(heads) + " |",
+            "|---|---|" + "---:|" * len(heads),
+        ]
         for features, by_classifier in self.accuracy.items():
             for classifier, accuracies in by_classifier.items():
                 cells = " | ".join(f"{a:.3f}" for a in accuracies)
@@ -244,17 +310,26 @@ def _probe(table: EmbeddingTable, dataset: Dataset, config: ProbeConfig) -> Prob
         logreg, mlp = [], []
         for n, index in zip(counts, subsets):
             logreg.append(linear_probe(features.fit, fit_y, features.test, test_y, n, config.seed))
-            predicted = mlp_probe(features.fit[index], fit_y[index], features.test,
-                                  dataset.num_classes, config.hidden, config.steps, config.seed)
+            predicted = mlp_probe(
+                features.fit[index],
+                fit_y[index],
+                features.test,
+                dataset.num_classes,
+                config.hidden,
+                config.steps,
+                config.seed,
+            )
             mlp.append(float((predicted == test_y).mean()))
             if confusion is None and n == counts[-1]:  # embeddings come first; all labels
-                confusion = confusion_matrix(test_y, predicted,
-                                             labels=range(dataset.num_classes)).tolist()
+                confusion = confusion_matrix(
+                    test_y, predicted, labels=range(dataset.num_classes)
+                ).tolist()
         accuracy[features.name] = {"logreg": logreg, "mlp": mlp}
     if config.fine_tune is not None:
         accuracy["embedding"]["fine-tune"] = [
             fine_tune_probe(config.fine_tune, dataset, index, config.steps, config.seed)
-            for index in subsets]
+            for index in subsets
+        ]
     return ProbeResults(dataset.name, table.metadata["model"], counts, accuracy, confusion)
 
 
@@ -267,9 +342,12 @@ def write_results(results: ProbeResults, folder: Path) -> dict[str, Path]:
     from sklearn.metrics import ConfusionMatrixDisplay
 
     folder.mkdir(parents=True, exist_ok=True)
-    paths = {"markdown": folder / "results.md", "json": folder / "results.json",
-             "accuracy_plot": folder / "accuracy_vs_labels.png",
-             "confusion_plot": folder / "confusion_matrix.png"}
+    paths = {
+        "markdown": folder / "results.md",
+        "json": folder / "results.json",
+        "accuracy_plot": folder / "accuracy_vs_labels.png",
+        "confusion_plot": folder / "confusion_matrix.png",
+    }
     paths["markdown"].write_text(results.markdown())
     paths["json"].write_text(json.dumps(asdict(results), indent=2) + "\n")
 
@@ -277,11 +355,19 @@ def write_results(results: ProbeResults, folder: Path) -> dict[str, Path]:
     styles = {"embedding": "-", "pixels": "--"}
     for features, by_classifier in results.accuracy.items():
         for classifier, accuracies in by_classifier.items():
-            axes.plot(results.label_counts, accuracies, styles.get(features, ":"),
-                      marker={"logreg": "o", "mlp": "s"}.get(classifier, "^"),
-                      label=f"{features}, {CLASSIFIERS[classifier]}")
-    axes.set(xscale="log", xlabel="training labels", ylabel="test accuracy",
-             title=f"{results.dataset}: accuracy against labels")
+            axes.plot(
+                results.label_counts,
+                accuracies,
+                styles.get(features, ":"),
+                marker={"logreg": "o", "mlp": "s"}.get(classifier, "^"),
+                label=f"{features}, {CLASSIFIERS[classifier]}",
+            )
+    axes.set(
+        xscale="log",
+        xlabel="training labels",
+        ylabel="test accuracy",
+        title=f"{results.dataset}: accuracy against labels",
+    )
     axes.grid(alpha=0.3)
     axes.legend(fontsize=8)
     figure.tight_layout()

@@ -41,8 +41,19 @@ class ServerProcess:
         self.log_path = log_path
         log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(log_path, "wb")
-        command = [sys.executable, "-m", "aet.cli", "serve", "--repository", str(repository),
-                   "--host", "127.0.0.1", "--port", str(self.port), *flags]
+        command = [
+            sys.executable,
+            "-m",
+            "aet.cli",
+            "serve",
+            "--repository",
+            str(repository),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            *flags,
+        ]
         self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT)
 
     def __enter__(self) -> ServerProcess:
@@ -58,19 +69,24 @@ class ServerProcess:
             health = health_pb2_grpc.HealthStub(channel)
             while time.monotonic() < deadline:
                 if self.process.poll() is not None:
-                    raise ServerStartError(f"aet serve exited with code "
-                                           f"{self.process.returncode} before serving; "
-                                           f"see {self.log_path}")
+                    raise ServerStartError(
+                        f"aet serve exited with code "
+                        f"{self.process.returncode} before serving; "
+                        f"see {self.log_path}"
+                    )
                 try:
-                    status = health.Check(health_pb2.HealthCheckRequest(service=model),
-                                          timeout=1.0).status
+                    status = health.Check(
+                        health_pb2.HealthCheckRequest(service=model), timeout=1.0
+                    ).status
                 except grpc.RpcError:
                     status = None
                 if status == health_pb2.HealthCheckResponse.SERVING:
                     return
                 time.sleep(0.2)
-        raise ServerStartError(f"aet serve: {model or 'server'!r} not SERVING after "
-                               f"{timeout:.0f} s; see {self.log_path}")
+        raise ServerStartError(
+            f"aet serve: {model or 'server'!r} not SERVING after "
+            f"{timeout:.0f} s; see {self.log_path}"
+        )
 
     def stop(self) -> int:
         """SIGTERM, then wait for the graceful shutdown; the exit code (killed if it hangs)."""

@@ -1,4 +1,5 @@
-"""`python -m server serve ...`"""
+"""`python -m aet.server serve ...`"""
+
 import sys
 
 from aet.cli import main

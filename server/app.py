@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import grpc
@@ -31,16 +31,16 @@ from grpc_reflection.v1alpha import reflection
 
 from aet.config import ConfigError, add_config_arguments, config_from_args
 from aet.errors import UserError
-from aet_proto import embedding_pb2, embedding_pb2_grpc
-from server.auth import BearerTokenInterceptor, read_tokens, tls_server_credentials
-from server.embedding_service import EmbeddingService
-from server.kserve_service import SERVICE_NAME as KSERVE_SERVICE
-from server.kserve_service import InferenceService
-from server.metrics import ServingMetrics
-from server.models import BatchingOptions, ModelRegistry, ModelState
-from server.reload import RepositoryReloader
-from server.repository import scan_repository
-from server.runtime import DEVICES, RuntimeOptions
+from aet.proto import embedding_pb2, embedding_pb2_grpc
+from aet.server.auth import BearerTokenInterceptor, read_tokens, tls_server_credentials
+from aet.server.embedding_service import EmbeddingService
+from aet.server.kserve_service import SERVICE_NAME as KSERVE_SERVICE
+from aet.server.kserve_service import InferenceService
+from aet.server.metrics import ServingMetrics
+from aet.server.models import BatchingOptions, ModelRegistry, ModelState
+from aet.server.reload import RepositoryReloader
+from aet.server.repository import scan_repository
+from aet.server.runtime import DEVICES, RuntimeOptions
 
 log = logging.getLogger(__name__)
 
@@ -52,52 +52,100 @@ MIB = 1 << 20
 class ServeConfig:
     """Configuration of `aet serve` (flags or a TOML file with the same field names)."""
 
-    repository: Path = field(default=Path("exported"), metadata={
-        "help": "model repository: <repository>/<model>/<version>/{model.onnx,model.json}"})
-    host: str = field(default="127.0.0.1", metadata={
-        "help": "address to bind; 0.0.0.0 exposes the server to the network"})
+    repository: Path = field(
+        default=Path("exported"),
+        metadata={
+            "help": "model repository: <repository>/<model>/<version>/{model.onnx,model.json}"
+        },
+    )
+    host: str = field(
+        default="127.0.0.1",
+        metadata={"help": "address to bind; 0.0.0.0 exposes the server to the network"},
+    )
     port: int = field(default=8500, metadata={"help": "port to bind; 0 picks a free one (logged)"})
-    device: str = field(default="auto", metadata={
-        "help": "execution device: auto uses CUDA only when a GPU is really usable",
-        "choices": list(DEVICES)})
-    intra_op_threads: int = field(default=0, metadata={
-        "help": "onnxruntime threads inside one operator per session (0: one per core)"})
-    inter_op_threads: int = field(default=0, metadata={
-        "help": "onnxruntime threads across operators per session (0: its default)"})
-    max_batch_size: int = field(default=64, metadata={
-        "help": "rows per onnxruntime run; larger requests are split"})
-    max_queue_delay_ms: float = field(default=2.0, metadata={
-        "help": "longest extra wait for requests to join a batch, spent only under load"})
-    max_queue_size: int = field(default=256, metadata={
-        "help": "requests that may wait per model version; beyond it RESOURCE_EXHAUSTED"})
-    max_request_rows: int = field(default=16384, metadata={
-        "help": "rows one request may carry; beyond it INVALID_ARGUMENT"})
-    dynamic_batching: bool = field(default=True, metadata={
-        "help": "merge concurrent requests into shared runs (off: each request runs alone)"})
-    max_message_mb: int = field(default=64, metadata={
-        "help": "largest gRPC message in MiB, each way; 64 MiB carries one request of up to "
-                "21,399 float32 or 85,597 uint8 rows of 1x28x28 pixels (max_request_rows "
-                "applies too)"})
-    workers: int = field(default=64, metadata={
-        "help": "gRPC handler threads: the most calls served at once"})
-    grace_period: float = field(default=10.0, metadata={
-        "help": "seconds in-flight and queued requests get to finish on SIGTERM/SIGINT"})
-    poll_repository: float = field(default=0.0, metadata={
-        "help": "seconds between repository scans that load new versions and unload removed "
-                "ones (0: load once at start)"})
-    metrics_port: int | None = field(default=None, metadata={
-        "help": "serve Prometheus /metrics over HTTP on this port of --host (0: any free "
-                "port, logged; unset: no endpoint)"})
-    token_file: Path | None = field(default=None, metadata={
-        "help": "file of accepted bearer tokens, one per line: calls without one get "
-                "UNAUTHENTICATED (health stays open)"})
-    token_env: str | None = field(default=None, metadata={
-        "help": "environment variable holding one more accepted bearer token"})
-    tls_cert: Path | None = field(default=None, metadata={
-        "help": "PEM certificate chain: serve TLS (needs --tls-key)"})
+    device: str = field(
+        default="auto",
+        metadata={
+            "help": "execution device: auto uses CUDA only when a GPU is really usable",
+            "choices": list(DEVICES),
+        },
+    )
+    intra_op_threads: int = field(
+        default=0,
+        metadata={"help": "onnxruntime threads inside one operator per session (0: one per core)"},
+    )
+    inter_op_threads: int = field(
+        default=0,
+        metadata={"help": "onnxruntime threads across operators per session (0: its default)"},
+    )
+    max_batch_size: int = field(
+        default=64, metadata={"help": "rows per onnxruntime run; larger requests are split"}
+    )
+    max_queue_delay_ms: float = field(
+        default=2.0,
+        metadata={"help": "longest extra wait for requests to join a batch, spent only under load"},
+    )
+    max_queue_size: int = field(
+        default=256,
+        metadata={"help": "requests that may wait per model version; beyond it RESOURCE_EXHAUSTED"},
+    )
+    max_request_rows: int = field(
+        default=16384, metadata={"help": "rows one request may carry; beyond it INVALID_ARGUMENT"}
+    )
+    dynamic_batching: bool = field(
+        default=True,
+        metadata={
+            "help": "merge concurrent requests into shared runs (off: each request runs alone)"
+        },
+    )
+    max_message_mb: int = field(
+        default=64,
+        metadata={
+            "help": "largest gRPC message in MiB, each way; 64 MiB carries one request of up to "
+            "21,399 float32 or 85,597 uint8 rows of 1x28x28 pixels (max_request_rows "
+            "applies too)"
+        },
+    )
+    workers: int = field(
+        default=64, metadata={"help": "gRPC handler threads: the most calls served at once"}
+    )
+    grace_period: float = field(
+        default=10.0,
+        metadata={"help": "seconds in-flight and queued requests get to finish on SIGTERM/SIGINT"},
+    )
+    poll_repository: float = field(
+        default=0.0,
+        metadata={
+            "help": "seconds between repository scans that load new versions and unload removed "
+            "ones (0: load once at start)"
+        },
+    )
+    metrics_port: int | None = field(
+        default=None,
+        metadata={
+            "help": "serve Prometheus /metrics over HTTP on this port of --host (0: any free "
+            "port, logged; unset: no endpoint)"
+        },
+    )
+    token_file: Path | None = field(
+        default=None,
+        metadata={
+            "help": "file of accepted bearer tokens, one per line: calls without one get "
+            "UNAUTHENTICATED (health stays open)"
+        },
+    )
+    token_env: str | None = field(
+        default=None,
+        metadata={"help": "environment variable holding one more accepted bearer token"},
+    )
+    tls_cert: Path | None = field(
+        default=None, metadata={"help": "PEM certificate chain: serve TLS (needs --tls-key)"}
+    )
     tls_key: Path | None = field(default=None, metadata={"help": "PEM private key for --tls-cert"})
-    tls_client_ca: Path | None = field(default=None, metadata={
-        "help": "PEM CA that client certificates must be signed by (mutual TLS)"})
+    tls_client_ca: Path | None = field(
+        default=None,
+        metadata={"help": "PEM CA that client certificates must be signed by (mutual TLS)"},
+    )
 
     def __post_init__(self) -> None:
         if not self.host:
@@ -106,22 +154,36 @@ class ServeConfig:
             raise ConfigError(f"port: expected 0..65535, got {self.port}")
         if self.device not in DEVICES:
             raise ConfigError(f"device: expected one of {', '.join(DEVICES)}, got {self.device!r}")
-        for name in ("max_batch_size", "max_queue_size", "max_request_rows", "max_message_mb",
-                     "workers"):
+        for name in (
+            "max_batch_size",
+            "max_queue_size",
+            "max_request_rows",
+            "max_message_mb",
+            "workers",
+        ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: expected at least 1, got {getattr(self, name)}")
-        for name in ("intra_op_threads", "inter_op_threads", "max_queue_delay_ms",
-                     "grace_period", "poll_repository"):
+        for name in (
+            "intra_op_threads",
+            "inter_op_threads",
+            "max_queue_delay_ms",
+            "grace_period",
+            "poll_repository",
+        ):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}: expected 0 or more, got {getattr(self, name)}")
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
             raise ConfigError(f"metrics_port: expected 0..65535, got {self.metrics_port}")
         if (self.tls_cert is None) != (self.tls_key is None):
-            raise ConfigError(f"tls_cert, tls_key: expected both (TLS) or neither, got "
-                              f"tls_cert={self.tls_cert} and tls_key={self.tls_key}")
+            raise ConfigError(
+                f"tls_cert, tls_key: expected both (TLS) or neither, got "
+                f"tls_cert={self.tls_cert} and tls_key={self.tls_key}"
+            )
         if self.tls_client_ca is not None and self.tls_cert is None:
-            raise ConfigError(f"tls_client_ca: needs --tls-cert and --tls-key, got only "
-                              f"tls_client_ca={self.tls_client_ca}")
+            raise ConfigError(
+                f"tls_client_ca: needs --tls-cert and --tls-key, got only "
+                f"tls_client_ca={self.tls_client_ca}"
+            )
 
     @property
     def runtime(self) -> RuntimeOptions:
@@ -129,8 +191,13 @@ class ServeConfig:
 
     @property
     def batching(self) -> BatchingOptions:
-        return BatchingOptions(self.max_batch_size, self.max_queue_delay_ms / 1e3,
-                               self.max_queue_size, self.max_request_rows, self.dynamic_batching)
+        return BatchingOptions(
+            self.max_batch_size,
+            self.max_queue_delay_ms / 1e3,
+            self.max_queue_size,
+            self.max_request_rows,
+            self.dynamic_batching,
+        )
 
 
 @dataclass(frozen=True)
@@ -145,8 +212,14 @@ class ServiceBinding:
 class RunningServer:
     """A started server: its bound port, its health service, and graceful `stop`."""
 
-    def __init__(self, server: grpc.Server, port: int, health_servicer: health.HealthServicer,
-                 registry: ModelRegistry, service_names: Sequence[str]) -> None:
+    def __init__(
+        self,
+        server: grpc.Server,
+        port: int,
+        health_servicer: health.HealthServicer,
+        registry: ModelRegistry,
+        service_names: Sequence[str],
+    ) -> None:
         self.server = server
         self.port = port
         self.health = health_servicer
@@ -159,8 +232,10 @@ class RunningServer:
 
     def _refresh_health(self, model: str | None) -> None:
         """Per model: SERVING with a READY version. Overall and per service: any model READY."""
-        serving, not_serving = (health_pb2.HealthCheckResponse.SERVING,
-                                health_pb2.HealthCheckResponse.NOT_SERVING)
+        serving, not_serving = (
+            health_pb2.HealthCheckResponse.SERVING,
+            health_pb2.HealthCheckResponse.NOT_SERVING,
+        )
         if model is not None:
             self.health.set(model, serving if self.registry.is_ready(model) else not_serving)
         overall = any(self.registry.is_ready(name) for name in self.registry.names())
@@ -175,16 +250,21 @@ class RunningServer:
         self.server.stop(grace_period).wait()
         remaining = max(0.0, grace_period - (time.monotonic() - started))
         drained = self.registry.close(remaining)
-        log.info("shutdown_finished", extra={
-            "seconds": round(time.monotonic() - started, 3), "drained": drained})
+        log.info(
+            "shutdown_finished",
+            extra={"seconds": round(time.monotonic() - started, 3), "drained": drained},
+        )
         return drained
 
 
-def build_server(config: ServeConfig, registry: ModelRegistry,
-                 services: Sequence[ServiceBinding] = (),
-                 interceptors: Sequence[grpc.ServerInterceptor] = (),
-                 credentials: grpc.ServerCredentials | None = None,
-                 metrics: ServingMetrics | None = None) -> RunningServer:
+def build_server(
+    config: ServeConfig,
+    registry: ModelRegistry,
+    services: Sequence[ServiceBinding] = (),
+    interceptors: Sequence[grpc.ServerInterceptor] = (),
+    credentials: grpc.ServerCredentials | None = None,
+    metrics: ServingMetrics | None = None,
+) -> RunningServer:
     """Bind and start a server with the embedding, health and reflection services plus `services`.
 
     `interceptors` wrap every call (e.g. authentication); `credentials` switch the port to TLS;
@@ -195,22 +275,30 @@ def build_server(config: ServeConfig, registry: ModelRegistry,
     server = grpc.server(
         ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="grpc"),
         interceptors=list(interceptors),
-        options=[("grpc.max_receive_message_length", message_bytes),
-                 ("grpc.max_send_message_length", message_bytes),
-                 ("grpc.so_reuseport", 0)])  # a taken port must fail, not be shared
+        options=[
+            ("grpc.max_receive_message_length", message_bytes),
+            ("grpc.max_send_message_length", message_bytes),
+            ("grpc.so_reuseport", 0),
+        ],
+    )  # a taken port must fail, not be shared
     embedding_pb2_grpc.add_EmbeddingServiceServicer_to_server(
-        EmbeddingService(registry, metrics), server)
+        EmbeddingService(registry, metrics), server
+    )
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for service in services:
         service.add_to_server(server)
     service_names = [EMBEDDING_SERVICE, *(service.name for service in services)]
     reflection.enable_server_reflection(
-        [*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+        [*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], server
+    )
     address = f"{config.host}:{config.port}"
     try:
-        port = (server.add_secure_port(address, credentials) if credentials is not None
-                else server.add_insecure_port(address))
+        port = (
+            server.add_secure_port(address, credentials)
+            if credentials is not None
+            else server.add_insecure_port(address)
+        )
     except RuntimeError as exc:
         raise UserError(f"host/port: cannot bind {address}: {exc}") from exc
     server.start()
@@ -230,18 +318,35 @@ def serve(config: ServeConfig, stop: threading.Event | None = None) -> int:
     metrics.watch_registry(registry)
     reloader = RepositoryReloader(registry, config.repository)
     kserve = InferenceService(registry, reloader, metrics)
-    interceptors = ([BearerTokenInterceptor(read_tokens(config.token_file, config.token_env))]
-                    if config.token_file is not None or config.token_env is not None else [])
-    credentials = (None if config.tls_cert is None else
-                   tls_server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca))
+    interceptors = (
+        [BearerTokenInterceptor(read_tokens(config.token_file, config.token_env))]
+        if config.token_file is not None or config.token_env is not None
+        else []
+    )
+    credentials = (
+        None
+        if config.tls_cert is None
+        else tls_server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca)
+    )
     services = [ServiceBinding(KSERVE_SERVICE, kserve.add_to_server)]
     running = build_server(config, registry, services, interceptors, credentials, metrics)
-    endpoint = (None if config.metrics_port is None
-                else metrics.serve_http(config.metrics_port, config.host))
-    log.info("server_started", extra={
-        "host": config.host, "port": running.port, "providers": registry.providers,
-        "repository": str(config.repository), "tls": credentials is not None,
-        "auth": bool(interceptors), "metrics_port": None if endpoint is None else endpoint.port})
+    endpoint = (
+        None
+        if config.metrics_port is None
+        else metrics.serve_http(config.metrics_port, config.host)
+    )
+    log.info(
+        "server_started",
+        extra={
+            "host": config.host,
+            "port": running.port,
+            "providers": registry.providers,
+            "repository": str(config.repository),
+            "tls": credentials is not None,
+            "auth": bool(interceptors),
+            "metrics_port": None if endpoint is None else endpoint.port,
+        },
+    )
     stop = stop or threading.Event()
     received: list[str] = []
 
@@ -254,10 +359,18 @@ def serve(config: ServeConfig, stop: threading.Event | None = None) -> int:
         reloader.sync()
         if config.poll_repository:
             reloader.start_polling(config.poll_repository)
-        log.info("server_ready", extra={
-            "port": running.port, "ready": [f"{m.name}/{m.version}" for m in registry],
-            "failed": [f"{s.name}/{s.version}" for s in registry.statuses()
-                       if s.state is ModelState.FAILED]})
+        log.info(
+            "server_ready",
+            extra={
+                "port": running.port,
+                "ready": [f"{m.name}/{m.version}" for m in registry],
+                "failed": [
+                    f"{s.name}/{s.version}"
+                    for s in registry.statuses()
+                    if s.state is ModelState.FAILED
+                ],
+            },
+        )
         stop.wait()
     finally:
         reloader.stop_polling()
@@ -275,9 +388,12 @@ class JsonLogFormatter(logging.Formatter):
     _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
 
     def format(self, record: logging.LogRecord) -> str:
-        entry = {"time": datetime.fromtimestamp(record.created, timezone.utc).isoformat(),
-                 "level": record.levelname.lower(), "logger": record.name,
-                 "event": record.getMessage()}
+        entry = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "event": record.getMessage(),
+        }
         entry.update((k, v) for k, v in vars(record).items() if k not in self._STANDARD)
         if record.exc_info:
             entry["traceback"] = self.formatException(record.exc_info)
@@ -288,7 +404,7 @@ def configure_logging() -> None:
     """Send the `server` package's INFO and above to stderr as JSON lines."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonLogFormatter())
-    logger = logging.getLogger("server")
+    logger = logging.getLogger("aet.server")
     logger.handlers[:] = [handler]
     logger.setLevel(logging.INFO)
     logger.propagate = False

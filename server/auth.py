@@ -26,8 +26,9 @@ class SecurityConfigError(UserError):
     """A token source or TLS file is missing, unreadable or malformed."""
 
 
-def read_tokens(token_file: str | os.PathLike | None = None,
-                token_env: str | None = None) -> frozenset[str]:
+def read_tokens(
+    token_file: str | os.PathLike | None = None, token_env: str | None = None
+) -> frozenset[str]:
     """Collect the accepted tokens from `token_file` and the environment variable `token_env`.
 
     Raises `SecurityConfigError` naming the file or variable when a named source is missing,
@@ -39,23 +40,29 @@ def read_tokens(token_file: str | os.PathLike | None = None,
             text = Path(token_file).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
             raise SecurityConfigError(f"token file {token_file}: cannot read it: {exc}") from exc
-        from_file = {line.strip() for line in text.splitlines()
-                     if line.strip() and not line.strip().startswith("#")}
+        from_file = {
+            line.strip()
+            for line in text.splitlines()
+            if line.strip() and not line.strip().startswith("#")
+        }
         if not from_file:
             raise SecurityConfigError(
-                f"token file {token_file}: expected at least one token (one per line), got none")
+                f"token file {token_file}: expected at least one token (one per line), got none"
+            )
         tokens |= from_file
     if token_env is not None:
         value = os.environ.get(token_env, "").strip()
         if not value:
             raise SecurityConfigError(
-                f"environment variable {token_env}: expected a bearer token, got it unset or empty")
+                f"environment variable {token_env}: expected a bearer token, got it unset or empty"
+            )
         tokens.add(value)
     for token in tokens:
         if any(ch.isspace() for ch in token) or not token.isprintable():
             raise SecurityConfigError(
                 "bearer tokens: expected printable characters without spaces, got a token "
-                f"of {len(token)} characters that has some")
+                f"of {len(token)} characters that has some"
+            )
     return frozenset(tokens)
 
 
@@ -66,8 +73,9 @@ class BearerTokenInterceptor(grpc.ServerInterceptor):
     service) pass without a token.
     """
 
-    def __init__(self, tokens: Iterable[str],
-                 open_prefixes: tuple[str, ...] = (HEALTH_SERVICE_PREFIX,)):
+    def __init__(
+        self, tokens: Iterable[str], open_prefixes: tuple[str, ...] = (HEALTH_SERVICE_PREFIX,)
+    ):
         self._tokens = tuple(token.encode("utf-8") for token in tokens)
         if not self._tokens:
             raise SecurityConfigError("bearer tokens: expected at least one token, got none")
@@ -87,19 +95,29 @@ class BearerTokenInterceptor(grpc.ServerInterceptor):
         """None when the metadata holds an accepted token, else the reason (never the token)."""
         values = [value for key, value in metadata if key == AUTH_METADATA_KEY]
         if not values:
-            return (f"missing metadata {AUTH_METADATA_KEY!r}: expected "
-                    f"'{AUTH_METADATA_KEY}: Bearer <token>', got no such key")
+            return (
+                f"missing metadata {AUTH_METADATA_KEY!r}: expected "
+                f"'{AUTH_METADATA_KEY}: Bearer <token>', got no such key"
+            )
         value = values[0] if isinstance(values[0], str) else values[0].decode("latin-1")
         if not value.lower().startswith(BEARER_PREFIX):
-            return (f"metadata {AUTH_METADATA_KEY!r}: expected the scheme 'Bearer <token>', "
-                    f"got a value without it")
-        presented = value[len(BEARER_PREFIX):].strip().encode("utf-8")
+            return (
+                f"metadata {AUTH_METADATA_KEY!r}: expected the scheme 'Bearer <token>', "
+                f"got a value without it"
+            )
+        presented = value[len(BEARER_PREFIX) :].strip().encode("utf-8")
         # Compare with every token, always, so the time taken does not reveal which one matched.
         matched = False
         for token in self._tokens:
             matched |= hmac.compare_digest(presented, token)
-        return None if matched else (f"metadata {AUTH_METADATA_KEY!r}: the bearer token is not "
-                                     "one of the server's tokens")
+        return (
+            None
+            if matched
+            else (
+                f"metadata {AUTH_METADATA_KEY!r}: the bearer token is not "
+                "one of the server's tokens"
+            )
+        )
 
 
 def _refusing_handler(handler: grpc.RpcMethodHandler, reason: str) -> grpc.RpcMethodHandler:
@@ -115,8 +133,11 @@ def _refusing_handler(handler: grpc.RpcMethodHandler, reason: str) -> grpc.RpcMe
         (True, True): grpc.stream_stream_rpc_method_handler,
     }
     kind = (handler.request_streaming, handler.response_streaming)
-    return factories[kind](refuse, request_deserializer=handler.request_deserializer,
-                           response_serializer=handler.response_serializer)
+    return factories[kind](
+        refuse,
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
 
 
 def _read_pem(path: str | os.PathLike, what: str) -> bytes:
@@ -125,19 +146,24 @@ def _read_pem(path: str | os.PathLike, what: str) -> bytes:
     except OSError as exc:
         raise SecurityConfigError(f"{what} {path}: cannot read it: {exc.strerror or exc}") from exc
     if b"-----BEGIN " not in data:
-        raise SecurityConfigError(f"{what} {path}: expected PEM text ('-----BEGIN ...'), "
-                                  f"got {len(data)} bytes without it")
+        raise SecurityConfigError(
+            f"{what} {path}: expected PEM text ('-----BEGIN ...'), got {len(data)} bytes without it"
+        )
     return data
 
 
-def tls_server_credentials(cert_file: str | os.PathLike, key_file: str | os.PathLike,
-                           client_ca_file: str | os.PathLike | None = None
-                           ) -> grpc.ServerCredentials:
+def tls_server_credentials(
+    cert_file: str | os.PathLike,
+    key_file: str | os.PathLike,
+    client_ca_file: str | os.PathLike | None = None,
+) -> grpc.ServerCredentials:
     """TLS credentials from PEM files; with `client_ca_file`, clients must present a certificate
     signed by that CA (mutual TLS)."""
     certificate = _read_pem(cert_file, "TLS certificate")
     private_key = _read_pem(key_file, "TLS private key")
     client_ca = None if client_ca_file is None else _read_pem(client_ca_file, "TLS client CA")
     return grpc.ssl_server_credentials(
-        [(private_key, certificate)], root_certificates=client_ca,
-        require_client_auth=client_ca is not None)
+        [(private_key, certificate)],
+        root_certificates=client_ca,
+        require_client_auth=client_ca is not None,
+    )

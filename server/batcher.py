@@ -32,7 +32,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from server.errors import Cancelled, DeadlineExceeded, ResourceExhausted, Unavailable
+from aet.server.errors import Cancelled, DeadlineExceeded, ResourceExhausted, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -77,11 +77,20 @@ class BatcherStats:
 
 
 class _Request:
-    __slots__ = ("inputs", "rows", "taken", "deadline", "is_cancelled", "submitted", "future",
-                 "output")
+    __slots__ = (
+        "inputs",
+        "rows",
+        "taken",
+        "deadline",
+        "is_cancelled",
+        "submitted",
+        "future",
+        "output",
+    )
 
-    def __init__(self, inputs: np.ndarray, deadline: float | None,
-                 is_cancelled: Callable[[], bool] | None) -> None:
+    def __init__(
+        self, inputs: np.ndarray, deadline: float | None, is_cancelled: Callable[[], bool] | None
+    ) -> None:
         self.inputs = inputs
         self.rows = len(inputs)
         self.taken = 0  # rows already handed to batches
@@ -103,13 +112,22 @@ class DynamicBatcher:
     at a time. `max_queue_delay` is in seconds.
     """
 
-    def __init__(self, run: Run, max_batch_size: int, max_queue_delay: float,
-                 max_queue_size: int, *, merge_requests: bool = True, name: str = "model") -> None:
+    def __init__(
+        self,
+        run: Run,
+        max_batch_size: int,
+        max_queue_delay: float,
+        max_queue_size: int,
+        *,
+        merge_requests: bool = True,
+        name: str = "model",
+    ) -> None:
         if max_batch_size < 1 or max_queue_size < 1 or max_queue_delay < 0:
             raise ValueError(
                 f"batcher {name}: expected max_batch_size >= 1, max_queue_size >= 1 and "
                 f"max_queue_delay >= 0, got {max_batch_size}, {max_queue_size}, "
-                f"{max_queue_delay}")
+                f"{max_queue_delay}"
+            )
         self.name = name
         self.max_batch_size = max_batch_size
         self.max_queue_delay = max_queue_delay
@@ -137,8 +155,12 @@ class DynamicBatcher:
         """Requests waiting (not yet wholly handed to a batch)."""
         return len(self._queue)
 
-    def submit(self, inputs: np.ndarray, deadline: float | None = None,
-               is_cancelled: Callable[[], bool] | None = None) -> BatchFuture:
+    def submit(
+        self,
+        inputs: np.ndarray,
+        deadline: float | None = None,
+        is_cancelled: Callable[[], bool] | None = None,
+    ) -> BatchFuture:
         """Queue `inputs` (rows, ...) and return the future of its (rows, dim) outputs.
 
         `deadline` is a `time.monotonic()` instant; `is_cancelled()` says whether the caller
@@ -155,12 +177,17 @@ class DynamicBatcher:
                     self.stats.rejected_queue_full += 1
                     raise ResourceExhausted(
                         f"model {self.name}: queue full ({self.max_queue_size} requests "
-                        f"waiting); retry later")
+                        f"waiting); retry later"
+                    )
                 self._queue.append(request)
                 self._queued_rows += request.rows
-                if not self._busy or (self._gathering and (
+                if not self._busy or (
+                    self._gathering
+                    and (
                         len(self._queue) >= self._gather_missing
-                        or self._queued_rows >= self._gather_room)):
+                        or self._queued_rows >= self._gather_room
+                    )
+                ):
                     self._cond.notify()  # else the worker looks at the queue when it is free
                 return request.future
             self._busy = True
@@ -212,8 +239,11 @@ class DynamicBatcher:
         give_up = time.monotonic() + self.max_queue_delay
         # A non-empty queue after `_take` means the batch is full or its next request does not
         # fit: waiting cannot grow this batch.
-        while (not self._queue and rows < self.max_batch_size
-               and len(parts) < self._last_batch_requests):
+        while (
+            not self._queue
+            and rows < self.max_batch_size
+            and len(parts) < self._last_batch_requests
+        ):
             remaining = give_up - time.monotonic()
             if remaining <= 0:
                 break
@@ -263,14 +293,18 @@ class DynamicBatcher:
             return False
         if request.deadline is not None and now >= request.deadline:
             self.stats.dropped_deadline += 1
-            request.future.set_exception(DeadlineExceeded(
-                f"model {self.name}: deadline passed after "
-                f"{(now - request.submitted) * 1e3:.1f} ms in the queue; request dropped"))
+            request.future.set_exception(
+                DeadlineExceeded(
+                    f"model {self.name}: deadline passed after "
+                    f"{(now - request.submitted) * 1e3:.1f} ms in the queue; request dropped"
+                )
+            )
             return False
         if request.is_cancelled is not None and request.is_cancelled():
             self.stats.dropped_cancelled += 1
-            request.future.set_exception(Cancelled(
-                f"model {self.name}: client cancelled; request dropped"))
+            request.future.set_exception(
+                Cancelled(f"model {self.name}: client cancelled; request dropped")
+            )
             return False
         return True
 
@@ -292,8 +326,9 @@ class DynamicBatcher:
                 batch = np.concatenate([request.inputs[first:end] for request, first, end in parts])
             outputs = self._run(batch)
             if len(outputs) != rows:
-                raise RuntimeError(f"model {self.name}: run returned {len(outputs)} rows "
-                                   f"for a batch of {rows}")
+                raise RuntimeError(
+                    f"model {self.name}: run returned {len(outputs)} rows for a batch of {rows}"
+                )
         except Exception as exc:
             if len(parts) > 1:
                 for part in parts:  # find the culprit: the others still get their rows
@@ -306,7 +341,7 @@ class DynamicBatcher:
         offset = answered = 0
         for request, first, end in parts:
             request.future.run_seconds += run_seconds
-            mine = outputs[offset:offset + end - first]
+            mine = outputs[offset : offset + end - first]
             offset += end - first
             if first == 0 and end == request.rows:
                 request.future.set_result(mine)

@@ -18,13 +18,13 @@ from typing import NamedTuple
 import grpc
 import numpy as np
 
-from aet_proto import embedding_pb2, embedding_pb2_grpc
-from aet_proto.codec import WIRE_DTYPES, decode_tensor, fill_tensor
-from server.batcher import BatchFuture
-from server.errors import abort, grpc_status
-from server.metrics import UNKNOWN_MODEL, RequestTiming, ServingMetrics
-from server.models import LoadedModel, ModelRegistry, ModelState, VersionStatus
-from server.validation import FLOAT32, validate_inputs
+from aet.proto import embedding_pb2, embedding_pb2_grpc
+from aet.proto.codec import WIRE_DTYPES, decode_tensor, fill_tensor
+from aet.server.batcher import BatchFuture
+from aet.server.errors import abort, grpc_status
+from aet.server.metrics import UNKNOWN_MODEL, RequestTiming, ServingMetrics
+from aet.server.models import LoadedModel, ModelRegistry, ModelState, VersionStatus
+from aet.server.validation import FLOAT32, validate_inputs
 
 _TINY = np.finfo(np.float32).tiny
 
@@ -52,8 +52,9 @@ class EmbeddingService(embedding_pb2_grpc.EmbeddingServiceServicer):
         self.registry = registry
         self.metrics = metrics
 
-    def Embed(self, request: embedding_pb2.EmbedRequest,
-              context: grpc.ServicerContext) -> embedding_pb2.EmbedResponse:
+    def Embed(
+        self, request: embedding_pb2.EmbedRequest, context: grpc.ServicerContext
+    ) -> embedding_pb2.EmbedResponse:
         started = time.perf_counter()
         submitted = None
         try:
@@ -66,14 +67,19 @@ class EmbeddingService(embedding_pb2_grpc.EmbeddingServiceServicer):
         self._observe(request, submitted, grpc.StatusCode.OK, started, response.timing)
         return response
 
-    def EmbedStream(self, request_iterator: Iterator[embedding_pb2.EmbedRequest],
-                    context: grpc.ServicerContext) -> Iterator[embedding_pb2.EmbedResponse]:
+    def EmbedStream(
+        self, request_iterator: Iterator[embedding_pb2.EmbedRequest], context: grpc.ServicerContext
+    ) -> Iterator[embedding_pb2.EmbedResponse]:
         """Answers in request order. A reader thread decodes and submits up to
         `STREAM_READ_AHEAD` requests ahead, so the model does not sit idle while the next
         request of the stream is received and decoded."""
         ahead: queue.Queue = queue.Queue(STREAM_READ_AHEAD)
-        threading.Thread(target=self._read_ahead, args=(request_iterator, context, ahead),
-                         name="embed-stream-reader", daemon=True).start()
+        threading.Thread(
+            target=self._read_ahead,
+            args=(request_iterator, context, ahead),
+            name="embed-stream-reader",
+            daemon=True,
+        ).start()
         while (item := ahead.get()) is not _END_OF_STREAM:
             request, started, submitted, error = item
             try:
@@ -87,8 +93,12 @@ class EmbeddingService(embedding_pb2_grpc.EmbeddingServiceServicer):
             self._observe(request, submitted, grpc.StatusCode.OK, started, response.timing)
             yield response
 
-    def _read_ahead(self, request_iterator: Iterator[embedding_pb2.EmbedRequest],
-                    context: grpc.ServicerContext, ahead: queue.Queue) -> None:
+    def _read_ahead(
+        self,
+        request_iterator: Iterator[embedding_pb2.EmbedRequest],
+        context: grpc.ServicerContext,
+        ahead: queue.Queue,
+    ) -> None:
         """Submit the stream's requests in order, passing on (request, started, submitted, error);
         a request that fails to submit is passed on with its error and ends the reading."""
         try:
@@ -105,35 +115,44 @@ class EmbeddingService(embedding_pb2_grpc.EmbeddingServiceServicer):
         finally:
             _put_while_active(ahead, _END_OF_STREAM, context)
 
-    def ListModels(self, request: embedding_pb2.ListModelsRequest,
-                   context: grpc.ServicerContext) -> embedding_pb2.ListModelsResponse:
+    def ListModels(
+        self, request: embedding_pb2.ListModelsRequest, context: grpc.ServicerContext
+    ) -> embedding_pb2.ListModelsResponse:
         summaries = []
         for name in self.registry.names():
             statuses = self.registry.statuses(name)
             ready = [s.version for s in statuses if s.state is ModelState.READY]
-            summaries.append(embedding_pb2.ModelSummary(
-                name=name, latest_version=max(ready, default=0),
-                versions=[_version_state(s) for s in statuses]))
+            summaries.append(
+                embedding_pb2.ModelSummary(
+                    name=name,
+                    latest_version=max(ready, default=0),
+                    versions=[_version_state(s) for s in statuses],
+                )
+            )
         return embedding_pb2.ListModelsResponse(models=summaries)
 
-    def DescribeModel(self, request: embedding_pb2.DescribeModelRequest,
-                      context: grpc.ServicerContext) -> embedding_pb2.ModelDescription:
+    def DescribeModel(
+        self, request: embedding_pb2.DescribeModelRequest, context: grpc.ServicerContext
+    ) -> embedding_pb2.ModelDescription:
         try:
             model = self.registry.lookup(request.model, request.version or None)
         except Exception as exc:
             abort(context, exc)
         return describe(model, self.registry.statuses(model.name))
 
-    def _submit(self, request: embedding_pb2.EmbedRequest, context: grpc.ServicerContext,
-                started: float) -> _Submitted:
+    def _submit(
+        self, request: embedding_pb2.EmbedRequest, context: grpc.ServicerContext, started: float
+    ) -> _Submitted:
         """Find the model, decode and check the inputs, queue them: nothing waits here."""
         model = self.registry.lookup(request.model, request.version or None)
         inputs = validate_inputs(decode_tensor(request.inputs, "inputs"), model.request_spec)
         decoded = time.perf_counter()
         remaining = context.time_remaining()
         future = model.batcher.submit(
-            inputs, None if remaining is None else time.monotonic() + remaining,
-            lambda: not context.is_active())
+            inputs,
+            None if remaining is None else time.monotonic() + remaining,
+            lambda: not context.is_active(),
+        )
         return _Submitted(request, model, future, decoded - started)
 
     @staticmethod
@@ -144,7 +163,8 @@ class EmbeddingService(embedding_pb2_grpc.EmbeddingServiceServicer):
         answered = time.perf_counter()
         # Sub-messages are filled in place: building them apart would copy them in.
         response = embedding_pb2.EmbedResponse(
-            request_id=request.request_id, model=model.name, version=model.version)
+            request_id=request.request_id, model=model.name, version=model.version
+        )
         fill_tensor(response.embeddings, _postprocess(embeddings, request.options))
         timing = response.timing
         timing.decode_us = decode_seconds * 1e6
@@ -153,10 +173,14 @@ class EmbeddingService(embedding_pb2_grpc.EmbeddingServiceServicer):
         timing.encode_us = (time.perf_counter() - answered) * 1e6
         return response
 
-
-    def _observe(self, request: embedding_pb2.EmbedRequest, submitted: _Submitted | None,
-                 code: grpc.StatusCode, started: float,
-                 timing: embedding_pb2.ServerTiming | None = None) -> None:
+    def _observe(
+        self,
+        request: embedding_pb2.EmbedRequest,
+        submitted: _Submitted | None,
+        code: grpc.StatusCode,
+        started: float,
+        timing: embedding_pb2.ServerTiming | None = None,
+    ) -> None:
         """Report one answered request to the metrics, if the server keeps any."""
         if self.metrics is None:
             return
@@ -166,10 +190,20 @@ class EmbeddingService(embedding_pb2_grpc.EmbeddingServiceServicer):
             known = request.model in self.registry.names()
             name, version = (request.model if known else UNKNOWN_MODEL), ""
         self.metrics.observe_request(
-            name, version, API_LABEL, code, time.perf_counter() - started,
-            None if timing is None else RequestTiming(
-                decode=timing.decode_us / 1e6, queue=timing.queue_us / 1e6,
-                run=timing.run_us / 1e6, encode=timing.encode_us / 1e6))
+            name,
+            version,
+            API_LABEL,
+            code,
+            time.perf_counter() - started,
+            None
+            if timing is None
+            else RequestTiming(
+                decode=timing.decode_us / 1e6,
+                queue=timing.queue_us / 1e6,
+                run=timing.run_us / 1e6,
+                encode=timing.encode_us / 1e6,
+            ),
+        )
 
 
 def _put_while_active(ahead: queue.Queue, item: object, context: grpc.ServicerContext) -> bool:
@@ -195,8 +229,10 @@ def _postprocess(embeddings: np.ndarray, options: embedding_pb2.EmbedOptions) ->
 
 def _version_state(status: VersionStatus) -> embedding_pb2.ModelVersionState:
     return embedding_pb2.ModelVersionState(
-        version=status.version, reason=status.reason,
-        state=embedding_pb2.ModelVersionState.State.Value(status.state.value))
+        version=status.version,
+        reason=status.reason,
+        state=embedding_pb2.ModelVersionState.State.Value(status.state.value),
+    )
 
 
 def describe(model: LoadedModel, statuses: list[VersionStatus]) -> embedding_pb2.ModelDescription:
@@ -204,20 +240,29 @@ def describe(model: LoadedModel, statuses: list[VersionStatus]) -> embedding_pb2
     card, spec, batcher = model.card, model.request_spec, model.batcher
     low, high = card.input.value_range
     return embedding_pb2.ModelDescription(
-        name=model.name, version=model.version,
+        name=model.name,
+        version=model.version,
         versions=[_version_state(s) for s in statuses],
         input=embedding_pb2.TensorSpec(
-            name=card.input.name, shape=card.input.shape, dtype=WIRE_DTYPES[FLOAT32],
+            name=card.input.name,
+            shape=card.input.shape,
+            dtype=WIRE_DTYPES[FLOAT32],
             accepted_dtypes=[WIRE_DTYPES[d] for d in spec.accepted_dtypes],
-            min_value=low, max_value=high),
+            min_value=low,
+            max_value=high,
+        ),
         output=embedding_pb2.TensorSpec(
-            name=card.output.name, shape=[card.output.embedding_dim],
-            dtype=WIRE_DTYPES[FLOAT32]),
+            name=card.output.name, shape=[card.output.embedding_dim], dtype=WIRE_DTYPES[FLOAT32]
+        ),
         embedding_dim=card.output.embedding_dim,
         execution_provider=model.session.provider,
         batching=embedding_pb2.BatchingLimits(
             max_batch_size=batcher.max_batch_size,
             max_queue_delay_ms=batcher.max_queue_delay * 1e3,
-            max_queue_size=batcher.max_queue_size, max_request_rows=spec.max_rows,
-            dynamic_batching=batcher.merge_requests),
-        sha256=card.sha256, model_card_json=json.dumps(card.to_dict()))
+            max_queue_size=batcher.max_queue_size,
+            max_request_rows=spec.max_rows,
+            dynamic_batching=batcher.merge_requests,
+        ),
+        sha256=card.sha256,
+        model_card_json=json.dumps(card.to_dict()),
+    )

@@ -11,7 +11,7 @@ from typing import NoReturn
 
 import grpc
 
-from aet_proto.codec import TensorCodecError
+from aet.proto.codec import TensorCodecError
 
 log = logging.getLogger(__name__)
 

@@ -26,17 +26,22 @@ from importlib import metadata
 import grpc
 import numpy as np
 
-from aet_proto import grpc_service_pb2 as pb
-from aet_proto import grpc_service_pb2_grpc, model_config_pb2
-from aet_proto.codec import decode_raw
-from server.batcher import BatchFuture
-from server.errors import InvalidArgument, Unavailable, abort, grpc_status
-from server.metrics import (UNKNOWN_MODEL, Duration, RequestTiming, ServingMetrics,
-                            StatisticsSnapshot)
-from server.models import LoadedModel, ModelRegistry, ModelState
-from server.reload import RepositoryReloader
-from server.repository import MODEL_FILE
-from server.validation import validate_inputs
+from aet.proto import grpc_service_pb2 as pb
+from aet.proto import grpc_service_pb2_grpc, model_config_pb2
+from aet.proto.codec import decode_raw
+from aet.server.batcher import BatchFuture
+from aet.server.errors import InvalidArgument, Unavailable, abort, grpc_status
+from aet.server.metrics import (
+    UNKNOWN_MODEL,
+    Duration,
+    RequestTiming,
+    ServingMetrics,
+    StatisticsSnapshot,
+)
+from aet.server.models import LoadedModel, ModelRegistry, ModelState
+from aet.server.reload import RepositoryReloader
+from aet.server.repository import MODEL_FILE
+from aet.server.validation import validate_inputs
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 SERVER_NAME = "ae-transfer"
@@ -49,16 +54,28 @@ STREAM_IN_FLIGHT = 64  # requests of one ModelStreamInfer stream submitted ahead
 
 # v2 datatype names <-> numpy, for the types a request may name (checked against the model).
 V2_DTYPES: dict[str, np.dtype] = {
-    "BOOL": np.dtype("?"), "UINT8": np.dtype("u1"), "UINT16": np.dtype("<u2"),
-    "UINT32": np.dtype("<u4"), "UINT64": np.dtype("<u8"), "INT8": np.dtype("i1"),
-    "INT16": np.dtype("<i2"), "INT32": np.dtype("<i4"), "INT64": np.dtype("<i8"),
-    "FP16": np.dtype("<f2"), "FP32": np.dtype("<f4"), "FP64": np.dtype("<f8"),
+    "BOOL": np.dtype("?"),
+    "UINT8": np.dtype("u1"),
+    "UINT16": np.dtype("<u2"),
+    "UINT32": np.dtype("<u4"),
+    "UINT64": np.dtype("<u8"),
+    "INT8": np.dtype("i1"),
+    "INT16": np.dtype("<i2"),
+    "INT32": np.dtype("<i4"),
+    "INT64": np.dtype("<i8"),
+    "FP16": np.dtype("<f2"),
+    "FP32": np.dtype("<f4"),
+    "FP64": np.dtype("<f8"),
 }
 V2_NAMES: dict[np.dtype, str] = {dtype: name for name, dtype in V2_DTYPES.items()}
 # The typed `contents` field each accepted datatype travels in.
 CONTENTS_FIELDS = {"FP32": "fp32_contents", "UINT8": "uint_contents"}
-INDEX_STATES = {ModelState.LOADING: "LOADING", ModelState.READY: "READY",
-                ModelState.DRAINING: "UNLOADING", ModelState.FAILED: "UNAVAILABLE"}
+INDEX_STATES = {
+    ModelState.LOADING: "LOADING",
+    ModelState.READY: "READY",
+    ModelState.DRAINING: "UNLOADING",
+    ModelState.FAILED: "UNAVAILABLE",
+}
 
 
 def server_version() -> str:
@@ -74,8 +91,7 @@ def parse_version(text: str, field: str) -> int | None:
     if not text:
         return None
     if not text.isdigit() or int(text) < 1:
-        raise InvalidArgument(f"{field}: expected a positive integer or '' (latest), "
-                              f"got {text!r}")
+        raise InvalidArgument(f"{field}: expected a positive integer or '' (latest), got {text!r}")
     return int(text)
 
 
@@ -83,51 +99,63 @@ def decode_input(request: pb.ModelInferRequest, model: LoadedModel) -> np.ndarra
     """The request's one input as a checked float32 array (rows, *row shape)."""
     expected_name = model.card.input.name
     if len(request.inputs) != 1:
-        raise InvalidArgument(f"inputs: expected 1 tensor ({expected_name!r}), "
-                              f"got {len(request.inputs)}")
+        raise InvalidArgument(
+            f"inputs: expected 1 tensor ({expected_name!r}), got {len(request.inputs)}"
+        )
     tensor = request.inputs[0]
     if tensor.name != expected_name:
         raise InvalidArgument(f"inputs[0].name: expected {expected_name!r}, got {tensor.name!r}")
     field = f"inputs[{tensor.name}]"
     accepted = [V2_NAMES[dtype] for dtype in model.request_spec.accepted_dtypes]
     if tensor.datatype not in accepted:
-        raise InvalidArgument(f"{field}.datatype: expected {' or '.join(accepted)}, "
-                              f"got {tensor.datatype!r}")
+        raise InvalidArgument(
+            f"{field}.datatype: expected {' or '.join(accepted)}, got {tensor.datatype!r}"
+        )
     dtype = V2_DTYPES[tensor.datatype]
     if request.raw_input_contents:
         if len(request.raw_input_contents) != 1:
-            raise InvalidArgument(f"raw_input_contents: expected 1 entry (one per input), "
-                                  f"got {len(request.raw_input_contents)}")
+            raise InvalidArgument(
+                f"raw_input_contents: expected 1 entry (one per input), "
+                f"got {len(request.raw_input_contents)}"
+            )
         if tensor.HasField("contents"):
-            raise InvalidArgument(f"{field}.contents: expected it empty when "
-                                  "raw_input_contents is given, got both")
+            raise InvalidArgument(
+                f"{field}.contents: expected it empty when raw_input_contents is given, got both"
+            )
         array = decode_raw(request.raw_input_contents[0], tensor.shape, dtype, field)
     else:
         array = _typed_contents(tensor, dtype, field)
     return validate_inputs(array, model.request_spec, field)
 
 
-def _typed_contents(tensor: pb.ModelInferRequest.InferInputTensor, dtype: np.dtype,
-                    field: str) -> np.ndarray:
+def _typed_contents(
+    tensor: pb.ModelInferRequest.InferInputTensor, dtype: np.dtype, field: str
+) -> np.ndarray:
     """The tensor's typed `contents` as an array of its declared shape."""
     expected_field = CONTENTS_FIELDS[tensor.datatype]
     present = [f.name for f, _ in tensor.contents.ListFields()]
     if present != [expected_field]:
         raise InvalidArgument(
             f"{field}.contents: expected {expected_field} for {tensor.datatype} (or "
-            f"raw_input_contents), got {', '.join(present) or 'no data'}")
+            f"raw_input_contents), got {', '.join(present) or 'no data'}"
+        )
     shape = tuple(tensor.shape)
     if not shape or any(d < 0 for d in shape):
-        raise InvalidArgument(f"{field}.shape: expected at least one dimension, none negative, "
-                              f"got {list(shape)}")
+        raise InvalidArgument(
+            f"{field}.shape: expected at least one dimension, none negative, got {list(shape)}"
+        )
     values = getattr(tensor.contents, expected_field)
     if len(values) != math.prod(shape):
-        raise InvalidArgument(f"{field}.contents.{expected_field}: expected {math.prod(shape)} "
-                              f"values for shape {list(shape)}, got {len(values)}")
+        raise InvalidArgument(
+            f"{field}.contents.{expected_field}: expected {math.prod(shape)} "
+            f"values for shape {list(shape)}, got {len(values)}"
+        )
     array = np.asarray(values)
     if dtype == np.uint8 and array.size and int(array.max()) > 255:
-        raise InvalidArgument(f"{field}.contents.{expected_field}: expected UINT8 values "
-                              f"0..255, got {int(array.max())}")
+        raise InvalidArgument(
+            f"{field}.contents.{expected_field}: expected UINT8 values "
+            f"0..255, got {int(array.max())}"
+        )
     return array.astype(dtype).reshape(shape)
 
 
@@ -137,18 +165,26 @@ def request_timeout(request: pb.ModelInferRequest) -> float | None:
     params = request.parameters
     for key in SEQUENCE_PARAMETERS:
         if key in params:
-            raise InvalidArgument(f"parameters[{key!r}]: expected absent (models here are not "
-                                  "stateful: no sequence batching), got it set")
-    for key, expected in (("triton_enable_empty_final_response", "bool_param"),
-                          ("timeout", "int64_param")):
+            raise InvalidArgument(
+                f"parameters[{key!r}]: expected absent (models here are not "
+                "stateful: no sequence batching), got it set"
+            )
+    for key, expected in (
+        ("triton_enable_empty_final_response", "bool_param"),
+        ("timeout", "int64_param"),
+    ):
         if key in params and params[key].WhichOneof("parameter_choice") != expected:
-            raise InvalidArgument(f"parameters[{key!r}]: expected {expected}, got "
-                                  f"{params[key].WhichOneof('parameter_choice') or 'no value'}")
+            raise InvalidArgument(
+                f"parameters[{key!r}]: expected {expected}, got "
+                f"{params[key].WhichOneof('parameter_choice') or 'no value'}"
+            )
     if "timeout" not in params:
         return None
     if params["timeout"].int64_param < 0:
-        raise InvalidArgument(f"parameters['timeout']: expected microseconds >= 0, "
-                              f"got {params['timeout'].int64_param}")
+        raise InvalidArgument(
+            f"parameters['timeout']: expected microseconds >= 0, "
+            f"got {params['timeout'].int64_param}"
+        )
     return params["timeout"].int64_param / 1e6
 
 
@@ -156,22 +192,32 @@ def check_requested_outputs(request: pb.ModelInferRequest, model: LoadedModel) -
     """Every requested output must be the model's one output, without classification."""
     for i, output in enumerate(request.outputs):
         if output.name != model.card.output.name:
-            raise InvalidArgument(f"outputs[{i}].name: expected {model.card.output.name!r}, "
-                                  f"got {output.name!r}")
+            raise InvalidArgument(
+                f"outputs[{i}].name: expected {model.card.output.name!r}, got {output.name!r}"
+            )
         if "classification" in output.parameters:
-            raise InvalidArgument(f"outputs[{i}].parameters['classification']: expected absent "
-                                  "(embeddings have no classes), got it set")
+            raise InvalidArgument(
+                f"outputs[{i}].parameters['classification']: expected absent "
+                "(embeddings have no classes), got it set"
+            )
 
 
-def infer_response(request: pb.ModelInferRequest, model: LoadedModel,
-                   embeddings: np.ndarray) -> pb.ModelInferResponse:
+def infer_response(
+    request: pb.ModelInferRequest, model: LoadedModel, embeddings: np.ndarray
+) -> pb.ModelInferResponse:
     """The v2 response carrying `embeddings` as raw little-endian FP32 bytes."""
     little = np.ascontiguousarray(embeddings, dtype="<f4")
     return pb.ModelInferResponse(
-        model_name=model.name, model_version=str(model.version), id=request.id,
-        outputs=[pb.ModelInferResponse.InferOutputTensor(
-            name=model.card.output.name, datatype="FP32", shape=little.shape)],
-        raw_output_contents=[little.tobytes()])
+        model_name=model.name,
+        model_version=str(model.version),
+        id=request.id,
+        outputs=[
+            pb.ModelInferResponse.InferOutputTensor(
+                name=model.card.output.name, datatype="FP32", shape=little.shape
+            )
+        ],
+        raw_output_contents=[little.tobytes()],
+    )
 
 
 @dataclass
@@ -189,8 +235,9 @@ class _Call:
 class InferenceService(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
     """The v2 servicer; `build_server(services=[ServiceBinding(SERVICE_NAME, s.add_to_server)])`."""
 
-    def __init__(self, registry: ModelRegistry, reloader: RepositoryReloader,
-                 metrics: ServingMetrics) -> None:
+    def __init__(
+        self, registry: ModelRegistry, reloader: RepositoryReloader, metrics: ServingMetrics
+    ) -> None:
         self.registry = registry
         self.reloader = reloader
         self.metrics = metrics
@@ -208,7 +255,8 @@ class InferenceService(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         """Ready when every model of the repository has a READY version."""
         names = self.registry.names()
         return pb.ServerReadyResponse(
-            ready=bool(names) and all(self.registry.is_ready(name) for name in names))
+            ready=bool(names) and all(self.registry.is_ready(name) for name in names)
+        )
 
     def ModelReady(self, request, context) -> pb.ModelReadyResponse:
         try:
@@ -220,8 +268,9 @@ class InferenceService(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         return pb.ModelReadyResponse(ready=True)
 
     def ServerMetadata(self, request, context) -> pb.ServerMetadataResponse:
-        return pb.ServerMetadataResponse(name=SERVER_NAME, version=server_version(),
-                                         extensions=EXTENSIONS)
+        return pb.ServerMetadataResponse(
+            name=SERVER_NAME, version=server_version(), extensions=EXTENSIONS
+        )
 
     def ModelMetadata(self, request, context) -> pb.ModelMetadataResponse:
         try:
@@ -230,11 +279,22 @@ class InferenceService(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
             abort(context, exc)
         tensor = pb.ModelMetadataResponse.TensorMetadata
         return pb.ModelMetadataResponse(
-            name=model.name, versions=self._ready_versions(model.name), platform=PLATFORM,
-            inputs=[tensor(name=model.card.input.name, datatype="FP32",
-                           shape=[-1, *model.card.input.shape])],
-            outputs=[tensor(name=model.card.output.name, datatype="FP32",
-                            shape=[-1, model.card.output.embedding_dim])])
+            name=model.name,
+            versions=self._ready_versions(model.name),
+            platform=PLATFORM,
+            inputs=[
+                tensor(
+                    name=model.card.input.name, datatype="FP32", shape=[-1, *model.card.input.shape]
+                )
+            ],
+            outputs=[
+                tensor(
+                    name=model.card.output.name,
+                    datatype="FP32",
+                    shape=[-1, model.card.output.embedding_dim],
+                )
+            ],
+        )
 
     def ModelConfig(self, request, context) -> pb.ModelConfigResponse:
         try:
@@ -245,31 +305,39 @@ class InferenceService(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
 
     # -- inference --------------------------------------------------------------------------
 
-    def ModelInfer(self, request: pb.ModelInferRequest,
-                   context: grpc.ServicerContext) -> pb.ModelInferResponse:
+    def ModelInfer(
+        self, request: pb.ModelInferRequest, context: grpc.ServicerContext
+    ) -> pb.ModelInferResponse:
         response, code, message = self._finish(self._start(request, context))
         if response is None:
             context.abort(code, message)
         return response
 
-    def ModelStreamInfer(self, request_iterator: Iterator[pb.ModelInferRequest],
-                         context: grpc.ServicerContext) -> Iterator[pb.ModelStreamInferResponse]:
+    def ModelStreamInfer(
+        self, request_iterator: Iterator[pb.ModelInferRequest], context: grpc.ServicerContext
+    ) -> Iterator[pb.ModelStreamInferResponse]:
         """Answers in request order; a failed request gets `error_message`, the stream goes on.
 
         A reader thread decodes and submits up to `STREAM_IN_FLIGHT` requests ahead, so the
         requests of one stream batch together like concurrent unary calls.
         """
         calls: queue.Queue[_Call | None] = queue.Queue(maxsize=STREAM_IN_FLIGHT)
-        reader = threading.Thread(target=self._read_stream, args=(request_iterator, context, calls),
-                                  name="kserve-stream-reader", daemon=True)
+        reader = threading.Thread(
+            target=self._read_stream,
+            args=(request_iterator, context, calls),
+            name="kserve-stream-reader",
+            daemon=True,
+        )
         reader.start()
         try:
             while (call := calls.get()) is not None:
                 response, _, message = self._finish(call)
                 if response is None:
-                    response = pb.ModelInferResponse(id=call.request.id,
-                                                     model_name=call.request.model_name,
-                                                     model_version=call.request.model_version)
+                    response = pb.ModelInferResponse(
+                        id=call.request.id,
+                        model_name=call.request.model_name,
+                        model_version=call.request.model_version,
+                    )
                 yield pb.ModelStreamInferResponse(error_message=message, infer_response=response)
         finally:
             # If the client left mid-stream, the reader may be blocked on a full queue.
@@ -292,9 +360,11 @@ class InferenceService(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         call = _Call(request, started=time.perf_counter())
         try:
             version = parse_version(request.model_version, "model_version")
-            deadlines = [time.monotonic() + limit for limit in
-                         (context.time_remaining(), request_timeout(request))
-                         if limit is not None]
+            deadlines = [
+                time.monotonic() + limit
+                for limit in (context.time_remaining(), request_timeout(request))
+                if limit is not None
+            ]
             while call.future is None:
                 call.model = self.registry.lookup(request.model_name, version)
                 inputs = decode_input(request, call.model)
@@ -302,7 +372,8 @@ class InferenceService(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
                 call.decoded = time.perf_counter()
                 try:
                     call.future = call.model.batcher.submit(
-                        inputs, min(deadlines, default=None), lambda: not context.is_active())
+                        inputs, min(deadlines, default=None), lambda: not context.is_active()
+                    )
                 except Unavailable:
                     # Hot reload: the latest version was unloaded between lookup and submit
                     # and a newer one serves now: follow it. A pinned version cannot move.
@@ -331,14 +402,25 @@ class InferenceService(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
             else:  # unresolved: name a known model, never an arbitrary one (label cardinality)
                 known = call.request.model_name in self.registry.names()
                 name, version = (call.request.model_name if known else UNKNOWN_MODEL), ""
-            self.metrics.observe_request(name, version, API_LABEL, code,
-                                         time.perf_counter() - call.started)
+            self.metrics.observe_request(
+                name, version, API_LABEL, code, time.perf_counter() - call.started
+            )
             return None, code, message
         done = time.perf_counter()
-        timing = RequestTiming(decode=call.decoded - call.started, queue=call.future.queue_seconds,
-                               run=call.future.run_seconds, encode=done - answered)
-        self.metrics.observe_request(call.model.name, call.model.version, API_LABEL,
-                                     grpc.StatusCode.OK, done - call.started, timing)
+        timing = RequestTiming(
+            decode=call.decoded - call.started,
+            queue=call.future.queue_seconds,
+            run=call.future.run_seconds,
+            encode=done - answered,
+        )
+        self.metrics.observe_request(
+            call.model.name,
+            call.model.version,
+            API_LABEL,
+            grpc.StatusCode.OK,
+            done - call.started,
+            timing,
+        )
         return response, grpc.StatusCode.OK, ""
 
     # -- statistics and repository ------------------------------------------------------------
@@ -352,25 +434,35 @@ class InferenceService(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
                 self.registry.lookup(request.name, version)
         except Exception as exc:
             abort(context, exc)
-        chosen = [model for model in self.registry
-                  if request.name in ("", model.name) and version in (None, model.version)]
-        return pb.ModelStatisticsResponse(model_stats=[
-            statistics_message(self.metrics.version(model.name, model.version).snapshot())
-            for model in chosen])
+        chosen = [
+            model
+            for model in self.registry
+            if request.name in ("", model.name) and version in (None, model.version)
+        ]
+        return pb.ModelStatisticsResponse(
+            model_stats=[
+                statistics_message(self.metrics.version(model.name, model.version).snapshot())
+                for model in chosen
+            ]
+        )
 
     def RepositoryIndex(self, request, context) -> pb.RepositoryIndexResponse:
         """Every version the registry knows, plus repository models that are not loaded."""
         index = pb.RepositoryIndexResponse.ModelIndex
-        entries = [index(name=s.name, version=str(s.version), state=INDEX_STATES[s.state],
-                         reason=s.reason) for s in self.registry.statuses()]
+        entries = [
+            index(name=s.name, version=str(s.version), state=INDEX_STATES[s.state], reason=s.reason)
+            for s in self.registry.statuses()
+        ]
         if not request.ready:
             known = set(self.registry.names())
-            entries += [index(name=name, state="UNAVAILABLE", reason="unloaded")
-                        for name in self.reloader.model_names() if name not in known]
+            entries += [
+                index(name=name, state="UNAVAILABLE", reason="unloaded")
+                for name in self.reloader.model_names()
+                if name not in known
+            ]
         else:
             entries = [entry for entry in entries if entry.state == "READY"]
-        return pb.RepositoryIndexResponse(models=sorted(entries,
-                                                        key=lambda e: (e.name, e.version)))
+        return pb.RepositoryIndexResponse(models=sorted(entries, key=lambda e: (e.name, e.version)))
 
     def RepositoryModelLoad(self, request, context) -> pb.RepositoryModelLoadResponse:
         """Load the model's new versions from the repository, unload its removed ones."""
@@ -396,59 +488,89 @@ class InferenceService(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         return self.registry.lookup(name, parse_version(version, version_field))
 
     def _ready_versions(self, name: str) -> list[str]:
-        return [str(s.version) for s in self.registry.statuses(name)
-                if s.state == ModelState.READY]
+        return [str(s.version) for s in self.registry.statuses(name) if s.state == ModelState.READY]
 
 
 def _refuse_parameters(parameters) -> None:
     """Load/unload parameters (config overrides, unload_dependents) are not supported."""
     if parameters:
         key = sorted(parameters)[0]
-        raise InvalidArgument(f"parameters[{key!r}]: expected none (this server loads models "
-                              "as the repository holds them), got one")
+        raise InvalidArgument(
+            f"parameters[{key!r}]: expected none (this server loads models "
+            "as the repository holds them), got one"
+        )
 
 
 def model_config(model: LoadedModel) -> model_config_pb2.ModelConfig:
     """The version's configuration in Triton's schema (what perf_analyzer needs to drive it)."""
     card, spec, batcher = model.card, model.request_spec, model.batcher
     config = model_config_pb2.ModelConfig(
-        name=model.name, platform=PLATFORM, backend="onnxruntime",
+        name=model.name,
+        platform=PLATFORM,
+        backend="onnxruntime",
         version_policy=model_config_pb2.ModelVersionPolicy(
-            all=model_config_pb2.ModelVersionPolicy.All()),
+            all=model_config_pb2.ModelVersionPolicy.All()
+        ),
         max_batch_size=spec.max_rows,
-        input=[model_config_pb2.ModelInput(name=card.input.name,
-                                           data_type=model_config_pb2.TYPE_FP32,
-                                           dims=card.input.shape)],
-        output=[model_config_pb2.ModelOutput(name=card.output.name,
-                                             data_type=model_config_pb2.TYPE_FP32,
-                                             dims=[card.output.embedding_dim])],
-        instance_group=[model_config_pb2.ModelInstanceGroup(
-            count=1, kind=(model_config_pb2.ModelInstanceGroup.KIND_GPU
-                           if model.session.provider.startswith("CUDA")
-                           else model_config_pb2.ModelInstanceGroup.KIND_CPU))],
-        default_model_filename=MODEL_FILE)
+        input=[
+            model_config_pb2.ModelInput(
+                name=card.input.name, data_type=model_config_pb2.TYPE_FP32, dims=card.input.shape
+            )
+        ],
+        output=[
+            model_config_pb2.ModelOutput(
+                name=card.output.name,
+                data_type=model_config_pb2.TYPE_FP32,
+                dims=[card.output.embedding_dim],
+            )
+        ],
+        instance_group=[
+            model_config_pb2.ModelInstanceGroup(
+                count=1,
+                kind=(
+                    model_config_pb2.ModelInstanceGroup.KIND_GPU
+                    if model.session.provider.startswith("CUDA")
+                    else model_config_pb2.ModelInstanceGroup.KIND_CPU
+                ),
+            )
+        ],
+        default_model_filename=MODEL_FILE,
+    )
     if batcher.merge_requests:
-        config.dynamic_batching.CopyFrom(model_config_pb2.ModelDynamicBatching(
-            preferred_batch_size=[batcher.max_batch_size],
-            max_queue_delay_microseconds=round(batcher.max_queue_delay * 1e6),
-            default_queue_policy=model_config_pb2.ModelQueuePolicy(
-                max_queue_size=batcher.max_queue_size)))
+        config.dynamic_batching.CopyFrom(
+            model_config_pb2.ModelDynamicBatching(
+                preferred_batch_size=[batcher.max_batch_size],
+                max_queue_delay_microseconds=round(batcher.max_queue_delay * 1e6),
+                default_queue_policy=model_config_pb2.ModelQueuePolicy(
+                    max_queue_size=batcher.max_queue_size
+                ),
+            )
+        )
     return config
 
 
 def statistics_message(snapshot: StatisticsSnapshot) -> pb.ModelStatistics:
     """A `StatisticsSnapshot` as the v2 ModelStatistics message."""
+
     def duration(d: Duration) -> pb.StatisticDuration:
         return pb.StatisticDuration(count=d.count, ns=d.ns)
 
     return pb.ModelStatistics(
-        name=snapshot.model, version=snapshot.version,
-        last_inference=snapshot.last_inference_ms, inference_count=snapshot.inference_count,
+        name=snapshot.model,
+        version=snapshot.version,
+        last_inference=snapshot.last_inference_ms,
+        inference_count=snapshot.inference_count,
         execution_count=snapshot.execution_count,
         inference_stats=pb.InferStatistics(
-            success=duration(snapshot.success), fail=duration(snapshot.fail),
-            queue=duration(snapshot.queue), compute_input=duration(snapshot.compute_input),
+            success=duration(snapshot.success),
+            fail=duration(snapshot.fail),
+            queue=duration(snapshot.queue),
+            compute_input=duration(snapshot.compute_input),
             compute_infer=duration(snapshot.compute_infer),
-            compute_output=duration(snapshot.compute_output)),
-        batch_stats=[pb.InferBatchStatistics(batch_size=size, compute_infer=duration(d))
-                     for size, d in sorted(snapshot.batches.items())])
+            compute_output=duration(snapshot.compute_output),
+        ),
+        batch_stats=[
+            pb.InferBatchStatistics(batch_size=size, compute_infer=duration(d))
+            for size, d in sorted(snapshot.batches.items())
+        ],
+    )

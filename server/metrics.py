@@ -32,11 +32,27 @@ from prometheus_client import CollectorRegistry, Counter, Enum, Histogram, start
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from server.batcher import BatchRecord
-from server.models import LoadedModel, ModelRegistry, ModelState, VersionStatus
+from aet.server.batcher import BatchRecord
+from aet.server.models import LoadedModel, ModelRegistry, ModelState, VersionStatus
 
-LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
-                   0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+LATENCY_BUCKETS = (
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
 MODEL_STATES = tuple(s.value.lower() for s in ModelState if s != ModelState.UNLOADED)
 SUCCESS = "success"
 UNKNOWN_MODEL = ""  # the model label of requests naming no servable model: bounds cardinality
@@ -154,8 +170,9 @@ class _QueueDepthCollector(Collector):
         self._lock = lock
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        family = GaugeMetricFamily("aet_queue_depth", "Requests waiting in the batcher queue",
-                                   labels=["model", "version"])
+        family = GaugeMetricFamily(
+            "aet_queue_depth", "Requests waiting in the batcher queue", labels=["model", "version"]
+        )
         with self._lock:
             readers = list(self._depths.items())
         for (model, version), depth in readers:
@@ -169,20 +186,47 @@ class ServingMetrics:
     def __init__(self, max_batch_size: int, registry: CollectorRegistry | None = None):
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
-        self.requests = Counter("aet_requests", "Requests answered, by outcome",
-                                ["model", "version", "api", "outcome"], registry=r)
-        self.request_seconds = Histogram("aet_request_seconds", "Time in the server per request",
-                                         ["model", "version", "api"], buckets=LATENCY_BUCKETS,
-                                         registry=r)
-        self.queue_seconds = Histogram("aet_queue_seconds", "Time a request waited for its batch",
-                                       ["model", "version"], buckets=LATENCY_BUCKETS, registry=r)
-        self.compute_seconds = Histogram("aet_compute_seconds", "Time one batch took to run",
-                                         ["model", "version"], buckets=LATENCY_BUCKETS, registry=r)
-        self.batch_size = Histogram("aet_batch_size", "Rows per executed batch",
-                                    ["model", "version"],
-                                    buckets=batch_size_buckets(max_batch_size), registry=r)
-        self.model_state = Enum("aet_model_state", "Load state of each model version",
-                                ["model", "version"], states=list(MODEL_STATES), registry=r)
+        self.requests = Counter(
+            "aet_requests",
+            "Requests answered, by outcome",
+            ["model", "version", "api", "outcome"],
+            registry=r,
+        )
+        self.request_seconds = Histogram(
+            "aet_request_seconds",
+            "Time in the server per request",
+            ["model", "version", "api"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue_seconds = Histogram(
+            "aet_queue_seconds",
+            "Time a request waited for its batch",
+            ["model", "version"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.compute_seconds = Histogram(
+            "aet_compute_seconds",
+            "Time one batch took to run",
+            ["model", "version"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "aet_batch_size",
+            "Rows per executed batch",
+            ["model", "version"],
+            buckets=batch_size_buckets(max_batch_size),
+            registry=r,
+        )
+        self.model_state = Enum(
+            "aet_model_state",
+            "Load state of each model version",
+            ["model", "version"],
+            states=list(MODEL_STATES),
+            registry=r,
+        )
         self._lock = threading.Lock()
         self._versions: dict[tuple[str, str], VersionStatistics] = {}
         self._request_series: dict[tuple, tuple[Counter, Histogram]] = {}
@@ -199,23 +243,32 @@ class ServingMetrics:
                 self._versions[key] = found
         return found
 
-    def observe_request(self, model: str, version: int | str, api: str,
-                        code: grpc.StatusCode, seconds: float,
-                        timing: RequestTiming | None = None) -> None:
+    def observe_request(
+        self,
+        model: str,
+        version: int | str,
+        api: str,
+        code: grpc.StatusCode,
+        seconds: float,
+        timing: RequestTiming | None = None,
+    ) -> None:
         """One answered request; `timing` for successful ones. Use `UNKNOWN_MODEL` and
         version "" when the request named no servable model or version."""
         version = str(version)
         key = (model, version, api, code)
         series = self._request_series.get(key)
         if series is None:  # labels() takes a lock and builds a key: do it once per series
-            series = (self.requests.labels(model, version, api, outcome_of(code)),
-                      self.request_seconds.labels(model, version, api))
+            series = (
+                self.requests.labels(model, version, api, outcome_of(code)),
+                self.request_seconds.labels(model, version, api),
+            )
             self._request_series[key] = series
         series[0].inc()
         series[1].observe(seconds)
         if model != UNKNOWN_MODEL and version:
             self.version(model, version).observe_request(
-                seconds, timing if code == grpc.StatusCode.OK else None)
+                seconds, timing if code == grpc.StatusCode.OK else None
+            )
 
     def watch_registry(self, registry: ModelRegistry) -> None:
         """Follow `registry` from now on: every batch, load state and queue of every version."""
@@ -240,12 +293,16 @@ class ServingMetrics:
             with self._lock:
                 self._queue_depths[key] = lambda: batcher.queued_requests
 
-    def snapshots(self, model: str | None = None,
-                  version: str | None = None) -> list[StatisticsSnapshot]:
+    def snapshots(
+        self, model: str | None = None, version: str | None = None
+    ) -> list[StatisticsSnapshot]:
         """Statistics of every version seen, optionally of one model (and one version)."""
         with self._lock:
-            chosen = [stats for (m, v), stats in sorted(self._versions.items())
-                      if (model is None or m == model) and (version is None or v == version)]
+            chosen = [
+                stats
+                for (m, v), stats in sorted(self._versions.items())
+                if (model is None or m == model) and (version is None or v == version)
+            ]
         return [stats.snapshot() for stats in chosen]
 
     def serve_http(self, port: int, host: str = "127.0.0.1") -> MetricsEndpoint:

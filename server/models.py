@@ -16,11 +16,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from server.batcher import BatchRecord, DynamicBatcher
-from server.errors import NotFound, Unavailable
-from server.repository import ModelCard, ModelVersion, scan_repository
-from server.runtime import EncoderSession, ModelLoadError, RuntimeOptions, resolve_providers
-from server.validation import RequestSpec
+from aet.server.batcher import BatchRecord, DynamicBatcher
+from aet.server.errors import NotFound, Unavailable
+from aet.server.repository import ModelCard, ModelVersion, scan_repository
+from aet.server.runtime import EncoderSession, ModelLoadError, RuntimeOptions, resolve_providers
+from aet.server.validation import RequestSpec
 
 log = logging.getLogger(__name__)
 
@@ -86,9 +86,12 @@ class ModelRegistry:
     unloading replace entries under the lock.
     """
 
-    def __init__(self, runtime: RuntimeOptions = RuntimeOptions(),
-                 batching: BatchingOptions = BatchingOptions(),
-                 providers: list[str] | None = None) -> None:
+    def __init__(
+        self,
+        runtime: RuntimeOptions = RuntimeOptions(),
+        batching: BatchingOptions = BatchingOptions(),
+        providers: list[str] | None = None,
+    ) -> None:
         self.runtime = runtime
         self.batching = batching
         self.providers = providers if providers is not None else resolve_providers(runtime.device)
@@ -109,38 +112,64 @@ class ModelRegistry:
         """Load one scanned version: session, warm-up, batcher, then READY (or FAILED)."""
         key = (found.name, found.version)
         if key in self._ready:
-            raise ValueError(f"model {found.name} version {found.version}: already loaded; "
-                             "unload it first")
+            raise ValueError(
+                f"model {found.name} version {found.version}: already loaded; unload it first"
+            )
         if not found.ok:
-            log.warning("model_refused", extra={"model": found.name, "version": found.version,
-                                                "reason": found.error})
+            log.warning(
+                "model_refused",
+                extra={"model": found.name, "version": found.version, "reason": found.error},
+            )
             return self._set_status(VersionStatus(*key, ModelState.FAILED, found.error))
         self._set_status(VersionStatus(*key, ModelState.LOADING))
         started = time.perf_counter()
         card = found.card
         row_shape = tuple(card.input.shape)
         try:
-            session = EncoderSession(found.model_path, card.input.name, card.output.name,
-                                     row_shape, self.providers, self.runtime)
+            session = EncoderSession(
+                found.model_path,
+                card.input.name,
+                card.output.name,
+                row_shape,
+                self.providers,
+                self.runtime,
+            )
             session.warm_up(row_shape, (1, self.batching.max_batch_size))
         except ModelLoadError as exc:
-            log.error("model_load_failed", extra={"model": found.name, "version": found.version,
-                                                  "reason": str(exc)})
+            log.error(
+                "model_load_failed",
+                extra={"model": found.name, "version": found.version, "reason": str(exc)},
+            )
             return self._set_status(VersionStatus(*key, ModelState.FAILED, str(exc)))
-        batcher = DynamicBatcher(session.run, self.batching.max_batch_size,
-                                 self.batching.max_queue_delay, self.batching.max_queue_size,
-                                 merge_requests=self.batching.dynamic_batching,
-                                 name=f"{found.name}/{found.version}")
-        model = LoadedModel(card, found.path, session, batcher,
-                            RequestSpec.from_card(card, self.batching.max_request_rows))
+        batcher = DynamicBatcher(
+            session.run,
+            self.batching.max_batch_size,
+            self.batching.max_queue_delay,
+            self.batching.max_queue_size,
+            merge_requests=self.batching.dynamic_batching,
+            name=f"{found.name}/{found.version}",
+        )
+        model = LoadedModel(
+            card,
+            found.path,
+            session,
+            batcher,
+            RequestSpec.from_card(card, self.batching.max_request_rows),
+        )
         with self._lock:
             for listener in self._batch_listeners:
                 batcher.stats.listeners.append(_bind(listener, model))
             self._ready[key] = model
             self._update_latest(found.name)
-        log.info("model_ready", extra={
-            "model": found.name, "version": found.version, "provider": session.provider,
-            "load_ms": round((time.perf_counter() - started) * 1e3, 1)})
+        log.info(
+            "model_ready",
+            extra={
+                "model": found.name,
+                "version": found.version,
+                "provider": session.provider,
+                "load_ms": round((time.perf_counter() - started) * 1e3, 1),
+            },
+        )
         return self._set_status(VersionStatus(*key, ModelState.READY))
 
     def unload(self, name: str, version: int, timeout: float | None = None) -> bool:
@@ -193,8 +222,10 @@ class ModelRegistry:
 
     def statuses(self, name: str | None = None) -> list[VersionStatus]:
         """The status of every version (of `name`, if given), by name then version."""
-        return sorted((s for s in list(self._statuses.values()) if name in (None, s.name)),
-                      key=lambda s: (s.name, s.version))
+        return sorted(
+            (s for s in list(self._statuses.values()) if name in (None, s.name)),
+            key=lambda s: (s.name, s.version),
+        )
 
     def is_ready(self, name: str) -> bool:
         """True when `name` has a READY version."""
@@ -241,16 +272,20 @@ class ModelRegistry:
         if not statuses:
             return NotFound(f"model: expected one of {self.names()}, got {name!r}")
         if version is None:
-            states = ", ".join(f"{s.version}: {s.state.value} {s.reason}".rstrip()
-                               for s in statuses)
+            states = ", ".join(
+                f"{s.version}: {s.state.value} {s.reason}".rstrip() for s in statuses
+            )
             return Unavailable(f"model {name!r}: no version is READY ({states})")
         by_version = {s.version: s for s in statuses}
         if version not in by_version:
-            return NotFound(f"version: model {name!r} has versions {sorted(by_version)}, "
-                            f"got {version}")
+            return NotFound(
+                f"version: model {name!r} has versions {sorted(by_version)}, got {version}"
+            )
         status = by_version[version]
-        return Unavailable(f"model {name!r} version {version}: {status.state.value}"
-                           + (f": {status.reason}" if status.reason else ""))
+        return Unavailable(
+            f"model {name!r} version {version}: {status.state.value}"
+            + (f": {status.reason}" if status.reason else "")
+        )
 
 
 def _bind(listener: BatchListener, model: LoadedModel) -> Callable[[BatchRecord], None]:

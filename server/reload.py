@@ -17,9 +17,9 @@ import os
 import threading
 from pathlib import Path
 
-from server.errors import NotFound, Unavailable
-from server.models import ModelRegistry, ModelState
-from server.repository import ModelVersion, RepositoryError, scan_repository
+from aet.server.errors import NotFound, Unavailable
+from aet.server.models import ModelRegistry, ModelState
+from aet.server.repository import ModelVersion, RepositoryError, scan_repository
 
 log = logging.getLogger(__name__)
 
@@ -27,8 +27,9 @@ log = logging.getLogger(__name__)
 class RepositoryReloader:
     """Loads and unloads model versions of `registry` as the repository at `root` changes."""
 
-    def __init__(self, registry: ModelRegistry, root: str | os.PathLike,
-                 drain_timeout: float | None = 30.0) -> None:
+    def __init__(
+        self, registry: ModelRegistry, root: str | os.PathLike, drain_timeout: float | None = 30.0
+    ) -> None:
         self.registry = registry
         self.root = Path(root)
         self.drain_timeout = drain_timeout  # seconds an unloaded version's queue may take
@@ -58,13 +59,18 @@ class RepositoryReloader:
         with self._lock:
             found = [v for v in scan_repository(self.root) if v.name == name]
             if not found:
-                raise NotFound(f"model_name: expected a model of repository {self.root} "
-                               f"({', '.join(self.model_names()) or 'empty'}), got {name!r}")
+                raise NotFound(
+                    f"model_name: expected a model of repository {self.root} "
+                    f"({', '.join(self.model_names()) or 'empty'}), got {name!r}"
+                )
             self._pinned_unloaded.discard(name)
             self._sync_model(name, found, retry_failed=True)
             if not self.registry.is_ready(name):
-                reasons = "; ".join(f"version {s.version}: {s.reason}"
-                                    for s in self.registry.statuses(name) if s.reason)
+                reasons = "; ".join(
+                    f"version {s.version}: {s.reason}"
+                    for s in self.registry.statuses(name)
+                    if s.reason
+                )
                 raise Unavailable(f"model {name!r}: no version could be loaded ({reasons})")
 
     def unload_model(self, name: str) -> None:
@@ -72,8 +78,10 @@ class RepositoryReloader:
         with self._lock:
             loaded = [m.version for m in self.registry if m.name == name]
             if not loaded and name not in self.registry.names():
-                raise NotFound(f"model_name: expected a loaded model "
-                               f"({', '.join(self.registry.names()) or 'none'}), got {name!r}")
+                raise NotFound(
+                    f"model_name: expected a loaded model "
+                    f"({', '.join(self.registry.names()) or 'none'}), got {name!r}"
+                )
             self._pinned_unloaded.add(name)
             for version in loaded:
                 self._unload(name, version)
@@ -83,8 +91,9 @@ class RepositoryReloader:
         if interval <= 0:
             raise ValueError(f"poll interval: expected > 0 seconds, got {interval}")
         self._stop.clear()
-        self._poller = threading.Thread(target=self._poll, args=(interval,),
-                                        name="repository-poller", daemon=True)
+        self._poller = threading.Thread(
+            target=self._poll, args=(interval,), name="repository-poller", daemon=True
+        )
         self._poller.start()
 
     def stop_polling(self) -> None:
@@ -115,5 +124,7 @@ class RepositoryReloader:
 
     def _unload(self, name: str, version: int) -> None:
         if not self.registry.unload(name, version, self.drain_timeout):
-            log.warning("model_drain_timeout", extra={
-                "model": name, "version": version, "timeout_s": self.drain_timeout})
+            log.warning(
+                "model_drain_timeout",
+                extra={"model": name, "version": version, "timeout_s": self.drain_timeout},
+            )

@@ -167,8 +167,12 @@ class _FieldReader:
 
     def value_range(self, data: dict, key: str, prefix: str) -> tuple[float, float]:
         value = self.get(data, key, prefix)
-        if (not isinstance(value, list) or len(value) != 2 or not all(map(_is_number, value))
-                or not value[0] < value[1]):
+        if (
+            not isinstance(value, list)
+            or len(value) != 2
+            or not all(map(_is_number, value))
+            or not value[0] < value[1]
+        ):
             raise self.fail(prefix + key, "[low, high] with low < high", value)
         return float(value[0]), float(value[1])
 
@@ -281,7 +285,8 @@ def validate_model_name(name: str) -> str:
     if not isinstance(name, str) or not MODEL_NAME_PATTERN.fullmatch(name):
         raise RepositoryError(
             f"model name: expected letters, digits, '_', '.' or '-' starting with a letter or "
-            f"digit ({MODEL_NAME_PATTERN.pattern}), got {name!r}")
+            f"digit ({MODEL_NAME_PATTERN.pattern}), got {name!r}"
+        )
     return name
 
 
@@ -289,8 +294,11 @@ def _version_numbers(model_dir: Path) -> list[int]:
     """Version folder numbers under `model_dir`, ignoring hidden, temporary and other entries."""
     if not model_dir.is_dir():
         return []
-    return sorted(int(entry.name) for entry in model_dir.iterdir()
-                  if entry.is_dir() and _VERSION_PATTERN.fullmatch(entry.name))
+    return sorted(
+        int(entry.name)
+        for entry in model_dir.iterdir()
+        if entry.is_dir() and _VERSION_PATTERN.fullmatch(entry.name)
+    )
 
 
 def next_version(root: str | os.PathLike, name: str) -> int:
@@ -299,8 +307,9 @@ def next_version(root: str | os.PathLike, name: str) -> int:
     return versions[-1] + 1 if versions else 1
 
 
-def write_version(root: str | os.PathLike, name: str, model: bytes | str | os.PathLike,
-                  card: ModelCard) -> Path:
+def write_version(
+    root: str | os.PathLike, name: str, model: bytes | str | os.PathLike, card: ModelCard
+) -> Path:
     """Write `model` (ONNX bytes or a file) and its card as the next version of `name`.
 
     The card's `version` and `sha256` are stamped here (next free version, digest of the bytes
@@ -321,7 +330,8 @@ def write_version(root: str | os.PathLike, name: str, model: bytes | str | os.Pa
         staging.chmod(0o755)  # mkdtemp's 0700 would hide the version from other readers
     except OSError as exc:
         raise RepositoryError(
-            f"cannot write to model repository folder {model_dir}: {exc.strerror or exc}") from exc
+            f"cannot write to model repository folder {model_dir}: {exc.strerror or exc}"
+        ) from exc
     try:
         _write_file(staging / MODEL_FILE, onnx_bytes)
         version = next_version(root, name)
@@ -342,7 +352,8 @@ def write_version(root: str | os.PathLike, name: str, model: bytes | str | os.Pa
             version = max(version + 1, next_version(root, name))
     except OSError as exc:
         raise RepositoryError(
-            f"cannot write model version under {model_dir}: {exc.strerror or exc}") from exc
+            f"cannot write model version under {model_dir}: {exc.strerror or exc}"
+        ) from exc
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
@@ -380,16 +391,35 @@ def _check_version(name: str, version: int, path: Path) -> ModelVersion:
     except RepositoryError as exc:
         return ModelVersion(name, version, path, error=str(exc))
     if (card.name, card.version) != (name, version):
-        return ModelVersion(name, version, path, card, error=(
-            f"{path / CARD_FILE}: card says {card.name}/{card.version}, folder is {name}/{version}"))
+        return ModelVersion(
+            name,
+            version,
+            path,
+            card,
+            error=(
+                f"{path / CARD_FILE}: card says {card.name}/{card.version}, folder is {name}/{version}"
+            ),
+        )
     try:
         actual = sha256_file(path / MODEL_FILE)
     except OSError as exc:
-        return ModelVersion(name, version, path, card,
-                            error=f"cannot read {path / MODEL_FILE}: {exc.strerror or exc}")
+        return ModelVersion(
+            name,
+            version,
+            path,
+            card,
+            error=f"cannot read {path / MODEL_FILE}: {exc.strerror or exc}",
+        )
     if actual != card.sha256:
-        return ModelVersion(name, version, path, card, error=(
-            f"{path / MODEL_FILE}: sha256 mismatch: card expects {card.sha256}, file has {actual}"))
+        return ModelVersion(
+            name,
+            version,
+            path,
+            card,
+            error=(
+                f"{path / MODEL_FILE}: sha256 mismatch: card expects {card.sha256}, file has {actual}"
+            ),
+        )
     return ModelVersion(name, version, path, card)
 
 

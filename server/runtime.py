@@ -62,8 +62,9 @@ def cuda_usable(available: list[str]) -> bool:
     nvidia_smi = shutil.which("nvidia-smi")
     if nvidia_smi is not None:
         try:
-            listing = subprocess.run([nvidia_smi, "-L"], capture_output=True, text=True,
-                                     timeout=10, check=False)
+            listing = subprocess.run(
+                [nvidia_smi, "-L"], capture_output=True, text=True, timeout=10, check=False
+            )
         except (OSError, subprocess.TimeoutExpired):
             return False
         if listing.returncode != 0 or "GPU" not in listing.stdout:
@@ -86,22 +87,31 @@ def resolve_providers(device: str) -> list[str]:
         raise DeviceError(
             f"device: expected a usable CUDA GPU for 'cuda', got none (onnxruntime providers: "
             f"{', '.join(available)}; NVIDIA device node present: "
-            f"{any(Path('/dev').glob('nvidia[0-9]*'))})")
+            f"{any(Path('/dev').glob('nvidia[0-9]*'))})"
+        )
     return choose_providers(available, usable)
 
 
 class EncoderSession:
     """One `onnxruntime.InferenceSession` for an encoder: (rows, ...) float32 -> (rows, dim)."""
 
-    def __init__(self, model_path: Path, input_name: str, output_name: str,
-                 row_shape: tuple[int, ...], providers: list[str], options: RuntimeOptions):
+    def __init__(
+        self,
+        model_path: Path,
+        input_name: str,
+        output_name: str,
+        row_shape: tuple[int, ...],
+        providers: list[str],
+        options: RuntimeOptions,
+    ):
         session_options = ort.SessionOptions()
         session_options.intra_op_num_threads = options.intra_op_threads
         session_options.inter_op_num_threads = options.inter_op_threads
         session_options.log_severity_level = _ORT_ERROR_ONLY
         try:
-            self._session = ort.InferenceSession(str(model_path), session_options,
-                                                 providers=providers)
+            self._session = ort.InferenceSession(
+                str(model_path), session_options, providers=providers
+            )
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
             raise ModelLoadError(f"{model_path}: onnxruntime cannot load it: {exc}") from exc
         self._check_signature(model_path, input_name, output_name, row_shape)
@@ -112,22 +122,29 @@ class EncoderSession:
         # on CPU the plain `run` already works on the numpy buffers.
         self._binding = self._session.io_binding() if self.provider == CUDA_PROVIDER else None
 
-    def _check_signature(self, model_path: Path, input_name: str, output_name: str,
-                         row_shape: tuple[int, ...]) -> None:
+    def _check_signature(
+        self, model_path: Path, input_name: str, output_name: str, row_shape: tuple[int, ...]
+    ) -> None:
         inputs = {i.name: i for i in self._session.get_inputs()}
         outputs = {o.name for o in self._session.get_outputs()}
         if input_name not in inputs:
-            raise ModelLoadError(f"{model_path}: input: expected {input_name!r} (model card), "
-                                 f"got {sorted(inputs)}")
+            raise ModelLoadError(
+                f"{model_path}: input: expected {input_name!r} (model card), got {sorted(inputs)}"
+            )
         if output_name not in outputs:
-            raise ModelLoadError(f"{model_path}: output: expected {output_name!r} (model card), "
-                                 f"got {sorted(outputs)}")
+            raise ModelLoadError(
+                f"{model_path}: output: expected {output_name!r} (model card), "
+                f"got {sorted(outputs)}"
+            )
         graph_rows = tuple(inputs[input_name].shape[1:])
         if len(graph_rows) != len(row_shape) or any(
-                isinstance(g, int) and g != c for g, c in zip(graph_rows, row_shape)):
-            raise ModelLoadError(f"{model_path}: input shape: expected [batch, "
-                                 f"{', '.join(map(str, row_shape))}] (model card), "
-                                 f"got {inputs[input_name].shape}")
+            isinstance(g, int) and g != c for g, c in zip(graph_rows, row_shape)
+        ):
+            raise ModelLoadError(
+                f"{model_path}: input shape: expected [batch, "
+                f"{', '.join(map(str, row_shape))}] (model card), "
+                f"got {inputs[input_name].shape}"
+            )
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         """Embeddings (rows, dim) of a float32 batch (rows, ...); one caller at a time."""

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from server.errors import InvalidArgument
-from server.repository import ModelCard
+from aet.server.errors import InvalidArgument
+from aet.server.repository import ModelCard
 
 FLOAT32 = np.dtype("<f4")
 UINT8 = np.dtype("u1")
@@ -50,13 +50,15 @@ def validate_inputs(inputs: np.ndarray, spec: RequestSpec, field: str = "inputs"
         raise InvalidArgument(f"{field}.dtype: expected {expected}, got {inputs.dtype.name}")
     if inputs.shape[1:] != spec.row_shape:
         raise InvalidArgument(
-            f"{field}.shape: expected {spec.expected_shape}, got {list(inputs.shape)}")
+            f"{field}.shape: expected {spec.expected_shape}, got {list(inputs.shape)}"
+        )
     rows = inputs.shape[0]
     if rows == 0:
         raise InvalidArgument(f"{field}.shape[0]: expected at least 1 row, got 0 (empty batch)")
     if rows > spec.max_rows:
         raise InvalidArgument(
-            f"{field}.shape[0]: expected at most {spec.max_rows} rows per request, got {rows}")
+            f"{field}.shape[0]: expected at most {spec.max_rows} rows per request, got {rows}"
+        )
     if inputs.dtype == UINT8:
         return inputs.astype(FLOAT32)
     # NaN and Inf propagate through a float64 sum (which cannot overflow on float32 values), so
@@ -65,5 +67,6 @@ def validate_inputs(inputs: np.ndarray, spec: RequestSpec, field: str = "inputs"
         bad_rows = np.flatnonzero(~np.isfinite(inputs.reshape(rows, -1)).all(axis=1))
         raise InvalidArgument(
             f"{field}.data: expected finite values, got NaN or Inf in row {int(bad_rows[0])}"
-            f" ({bad_rows.size} row(s) affected)")
+            f" ({bad_rows.size} row(s) affected)"
+        )
     return inputs

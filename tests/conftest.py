@@ -21,9 +21,9 @@ import grpc
 import pytest
 import torch
 
-from aet_proto.embedding_pb2_grpc import EmbeddingServiceStub as EmbeddingStub
-from server.app import RunningServer, ServeConfig, build_server
-from server.models import ModelRegistry
+from aet.proto.embedding_pb2_grpc import EmbeddingServiceStub as EmbeddingStub
+from aet.server.app import RunningServer, ServeConfig, build_server
+from aet.server.models import ModelRegistry
 
 DIGITS_MODEL = "digits"
 TEST_MESSAGE_MB = 8
@@ -36,7 +36,7 @@ def _one_torch_thread():
 
 @pytest.fixture(scope="session")
 def digits_dataset():
-    from training.data import load_dataset
+    from aet.training.data import load_dataset
 
     return load_dataset("digits", seed=0)
 
@@ -48,17 +48,25 @@ def digits_checkpoint(tmp_path_factory, digits_dataset) -> Path:
     Trained as `aet pretrain --architecture mlp --hidden-sizes 32 --code-size 8 --epochs 3`
     would, without its evaluation and figures (not needed here, and slow).
     """
-    from training.models import build_autoencoder
-    from training.pretrain import PretrainConfig
-    from training.train import Trainer
+    from aet.training.models import build_autoencoder
+    from aet.training.pretrain import PretrainConfig
+    from aet.training.train import Trainer
 
-    config = PretrainConfig(architecture="mlp", hidden_sizes=(32,), code_size=8, epochs=3,
-                            progress=False, seed=0, name=DIGITS_MODEL,
-                            runs_dir=tmp_path_factory.mktemp("runs"))
+    config = PretrainConfig(
+        architecture="mlp",
+        hidden_sizes=(32,),
+        code_size=8,
+        epochs=3,
+        progress=False,
+        seed=0,
+        name=DIGITS_MODEL,
+        runs_dir=tmp_path_factory.mktemp("runs"),
+    )
     torch.manual_seed(config.seed)
     model = build_autoencoder(config.model_config(), digits_dataset.image_shape)
-    trainer = Trainer(model, digits_dataset, config.training_config(),
-                      config.run_dir, config.to_dict())
+    trainer = Trainer(
+        model, digits_dataset, config.training_config(), config.run_dir, config.to_dict()
+    )
     trainer.fit()
     return trainer.best_path
 
@@ -66,7 +74,7 @@ def digits_checkpoint(tmp_path_factory, digits_dataset) -> Path:
 @pytest.fixture(scope="session")
 def model_repository(tmp_path_factory, digits_checkpoint) -> Path:
     """A model repository with one real version, `digits/1`, written by `aet export`."""
-    from training.export import ExportConfig, export
+    from aet.training.export import ExportConfig, export
 
     root = tmp_path_factory.mktemp("exported")
     export(ExportConfig(checkpoint=digits_checkpoint, repository=root, model_name=DIGITS_MODEL))
@@ -75,13 +83,20 @@ def model_repository(tmp_path_factory, digits_checkpoint) -> Path:
 
 def serve_config_for_tests(**overrides) -> ServeConfig:
     """A `ServeConfig` for tests: ephemeral port, one onnxruntime thread, small limits."""
-    values = dict(port=0, intra_op_threads=1, inter_op_threads=1, workers=32,
-                  max_message_mb=TEST_MESSAGE_MB, grace_period=5.0)
+    values = dict(
+        port=0,
+        intra_op_threads=1,
+        inter_op_threads=1,
+        workers=32,
+        max_message_mb=TEST_MESSAGE_MB,
+        grace_period=5.0,
+    )
     return ServeConfig(**{**values, **overrides})
 
 
-def _start(repository: Path, services=(), interceptors=(), credentials=None,
-           **overrides) -> RunningServer:
+def _start(
+    repository: Path, services=(), interceptors=(), credentials=None, **overrides
+) -> RunningServer:
     config = serve_config_for_tests(repository=repository, **overrides)
     registry = ModelRegistry(config.runtime, config.batching)
     running = build_server(config, registry, services, interceptors, credentials)
@@ -119,10 +134,15 @@ def embedding_stub() -> Iterator[Callable[[RunningServer], EmbeddingStub]]:
 
     def stub(running: RunningServer) -> EmbeddingStub:
         limit = TEST_MESSAGE_MB << 20
-        channels.append(grpc.insecure_channel(
-            f"127.0.0.1:{running.port}",
-            options=[("grpc.max_send_message_length", limit),
-                     ("grpc.max_receive_message_length", limit)]))
+        channels.append(
+            grpc.insecure_channel(
+                f"127.0.0.1:{running.port}",
+                options=[
+                    ("grpc.max_send_message_length", limit),
+                    ("grpc.max_receive_message_length", limit),
+                ],
+            )
+        )
         return EmbeddingStub(channels[-1])
 
     yield stub
@@ -140,12 +160,52 @@ def pki(tmp_path_factory) -> Path:
     if shutil.which("openssl") is None:
         pytest.skip("the openssl command line is needed to make throwaway certificates")
     folder = tmp_path_factory.mktemp("pki")
-    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-             "-subj", "/CN=aet test CA", "-keyout", "ca.key", "-out", "ca.pem", cwd=folder)
+    _openssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=aet test CA",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        cwd=folder,
+    )
     (folder / "server.ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
     for name, extra in (("server", ["-extfile", "server.ext"]), ("client", [])):
-        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}",
-                 "-keyout", f"{name}.key", "-out", f"{name}.csr", cwd=folder)
-        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
-                 "-CAcreateserial", "-days", "1", "-out", f"{name}.pem", *extra, cwd=folder)
+        _openssl(
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            f"/CN={name}",
+            "-keyout",
+            f"{name}.key",
+            "-out",
+            f"{name}.csr",
+            cwd=folder,
+        )
+        _openssl(
+            "x509",
+            "-req",
+            "-in",
+            f"{name}.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "1",
+            "-out",
+            f"{name}.pem",
+            *extra,
+            cwd=folder,
+        )
     return folder

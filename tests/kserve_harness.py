@@ -11,7 +11,7 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import grpc
@@ -19,15 +19,15 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from aet_proto import embedding_pb2, embedding_pb2_grpc, grpc_service_pb2, grpc_service_pb2_grpc
-from aet_proto.codec import encode_tensor
-from server.app import RunningServer, ServeConfig, ServiceBinding, build_server
-from server.auth import BearerTokenInterceptor
-from server.kserve_service import SERVICE_NAME, InferenceService
-from server.metrics import MetricsEndpoint, ServingMetrics
-from server.models import ModelRegistry
-from server.reload import RepositoryReloader
-from server.repository import InputSpec, ModelCard, OutputSpec, write_version
+from aet.proto import embedding_pb2, embedding_pb2_grpc, grpc_service_pb2, grpc_service_pb2_grpc
+from aet.proto.codec import encode_tensor
+from aet.server.app import RunningServer, ServeConfig, ServiceBinding, build_server
+from aet.server.auth import BearerTokenInterceptor
+from aet.server.kserve_service import SERVICE_NAME, InferenceService
+from aet.server.metrics import MetricsEndpoint, ServingMetrics
+from aet.server.models import ModelRegistry
+from aet.server.reload import RepositoryReloader
+from aet.server.repository import InputSpec, ModelCard, OutputSpec, write_version
 
 MODEL = "digits"
 ROW_SHAPE = (1, 8, 8)
@@ -39,14 +39,19 @@ def encoder_onnx(seed: int) -> bytes:
     """pixels (batch, 1, 8, 8) in [0, 16] -> flatten(pixels / 16) @ W: a tiny real encoder."""
     weights = np.random.default_rng(seed).standard_normal((64, EMBEDDING_DIM)).astype(np.float32)
     graph = helper.make_graph(
-        [helper.make_node("Div", ["pixels", "raw_max"], ["scaled"]),
-         helper.make_node("Flatten", ["scaled"], ["flat"]),
-         helper.make_node("MatMul", ["flat", "weights"], ["embedding"])],
+        [
+            helper.make_node("Div", ["pixels", "raw_max"], ["scaled"]),
+            helper.make_node("Flatten", ["scaled"], ["flat"]),
+            helper.make_node("MatMul", ["flat", "weights"], ["embedding"]),
+        ],
         "tiny_encoder",
         [helper.make_tensor_value_info("pixels", TensorProto.FLOAT, ["batch", *ROW_SHAPE])],
         [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["batch", EMBEDDING_DIM])],
-        [numpy_helper.from_array(np.array(RAW_MAX, np.float32), "raw_max"),
-         numpy_helper.from_array(weights, "weights")])
+        [
+            numpy_helper.from_array(np.array(RAW_MAX, np.float32), "raw_max"),
+            numpy_helper.from_array(weights, "weights"),
+        ],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
     return model.SerializeToString()
 
@@ -60,13 +65,22 @@ def expected_embeddings(pixels: np.ndarray, seed: int) -> np.ndarray:
 def add_version(root: Path, seed: int, name: str = MODEL) -> Path:
     """Write the next version of `name` (weights drawn with `seed`); its folder."""
     card = ModelCard(
-        name=name, version=1, architecture="linear", hyperparameters={"seed": seed},
+        name=name,
+        version=1,
+        architecture="linear",
+        hyperparameters={"seed": seed},
         input=InputSpec("pixels", ROW_SHAPE, "float32", (0.0, RAW_MAX)),
         output=OutputSpec("embedding", "float32", EMBEDDING_DIM),
-        preprocessing=["divide by 16", "flatten"], dataset={"name": "digits"},
-        metrics={}, opset=17, sha256="0" * 64, parity_max_abs_diff=0.0, parity_samples=1,
+        preprocessing=["divide by 16", "flatten"],
+        dataset={"name": "digits"},
+        metrics={},
+        opset=17,
+        sha256="0" * 64,
+        parity_max_abs_diff=0.0,
+        parity_samples=1,
         library_versions={"onnx": onnx.__version__},
-        created=datetime.now(timezone.utc).isoformat())
+        created=datetime.now(UTC).isoformat(),
+    )
     return write_version(root, name, encoder_onnx(seed), card)
 
 
@@ -95,22 +109,39 @@ class LiveServer:
         self.metrics_endpoint.close()
 
 
-def start_kserve_server(repository: Path, *, tokens: tuple[str, ...] = (),
-                 credentials: grpc.ServerCredentials | None = None, poll_seconds: float = 0.0,
-                 **config: object) -> LiveServer:
+def start_kserve_server(
+    repository: Path,
+    *,
+    tokens: tuple[str, ...] = (),
+    credentials: grpc.ServerCredentials | None = None,
+    poll_seconds: float = 0.0,
+    **config: object,
+) -> LiveServer:
     """Serve `repository` on a free 127.0.0.1 port, one onnxruntime thread per session."""
     serve_config = dataclasses.replace(
-        ServeConfig(repository=repository, port=0, intra_op_threads=1, inter_op_threads=1,
-                    workers=16, grace_period=5.0), **config)
+        ServeConfig(
+            repository=repository,
+            port=0,
+            intra_op_threads=1,
+            inter_op_threads=1,
+            workers=16,
+            grace_period=5.0,
+        ),
+        **config,
+    )
     registry = ModelRegistry(serve_config.runtime, serve_config.batching)
     metrics = ServingMetrics(serve_config.max_batch_size)
     metrics.watch_registry(registry)
     reloader = RepositoryReloader(registry, repository)
     kserve = InferenceService(registry, reloader, metrics)
     interceptors = [BearerTokenInterceptor(tokens)] if tokens else []
-    running = build_server(serve_config, registry,
-                           [ServiceBinding(SERVICE_NAME, kserve.add_to_server)],
-                           interceptors, credentials)
+    running = build_server(
+        serve_config,
+        registry,
+        [ServiceBinding(SERVICE_NAME, kserve.add_to_server)],
+        interceptors,
+        credentials,
+    )
     reloader.sync()
     if poll_seconds:
         reloader.start_polling(poll_seconds)
@@ -125,17 +156,26 @@ def kserve_request(pixels: np.ndarray, **fields) -> grpc_service_pb2.ModelInferR
     """A ModelInfer request for MODEL (unless `model_name` says otherwise) with raw FP32 bytes."""
     return grpc_service_pb2.ModelInferRequest(
         **{"model_name": MODEL, **fields},
-        inputs=[grpc_service_pb2.ModelInferRequest.InferInputTensor(
-            name="pixels", datatype="FP32", shape=pixels.shape)],
-        raw_input_contents=[pixels.astype("<f4").tobytes()])
+        inputs=[
+            grpc_service_pb2.ModelInferRequest.InferInputTensor(
+                name="pixels", datatype="FP32", shape=pixels.shape
+            )
+        ],
+        raw_input_contents=[pixels.astype("<f4").tobytes()],
+    )
 
 
 class SteadyTraffic:
     """Threads sending good requests for the latest version of MODEL on both APIs until
     stopped, checking each answer against the weights of the version that gave it."""
 
-    def __init__(self, channel: grpc.Channel, seed_of_version: dict[int, int],
-                 metadata: Sequence[tuple[str, str]] = (), threads: int = 3) -> None:
+    def __init__(
+        self,
+        channel: grpc.Channel,
+        seed_of_version: dict[int, int],
+        metadata: Sequence[tuple[str, str]] = (),
+        threads: int = 3,
+    ) -> None:
         self.seed_of_version = seed_of_version  # may grow while running, as versions appear
         self.metadata = tuple(metadata)
         self.kserve = kserve_stub(channel)
@@ -166,8 +206,10 @@ class SteadyTraffic:
         give_up = time.monotonic() + timeout
         while self.answered_by[version] < target:
             if time.monotonic() > give_up or self.failures:
-                raise AssertionError(f"version {version} answered {self.answered_by[version]} "
-                                     f"requests, expected {target}; failures: {self.failures}")
+                raise AssertionError(
+                    f"version {version} answered {self.answered_by[version]} "
+                    f"requests, expected {target}; failures: {self.failures}"
+                )
             time.sleep(0.01)
 
     def _send(self, thread_seed: int) -> None:
@@ -176,18 +218,24 @@ class SteadyTraffic:
             pixels = digits_pixels(int(rng.integers(1, 4)), seed=int(rng.integers(1 << 30)))
             try:
                 if rng.random() < 0.5:
-                    reply = self.kserve.ModelInfer(kserve_request(pixels),
-                                                   metadata=self.metadata, timeout=30)
+                    reply = self.kserve.ModelInfer(
+                        kserve_request(pixels), metadata=self.metadata, timeout=30
+                    )
                     version, data = int(reply.model_version), reply.raw_output_contents[0]
                 else:
-                    reply = self.embed.Embed(embedding_pb2.EmbedRequest(
-                        model=MODEL, inputs=encode_tensor(pixels)), metadata=self.metadata,
-                        timeout=30)
+                    reply = self.embed.Embed(
+                        embedding_pb2.EmbedRequest(model=MODEL, inputs=encode_tensor(pixels)),
+                        metadata=self.metadata,
+                        timeout=30,
+                    )
                     version, data = reply.version, reply.embeddings.data
                 got = np.frombuffer(data, "<f4").reshape(len(pixels), -1)
                 want = expected_embeddings(pixels, self.seed_of_version[version])
-                error = None if np.allclose(got, want, rtol=1e-5, atol=1e-5) else (
-                    f"version {version}: wrong embeddings")
+                error = (
+                    None
+                    if np.allclose(got, want, rtol=1e-5, atol=1e-5)
+                    else (f"version {version}: wrong embeddings")
+                )
             except grpc.RpcError as exc:
                 version, error = None, f"{exc.code()}: {exc.details()}"
             with self._lock:

@@ -14,12 +14,23 @@ import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from kserve_harness import (MODEL, add_version, digits_pixels, expected_embeddings,
-                            kserve_request, kserve_stub, start_kserve_server)
 from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
+from kserve_harness import (
+    MODEL,
+    add_version,
+    digits_pixels,
+    expected_embeddings,
+    kserve_request,
+    kserve_stub,
+    start_kserve_server,
+)
 
-from server.auth import (BearerTokenInterceptor, SecurityConfigError, read_tokens,
-                         tls_server_credentials)
+from aet.server.auth import (
+    BearerTokenInterceptor,
+    SecurityConfigError,
+    read_tokens,
+    tls_server_credentials,
+)
 
 TOKEN = "s3cret-token-0123456789"
 HEALTH_CHECK = "/grpc.health.v1.Health/Check"
@@ -30,7 +41,8 @@ def _start(interceptors=(), credentials=None) -> tuple[grpc.Server, int]:
     health_pb2_grpc.add_HealthServicer_to_server(health.HealthServicer(), server)
     reflection.enable_server_reflection(
         (health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
-        server)
+        server,
+    )
     if credentials is None:
         port = server.add_insecure_port("127.0.0.1:0")
     else:
@@ -60,8 +72,9 @@ def _list_services(channel: grpc.Channel, metadata=None) -> list[str]:
 
 
 def test_health_stays_open_without_token(token_server):
-    reply = health_pb2_grpc.HealthStub(token_server).Check(health_pb2.HealthCheckRequest(),
-                                                            timeout=10)
+    reply = health_pb2_grpc.HealthStub(token_server).Check(
+        health_pb2.HealthCheckRequest(), timeout=10
+    )
     assert reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
@@ -69,12 +82,15 @@ def test_valid_token_passes_streaming_call(token_server):
     assert "grpc.health.v1.Health" in _list_services(token_server, _bearer(TOKEN))
 
 
-@pytest.mark.parametrize("metadata, fragment", [
-    (None, "missing metadata 'authorization'"),
-    (_bearer("wrong-token"), "not one of the server's tokens"),
-    ([("authorization", TOKEN)], "expected the scheme 'Bearer <token>'"),
-    (_bearer(TOKEN[:-1]), "not one of the server's tokens"),
-])
+@pytest.mark.parametrize(
+    "metadata, fragment",
+    [
+        (None, "missing metadata 'authorization'"),
+        (_bearer("wrong-token"), "not one of the server's tokens"),
+        ([("authorization", TOKEN)], "expected the scheme 'Bearer <token>'"),
+        (_bearer(TOKEN[:-1]), "not one of the server's tokens"),
+    ],
+)
 def test_bad_token_is_unauthenticated_and_never_echoed(token_server, metadata, fragment):
     with pytest.raises(grpc.RpcError) as caught:
         _list_services(token_server, metadata)
@@ -88,8 +104,10 @@ def test_unary_method_is_protected_when_not_listed_open():
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             check = channel.unary_unary(
-                HEALTH_CHECK, request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
-                response_deserializer=health_pb2.HealthCheckResponse.FromString)
+                HEALTH_CHECK,
+                request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
+                response_deserializer=health_pb2.HealthCheckResponse.FromString,
+            )
             with pytest.raises(grpc.RpcError) as caught:
                 check(health_pb2.HealthCheckRequest(), timeout=10)
             assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
@@ -106,11 +124,14 @@ def test_read_tokens_from_file_and_environment(tmp_path, monkeypatch):
     assert read_tokens(token_file, "AET_TEST_TOKEN") == {"alpha-1", "beta-2", "gamma-3"}
 
 
-@pytest.mark.parametrize("content, env, fragment", [
-    ("# only a comment\n", None, "expected at least one token"),
-    (None, "", "got it unset or empty"),
-    ("two words\n", None, "without spaces"),
-])
+@pytest.mark.parametrize(
+    "content, env, fragment",
+    [
+        ("# only a comment\n", None, "expected at least one token"),
+        (None, "", "got it unset or empty"),
+        ("two words\n", None, "without spaces"),
+    ],
+)
 def test_read_tokens_refuses_bad_sources(tmp_path, monkeypatch, content, env, fragment):
     token_file = None
     if content is not None:
@@ -129,10 +150,14 @@ def test_missing_token_file_is_named(tmp_path):
 
 # --- TLS ---------------------------------------------------------------------------------------
 
+
 def _check_health(port: int, credentials: grpc.ChannelCredentials) -> int:
     with grpc.secure_channel(f"127.0.0.1:{port}", credentials) as channel:
-        return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(),
-                                                         timeout=10).status
+        return (
+            health_pb2_grpc.HealthStub(channel)
+            .Check(health_pb2.HealthCheckRequest(), timeout=10)
+            .status
+        )
 
 
 def test_tls_serves_clients_that_trust_the_ca(pki):
@@ -143,8 +168,9 @@ def test_tls_serves_clients_that_trust_the_ca(pki):
         assert _check_health(port, trusted) == health_pb2.HealthCheckResponse.SERVING
         with grpc.insecure_channel(f"127.0.0.1:{port}") as plaintext:
             with pytest.raises(grpc.RpcError) as caught:
-                health_pb2_grpc.HealthStub(plaintext).Check(health_pb2.HealthCheckRequest(),
-                                                            timeout=5)
+                health_pb2_grpc.HealthStub(plaintext).Check(
+                    health_pb2.HealthCheckRequest(), timeout=5
+                )
         assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
     finally:
         server.stop(None)
@@ -156,8 +182,10 @@ def test_mutual_tls_requires_a_client_certificate(pki):
     try:
         ca = (pki / "ca.pem").read_bytes()
         with_client_cert = grpc.ssl_channel_credentials(
-            root_certificates=ca, private_key=(pki / "client.key").read_bytes(),
-            certificate_chain=(pki / "client.pem").read_bytes())
+            root_certificates=ca,
+            private_key=(pki / "client.key").read_bytes(),
+            certificate_chain=(pki / "client.pem").read_bytes(),
+        )
         assert _check_health(port, with_client_cert) == health_pb2.HealthCheckResponse.SERVING
         with pytest.raises(grpc.RpcError) as caught:
             _check_health(port, grpc.ssl_channel_credentials(root_certificates=ca))
@@ -184,10 +212,12 @@ def test_kserve_server_over_mutual_tls_with_tokens(pki, tmp_path):
         channel_credentials = grpc.ssl_channel_credentials(
             root_certificates=(pki / "ca.pem").read_bytes(),
             private_key=(pki / "client.key").read_bytes(),
-            certificate_chain=(pki / "client.pem").read_bytes())
+            certificate_chain=(pki / "client.pem").read_bytes(),
+        )
         with grpc.secure_channel(live.target, channel_credentials) as channel:
             health_reply = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service=MODEL), timeout=10)
+                health_pb2.HealthCheckRequest(service=MODEL), timeout=10
+            )
             stub = kserve_stub(channel)
             pixels = digits_pixels(2)
             reply = stub.ModelInfer(kserve_request(pixels), metadata=_bearer(TOKEN), timeout=10)
@@ -196,6 +226,10 @@ def test_kserve_server_over_mutual_tls_with_tokens(pki, tmp_path):
     finally:
         live.stop()
     assert health_reply.status == health_pb2.HealthCheckResponse.SERVING
-    np.testing.assert_allclose(np.frombuffer(reply.raw_output_contents[0], "<f4").reshape(2, -1),
-                               expected_embeddings(pixels, seed=5), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        np.frombuffer(reply.raw_output_contents[0], "<f4").reshape(2, -1),
+        expected_embeddings(pixels, seed=5),
+        rtol=1e-5,
+        atol=1e-5,
+    )
     assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED

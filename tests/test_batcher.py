@@ -13,8 +13,8 @@ import time
 import numpy as np
 import pytest
 
-from server.batcher import DynamicBatcher
-from server.errors import Cancelled, DeadlineExceeded, ResourceExhausted, Unavailable
+from aet.server.batcher import DynamicBatcher
+from aet.server.errors import Cancelled, DeadlineExceeded, ResourceExhausted, Unavailable
 
 WAIT = 10.0  # seconds; a safety net so a broken batcher fails the test instead of hanging it
 
@@ -134,8 +134,9 @@ def test_oversize_request_on_idle_model_is_split_too(gate):
 
 
 def test_full_queue_raises_resource_exhausted(gate):
-    batcher = DynamicBatcher(gate, max_batch_size=8, max_queue_delay=0.0, max_queue_size=2,
-                             name="digits/1")
+    batcher = DynamicBatcher(
+        gate, max_batch_size=8, max_queue_delay=0.0, max_queue_size=2, name="digits/1"
+    )
     thread, _ = busy_with_one_request(batcher, gate)
     queued = [batcher.submit(rows(0, 1)), batcher.submit(rows(1, 1))]
     with pytest.raises(ResourceExhausted, match=r"digits/1: queue full \(2 requests"):
@@ -153,8 +154,7 @@ def test_expired_and_cancelled_requests_are_dropped_before_running(gate):
     gone = batcher.submit(rows(2, 1), is_cancelled=lambda: True)
     withdrawn = batcher.submit(rows(3, 1))
     assert withdrawn.cancel()
-    alive = batcher.submit(rows(4, 1), deadline=time.monotonic() + 60,
-                           is_cancelled=lambda: False)
+    alive = batcher.submit(rows(4, 1), deadline=time.monotonic() + 60, is_cancelled=lambda: False)
     gate.open()
     np.testing.assert_array_equal(alive.result(WAIT), expected(rows(4, 1)))
     with pytest.raises(DeadlineExceeded, match="deadline passed"):
@@ -219,8 +219,9 @@ def test_after_a_lone_batch_the_model_is_idle_again(gate):
 
 
 def test_without_merging_every_request_runs_alone(gate):
-    batcher = DynamicBatcher(gate, max_batch_size=64, max_queue_delay=0.0, max_queue_size=16,
-                             merge_requests=False)
+    batcher = DynamicBatcher(
+        gate, max_batch_size=64, max_queue_delay=0.0, max_queue_size=16, merge_requests=False
+    )
     thread, _ = busy_with_one_request(batcher, gate)
     inputs = [rows(10 * i, 2) for i in range(3)]
     futures = [batcher.submit(x) for x in inputs]
@@ -245,8 +246,9 @@ def test_listeners_see_every_batch(gate):
 
 
 def test_close_finishes_queued_requests_and_refuses_new_ones(gate):
-    batcher = DynamicBatcher(gate, max_batch_size=64, max_queue_delay=0.0, max_queue_size=16,
-                             name="digits/2")
+    batcher = DynamicBatcher(
+        gate, max_batch_size=64, max_queue_delay=0.0, max_queue_size=16, name="digits/2"
+    )
     thread, _ = busy_with_one_request(batcher, gate)
     queued = [batcher.submit(rows(i, 1)) for i in range(3)]
     assert not batcher.close(timeout=0)  # closed, but the queue is still being worked off

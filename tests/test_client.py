@@ -13,15 +13,21 @@ import threading
 import grpc
 import numpy as np
 import pytest
+from kserve_harness import (
+    EMBEDDING_DIM,
+    MODEL,
+    RAW_MAX,
+    add_version,
+    digits_pixels,
+    expected_embeddings,
+)
 
-from clients.client import EmbeddingClient, EmbeddingError, RetryPolicy
-from kserve_harness import (EMBEDDING_DIM, MODEL, RAW_MAX, add_version, digits_pixels,
-                            expected_embeddings)
-from server.auth import BearerTokenInterceptor, tls_server_credentials
+from aet.clients.client import EmbeddingClient, EmbeddingError, RetryPolicy
+from aet.server.auth import BearerTokenInterceptor, tls_server_credentials
 
 SEED = 0
 MIB = 1 << 20
-RETRY_LOGGER = "clients.client"
+RETRY_LOGGER = "aet.clients.client"
 
 
 @pytest.fixture(scope="module")
@@ -88,15 +94,17 @@ def test_uint8_input_and_output_options(small_message_server):
         plain = client.embed(pixels, MODEL)
         normalised = client.embed(pixels, MODEL, l2_normalize=True)
         half = client.embed(pixels, MODEL, version=1, float16=True)
-    np.testing.assert_allclose(plain, expected_embeddings(pixels.astype(np.float32), SEED),
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        plain, expected_embeddings(pixels.astype(np.float32), SEED), rtol=1e-5, atol=1e-5
+    )
     np.testing.assert_allclose(np.linalg.norm(normalised, axis=1), 1.0, rtol=1e-5)
     assert half.dtype == np.float16
     np.testing.assert_allclose(half, plain, rtol=2e-3, atol=2e-3)
 
 
-def _embed_concurrently(target: str, retry: RetryPolicy, pixels: np.ndarray,
-                        callers: int) -> tuple[list[np.ndarray], list[EmbeddingError]]:
+def _embed_concurrently(
+    target: str, retry: RetryPolicy, pixels: np.ndarray, callers: int
+) -> tuple[list[np.ndarray], list[EmbeddingError]]:
     """`callers` threads send `pixels` at once through one client each."""
     results, errors = [], []
     start = threading.Barrier(callers)
@@ -120,18 +128,23 @@ def _embed_concurrently(target: str, retry: RetryPolicy, pixels: np.ndarray,
 
 def test_queue_full_is_real_and_retried_with_backoff(tiny_queue_server, caplog):
     pixels = digits_pixels(2_000, seed=4)  # 2,000 one-row runs keep the model busy
-    _, errors = _embed_concurrently(target(tiny_queue_server), RetryPolicy(max_attempts=1),
-                                    pixels, callers=4)
+    _, errors = _embed_concurrently(
+        target(tiny_queue_server), RetryPolicy(max_attempts=1), pixels, callers=4
+    )
     assert errors and {e.code for e in errors} == {grpc.StatusCode.RESOURCE_EXHAUSTED}
     assert not retry_records(caplog)
 
     results, errors = _embed_concurrently(
-        target(tiny_queue_server), RetryPolicy(max_attempts=30, initial_backoff=0.02,
-                                              max_backoff=0.5), pixels, callers=4)
+        target(tiny_queue_server),
+        RetryPolicy(max_attempts=30, initial_backoff=0.02, max_backoff=0.5),
+        pixels,
+        callers=4,
+    )
     assert not errors and len(results) == 4
     for embeddings in results:
-        np.testing.assert_allclose(embeddings, expected_embeddings(pixels, SEED), rtol=1e-5,
-                                   atol=1e-5)
+        np.testing.assert_allclose(
+            embeddings, expected_embeddings(pixels, SEED), rtol=1e-5, atol=1e-5
+        )
     retried = retry_records(caplog)
     assert retried and all("RESOURCE_EXHAUSTED" in r.getMessage() for r in retried)
 
@@ -153,13 +166,12 @@ def test_backoff_grows_with_jitter_and_stays_capped():
     rng = random.Random(SEED)
     delays = [[policy.delay(n, rng) for _ in range(200)] for n in range(6)]
     for n, samples in enumerate(delays):
-        ceiling = min(1.0, 0.1 * 2 ** n)
+        ceiling = min(1.0, 0.1 * 2**n)
         assert ceiling / 2 <= min(samples) and max(samples) <= ceiling
         assert len(set(samples)) == len(samples)  # jittered, not one fixed value
 
 
-def test_invalid_argument_is_raised_at_once_with_the_server_message(small_message_server,
-                                                                   caplog):
+def test_invalid_argument_is_raised_at_once_with_the_server_message(small_message_server, caplog):
     wrong_shape = np.zeros((3, 1, 7, 7), np.float32)
     with EmbeddingClient(target(small_message_server)) as client:
         with pytest.raises(EmbeddingError) as caught:
@@ -217,12 +229,17 @@ def test_bearer_token(repository, start_server):
 def test_mutual_tls(repository, start_server, pki):
     credentials = tls_server_credentials(pki / "server.pem", pki / "server.key", pki / "ca.pem")
     server = start_server(repository, credentials=credentials)
-    with EmbeddingClient(target(server), root_cert=pki / "ca.pem",
-                         client_cert=pki / "client.pem", client_key=pki / "client.key") as client:
+    with EmbeddingClient(
+        target(server),
+        root_cert=pki / "ca.pem",
+        client_cert=pki / "client.pem",
+        client_key=pki / "client.key",
+    ) as client:
         pixels = digits_pixels(4)
         embeddings = client.embed(pixels, MODEL)
-    with EmbeddingClient(target(server), root_cert=pki / "ca.pem",
-                         retry=RetryPolicy(max_attempts=1)) as no_client_cert:
+    with EmbeddingClient(
+        target(server), root_cert=pki / "ca.pem", retry=RetryPolicy(max_attempts=1)
+    ) as no_client_cert:
         with pytest.raises(EmbeddingError) as caught:
             no_client_cert.list_models()
     np.testing.assert_allclose(embeddings, expected_embeddings(pixels, SEED), rtol=1e-5, atol=1e-5)

@@ -34,15 +34,28 @@ def test_defaults_when_no_flags():
 
 
 def test_flags_map_onto_typed_fields():
-    config = parse(["--code-size", "16", "--hidden-sizes", "128", "32", "--tied",
-                    "--noise", "masking", "--data-path", "x/y"])
-    assert config == ExampleConfig(code_size=16, hidden_sizes=[128, 32], tied=True,
-                                   noise="masking", data_path=Path("x/y"))
+    config = parse(
+        [
+            "--code-size",
+            "16",
+            "--hidden-sizes",
+            "128",
+            "32",
+            "--tied",
+            "--noise",
+            "masking",
+            "--data-path",
+            "x/y",
+        ]
+    )
+    assert config == ExampleConfig(
+        code_size=16, hidden_sizes=[128, 32], tied=True, noise="masking", data_path=Path("x/y")
+    )
 
 
 def test_toml_file_supplies_fields_and_flags_win(tmp_path):
     toml = tmp_path / "run.toml"
-    toml.write_text('code-size = 4\nlearning_rate = 0.01\nhidden_sizes = [32]\n')
+    toml.write_text("code-size = 4\nlearning_rate = 0.01\nhidden_sizes = [32]\n")
     config = parse(["--config", str(toml), "--code-size", "6"])
     assert (config.code_size, config.learning_rate, config.hidden_sizes) == (6, 0.01, [32])
 

@@ -8,8 +8,14 @@ import pytest
 import torch
 
 from aet.config import ConfigError
-from training.corruption import (CORRUPTION_KINDS, Corruption, build_corruption, gaussian,
-                                 masking, salt_and_pepper)
+from aet.training.corruption import (
+    CORRUPTION_KINDS,
+    Corruption,
+    build_corruption,
+    gaussian,
+    masking,
+    salt_and_pepper,
+)
 
 torch.set_num_threads(1)
 
@@ -52,10 +58,15 @@ def test_gaussian_noise_has_standard_deviation_sigma(batch, sigma):
     assert noise.mean().item() == pytest.approx(0.0, abs=0.01 * sigma + 1e-6)
 
 
-@pytest.mark.parametrize("corrupt", [
-    lambda x, g: gaussian(x, 0.5, g), lambda x, g: masking(x, 0.5, g),
-    lambda x, g: salt_and_pepper(x, 0.5, g),
-], ids=["gaussian", "masking", "salt-and-pepper"])
+@pytest.mark.parametrize(
+    "corrupt",
+    [
+        lambda x, g: gaussian(x, 0.5, g),
+        lambda x, g: masking(x, 0.5, g),
+        lambda x, g: salt_and_pepper(x, 0.5, g),
+    ],
+    ids=["gaussian", "masking", "salt-and-pepper"],
+)
 def test_input_untouched_output_same_shape_and_dtype(batch, corrupt):
     for x in (batch, batch.double()):
         before = x.clone()
@@ -70,8 +81,9 @@ def test_level_zero_is_the_identity(batch):
     assert torch.equal(salt_and_pepper(batch, 0.0, seeded()), batch)
 
 
-@pytest.mark.parametrize("kind, level", [("gaussian", 0.2), ("masking", 0.3),
-                                         ("salt-and-pepper", 0.3)])
+@pytest.mark.parametrize(
+    "kind, level", [("gaussian", 0.2), ("masking", 0.3), ("salt-and-pepper", 0.3)]
+)
 def test_same_seed_same_noise_and_resume_from_generator_state(batch, kind, level):
     first, again, other = (build_corruption(kind, level, seed=s) for s in (7, 7, 8))
     step_one = first(batch)
@@ -93,14 +105,17 @@ def test_build_corruption_none_is_no_corruption():
     assert CORRUPTION_KINDS == ("none", "gaussian", "masking", "salt-and-pepper")
 
 
-@pytest.mark.parametrize("kind, level, message", [
-    ("masking", 1.0, r"masking needs a fraction nu in \[0, 1\); got 1.0"),
-    ("masking", -0.1, r"masking needs a fraction nu in \[0, 1\); got -0.1"),
-    ("salt-and-pepper", 1.5, r"salt-and-pepper needs a fraction nu in \[0, 1\); got 1.5"),
-    ("salt-and-pepper", math.nan, r"got nan"),
-    ("gaussian", -0.01, r"gaussian needs a finite sigma >= 0; got -0.01"),
-    ("gaussian", math.inf, r"got inf"),
-])
+@pytest.mark.parametrize(
+    "kind, level, message",
+    [
+        ("masking", 1.0, r"masking needs a fraction nu in \[0, 1\); got 1.0"),
+        ("masking", -0.1, r"masking needs a fraction nu in \[0, 1\); got -0.1"),
+        ("salt-and-pepper", 1.5, r"salt-and-pepper needs a fraction nu in \[0, 1\); got 1.5"),
+        ("salt-and-pepper", math.nan, r"got nan"),
+        ("gaussian", -0.01, r"gaussian needs a finite sigma >= 0; got -0.01"),
+        ("gaussian", math.inf, r"got inf"),
+    ],
+)
 def test_invalid_levels_are_rejected_before_training(batch, kind, level, message):
     with pytest.raises(ConfigError, match=message):
         build_corruption(kind, level)
@@ -110,8 +125,11 @@ def test_invalid_levels_are_rejected_before_training(batch, kind, level, message
 
 
 def test_unknown_kind_lists_the_valid_ones():
-    with pytest.raises(ConfigError, match="unknown corruption 'dropout'; valid corruptions: "
-                                          "none, gaussian, masking, salt-and-pepper"):
+    with pytest.raises(
+        ConfigError,
+        match="unknown corruption 'dropout'; valid corruptions: "
+        "none, gaussian, masking, salt-and-pepper",
+    ):
         build_corruption("dropout", 0.1)
     with pytest.raises(ConfigError, match="valid corruptions: gaussian, masking, salt-and-pepper"):
         Corruption("none", 0.0)

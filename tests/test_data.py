@@ -11,10 +11,10 @@ import pytest
 from PIL import Image
 
 from aet.config import ConfigError
-from training.data import DATASETS, DataError, default_mnist_dir, load_dataset, read_idx
-
+from aet.training.data import DATASETS, DataError, default_mnist_dir, load_dataset, read_idx
 
 # --- helpers: tiny files in the real formats ---------------------------------------------------
+
 
 def idx_bytes(array: np.ndarray) -> bytes:
     """An IDX file of unsigned bytes: magic 0x000008DD, big-endian dims, data."""
@@ -35,8 +35,9 @@ def numbered_images(count: int, side: int = 4) -> tuple[np.ndarray, np.ndarray]:
     return images, (np.arange(count) % 3).astype(np.uint8)
 
 
-def write_idx_part(folder: Path, part: str, images: np.ndarray, labels: np.ndarray,
-                   compress: bool) -> None:
+def write_idx_part(
+    folder: Path, part: str, images: np.ndarray, labels: np.ndarray, compress: bool
+) -> None:
     write_file(folder / f"{part}-images-idx3-ubyte", idx_bytes(images), compress)
     write_file(folder / f"{part}-labels-idx1-ubyte", idx_bytes(labels), compress)
 
@@ -47,6 +48,7 @@ def image_ids(x: np.ndarray) -> np.ndarray:
 
 
 # --- digits and the splits ---------------------------------------------------------------------
+
 
 def test_digits_shapes_ranges_and_70_30_split():
     data = load_dataset("digits")
@@ -119,17 +121,24 @@ def test_unknown_data_set_lists_the_valid_ones():
     assert "'cifar'" in str(error.value)
 
 
-@pytest.mark.parametrize("arguments, field", [
-    ({"test_fraction": 0.0}, "test_fraction"), ({"test_fraction": 1.0}, "test_fraction"),
-    ({"val_fraction": -0.1}, "val_fraction"), ({"limit": 0}, "limit"),
-    ({"image_size": 16}, "image_size"), ({"channels": 3}, "channels"),
-])
+@pytest.mark.parametrize(
+    "arguments, field",
+    [
+        ({"test_fraction": 0.0}, "test_fraction"),
+        ({"test_fraction": 1.0}, "test_fraction"),
+        ({"val_fraction": -0.1}, "val_fraction"),
+        ({"limit": 0}, "limit"),
+        ({"image_size": 16}, "image_size"),
+        ({"channels": 3}, "channels"),
+    ],
+)
 def test_invalid_arguments_name_the_field(arguments, field):
     with pytest.raises(ConfigError, match=field):
         load_dataset("digits", **arguments)
 
 
 # --- mnist-idx -----------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("compress", [True, False], ids=["gzip", "raw"])
 @pytest.mark.parametrize("layout", [".", "raw", "FashionMNIST/raw"])
@@ -164,16 +173,22 @@ def test_mnist_dir_comes_from_the_environment(tmp_path, monkeypatch):
     assert len(load_dataset("mnist-idx").test) == 2
 
 
-@pytest.mark.parametrize("corrupt, fault", [
-    (lambda b: b"\x00\x00\x07\x03" + b[4:], "bad magic number 0x00000703"),
-    (lambda b: b"\x08\x03\x00\x00" + b[4:], "bad magic number 0x08030000"),
-    (lambda b: b[:-5], "truncated"),
-    (lambda b: b[:9], "truncated"),
-    (lambda b: b + b"\x00", "trailing bytes"),
-])
+@pytest.mark.parametrize(
+    "corrupt, fault",
+    [
+        (lambda b: b"\x00\x00\x07\x03" + b[4:], "bad magic number 0x00000703"),
+        (lambda b: b"\x08\x03\x00\x00" + b[4:], "bad magic number 0x08030000"),
+        (lambda b: b[:-5], "truncated"),
+        (lambda b: b[:9], "truncated"),
+        (lambda b: b + b"\x00", "trailing bytes"),
+    ],
+)
 def test_read_idx_names_the_file_and_the_fault(tmp_path, corrupt, fault):
-    path = write_file(tmp_path / "t10k-images-idx3-ubyte",
-                      corrupt(idx_bytes(numbered_images(5)[0])), compress=False)
+    path = write_file(
+        tmp_path / "t10k-images-idx3-ubyte",
+        corrupt(idx_bytes(numbered_images(5)[0])),
+        compress=False,
+    )
     with pytest.raises(DataError) as error:
         read_idx(path)
     assert str(path) in str(error.value) and fault in str(error.value)
@@ -189,8 +204,10 @@ def test_truncated_gzip_names_the_file(tmp_path):
 def test_idx_count_mismatch_names_the_labels_file(tmp_path):
     images, labels = numbered_images(6)
     write_idx_part(tmp_path, "t10k", images, labels[:5], compress=False)
-    with pytest.raises(DataError, match="t10k-labels-idx1-ubyte: 5 labels, but "
-                                        "t10k-images-idx3-ubyte holds 6 images"):
+    with pytest.raises(
+        DataError,
+        match="t10k-labels-idx1-ubyte: 5 labels, but t10k-images-idx3-ubyte holds 6 images",
+    ):
         load_dataset("mnist-idx", tmp_path)
 
 
@@ -220,8 +237,10 @@ def test_idx_several_folders_are_ambiguous(tmp_path):
         load_dataset("mnist-idx", tmp_path)
 
 
-@pytest.mark.skipif(not (default_mnist_dir() / "t10k-labels-idx1-ubyte.gz").exists(),
-                    reason="the real MNIST test set is not on this machine")
+@pytest.mark.skipif(
+    not (default_mnist_dir() / "t10k-labels-idx1-ubyte.gz").exists(),
+    reason="the real MNIST test set is not on this machine",
+)
 def test_real_mnist_test_set():
     labels = read_idx(default_mnist_dir() / "t10k-labels-idx1-ubyte.gz")
     np.testing.assert_array_equal(labels[:10], [7, 2, 1, 0, 4, 1, 4, 9, 5, 9])
@@ -233,6 +252,7 @@ def test_real_mnist_test_set():
 
 # --- npz -----------------------------------------------------------------------------------------
 
+
 def test_npz_uint8_with_labels(tmp_path):
     images, labels = numbered_images(20)
     np.savez(tmp_path / "d.npz", x=images, y=labels.astype(np.int32))
@@ -242,9 +262,14 @@ def test_npz_uint8_with_labels(tmp_path):
     np.testing.assert_array_equal(data.test.y, image_ids(data.test.x) % 3)
 
 
-@pytest.mark.parametrize("shape, image_shape", [
-    ((10, 3, 2, 2), (3, 2, 2)), ((10, 9), (1, 3, 3)), ((10, 5, 6), (1, 5, 6)),
-])
+@pytest.mark.parametrize(
+    "shape, image_shape",
+    [
+        ((10, 3, 2, 2), (3, 2, 2)),
+        ((10, 9), (1, 3, 3)),
+        ((10, 5, 6), (1, 5, 6)),
+    ],
+)
 def test_npz_float_without_labels(tmp_path, shape, image_shape):
     x = np.random.default_rng(0).random(shape, dtype=np.float32)
     np.savez(tmp_path / "f.npz", x=x)
@@ -254,23 +279,31 @@ def test_npz_float_without_labels(tmp_path, shape, image_shape):
     assert len(data.fit) + len(data.test) == 10
     loaded = np.concatenate([data.fit.x, data.test.x]).reshape(10, -1)
     assert sorted(loaded.sum(axis=1).tolist()) == pytest.approx(
-        sorted(x.reshape(10, -1).sum(axis=1).tolist()))
+        sorted(x.reshape(10, -1).sum(axis=1).tolist())
+    )
 
 
-@pytest.mark.parametrize("arrays, fault", [
-    ({"x": np.array([[0.5, np.nan, 0.1, 0.2]])},
-     r"1 NaN/Inf values \(first: nan at index \(0, 1\)\)"),
-    ({"x": np.array([[0.5, 0.1, np.inf, 0.2]])}, r"NaN/Inf values \(first: inf"),
-    ({"x": np.array([[0.5, 1.5, 0.0, 0.2]])}, r"values in \[0.0, 1.5\]"),
-    ({"x": np.array([[-0.5, 0.5, 0.0, 0.2]])}, r"values in \[-0.5, 0.5\]"),
-    ({"x": np.zeros((2, 5))}, "D a perfect square, got D=5"),
-    ({"x": np.zeros((2, 4), np.int64)}, "dtype int64; expected uint8"),
-    ({"x": np.zeros((3, 4), np.uint8), "y": np.zeros(2, np.int64)},
-     "'y' holds 2 labels, but 'x' holds 3"),
-    ({"x": np.zeros((2, 4), np.uint8), "y": np.zeros(2)}, "'y' must be integer labels"),
-    ({"x": np.zeros((0, 4), np.uint8)}, "holds no images"),
-    ({"images": np.zeros((2, 4), np.uint8)}, r"no array 'x'; found arrays: \['images'\]"),
-])
+@pytest.mark.parametrize(
+    "arrays, fault",
+    [
+        (
+            {"x": np.array([[0.5, np.nan, 0.1, 0.2]])},
+            r"1 NaN/Inf values \(first: nan at index \(0, 1\)\)",
+        ),
+        ({"x": np.array([[0.5, 0.1, np.inf, 0.2]])}, r"NaN/Inf values \(first: inf"),
+        ({"x": np.array([[0.5, 1.5, 0.0, 0.2]])}, r"values in \[0.0, 1.5\]"),
+        ({"x": np.array([[-0.5, 0.5, 0.0, 0.2]])}, r"values in \[-0.5, 0.5\]"),
+        ({"x": np.zeros((2, 5))}, "D a perfect square, got D=5"),
+        ({"x": np.zeros((2, 4), np.int64)}, "dtype int64; expected uint8"),
+        (
+            {"x": np.zeros((3, 4), np.uint8), "y": np.zeros(2, np.int64)},
+            "'y' holds 2 labels, but 'x' holds 3",
+        ),
+        ({"x": np.zeros((2, 4), np.uint8), "y": np.zeros(2)}, "'y' must be integer labels"),
+        ({"x": np.zeros((0, 4), np.uint8)}, "holds no images"),
+        ({"images": np.zeros((2, 4), np.uint8)}, r"no array 'x'; found arrays: \['images'\]"),
+    ],
+)
 def test_npz_faults_name_the_file_and_the_array(tmp_path, arrays, fault):
     path = tmp_path / "bad.npz"
     np.savez(path, **arrays)
@@ -292,6 +325,7 @@ def test_npz_not_an_archive(tmp_path):
 
 # --- image-folder --------------------------------------------------------------------------------
 
+
 def write_png(path: Path, mode: str, colour, size: int = 6) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.new(mode, (size, size), colour).save(path)
@@ -308,8 +342,9 @@ def test_image_folder_grey_resized(tmp_path):
     assert len(data.fit) + len(data.test) == 10
     np.testing.assert_array_equal(np.bincount(data.test.y), [2, 2])
     for split in (data.fit, data.test):  # each image keeps its class: cat 0.2, dog 0.8
-        np.testing.assert_allclose(split.x.mean(axis=(1, 2, 3)), np.where(split.y, 0.8, 0.2),
-                                   atol=1e-6)
+        np.testing.assert_allclose(
+            split.x.mean(axis=(1, 2, 3)), np.where(split.y, 0.8, 0.2), atol=1e-6
+        )
 
 
 def test_image_folder_rgb_inferred_and_forced_grey(tmp_path):
@@ -343,7 +378,7 @@ def test_image_folder_faults(tmp_path):
 def test_image_folder_truncated_png_names_the_file(tmp_path):
     for i in range(2):
         write_png(tmp_path / "a" / f"{i}.png", "L", 10 * i, size=64)
-    png = (tmp_path / "a" / "1.png")
+    png = tmp_path / "a" / "1.png"
     png.write_bytes(png.read_bytes()[:60])
     with pytest.raises(DataError, match=f"{png}: "):
         load_dataset("image-folder", tmp_path, channels=1)

@@ -13,13 +13,25 @@ DEMO_SECONDS = 300  # a hung server or client fails the test instead of the whol
 
 
 def run_demo(*args: str, cwd) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "aet.cli", "demo", *args], cwd=cwd,
-                          capture_output=True, text=True, timeout=DEMO_SECONDS)
+    return subprocess.run(
+        [sys.executable, "-m", "aet.cli", "demo", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=DEMO_SECONDS,
+    )
 
 
 def test_demo_serves_embeds_probes_and_stops(tmp_path, model_repository):
-    done = run_demo("--repository", str(model_repository), "--output", str(tmp_path / "demo"),
-                    "--label-counts", "100", cwd=tmp_path)
+    done = run_demo(
+        "--repository",
+        str(model_repository),
+        "--output",
+        str(tmp_path / "demo"),
+        "--label-counts",
+        "100",
+        cwd=tmp_path,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     out = done.stdout
     assert "server: aet serve on 127.0.0.1:" in out
@@ -40,5 +52,6 @@ def test_demo_without_a_model_says_how_to_make_one(tmp_path):
     (tmp_path / "exported").mkdir()
     done = run_demo("--data", "mnist-idx", cwd=tmp_path)
     assert done.returncode == 2
-    assert "exported/mnist: no such model; run `aet demo --pretrain --data mnist-idx`" \
-        in done.stderr
+    assert (
+        "exported/mnist: no such model; run `aet demo --pretrain --data mnist-idx`" in done.stderr
+    )

@@ -15,14 +15,21 @@ import torch
 
 from aet.cli import main
 from aet.config import ConfigError
-from server.repository import ModelCard, read_model_card, scan_repository, sha256_file
-from training import export as export_module
-from training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from training.data import Dataset, Split
-from training.export import (
-    PARITY_ROWS, ExportConfig, ExportError, PixelEncoder, export, max_parity_diff, parity_pixels,
-    to_onnx)
-from training.models import ModelConfig, build_autoencoder
+from aet.server.repository import ModelCard, read_model_card, scan_repository, sha256_file
+from aet.training import export as export_module
+from aet.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from aet.training.data import Dataset, Split
+from aet.training.export import (
+    PARITY_ROWS,
+    ExportConfig,
+    ExportError,
+    PixelEncoder,
+    export,
+    max_parity_diff,
+    parity_pixels,
+    to_onnx,
+)
+from aet.training.models import ModelConfig, build_autoencoder
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CODE_SIZE = 4
@@ -33,9 +40,28 @@ def run_dir(tmp_path_factory) -> Path:
     """A real `aet pretrain` run: a tiny MLP autoencoder trained two epochs on digits."""
     torch.set_num_threads(1)
     runs = tmp_path_factory.mktemp("runs")
-    status = main(["pretrain", "--runs-dir", str(runs), "--name", "tiny", "--architecture", "mlp",
-                   "--hidden-sizes", "16", "--code-size", str(CODE_SIZE), "--noise", "none",
-                   "--epochs", "2", "--no-progress", "--probe-labels", "100"])
+    status = main(
+        [
+            "pretrain",
+            "--runs-dir",
+            str(runs),
+            "--name",
+            "tiny",
+            "--architecture",
+            "mlp",
+            "--hidden-sizes",
+            "16",
+            "--code-size",
+            str(CODE_SIZE),
+            "--noise",
+            "none",
+            "--epochs",
+            "2",
+            "--no-progress",
+            "--probe-labels",
+            "100",
+        ]
+    )
     assert status == 0
     return runs / "tiny"
 
@@ -48,6 +74,7 @@ def exported(run_dir, tmp_path_factory) -> Path:
 
 def digits_pixels(rows: int) -> np.ndarray:
     from sklearn.datasets import load_digits
+
     return load_digits().images[:rows, None].astype(np.float32)  # (rows, 1, 8, 8) in [0, 16]
 
 
@@ -62,14 +89,18 @@ def test_export_writes_version_one_with_a_complete_card(exported, run_dir):
     assert (card.input.name, card.input.shape, card.input.dtype) == ("pixels", (1, 8, 8), "float32")
     assert card.input.value_range == (0.0, 16.0)
     assert (card.output.name, card.output.dtype, card.output.embedding_dim) == (
-        "embedding", "float32", CODE_SIZE)
+        "embedding",
+        "float32",
+        CODE_SIZE,
+    )
     assert card.preprocessing == ["scale: pixels / 16 -> [0, 1]", "flatten: (1, 8, 8) -> 64"]
     assert card.dataset == checkpoint.source and card.dataset["sizes"]["test"] == 540
     assert card.metrics == {
         "test_reconstruction_mse": evaluation["reconstruction_mse"]["model"],
         "test_pca_reconstruction_mse": evaluation["reconstruction_mse"]["pca"],
         "probe_accuracy_100_labels": evaluation["probe"]["model"][0],
-        "probe_accuracy_1257_labels": evaluation["probe"]["model"][1]}
+        "probe_accuracy_1257_labels": evaluation["probe"]["model"][1],
+    }
     assert card.opset == 20
     assert 0 <= card.parity_max_abs_diff <= 1e-4 and card.parity_samples == PARITY_ROWS
     assert set(card.library_versions) == {"torch", "onnx", "onnxscript", "onnxruntime", "numpy"}
@@ -77,7 +108,8 @@ def test_export_writes_version_one_with_a_complete_card(exported, run_dir):
     json_fields = json.loads((exported / "model.json").read_text())
     assert set(json_fields) == {f.name for f in dataclasses.fields(ModelCard)}
     assert [(v.name, v.version, v.status) for v in scan_repository(exported.parents[1])] == [
-        ("tiny", 1, "ok")]
+        ("tiny", 1, "ok")
+    ]
 
 
 def test_graph_is_small_with_a_dynamic_batch_and_matches_pytorch(exported, run_dir):
@@ -91,8 +123,9 @@ def test_graph_is_small_with_a_dynamic_batch_and_matches_pytorch(exported, run_d
     assert b"/work/" not in (exported / "model.onnx").read_bytes()  # no local paths leak
 
     model = load_checkpoint(run_dir / "best.pt").build_model()
-    session = onnxruntime.InferenceSession(str(exported / "model.onnx"),
-                                           providers=["CPUExecutionProvider"])
+    session = onnxruntime.InferenceSession(
+        str(exported / "model.onnx"), providers=["CPUExecutionProvider"]
+    )
     pixels = digits_pixels(41)
     with torch.no_grad():  # the graph's input is raw pixels: the model's is pixels / 16
         expected = model.encode(torch.from_numpy(pixels / 16.0)).numpy()
@@ -105,35 +138,46 @@ def test_graph_is_small_with_a_dynamic_batch_and_matches_pytorch(exported, run_d
 @pytest.mark.parametrize("architecture, hidden_sizes", [("vae", (16,)), ("conv", (4, 8))])
 def test_vae_and_conv_encoders_export_with_parity(architecture, hidden_sizes):
     torch.manual_seed(0)
-    model = build_autoencoder(ModelConfig(architecture=architecture, hidden_sizes=hidden_sizes,
-                                          code_size=3), (1, 8, 8)).eval()
+    model = build_autoencoder(
+        ModelConfig(architecture=architecture, hidden_sizes=hidden_sizes, code_size=3), (1, 8, 8)
+    ).eval()
     encoder = PixelEncoder(model, 16.0).eval()
     pixels = digits_pixels(64)
     graph = to_onnx(encoder, torch.from_numpy(pixels[:2]), opset=20)
     assert max_parity_diff(graph.SerializeToString(), encoder, pixels) <= 1e-4
     if architecture == "vae":  # the embedding is the posterior mean, not a sample
-        session = onnxruntime.InferenceSession(graph.SerializeToString(),
-                                               providers=["CPUExecutionProvider"])
+        session = onnxruntime.InferenceSession(
+            graph.SerializeToString(), providers=["CPUExecutionProvider"]
+        )
         with torch.no_grad():
             mu, _ = model.posterior(torch.from_numpy(pixels / 16.0))
         np.testing.assert_allclose(session.run(None, {"pixels": pixels})[0], mu.numpy(), atol=1e-5)
 
 
 def test_parity_failure_reports_the_diff_and_writes_nothing(run_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr(export_module, "PARITY_TOLERANCE", 0.0)  # any rounding now fails
-    with pytest.raises(ExportError, match=r"parity check failed: .* over 1000 inputs: "
-                                          r"expected <= 0, got \d.*e-0\d; nothing written"):
+    # A negative tolerance fails any difference, exact agreement included.
+    monkeypatch.setattr(export_module, "PARITY_TOLERANCE", -1.0)
+    with pytest.raises(
+        ExportError,
+        match=r"parity check failed: .* over 1000 inputs: "
+        r"expected <= -1, got [0-9.e+-]+; nothing written",
+    ):
         export(ExportConfig(run=run_dir, repository=tmp_path / "exported"))
     assert not (tmp_path / "exported").exists()
 
 
 def test_diverged_weights_fail_and_write_nothing(run_dir, tmp_path):
     checkpoint = load_checkpoint(run_dir / "best.pt")
-    checkpoint.model_state = {k: torch.full_like(v, float("nan")) for k, v in checkpoint.model_state.items()}
+    checkpoint.model_state = {
+        k: torch.full_like(v, float("nan")) for k, v in checkpoint.model_state.items()
+    }
     save_checkpoint(tmp_path / "nan.pt", checkpoint)
     with pytest.raises(ExportError, match="NaN or Inf for 1000 of 1000 inputs"):
-        export(ExportConfig(checkpoint=tmp_path / "nan.pt", model_name="nan",
-                            repository=tmp_path / "exported"))
+        export(
+            ExportConfig(
+                checkpoint=tmp_path / "nan.pt", model_name="nan", repository=tmp_path / "exported"
+            )
+        )
     assert not (tmp_path / "exported").exists()
 
 
@@ -141,8 +185,16 @@ def test_parity_inputs_take_held_out_rows_first_and_top_up_small_data_sets():
     def split(n: int, value: float) -> Split:
         return Split(np.full((n, 1, 2, 2), value, np.float32), None)
 
-    small = Dataset(name="tiny", train=split(5, 0.25), val=split(2, 0.5), test=split(3, 1.0),
-                    raw_max=255.0, image_shape=(1, 2, 2), num_classes=None, source={})
+    small = Dataset(
+        name="tiny",
+        train=split(5, 0.25),
+        val=split(2, 0.5),
+        test=split(3, 1.0),
+        raw_max=255.0,
+        image_shape=(1, 2, 2),
+        num_classes=None,
+        source={},
+    )
     pixels = parity_pixels(small, rows=40)
     assert pixels.shape == (40, 1, 2, 2) and pixels.dtype == np.float32
     assert pixels[:10, 0, 0, 0].tolist() == [255.0] * 3 + [127.5] * 2 + [63.75] * 5
@@ -153,8 +205,9 @@ def test_parity_inputs_take_held_out_rows_first_and_top_up_small_data_sets():
 
 
 def test_graph_onnxruntime_cannot_load_is_an_export_error():
-    encoder = PixelEncoder(build_autoencoder(ModelConfig(hidden_sizes=(4,), code_size=2),
-                                             (1, 8, 8)), 16.0).eval()
+    encoder = PixelEncoder(
+        build_autoencoder(ModelConfig(hidden_sizes=(4,), code_size=2), (1, 8, 8)), 16.0
+    ).eval()
     with pytest.raises(ExportError, match="onnxruntime .* cannot load the exported graph"):
         max_parity_diff(b"not an onnx graph", encoder, digits_pixels(3))
 
@@ -171,31 +224,47 @@ def test_missing_or_corrupt_checkpoint_fails_cleanly(tmp_path, content):
 
 def test_truncated_checkpoint_fails_cleanly(run_dir, tmp_path):
     data = (run_dir / "best.pt").read_bytes()
-    (tmp_path / "best.pt").write_bytes(data[:len(data) // 2])
+    (tmp_path / "best.pt").write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match="not a readable checkpoint"):
-        export(ExportConfig(checkpoint=tmp_path / "best.pt", model_name="digits",
-                            repository=tmp_path / "exported"))
+        export(
+            ExportConfig(
+                checkpoint=tmp_path / "best.pt",
+                model_name="digits",
+                repository=tmp_path / "exported",
+            )
+        )
     assert not (tmp_path / "exported").exists()
 
 
-@pytest.mark.parametrize("fields, message", [
-    ({}, "give exactly one of --run or --checkpoint"),
-    ({"run": Path("r"), "checkpoint": Path("c")}, "give exactly one of --run or --checkpoint"),
-    ({"checkpoint": Path("c")}, "model_name: required with --checkpoint"),
-    ({"run": Path("r"), "model_name": "../up"}, "model_name: expected .*; got '../up'"),
-    ({"run": Path("r"), "opset": 17}, "opset: expected 18 .* to \\d+ .*; got 17"),
-    ({"run": Path("r"), "opset": 99}, "opset: expected 18 .* to \\d+ .*; got 99"),
-])
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({}, "give exactly one of --run or --checkpoint"),
+        ({"run": Path("r"), "checkpoint": Path("c")}, "give exactly one of --run or --checkpoint"),
+        ({"checkpoint": Path("c")}, "model_name: required with --checkpoint"),
+        ({"run": Path("r"), "model_name": "../up"}, "model_name: expected .*; got '../up'"),
+        ({"run": Path("r"), "opset": 17}, "opset: expected 18 .* to \\d+ .*; got 17"),
+        ({"run": Path("r"), "opset": 99}, "opset: expected 18 .* to \\d+ .*; got 99"),
+    ],
+)
 def test_invalid_config_is_rejected(fields, message):
     with pytest.raises(ConfigError, match=message):
         ExportConfig(**fields)
 
 
 def run_aet_export(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), str(REPO_ROOT / "proto")])}
-    return subprocess.run([sys.executable, "-m", "training", "export", *args], env=env,
-                          capture_output=True, text=True, timeout=300)
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), str(REPO_ROOT / "proto")]),
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "aet.training", "export", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_aet_export_subprocess_adds_version_two_with_identical_bytes(exported, run_dir):
@@ -212,9 +281,18 @@ def test_aet_export_subprocess_adds_version_two_with_identical_bytes(exported, r
 
 def test_aet_export_subprocess_reports_a_corrupt_checkpoint(tmp_path):
     (tmp_path / "best.pt").write_bytes(b"\x00" * 64)
-    result = run_aet_export("--checkpoint", str(tmp_path / "best.pt"), "--model-name", "digits",
-                            "--repository", str(tmp_path / "exported"))
+    result = run_aet_export(
+        "--checkpoint",
+        str(tmp_path / "best.pt"),
+        "--model-name",
+        "digits",
+        "--repository",
+        str(tmp_path / "exported"),
+    )
     assert result.returncode == 2
-    assert f"aet export: error: checkpoint {tmp_path / 'best.pt'}: not a readable checkpoint" in result.stderr
+    assert (
+        f"aet export: error: checkpoint {tmp_path / 'best.pt'}: not a readable checkpoint"
+        in result.stderr
+    )
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "exported").exists()

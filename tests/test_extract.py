@@ -9,23 +9,30 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import DIGITS_MODEL
 
 from aet.cli import main
+from aet.clients.backends import BackendError, LocalBackend, RayBackend, ServerBackend
+from aet.clients.client import EmbeddingClient
+from aet.clients.extract import (
+    EmbedConfig,
+    ExtractionError,
+    extract,
+    extraction_rows,
+    raw_pixels,
+    read_embeddings,
+)
 from aet.config import ConfigError
-from clients.backends import BackendError, LocalBackend, RayBackend, ServerBackend
-from clients.client import EmbeddingClient
-from clients.extract import (EmbedConfig, ExtractionError, extract, extraction_rows, raw_pixels,
-                             read_embeddings)
-from conftest import DIGITS_MODEL
-from training.data import load_dataset
+from aet.training.data import load_dataset
 
 LIMIT = 400  # digits rows per job: five shards of 96, quick on any backend
 
 
 def config(tmp_path, name: str, **values) -> EmbedConfig:
     values.setdefault("local", tmp_path / "unused")
-    return EmbedConfig(limit=LIMIT, shard_size=96, batch_size=40, progress=False,
-                       output=tmp_path / name, **values)
+    return EmbedConfig(
+        limit=LIMIT, shard_size=96, batch_size=40, progress=False, output=tmp_path / name, **values
+    )
 
 
 @pytest.fixture(scope="module")
@@ -50,8 +57,10 @@ def reference(tmp_path_factory, model_dir, dataset):
 def test_raw_pixels_recover_bytes_exactly(dataset):
     rows = extraction_rows(dataset)
     assert rows.pixels.dtype == np.uint8 and rows.pixels.max() == 16
-    np.testing.assert_array_equal(rows.pixels / np.float32(16), np.concatenate(
-        [dataset.train.x, dataset.val.x, dataset.test.x]))
+    np.testing.assert_array_equal(
+        rows.pixels / np.float32(16),
+        np.concatenate([dataset.train.x, dataset.val.x, dataset.test.x]),
+    )
     halves = np.full((2, 1, 2, 2), 0.5, np.float32)
     assert raw_pixels(halves, 1.0).dtype == np.float32  # not bytes: stays float
 
@@ -62,15 +71,20 @@ def test_output_holds_every_split_with_labels_and_provenance(reference, dataset,
     for name in ("train", "val", "test"):
         _, labels = reference.part(name)
         np.testing.assert_array_equal(labels, getattr(dataset, name).y)
-    assert reference.metadata["dataset"] == {"name": "digits", "path": None, "seed": 0,
-                                             "limit": LIMIT}
+    assert reference.metadata["dataset"] == {
+        "name": "digits",
+        "path": None,
+        "seed": 0,
+        "limit": LIMIT,
+    }
     card = json.loads((model_dir / "1" / "model.json").read_text())
     assert reference.metadata["model"]["sha256"] == card["sha256"]
     assert np.isfinite(reference.embeddings).all() and reference.embeddings.std() > 0
 
 
-def test_server_and_ray_backends_match_local(tmp_path, model_dir, dataset, reference,
-                                             embedding_server):
+def test_server_and_ray_backends_match_local(
+    tmp_path, model_dir, dataset, reference, embedding_server
+):
     target = f"127.0.0.1:{embedding_server.port}"
     with ServerBackend(EmbeddingClient(target), DIGITS_MODEL) as backend:
         served = extract(config(tmp_path, "served.parquet"), backend, dataset)
@@ -103,14 +117,15 @@ class _InterruptedAfter(LocalBackend):
             yield embeddings
 
 
-def test_interrupted_job_resumes_from_its_finished_shards(tmp_path, model_dir, dataset,
-                                                          reference):
+def test_interrupted_job_resumes_from_its_finished_shards(tmp_path, model_dir, dataset, reference):
     job = config(tmp_path, "resumed.npz", local=model_dir)
     with pytest.raises(_Interrupted), _InterruptedAfter(model_dir, blocks=6) as backend:
         extract(job, backend, dataset)  # 6 blocks of 40 rows: shards 0 and 1 (96 rows each)
     shards = tmp_path / "resumed.npz.shards"
-    assert sorted(p.name for p in shards.glob("shard-*.npz")) == ["shard-00000.npz",
-                                                                  "shard-00001.npz"]
+    assert sorted(p.name for p in shards.glob("shard-*.npz")) == [
+        "shard-00000.npz",
+        "shard-00001.npz",
+    ]
     assert not job.output.exists()
     (shards / "shard-00001.npz").write_bytes(b"truncated by a crash")  # fails validation
 
@@ -143,16 +158,18 @@ def test_existing_output_needs_overwrite(tmp_path, model_dir, dataset):
 def test_model_for_other_images_is_refused(tmp_path, model_dir):
     images = np.random.default_rng(0).integers(0, 256, (30, 28, 28), dtype=np.uint8)
     np.savez(tmp_path / "images.npz", x=images, y=np.arange(30) % 3)
-    job = config(tmp_path, "mismatch.npz", local=model_dir, data="npz",
-                 path=tmp_path / "images.npz")
+    job = config(
+        tmp_path, "mismatch.npz", local=model_dir, data="npz", path=tmp_path / "images.npz"
+    )
     with LocalBackend(model_dir) as backend:
         with pytest.raises(ExtractionError, match=r"shape \(1, 8, 8\).*up to 16.*\(1, 28, 28\)"):
             extract(job, backend)
 
 
 def test_config_and_model_folder_errors(tmp_path, model_dir):
-    with pytest.raises(ConfigError, match="exactly one of --server, --local, --ray; got "
-                                          "--server, --local"):
+    with pytest.raises(
+        ConfigError, match="exactly one of --server, --local, --ray; got --server, --local"
+    ):
         EmbedConfig(server="127.0.0.1:1", model="m", local=model_dir)
     with pytest.raises(ConfigError, match="--server 127.0.0.1:1 needs --model"):
         EmbedConfig(server="127.0.0.1:1")
@@ -175,8 +192,18 @@ def test_tampered_model_is_refused(tmp_path, model_dir):
 
 def test_cli_prints_a_summary_with_rows_per_second(tmp_path, model_dir, capsys):
     output = tmp_path / "cli.parquet"
-    code = main(["embed", "--local", str(model_dir), "--limit", str(LIMIT), "--output",
-                 str(output), "--no-progress"])
+    code = main(
+        [
+            "embed",
+            "--local",
+            str(model_dir),
+            "--limit",
+            str(LIMIT),
+            "--output",
+            str(output),
+            "--no-progress",
+        ]
+    )
     assert code == 0
     line = capsys.readouterr().out.strip()
     assert line.startswith(f"embedded {LIMIT} rows in ") and "rows/s, local onnxruntime" in line

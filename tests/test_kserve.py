@@ -20,12 +20,20 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from kserve_harness import (EMBEDDING_DIM, MODEL, ROW_SHAPE, add_version, digits_pixels,
-                            expected_embeddings, kserve_request, kserve_stub,
-                            start_kserve_server)
+from kserve_harness import (
+    EMBEDDING_DIM,
+    MODEL,
+    ROW_SHAPE,
+    add_version,
+    digits_pixels,
+    expected_embeddings,
+    kserve_request,
+    kserve_stub,
+    start_kserve_server,
+)
 
-from aet_proto import grpc_service_pb2 as pb
-from aet_proto import model_config_pb2
+from aet.proto import grpc_service_pb2 as pb
+from aet.proto import model_config_pb2
 
 SEED = 3  # weights of version 1
 
@@ -63,21 +71,27 @@ def test_server_health_and_metadata(stub):
 def test_model_metadata_leads_shapes_with_minus_one(stub):
     metadata = stub.ModelMetadata(pb.ModelMetadataRequest(name=MODEL))
     assert (metadata.name, list(metadata.versions), metadata.platform) == (
-        MODEL, ["1"], "onnxruntime_onnx")
+        MODEL,
+        ["1"],
+        "onnxruntime_onnx",
+    )
     assert [(t.name, t.datatype, list(t.shape)) for t in metadata.inputs] == [
-        ("pixels", "FP32", [-1, *ROW_SHAPE])]
+        ("pixels", "FP32", [-1, *ROW_SHAPE])
+    ]
     assert [(t.name, t.datatype, list(t.shape)) for t in metadata.outputs] == [
-        ("embedding", "FP32", [-1, EMBEDDING_DIM])]
+        ("embedding", "FP32", [-1, EMBEDDING_DIM])
+    ]
 
 
 def test_model_config_describes_batching(stub):
     config = stub.ModelConfig(pb.ModelConfigRequest(name=MODEL, version="1")).config
-    assert (config.name, config.platform, config.max_batch_size) == (
-        MODEL, "onnxruntime_onnx", 32)
+    assert (config.name, config.platform, config.max_batch_size) == (MODEL, "onnxruntime_onnx", 32)
     assert [(i.name, i.data_type, list(i.dims)) for i in config.input] == [
-        ("pixels", model_config_pb2.TYPE_FP32, list(ROW_SHAPE))]
+        ("pixels", model_config_pb2.TYPE_FP32, list(ROW_SHAPE))
+    ]
     assert [(o.name, o.data_type, list(o.dims)) for o in config.output] == [
-        ("embedding", model_config_pb2.TYPE_FP32, [EMBEDDING_DIM])]
+        ("embedding", model_config_pb2.TYPE_FP32, [EMBEDDING_DIM])
+    ]
     assert config.WhichOneof("scheduling_choice") == "dynamic_batching"
     assert list(config.dynamic_batching.preferred_batch_size) == [8]
     assert config.dynamic_batching.max_queue_delay_microseconds == 2000
@@ -87,21 +101,34 @@ def test_infer_raw_in_raw_out_matches_the_graph(stub):
     pixels = digits_pixels(5)
     response = stub.ModelInfer(kserve_request(pixels, id="req-7"))
     assert (response.model_name, response.model_version, response.id) == (MODEL, "1", "req-7")
-    np.testing.assert_allclose(embeddings_of(response), expected_embeddings(pixels, SEED),
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        embeddings_of(response), expected_embeddings(pixels, SEED), rtol=1e-5, atol=1e-5
+    )
 
 
-@pytest.mark.parametrize("datatype, contents", [
-    ("FP32", lambda p: pb.InferTensorContents(fp32_contents=p.ravel())),
-    ("UINT8", lambda p: pb.InferTensorContents(uint_contents=p.astype(np.uint8).ravel())),
-])
+@pytest.mark.parametrize(
+    "datatype, contents",
+    [
+        ("FP32", lambda p: pb.InferTensorContents(fp32_contents=p.ravel())),
+        ("UINT8", lambda p: pb.InferTensorContents(uint_contents=p.astype(np.uint8).ravel())),
+    ],
+)
 def test_infer_typed_contents_are_accepted(stub, datatype, contents):
     pixels = np.round(digits_pixels(3, seed=1))  # whole numbers: exact in UINT8 too
-    request = pb.ModelInferRequest(model_name=MODEL, inputs=[
-        pb.ModelInferRequest.InferInputTensor(name="pixels", datatype=datatype,
-                                              shape=pixels.shape, contents=contents(pixels))])
-    np.testing.assert_allclose(embeddings_of(stub.ModelInfer(request)),
-                               expected_embeddings(pixels, SEED), rtol=1e-5, atol=1e-5)
+    request = pb.ModelInferRequest(
+        model_name=MODEL,
+        inputs=[
+            pb.ModelInferRequest.InferInputTensor(
+                name="pixels", datatype=datatype, shape=pixels.shape, contents=contents(pixels)
+            )
+        ],
+    )
+    np.testing.assert_allclose(
+        embeddings_of(stub.ModelInfer(request)),
+        expected_embeddings(pixels, SEED),
+        rtol=1e-5,
+        atol=1e-5,
+    )
 
 
 def test_stream_answers_in_order_and_survives_a_bad_request(stub):
@@ -115,8 +142,12 @@ def test_stream_answers_in_order_and_survives_a_bad_request(stub):
     assert "inputs[pixels].data: expected" in answers[2].error_message
     for answer, pixels in zip(answers[:2] + answers[3:], good):
         assert answer.error_message == ""
-        np.testing.assert_allclose(embeddings_of(answer.infer_response),
-                                   expected_embeddings(pixels, SEED), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(
+            embeddings_of(answer.infer_response),
+            expected_embeddings(pixels, SEED),
+            rtol=1e-5,
+            atol=1e-5,
+        )
 
 
 def test_statistics_count_requests_queue_and_batches(stub):
@@ -129,9 +160,11 @@ def test_statistics_count_requests_queue_and_batches(stub):
         stub.ModelInfer(kserve_request(digits_pixels(2)))
     after = stats()
     assert (after.name, after.version) == (MODEL, "1")
-    grew = {name: getattr(after.inference_stats, name).count
-            - getattr(before.inference_stats, name).count
-            for name in ("success", "queue", "compute_input", "compute_infer", "compute_output")}
+    grew = {
+        name: getattr(after.inference_stats, name).count
+        - getattr(before.inference_stats, name).count
+        for name in ("success", "queue", "compute_input", "compute_infer", "compute_output")
+    }
     assert grew == dict.fromkeys(grew, 3)
     assert after.inference_count - before.inference_count == 6
     assert after.execution_count - before.execution_count == 3
@@ -194,12 +227,23 @@ print(json.dumps(report))
 
 def run_tritonclient(target: str, pixels: np.ndarray, folder: Path) -> tuple[dict, np.ndarray]:
     if importlib.util.find_spec("tritonclient") is None:  # never imported here: see above
-        pytest.skip("tritonclient missing: pip install --no-deps tritonclient==2.51.0 "
-                    "python-rapidjson")
+        pytest.skip(
+            "tritonclient missing: pip install --no-deps tritonclient==2.51.0 python-rapidjson"
+        )
     np.save(folder / "pixels.npy", pixels)
     done = subprocess.run(
-        [sys.executable, "-c", TRITONCLIENT_CHECKS, target, str(folder / "pixels.npy"),
-         str(folder / "embeddings.npy")], capture_output=True, text=True, timeout=120)
+        [
+            sys.executable,
+            "-c",
+            TRITONCLIENT_CHECKS,
+            target,
+            str(folder / "pixels.npy"),
+            str(folder / "embeddings.npy"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout), np.load(folder / "embeddings.npy")
 
@@ -209,24 +253,31 @@ def test_tritonclient_metadata_config_infer_stream_and_errors(server, tmp_path):
     report, embeddings = run_tritonclient(server.target, pixels, tmp_path)
     assert report["live"] and report["ready"] and report["model_ready"]
     assert report["metadata"]["inputs"] == [
-        {"name": "pixels", "datatype": "FP32", "shape": ["-1", *map(str, ROW_SHAPE)]}]
+        {"name": "pixels", "datatype": "FP32", "shape": ["-1", *map(str, ROW_SHAPE)]}
+    ]
     assert report["config"]["max_batch_size"] == 32
     assert report["config"]["input"][0]["data_type"] == "TYPE_FP32"
-    np.testing.assert_allclose(embeddings, expected_embeddings(pixels, SEED),
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(embeddings, expected_embeddings(pixels, SEED), rtol=1e-5, atol=1e-5)
     errors = report["errors"]
     assert errors["unknown model"][0] == "StatusCode.NOT_FOUND"
     assert "got 'nope'" in errors["unknown model"][1]
     assert errors["unknown version"][0] == "StatusCode.NOT_FOUND"
     assert errors["wrong shape"][0] == "StatusCode.INVALID_ARGUMENT"
-    assert "inputs[pixels].shape: expected [batch, 1, 8, 8], got [6, 1, 8, 7]" in (
-        errors["wrong shape"][1])
+    assert (
+        "inputs[pixels].shape: expected [batch, 1, 8, 8], got [6, 1, 8, 7]"
+        in (errors["wrong shape"][1])
+    )
     assert errors["wrong datatype"] == [
         "StatusCode.INVALID_ARGUMENT",
-        "inputs[pixels].datatype: expected FP32 or UINT8, got 'INT32'"]
+        "inputs[pixels].datatype: expected FP32 or UINT8, got 'INT32'",
+    ]
     assert [entry[0] for entry in report["streamed"]] == ["s0", "s1", "s2"]
-    np.testing.assert_allclose([entry[1][0] for entry in report["streamed"]],
-                               expected_embeddings(pixels[:3], SEED), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        [entry[1][0] for entry in report["streamed"]],
+        expected_embeddings(pixels[:3], SEED),
+        rtol=1e-5,
+        atol=1e-5,
+    )
 
 
 def perf_analyzer_environment() -> tuple[Path, dict[str, str]]:
@@ -241,7 +292,8 @@ def perf_analyzer_environment() -> tuple[Path, dict[str, str]]:
         pytest.skip(f"{cudart}/libcudart.so.12 missing: pip install nvidia-cuda-runtime-cu12")
     env = dict(os.environ)
     env["LD_LIBRARY_PATH"] = os.pathsep.join(
-        filter(None, [str(cudart), env.get("LD_LIBRARY_PATH", "")]))
+        filter(None, [str(cudart), env.get("LD_LIBRARY_PATH", "")])
+    )
     return binary, env
 
 
@@ -252,11 +304,36 @@ def test_perf_analyzer_concurrency_sweep_completes(server, tmp_path):
     # Zeros, not perf_analyzer's default random bytes: those hold NaN/Inf, which this server
     # rejects as INVALID_ARGUMENT. Count windows keep the run short on a busy machine.
     done = subprocess.run(
-        [str(binary), "-m", MODEL, "-u", server.target, "-i", "grpc", "-b", "2",
-         "--concurrency-range", "1:4:3", "--input-data", "zero",
-         "--measurement-mode", "count_windows", "--measurement-request-count", "40",
-         "--stability-percentage", "999", "--max-trials", "3", "-f", str(results)],
-        env=env, capture_output=True, text=True, timeout=180)
+        [
+            str(binary),
+            "-m",
+            MODEL,
+            "-u",
+            server.target,
+            "-i",
+            "grpc",
+            "-b",
+            "2",
+            "--concurrency-range",
+            "1:4:3",
+            "--input-data",
+            "zero",
+            "--measurement-mode",
+            "count_windows",
+            "--measurement-request-count",
+            "40",
+            "--stability-percentage",
+            "999",
+            "--max-trials",
+            "3",
+            "-f",
+            str(results),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     with results.open() as handle:
         rows = list(csv.DictReader(handle))

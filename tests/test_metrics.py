@@ -7,21 +7,30 @@ import urllib.request
 
 import grpc
 import pytest
-from kserve_harness import (MODEL, add_version, digits_pixels, kserve_request, kserve_stub,
-                            start_kserve_server)
+from kserve_harness import (
+    MODEL,
+    add_version,
+    digits_pixels,
+    kserve_request,
+    kserve_stub,
+    start_kserve_server,
+)
 from prometheus_client.parser import text_string_to_metric_families
 
-from aet_proto import embedding_pb2, embedding_pb2_grpc
-from aet_proto.codec import encode_tensor
-from server.metrics import MODEL_STATES, batch_size_buckets, outcome_of
+from aet.proto import embedding_pb2, embedding_pb2_grpc
+from aet.proto.codec import encode_tensor
+from aet.server.metrics import MODEL_STATES, batch_size_buckets, outcome_of
 
 
 def scrape(port: int) -> dict[tuple[str, frozenset], float]:
     """Every sample of the exposition, keyed by (name, labels)."""
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
         text = reply.read().decode()
-    return {(s.name, frozenset(s.labels.items())): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
 
 
 def sample(samples, name: str, **labels) -> float:
@@ -54,10 +63,14 @@ def test_requests_batches_latencies_and_state_match_the_traffic(live):
         stub = kserve_stub(channel)
         for i, rows in enumerate(row_counts):
             stub.ModelInfer(kserve_request(digits_pixels(rows, seed=i)), timeout=30)
-        embedding_pb2_grpc.EmbeddingServiceStub(channel).Embed(embedding_pb2.EmbedRequest(
-            model=MODEL, inputs=encode_tensor(digits_pixels(2))), timeout=30)
-        for bad in (kserve_request(digits_pixels(0)),
-                    kserve_request(digits_pixels(1), model_name="absent")):
+        embedding_pb2_grpc.EmbeddingServiceStub(channel).Embed(
+            embedding_pb2.EmbedRequest(model=MODEL, inputs=encode_tensor(digits_pixels(2))),
+            timeout=30,
+        )
+        for bad in (
+            kserve_request(digits_pixels(0)),
+            kserve_request(digits_pixels(1), model_name="absent"),
+        ):
             with pytest.raises(grpc.RpcError):
                 stub.ModelInfer(bad, timeout=30)
     samples = scrape(live.metrics_endpoint.port)
@@ -65,8 +78,12 @@ def test_requests_batches_latencies_and_state_match_the_traffic(live):
     kserve = {**version, "api": "kserve"}
     assert sample(samples, "aet_requests_total", **kserve, outcome="success") == 4
     assert sample(samples, "aet_requests_total", **kserve, outcome="invalid_argument") == 1
-    assert sample(samples, "aet_requests_total", model="", version="", api="kserve",
-                  outcome="not_found") == 1
+    assert (
+        sample(
+            samples, "aet_requests_total", model="", version="", api="kserve", outcome="not_found"
+        )
+        == 1
+    )
     assert sample(samples, "aet_request_seconds_count", **kserve) == 5
     # Batches and queue waits come from the batcher: both APIs' requests are in them.
     assert sample(samples, "aet_batch_size_count", **version) == 5
@@ -87,16 +104,20 @@ def test_queue_depth_is_read_at_scrape_time(tmp_path):
         batcher = live.registry.lookup(MODEL).batcher
         with grpc.insecure_channel(live.target) as channel:
             future = kserve_stub(channel).ModelInfer.future(
-                kserve_request(digits_pixels(1000)), timeout=60)
+                kserve_request(digits_pixels(1000)), timeout=60
+            )
             while batcher.queued_requests == 0:
                 time.sleep(0.001)
-            depth_while_busy = sample(scrape(live.metrics_endpoint.port), "aet_queue_depth",
-                                      model=MODEL, version="1")
+            depth_while_busy = sample(
+                scrape(live.metrics_endpoint.port), "aet_queue_depth", model=MODEL, version="1"
+            )
             still_running = not future.done()
             future.result()
         assert (depth_while_busy, still_running) == (1, True)
-        assert sample(scrape(live.metrics_endpoint.port), "aet_queue_depth",
-                      model=MODEL, version="1") == 0
+        assert (
+            sample(scrape(live.metrics_endpoint.port), "aet_queue_depth", model=MODEL, version="1")
+            == 0
+        )
     finally:
         live.stop()
 

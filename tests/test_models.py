@@ -5,8 +5,14 @@ import torch
 import torch.nn.functional as F
 
 from aet.config import ConfigError
-from training.models import (
-    ARCHITECTURES, TIEABLE, ModelConfig, TransposedLinear, build_autoencoder, reconstruction_loss)
+from aet.training.models import (
+    ARCHITECTURES,
+    TIEABLE,
+    ModelConfig,
+    TransposedLinear,
+    build_autoencoder,
+    reconstruction_loss,
+)
 
 torch.set_num_threads(1)
 
@@ -14,10 +20,15 @@ torch.set_num_threads(1)
 @pytest.mark.parametrize("architecture", ARCHITECTURES)
 @pytest.mark.parametrize("image_shape", [(1, 8, 8), (3, 13, 11)])
 def test_every_architecture_encodes_to_code_size_and_reconstructs_the_image_shape(
-        architecture, image_shape):
+    architecture, image_shape
+):
     torch.manual_seed(0)
-    config = ModelConfig(architecture=architecture, hidden_sizes=(16, 8), code_size=4,
-                         tied_weights=architecture in TIEABLE)
+    config = ModelConfig(
+        architecture=architecture,
+        hidden_sizes=(16, 8),
+        code_size=4,
+        tied_weights=architecture in TIEABLE,
+    )
     model = build_autoencoder(config, image_shape).eval()
     x = torch.rand(5, *image_shape)
     assert model.encode(x).shape == (5, 4)
@@ -29,10 +40,14 @@ def test_every_architecture_encodes_to_code_size_and_reconstructs_the_image_shap
 
 
 def test_tied_decoder_uses_the_transposed_encoder_weights_and_owns_only_biases():
-    tied = build_autoencoder(ModelConfig(architecture="mlp", hidden_sizes=(16,), code_size=4,
-                                         tied_weights=True), (1, 8, 8))
-    untied = build_autoencoder(ModelConfig(architecture="mlp", hidden_sizes=(16,), code_size=4,
-                                           tied_weights=False), (1, 8, 8))
+    tied = build_autoencoder(
+        ModelConfig(architecture="mlp", hidden_sizes=(16,), code_size=4, tied_weights=True),
+        (1, 8, 8),
+    )
+    untied = build_autoencoder(
+        ModelConfig(architecture="mlp", hidden_sizes=(16,), code_size=4, tied_weights=False),
+        (1, 8, 8),
+    )
     for encoder_layer, decoder_layer in zip(tied.encoder_layers, tied.decoder_layers):
         assert isinstance(decoder_layer, TransposedLinear)
         assert decoder_layer.encoder_layer is encoder_layer
@@ -47,18 +62,21 @@ def test_tied_decoder_uses_the_transposed_encoder_weights_and_owns_only_biases()
 
 def test_linear_autoencoder_encoder_is_affine():
     torch.manual_seed(0)
-    model = build_autoencoder(ModelConfig(architecture="linear", hidden_sizes=(32, 16),
-                                          code_size=4), (1, 8, 8))
+    model = build_autoencoder(
+        ModelConfig(architecture="linear", hidden_sizes=(32, 16), code_size=4), (1, 8, 8)
+    )
     a, b, zero = torch.rand(1, 1, 8, 8), torch.rand(1, 1, 8, 8), torch.zeros(1, 1, 8, 8)
     offset = model.encode(zero)
-    torch.testing.assert_close(model.encode(a + b) - offset,
-                               (model.encode(a) - offset) + (model.encode(b) - offset))
+    torch.testing.assert_close(
+        model.encode(a + b) - offset, (model.encode(a) - offset) + (model.encode(b) - offset)
+    )
 
 
 def test_vae_embedding_is_the_deterministic_mean_and_its_objective_samples_from_the_generator():
     torch.manual_seed(0)
-    model = build_autoencoder(ModelConfig(architecture="vae", hidden_sizes=(32,), code_size=4),
-                              (1, 8, 8))
+    model = build_autoencoder(
+        ModelConfig(architecture="vae", hidden_sizes=(32,), code_size=4), (1, 8, 8)
+    )
     x = torch.rand(6, 1, 8, 8)
     mu, logvar = model.posterior(x)
     torch.testing.assert_close(model.encode(x), mu)
@@ -77,33 +95,47 @@ def test_reconstruction_losses_match_their_likelihoods():
     p = torch.sigmoid(logits)
     bce = -(target * p.log() + (1 - target) * (1 - p).log()).sum(1)
     torch.testing.assert_close(reconstruction_loss(logits, target, "bce"), bce)
-    torch.testing.assert_close(reconstruction_loss(logits, target, "mse"),
-                               torch.tensor([0.5 * (1 + 4 + 2.25)]))
+    torch.testing.assert_close(
+        reconstruction_loss(logits, target, "mse"), torch.tensor([0.5 * (1 + 4 + 2.25)])
+    )
 
 
 def test_conv_decoder_restores_odd_image_sizes():
-    model = build_autoencoder(ModelConfig(architecture="conv", hidden_sizes=(4, 8, 8),
-                                          code_size=3, tied_weights=False), (1, 28, 27))
+    model = build_autoencoder(
+        ModelConfig(architecture="conv", hidden_sizes=(4, 8, 8), code_size=3, tied_weights=False),
+        (1, 28, 27),
+    )
     assert model.feature_shape == (8, 4, 4)
     assert model.decode(torch.zeros(2, 3)).shape == (2, 1, 28, 27)
 
 
-@pytest.mark.parametrize("changes, fragment", [
-    ({"architecture": "rbm"}, "valid: mlp, linear, stacked, vae, conv"),
-    ({"activation": "swish"}, "valid: relu, tanh, sigmoid, gelu, elu"),
-    ({"loss": "l1"}, "valid: bce, mse"),
-    ({"hidden_sizes": ()}, "hidden_sizes: expected at least one hidden layer size; got an empty"),
-    ({"hidden_sizes": (16, 0)}, "expected positive sizes; got [16, 0]"),
-    ({"code_size": 0}, "code_size: expected a positive size; got 0"),
-    ({"architecture": "vae", "tied_weights": True}, "tied_weights: supported by mlp, linear, stacked"),
-])
+@pytest.mark.parametrize(
+    "changes, fragment",
+    [
+        ({"architecture": "rbm"}, "valid: mlp, linear, stacked, vae, conv"),
+        ({"activation": "swish"}, "valid: relu, tanh, sigmoid, gelu, elu"),
+        ({"loss": "l1"}, "valid: bce, mse"),
+        (
+            {"hidden_sizes": ()},
+            "hidden_sizes: expected at least one hidden layer size; got an empty",
+        ),
+        ({"hidden_sizes": (16, 0)}, "expected positive sizes; got [16, 0]"),
+        ({"code_size": 0}, "code_size: expected a positive size; got 0"),
+        (
+            {"architecture": "vae", "tied_weights": True},
+            "tied_weights: supported by mlp, linear, stacked",
+        ),
+    ],
+)
 def test_invalid_model_configs_name_the_field_and_the_valid_values(changes, fragment):
     with pytest.raises(ConfigError, match=fragment.replace("[", r"\[").replace("]", r"\]")):
         ModelConfig(**changes)
 
 
 def test_overcomplete_code_needs_explicit_permission():
-    with pytest.raises(ConfigError, match=r"code_size: expected fewer than the 64 inputs .* got 64"):
+    with pytest.raises(
+        ConfigError, match=r"code_size: expected fewer than the 64 inputs .* got 64"
+    ):
         build_autoencoder(ModelConfig(code_size=64), (1, 8, 8))
     model = build_autoencoder(ModelConfig(code_size=64, allow_overcomplete=True), (1, 8, 8))
     assert model.encode(torch.rand(2, 1, 8, 8)).shape == (2, 64)

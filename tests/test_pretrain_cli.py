@@ -10,32 +10,61 @@ import pytest
 import torch
 
 from aet.cli import main
-from training.checkpoint import load_checkpoint
+from aet.training.checkpoint import load_checkpoint
 
 torch.set_num_threads(1)
 
-SMALL_RUN = ["--architecture", "mlp", "--hidden-sizes", "32", "--code-size", "4",
-             "--noise", "masking", "--noise-level", "0.2", "--probe-labels", "100",
-             "--no-progress"]
+SMALL_RUN = [
+    "--architecture",
+    "mlp",
+    "--hidden-sizes",
+    "32",
+    "--code-size",
+    "4",
+    "--noise",
+    "masking",
+    "--noise-level",
+    "0.2",
+    "--probe-labels",
+    "100",
+    "--no-progress",
+]
 
 
 def pretrain(*flags):
     """Start `aet pretrain` in a child process."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     command = [sys.executable, "-m", "aet.cli", "pretrain", *flags]
-    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=env)
+    return subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    )
 
 
 def test_pretrain_one_epoch_writes_the_run_folder(tmp_path):
-    child = pretrain("--runs-dir", str(tmp_path), "--name", "smoke", "--epochs", "1",
-                     "--layer-epochs", "1", "--probe-labels", "100")
+    child = pretrain(
+        "--runs-dir",
+        str(tmp_path),
+        "--name",
+        "smoke",
+        "--epochs",
+        "1",
+        "--layer-epochs",
+        "1",
+        "--probe-labels",
+        "100",
+    )
     out, err = child.communicate(timeout=300)
     assert child.returncode == 0, err
     run = tmp_path / "smoke"
     assert sorted(p.name for p in run.iterdir()) == [
-        "best.pt", "checkpoint.pt", "config.json", "latent_2d.png", "loss_curve.png",
-        "metrics.json", "reconstructions.png"]
+        "best.pt",
+        "checkpoint.pt",
+        "config.json",
+        "latent_2d.png",
+        "loss_curve.png",
+        "metrics.json",
+        "reconstructions.png",
+    ]
     config = json.loads((run / "config.json").read_text())
     assert (config["architecture"], config["code_size"], config["epochs"]) == ("stacked", 8, 1)
     metrics = json.loads((run / "metrics.json").read_text())
@@ -55,36 +84,59 @@ def test_pretrain_one_epoch_writes_the_run_folder(tmp_path):
     assert not (tmp_path / "other").exists()
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--noise", "masking", "--noise-level", "1.0"], "masking needs a fraction nu in [0, 1); got 1.0"),
-    (["--noise", "salt-and-pepper", "--noise-level", "-0.1"], "got -0.1"),
-    (["--noise", "gaussian", "--noise-level", "-0.5"], "gaussian needs a finite sigma >= 0; got -0.5"),
-    (["--code-size", "64"], "code_size: expected fewer than the 64 inputs"),
-    (["--epochs", "0"], "epochs: expected a positive integer; got 0"),
-    (["--probe-labels", "0"], "probe_labels: expected positive label counts; got [0]"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (
+            ["--noise", "masking", "--noise-level", "1.0"],
+            "masking needs a fraction nu in [0, 1); got 1.0",
+        ),
+        (["--noise", "salt-and-pepper", "--noise-level", "-0.1"], "got -0.1"),
+        (
+            ["--noise", "gaussian", "--noise-level", "-0.5"],
+            "gaussian needs a finite sigma >= 0; got -0.5",
+        ),
+        (["--code-size", "64"], "code_size: expected fewer than the 64 inputs"),
+        (["--epochs", "0"], "epochs: expected a positive integer; got 0"),
+        (["--probe-labels", "0"], "probe_labels: expected positive label counts; got [0]"),
+    ],
+)
 def test_invalid_hyper_parameters_are_rejected_before_training(tmp_path, capsys, flags, message):
     assert main(["pretrain", "--runs-dir", str(tmp_path), "--name", "bad", *flags]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
 
 
-@pytest.mark.parametrize("toml, message", [
-    ('architecture = "rbm"', "valid: mlp, linear, stacked, vae, conv"),
-    ('noise = "speckle"', "valid corruptions: none, gaussian, masking, salt-and-pepper"),
-    ('dataset = "cifar"', "valid data sets: digits, mnist-idx, npz, image-folder"),
-    ("hidden_sizes = []", "expected at least one hidden layer size; got an empty list"),
-])
+@pytest.mark.parametrize(
+    "toml, message",
+    [
+        ('architecture = "rbm"', "valid: mlp, linear, stacked, vae, conv"),
+        ('noise = "speckle"', "valid corruptions: none, gaussian, masking, salt-and-pepper"),
+        ('dataset = "cifar"', "valid data sets: digits, mnist-idx, npz, image-folder"),
+        ("hidden_sizes = []", "expected at least one hidden layer size; got an empty list"),
+    ],
+)
 def test_unknown_choices_in_a_config_file_list_the_valid_ones(tmp_path, capsys, toml, message):
     (tmp_path / "run.toml").write_text(toml + "\n")
-    assert main(["pretrain", "--runs-dir", str(tmp_path), "--config", str(tmp_path / "run.toml")]) == 2
+    assert (
+        main(["pretrain", "--runs-dir", str(tmp_path), "--config", str(tmp_path / "run.toml")]) == 2
+    )
     assert message in capsys.readouterr().err
     assert [p.name for p in tmp_path.iterdir()] == ["run.toml"]
 
 
 def test_ctrl_c_saves_and_exits_130_and_resume_finishes_exactly_like_an_uninterrupted_run(tmp_path):
-    flags = ["--runs-dir", str(tmp_path), *SMALL_RUN, "--epochs", "40", "--batch-size", "16",
-             "--patience", "40"]
+    flags = [
+        "--runs-dir",
+        str(tmp_path),
+        *SMALL_RUN,
+        "--epochs",
+        "40",
+        "--batch-size",
+        "16",
+        "--patience",
+        "40",
+    ]
     interrupted = pretrain("--name", "run", *flags)
     for line in interrupted.stdout:  # the SIGINT handler is installed once epochs are running
         if line.startswith("train epoch 1/"):

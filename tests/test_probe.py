@@ -7,13 +7,13 @@ import json
 
 import numpy as np
 import pytest
+from conftest import DIGITS_MODEL
 from PIL import Image
 
-from clients.backends import LocalBackend
-from clients.extract import EmbedConfig, EmbeddingTable, extract, write_embeddings
-from clients.probe import ProbeConfig, ProbeError, dataset_of, load_inputs, probe, write_results
-from conftest import DIGITS_MODEL
-from training.data import load_dataset
+from aet.clients.backends import LocalBackend
+from aet.clients.extract import EmbedConfig, EmbeddingTable, extract, write_embeddings
+from aet.clients.probe import ProbeConfig, ProbeError, dataset_of, load_inputs, probe, write_results
+from aet.training.data import load_dataset
 
 
 @pytest.fixture(scope="module")
@@ -25,8 +25,9 @@ def model_dir(model_repository):
 def probed(tmp_path_factory, model_dir, digits_checkpoint):
     """The full probe of the digits encoder, fine-tuning included, written to a folder."""
     folder = tmp_path_factory.mktemp("probe")
-    config = ProbeConfig(model=model_dir, fine_tune=digits_checkpoint.parent,
-                         output=folder / "results")
+    config = ProbeConfig(
+        model=model_dir, fine_tune=digits_checkpoint.parent, output=folder / "results"
+    )
     results = probe(*load_inputs(config), config)
     return results, write_results(results, config.output)
 
@@ -61,15 +62,18 @@ def test_written_table_json_and_plots(probed):
     results, paths = probed
     table = paths["markdown"].read_text()
     assert "| features | classifier | 100 labels | 1,000 labels | all (1,257) |" in table
-    assert f"| embedding | logistic regression | {results.accuracy['embedding']['logreg'][0]:.3f}" \
+    assert (
+        f"| embedding | logistic regression | {results.accuracy['embedding']['logreg'][0]:.3f}"
         in table
+    )
     assert "linear head, encoder trained too" in table
     saved = json.loads(paths["json"].read_text())
     assert saved["accuracy"] == results.accuracy and saved["model"]["name"] == DIGITS_MODEL
     confusion = np.array(saved["confusion"])
     assert confusion.shape == (10, 10) and confusion.sum() == 540  # the digits test split
     assert np.trace(confusion) / confusion.sum() == pytest.approx(
-        results.accuracy["embedding"]["mlp"][-1])
+        results.accuracy["embedding"]["mlp"][-1]
+    )
     for key in ("accuracy_plot", "confusion_plot"):
         with Image.open(paths[key]) as image:
             assert image.format == "PNG" and min(image.size) > 300
@@ -93,10 +97,16 @@ def test_extraction_output_and_model_give_the_same_inputs(tmp_path, model_dir):
 def test_embeddings_of_other_rows_are_refused(tmp_path):
     dataset = load_dataset("digits", limit=300)
     rows = len(dataset.train) + len(dataset.val) + len(dataset.test)
-    table = EmbeddingTable(np.zeros((rows, 4), np.float32), np.arange(rows),
-                           np.zeros(rows, np.int64), np.full(rows, "train"),
-                           {"dataset": {"name": "digits", "path": None, "seed": 0, "limit": 300},
-                            "model": {"name": "m", "version": 1, "embedding_dim": 4}})
+    table = EmbeddingTable(
+        np.zeros((rows, 4), np.float32),
+        np.arange(rows),
+        np.zeros(rows, np.int64),
+        np.full(rows, "train"),
+        {
+            "dataset": {"name": "digits", "path": None, "seed": 0, "limit": 300},
+            "model": {"name": "m", "version": 1, "embedding_dim": 4},
+        },
+    )
     write_embeddings(tmp_path / "wrong.npz", table)
     with pytest.raises(ProbeError, match=r"wrong\.npz: its 300 rows do not match data set"):
         load_inputs(ProbeConfig(embeddings=tmp_path / "wrong.npz"))
@@ -110,6 +120,14 @@ def test_unlabelled_data_has_nothing_to_probe(tmp_path, model_dir):
     dataset = load_dataset("npz", tmp_path / "unlabelled.npz")
     config = ProbeConfig(model=model_dir, output=tmp_path / "out")
     with pytest.raises(ProbeError, match="has no labels"):
-        probe(EmbeddingTable(np.zeros((60, 8), np.float32), np.arange(60),
-                             np.full(60, -1), np.full(60, "train"), {"model": {}}), dataset,
-              config)
+        probe(
+            EmbeddingTable(
+                np.zeros((60, 8), np.float32),
+                np.arange(60),
+                np.full(60, -1),
+                np.full(60, "train"),
+                {"model": {}},
+            ),
+            dataset,
+            config,
+        )

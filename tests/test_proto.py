@@ -8,38 +8,52 @@ import numpy as np
 import pytest
 from grpc_tools import grpc_version
 
-from aet_proto import embedding_pb2, embedding_pb2_grpc
-from aet_proto.codec import TensorCodecError, decode_raw, decode_tensor, encode_tensor
-from aet_proto.generate import PACKAGE_DIR, generate_stubs, proto_files, stub_names
+from aet.proto import embedding_pb2, embedding_pb2_grpc
+from aet.proto.codec import TensorCodecError, decode_raw, decode_tensor, encode_tensor
+from aet.proto.generate import PACKAGE_DIR, generate_stubs, proto_files, stub_names
 
 
 def test_committed_stubs_match_the_proto_files(tmp_path):
     generated = generate_stubs(tmp_path)
     assert {p.name for p in generated} == {n for proto in proto_files() for n in stub_names(proto)}
-    stale = [p.name for p in generated
-             if not (PACKAGE_DIR / p.name).exists()
-             or (PACKAGE_DIR / p.name).read_bytes() != p.read_bytes()]
+    stale = [
+        p.name
+        for p in generated
+        if not (PACKAGE_DIR / p.name).exists()
+        or (PACKAGE_DIR / p.name).read_bytes() != p.read_bytes()
+    ]
     committed_by = {
         p.name: re.search(r"GRPC_GENERATED_VERSION = '([^']+)'", p.read_text()).group(1)
-        for p in PACKAGE_DIR.glob("*_pb2_grpc.py")}
+        for p in PACKAGE_DIR.glob("*_pb2_grpc.py")
+    }
     assert not stale, (
-        f"stubs out of date: {stale}. Regenerate with `python -m aet_proto.generate` and commit "
+        f"stubs out of date: {stale}. Regenerate with `python -m aet.proto.generate` and commit "
         f"them. Installed grpcio-tools: {grpc_version.VERSION}; committed stubs were generated "
-        f"by grpcio-tools {committed_by}")
+        f"by grpcio-tools {committed_by}"
+    )
 
 
 def test_embedding_service_has_the_four_methods():
     service = embedding_pb2.DESCRIPTOR.services_by_name["EmbeddingService"]
     assert service.full_name == "aet.v1.EmbeddingService"
     methods = {m.name: (m.client_streaming, m.server_streaming) for m in service.methods}
-    assert methods == {"Embed": (False, False), "EmbedStream": (True, True),
-                       "ListModels": (False, False), "DescribeModel": (False, False)}
+    assert methods == {
+        "Embed": (False, False),
+        "EmbedStream": (True, True),
+        "ListModels": (False, False),
+        "DescribeModel": (False, False),
+    }
     assert hasattr(embedding_pb2_grpc, "add_EmbeddingServiceServicer_to_server")
 
 
-@pytest.mark.parametrize("dtype, wire", [(np.float32, embedding_pb2.FLOAT32),
-                                         (np.uint8, embedding_pb2.UINT8),
-                                         (np.float16, embedding_pb2.FLOAT16)])
+@pytest.mark.parametrize(
+    "dtype, wire",
+    [
+        (np.float32, embedding_pb2.FLOAT32),
+        (np.uint8, embedding_pb2.UINT8),
+        (np.float16, embedding_pb2.FLOAT16),
+    ],
+)
 def test_tensors_round_trip_as_raw_little_endian_bytes(dtype, wire):
     array = (np.arange(24).reshape(2, 3, 4) * 3).astype(dtype)
     tensor = encode_tensor(array)
@@ -67,18 +81,33 @@ def test_unsupported_array_dtype_is_refused():
         encode_tensor(np.zeros(3))
 
 
-@pytest.mark.parametrize("tensor, message", [
-    (embedding_pb2.Tensor(dtype=embedding_pb2.DATA_TYPE_UNSPECIFIED, shape=[1], data=b"1234"),
-     r"inputs\.dtype: expected one of FLOAT32, UINT8, FLOAT16, got DATA_TYPE_UNSPECIFIED"),
-    (embedding_pb2.Tensor(dtype=42, shape=[1], data=b"1234"),
-     r"inputs\.dtype: expected one of FLOAT32, UINT8, FLOAT16, got 42"),
-    (embedding_pb2.Tensor(dtype=embedding_pb2.FLOAT32, shape=[], data=b""),
-     r"inputs\.shape: expected at least one dimension, none negative, got \[\]"),
-    (embedding_pb2.Tensor(dtype=embedding_pb2.FLOAT32, shape=[2, -1], data=b""),
-     r"inputs\.shape: .* got \[2, -1\]"),
-    (embedding_pb2.Tensor(dtype=embedding_pb2.FLOAT32, shape=[2, 3], data=bytes(20)),
-     r"inputs\.data: expected 24 bytes for shape \[2, 3\] of float32, got 20 bytes"),
-])
+@pytest.mark.parametrize(
+    "tensor, message",
+    [
+        (
+            embedding_pb2.Tensor(
+                dtype=embedding_pb2.DATA_TYPE_UNSPECIFIED, shape=[1], data=b"1234"
+            ),
+            r"inputs\.dtype: expected one of FLOAT32, UINT8, FLOAT16, got DATA_TYPE_UNSPECIFIED",
+        ),
+        (
+            embedding_pb2.Tensor(dtype=42, shape=[1], data=b"1234"),
+            r"inputs\.dtype: expected one of FLOAT32, UINT8, FLOAT16, got 42",
+        ),
+        (
+            embedding_pb2.Tensor(dtype=embedding_pb2.FLOAT32, shape=[], data=b""),
+            r"inputs\.shape: expected at least one dimension, none negative, got \[\]",
+        ),
+        (
+            embedding_pb2.Tensor(dtype=embedding_pb2.FLOAT32, shape=[2, -1], data=b""),
+            r"inputs\.shape: .* got \[2, -1\]",
+        ),
+        (
+            embedding_pb2.Tensor(dtype=embedding_pb2.FLOAT32, shape=[2, 3], data=bytes(20)),
+            r"inputs\.data: expected 24 bytes for shape \[2, 3\] of float32, got 20 bytes",
+        ),
+    ],
+)
 def test_malformed_tensors_name_the_field_expected_and_received(tensor, message):
     with pytest.raises(TensorCodecError, match=message):
         decode_tensor(tensor, "inputs")
@@ -86,7 +115,9 @@ def test_malformed_tensors_name_the_field_expected_and_received(tensor, message)
 
 def test_decode_raw_serves_other_raw_byte_protocols():
     data = np.arange(6, dtype="<f4").tobytes()
-    np.testing.assert_array_equal(decode_raw(data, [2, 3], np.dtype("<f4"), "pixels"),
-                                  np.arange(6, dtype=np.float32).reshape(2, 3))
+    np.testing.assert_array_equal(
+        decode_raw(data, [2, 3], np.dtype("<f4"), "pixels"),
+        np.arange(6, dtype=np.float32).reshape(2, 3),
+    )
     with pytest.raises(TensorCodecError, match=r"^pixels\.data: expected 28 bytes"):
         decode_raw(data, [7], np.dtype("<f4"), "pixels")

@@ -13,12 +13,20 @@ from pathlib import Path
 
 import grpc
 import pytest
-from kserve_harness import (MODEL, SteadyTraffic, add_version, digits_pixels, encoder_onnx,
-                            kserve_request, kserve_stub, start_kserve_server)
+from kserve_harness import (
+    MODEL,
+    SteadyTraffic,
+    add_version,
+    digits_pixels,
+    encoder_onnx,
+    kserve_request,
+    kserve_stub,
+    start_kserve_server,
+)
 
-from aet_proto import grpc_service_pb2 as pb
-from server.models import ModelState
-from server.repository import MODEL_FILE
+from aet.proto import grpc_service_pb2 as pb
+from aet.server.models import ModelState
+from aet.server.repository import MODEL_FILE
 
 POLL_SECONDS = 0.2
 SEEDS = {1: 21, 2: 22, 3: 23}
@@ -49,8 +57,10 @@ def test_polling_follows_the_repository_under_load(tmp_path):
     add_version(repository, SEEDS[1])
     live = start_kserve_server(repository, poll_seconds=POLL_SECONDS, max_batch_size=8)
     try:
-        with grpc.insecure_channel(live.target) as channel, \
-                SteadyTraffic(channel, seed_of_version=dict(SEEDS)) as traffic:
+        with (
+            grpc.insecure_channel(live.target) as channel,
+            SteadyTraffic(channel, seed_of_version=dict(SEEDS)) as traffic,
+        ):
             traffic.wait_for_answers(version=1, count=20)
 
             # A new version serves once warmed up; "latest" moves to it.
@@ -91,8 +101,9 @@ def test_index_reports_a_refused_version_with_its_reason(tmp_path):
 
 def test_unload_and_load_rpcs_under_load(tmp_path):
     add_version(tmp_path, SEEDS[1])
-    live = start_kserve_server(tmp_path, poll_seconds=POLL_SECONDS, max_batch_size=1,
-                               max_request_rows=1000)
+    live = start_kserve_server(
+        tmp_path, poll_seconds=POLL_SECONDS, max_batch_size=1, max_request_rows=1000
+    )
     try:
         with grpc.insecure_channel(live.target) as channel:
             stub = kserve_stub(channel)
@@ -100,8 +111,9 @@ def test_unload_and_load_rpcs_under_load(tmp_path):
             in_flight = stub.ModelInfer.future(kserve_request(digits_pixels(1000)), timeout=60)
             batcher = live.registry.lookup(MODEL).batcher
             wait_until(lambda: batcher.queued_requests > 0)
-            stub.RepositoryModelUnload(pb.RepositoryModelUnloadRequest(model_name=MODEL),
-                                       timeout=60)
+            stub.RepositoryModelUnload(
+                pb.RepositoryModelUnloadRequest(model_name=MODEL), timeout=60
+            )
             assert len(in_flight.result().raw_output_contents[0]) == 1000 * 16  # 1000 x 4 FP32
             with pytest.raises(grpc.RpcError) as caught:
                 stub.ModelInfer(kserve_request(digits_pixels(1)), timeout=30)
@@ -112,38 +124,57 @@ def test_unload_and_load_rpcs_under_load(tmp_path):
             time.sleep(3 * POLL_SECONDS)
             index = stub.RepositoryIndex(pb.RepositoryIndexRequest(), timeout=30)
             assert [(m.name, m.state, m.reason) for m in index.models] == [
-                (MODEL, "UNAVAILABLE", "unloaded")]
+                (MODEL, "UNAVAILABLE", "unloaded")
+            ]
 
             stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name=MODEL), timeout=60)
             assert stub.ModelReady(pb.ModelReadyRequest(name=MODEL), timeout=30).ready
             with SteadyTraffic(channel, seed_of_version=dict(SEEDS)) as traffic:
                 traffic.wait_for_answers(version=1, count=10)
                 # Loading again while serving is a no-op for versions already READY.
-                stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name=MODEL),
-                                         timeout=60)
+                stub.RepositoryModelLoad(
+                    pb.RepositoryModelLoadRequest(model_name=MODEL), timeout=60
+                )
                 traffic.wait_for_answers(version=1, count=10)
             assert traffic.failures == []
     finally:
         live.stop()
 
 
-@pytest.mark.parametrize("request_, code, fragment", [
-    (pb.RepositoryModelLoadRequest(model_name="absent"), grpc.StatusCode.NOT_FOUND,
-     "model_name: expected a model of repository"),
-    (pb.RepositoryModelLoadRequest(model_name=MODEL, parameters={
-        "config": pb.ModelRepositoryParameter(string_param="{}")}),
-     grpc.StatusCode.INVALID_ARGUMENT, "parameters['config']: expected none"),
-    (pb.RepositoryModelUnloadRequest(model_name="absent"), grpc.StatusCode.NOT_FOUND,
-     "model_name: expected a loaded model (digits), got 'absent'"),
-])
+@pytest.mark.parametrize(
+    "request_, code, fragment",
+    [
+        (
+            pb.RepositoryModelLoadRequest(model_name="absent"),
+            grpc.StatusCode.NOT_FOUND,
+            "model_name: expected a model of repository",
+        ),
+        (
+            pb.RepositoryModelLoadRequest(
+                model_name=MODEL,
+                parameters={"config": pb.ModelRepositoryParameter(string_param="{}")},
+            ),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "parameters['config']: expected none",
+        ),
+        (
+            pb.RepositoryModelUnloadRequest(model_name="absent"),
+            grpc.StatusCode.NOT_FOUND,
+            "model_name: expected a loaded model (digits), got 'absent'",
+        ),
+    ],
+)
 def test_load_and_unload_refuse_what_they_cannot_do(tmp_path, request_, code, fragment):
     add_version(tmp_path, SEEDS[1])
     live = start_kserve_server(tmp_path)
     try:
         with grpc.insecure_channel(live.target) as channel:
             stub = kserve_stub(channel)
-            call = (stub.RepositoryModelLoad if isinstance(request_, pb.RepositoryModelLoadRequest)
-                    else stub.RepositoryModelUnload)
+            call = (
+                stub.RepositoryModelLoad
+                if isinstance(request_, pb.RepositoryModelLoadRequest)
+                else stub.RepositoryModelUnload
+            )
             with pytest.raises(grpc.RpcError) as caught:
                 call(request_, timeout=30)
     finally:
@@ -161,7 +192,8 @@ def test_load_of_a_model_with_no_loadable_version_is_unavailable(tmp_path):
         with grpc.insecure_channel(live.target) as channel:
             with pytest.raises(grpc.RpcError) as caught:
                 kserve_stub(channel).RepositoryModelLoad(
-                    pb.RepositoryModelLoadRequest(model_name="other"), timeout=60)
+                    pb.RepositoryModelLoadRequest(model_name="other"), timeout=60
+                )
     finally:
         live.stop()
     assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
@@ -175,7 +207,8 @@ def test_graceful_stop_finishes_work_in_flight(tmp_path):
     live = start_kserve_server(tmp_path, max_batch_size=1, max_request_rows=1000)
     with grpc.insecure_channel(live.target) as channel:
         in_flight = kserve_stub(channel).ModelInfer.future(
-            kserve_request(digits_pixels(1000)), timeout=60)
+            kserve_request(digits_pixels(1000)), timeout=60
+        )
         batcher = live.registry.lookup(MODEL).batcher
         wait_until(lambda: batcher.queued_requests > 0)
         live.stop(grace_period=30)

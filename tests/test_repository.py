@@ -9,22 +9,39 @@ from pathlib import Path
 
 import pytest
 
-from server import repository
-from server.repository import (
-    InputSpec, ModelCard, OutputSpec, RepositoryError, latest_version, next_version,
-    read_model_card, scan_repository, sha256_file, write_version)
+from aet.server import repository
+from aet.server.repository import (
+    InputSpec,
+    ModelCard,
+    OutputSpec,
+    RepositoryError,
+    latest_version,
+    next_version,
+    read_model_card,
+    scan_repository,
+    sha256_file,
+    write_version,
+)
 
 
 def make_card(name: str = "digits") -> ModelCard:
     return ModelCard(
-        name=name, version=1, architecture="mlp",
+        name=name,
+        version=1,
+        architecture="mlp",
         hyperparameters={"hidden_sizes": [32], "code_size": 8},
         input=InputSpec(name="pixels", shape=(1, 8, 8), dtype="float32", value_range=(0.0, 16.0)),
         output=OutputSpec(name="embedding", dtype="float32", embedding_dim=8),
         preprocessing=["scale: x / 16", "flatten: (1, 8, 8) -> 64"],
-        dataset={"name": "digits", "split": "test"}, metrics={"test_mse": 0.01},
-        opset=18, sha256="0" * 64, parity_max_abs_diff=2e-7, parity_samples=1000,
-        library_versions={"onnx": "1.0"}, created="2025-01-01T00:00:00+00:00")
+        dataset={"name": "digits", "split": "test"},
+        metrics={"test_mse": 0.01},
+        opset=18,
+        sha256="0" * 64,
+        parity_max_abs_diff=2e-7,
+        parity_samples=1000,
+        library_versions={"onnx": "1.0"},
+        created="2025-01-01T00:00:00+00:00",
+    )
 
 
 def card_dict(**changes) -> dict:
@@ -38,7 +55,9 @@ def test_write_version_round_trips_card_and_stamps_version_and_sha256(tmp_path):
     assert path == tmp_path / "digits" / "1"
     assert sorted(p.name for p in path.iterdir()) == ["model.json", "model.onnx"]
     card = read_model_card(path / "model.json")
-    assert card == dataclasses.replace(make_card(), sha256=hashlib.sha256(b"onnx-bytes").hexdigest())
+    assert card == dataclasses.replace(
+        make_card(), sha256=hashlib.sha256(b"onnx-bytes").hexdigest()
+    )
     assert sha256_file(path / "model.onnx") == card.sha256
 
 
@@ -54,7 +73,11 @@ def test_versions_count_up_and_never_overwrite(tmp_path):
         assert next_version(tmp_path, "digits") == expected
         path = write_version(tmp_path, "digits", payload, make_card())
         assert path.name == str(expected)
-    assert [(tmp_path / "digits" / v / "model.onnx").read_bytes() for v in "123"] == [b"a", b"b", b"c"]
+    assert [(tmp_path / "digits" / v / "model.onnx").read_bytes() for v in "123"] == [
+        b"a",
+        b"b",
+        b"c",
+    ]
     assert next_version(tmp_path, "other") == 1
 
 
@@ -106,7 +129,9 @@ def test_unwritable_repository_gives_clear_error(tmp_path):
         pytest.skip("root ignores directory permissions")
     tmp_path.chmod(0o500)
     try:
-        with pytest.raises(RepositoryError, match=f"cannot write to model repository folder {tmp_path}"):
+        with pytest.raises(
+            RepositoryError, match=f"cannot write to model repository folder {tmp_path}"
+        ):
             write_version(tmp_path, "digits", b"x", make_card())
     finally:
         tmp_path.chmod(0o700)
@@ -139,7 +164,11 @@ def test_scan_refuses_tampered_and_unreadable_versions_and_lists_the_rest(tmp_pa
 
     versions = scan_repository(tmp_path)
     assert [(v.name, v.version, v.status) for v in versions] == [
-        ("digits", 1, "ok"), ("digits", 2, "refused"), ("digits", 3, "refused"), ("mnist", 1, "ok")]
+        ("digits", 1, "ok"),
+        ("digits", 2, "refused"),
+        ("digits", 3, "refused"),
+        ("mnist", 1, "ok"),
+    ]
     assert "sha256 mismatch" in versions[1].error and "digits/2/model.onnx" in versions[1].error
     assert "not valid JSON" in versions[2].error and versions[2].card is None
     assert latest_version(versions, "digits").version == 1
@@ -151,7 +180,9 @@ def test_scan_refuses_a_card_copied_into_another_version(tmp_path):
     write_version(tmp_path, "digits", b"v1", make_card())
     (tmp_path / "digits" / "5").mkdir()
     for file in ["model.onnx", "model.json"]:
-        (tmp_path / "digits" / "5" / file).write_bytes((tmp_path / "digits" / "1" / file).read_bytes())
+        (tmp_path / "digits" / "5" / file).write_bytes(
+            (tmp_path / "digits" / "1" / file).read_bytes()
+        )
     refused = scan_repository(tmp_path)[1]
     assert refused.version == 5 and "card says digits/1, folder is digits/5" in refused.error
 
@@ -161,21 +192,51 @@ def test_scan_missing_root_is_an_error(tmp_path):
         scan_repository(tmp_path / "absent")
 
 
-@pytest.mark.parametrize("changes, message", [
-    ({"sha256": "ABC"}, "field 'sha256': expected 64 lowercase hex digits"),
-    ({"version": 0}, "field 'version': expected a positive integer, got 0"),
-    ({"version": True}, "field 'version': expected a positive integer"),
-    ({"name": "../etc"}, "field 'name': expected a model name"),
-    ({"created": "2025-01-01T00:00:00"}, "field 'created': expected an ISO 8601 time with a time zone"),
-    ({"metrics": {"test_mse": "low"}}, "field 'metrics.test_mse': expected a number"),
-    ({"dataset": {"split": "test"}}, "missing field 'dataset.name'"),
-    ({"input": {"name": "pixels", "shape": [1, 0, 8], "dtype": "float32", "value_range": [0, 16]}},
-     "field 'input.shape': expected a non-empty list of positive integers"),
-    ({"input": {"name": "pixels", "shape": [1, 8, 8], "dtype": "float32", "value_range": [16, 0]}},
-     "field 'input.value_range': expected \\[low, high\\] with low < high"),
-    ({"output": {"name": "embedding", "dtype": "float32"}}, "missing field 'output.embedding_dim'"),
-    ({"library_versions": {"onnx": 1}}, "field 'library_versions.onnx': expected a version string"),
-])
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"sha256": "ABC"}, "field 'sha256': expected 64 lowercase hex digits"),
+        ({"version": 0}, "field 'version': expected a positive integer, got 0"),
+        ({"version": True}, "field 'version': expected a positive integer"),
+        ({"name": "../etc"}, "field 'name': expected a model name"),
+        (
+            {"created": "2025-01-01T00:00:00"},
+            "field 'created': expected an ISO 8601 time with a time zone",
+        ),
+        ({"metrics": {"test_mse": "low"}}, "field 'metrics.test_mse': expected a number"),
+        ({"dataset": {"split": "test"}}, "missing field 'dataset.name'"),
+        (
+            {
+                "input": {
+                    "name": "pixels",
+                    "shape": [1, 0, 8],
+                    "dtype": "float32",
+                    "value_range": [0, 16],
+                }
+            },
+            "field 'input.shape': expected a non-empty list of positive integers",
+        ),
+        (
+            {
+                "input": {
+                    "name": "pixels",
+                    "shape": [1, 8, 8],
+                    "dtype": "float32",
+                    "value_range": [16, 0],
+                }
+            },
+            "field 'input.value_range': expected \\[low, high\\] with low < high",
+        ),
+        (
+            {"output": {"name": "embedding", "dtype": "float32"}},
+            "missing field 'output.embedding_dim'",
+        ),
+        (
+            {"library_versions": {"onnx": 1}},
+            "field 'library_versions.onnx': expected a version string",
+        ),
+    ],
+)
 def test_invalid_card_fields_are_named(tmp_path, changes, message):
     path = tmp_path / "model.json"
     path.write_text(json.dumps(card_dict(**changes)))
@@ -212,11 +273,18 @@ def test_committed_default_model_is_intact_and_meets_its_targets():
     assert digits.version == 1 and sha256_file(digits.model_path) == card.sha256
     assert digits.model_path.stat().st_size < 300_000
     assert (card.input.shape, card.input.value_range, card.output.embedding_dim) == (
-        (1, 8, 8), (0.0, 16.0), 8)
+        (1, 8, 8),
+        (0.0, 16.0),
+        8,
+    )
     assert card.metrics["probe_accuracy_1257_labels"] >= 0.95
-    assert card.metrics["test_reconstruction_mse"] <= 0.5 * card.metrics["test_pca_reconstruction_mse"]
+    assert (
+        card.metrics["test_reconstruction_mse"] <= 0.5 * card.metrics["test_pca_reconstruction_mse"]
+    )
 
-    session = onnxruntime.InferenceSession(str(digits.model_path), providers=["CPUExecutionProvider"])
+    session = onnxruntime.InferenceSession(
+        str(digits.model_path), providers=["CPUExecutionProvider"]
+    )
     pixels = load_digits().images[:33, None].astype(np.float32)  # raw 0..16, as the card says
     for batch in (1, 33):
         (embedding,) = session.run([card.output.name], {card.input.name: pixels[:batch]})

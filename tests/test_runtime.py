@@ -10,9 +10,17 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from server.runtime import (
-    CPU_PROVIDER, CUDA_PROVIDER, DeviceError, EncoderSession, ModelLoadError, RuntimeOptions,
-    choose_providers, cuda_usable, resolve_providers)
+from aet.server.runtime import (
+    CPU_PROVIDER,
+    CUDA_PROVIDER,
+    DeviceError,
+    EncoderSession,
+    ModelLoadError,
+    RuntimeOptions,
+    choose_providers,
+    cuda_usable,
+    resolve_providers,
+)
 
 TENSORRT = "TensorrtExecutionProvider"
 HAS_NVIDIA_DEVICE = any(Path("/dev").glob("nvidia[0-9]*"))
@@ -20,12 +28,15 @@ ROW_SHAPE = (1, 4, 4)
 ONE_THREAD = RuntimeOptions(intra_op_threads=1, inter_op_threads=1)
 
 
-@pytest.mark.parametrize("available, usable, chosen", [
-    ([TENSORRT, CUDA_PROVIDER, CPU_PROVIDER], True, [CUDA_PROVIDER, CPU_PROVIDER]),
-    ([TENSORRT, CUDA_PROVIDER, CPU_PROVIDER], False, [CPU_PROVIDER]),
-    ([CPU_PROVIDER], True, [CPU_PROVIDER]),
-    ([CPU_PROVIDER], False, [CPU_PROVIDER]),
-])
+@pytest.mark.parametrize(
+    "available, usable, chosen",
+    [
+        ([TENSORRT, CUDA_PROVIDER, CPU_PROVIDER], True, [CUDA_PROVIDER, CPU_PROVIDER]),
+        ([TENSORRT, CUDA_PROVIDER, CPU_PROVIDER], False, [CPU_PROVIDER]),
+        ([CPU_PROVIDER], True, [CPU_PROVIDER]),
+        ([CPU_PROVIDER], False, [CPU_PROVIDER]),
+    ],
+)
 def test_choose_providers(available, usable, chosen):
     assert choose_providers(available, usable) == chosen
 
@@ -49,19 +60,28 @@ def test_unknown_device_is_refused():
         resolve_providers("tpu")
 
 
-def write_encoder(path: Path, weights: np.ndarray, input_name: str = "pixels",
-                  output_name: str = "embedding") -> Path:
+def write_encoder(
+    path: Path, weights: np.ndarray, input_name: str = "pixels", output_name: str = "embedding"
+) -> Path:
     """pixels (batch, 1, 4, 4) in [0, 16] -> flatten(pixels / 16) @ weights: a tiny encoder."""
     graph = helper.make_graph(
-        [helper.make_node("Div", [input_name, "raw_max"], ["scaled"]),
-         helper.make_node("Flatten", ["scaled"], ["flat"]),
-         helper.make_node("MatMul", ["flat", "weights"], [output_name])],
+        [
+            helper.make_node("Div", [input_name, "raw_max"], ["scaled"]),
+            helper.make_node("Flatten", ["scaled"], ["flat"]),
+            helper.make_node("MatMul", ["flat", "weights"], [output_name]),
+        ],
         "tiny_encoder",
         [helper.make_tensor_value_info(input_name, TensorProto.FLOAT, ["batch", *ROW_SHAPE])],
-        [helper.make_tensor_value_info(output_name, TensorProto.FLOAT,
-                                       ["batch", weights.shape[1]])],
-        [numpy_helper.from_array(np.array(16, np.float32), "raw_max"),
-         numpy_helper.from_array(weights, "weights")])
+        [
+            helper.make_tensor_value_info(
+                output_name, TensorProto.FLOAT, ["batch", weights.shape[1]]
+            )
+        ],
+        [
+            numpy_helper.from_array(np.array(16, np.float32), "raw_max"),
+            numpy_helper.from_array(weights, "weights"),
+        ],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
     onnx.checker.check_model(model)
     onnx.save(model, path)
@@ -83,15 +103,29 @@ def test_encoder_session_matches_the_graph_on_cpu(tmp_path, weights):
     np.testing.assert_allclose(got, (pixels / 16).reshape(5, -1) @ weights, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("names, row_shape, message", [
-    (("image", "embedding"), ROW_SHAPE,
-     r"input: expected 'image' \(model card\), got \['pixels'\]"),
-    (("pixels", "code"), ROW_SHAPE, r"output: expected 'code' \(model card\), got \['embedding'\]"),
-    (("pixels", "embedding"), (1, 8, 8),
-     r"input shape: expected \[batch, 1, 8, 8\] \(model card\), got \['batch', 1, 4, 4\]"),
-])
-def test_graph_that_does_not_match_its_card_is_refused(tmp_path, weights, names, row_shape,
-                                                      message):
+@pytest.mark.parametrize(
+    "names, row_shape, message",
+    [
+        (
+            ("image", "embedding"),
+            ROW_SHAPE,
+            r"input: expected 'image' \(model card\), got \['pixels'\]",
+        ),
+        (
+            ("pixels", "code"),
+            ROW_SHAPE,
+            r"output: expected 'code' \(model card\), got \['embedding'\]",
+        ),
+        (
+            ("pixels", "embedding"),
+            (1, 8, 8),
+            r"input shape: expected \[batch, 1, 8, 8\] \(model card\), got \['batch', 1, 4, 4\]",
+        ),
+    ],
+)
+def test_graph_that_does_not_match_its_card_is_refused(
+    tmp_path, weights, names, row_shape, message
+):
     path = write_encoder(tmp_path / "model.onnx", weights)
     with pytest.raises(ModelLoadError, match=message):
         EncoderSession(path, *names, row_shape, [CPU_PROVIDER], ONE_THREAD)
@@ -113,7 +147,12 @@ def test_thread_counts_reach_onnxruntime(tmp_path, weights, monkeypatch):
         return original(path, options, providers=providers)
 
     monkeypatch.setattr(ort, "InferenceSession", recording_session)
-    EncoderSession(write_encoder(tmp_path / "model.onnx", weights), "pixels", "embedding",
-                   ROW_SHAPE, [CPU_PROVIDER], RuntimeOptions(intra_op_threads=2,
-                                                             inter_op_threads=1))
+    EncoderSession(
+        write_encoder(tmp_path / "model.onnx", weights),
+        "pixels",
+        "embedding",
+        ROW_SHAPE,
+        [CPU_PROVIDER],
+        RuntimeOptions(intra_op_threads=2, inter_op_threads=1),
+    )
     assert seen == [(2, 1)]

@@ -25,14 +25,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from aet.config import ConfigError
-from aet_proto import embedding_pb2 as pb
-from aet_proto import embedding_pb2_grpc, grpc_service_pb2, grpc_service_pb2_grpc
-from aet_proto.codec import decode_tensor, encode_tensor
-from server.app import ServeConfig
-from server.auth import BearerTokenInterceptor
-from server.repository import MODEL_FILE, read_model_card, scan_repository, write_version
-from training.checkpoint import load_checkpoint
-from training.export import PixelEncoder
+from aet.proto import embedding_pb2 as pb
+from aet.proto import embedding_pb2_grpc, grpc_service_pb2, grpc_service_pb2_grpc
+from aet.proto.codec import decode_tensor, encode_tensor
+from aet.server.app import ServeConfig
+from aet.server.auth import BearerTokenInterceptor
+from aet.server.repository import MODEL_FILE, read_model_card, scan_repository, write_version
+from aet.training.checkpoint import load_checkpoint
+from aet.training.export import PixelEncoder
 
 WAIT = 20.0  # seconds; safety net against hangs, never a measured quantity
 STATE = pb.ModelVersionState.State
@@ -49,8 +49,9 @@ def pixels(digits_dataset) -> np.ndarray:
 @pytest.fixture(scope="module")
 def reference(model_repository):
     """In-process onnxruntime on the exported graph."""
-    session = ort.InferenceSession(str(model_repository / "digits" / "1" / MODEL_FILE),
-                                   providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(
+        str(model_repository / "digits" / "1" / MODEL_FILE), providers=["CPUExecutionProvider"]
+    )
     return lambda x: session.run(["embedding"], {"pixels": x})[0]
 
 
@@ -100,8 +101,10 @@ def wait_for(condition: callable) -> None:
 
 # -- embeddings ------------------------------------------------------------------------------
 
+
 def test_embeddings_equal_onnxruntime_in_process_and_the_pytorch_encoder(
-        embedding_server, embedding_stub, pixels, reference, digits_checkpoint, digits_dataset):
+    embedding_server, embedding_stub, pixels, reference, digits_checkpoint, digits_dataset
+):
     stub = embedding_stub(embedding_server)
     batch = pixels[:100]
     response = stub.Embed(embed_request(batch, request_id="req-7"), timeout=WAIT)
@@ -109,8 +112,9 @@ def test_embeddings_equal_onnxruntime_in_process_and_the_pytorch_encoder(
     assert (response.request_id, response.model, response.version) == ("req-7", "digits", 1)
     assert got.shape == (100, 8) and got.dtype == np.float32
     assert np.abs(got - reference(batch)).max() <= 1e-5
-    encoder = PixelEncoder(load_checkpoint(digits_checkpoint).build_model(),
-                           digits_dataset.raw_max).eval()
+    encoder = PixelEncoder(
+        load_checkpoint(digits_checkpoint).build_model(), digits_dataset.raw_max
+    ).eval()
     with torch.no_grad():
         expected = encoder(torch.from_numpy(batch)).numpy()
     assert np.abs(got - expected).max() <= 1e-4
@@ -136,7 +140,8 @@ def test_l2_normalised_and_float16_outputs(embedding_server, embedding_stub, pix
 
 
 def test_concurrent_callers_share_batches_and_each_gets_its_own_rows_in_order(
-        model_repository, start_server, embedding_stub, pixels, reference):
+    model_repository, start_server, embedding_stub, pixels, reference
+):
     running = start_server(model_repository)
     stub = embedding_stub(running)
     model = running.registry.lookup("digits")
@@ -145,7 +150,7 @@ def test_concurrent_callers_share_batches_and_each_gets_its_own_rows_in_order(
     callers = 8
     hold_first_batch(model, until=lambda: model.batcher.queued_requests >= callers - 1)
     # caller i sends rows [10 i, 10 i + i + 1); one more sends NaN and must not disturb them
-    requests = {i: pixels[10 * i:10 * i + i + 1] for i in range(callers)}
+    requests = {i: pixels[10 * i : 10 * i + i + 1] for i in range(callers)}
     bad = pixels[:2].copy()
     bad[1, 0, 3, 3] = np.nan
     results, errors = {}, {}
@@ -171,9 +176,10 @@ def test_concurrent_callers_share_batches_and_each_gets_its_own_rows_in_order(
 
 
 def test_a_stream_of_100_batches_returns_100_responses_in_order(
-        embedding_server, embedding_stub, pixels, reference):
+    embedding_server, embedding_stub, pixels, reference
+):
     stub = embedding_stub(embedding_server)
-    batches = [pixels[i:i + 1 + i % 7] for i in range(100)]
+    batches = [pixels[i : i + 1 + i % 7] for i in range(100)]
     requests = (embed_request(x, request_id=f"batch-{i}") for i, x in enumerate(batches))
     responses = list(stub.EmbedStream(requests, timeout=WAIT))
     assert [r.request_id for r in responses] == [f"batch-{i}" for i in range(100)]
@@ -181,11 +187,14 @@ def test_a_stream_of_100_batches_returns_100_responses_in_order(
         np.testing.assert_allclose(embeddings(response), reference(x), atol=1e-5)
 
 
-def test_a_bad_request_ends_the_stream_naming_its_request_id(embedding_server, embedding_stub,
-                                                            pixels):
+def test_a_bad_request_ends_the_stream_naming_its_request_id(
+    embedding_server, embedding_stub, pixels
+):
     stub = embedding_stub(embedding_server)
-    requests = [embed_request(pixels[:2], request_id="ok"),
-                embed_request(pixels[:2, :, :4], request_id="too-narrow")]
+    requests = [
+        embed_request(pixels[:2], request_id="ok"),
+        embed_request(pixels[:2, :, :4], request_id="too-narrow"),
+    ]
     answered = []
     with pytest.raises(grpc.RpcError) as caught:
         for response in stub.EmbedStream(iter(requests), timeout=WAIT):
@@ -203,6 +212,7 @@ def test_responses_say_where_the_server_spent_its_time(embedding_server, embeddi
 
 # -- errors: every row of DESIGN.md's table ---------------------------------------------------
 
+
 def nan_at(x: np.ndarray, value: float) -> np.ndarray:
     x = x.copy()
     x[-1, 0, 0, 0] = value
@@ -216,35 +226,64 @@ def bad(model="digits", version=0, inputs=ONE_ROW) -> pb.EmbedRequest:
     return pb.EmbedRequest(model=model, version=version, inputs=inputs)
 
 
-@pytest.mark.parametrize("bad_request, code, message", [
-    (bad(model="nope"), grpc.StatusCode.NOT_FOUND,
-     r"^model: expected one of \['digits'\], got 'nope'$"),
-    (bad(version=9), grpc.StatusCode.NOT_FOUND,
-     r"^version: model 'digits' has versions \[1\], got 9$"),
-    (bad(inputs=encode_tensor(np.zeros((2, 1, 8, 4), np.float32))),
-     grpc.StatusCode.INVALID_ARGUMENT,
-     r"^inputs\.shape: expected \[batch, 1, 8, 8\], got \[2, 1, 8, 4\]$"),
-    (bad(inputs=encode_tensor(np.zeros((2, 1, 8, 8), np.float16))),
-     grpc.StatusCode.INVALID_ARGUMENT, r"^inputs\.dtype: expected float32 or uint8, got float16$"),
-    (bad(inputs=pb.Tensor(dtype=pb.FLOAT32, shape=[2, 1, 8, 8], data=bytes(100))),
-     grpc.StatusCode.INVALID_ARGUMENT,
-     r"^inputs\.data: expected 512 bytes for shape \[2, 1, 8, 8\] of float32, got 100 bytes$"),
-    (bad(inputs=pb.Tensor(dtype=pb.DATA_TYPE_UNSPECIFIED, shape=[1, 1, 8, 8])),
-     grpc.StatusCode.INVALID_ARGUMENT, r"^inputs\.dtype: expected one of FLOAT32, UINT8, FLOAT16"),
-    (bad(inputs=encode_tensor(nan_at(np.ones((3, 1, 8, 8), np.float32), np.nan))),
-     grpc.StatusCode.INVALID_ARGUMENT,
-     r"^inputs\.data: expected finite values, got NaN or Inf in row 2"),
-    (bad(inputs=encode_tensor(nan_at(np.ones((3, 1, 8, 8), np.float32), -np.inf))),
-     grpc.StatusCode.INVALID_ARGUMENT,
-     r"^inputs\.data: expected finite values, got NaN or Inf in row 2"),
-    (bad(inputs=encode_tensor(np.zeros((0, 1, 8, 8), np.float32))),
-     grpc.StatusCode.INVALID_ARGUMENT, r"^inputs\.shape\[0\]: expected at least 1 row, got 0"),
-    (bad(inputs=encode_tensor(np.zeros((33, 1, 8, 8), np.float32))),
-     grpc.StatusCode.INVALID_ARGUMENT,
-     r"^inputs\.shape\[0\]: expected at most 32 rows per request, got 33$"),
-])
+@pytest.mark.parametrize(
+    "bad_request, code, message",
+    [
+        (
+            bad(model="nope"),
+            grpc.StatusCode.NOT_FOUND,
+            r"^model: expected one of \['digits'\], got 'nope'$",
+        ),
+        (
+            bad(version=9),
+            grpc.StatusCode.NOT_FOUND,
+            r"^version: model 'digits' has versions \[1\], got 9$",
+        ),
+        (
+            bad(inputs=encode_tensor(np.zeros((2, 1, 8, 4), np.float32))),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            r"^inputs\.shape: expected \[batch, 1, 8, 8\], got \[2, 1, 8, 4\]$",
+        ),
+        (
+            bad(inputs=encode_tensor(np.zeros((2, 1, 8, 8), np.float16))),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            r"^inputs\.dtype: expected float32 or uint8, got float16$",
+        ),
+        (
+            bad(inputs=pb.Tensor(dtype=pb.FLOAT32, shape=[2, 1, 8, 8], data=bytes(100))),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            r"^inputs\.data: expected 512 bytes for shape \[2, 1, 8, 8\] of float32, got 100 bytes$",
+        ),
+        (
+            bad(inputs=pb.Tensor(dtype=pb.DATA_TYPE_UNSPECIFIED, shape=[1, 1, 8, 8])),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            r"^inputs\.dtype: expected one of FLOAT32, UINT8, FLOAT16",
+        ),
+        (
+            bad(inputs=encode_tensor(nan_at(np.ones((3, 1, 8, 8), np.float32), np.nan))),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            r"^inputs\.data: expected finite values, got NaN or Inf in row 2",
+        ),
+        (
+            bad(inputs=encode_tensor(nan_at(np.ones((3, 1, 8, 8), np.float32), -np.inf))),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            r"^inputs\.data: expected finite values, got NaN or Inf in row 2",
+        ),
+        (
+            bad(inputs=encode_tensor(np.zeros((0, 1, 8, 8), np.float32))),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            r"^inputs\.shape\[0\]: expected at least 1 row, got 0",
+        ),
+        (
+            bad(inputs=encode_tensor(np.zeros((33, 1, 8, 8), np.float32))),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            r"^inputs\.shape\[0\]: expected at most 32 rows per request, got 33$",
+        ),
+    ],
+)
 def test_bad_requests_get_their_status_and_a_message_naming_the_field(
-        model_repository, start_server, embedding_stub, bad_request, code, message):
+    model_repository, start_server, embedding_stub, bad_request, code, message
+):
     running = start_server(model_repository, max_request_rows=32)
     with pytest.raises(grpc.RpcError) as caught:
         embedding_stub(running).Embed(bad_request, timeout=WAIT)
@@ -269,8 +308,9 @@ def test_full_queue_is_resource_exhausted(model_repository, start_server, embedd
     assert all(f.result().embeddings.shape == [1, 8] for f in [busy, *queued])
 
 
-def test_request_whose_deadline_passes_in_the_queue_is_dropped(model_repository, start_server,
-                                                               embedding_stub, pixels):
+def test_request_whose_deadline_passes_in_the_queue_is_dropped(
+    model_repository, start_server, embedding_stub, pixels
+):
     running = start_server(model_repository)
     stub = embedding_stub(running)
     model = running.registry.lookup("digits")
@@ -287,8 +327,9 @@ def test_request_whose_deadline_passes_in_the_queue_is_dropped(model_repository,
     assert model.batcher.stats.rows == 1  # the late request's 3 rows never ran
 
 
-def test_request_cancelled_by_its_client_is_dropped(model_repository, start_server,
-                                                    embedding_stub, pixels):
+def test_request_cancelled_by_its_client_is_dropped(
+    model_repository, start_server, embedding_stub, pixels
+):
     running = start_server(model_repository)
     stub = embedding_stub(running)
     model = running.registry.lookup("digits")
@@ -311,15 +352,18 @@ def test_unauthenticated_when_auth_is_on(model_repository, start_server, embeddi
     with pytest.raises(grpc.RpcError) as caught:
         stub.Embed(embed_request(pixels[:1]), timeout=WAIT)
     assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
-    response = stub.Embed(embed_request(pixels[:1]), timeout=WAIT,
-                          metadata=[("authorization", "Bearer s3cret")])
+    response = stub.Embed(
+        embed_request(pixels[:1]), timeout=WAIT, metadata=[("authorization", "Bearer s3cret")]
+    )
     assert embeddings(response).shape == (1, 8)
 
 
 # -- tampered models, listing, health, reflection ---------------------------------------------
 
-def test_tampered_versions_are_refused_while_the_rest_serve(tampered_repository, start_server,
-                                                           embedding_stub, pixels, reference):
+
+def test_tampered_versions_are_refused_while_the_rest_serve(
+    tampered_repository, start_server, embedding_stub, pixels, reference
+):
     running = start_server(tampered_repository)
     stub = embedding_stub(running)
     response = stub.Embed(embed_request(pixels[:5]), timeout=WAIT)  # latest READY: version 1
@@ -332,15 +376,18 @@ def test_tampered_versions_are_refused_while_the_rest_serve(tampered_repository,
         assert "sha256 mismatch" in caught.value.details()
     listing = {m.name: m for m in stub.ListModels(pb.ListModelsRequest(), timeout=WAIT).models}
     assert listing["digits"].latest_version == 1
-    assert [(v.version, v.state) for v in listing["digits"].versions] == [(1, STATE.READY),
-                                                                          (2, STATE.FAILED)]
+    assert [(v.version, v.state) for v in listing["digits"].versions] == [
+        (1, STATE.READY),
+        (2, STATE.FAILED),
+    ]
     assert listing["broken"].latest_version == 0
     assert "sha256 mismatch" in listing["broken"].versions[0].reason
 
 
 def test_describe_model(embedding_server, embedding_stub, model_repository):
     description = embedding_stub(embedding_server).DescribeModel(
-        pb.DescribeModelRequest(model="digits"), timeout=WAIT)
+        pb.DescribeModelRequest(model="digits"), timeout=WAIT
+    )
     card = read_model_card(model_repository / "digits" / "1" / "model.json")
     assert (description.name, description.version, description.embedding_dim) == ("digits", 1, 8)
     assert (description.input.name, list(description.input.shape)) == ("pixels", [1, 8, 8])
@@ -349,15 +396,20 @@ def test_describe_model(embedding_server, embedding_stub, model_repository):
     assert (description.output.name, list(description.output.shape)) == ("embedding", [8])
     assert description.execution_provider == "CPUExecutionProvider"
     assert (description.batching.max_batch_size, description.batching.max_request_rows) == (
-        64, 16384)
+        64,
+        16384,
+    )
     assert description.sha256 == card.sha256
     assert json.loads(description.model_card_json)["dataset"] == card.dataset
 
 
 def health_of(running, service: str):
     with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
-        return health_pb2_grpc.HealthStub(channel).Check(
-            health_pb2.HealthCheckRequest(service=service), timeout=WAIT).status
+        return (
+            health_pb2_grpc.HealthStub(channel)
+            .Check(health_pb2.HealthCheckRequest(service=service), timeout=WAIT)
+            .status
+        )
 
 
 def test_health_follows_model_state(tampered_repository, start_server):
@@ -373,8 +425,9 @@ def test_health_follows_model_state(tampered_repository, start_server):
     assert health_of(running, "digits") == NOT_SERVING
     assert health_of(running, "") == NOT_SERVING  # no model left to serve
 
-    found = next(v for v in scan_repository(tampered_repository)
-                 if (v.name, v.version) == ("digits", 1))
+    found = next(
+        v for v in scan_repository(tampered_repository) if (v.name, v.version) == ("digits", 1)
+    )
     running.registry.load(found)
     assert health_of(running, "digits") == SERVING
     assert health_of(running, "") == SERVING
@@ -383,17 +436,30 @@ def test_health_follows_model_state(tampered_repository, start_server):
 def test_reflection_lists_the_services(embedding_server):
     with grpc.insecure_channel(f"127.0.0.1:{embedding_server.port}") as channel:
         stub = reflection_pb2_grpc.ServerReflectionStub(channel)
-        answers = list(stub.ServerReflectionInfo(iter([
-            reflection_pb2.ServerReflectionRequest(list_services=""),
-            reflection_pb2.ServerReflectionRequest(
-                file_containing_symbol="aet.v1.EmbeddingService")]), timeout=WAIT))
+        answers = list(
+            stub.ServerReflectionInfo(
+                iter(
+                    [
+                        reflection_pb2.ServerReflectionRequest(list_services=""),
+                        reflection_pb2.ServerReflectionRequest(
+                            file_containing_symbol="aet.v1.EmbeddingService"
+                        ),
+                    ]
+                ),
+                timeout=WAIT,
+            )
+        )
     names = {s.name for s in answers[0].list_services_response.service}
-    assert {"aet.v1.EmbeddingService", "grpc.health.v1.Health",
-            "grpc.reflection.v1alpha.ServerReflection"} <= names
+    assert {
+        "aet.v1.EmbeddingService",
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1alpha.ServerReflection",
+    } <= names
     assert answers[1].file_descriptor_response.file_descriptor_proto  # clients can decode it
 
 
 # -- configuration and process lifecycle ------------------------------------------------------
+
 
 def test_config_errors_name_the_field():
     with pytest.raises(ConfigError, match=r"^port: expected 0\.\.65535, got 70000$"):
@@ -405,9 +471,25 @@ def test_config_errors_name_the_field():
 def serve_process(repository: Path, *flags: str) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen(
-        [sys.executable, "-m", "server", "serve", "--repository", str(repository), "--port", "0",
-         "--intra-op-threads", "1", "--inter-op-threads", "1", *flags],
-        stderr=subprocess.PIPE, text=True, env=env)
+        [
+            sys.executable,
+            "-m",
+            "aet.server",
+            "serve",
+            "--repository",
+            str(repository),
+            "--port",
+            "0",
+            "--intra-op-threads",
+            "1",
+            "--inter-op-threads",
+            "1",
+            *flags,
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
 
 
 def read_events(process: subprocess.Popen, events: queue.Queue) -> None:
@@ -432,15 +514,19 @@ def test_aet_serve_wires_both_apis_and_metrics(model_repository, pixels):
         next_event(events, "server_ready")
         with grpc.insecure_channel(f"127.0.0.1:{started['port']}") as channel:
             kserve = grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel)
-            assert kserve.ModelReady(grpc_service_pb2.ModelReadyRequest(name="digits"),
-                                     timeout=WAIT).ready
+            assert kserve.ModelReady(
+                grpc_service_pb2.ModelReadyRequest(name="digits"), timeout=WAIT
+            ).ready
             embedding_pb2_grpc.EmbeddingServiceStub(channel).Embed(
-                embed_request(pixels[:3]), timeout=WAIT)
+                embed_request(pixels[:3]), timeout=WAIT
+            )
         url = f"http://127.0.0.1:{started['metrics_port']}/metrics"
         with urllib.request.urlopen(url, timeout=WAIT) as page:
             exposition = page.read().decode()
-        assert ('aet_requests_total{api="embed",model="digits",outcome="success",version="1"} 1.0'
-                in exposition)
+        assert (
+            'aet_requests_total{api="embed",model="digits",outcome="success",version="1"} 1.0'
+            in exposition
+        )
         process.send_signal(signal.SIGINT)
         assert process.wait(WAIT) == 0
     finally:
@@ -457,8 +543,9 @@ def test_missing_repository_exits_2_naming_it(tmp_path):
     assert f"model repository {missing}: not a directory" in stderr
 
 
-def test_sigterm_under_load_finishes_in_flight_work_and_exits_0(model_repository, pixels,
-                                                               reference):
+def test_sigterm_under_load_finishes_in_flight_work_and_exits_0(
+    model_repository, pixels, reference
+):
     process = serve_process(model_repository, "--grace-period", "20")
     events: queue.Queue = queue.Queue()
     threading.Thread(target=read_events, args=(process, events), daemon=True).start()
@@ -468,7 +555,8 @@ def test_sigterm_under_load_finishes_in_flight_work_and_exits_0(model_repository
         channel = grpc.insecure_channel(f"127.0.0.1:{port}")
         stub = embedding_pb2_grpc.EmbeddingServiceStub(channel)
         health_updates = health_pb2_grpc.HealthStub(channel).Watch(
-            health_pb2.HealthCheckRequest(service=""), timeout=WAIT)
+            health_pb2.HealthCheckRequest(service=""), timeout=WAIT
+        )
         assert next(health_updates).status == SERVING
 
         # An extraction-style stream in flight when the signal arrives ...
@@ -499,11 +587,12 @@ def test_sigterm_under_load_finishes_in_flight_work_and_exits_0(model_repository
         assert next(health_updates).status == NOT_SERVING
         health_updates.cancel()  # a watch is a call in flight too: end it, not the grace period
         for i in range(5):  # the in-flight stream keeps working through the grace period
-            outgoing.put(embed_request(pixels[i:i + 3], request_id=f"after-{i}"))
+            outgoing.put(embed_request(pixels[i : i + 3], request_id=f"after-{i}"))
             response = next(responses)
             assert response.request_id == f"after-{i}"
-            np.testing.assert_allclose(embeddings(response), reference(pixels[i:i + 3]),
-                                       atol=1e-5)
+            np.testing.assert_allclose(
+                embeddings(response), reference(pixels[i : i + 3]), atol=1e-5
+            )
         outgoing.put(None)
         assert list(responses) == []
         with pytest.raises(grpc.RpcError) as caught:  # new work is refused

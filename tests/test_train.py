@@ -4,17 +4,24 @@ exact resume, early stopping and checkpoint errors."""
 import pytest
 import torch
 
-from training.checkpoint import CheckpointError, load_checkpoint
-from training.data import load_dataset
-from training.evaluate import encode_array, evaluate_autoencoder, reconstruction_mse
-from training.models import ModelConfig, build_autoencoder
-from training.train import Trainer, TrainingConfig, TrainingInterrupted
+from aet.training.checkpoint import CheckpointError, load_checkpoint
+from aet.training.data import load_dataset
+from aet.training.evaluate import encode_array, evaluate_autoencoder, reconstruction_mse
+from aet.training.models import ModelConfig, build_autoencoder
+from aet.training.train import Trainer, TrainingConfig, TrainingInterrupted
 
 torch.set_num_threads(1)
 
 STACKED = ModelConfig(architecture="stacked", hidden_sizes=(32,), code_size=4)
-QUICK = TrainingConfig(epochs=2, layer_epochs=1, batch_size=128, patience=5, noise="masking",
-                       noise_level=0.25, progress=False)
+QUICK = TrainingConfig(
+    epochs=2,
+    layer_epochs=1,
+    batch_size=128,
+    patience=5,
+    noise="masking",
+    noise_level=0.25,
+    progress=False,
+)
 
 
 @pytest.fixture(scope="module")
@@ -37,15 +44,19 @@ def changed_keys(before, after):
 
 
 def test_greedy_stages_train_their_layer_and_leave_the_others_unchanged(digits, tmp_path):
-    trainer = make_trainer(digits, tmp_path, ModelConfig(architecture="stacked",
-                                                         hidden_sizes=(32, 16), code_size=4))
+    trainer = make_trainer(
+        digits, tmp_path, ModelConfig(architecture="stacked", hidden_sizes=(32, 16), code_size=4)
+    )
     assert [s.name for s in trainer.stages] == ["layer-1", "layer-2", "layer-3", "fine-tune"]
     for k in range(3):
         before = snapshot(trainer.model)
         trainer.run_stage()
         # Tied weights: layer k owns its encoder weight and bias and its decoder bias.
         assert changed_keys(before, snapshot(trainer.model)) == {
-            f"encoder_layers.{k}.weight", f"encoder_layers.{k}.bias", f"decoder_layers.{k}.bias"}
+            f"encoder_layers.{k}.weight",
+            f"encoder_layers.{k}.bias",
+            f"decoder_layers.{k}.bias",
+        }
     before = snapshot(trainer.model)
     trainer.run_stage()
     assert changed_keys(before, snapshot(trainer.model)) == set(before)  # fine-tune: everything
@@ -54,8 +65,9 @@ def test_greedy_stages_train_their_layer_and_leave_the_others_unchanged(digits, 
 
 
 def test_corruption_is_drawn_in_training_only(digits, tmp_path):
-    trainer = make_trainer(digits, tmp_path, ModelConfig(architecture="mlp", hidden_sizes=(32,),
-                                                         code_size=4))
+    trainer = make_trainer(
+        digits, tmp_path, ModelConfig(architecture="mlp", hidden_sizes=(32,), code_size=4)
+    )
     noise_state = trainer.corruption.generator.get_state()
     trainer.fit()
     assert not torch.equal(noise_state, trainer.corruption.generator.get_state())
@@ -70,8 +82,9 @@ def test_corruption_is_drawn_in_training_only(digits, tmp_path):
 
 def test_short_digits_run_beats_pca_reconstruction_and_passes_a_probe_floor(digits, tmp_path):
     config = TrainingConfig(epochs=30, learning_rate=3e-3, noise="none", progress=False)
-    trainer = make_trainer(digits, tmp_path, ModelConfig(architecture="mlp", hidden_sizes=(128,),
-                                                         code_size=8), config)
+    trainer = make_trainer(
+        digits, tmp_path, ModelConfig(architecture="mlp", hidden_sizes=(128,), code_size=8), config
+    )
     trainer.fit()
     result = evaluate_autoencoder(trainer.model, digits, label_counts=(100, None))
     mse = result["reconstruction_mse"]
@@ -104,8 +117,9 @@ def test_resume_after_a_stop_request_mid_epoch_continues_exactly(digits, tmp_pat
 def test_early_stopping_ends_the_stage_and_restores_the_best_weights(digits, tmp_path):
     # A learning rate this large makes the validation loss stop improving within a few epochs.
     config = TrainingConfig(epochs=40, patience=2, learning_rate=0.5, noise="none", progress=False)
-    trainer = make_trainer(digits, tmp_path, ModelConfig(architecture="mlp", hidden_sizes=(16,),
-                                                         code_size=4), config)
+    trainer = make_trainer(
+        digits, tmp_path, ModelConfig(architecture="mlp", hidden_sizes=(16,), code_size=4), config
+    )
     history = trainer.fit()["train"]
     assert history["stopped_early"]
     assert len(history["val_loss"]) == history["best_epoch"] + 2 < 40
@@ -117,10 +131,14 @@ def test_early_stopping_ends_the_stage_and_restores_the_best_weights(digits, tmp
 def test_resuming_a_checkpoint_of_another_architecture_fails_cleanly(digits, tmp_path):
     make_trainer(digits, tmp_path).fit()
     before = (tmp_path / "checkpoint.pt").read_bytes()
-    other = make_trainer(digits, tmp_path, ModelConfig(architecture="vae", hidden_sizes=(32,),
-                                                       code_size=4))
-    with pytest.raises(CheckpointError, match=r"holds a different model; expected .*'vae'.* "
-                                              r"got .*'stacked'"):
+    other = make_trainer(
+        digits, tmp_path, ModelConfig(architecture="vae", hidden_sizes=(32,), code_size=4)
+    )
+    with pytest.raises(
+        CheckpointError,
+        match=r"holds a different model; expected .*'vae'.* "
+        r"got .*'stacked'",
+    ):
         other.resume()
     assert (tmp_path / "checkpoint.pt").read_bytes() == before
 
@@ -140,9 +158,13 @@ def test_truncated_or_inconsistent_checkpoints_raise_checkpoint_error(digits, tm
     make_trainer(digits, tmp_path).fit()
     path = tmp_path / "best.pt"
     payload = torch.load(path, weights_only=True)
-    torch.save({**payload, "model_config": {**payload["model_config"], "hidden_sizes": [8]}},
-               tmp_path / "edited.pt")
-    with pytest.raises(CheckpointError, match="edited.pt: weights do not fit its model configuration"):
+    torch.save(
+        {**payload, "model_config": {**payload["model_config"], "hidden_sizes": [8]}},
+        tmp_path / "edited.pt",
+    )
+    with pytest.raises(
+        CheckpointError, match="edited.pt: weights do not fit its model configuration"
+    ):
         load_checkpoint(tmp_path / "edited.pt")
     (tmp_path / "truncated.pt").write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     with pytest.raises(CheckpointError, match="truncated.pt: not a readable checkpoint"):

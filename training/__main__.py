@@ -1,4 +1,5 @@
-"""`python -m training pretrain|export ...`"""
+"""`python -m aet.training pretrain|export ...`"""
+
 import sys
 
 from aet.cli import main

@@ -20,7 +20,7 @@ import torch
 
 from aet.config import ConfigError
 from aet.errors import UserError
-from training.models import Autoencoder, ModelConfig, build_autoencoder
+from aet.training.models import Autoencoder, ModelConfig, build_autoencoder
 
 FORMAT = "aet-checkpoint/1"
 
@@ -54,24 +54,31 @@ class Checkpoint:
         model.load_state_dict(self.model_state)
         return model.eval()
 
-    def require_model(self, config: ModelConfig, image_shape: tuple[int, int, int],
-                      path: Path) -> None:
+    def require_model(
+        self, config: ModelConfig, image_shape: tuple[int, int, int], path: Path
+    ) -> None:
         """Raise CheckpointError unless this checkpoint holds a model of `config` on `image_shape`."""
         if self.model_config != config:
-            raise CheckpointError(f"checkpoint {path}: holds a different model; expected "
-                                  f"{config.to_dict()}, got {self.model_config.to_dict()}")
+            raise CheckpointError(
+                f"checkpoint {path}: holds a different model; expected "
+                f"{config.to_dict()}, got {self.model_config.to_dict()}"
+            )
         if tuple(self.image_shape) != tuple(image_shape):
-            raise CheckpointError(f"checkpoint {path}: trained on images {tuple(self.image_shape)}; "
-                                  f"the data set has images {tuple(image_shape)}")
+            raise CheckpointError(
+                f"checkpoint {path}: trained on images {tuple(self.image_shape)}; "
+                f"the data set has images {tuple(image_shape)}"
+            )
 
 
 def save_checkpoint(path: str | Path, checkpoint: Checkpoint) -> None:
     """Write `checkpoint` to `path` atomically (temporary file in the same folder, then rename)."""
     path = Path(path)
-    payload = {**{f.name: getattr(checkpoint, f.name) for f in dataclasses.fields(Checkpoint)},
-               "format": FORMAT,
-               "model_config": checkpoint.model_config.to_dict(),
-               "image_shape": list(checkpoint.image_shape)}
+    payload = {
+        **{f.name: getattr(checkpoint, f.name) for f in dataclasses.fields(Checkpoint)},
+        "format": FORMAT,
+        "model_config": checkpoint.model_config.to_dict(),
+        "image_shape": list(checkpoint.image_shape),
+    }
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -93,8 +100,14 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         raise CheckpointError(f"checkpoint {path}: no such file")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, ValueError,
-            OSError) as exc:  # torch.load raises a bare OSError for some truncated files
+    except (
+        pickle.UnpicklingError,
+        zipfile.BadZipFile,
+        RuntimeError,
+        EOFError,
+        ValueError,
+        OSError,
+    ) as exc:  # torch.load raises a bare OSError for some truncated files
         raise CheckpointError(f"checkpoint {path}: not a readable checkpoint ({exc})") from exc
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
@@ -113,6 +126,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     try:
         checkpoint.build_model()
     except (RuntimeError, ConfigError) as exc:
-        raise CheckpointError(f"checkpoint {path}: weights do not fit its model configuration "
-                              f"({exc})") from exc
+        raise CheckpointError(
+            f"checkpoint {path}: weights do not fit its model configuration ({exc})"
+        ) from exc
     return checkpoint

@@ -27,24 +27,31 @@ def _check_fraction(fraction: float, kind: str) -> None:
         raise ConfigError(f"noise level: {kind} needs a fraction nu in [0, 1); got {fraction}")
 
 
-def gaussian(x: torch.Tensor, sigma: float, generator: torch.Generator | None = None
-             ) -> torch.Tensor:
+def gaussian(
+    x: torch.Tensor, sigma: float, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """`x` plus isotropic Gaussian noise N(0, sigma^2) on every entry (not clipped)."""
     _check_sigma(sigma, "gaussian")
     noise = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
     return x + sigma * noise
 
 
-def masking(x: torch.Tensor, fraction: float, generator: torch.Generator | None = None
-            ) -> torch.Tensor:
+def masking(
+    x: torch.Tensor, fraction: float, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """`x` with each entry set to 0 with probability `fraction` (masking noise)."""
     _check_fraction(fraction, "masking")
     masked = torch.rand(x.shape, generator=generator, device=x.device) < fraction
     return x.masked_fill(masked, 0.0)
 
 
-def salt_and_pepper(x: torch.Tensor, fraction: float, generator: torch.Generator | None = None,
-                    low: float = 0.0, high: float = 1.0) -> torch.Tensor:
+def salt_and_pepper(
+    x: torch.Tensor,
+    fraction: float,
+    generator: torch.Generator | None = None,
+    low: float = 0.0,
+    high: float = 1.0,
+) -> torch.Tensor:
     """`x` with each entry set, with probability `fraction`, to `low` or `high` (half each)."""
     _check_fraction(fraction, "salt-and-pepper")
     draw = torch.rand(x.shape, generator=generator, device=x.device)
@@ -69,8 +76,9 @@ CORRUPTION_KINDS: tuple[str, ...] = ("none", *_KINDS)  # valid `kind` values, e.
 
 def _check_kind(kind: str, valid: tuple[str, ...]) -> None:
     if kind not in valid:
-        raise ConfigError(f"noise: unknown corruption {kind!r}; valid corruptions: "
-                          f"{', '.join(valid)}")
+        raise ConfigError(
+            f"noise: unknown corruption {kind!r}; valid corruptions: {', '.join(valid)}"
+        )
 
 
 @dataclass(frozen=True, eq=False)

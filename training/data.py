@@ -82,39 +82,55 @@ class LoadedImages:
 class Loader(Protocol):
     """One entry of `DATASETS`: reads a data set in full, before any split."""
 
-    def __call__(self, path: Path | None, *, image_size: int | None,
-                 channels: int | None) -> LoadedImages: ...
+    def __call__(
+        self, path: Path | None, *, image_size: int | None, channels: int | None
+    ) -> LoadedImages: ...
 
 
-def _fixed_shape_only(name: str, image_size: int | None, channels: int | None,
-                      shape: tuple[int, ...]) -> None:
+def _fixed_shape_only(
+    name: str, image_size: int | None, channels: int | None, shape: tuple[int, ...]
+) -> None:
     """Reject resizing / channel conversion for data sets stored at one fixed shape."""
     if image_size is not None and shape[1:] != (image_size, image_size):
-        raise ConfigError(f"image_size: {name} images are {shape[1]}x{shape[2]} and are not "
-                          f"resized (only image-folder resizes); got image_size={image_size}")
+        raise ConfigError(
+            f"image_size: {name} images are {shape[1]}x{shape[2]} and are not "
+            f"resized (only image-folder resizes); got image_size={image_size}"
+        )
     if channels is not None and channels != shape[0]:
-        raise ConfigError(f"channels: {name} images have {shape[0]} channel(s); "
-                          f"got channels={channels}")
+        raise ConfigError(
+            f"channels: {name} images have {shape[0]} channel(s); got channels={channels}"
+        )
 
 
-def _load_digits(path: Path | None, *, image_size: int | None,
-                 channels: int | None) -> LoadedImages:
+def _load_digits(
+    path: Path | None, *, image_size: int | None, channels: int | None
+) -> LoadedImages:
     """scikit-learn's 1,797 8x8 digits (pixel values 0..16), bundled with the library."""
     if path is not None:
-        raise ConfigError(f"path: the digits data set is bundled with scikit-learn and takes "
-                          f"no path; got {path}")
+        raise ConfigError(
+            f"path: the digits data set is bundled with scikit-learn and takes no path; got {path}"
+        )
     _fixed_shape_only("digits", image_size, channels, (1, 8, 8))
     bunch = load_digits()
     x = (bunch.images.astype(np.float32) / np.float32(16.0))[:, None]  # (N, 1, 8, 8)
-    return LoadedImages(pool=Split(x, bunch.target.astype(np.int64)), raw_max=16.0,
-                        origin={"origin": "sklearn.datasets.load_digits"},
-                        default_test_fraction=0.3)
+    return LoadedImages(
+        pool=Split(x, bunch.target.astype(np.int64)),
+        raw_max=16.0,
+        origin={"origin": "sklearn.datasets.load_digits"},
+        default_test_fraction=0.3,
+    )
 
 
 # --- MNIST-format IDX files (MNIST, Fashion-MNIST, KMNIST) ----------------------------------
 
-_IDX_DTYPES = {0x08: np.dtype(np.uint8), 0x09: np.dtype(np.int8), 0x0B: np.dtype(">i2"),
-               0x0C: np.dtype(">i4"), 0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
+_IDX_DTYPES = {
+    0x08: np.dtype(np.uint8),
+    0x09: np.dtype(np.int8),
+    0x0B: np.dtype(">i2"),
+    0x0C: np.dtype(">i4"),
+    0x0D: np.dtype(">f4"),
+    0x0E: np.dtype(">f8"),
+}
 _IDX_PARTS = ("train", "t10k")  # official training and test sets, in that order
 
 
@@ -146,9 +162,11 @@ def read_idx(path: Path) -> np.ndarray:
         raise DataError(f"{path}: truncated: {len(data)} bytes, shorter than the 4-byte magic")
     magic = int.from_bytes(data[:4], "big")
     if data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES or data[3] == 0:
-        raise DataError(f"{path}: bad magic number 0x{magic:08x}; expected 0x0000TTDD with type "
-                        f"code TT in {{08, 09, 0b, 0c, 0d, 0e}} and DD >= 1 dimensions "
-                        f"(0x00000803 for images, 0x00000801 for labels)")
+        raise DataError(
+            f"{path}: bad magic number 0x{magic:08x}; expected 0x0000TTDD with type "
+            f"code TT in {{08, 09, 0b, 0c, 0d, 0e}} and DD >= 1 dimensions "
+            f"(0x00000803 for images, 0x00000801 for labels)"
+        )
     ndim, dtype = data[3], _IDX_DTYPES[data[2]]
     header = 4 + 4 * ndim
     if len(data) < header:
@@ -157,36 +175,44 @@ def read_idx(path: Path) -> np.ndarray:
     expected = header + math.prod(dims) * dtype.itemsize
     if len(data) != expected:
         fault = "truncated" if len(data) < expected else "trailing bytes"
-        raise DataError(f"{path}: {fault}: header declares shape {dims} ({expected} bytes), "
-                        f"file holds {len(data)} bytes")
+        raise DataError(
+            f"{path}: {fault}: header declares shape {dims} ({expected} bytes), "
+            f"file holds {len(data)} bytes"
+        )
     return np.frombuffer(data, dtype, math.prod(dims), header).reshape(dims)
 
 
 def _idx_file(folder: Path, part: str, kind: str) -> Path | None:
     """`<part>-<kind>-idxN-ubyte`, uncompressed or `.gz`, if present in `folder`."""
     stem = f"{part}-{kind}-idx{3 if kind == 'images' else 1}-ubyte"
-    return next((folder / name for name in (stem, stem + ".gz") if (folder / name).is_file()),
-                None)
+    return next((folder / name for name in (stem, stem + ".gz") if (folder / name).is_file()), None)
 
 
 def _has_idx_files(folder: Path) -> bool:
-    return any(_idx_file(folder, part, kind) for part in _IDX_PARTS
-               for kind in ("images", "labels"))
+    return any(
+        _idx_file(folder, part, kind) for part in _IDX_PARTS for kind in ("images", "labels")
+    )
 
 
 def _find_idx_folder(root: Path) -> Path:
     """The one folder holding the IDX files: `root`, `root/raw` or `root/<Name>/raw`."""
     if not root.is_dir():
-        raise DataError(f"{root}: no such folder; pass the folder of MNIST-format IDX files "
-                        f"(or set AET_MNIST_DIR)")
+        raise DataError(
+            f"{root}: no such folder; pass the folder of MNIST-format IDX files "
+            f"(or set AET_MNIST_DIR)"
+        )
     found = [f for f in (root, root / "raw", *sorted(root.glob("*/raw"))) if _has_idx_files(f)]
     if not found:
-        raise DataError(f"{root}: no MNIST-format IDX files; expected t10k-images-idx3-ubyte[.gz] "
-                        f"and t10k-labels-idx1-ubyte[.gz] (optionally train-...) in {root}, "
-                        f"{root / 'raw'} or {root}/<Name>/raw")
+        raise DataError(
+            f"{root}: no MNIST-format IDX files; expected t10k-images-idx3-ubyte[.gz] "
+            f"and t10k-labels-idx1-ubyte[.gz] (optionally train-...) in {root}, "
+            f"{root / 'raw'} or {root}/<Name>/raw"
+        )
     if len(found) > 1:
-        raise DataError(f"{root}: IDX files in several folders ({', '.join(map(str, found))}); "
-                        f"pass the one to use")
+        raise DataError(
+            f"{root}: IDX files in several folders ({', '.join(map(str, found))}); "
+            f"pass the one to use"
+        )
     return found[0]
 
 
@@ -197,24 +223,33 @@ def _read_idx_part(folder: Path, part: str) -> tuple[Split, list[str]] | None:
         return None
     if images_path is None or labels_path is None:
         present, kind = (labels_path, "images") if images_path is None else (images_path, "labels")
-        raise DataError(f"{folder}: missing file {part}-{kind}-idx{3 if kind == 'images' else 1}"
-                        f"-ubyte[.gz] to go with {present.name}")
+        raise DataError(
+            f"{folder}: missing file {part}-{kind}-idx{3 if kind == 'images' else 1}"
+            f"-ubyte[.gz] to go with {present.name}"
+        )
     images, labels = read_idx(images_path), read_idx(labels_path)
     if images.dtype != np.uint8 or images.ndim != 3:
-        raise DataError(f"{images_path}: expected uint8 images (N, H, W), magic 0x00000803; "
-                        f"got {images.dtype} with shape {images.shape}")
+        raise DataError(
+            f"{images_path}: expected uint8 images (N, H, W), magic 0x00000803; "
+            f"got {images.dtype} with shape {images.shape}"
+        )
     if labels.dtype != np.uint8 or labels.ndim != 1:
-        raise DataError(f"{labels_path}: expected uint8 labels (N,), magic 0x00000801; "
-                        f"got {labels.dtype} with shape {labels.shape}")
+        raise DataError(
+            f"{labels_path}: expected uint8 labels (N,), magic 0x00000801; "
+            f"got {labels.dtype} with shape {labels.shape}"
+        )
     if len(images) != len(labels):
-        raise DataError(f"{labels_path}: {len(labels)} labels, but {images_path.name} holds "
-                        f"{len(images)} images")
+        raise DataError(
+            f"{labels_path}: {len(labels)} labels, but {images_path.name} holds "
+            f"{len(images)} images"
+        )
     x = (images.astype(np.float32) / np.float32(255.0))[:, None]  # (N, 1, H, W)
     return Split(x, labels.astype(np.int64)), [images_path.name, labels_path.name]
 
 
-def _load_mnist_idx(path: Path | None, *, image_size: int | None,
-                    channels: int | None) -> LoadedImages:
+def _load_mnist_idx(
+    path: Path | None, *, image_size: int | None, channels: int | None
+) -> LoadedImages:
     """A folder of MNIST-format IDX files; train + t10k give the official split."""
     folder = _find_idx_folder(default_mnist_dir() if path is None else path)
     parts = {part: read for part in _IDX_PARTS if (read := _read_idx_part(folder, part))}
@@ -223,14 +258,22 @@ def _load_mnist_idx(path: Path | None, *, image_size: int | None,
     if len(shapes) > 1:
         raise DataError(f"{folder}: train and t10k images differ in shape: {sorted(shapes)}")
     _fixed_shape_only("mnist-idx", image_size, channels, splits[0].x.shape[1:])
-    origin = {"path": str(folder.resolve()),
-              "files": [name for _, names in parts.values() for name in names]}
+    origin = {
+        "path": str(folder.resolve()),
+        "files": [name for _, names in parts.values() for name in names],
+    }
     official_test = splits[1] if len(splits) == 2 else None
-    return LoadedImages(pool=splits[0], raw_max=255.0, origin=origin,
-                        default_test_fraction=0.2, official_test=official_test)
+    return LoadedImages(
+        pool=splits[0],
+        raw_max=255.0,
+        origin=origin,
+        default_test_fraction=0.2,
+        official_test=official_test,
+    )
 
 
 # --- .npz arrays ------------------------------------------------------------------------------
+
 
 def _require_path(name: str, path: Path | None) -> Path:
     if path is None:
@@ -243,14 +286,17 @@ def _npz_image_shape(path: Path, x: np.ndarray) -> tuple[int, int, int]:
     if x.ndim == 2:
         side = math.isqrt(x.shape[1])
         if side * side != x.shape[1]:
-            raise DataError(f"{path}: array 'x' has shape {x.shape}; a flat (N, D) array needs D "
-                            f"a perfect square, got D={x.shape[1]}")
+            raise DataError(
+                f"{path}: array 'x' has shape {x.shape}; a flat (N, D) array needs D "
+                f"a perfect square, got D={x.shape[1]}"
+            )
         shape = (1, side, side)
     elif x.ndim in (3, 4):
         shape = (1, *x.shape[1:]) if x.ndim == 3 else x.shape[1:]
     else:
-        raise DataError(f"{path}: array 'x' has shape {x.shape}; expected (N, H, W), "
-                        f"(N, C, H, W) or (N, D)")
+        raise DataError(
+            f"{path}: array 'x' has shape {x.shape}; expected (N, H, W), (N, C, H, W) or (N, D)"
+        )
     if len(x) == 0:
         raise DataError(f"{path}: array 'x' holds no images (shape {x.shape})")
     return shape
@@ -261,34 +307,41 @@ def _npz_scaled(path: Path, x: np.ndarray) -> tuple[np.ndarray, float]:
     if x.dtype == np.uint8:
         return x.astype(np.float32) / np.float32(255.0), 255.0
     if not np.issubdtype(x.dtype, np.floating):
-        raise DataError(f"{path}: array 'x' has dtype {x.dtype}; expected uint8 (0..255) "
-                        f"or float in [0, 1]")
+        raise DataError(
+            f"{path}: array 'x' has dtype {x.dtype}; expected uint8 (0..255) or float in [0, 1]"
+        )
     finite = np.isfinite(x)
     if not finite.all():
         where = tuple(int(i) for i in np.argwhere(~finite)[0])
-        raise DataError(f"{path}: array 'x' holds {int((~finite).sum())} NaN/Inf values "
-                        f"(first: {x[where]} at index {where}); expected finite values in [0, 1]")
+        raise DataError(
+            f"{path}: array 'x' holds {int((~finite).sum())} NaN/Inf values "
+            f"(first: {x[where]} at index {where}); expected finite values in [0, 1]"
+        )
     low, high = float(x.min()), float(x.max())
     if low < 0 or high > 1:
-        raise DataError(f"{path}: array 'x' has values in [{low}, {high}]; float images must lie "
-                        f"in [0, 1] (store 8-bit pixels as uint8)")
+        raise DataError(
+            f"{path}: array 'x' has values in [{low}, {high}]; float images must lie "
+            f"in [0, 1] (store 8-bit pixels as uint8)"
+        )
     return x.astype(np.float32), 1.0
 
 
 def _npz_labels(path: Path, y: np.ndarray, count: int) -> np.ndarray:
     if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
-        raise DataError(f"{path}: array 'y' must be integer labels of shape (N,); "
-                        f"got {y.dtype} with shape {y.shape}")
+        raise DataError(
+            f"{path}: array 'y' must be integer labels of shape (N,); "
+            f"got {y.dtype} with shape {y.shape}"
+        )
     if len(y) != count:
         raise DataError(f"{path}: array 'y' holds {len(y)} labels, but 'x' holds {count} images")
     if y.min() < 0:
-        raise DataError(f"{path}: array 'y' holds negative label {int(y.min())}; "
-                        f"expected class indices >= 0")
+        raise DataError(
+            f"{path}: array 'y' holds negative label {int(y.min())}; expected class indices >= 0"
+        )
     return y.astype(np.int64)
 
 
-def _load_npz(path: Path | None, *, image_size: int | None,
-              channels: int | None) -> LoadedImages:
+def _load_npz(path: Path | None, *, image_size: int | None, channels: int | None) -> LoadedImages:
     """A `.npz` archive with images `x` and optional integer labels `y`."""
     path = _require_path("npz", path)
     try:
@@ -306,8 +359,12 @@ def _load_npz(path: Path | None, *, image_size: int | None,
     x, raw_max = _npz_scaled(path, x)
     x = x.reshape(len(x), *image_shape)
     labels = None if y is None else _npz_labels(path, y, len(x))
-    return LoadedImages(pool=Split(x, labels), raw_max=raw_max,
-                        origin={"path": str(path.resolve())}, default_test_fraction=0.2)
+    return LoadedImages(
+        pool=Split(x, labels),
+        raw_max=raw_max,
+        origin={"path": str(path.resolve())},
+        default_test_fraction=0.2,
+    )
 
 
 # --- image folders (torchvision ImageFolder layout) --------------------------------------------
@@ -334,8 +391,9 @@ def _decode_image(file: Path, mode: str, size: int) -> np.ndarray:
     return np.asarray(image, dtype=np.uint8)
 
 
-def _load_image_folder(path: Path | None, *, image_size: int | None,
-                       channels: int | None) -> LoadedImages:
+def _load_image_folder(
+    path: Path | None, *, image_size: int | None, channels: int | None
+) -> LoadedImages:
     """`<root>/<class>/<image>` (torchvision ImageFolder): grey or RGB, resized to a square."""
     root = _require_path("image-folder", path)
     size = 28 if image_size is None else image_size
@@ -344,19 +402,25 @@ def _load_image_folder(path: Path | None, *, image_size: int | None,
     if channels not in (None, 1, 3):
         raise ConfigError(f"channels: expected 1 (grey) or 3 (RGB); got {channels}")
     if not root.is_dir():
-        raise DataError(f"{root}: no such folder; expected the ImageFolder layout "
-                        f"<root>/<class>/<image>")
+        raise DataError(
+            f"{root}: no such folder; expected the ImageFolder layout <root>/<class>/<image>"
+        )
     classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not classes:
-        raise DataError(f"{root}: no class folders; expected the ImageFolder layout "
-                        f"<root>/<class>/<image>")
+        raise DataError(
+            f"{root}: no class folders; expected the ImageFolder layout <root>/<class>/<image>"
+        )
     files, labels = [], []
     for label, name in enumerate(classes):
-        found = sorted(f for f in (root / name).rglob("*")
-                       if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
+        found = sorted(
+            f
+            for f in (root / name).rglob("*")
+            if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS
+        )
         if not found:
-            raise DataError(f"{root / name}: class folder holds no image files "
-                            f"({', '.join(IMAGE_EXTENSIONS)})")
+            raise DataError(
+                f"{root / name}: class folder holds no image files ({', '.join(IMAGE_EXTENSIONS)})"
+            )
         files += found
         labels += [label] * len(found)
     if channels is None:  # grey only if every image is grey; one colour image makes it RGB
@@ -367,10 +431,12 @@ def _load_image_folder(path: Path | None, *, image_size: int | None,
         channels = 1 if modes <= _GREY_MODES else 3
     pixels = np.stack([_decode_image(f, "L" if channels == 1 else "RGB", size) for f in files])
     x = pixels[:, None] if channels == 1 else pixels.transpose(0, 3, 1, 2)  # (N, C, H, W)
-    return LoadedImages(pool=Split(x.astype(np.float32) / np.float32(255.0),
-                                   np.asarray(labels, dtype=np.int64)),
-                        raw_max=255.0, origin={"path": str(root.resolve()), "classes": classes},
-                        default_test_fraction=0.2)
+    return LoadedImages(
+        pool=Split(x.astype(np.float32) / np.float32(255.0), np.asarray(labels, dtype=np.int64)),
+        raw_max=255.0,
+        origin={"path": str(root.resolve()), "classes": classes},
+        default_test_fraction=0.2,
+    )
 
 
 DATASETS: dict[str, Loader] = {
@@ -397,8 +463,9 @@ def _shuffled_prefix(split: Split, count: int, rng: np.random.Generator) -> Spli
     return _take(split, np.sort(rng.permutation(len(split))[:count]))
 
 
-def _limited(pool: Split, official_test: Split | None, limit: int,
-             seed: int) -> tuple[Split, Split | None]:
+def _limited(
+    pool: Split, official_test: Split | None, limit: int, seed: int
+) -> tuple[Split, Split | None]:
     """At most `limit` examples in all; an official test set keeps its share of them."""
     total = len(pool) + (0 if official_test is None else len(official_test))
     if limit >= total:
@@ -427,21 +494,31 @@ def _hold_out(split: Split, fraction: float, seed: int, part: str) -> tuple[Spli
     """
     n_held_out = math.ceil(fraction * len(split))
     if len(split) - n_held_out < 1:
-        raise ConfigError(f"{part}_fraction: {len(split)} example(s) are too few to hold out "
-                          f"{fraction} as {part} and keep some for training")
+        raise ConfigError(
+            f"{part}_fraction: {len(split)} example(s) are too few to hold out "
+            f"{fraction} as {part} and keep some for training"
+        )
     index = np.arange(len(split))
     if n_held_out == 0:
         return split, _take(split, index[:0]), False
     stratified = _stratifiable(split.y, n_held_out)
-    kept, held_out = train_test_split(index, test_size=n_held_out, random_state=seed,
-                                      stratify=split.y if stratified else None)
+    kept, held_out = train_test_split(
+        index, test_size=n_held_out, random_state=seed, stratify=split.y if stratified else None
+    )
     return _take(split, np.sort(kept)), _take(split, np.sort(held_out)), stratified
 
 
-def load_dataset(name: str, path: str | Path | None = None, *, seed: int = 0,
-                 test_fraction: float | None = None, val_fraction: float = 0.1,
-                 image_size: int | None = None, limit: int | None = None,
-                 channels: int | None = None) -> Dataset:
+def load_dataset(
+    name: str,
+    path: str | Path | None = None,
+    *,
+    seed: int = 0,
+    test_fraction: float | None = None,
+    val_fraction: float = 0.1,
+    image_size: int | None = None,
+    limit: int | None = None,
+    channels: int | None = None,
+) -> Dataset:
     """Load data set `name` (a key of `DATASETS`) and cut its seeded train / val / test split.
 
     `test_fraction=None` uses the data set's own test set when its files define one (MNIST's
@@ -457,8 +534,9 @@ def load_dataset(name: str, path: str | Path | None = None, *, seed: int = 0,
     _check_fraction("val_fraction", val_fraction, allow_zero=True)
     if limit is not None and limit < 1:
         raise ConfigError(f"limit: expected a positive number of examples; got {limit}")
-    loaded = DATASETS[name](None if path is None else Path(path), image_size=image_size,
-                            channels=channels)
+    loaded = DATASETS[name](
+        None if path is None else Path(path), image_size=image_size, channels=channels
+    )
     pool, official_test = loaded.pool, loaded.official_test
     if official_test is not None and test_fraction is not None:
         pool, official_test = _concat(pool, official_test), None
@@ -484,6 +562,13 @@ def load_dataset(name: str, path: str | Path | None = None, *, seed: int = 0,
         "stratified": {"test": test_stratified, "val": val_stratified},
         "sizes": {"train": len(train), "val": len(val), "test": len(test)},
     }
-    return Dataset(name=name, train=train, val=val, test=test, raw_max=loaded.raw_max,
-                   image_shape=tuple(int(d) for d in pool.x.shape[1:]),
-                   num_classes=num_classes, source=source)
+    return Dataset(
+        name=name,
+        train=train,
+        val=val,
+        test=test,
+        raw_max=loaded.raw_max,
+        image_shape=tuple(int(d) for d in pool.x.shape[1:]),
+        num_classes=num_classes,
+        source=source,
+    )

@@ -18,8 +18,8 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from aet.config import ConfigError
-from training.data import Dataset
-from training.models import Autoencoder
+from aet.training.data import Dataset
+from aet.training.models import Autoencoder
 
 BATCH_SIZE = 1024
 DEFAULT_LABEL_COUNTS = (100, 1000, None)  # None: all training labels
@@ -34,15 +34,23 @@ def label_subset(y: np.ndarray, n_labels: int | None, seed: int = 0) -> np.ndarr
         return np.arange(len(y))
     n_classes = len(np.unique(y))
     if n_labels < n_classes:
-        raise ConfigError(f"probe labels: expected at least one label per class ({n_classes}); "
-                          f"got {n_labels}")
-    chosen, _ = train_test_split(np.arange(len(y)), train_size=n_labels, stratify=y,
-                                 random_state=seed)
+        raise ConfigError(
+            f"probe labels: expected at least one label per class ({n_classes}); got {n_labels}"
+        )
+    chosen, _ = train_test_split(
+        np.arange(len(y)), train_size=n_labels, stratify=y, random_state=seed
+    )
     return np.sort(chosen)
 
 
-def linear_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray,
-                 test_y: np.ndarray, n_labels: int | None = None, seed: int = 0) -> float:
+def linear_probe(
+    train_x: np.ndarray,
+    train_y: np.ndarray,
+    test_x: np.ndarray,
+    test_y: np.ndarray,
+    n_labels: int | None = None,
+    seed: int = 0,
+) -> float:
     """Test accuracy of a logistic regression on standardised features (N, D).
 
     Trains on `label_subset(train_y, n_labels, seed)` of the training features.
@@ -57,8 +65,12 @@ def linear_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray,
 def encode_array(model: Autoencoder, x: np.ndarray) -> np.ndarray:
     """Codes (N, code_size) of images `x` (N, C, H, W) in [0, 1], in eval mode."""
     model.eval()
-    return torch.cat([model.encode(torch.from_numpy(x[i:i + BATCH_SIZE]))
-                      for i in range(0, len(x), BATCH_SIZE)]).numpy()
+    return torch.cat(
+        [
+            model.encode(torch.from_numpy(x[i : i + BATCH_SIZE]))
+            for i in range(0, len(x), BATCH_SIZE)
+        ]
+    ).numpy()
 
 
 @torch.no_grad()
@@ -67,7 +79,7 @@ def reconstruction_mse(model: Autoencoder, x: np.ndarray) -> float:
     model.eval()
     total = 0.0
     for i in range(0, len(x), BATCH_SIZE):
-        batch = torch.from_numpy(x[i:i + BATCH_SIZE])
+        batch = torch.from_numpy(x[i : i + BATCH_SIZE])
         total += (model.reconstruct(batch) - batch).square().sum().item()
     return total / x.size
 
@@ -83,9 +95,12 @@ def pca_reconstruction_mse(pca: PCA, x: np.ndarray) -> float:
     return float(np.mean((pca.inverse_transform(pca.transform(flat)) - flat) ** 2))
 
 
-def evaluate_autoencoder(model: Autoencoder, dataset: Dataset,
-                         label_counts: tuple[int | None, ...] = DEFAULT_LABEL_COUNTS,
-                         seed: int = 0) -> dict:
+def evaluate_autoencoder(
+    model: Autoencoder,
+    dataset: Dataset,
+    label_counts: tuple[int | None, ...] = DEFAULT_LABEL_COUNTS,
+    seed: int = 0,
+) -> dict:
     """Test reconstruction MSE beside PCA, and probe accuracies beside pixels and PCA.
 
     Returns a JSON-serialisable dict; probes are skipped when the data set has no labels.
@@ -93,32 +108,49 @@ def evaluate_autoencoder(model: Autoencoder, dataset: Dataset,
     pca = fit_pca(dataset.train.x, model.code_size, seed)
     model_mse = reconstruction_mse(model, dataset.test.x)
     pca_mse = pca_reconstruction_mse(pca, dataset.test.x)
-    result: dict = {"code_size": model.code_size, "test_examples": len(dataset.test),
-                    "reconstruction_mse": {"model": model_mse, "pca": pca_mse,
-                                           "model_over_pca": model_mse / pca_mse}}
+    result: dict = {
+        "code_size": model.code_size,
+        "test_examples": len(dataset.test),
+        "reconstruction_mse": {
+            "model": model_mse,
+            "pca": pca_mse,
+            "model_over_pca": model_mse / pca_mse,
+        },
+    }
     fit, test = dataset.fit, dataset.test
     if fit.y is None or test.y is None:
         return result
     features = {
         "model": (encode_array(model, fit.x), encode_array(model, test.x)),
         "pixels": (fit.x.reshape(len(fit), -1), test.x.reshape(len(test), -1)),
-        "pca": (pca.transform(fit.x.reshape(len(fit), -1)), pca.transform(test.x.reshape(len(test), -1))),
+        "pca": (
+            pca.transform(fit.x.reshape(len(fit), -1)),
+            pca.transform(test.x.reshape(len(test), -1)),
+        ),
     }
     counts = [len(fit) if n is None else min(n, len(fit)) for n in label_counts]
-    result["probe"] = {"labels": counts, **{
-        name: [linear_probe(train, fit.y, held_out, test.y, n, seed) for n in counts]
-        for name, (train, held_out) in features.items()}}
+    result["probe"] = {
+        "labels": counts,
+        **{
+            name: [linear_probe(train, fit.y, held_out, test.y, n, seed) for n in counts]
+            for name, (train, held_out) in features.items()
+        },
+    }
     return result
 
 
 def format_evaluation(result: dict) -> str:
     """A short human-readable table of `evaluate_autoencoder`'s result."""
     mse = result["reconstruction_mse"]
-    lines = [f"test reconstruction MSE: model {mse['model']:.5f}  PCA-{result['code_size']} "
-             f"{mse['pca']:.5f}  (ratio {mse['model_over_pca']:.2f})"]
+    lines = [
+        f"test reconstruction MSE: model {mse['model']:.5f}  PCA-{result['code_size']} "
+        f"{mse['pca']:.5f}  (ratio {mse['model_over_pca']:.2f})"
+    ]
     if "probe" in result:
         probe = result["probe"]
-        lines.append("linear probe accuracy  " + "  ".join(f"{n:>7} labels" for n in probe["labels"]))
+        lines.append(
+            "linear probe accuracy  " + "  ".join(f"{n:>7} labels" for n in probe["labels"])
+        )
         for name in ("model", "pixels", "pca"):
             label = f"PCA-{result['code_size']}" if name == "pca" else name
             lines.append(f"  {label:<21}" + "  ".join(f"{a:>14.3f}" for a in probe[name]))

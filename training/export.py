@@ -13,7 +13,7 @@ import argparse
 import hashlib
 import itertools
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 
@@ -25,12 +25,20 @@ from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
 
 from aet.config import ConfigError, add_config_arguments, config_from_args, config_from_mapping
 from aet.errors import UserError
-from server.repository import (
-    CARD_FILE, MODEL_FILE, MODEL_NAME_PATTERN, InputSpec, ModelCard, OutputSpec, next_version,
-    read_model_card, write_version)
-from training.checkpoint import Checkpoint, CheckpointError, load_checkpoint
-from training.data import Dataset, load_dataset
-from training.pretrain import PretrainConfig
+from aet.server.repository import (
+    CARD_FILE,
+    MODEL_FILE,
+    MODEL_NAME_PATTERN,
+    InputSpec,
+    ModelCard,
+    OutputSpec,
+    next_version,
+    read_model_card,
+    write_version,
+)
+from aet.training.checkpoint import Checkpoint, CheckpointError, load_checkpoint
+from aet.training.data import Dataset, load_dataset
+from aet.training.pretrain import PretrainConfig
 
 INPUT_NAME = "pixels"
 OUTPUT_NAME = "embedding"
@@ -48,30 +56,42 @@ class ExportError(UserError):
 class ExportConfig:
     """What `aet export` exports (a run's best.pt or a checkpoint file) and where to."""
 
-    run: Path | None = field(default=None, metadata={
-        "help": "run folder written by `aet pretrain`; exports its best.pt"})
-    checkpoint: Path | None = field(default=None, metadata={
-        "help": "checkpoint file to export (instead of --run)"})
-    repository: Path = field(default=Path("exported"), metadata={
-        "help": "model repository root"})
-    model_name: str | None = field(default=None, metadata={
-        "help": "model folder name in the repository; the run folder's name if omitted"})
-    opset: int = field(default=20, metadata={
-        "help": "ONNX opset: 18 (the exporter's lowest) up to what the installed onnx knows"})
+    run: Path | None = field(
+        default=None, metadata={"help": "run folder written by `aet pretrain`; exports its best.pt"}
+    )
+    checkpoint: Path | None = field(
+        default=None, metadata={"help": "checkpoint file to export (instead of --run)"}
+    )
+    repository: Path = field(default=Path("exported"), metadata={"help": "model repository root"})
+    model_name: str | None = field(
+        default=None,
+        metadata={"help": "model folder name in the repository; the run folder's name if omitted"},
+    )
+    opset: int = field(
+        default=20,
+        metadata={
+            "help": "ONNX opset: 18 (the exporter's lowest) up to what the installed onnx knows"
+        },
+    )
 
     def __post_init__(self):
         if (self.run is None) == (self.checkpoint is None):
-            raise ConfigError("run / checkpoint: give exactly one of --run or --checkpoint; "
-                              f"got run={self.run}, checkpoint={self.checkpoint}")
+            raise ConfigError(
+                "run / checkpoint: give exactly one of --run or --checkpoint; "
+                f"got run={self.run}, checkpoint={self.checkpoint}"
+            )
         if self.model_name is None and self.run is None:
             raise ConfigError("model_name: required with --checkpoint (no run folder to name it)")
         if self.model_name is not None and not MODEL_NAME_PATTERN.fullmatch(self.model_name):
-            raise ConfigError(f"model_name: expected {MODEL_NAME_PATTERN.pattern}; "
-                              f"got {self.model_name!r}")
+            raise ConfigError(
+                f"model_name: expected {MODEL_NAME_PATTERN.pattern}; got {self.model_name!r}"
+            )
         highest = onnx.defs.onnx_opset_version()
         if not 18 <= self.opset <= highest:
-            raise ConfigError(f"opset: expected 18 (torch's ONNX exporter) to {highest} "
-                              f"(onnx {onnx.__version__}); got {self.opset}")
+            raise ConfigError(
+                f"opset: expected 18 (torch's ONNX exporter) to {highest} "
+                f"(onnx {onnx.__version__}); got {self.opset}"
+            )
 
     @property
     def checkpoint_path(self) -> Path:
@@ -98,9 +118,16 @@ def to_onnx(encoder: PixelEncoder, example: torch.Tensor, opset: int) -> onnx.Mo
     """Export `encoder` with a dynamic batch axis and check the graph with `onnx.checker`."""
     try:
         program = torch.onnx.export(
-            encoder, (example,), dynamo=True, opset_version=opset, optimize=True,
-            input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], verbose=False,
-            dynamic_shapes={INPUT_NAME: {0: torch.export.Dim("batch")}})
+            encoder,
+            (example,),
+            dynamo=True,
+            opset_version=opset,
+            optimize=True,
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            verbose=False,
+            dynamic_shapes={INPUT_NAME: {0: torch.export.Dim("batch")}},
+        )
         model = program.model_proto
         # The exporter annotates each node with Python stack traces and local file paths:
         # dropping them keeps the graph small and the bytes identical across machines.
@@ -135,23 +162,27 @@ def max_parity_diff(onnx_bytes: bytes, encoder: PixelEncoder, pixels: np.ndarray
     try:
         session = onnxruntime.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
     except (ort_errors.Fail, ort_errors.InvalidGraph, ort_errors.InvalidProtobuf) as exc:
-        raise ExportError(f"onnxruntime {onnxruntime.__version__} cannot load the exported "
-                          f"graph: {exc}") from exc
+        raise ExportError(
+            f"onnxruntime {onnxruntime.__version__} cannot load the exported graph: {exc}"
+        ) from exc
     with torch.no_grad():
         expected = encoder(torch.from_numpy(pixels)).numpy()  # (N, code_size)
     bad_rows = int((~np.isfinite(expected)).any(axis=1).sum())
     if bad_rows:
-        raise ExportError(f"the PyTorch encoder outputs NaN or Inf for {bad_rows} of "
-                          f"{len(pixels)} inputs; the checkpoint's weights are unusable")
+        raise ExportError(
+            f"the PyTorch encoder outputs NaN or Inf for {bad_rows} of "
+            f"{len(pixels)} inputs; the checkpoint's weights are unusable"
+        )
     diffs, start = [], 0
     for size in itertools.cycle(PARITY_BATCH_SIZES):
         if start >= len(pixels):
             break
-        want = expected[start:start + size]
-        (got,) = session.run([OUTPUT_NAME], {INPUT_NAME: pixels[start:start + size]})
+        want = expected[start : start + size]
+        (got,) = session.run([OUTPUT_NAME], {INPUT_NAME: pixels[start : start + size]})
         if got.shape != want.shape:
-            raise ExportError(f"onnxruntime output {OUTPUT_NAME!r}: expected shape {want.shape}, "
-                              f"got {got.shape}")
+            raise ExportError(
+                f"onnxruntime output {OUTPUT_NAME!r}: expected shape {want.shape}, got {got.shape}"
+            )
         diffs.append(np.abs(got - want).max())
         start += size
     return float(np.max(diffs))  # NaN if onnxruntime gave NaN: fails the tolerance check
@@ -191,12 +222,20 @@ def training_dataset(checkpoint: Checkpoint, path: Path) -> Dataset:
     try:
         config = config_from_mapping(PretrainConfig, checkpoint.run_config)
     except ConfigError as exc:
-        raise CheckpointError(f"checkpoint {path}: its pretrain configuration is not valid for "
-                              f"this version of aet ({exc})") from exc
+        raise CheckpointError(
+            f"checkpoint {path}: its pretrain configuration is not valid for "
+            f"this version of aet ({exc})"
+        ) from exc
     # The same arguments `aet pretrain` passes, so the held-out rows are the same rows.
-    return load_dataset(config.dataset, config.data_path, seed=config.seed,
-                        test_fraction=config.test_fraction, val_fraction=config.val_fraction,
-                        image_size=config.image_size, limit=config.limit)
+    return load_dataset(
+        config.dataset,
+        config.data_path,
+        seed=config.seed,
+        test_fraction=config.test_fraction,
+        val_fraction=config.val_fraction,
+        image_size=config.image_size,
+        limit=config.limit,
+    )
 
 
 def preprocessing_steps(checkpoint: Checkpoint) -> list[str]:
@@ -222,25 +261,35 @@ def export(config: ExportConfig) -> Path:
     onnx_bytes = model.SerializeToString()
     diff = max_parity_diff(onnx_bytes, encoder, pixels)
     if not diff <= PARITY_TOLERANCE:
-        raise ExportError(f"parity check failed: max |onnxruntime - PyTorch| over {len(pixels)} "
-                          f"inputs: expected <= {PARITY_TOLERANCE:g}, got {diff:.3g}; "
-                          f"nothing written")
+        raise ExportError(
+            f"parity check failed: max |onnxruntime - PyTorch| over {len(pixels)} "
+            f"inputs: expected <= {PARITY_TOLERANCE:g}, got {diff:.3g}; "
+            f"nothing written"
+        )
     card = ModelCard(
-        name=config.name, version=next_version(config.repository, config.name),
+        name=config.name,
+        version=next_version(config.repository, config.name),
         architecture=checkpoint.model_config.architecture,
         hyperparameters=checkpoint.model_config.to_dict(),
-        input=InputSpec(name=INPUT_NAME, shape=checkpoint.image_shape, dtype="float32",
-                        value_range=(0.0, float(checkpoint.raw_max))),
-        output=OutputSpec(name=OUTPUT_NAME, dtype="float32",
-                          embedding_dim=checkpoint.model_config.code_size),
+        input=InputSpec(
+            name=INPUT_NAME,
+            shape=checkpoint.image_shape,
+            dtype="float32",
+            value_range=(0.0, float(checkpoint.raw_max)),
+        ),
+        output=OutputSpec(
+            name=OUTPUT_NAME, dtype="float32", embedding_dim=checkpoint.model_config.code_size
+        ),
         preprocessing=preprocessing_steps(checkpoint),
         dataset=checkpoint.source,
         metrics=card_metrics(checkpoint.metrics),
         opset=onnx_opset(model),
         sha256=hashlib.sha256(onnx_bytes).hexdigest(),
-        parity_max_abs_diff=diff, parity_samples=len(pixels),
+        parity_max_abs_diff=diff,
+        parity_samples=len(pixels),
         library_versions=library_versions(),
-        created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+        created=datetime.now(UTC).isoformat(timespec="seconds"),
+    )
     return write_version(config.repository, config.name, onnx_bytes, card)
 
 
@@ -253,12 +302,14 @@ def run(args: argparse.Namespace) -> int:
     path = export(config)
     card = read_model_card(path / CARD_FILE)
     graph = onnx.load(path / MODEL_FILE)
-    print(f"exported {config.checkpoint_path} -> {path}\n"
-          f"  {card.input.name} {card.input.dtype} (batch, {', '.join(map(str, card.input.shape))}) "
-          f"in [{card.input.value_range[0]:g}, {card.input.value_range[1]:g}] -> "
-          f"{card.output.name} {card.output.dtype} (batch, {card.output.embedding_dim})\n"
-          f"  opset {card.opset}, {len(graph.graph.node)} nodes, "
-          f"{(path / MODEL_FILE).stat().st_size / 1024:.1f} KiB, sha256 {card.sha256[:16]}...\n"
-          f"  parity: max |onnxruntime - PyTorch| {card.parity_max_abs_diff:.2g} "
-          f"over {card.parity_samples} inputs")
+    print(
+        f"exported {config.checkpoint_path} -> {path}\n"
+        f"  {card.input.name} {card.input.dtype} (batch, {', '.join(map(str, card.input.shape))}) "
+        f"in [{card.input.value_range[0]:g}, {card.input.value_range[1]:g}] -> "
+        f"{card.output.name} {card.output.dtype} (batch, {card.output.embedding_dim})\n"
+        f"  opset {card.opset}, {len(graph.graph.node)} nodes, "
+        f"{(path / MODEL_FILE).stat().st_size / 1024:.1f} KiB, sha256 {card.sha256[:16]}...\n"
+        f"  parity: max |onnxruntime - PyTorch| {card.parity_max_abs_diff:.2g} "
+        f"over {card.parity_samples} inputs"
+    )
     return 0

@@ -21,7 +21,12 @@ from aet.config import ConfigError
 
 ARCHITECTURES = ("mlp", "linear", "stacked", "vae", "conv")
 ACTIVATIONS: dict[str, type[nn.Module]] = {
-    "relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "gelu": nn.GELU, "elu": nn.ELU}
+    "relu": nn.ReLU,
+    "tanh": nn.Tanh,
+    "sigmoid": nn.Sigmoid,
+    "gelu": nn.GELU,
+    "elu": nn.ELU,
+}
 LOSSES = ("bce", "mse")
 TIEABLE = ("mlp", "linear", "stacked")  # architectures built from transposable Linear layers
 
@@ -49,23 +54,30 @@ class ModelConfig:
         _check_choice("activation", self.activation, tuple(ACTIVATIONS))
         _check_choice("loss", self.loss, LOSSES)
         if not self.hidden_sizes:
-            raise ConfigError("hidden_sizes: expected at least one hidden layer size; "
-                              "got an empty list")
+            raise ConfigError(
+                "hidden_sizes: expected at least one hidden layer size; got an empty list"
+            )
         if any(h < 1 for h in self.hidden_sizes):
-            raise ConfigError(f"hidden_sizes: expected positive sizes; got {list(self.hidden_sizes)}")
+            raise ConfigError(
+                f"hidden_sizes: expected positive sizes; got {list(self.hidden_sizes)}"
+            )
         if self.code_size < 1:
             raise ConfigError(f"code_size: expected a positive size; got {self.code_size}")
         if self.tied_weights and self.architecture not in TIEABLE:
-            raise ConfigError(f"tied_weights: supported by {', '.join(TIEABLE)}; "
-                              f"got architecture {self.architecture!r}")
+            raise ConfigError(
+                f"tied_weights: supported by {', '.join(TIEABLE)}; "
+                f"got architecture {self.architecture!r}"
+            )
 
     def check_input(self, image_shape: tuple[int, int, int]) -> None:
         """Reject a code at least as large as the input unless overcomplete codes are allowed."""
         n_inputs = math.prod(image_shape)
         if self.code_size >= n_inputs and not self.allow_overcomplete:
-            raise ConfigError(f"code_size: expected fewer than the {n_inputs} inputs of images "
-                              f"{tuple(image_shape)} (pass --allow-overcomplete to permit it); "
-                              f"got {self.code_size}")
+            raise ConfigError(
+                f"code_size: expected fewer than the {n_inputs} inputs of images "
+                f"{tuple(image_shape)} (pass --allow-overcomplete to permit it); "
+                f"got {self.code_size}"
+            )
 
     def to_dict(self) -> dict:
         return {**dataclasses.asdict(self), "hidden_sizes": list(self.hidden_sizes)}
@@ -118,8 +130,9 @@ class Autoencoder(nn.Module):
         output = self(x)
         return torch.sigmoid(output) if self.config.loss == "bce" else output
 
-    def objective(self, x_input: torch.Tensor, target: torch.Tensor,
-                  generator: torch.Generator | None = None) -> torch.Tensor:
+    def objective(
+        self, x_input: torch.Tensor, target: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
         """Mean over the batch of the per-example loss of reconstructing `target` from `x_input`."""
         return reconstruction_loss(self(x_input), target, self.config.loss).mean()
 
@@ -158,8 +171,12 @@ class MLPAutoencoder(Autoencoder):
         if config.tied_weights:
             self.decoder_layers = nn.ModuleList(TransposedLinear(e) for e in self.encoder_layers)
         else:
-            self.decoder_layers = nn.ModuleList(nn.Linear(b, a) for a, b in zip(sizes[:-1], sizes[1:]))
-        self.act = nn.Identity() if config.architecture == "linear" else ACTIVATIONS[config.activation]()
+            self.decoder_layers = nn.ModuleList(
+                nn.Linear(b, a) for a, b in zip(sizes[:-1], sizes[1:])
+            )
+        self.act = (
+            nn.Identity() if config.architecture == "linear" else ACTIVATIONS[config.activation]()
+        )
 
     @property
     def n_layers(self) -> int:
@@ -198,7 +215,9 @@ class MLPAutoencoder(Autoencoder):
         """The parameters greedy stage k trains: encoder layer k and its decoder mirror."""
         return [*self.encoder_layers[k].parameters(), *self.decoder_layers[k].parameters()]
 
-    def stage_objective(self, k: int, h_input: torch.Tensor, h_target: torch.Tensor) -> torch.Tensor:
+    def stage_objective(
+        self, k: int, h_input: torch.Tensor, h_target: torch.Tensor
+    ) -> torch.Tensor:
         """Loss of the one-layer autoencoder k reconstructing `h_target` from `h_input`.
 
         Stage 0 reconstructs pixels with the model's loss; deeper stages reconstruct hidden
@@ -227,8 +246,9 @@ class VariationalAutoencoder(MLPAutoencoder):
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return self.posterior(x)[0]
 
-    def objective(self, x_input: torch.Tensor, target: torch.Tensor,
-                  generator: torch.Generator | None = None) -> torch.Tensor:
+    def objective(
+        self, x_input: torch.Tensor, target: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
         """Negative ELBO: reconstruction NLL of one reparameterised sample + KL(q(z|x) || N(0, I))."""
         mu, logvar = self.posterior(x_input)
         eps = torch.randn(mu.shape, generator=generator, dtype=mu.dtype)
@@ -252,16 +272,22 @@ class ConvAutoencoder(Autoencoder):
             sizes.append(((h + 1) // 2, (w + 1) // 2))
         self.feature_shape = (config.hidden_sizes[-1], *sizes[-1])
         n_features = math.prod(self.feature_shape)
-        self.encoder = nn.Sequential(*encoder, nn.Flatten(), nn.Linear(n_features, config.code_size))
-        decoder: list[nn.Module] = [nn.Linear(config.code_size, n_features), act(),
-                                    nn.Unflatten(1, self.feature_shape)]
+        self.encoder = nn.Sequential(
+            *encoder, nn.Flatten(), nn.Linear(n_features, config.code_size)
+        )
+        decoder: list[nn.Module] = [
+            nn.Linear(config.code_size, n_features),
+            act(),
+            nn.Unflatten(1, self.feature_shape),
+        ]
         outs = (*reversed(config.hidden_sizes[:-1]), channels)
         for i, (c_in, c_out) in enumerate(zip(reversed(config.hidden_sizes), outs)):
             (h, w), (target_h, target_w) = sizes[-1 - i], sizes[-2 - i]
             # A stride-2 transposed conv gives 2n - 1 (+ output_padding) pixels: pad to the target.
             padding = (target_h - (2 * h - 1), target_w - (2 * w - 1))
-            decoder.append(nn.ConvTranspose2d(c_in, c_out, 3, stride=2, padding=1,
-                                              output_padding=padding))
+            decoder.append(
+                nn.ConvTranspose2d(c_in, c_out, 3, stride=2, padding=1, output_padding=padding)
+            )
             if i < len(config.hidden_sizes) - 1:  # the last layer outputs loss-space pixels
                 decoder.append(act())
         self.decoder = nn.Sequential(*decoder)

@@ -19,13 +19,20 @@ import torch
 
 from aet.config import ConfigError, add_config_arguments, config_from_args
 from aet.errors import UserError
-from training.checkpoint import load_checkpoint, save_checkpoint
-from training.corruption import CORRUPTION_KINDS
-from training.data import DATASETS, Dataset, load_dataset
-from training.evaluate import encode_array, evaluate_autoencoder, format_evaluation
-from training.models import ACTIVATIONS, ARCHITECTURES, LOSSES, Autoencoder, ModelConfig, build_autoencoder
-from training.plots import plot_latent_2d, plot_loss_curves, plot_reconstructions
-from training.train import Trainer, TrainingConfig, TrainingInterrupted
+from aet.training.checkpoint import load_checkpoint, save_checkpoint
+from aet.training.corruption import CORRUPTION_KINDS
+from aet.training.data import DATASETS, Dataset, load_dataset
+from aet.training.evaluate import encode_array, evaluate_autoencoder, format_evaluation
+from aet.training.models import (
+    ACTIVATIONS,
+    ARCHITECTURES,
+    LOSSES,
+    Autoencoder,
+    ModelConfig,
+    build_autoencoder,
+)
+from aet.training.plots import plot_latent_2d, plot_loss_curves, plot_reconstructions
+from aet.training.train import Trainer, TrainingConfig, TrainingInterrupted
 
 EXIT_INTERRUPTED = 130  # the shell's code for a process stopped by SIGINT
 N_RECONSTRUCTIONS = 10
@@ -37,80 +44,147 @@ class PretrainConfig:
     """Everything `aet pretrain` does, as flags or TOML fields."""
 
     # run folder
-    name: str | None = field(default=None, metadata={
-        "help": "run name, the folder under --runs-dir (default: <dataset>-<architecture>-<code-size>)"})
+    name: str | None = field(
+        default=None,
+        metadata={
+            "help": "run name, the folder under --runs-dir (default: <dataset>-<architecture>-<code-size>)"
+        },
+    )
     runs_dir: Path = field(default=Path("runs"), metadata={"help": "folder holding run folders"})
-    resume: bool = field(default=False, metadata={
-        "help": "continue the run from its checkpoint.pt (same model configuration)"})
+    resume: bool = field(
+        default=False,
+        metadata={"help": "continue the run from its checkpoint.pt (same model configuration)"},
+    )
     # data
-    dataset: str = field(default="digits", metadata={
-        "help": "data set", "choices": list(DATASETS)})
-    data_path: Path | None = field(default=None, metadata={
-        "help": "file or folder of the data set (mnist-idx, npz, image-folder)"})
-    test_fraction: float | None = field(default=None, metadata={
-        "help": "held-out test fraction (default: the data set's own test files or its default)"})
-    val_fraction: float = field(default=0.1, metadata={
-        "help": "validation fraction of the rest, for early stopping"})
-    limit: int | None = field(default=None, metadata={
-        "help": "use only this many examples (a seeded subset, for quick runs)"})
-    image_size: int | None = field(default=None, metadata={
-        "help": "resize image-folder images to this square size"})
+    dataset: str = field(default="digits", metadata={"help": "data set", "choices": list(DATASETS)})
+    data_path: Path | None = field(
+        default=None,
+        metadata={"help": "file or folder of the data set (mnist-idx, npz, image-folder)"},
+    )
+    test_fraction: float | None = field(
+        default=None,
+        metadata={
+            "help": "held-out test fraction (default: the data set's own test files or its default)"
+        },
+    )
+    val_fraction: float = field(
+        default=0.1, metadata={"help": "validation fraction of the rest, for early stopping"}
+    )
+    limit: int | None = field(
+        default=None,
+        metadata={"help": "use only this many examples (a seeded subset, for quick runs)"},
+    )
+    image_size: int | None = field(
+        default=None, metadata={"help": "resize image-folder images to this square size"}
+    )
     # model
-    architecture: str = field(default=_MODEL.architecture, metadata={
-        "help": "mlp: end-to-end MLP; linear: MLP without activations; stacked: greedy "
-                "layer-wise then fine-tune; vae: variational; conv: convolutional encoder",
-        "choices": list(ARCHITECTURES)})
-    hidden_sizes: list[int] = field(default_factory=lambda: list(_MODEL.hidden_sizes), metadata={
-        "help": "hidden layer sizes, input side first (channels for conv)"})
+    architecture: str = field(
+        default=_MODEL.architecture,
+        metadata={
+            "help": "mlp: end-to-end MLP; linear: MLP without activations; stacked: greedy "
+            "layer-wise then fine-tune; vae: variational; conv: convolutional encoder",
+            "choices": list(ARCHITECTURES),
+        },
+    )
+    hidden_sizes: list[int] = field(
+        default_factory=lambda: list(_MODEL.hidden_sizes),
+        metadata={"help": "hidden layer sizes, input side first (channels for conv)"},
+    )
     code_size: int = field(default=_MODEL.code_size, metadata={"help": "embedding dimension"})
-    activation: str = field(default=_MODEL.activation, metadata={
-        "help": "hidden activation", "choices": list(ACTIVATIONS)})
-    tied_weights: bool | None = field(default=None, metadata={
-        "help": "decoder reuses the transposed encoder weights; only mlp, linear and stacked "
-                "can, and do unless --no-tied-weights"})
-    loss: str = field(default=_MODEL.loss, metadata={
-        "help": "bce: Bernoulli decoder, for data in [0, 1]; mse: Gaussian decoder",
-        "choices": list(LOSSES)})
-    allow_overcomplete: bool = field(default=_MODEL.allow_overcomplete, metadata={
-        "help": "permit a code at least as large as the input"})
+    activation: str = field(
+        default=_MODEL.activation,
+        metadata={"help": "hidden activation", "choices": list(ACTIVATIONS)},
+    )
+    tied_weights: bool | None = field(
+        default=None,
+        metadata={
+            "help": "decoder reuses the transposed encoder weights; only mlp, linear and stacked "
+            "can, and do unless --no-tied-weights"
+        },
+    )
+    loss: str = field(
+        default=_MODEL.loss,
+        metadata={
+            "help": "bce: Bernoulli decoder, for data in [0, 1]; mse: Gaussian decoder",
+            "choices": list(LOSSES),
+        },
+    )
+    allow_overcomplete: bool = field(
+        default=_MODEL.allow_overcomplete,
+        metadata={"help": "permit a code at least as large as the input"},
+    )
     # denoising
-    noise: str = field(default=_TRAINING.noise, metadata={
-        "help": "input corruption during training", "choices": list(CORRUPTION_KINDS)})
-    noise_level: float = field(default=_TRAINING.noise_level, metadata={
-        "help": "sigma for gaussian; corrupted fraction nu in [0, 1) for masking, salt-and-pepper"})
+    noise: str = field(
+        default=_TRAINING.noise,
+        metadata={"help": "input corruption during training", "choices": list(CORRUPTION_KINDS)},
+    )
+    noise_level: float = field(
+        default=_TRAINING.noise_level,
+        metadata={
+            "help": "sigma for gaussian; corrupted fraction nu in [0, 1) for masking, salt-and-pepper"
+        },
+    )
     # optimisation
-    epochs: int = field(default=_TRAINING.epochs, metadata={
-        "help": "maximum end-to-end epochs (the fine-tune stage of stacked)"})
-    layer_epochs: int = field(default=_TRAINING.layer_epochs, metadata={
-        "help": "maximum epochs of each greedy layer stage (stacked)"})
+    epochs: int = field(
+        default=_TRAINING.epochs,
+        metadata={"help": "maximum end-to-end epochs (the fine-tune stage of stacked)"},
+    )
+    layer_epochs: int = field(
+        default=_TRAINING.layer_epochs,
+        metadata={"help": "maximum epochs of each greedy layer stage (stacked)"},
+    )
     batch_size: int = field(default=_TRAINING.batch_size, metadata={"help": "examples per step"})
-    learning_rate: float = field(default=_TRAINING.learning_rate, metadata={"help": "Adam learning rate"})
-    patience: int = field(default=_TRAINING.patience, metadata={
-        "help": "stop a stage after this many epochs without a better validation loss"})
-    seed: int = field(default=_TRAINING.seed, metadata={"help": "seed for the split, initialisation, "
-                                                   "shuffling, noise and probe subsets"})
-    threads: int = field(default=1, metadata={
-        "help": "torch CPU threads; small models train fastest on one, above all on a busy machine"})
-    log_every: int = field(default=_TRAINING.log_every, metadata={"help": "steps between progress-bar updates"})
+    learning_rate: float = field(
+        default=_TRAINING.learning_rate, metadata={"help": "Adam learning rate"}
+    )
+    patience: int = field(
+        default=_TRAINING.patience,
+        metadata={"help": "stop a stage after this many epochs without a better validation loss"},
+    )
+    seed: int = field(
+        default=_TRAINING.seed,
+        metadata={"help": "seed for the split, initialisation, shuffling, noise and probe subsets"},
+    )
+    threads: int = field(
+        default=1,
+        metadata={
+            "help": "torch CPU threads; small models train fastest on one, above all on a busy machine"
+        },
+    )
+    log_every: int = field(
+        default=_TRAINING.log_every, metadata={"help": "steps between progress-bar updates"}
+    )
     progress: bool = field(default=_TRAINING.progress, metadata={"help": "show progress bars"})
     # evaluation
-    probe_labels: list[int] = field(default_factory=lambda: [100, 1000], metadata={
-        "help": "label counts for the linear probe (all training labels are always added)"})
+    probe_labels: list[int] = field(
+        default_factory=lambda: [100, 1000],
+        metadata={
+            "help": "label counts for the linear probe (all training labels are always added)"
+        },
+    )
 
     def __post_init__(self) -> None:
         if self.dataset not in DATASETS:
-            raise ConfigError(f"dataset: unknown data set {self.dataset!r}; valid data sets: "
-                              f"{', '.join(DATASETS)}")
+            raise ConfigError(
+                f"dataset: unknown data set {self.dataset!r}; valid data sets: "
+                f"{', '.join(DATASETS)}"
+            )
         self.model_config()  # validates the model fields
         self.training_config()  # validates optimisation and noise fields
         if not 0 < self.val_fraction < 1:
-            raise ConfigError(f"val_fraction: early stopping needs a validation split, a fraction "
-                              f"in (0, 1); got {self.val_fraction}")
+            raise ConfigError(
+                f"val_fraction: early stopping needs a validation split, a fraction "
+                f"in (0, 1); got {self.val_fraction}"
+            )
         if self.threads < 1:
             raise ConfigError(f"threads: expected a positive integer; got {self.threads}")
         if any(n < 1 for n in self.probe_labels):
-            raise ConfigError(f"probe_labels: expected positive label counts; got {self.probe_labels}")
-        if self.name is not None and (not self.name or "/" in self.name or self.name in (".", "..")):
+            raise ConfigError(
+                f"probe_labels: expected positive label counts; got {self.probe_labels}"
+            )
+        if self.name is not None and (
+            not self.name or "/" in self.name or self.name in (".", "..")
+        ):
             raise ConfigError(f"name: expected a folder name without '/'; got {self.name!r}")
 
     @property
@@ -122,20 +196,34 @@ class PretrainConfig:
         return self.runs_dir / self.run_name
 
     def model_config(self) -> ModelConfig:
-        return ModelConfig(architecture=self.architecture, hidden_sizes=tuple(self.hidden_sizes),
-                           code_size=self.code_size, activation=self.activation,
-                           tied_weights=self.tied_weights, loss=self.loss,
-                           allow_overcomplete=self.allow_overcomplete)
+        return ModelConfig(
+            architecture=self.architecture,
+            hidden_sizes=tuple(self.hidden_sizes),
+            code_size=self.code_size,
+            activation=self.activation,
+            tied_weights=self.tied_weights,
+            loss=self.loss,
+            allow_overcomplete=self.allow_overcomplete,
+        )
 
     def training_config(self) -> TrainingConfig:
-        return TrainingConfig(epochs=self.epochs, layer_epochs=self.layer_epochs,
-                              batch_size=self.batch_size, learning_rate=self.learning_rate,
-                              patience=self.patience, noise=self.noise,
-                              noise_level=self.noise_level, seed=self.seed,
-                              log_every=self.log_every, progress=self.progress)
+        return TrainingConfig(
+            epochs=self.epochs,
+            layer_epochs=self.layer_epochs,
+            batch_size=self.batch_size,
+            learning_rate=self.learning_rate,
+            patience=self.patience,
+            noise=self.noise,
+            noise_level=self.noise_level,
+            seed=self.seed,
+            log_every=self.log_every,
+            progress=self.progress,
+        )
 
     def to_dict(self) -> dict:
-        return {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(self).items()}
+        return {
+            k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(self).items()
+        }
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -148,8 +236,10 @@ def prepare_run_dir(config: PretrainConfig) -> Path:
     if config.resume and not (run_dir / "checkpoint.pt").exists():
         raise ConfigError(f"resume: no run to continue; expected {run_dir / 'checkpoint.pt'}")
     if (run_dir / "checkpoint.pt").exists() and not config.resume:
-        raise ConfigError(f"name: run folder {run_dir} already holds a run; pass --resume to "
-                          f"continue it or choose another --name")
+        raise ConfigError(
+            f"name: run folder {run_dir} already holds a run; pass --resume to "
+            f"continue it or choose another --name"
+        )
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -164,8 +254,9 @@ def write_json(path: Path, data: dict) -> None:
         raise UserError(f"cannot write {path}: {exc}") from exc
 
 
-def write_figures(model: Autoencoder, dataset: Dataset, config: PretrainConfig,
-                  history: dict, run_dir: Path) -> None:
+def write_figures(
+    model: Autoencoder, dataset: Dataset, config: PretrainConfig, history: dict, run_dir: Path
+) -> None:
     """loss_curve.png, reconstructions.png (clean, corrupted, reconstructed), latent_2d.png."""
     plot_loss_curves(history, run_dir / "loss_curve.png")
     clean = torch.from_numpy(dataset.test.x[:N_RECONSTRUCTIONS])
@@ -173,8 +264,14 @@ def write_figures(model: Autoencoder, dataset: Dataset, config: PretrainConfig,
     corrupted = clean if corruption is None else corruption(clean)
     with torch.no_grad():
         reconstructed = model.eval().reconstruct(corrupted)
-    plot_reconstructions({"clean": clean.numpy(), "corrupted": corrupted.numpy(),
-                          "reconstructed": reconstructed.numpy()}, run_dir / "reconstructions.png")
+    plot_reconstructions(
+        {
+            "clean": clean.numpy(),
+            "corrupted": corrupted.numpy(),
+            "reconstructed": reconstructed.numpy(),
+        },
+        run_dir / "reconstructions.png",
+    )
     plot_latent_2d(encode_array(model, dataset.test.x), dataset.test.y, run_dir / "latent_2d.png")
 
 
@@ -182,9 +279,15 @@ def run(args: argparse.Namespace) -> int:
     """Train, evaluate and write the run folder; 130 after saving when interrupted."""
     config = config_from_args(PretrainConfig, args)
     torch.set_num_threads(config.threads)
-    dataset = load_dataset(config.dataset, config.data_path, seed=config.seed,
-                           test_fraction=config.test_fraction, val_fraction=config.val_fraction,
-                           image_size=config.image_size, limit=config.limit)
+    dataset = load_dataset(
+        config.dataset,
+        config.data_path,
+        seed=config.seed,
+        test_fraction=config.test_fraction,
+        val_fraction=config.val_fraction,
+        image_size=config.image_size,
+        limit=config.limit,
+    )
     torch.manual_seed(config.seed)  # model initialisation
     model = build_autoencoder(config.model_config(), dataset.image_shape)
     run_dir = prepare_run_dir(config)
@@ -192,9 +295,11 @@ def run(args: argparse.Namespace) -> int:
     if config.resume:
         trainer.resume()  # checks the checkpoint holds this model before anything is written
     write_json(run_dir / "config.json", config.to_dict())
-    print(f"pretraining {config.architecture} on {dataset.name} {dataset.image_shape} "
-          f"({len(dataset.train)} train / {len(dataset.val)} val / {len(dataset.test)} test) "
-          f"into {run_dir}")
+    print(
+        f"pretraining {config.architecture} on {dataset.name} {dataset.image_shape} "
+        f"({len(dataset.train)} train / {len(dataset.val)} val / {len(dataset.test)} test) "
+        f"into {run_dir}"
+    )
     started = time.perf_counter()
     try:
         history = trainer.fit()

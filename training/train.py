@@ -29,10 +29,10 @@ import torch
 from tqdm import tqdm
 
 from aet.config import ConfigError
-from training.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
-from training.corruption import Corruption, build_corruption
-from training.data import Dataset
-from training.models import Autoencoder, MLPAutoencoder
+from aet.training.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
+from aet.training.corruption import Corruption, build_corruption
+from aet.training.data import Dataset
+from aet.training.models import Autoencoder, MLPAutoencoder
 
 VALIDATION_BATCH = 1024
 
@@ -70,7 +70,9 @@ class TrainingConfig:
         if self.layer_epochs < 0:
             raise ConfigError(f"layer_epochs: expected >= 0; got {self.layer_epochs}")
         if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
-            raise ConfigError(f"learning_rate: expected a positive number; got {self.learning_rate}")
+            raise ConfigError(
+                f"learning_rate: expected a positive number; got {self.learning_rate}"
+            )
         build_corruption(self.noise, self.noise_level)  # validates kind and level
 
     def corruption(self) -> Corruption | None:
@@ -137,8 +139,14 @@ def _catch_interrupt(flag: _InterruptFlag) -> Iterator[None]:
 class Trainer:
     """Trains one model on one data set into `run_dir` (checkpoint.pt, best.pt)."""
 
-    def __init__(self, model: Autoencoder, dataset: Dataset, config: TrainingConfig,
-                 run_dir: Path, run_config: dict) -> None:
+    def __init__(
+        self,
+        model: Autoencoder,
+        dataset: Dataset,
+        config: TrainingConfig,
+        run_dir: Path,
+        run_config: dict,
+    ) -> None:
         self.model, self.dataset, self.config = model, dataset, config
         self.run_dir, self.run_config = Path(run_dir), run_config
         self.stages = plan_stages(model, config)
@@ -150,7 +158,9 @@ class Trainer:
         self._tensors_stage: int | None = None  # the stage whose inputs `_tensors` holds
         self._tensors: tuple[torch.Tensor, torch.Tensor] = (self.train_x, self.val_x)
         self._interrupt = _InterruptFlag()
-        self.history: dict[str, dict] = {s.name: {"train_loss": [], "val_loss": []} for s in self.stages}
+        self.history: dict[str, dict] = {
+            s.name: {"train_loss": [], "val_loss": []} for s in self.stages
+        }
         self.optimizer = self._make_optimizer()
 
     @property
@@ -170,8 +180,11 @@ class Trainer:
 
     def _make_optimizer(self) -> torch.optim.Adam:
         stage = self._stage()
-        params = (self.model.parameters() if stage.layer is None
-                  else self.model.stage_parameters(stage.layer))
+        params = (
+            self.model.parameters()
+            if stage.layer is None
+            else self.model.stage_parameters(stage.layer)
+        )
         return torch.optim.Adam(params, lr=self.config.learning_rate)
 
     def _stage_data(self, stage: Stage, x: torch.Tensor) -> torch.Tensor:
@@ -185,7 +198,10 @@ class Trainer:
         """(train, validation) data of the current stage, computed once per stage."""
         if self._tensors_stage != self.position.stage:
             stage = self._stage()
-            self._tensors = (self._stage_data(stage, self.train_x), self._stage_data(stage, self.val_x))
+            self._tensors = (
+                self._stage_data(stage, self.train_x),
+                self._stage_data(stage, self.val_x),
+            )
             self._tensors_stage = self.position.stage
         return self._tensors
 
@@ -201,13 +217,16 @@ class Trainer:
         loss_of = self._loss_function(self._stage())
         saved = self.generator.get_state()
         self.generator.manual_seed(self.config.seed + 1)
-        corruption = (None if self.corruption is None
-                      else Corruption(self.corruption.kind, self.corruption.level, self.config.seed + 1))
+        corruption = (
+            None
+            if self.corruption is None
+            else Corruption(self.corruption.kind, self.corruption.level, self.config.seed + 1)
+        )
         self.model.eval()
         total = torch.zeros(())
         with torch.no_grad():
             for start in range(0, len(val_data), VALIDATION_BATCH):
-                target = val_data[start:start + VALIDATION_BATCH]
+                target = val_data[start : start + VALIDATION_BATCH]
                 inputs = target if corruption is None else corruption(target)
                 total += loss_of(inputs, target) * len(target)
         self.generator.set_state(saved)
@@ -227,11 +246,17 @@ class Trainer:
         n_steps = math.ceil(len(train_data) / batch)
         loss_of = self._loss_function(stage)
         self.model.train()
-        bar = tqdm(total=n_steps, initial=pos.step, disable=not self.config.progress, leave=False,
-                   desc=f"{stage.name} {pos.epoch + 1}/{stage.epochs}", unit="step")
+        bar = tqdm(
+            total=n_steps,
+            initial=pos.step,
+            disable=not self.config.progress,
+            leave=False,
+            desc=f"{stage.name} {pos.epoch + 1}/{stage.epochs}",
+            unit="step",
+        )
         with bar:
             while pos.step < n_steps:
-                target = shuffled[pos.step * batch:(pos.step + 1) * batch]
+                target = shuffled[pos.step * batch : (pos.step + 1) * batch]
                 inputs = target if self.corruption is None else self.corruption(target)
                 loss = loss_of(inputs, target)
                 self.optimizer.zero_grad(set_to_none=True)
@@ -262,10 +287,13 @@ class Trainer:
             record["best_epoch"] = pos.epoch
         else:
             pos.epochs_since_best += 1
-        record["stopped_early"] = (pos.epochs_since_best >= self.config.patience
-                                   and pos.epoch < stage.epochs)
-        tqdm.write(f"{stage.name} epoch {pos.epoch}/{stage.epochs}: train {train_loss:.4f} "
-                   f"val {val_loss:.4f}{' *' if improved else ''}")
+        record["stopped_early"] = (
+            pos.epochs_since_best >= self.config.patience and pos.epoch < stage.epochs
+        )
+        tqdm.write(
+            f"{stage.name} epoch {pos.epoch}/{stage.epochs}: train {train_loss:.4f} "
+            f"val {val_loss:.4f}{' *' if improved else ''}"
+        )
         if improved and pos.stage == len(self.stages) - 1:
             save_checkpoint(self.best_path, self._checkpoint(with_training_state=False))
 
@@ -325,14 +353,22 @@ class Trainer:
                 **dataclasses.asdict(self.position),
                 "optimizer": self.optimizer.state_dict(),
                 "generator": self.generator.get_state(),
-                "corruption_generator": (None if self.corruption is None
-                                         else self.corruption.generator.get_state()),
+                "corruption_generator": (
+                    None if self.corruption is None else self.corruption.generator.get_state()
+                ),
             }
         return Checkpoint(
-            model_config=self.model.config, image_shape=self.dataset.image_shape,
-            raw_max=self.dataset.raw_max, source=self.dataset.source, run_config=self.run_config,
-            model_state=self.model.state_dict(), stage=stage_name, epoch=self.position.epoch,
-            metrics={"stages": self.history}, training_state=state)
+            model_config=self.model.config,
+            image_shape=self.dataset.image_shape,
+            raw_max=self.dataset.raw_max,
+            source=self.dataset.source,
+            run_config=self.run_config,
+            model_state=self.model.state_dict(),
+            stage=stage_name,
+            epoch=self.position.epoch,
+            metrics={"stages": self.history},
+            training_state=state,
+        )
 
     def save(self) -> None:
         """Write the resumable state to checkpoint.pt."""
@@ -346,8 +382,9 @@ class Trainer:
         checkpoint = load_checkpoint(self.checkpoint_path)
         checkpoint.require_model(self.model.config, self.dataset.image_shape, self.checkpoint_path)
         if checkpoint.training_state is None:
-            raise CheckpointError(f"checkpoint {self.checkpoint_path}: holds no training state "
-                                  f"to resume from")
+            raise CheckpointError(
+                f"checkpoint {self.checkpoint_path}: holds no training state to resume from"
+            )
         state = dict(checkpoint.training_state)
         self.model.load_state_dict(checkpoint.model_state)
         self.history = checkpoint.metrics["stages"]

@@ -38,7 +38,7 @@ import sysconfig
 import tempfile
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -60,26 +60,34 @@ class Measurement:
 
 def shipped_encoder(repository: Path, model: str, destination: Path) -> None:
     """Copy the latest usable version of `model` into the repository at `destination`."""
-    from server.repository import latest_version, scan_repository
+    from aet.server.repository import latest_version, scan_repository
 
     found = latest_version(scan_repository(repository), model)
     if found is None:
-        sys.exit(f"--repository {repository}: no usable version of model {model!r} "
-                 f"(export one with `aet export`)")
+        sys.exit(
+            f"--repository {repository}: no usable version of model {model!r} "
+            f"(export one with `aet export`)"
+        )
     shutil.copytree(found.path, destination / model / str(found.version))
 
 
-def untrained_encoder(destination: Path, name: str, hidden_sizes: tuple[int, ...],
-                      code_size: int, image_shape: tuple[int, int, int], raw_max: float,
-                      seed: int = 0) -> None:
+def untrained_encoder(
+    destination: Path,
+    name: str,
+    hidden_sizes: tuple[int, ...],
+    code_size: int,
+    image_shape: tuple[int, int, int],
+    raw_max: float,
+    seed: int = 0,
+) -> None:
     """Export an untrained MLP encoder with our own model and exporter (random weights cost
     the same to run as trained ones) as version 1 of `name`, with a parity-checked card."""
     import numpy as np
     import torch
 
-    from server.repository import InputSpec, ModelCard, OutputSpec, write_version
-    from training.export import PixelEncoder, library_versions, max_parity_diff, to_onnx
-    from training.models import ModelConfig, build_autoencoder
+    from aet.server.repository import InputSpec, ModelCard, OutputSpec, write_version
+    from aet.training.export import PixelEncoder, library_versions, max_parity_diff, to_onnx
+    from aet.training.models import ModelConfig, build_autoencoder
 
     torch.manual_seed(seed)
     config = ModelConfig(hidden_sizes=hidden_sizes, code_size=code_size)
@@ -88,13 +96,22 @@ def untrained_encoder(destination: Path, name: str, hidden_sizes: tuple[int, ...
     pixels = np.random.default_rng(seed).uniform(0, raw_max, (64, *image_shape))
     parity = max_parity_diff(onnx_bytes, encoder, pixels.astype(np.float32))
     card = ModelCard(
-        name=name, version=1, architecture="mlp", hyperparameters=config.to_dict(),
+        name=name,
+        version=1,
+        architecture="mlp",
+        hyperparameters=config.to_dict(),
         input=InputSpec("pixels", image_shape, "float32", (0.0, raw_max)),
         output=OutputSpec("embedding", "float32", code_size),
         preprocessing=[f"divide by {raw_max:g}", "flatten"],
-        dataset={"name": "none (untrained, for benchmarking)"}, metrics={}, opset=20,
-        sha256="0" * 64, parity_max_abs_diff=parity, parity_samples=len(pixels),
-        library_versions=library_versions(), created=datetime.now(timezone.utc).isoformat())
+        dataset={"name": "none (untrained, for benchmarking)"},
+        metrics={},
+        opset=20,
+        sha256="0" * 64,
+        parity_max_abs_diff=parity,
+        parity_samples=len(pixels),
+        library_versions=library_versions(),
+        created=datetime.now(UTC).isoformat(),
+    )
     write_version(destination, name, onnx_bytes, card)
 
 
@@ -107,11 +124,23 @@ def free_port() -> int:
 class ServerProcess:
     """A server started in its own session; `stop()` ends it and everything it started."""
 
-    def __init__(self, command: list[str], name: str, ready_marker: str, ready_timeout: float,
-                 env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        command: list[str],
+        name: str,
+        ready_marker: str,
+        ready_timeout: float,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.name = name
-        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                        text=True, env=env, start_new_session=True)
+        self.process = subprocess.Popen(
+            command,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+            start_new_session=True,
+        )
         give_up = time.monotonic() + ready_timeout
         output = []
         while time.monotonic() < give_up:
@@ -122,8 +151,9 @@ class ServerProcess:
             if ready_marker in line:
                 return
         self.stop()
-        raise RuntimeError(f"{name} did not start within {ready_timeout:.0f} s:\n"
-                           + "".join(output[-20:]))
+        raise RuntimeError(
+            f"{name} did not start within {ready_timeout:.0f} s:\n" + "".join(output[-20:])
+        )
 
     def stop(self, grace: float = 20.0) -> None:
         if self.process.poll() is None:
@@ -144,79 +174,146 @@ def perf_analyzer_command() -> tuple[Path, dict[str, str]]:
     if missing:
         sys.exit(f"missing {', '.join(missing)}: see the setup in this script's docstring")
     env = dict(os.environ)
-    env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [str(cudart),
-                                                           env.get("LD_LIBRARY_PATH", "")]))
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(
+        filter(None, [str(cudart), env.get("LD_LIBRARY_PATH", "")])
+    )
     return binary, env
 
 
-def measure(binary: Path, env: dict[str, str], server: str, port: int, model: str,
-            batch_size: int, concurrency: int, window_ms: int, timeout: float,
-            workdir: Path) -> Measurement | None:
+def measure(
+    binary: Path,
+    env: dict[str, str],
+    server: str,
+    port: int,
+    model: str,
+    batch_size: int,
+    concurrency: int,
+    window_ms: int,
+    timeout: float,
+    workdir: Path,
+) -> Measurement | None:
     """One perf_analyzer run at fixed batch size and concurrency; None if it failed."""
     results = workdir / f"{server}-{model}-{batch_size}-{concurrency}.csv"
-    command = [str(binary), "-m", model, "-u", f"127.0.0.1:{port}", "-i", "grpc",
-               "-b", str(batch_size), "--concurrency-range", f"{concurrency}:{concurrency}",
-               "--input-data", "zero", "--measurement-interval", str(window_ms),
-               "--stability-percentage", "50", "--max-trials", "10", "-f", str(results)]
+    command = [
+        str(binary),
+        "-m",
+        model,
+        "-u",
+        f"127.0.0.1:{port}",
+        "-i",
+        "grpc",
+        "-b",
+        str(batch_size),
+        "--concurrency-range",
+        f"{concurrency}:{concurrency}",
+        "--input-data",
+        "zero",
+        "--measurement-interval",
+        str(window_ms),
+        "--stability-percentage",
+        "50",
+        "--max-trials",
+        "10",
+        "-f",
+        str(results),
+    ]
     try:
         done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         print(f"  {server} {model} b{batch_size} c{concurrency}: timed out after {timeout:.0f} s")
         return None
     if done.returncode != 0 or not results.exists():
-        print(f"  {server} {model} b{batch_size} c{concurrency}: perf_analyzer failed: "
-              f"{(done.stdout + done.stderr).strip().splitlines()[-1:]}")
+        print(
+            f"  {server} {model} b{batch_size} c{concurrency}: perf_analyzer failed: "
+            f"{(done.stdout + done.stderr).strip().splitlines()[-1:]}"
+        )
         return None
     with results.open() as handle:
         row = next(csv.DictReader(handle))
-    return Measurement(server, model, batch_size, concurrency,
-                       rows_per_second=float(row["Inferences/Second"]),
-                       p50_ms=float(row["p50 latency"]) / 1e3,
-                       p99_ms=float(row["p99 latency"]) / 1e3)
+    return Measurement(
+        server,
+        model,
+        batch_size,
+        concurrency,
+        rows_per_second=float(row["Inferences/Second"]),
+        p50_ms=float(row["p50 latency"]) / 1e3,
+        p99_ms=float(row["p99 latency"]) / 1e3,
+    )
 
 
 def side_by_side(measurements: list[Measurement]) -> str:
     """A markdown table: one line per (model, batch, concurrency), servers side by side."""
     by_key = {(m.model, m.batch_size, m.concurrency, m.server): m for m in measurements}
     keys = sorted({(m.model, m.batch_size, m.concurrency) for m in measurements})
-    lines = ["| model | batch | conc. | ours rows/s | p50 / p99 ms | triton rows/s | p50 / p99 ms"
-             " | ours / triton | bare rows/s |", "|" + " --- |" * 9]
+    lines = [
+        "| model | batch | conc. | ours rows/s | p50 / p99 ms | triton rows/s | p50 / p99 ms"
+        " | ours / triton | bare rows/s |",
+        "|" + " --- |" * 9,
+    ]
 
     def cells(server, key):
         m = by_key.get((*key, server))
-        return ("-", "-") if m is None else (f"{m.rows_per_second:,.0f}",
-                                             f"{m.p50_ms:.2f} / {m.p99_ms:.2f}")
+        return (
+            ("-", "-")
+            if m is None
+            else (f"{m.rows_per_second:,.0f}", f"{m.p50_ms:.2f} / {m.p99_ms:.2f}")
+        )
 
     for key in keys:
         ours, triton = by_key.get((*key, "ours")), by_key.get((*key, "triton"))
-        ratio = (f"{ours.rows_per_second / triton.rows_per_second:.1f}x"
-                 if ours and triton else "-")
-        lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {' | '.join(cells('ours', key))} | "
-                     f"{' | '.join(cells('triton', key))} | {ratio} | {cells('bare', key)[0]} |")
+        ratio = f"{ours.rows_per_second / triton.rows_per_second:.1f}x" if ours and triton else "-"
+        lines.append(
+            f"| {key[0]} | {key[1]} | {key[2]} | {' | '.join(cells('ours', key))} | "
+            f"{' | '.join(cells('triton', key))} | {ratio} | {cells('bare', key)[0]} |"
+        )
     return "\n".join(lines)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--pytriton-python", type=Path, required=True,
-                        help="interpreter of a virtualenv with nvidia-pytriton and onnxruntime")
-    parser.add_argument("--repository", type=Path, default=Path("exported"),
-                        help="model repository holding the shipped encoder")
+    parser.add_argument(
+        "--pytriton-python",
+        type=Path,
+        required=True,
+        help="interpreter of a virtualenv with nvidia-pytriton and onnxruntime",
+    )
+    parser.add_argument(
+        "--repository",
+        type=Path,
+        default=Path("exported"),
+        help="model repository holding the shipped encoder",
+    )
     parser.add_argument("--model", default="digits", help="the shipped encoder's name")
-    parser.add_argument("--untrained-digits", action="store_true",
-                        help="instead of the shipped encoder, an untrained MLP of its default "
-                             "shape (64-256-64-8), for machines without exported/")
-    parser.add_argument("--no-large", action="store_true",
-                        help="skip the 784-1000-500-250-32 encoder")
+    parser.add_argument(
+        "--untrained-digits",
+        action="store_true",
+        help="instead of the shipped encoder, an untrained MLP of its default "
+        "shape (64-256-64-8), for machines without exported/",
+    )
+    parser.add_argument(
+        "--no-large", action="store_true", help="skip the 784-1000-500-250-32 encoder"
+    )
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64])
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4, 8, 16])
-    parser.add_argument("--threads", type=int, default=1,
-                        help="onnxruntime intra-op threads, the same for both servers")
-    parser.add_argument("--max-queue-delay-us", type=int, default=500,
-                        help="longest wait for a batch to fill, the same for both servers")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="onnxruntime intra-op threads, the same for both servers",
+    )
+    parser.add_argument(
+        "--max-queue-delay-us",
+        type=int,
+        default=500,
+        help="longest wait for a batch to fill, the same for both servers",
+    )
     parser.add_argument("--window-ms", type=int, default=2000, help="perf_analyzer window")
-    parser.add_argument("--budget-s", type=float, default=1200,
-                        help="stop measuring after this many seconds and report what ran")
+    parser.add_argument(
+        "--budget-s",
+        type=float,
+        default=1200,
+        help="stop measuring after this many seconds and report what ran",
+    )
     parser.add_argument("--output", type=Path, default=Path("bench/results/peers.json"))
     args = parser.parse_args()
     started = time.monotonic()
@@ -241,18 +338,43 @@ def main() -> int:
                 batch_sizes = [1] if server == "bare" else args.batch_sizes
                 port = free_port()
                 if server == "triton":
-                    command = [str(args.pytriton_python), str(HERE / "pytriton_server.py"),
-                               "--onnx", str(onnx_path), "--name", model,
-                               "--grpc-port", str(port), "--http-port", str(free_port()),
-                               "--threads", str(args.threads),
-                               "--max-queue-delay-us", str(args.max_queue_delay_us)]
+                    command = [
+                        str(args.pytriton_python),
+                        str(HERE / "pytriton_server.py"),
+                        "--onnx",
+                        str(onnx_path),
+                        "--name",
+                        model,
+                        "--grpc-port",
+                        str(port),
+                        "--http-port",
+                        str(free_port()),
+                        "--threads",
+                        str(args.threads),
+                        "--max-queue-delay-us",
+                        str(args.max_queue_delay_us),
+                    ]
                 else:
-                    command = [sys.executable, "-m", "server", "serve",
-                               "--repository", str(model_repository), "--port", str(port),
-                               "--intra-op-threads", str(args.threads),
-                               "--inter-op-threads", "1", "--max-batch-size", "256",
-                               "--max-queue-delay-ms", str(args.max_queue_delay_us / 1e3),
-                               "--grace-period", "5"]
+                    command = [
+                        sys.executable,
+                        "-m",
+                        "aet.server",
+                        "serve",
+                        "--repository",
+                        str(model_repository),
+                        "--port",
+                        str(port),
+                        "--intra-op-threads",
+                        str(args.threads),
+                        "--inter-op-threads",
+                        "1",
+                        "--max-batch-size",
+                        "256",
+                        "--max-queue-delay-ms",
+                        str(args.max_queue_delay_us / 1e3),
+                        "--grace-period",
+                        "5",
+                    ]
                     command += ["--no-dynamic-batching"] if server == "bare" else []
                 ready_marker = "READY" if server == "triton" else '"event": "server_ready"'
                 print(f"{server}: {model} on port {port}", flush=True)
@@ -263,25 +385,44 @@ def main() -> int:
                             remaining = args.budget_s - (time.monotonic() - started)
                             if remaining < 10:
                                 break
-                            result = measure(binary, env, server, port, model, batch_size,
-                                             concurrency, args.window_ms, min(remaining, 180),
-                                             scratch)
+                            result = measure(
+                                binary,
+                                env,
+                                server,
+                                port,
+                                model,
+                                batch_size,
+                                concurrency,
+                                args.window_ms,
+                                min(remaining, 180),
+                                scratch,
+                            )
                             if result is not None:
                                 measurements.append(result)
-                                print(f"  b{batch_size} c{concurrency}: "
-                                      f"{result.rows_per_second:,.0f} rows/s, p50 "
-                                      f"{result.p50_ms:.2f} ms, p99 {result.p99_ms:.2f} ms",
-                                      flush=True)
+                                print(
+                                    f"  b{batch_size} c{concurrency}: "
+                                    f"{result.rows_per_second:,.0f} rows/s, p50 "
+                                    f"{result.p50_ms:.2f} ms, p99 {result.p99_ms:.2f} ms",
+                                    flush=True,
+                                )
                 finally:
                     process.stop()
     table = side_by_side(measurements)
     print(table)
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps({
-        "command": " ".join(sys.argv), "cpu_count": os.cpu_count(),
-        "seconds": round(time.monotonic() - started, 1),
-        "measurements": [dataclasses.asdict(m) for m in measurements], "table": table},
-        indent=2) + "\n")
+    args.output.write_text(
+        json.dumps(
+            {
+                "command": " ".join(sys.argv),
+                "cpu_count": os.cpu_count(),
+                "seconds": round(time.monotonic() - started, 1),
+                "measurements": [dataclasses.asdict(m) for m in measurements],
+                "table": table,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     print(f"written {args.output}")
     return 0
 

@@ -58,21 +58,34 @@ def main() -> int:
         pixels = inputs[graph_input.name]
         return {graph_output.name: session.run(None, {graph_input.name: pixels})[0]}
 
-    config = TritonConfig(grpc_address="127.0.0.1", grpc_port=args.grpc_port,
-                          http_address="127.0.0.1", http_port=args.http_port,
-                          allow_metrics=False)
+    config = TritonConfig(
+        grpc_address="127.0.0.1",
+        grpc_port=args.grpc_port,
+        http_address="127.0.0.1",
+        http_port=args.http_port,
+        allow_metrics=False,
+    )
     # Unrestricted endpoints: perf_analyzer reads ModelStatistics, restricted by default.
-    with Triton(config=config, security_config=TritonSecurityConfig(restricted_endpoints=[])
-                ) as triton:
+    with Triton(
+        config=config, security_config=TritonSecurityConfig(restricted_endpoints=[])
+    ) as triton:
         triton.bind(
-            model_name=args.name, infer_func=infer,
-            inputs=[Tensor(name=graph_input.name, dtype=np.float32,
-                           shape=tuple(graph_input.shape[1:]))],
-            outputs=[Tensor(name=graph_output.name, dtype=np.float32,
-                            shape=tuple(graph_output.shape[1:]))],
-            config=ModelConfig(max_batch_size=args.max_batch_size, batcher=DynamicBatcher(
-                max_queue_delay_microseconds=args.max_queue_delay_us)),
-            strict=False)
+            model_name=args.name,
+            infer_func=infer,
+            inputs=[
+                Tensor(name=graph_input.name, dtype=np.float32, shape=tuple(graph_input.shape[1:]))
+            ],
+            outputs=[
+                Tensor(
+                    name=graph_output.name, dtype=np.float32, shape=tuple(graph_output.shape[1:])
+                )
+            ],
+            config=ModelConfig(
+                max_batch_size=args.max_batch_size,
+                batcher=DynamicBatcher(max_queue_delay_microseconds=args.max_queue_delay_us),
+            ),
+            strict=False,
+        )
         print("READY", flush=True)
         triton.serve()
     return 0

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from aet_proto import grpc_service_pb2 as aet__proto_dot_grpc__service__pb2
+from aet.proto import grpc_service_pb2 as aet_dot_proto_dot_grpc__service__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in aet_proto/grpc_service_pb2_grpc.py depends on'
+        + ' but the generated code in aet/proto/grpc_service_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -36,63 +36,63 @@ class GRPCInferenceServiceStub:
         """
         self.ServerLive = channel.unary_unary(
                 '/inference.GRPCInferenceService/ServerLive',
-                request_serializer=aet__proto_dot_grpc__service__pb2.ServerLiveRequest.SerializeToString,
-                response_deserializer=aet__proto_dot_grpc__service__pb2.ServerLiveResponse.FromString,
+                request_serializer=aet_dot_proto_dot_grpc__service__pb2.ServerLiveRequest.SerializeToString,
+                response_deserializer=aet_dot_proto_dot_grpc__service__pb2.ServerLiveResponse.FromString,
                 _registered_method=True)
         self.ServerReady = channel.unary_unary(
                 '/inference.GRPCInferenceService/ServerReady',
-                request_serializer=aet__proto_dot_grpc__service__pb2.ServerReadyRequest.SerializeToString,
-                response_deserializer=aet__proto_dot_grpc__service__pb2.ServerReadyResponse.FromString,
+                request_serializer=aet_dot_proto_dot_grpc__service__pb2.ServerReadyRequest.SerializeToString,
+                response_deserializer=aet_dot_proto_dot_grpc__service__pb2.ServerReadyResponse.FromString,
                 _registered_method=True)
         self.ModelReady = channel.unary_unary(
                 '/inference.GRPCInferenceService/ModelReady',
-                request_serializer=aet__proto_dot_grpc__service__pb2.ModelReadyRequest.SerializeToString,
-                response_deserializer=aet__proto_dot_grpc__service__pb2.ModelReadyResponse.FromString,
+                request_serializer=aet_dot_proto_dot_grpc__service__pb2.ModelReadyRequest.SerializeToString,
+                response_deserializer=aet_dot_proto_dot_grpc__service__pb2.ModelReadyResponse.FromString,
                 _registered_method=True)
         self.ServerMetadata = channel.unary_unary(
                 '/inference.GRPCInferenceService/ServerMetadata',
-                request_serializer=aet__proto_dot_grpc__service__pb2.ServerMetadataRequest.SerializeToString,
-                response_deserializer=aet__proto_dot_grpc__service__pb2.ServerMetadataResponse.FromString,
+                request_serializer=aet_dot_proto_dot_grpc__service__pb2.ServerMetadataRequest.SerializeToString,
+                response_deserializer=aet_dot_proto_dot_grpc__service__pb2.ServerMetadataResponse.FromString,
                 _registered_method=True)
         self.ModelMetadata = channel.unary_unary(
                 '/inference.GRPCInferenceService/ModelMetadata',
-                request_serializer=aet__proto_dot_grpc__service__pb2.ModelMetadataRequest.SerializeToString,
-                response_deserializer=aet__proto_dot_grpc__service__pb2.ModelMetadataResponse.FromString,
+                request_serializer=aet_dot_proto_dot_grpc__service__pb2.ModelMetadataRequest.SerializeToString,
+                response_deserializer=aet_dot_proto_dot_grpc__service__pb2.ModelMetadataResponse.FromString,
                 _registered_method=True)
         self.ModelInfer = channel.unary_unary(
                 '/inference.GRPCInferenceService/ModelInfer',
-                request_serializer=aet__proto_dot_grpc__service__pb2.ModelInferRequest.SerializeToString,
-                response_deserializer=aet__proto_dot_grpc__service__pb2.ModelInferResponse.FromString,
+                request_serializer=aet_dot_proto_dot_grpc__service__pb2.ModelInferRequest.SerializeToString,
+                response_deserializer=aet_dot_proto_dot_grpc__service__pb2.ModelInferResponse.FromString,
                 _registered_method=True)
         self.ModelStreamInfer = channel.stream_stream(
                 '/inference.GRPCInferenceService/ModelStreamInfer',
-                request_serializer=aet__proto_dot_grpc__service__pb2.ModelInferRequest.SerializeToString,
-                response_deserializer=aet__proto_dot_grpc__service__pb2.ModelStreamInferResponse.FromString,
+                request_serializer=aet_dot_proto_dot_grpc__service__pb2.ModelInferRequest.SerializeToString,
+                response_deserializer=aet_dot_proto_dot_grpc__service__pb2.ModelStreamInferResponse.FromString,
                 _registered_method=True)
         self.ModelConfig = channel.unary_unary(
                 '/inference.GRPCInferenceService/ModelConfig',
-                request_serializer=aet__proto_dot_grpc__service__pb2.ModelConfigRequest.SerializeToString,
-                response_deserializer=aet__proto_dot_grpc__service__pb2.ModelConfigResponse.FromString,
+                request_serializer=aet_dot_proto_dot_grpc__service__pb2.ModelConfigRequest.SerializeToString,
+                response_deserializer=aet_dot_proto_dot_grpc__service__pb2.ModelConfigResponse.FromString,
                 _registered_method=True)
         self.ModelStatistics = channel.unary_unary(
                 '/inference.GRPCInferenceService/ModelStatistics',
-                request_serializer=aet__proto_dot_grpc__service__pb2.ModelStatisticsRequest.SerializeToString,
-                response_deserializer=aet__proto_dot_grpc__service__pb2.ModelStatisticsResponse.FromString,
+                request_serializer=aet_dot_proto_dot_grpc__service__pb2.ModelStatisticsRequest.SerializeToString,
+                response_deserializer=aet_dot_proto_dot_grpc__service__pb2.ModelStatisticsResponse.FromString,
                 _registered_method=True)
         self.RepositoryIndex = channel.unary_unary(
                 '/inference.GRPCInferenceService/RepositoryIndex',
-                request_serializer=aet__proto_dot_grpc__service__pb2.RepositoryIndexRequest.SerializeToString,
-                response_deserializer=aet__proto_dot_grpc__service__pb2.RepositoryIndexResponse.FromString,
+                request_serializer=aet_dot_proto_dot_grpc__service__pb2.RepositoryIndexRequest.SerializeToString,
+                response_deserializer=aet_dot_proto_dot_grpc__service__pb2.RepositoryIndexResponse.FromString,
                 _registered_method=True)
         self.RepositoryModelLoad = channel.unary_unary(
                 '/inference.GRPCInferenceService/RepositoryModelLoad',
-                request_serializer=aet__proto_dot_grpc__service__pb2.RepositoryModelLoadRequest.SerializeToString,
-                response_deserializer=aet__proto_dot_grpc__service__pb2.RepositoryModelLoadResponse.FromString,
+                request_serializer=aet_dot_proto_dot_grpc__service__pb2.RepositoryModelLoadRequest.SerializeToString,
+                response_deserializer=aet_dot_proto_dot_grpc__service__pb2.RepositoryModelLoadResponse.FromString,
                 _registered_method=True)
         self.RepositoryModelUnload = channel.unary_unary(
                 '/inference.GRPCInferenceService/RepositoryModelUnload',
-                request_serializer=aet__proto_dot_grpc__service__pb2.RepositoryModelUnloadRequest.SerializeToString,
-                response_deserializer=aet__proto_dot_grpc__service__pb2.RepositoryModelUnloadResponse.FromString,
+                request_serializer=aet_dot_proto_dot_grpc__service__pb2.RepositoryModelUnloadRequest.SerializeToString,
+                response_deserializer=aet_dot_proto_dot_grpc__service__pb2.RepositoryModelUnloadResponse.FromString,
                 _registered_method=True)
 
 
@@ -188,63 +188,63 @@ def add_GRPCInferenceServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'ServerLive': grpc.unary_unary_rpc_method_handler(
                     servicer.ServerLive,
-                    request_deserializer=aet__proto_dot_grpc__service__pb2.ServerLiveRequest.FromString,
-                    response_serializer=aet__proto_dot_grpc__service__pb2.ServerLiveResponse.SerializeToString,
+                    request_deserializer=aet_dot_proto_dot_grpc__service__pb2.ServerLiveRequest.FromString,
+                    response_serializer=aet_dot_proto_dot_grpc__service__pb2.ServerLiveResponse.SerializeToString,
             ),
             'ServerReady': grpc.unary_unary_rpc_method_handler(
                     servicer.ServerReady,
-                    request_deserializer=aet__proto_dot_grpc__service__pb2.ServerReadyRequest.FromString,
-                    response_serializer=aet__proto_dot_grpc__service__pb2.ServerReadyResponse.SerializeToString,
+                    request_deserializer=aet_dot_proto_dot_grpc__service__pb2.ServerReadyRequest.FromString,
+                    response_serializer=aet_dot_proto_dot_grpc__service__pb2.ServerReadyResponse.SerializeToString,
             ),
             'ModelReady': grpc.unary_unary_rpc_method_handler(
                     servicer.ModelReady,
-                    request_deserializer=aet__proto_dot_grpc__service__pb2.ModelReadyRequest.FromString,
-                    response_serializer=aet__proto_dot_grpc__service__pb2.ModelReadyResponse.SerializeToString,
+                    request_deserializer=aet_dot_proto_dot_grpc__service__pb2.ModelReadyRequest.FromString,
+                    response_serializer=aet_dot_proto_dot_grpc__service__pb2.ModelReadyResponse.SerializeToString,
             ),
             'ServerMetadata': grpc.unary_unary_rpc_method_handler(
                     servicer.ServerMetadata,
-                    request_deserializer=aet__proto_dot_grpc__service__pb2.ServerMetadataRequest.FromString,
-                    response_serializer=aet__proto_dot_grpc__service__pb2.ServerMetadataResponse.SerializeToString,
+                    request_deserializer=aet_dot_proto_dot_grpc__service__pb2.ServerMetadataRequest.FromString,
+                    response_serializer=aet_dot_proto_dot_grpc__service__pb2.ServerMetadataResponse.SerializeToString,
             ),
             'ModelMetadata': grpc.unary_unary_rpc_method_handler(
                     servicer.ModelMetadata,
-                    request_deserializer=aet__proto_dot_grpc__service__pb2.ModelMetadataRequest.FromString,
-                    response_serializer=aet__proto_dot_grpc__service__pb2.ModelMetadataResponse.SerializeToString,
+                    request_deserializer=aet_dot_proto_dot_grpc__service__pb2.ModelMetadataRequest.FromString,
+                    response_serializer=aet_dot_proto_dot_grpc__service__pb2.ModelMetadataResponse.SerializeToString,
             ),
             'ModelInfer': grpc.unary_unary_rpc_method_handler(
                     servicer.ModelInfer,
-                    request_deserializer=aet__proto_dot_grpc__service__pb2.ModelInferRequest.FromString,
-                    response_serializer=aet__proto_dot_grpc__service__pb2.ModelInferResponse.SerializeToString,
+                    request_deserializer=aet_dot_proto_dot_grpc__service__pb2.ModelInferRequest.FromString,
+                    response_serializer=aet_dot_proto_dot_grpc__service__pb2.ModelInferResponse.SerializeToString,
             ),
             'ModelStreamInfer': grpc.stream_stream_rpc_method_handler(
                     servicer.ModelStreamInfer,
-                    request_deserializer=aet__proto_dot_grpc__service__pb2.ModelInferRequest.FromString,
-                    response_serializer=aet__proto_dot_grpc__service__pb2.ModelStreamInferResponse.SerializeToString,
+                    request_deserializer=aet_dot_proto_dot_grpc__service__pb2.ModelInferRequest.FromString,
+                    response_serializer=aet_dot_proto_dot_grpc__service__pb2.ModelStreamInferResponse.SerializeToString,
             ),
             'ModelConfig': grpc.unary_unary_rpc_method_handler(
                     servicer.ModelConfig,
-                    request_deserializer=aet__proto_dot_grpc__service__pb2.ModelConfigRequest.FromString,
-                    response_serializer=aet__proto_dot_grpc__service__pb2.ModelConfigResponse.SerializeToString,
+                    request_deserializer=aet_dot_proto_dot_grpc__service__pb2.ModelConfigRequest.FromString,
+                    response_serializer=aet_dot_proto_dot_grpc__service__pb2.ModelConfigResponse.SerializeToString,
             ),
             'ModelStatistics': grpc.unary_unary_rpc_method_handler(
                     servicer.ModelStatistics,
-                    request_deserializer=aet__proto_dot_grpc__service__pb2.ModelStatisticsRequest.FromString,
-                    response_serializer=aet__proto_dot_grpc__service__pb2.ModelStatisticsResponse.SerializeToString,
+                    request_deserializer=aet_dot_proto_dot_grpc__service__pb2.ModelStatisticsRequest.FromString,
+                    response_serializer=aet_dot_proto_dot_grpc__service__pb2.ModelStatisticsResponse.SerializeToString,
             ),
             'RepositoryIndex': grpc.unary_unary_rpc_method_handler(
                     servicer.RepositoryIndex,
-                    request_deserializer=aet__proto_dot_grpc__service__pb2.RepositoryIndexRequest.FromString,
-                    response_serializer=aet__proto_dot_grpc__service__pb2.RepositoryIndexResponse.SerializeToString,
+                    request_deserializer=aet_dot_proto_dot_grpc__service__pb2.RepositoryIndexRequest.FromString,
+                    response_serializer=aet_dot_proto_dot_grpc__service__pb2.RepositoryIndexResponse.SerializeToString,
             ),
             'RepositoryModelLoad': grpc.unary_unary_rpc_method_handler(
                     servicer.RepositoryModelLoad,
-                    request_deserializer=aet__proto_dot_grpc__service__pb2.RepositoryModelLoadRequest.FromString,
-                    response_serializer=aet__proto_dot_grpc__service__pb2.RepositoryModelLoadResponse.SerializeToString,
+                    request_deserializer=aet_dot_proto_dot_grpc__service__pb2.RepositoryModelLoadRequest.FromString,
+                    response_serializer=aet_dot_proto_dot_grpc__service__pb2.RepositoryModelLoadResponse.SerializeToString,
             ),
             'RepositoryModelUnload': grpc.unary_unary_rpc_method_handler(
                     servicer.RepositoryModelUnload,
-                    request_deserializer=aet__proto_dot_grpc__service__pb2.RepositoryModelUnloadRequest.FromString,
-                    response_serializer=aet__proto_dot_grpc__service__pb2.RepositoryModelUnloadResponse.SerializeToString,
+                    request_deserializer=aet_dot_proto_dot_grpc__service__pb2.RepositoryModelUnloadRequest.FromString,
+                    response_serializer=aet_dot_proto_dot_grpc__service__pb2.RepositoryModelUnloadResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -272,8 +272,8 @@ class GRPCInferenceService:
             request,
             target,
             '/inference.GRPCInferenceService/ServerLive',
-            aet__proto_dot_grpc__service__pb2.ServerLiveRequest.SerializeToString,
-            aet__proto_dot_grpc__service__pb2.ServerLiveResponse.FromString,
+            aet_dot_proto_dot_grpc__service__pb2.ServerLiveRequest.SerializeToString,
+            aet_dot_proto_dot_grpc__service__pb2.ServerLiveResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -299,8 +299,8 @@ class GRPCInferenceService:
             request,
             target,
             '/inference.GRPCInferenceService/ServerReady',
-            aet__proto_dot_grpc__service__pb2.ServerReadyRequest.SerializeToString,
-            aet__proto_dot_grpc__service__pb2.ServerReadyResponse.FromString,
+            aet_dot_proto_dot_grpc__service__pb2.ServerReadyRequest.SerializeToString,
+            aet_dot_proto_dot_grpc__service__pb2.ServerReadyResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -326,8 +326,8 @@ class GRPCInferenceService:
             request,
             target,
             '/inference.GRPCInferenceService/ModelReady',
-            aet__proto_dot_grpc__service__pb2.ModelReadyRequest.SerializeToString,
-            aet__proto_dot_grpc__service__pb2.ModelReadyResponse.FromString,
+            aet_dot_proto_dot_grpc__service__pb2.ModelReadyRequest.SerializeToString,
+            aet_dot_proto_dot_grpc__service__pb2.ModelReadyResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -353,8 +353,8 @@ class GRPCInferenceService:
             request,
             target,
             '/inference.GRPCInferenceService/ServerMetadata',
-            aet__proto_dot_grpc__service__pb2.ServerMetadataRequest.SerializeToString,
-            aet__proto_dot_grpc__service__pb2.ServerMetadataResponse.FromString,
+            aet_dot_proto_dot_grpc__service__pb2.ServerMetadataRequest.SerializeToString,
+            aet_dot_proto_dot_grpc__service__pb2.ServerMetadataResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -380,8 +380,8 @@ class GRPCInferenceService:
             request,
             target,
             '/inference.GRPCInferenceService/ModelMetadata',
-            aet__proto_dot_grpc__service__pb2.ModelMetadataRequest.SerializeToString,
-            aet__proto_dot_grpc__service__pb2.ModelMetadataResponse.FromString,
+            aet_dot_proto_dot_grpc__service__pb2.ModelMetadataRequest.SerializeToString,
+            aet_dot_proto_dot_grpc__service__pb2.ModelMetadataResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -407,8 +407,8 @@ class GRPCInferenceService:
             request,
             target,
             '/inference.GRPCInferenceService/ModelInfer',
-            aet__proto_dot_grpc__service__pb2.ModelInferRequest.SerializeToString,
-            aet__proto_dot_grpc__service__pb2.ModelInferResponse.FromString,
+            aet_dot_proto_dot_grpc__service__pb2.ModelInferRequest.SerializeToString,
+            aet_dot_proto_dot_grpc__service__pb2.ModelInferResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -434,8 +434,8 @@ class GRPCInferenceService:
             request_iterator,
             target,
             '/inference.GRPCInferenceService/ModelStreamInfer',
-            aet__proto_dot_grpc__service__pb2.ModelInferRequest.SerializeToString,
-            aet__proto_dot_grpc__service__pb2.ModelStreamInferResponse.FromString,
+            aet_dot_proto_dot_grpc__service__pb2.ModelInferRequest.SerializeToString,
+            aet_dot_proto_dot_grpc__service__pb2.ModelStreamInferResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -461,8 +461,8 @@ class GRPCInferenceService:
             request,
             target,
             '/inference.GRPCInferenceService/ModelConfig',
-            aet__proto_dot_grpc__service__pb2.ModelConfigRequest.SerializeToString,
-            aet__proto_dot_grpc__service__pb2.ModelConfigResponse.FromString,
+            aet_dot_proto_dot_grpc__service__pb2.ModelConfigRequest.SerializeToString,
+            aet_dot_proto_dot_grpc__service__pb2.ModelConfigResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -488,8 +488,8 @@ class GRPCInferenceService:
             request,
             target,
             '/inference.GRPCInferenceService/ModelStatistics',
-            aet__proto_dot_grpc__service__pb2.ModelStatisticsRequest.SerializeToString,
-            aet__proto_dot_grpc__service__pb2.ModelStatisticsResponse.FromString,
+            aet_dot_proto_dot_grpc__service__pb2.ModelStatisticsRequest.SerializeToString,
+            aet_dot_proto_dot_grpc__service__pb2.ModelStatisticsResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -515,8 +515,8 @@ class GRPCInferenceService:
             request,
             target,
             '/inference.GRPCInferenceService/RepositoryIndex',
-            aet__proto_dot_grpc__service__pb2.RepositoryIndexRequest.SerializeToString,
-            aet__proto_dot_grpc__service__pb2.RepositoryIndexResponse.FromString,
+            aet_dot_proto_dot_grpc__service__pb2.RepositoryIndexRequest.SerializeToString,
+            aet_dot_proto_dot_grpc__service__pb2.RepositoryIndexResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -542,8 +542,8 @@ class GRPCInferenceService:
             request,
             target,
             '/inference.GRPCInferenceService/RepositoryModelLoad',
-            aet__proto_dot_grpc__service__pb2.RepositoryModelLoadRequest.SerializeToString,
-            aet__proto_dot_grpc__service__pb2.RepositoryModelLoadResponse.FromString,
+            aet_dot_proto_dot_grpc__service__pb2.RepositoryModelLoadRequest.SerializeToString,
+            aet_dot_proto_dot_grpc__service__pb2.RepositoryModelLoadResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -569,8 +569,8 @@ class GRPCInferenceService:
             request,
             target,
             '/inference.GRPCInferenceService/RepositoryModelUnload',
-            aet__proto_dot_grpc__service__pb2.RepositoryModelUnloadRequest.SerializeToString,
-            aet__proto_dot_grpc__service__pb2.RepositoryModelUnloadResponse.FromString,
+            aet_dot_proto_dot_grpc__service__pb2.RepositoryModelUnloadRequest.SerializeToString,
+            aet_dot_proto_dot_grpc__service__pb2.RepositoryModelUnloadResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from aet_proto import embedding_pb2 as aet__proto_dot_embedding__pb2
+from aet.proto import embedding_pb2 as aet_dot_proto_dot_embedding__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in aet_proto/embedding_pb2_grpc.py depends on'
+        + ' but the generated code in aet/proto/embedding_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -37,23 +37,23 @@ class EmbeddingServiceStub:
         """
         self.Embed = channel.unary_unary(
                 '/aet.v1.EmbeddingService/Embed',
-                request_serializer=aet__proto_dot_embedding__pb2.EmbedRequest.SerializeToString,
-                response_deserializer=aet__proto_dot_embedding__pb2.EmbedResponse.FromString,
+                request_serializer=aet_dot_proto_dot_embedding__pb2.EmbedRequest.SerializeToString,
+                response_deserializer=aet_dot_proto_dot_embedding__pb2.EmbedResponse.FromString,
                 _registered_method=True)
         self.EmbedStream = channel.stream_stream(
                 '/aet.v1.EmbeddingService/EmbedStream',
-                request_serializer=aet__proto_dot_embedding__pb2.EmbedRequest.SerializeToString,
-                response_deserializer=aet__proto_dot_embedding__pb2.EmbedResponse.FromString,
+                request_serializer=aet_dot_proto_dot_embedding__pb2.EmbedRequest.SerializeToString,
+                response_deserializer=aet_dot_proto_dot_embedding__pb2.EmbedResponse.FromString,
                 _registered_method=True)
         self.ListModels = channel.unary_unary(
                 '/aet.v1.EmbeddingService/ListModels',
-                request_serializer=aet__proto_dot_embedding__pb2.ListModelsRequest.SerializeToString,
-                response_deserializer=aet__proto_dot_embedding__pb2.ListModelsResponse.FromString,
+                request_serializer=aet_dot_proto_dot_embedding__pb2.ListModelsRequest.SerializeToString,
+                response_deserializer=aet_dot_proto_dot_embedding__pb2.ListModelsResponse.FromString,
                 _registered_method=True)
         self.DescribeModel = channel.unary_unary(
                 '/aet.v1.EmbeddingService/DescribeModel',
-                request_serializer=aet__proto_dot_embedding__pb2.DescribeModelRequest.SerializeToString,
-                response_deserializer=aet__proto_dot_embedding__pb2.ModelDescription.FromString,
+                request_serializer=aet_dot_proto_dot_embedding__pb2.DescribeModelRequest.SerializeToString,
+                response_deserializer=aet_dot_proto_dot_embedding__pb2.ModelDescription.FromString,
                 _registered_method=True)
 
 
@@ -95,23 +95,23 @@ def add_EmbeddingServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Embed': grpc.unary_unary_rpc_method_handler(
                     servicer.Embed,
-                    request_deserializer=aet__proto_dot_embedding__pb2.EmbedRequest.FromString,
-                    response_serializer=aet__proto_dot_embedding__pb2.EmbedResponse.SerializeToString,
+                    request_deserializer=aet_dot_proto_dot_embedding__pb2.EmbedRequest.FromString,
+                    response_serializer=aet_dot_proto_dot_embedding__pb2.EmbedResponse.SerializeToString,
             ),
             'EmbedStream': grpc.stream_stream_rpc_method_handler(
                     servicer.EmbedStream,
-                    request_deserializer=aet__proto_dot_embedding__pb2.EmbedRequest.FromString,
-                    response_serializer=aet__proto_dot_embedding__pb2.EmbedResponse.SerializeToString,
+                    request_deserializer=aet_dot_proto_dot_embedding__pb2.EmbedRequest.FromString,
+                    response_serializer=aet_dot_proto_dot_embedding__pb2.EmbedResponse.SerializeToString,
             ),
             'ListModels': grpc.unary_unary_rpc_method_handler(
                     servicer.ListModels,
-                    request_deserializer=aet__proto_dot_embedding__pb2.ListModelsRequest.FromString,
-                    response_serializer=aet__proto_dot_embedding__pb2.ListModelsResponse.SerializeToString,
+                    request_deserializer=aet_dot_proto_dot_embedding__pb2.ListModelsRequest.FromString,
+                    response_serializer=aet_dot_proto_dot_embedding__pb2.ListModelsResponse.SerializeToString,
             ),
             'DescribeModel': grpc.unary_unary_rpc_method_handler(
                     servicer.DescribeModel,
-                    request_deserializer=aet__proto_dot_embedding__pb2.DescribeModelRequest.FromString,
-                    response_serializer=aet__proto_dot_embedding__pb2.ModelDescription.SerializeToString,
+                    request_deserializer=aet_dot_proto_dot_embedding__pb2.DescribeModelRequest.FromString,
+                    response_serializer=aet_dot_proto_dot_embedding__pb2.ModelDescription.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -140,8 +140,8 @@ class EmbeddingService:
             request,
             target,
             '/aet.v1.EmbeddingService/Embed',
-            aet__proto_dot_embedding__pb2.EmbedRequest.SerializeToString,
-            aet__proto_dot_embedding__pb2.EmbedResponse.FromString,
+            aet_dot_proto_dot_embedding__pb2.EmbedRequest.SerializeToString,
+            aet_dot_proto_dot_embedding__pb2.EmbedResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -167,8 +167,8 @@ class EmbeddingService:
             request_iterator,
             target,
             '/aet.v1.EmbeddingService/EmbedStream',
-            aet__proto_dot_embedding__pb2.EmbedRequest.SerializeToString,
-            aet__proto_dot_embedding__pb2.EmbedResponse.FromString,
+            aet_dot_proto_dot_embedding__pb2.EmbedRequest.SerializeToString,
+            aet_dot_proto_dot_embedding__pb2.EmbedResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -194,8 +194,8 @@ class EmbeddingService:
             request,
             target,
             '/aet.v1.EmbeddingService/ListModels',
-            aet__proto_dot_embedding__pb2.ListModelsRequest.SerializeToString,
-            aet__proto_dot_embedding__pb2.ListModelsResponse.FromString,
+            aet_dot_proto_dot_embedding__pb2.ListModelsRequest.SerializeToString,
+            aet_dot_proto_dot_embedding__pb2.ListModelsResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -221,8 +221,8 @@ class EmbeddingService:
             request,
             target,
             '/aet.v1.EmbeddingService/DescribeModel',
-            aet__proto_dot_embedding__pb2.DescribeModelRequest.SerializeToString,
-            aet__proto_dot_embedding__pb2.ModelDescription.FromString,
+            aet_dot_proto_dot_embedding__pb2.DescribeModelRequest.SerializeToString,
+            aet_dot_proto_dot_embedding__pb2.ModelDescription.FromString,
             options,
             channel_credentials,
             insecure,

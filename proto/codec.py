@@ -10,7 +10,7 @@ import math
 
 import numpy as np
 
-from aet_proto import embedding_pb2
+from aet.proto import embedding_pb2
 
 DataType = embedding_pb2.DataType
 NUMPY_DTYPES: dict[int, np.dtype] = {
@@ -40,7 +40,8 @@ def numpy_dtype(wire_dtype: int, field: str = "dtype") -> np.dtype:
     except KeyError:
         expected = ", ".join(dtype_name(d) for d in NUMPY_DTYPES)
         raise TensorCodecError(
-            f"{field}: expected one of {expected}, got {dtype_name(wire_dtype)}") from None
+            f"{field}: expected one of {expected}, got {dtype_name(wire_dtype)}"
+        ) from None
 
 
 def encode_tensor(array: np.ndarray) -> embedding_pb2.Tensor:
@@ -69,8 +70,7 @@ def fill_tensor(tensor: embedding_pb2.Tensor, array: np.ndarray) -> None:
 
 def decode_tensor(tensor: embedding_pb2.Tensor, field: str = "tensor") -> np.ndarray:
     """A read-only numpy view of `tensor`; `field` names it in errors (e.g. "inputs")."""
-    return decode_raw(tensor.data, tensor.shape, numpy_dtype(tensor.dtype, f"{field}.dtype"),
-                      field)
+    return decode_raw(tensor.data, tensor.shape, numpy_dtype(tensor.dtype, f"{field}.dtype"), field)
 
 
 def decode_raw(data: bytes, shape, dtype: np.dtype, field: str = "tensor") -> np.ndarray:
@@ -81,10 +81,12 @@ def decode_raw(data: bytes, shape, dtype: np.dtype, field: str = "tensor") -> np
     dims = tuple(shape)
     if not dims or min(dims) < 0:
         raise TensorCodecError(
-            f"{field}.shape: expected at least one dimension, none negative, got {list(dims)}")
+            f"{field}.shape: expected at least one dimension, none negative, got {list(dims)}"
+        )
     expected = math.prod(dims) * dtype.itemsize
     if len(data) != expected:
         raise TensorCodecError(
             f"{field}.data: expected {expected} bytes for shape {list(dims)} of {dtype.name}, "
-            f"got {len(data)} bytes")
+            f"got {len(data)} bytes"
+        )
     return np.frombuffer(data, dtype=dtype).reshape(dims)

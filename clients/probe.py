@@ -191,6 +191,43 @@ def _train(
     module.eval()
 
 
+@dataclass
+class MLPHead:
+    """A fitted one-hidden-layer MLP on standardised frozen features."""
+
+    scaler: StandardScaler
+    network: nn.Sequential  # Linear -> ReLU -> Dropout -> Linear: logits (N, classes)
+
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        """Logits (N, classes) of features `x` (N, D), in eval mode."""
+        self.network.eval()
+        with torch.no_grad():
+            return self.network(
+                torch.from_numpy(self.scaler.transform(x).astype(np.float32))
+            ).numpy()
+
+    def predict_proba(self, x: np.ndarray) -> np.ndarray:
+        """Softmax probabilities (N, classes) of features `x` (N, D)."""
+        return torch.softmax(torch.from_numpy(self.logits(x)), dim=1).numpy()
+
+
+def fit_mlp_head(
+    train_x: np.ndarray, train_y: np.ndarray, num_classes: int, hidden: int, steps: int, seed: int
+) -> MLPHead:
+    """A one-hidden-layer MLP head trained on standardised frozen features (N, D)."""
+    torch.manual_seed(seed)
+    scaler = StandardScaler().fit(train_x)
+    network = nn.Sequential(
+        nn.Linear(train_x.shape[1], hidden),
+        nn.ReLU(),
+        nn.Dropout(0.2),
+        nn.Linear(hidden, num_classes),
+    )
+    inputs = torch.from_numpy(scaler.transform(train_x).astype(np.float32))
+    _train(network, inputs, torch.from_numpy(train_y), steps, seed)
+    return MLPHead(scaler, network)
+
+
 def mlp_probe(
     train_x: np.ndarray,
     train_y: np.ndarray,
@@ -201,22 +238,11 @@ def mlp_probe(
     seed: int,
 ) -> np.ndarray:
     """Test predictions of a one-hidden-layer MLP head on standardised frozen features."""
-    torch.manual_seed(seed)
-    scaler = StandardScaler().fit(train_x)
-    head = nn.Sequential(
-        nn.Linear(train_x.shape[1], hidden),
-        nn.ReLU(),
-        nn.Dropout(0.2),
-        nn.Linear(hidden, num_classes),
-    )
-    inputs = torch.from_numpy(scaler.transform(train_x).astype(np.float32))
-    _train(head, inputs, torch.from_numpy(train_y), steps, seed)
-    with torch.no_grad():
-        logits = head(torch.from_numpy(scaler.transform(test_x).astype(np.float32)))
-    return logits.argmax(1).numpy()
+    head = fit_mlp_head(train_x, train_y, num_classes, hidden, steps, seed)
+    return head.logits(test_x).argmax(1)
 
 
-class _EncoderClassifier(nn.Module):
+class EncoderClassifier(nn.Module):
     """The autoencoder's encoder under a linear head; the head's BatchNorm (no learned scale)
     standardises codes of any scale, as the frozen probes' StandardScaler does."""
 
@@ -228,11 +254,14 @@ class _EncoderClassifier(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits (B, classes) of images `x` (B, C, H, W) in [0, 1]."""
         return self.head(self.encoder.encode(x))
 
 
-def fine_tune_probe(run: Path, dataset: Dataset, index: np.ndarray, steps: int, seed: int) -> float:
-    """Test accuracy of the run's encoder plus a linear head, all trained on rows `index`."""
+def fine_tune(
+    run: Path, dataset: Dataset, index: np.ndarray, steps: int, seed: int
+) -> EncoderClassifier:
+    """The run's encoder plus a linear head, all trained on rows `index` of the fit split."""
     from aet.training.checkpoint import load_checkpoint
 
     checkpoint = load_checkpoint(run / "best.pt")
@@ -244,17 +273,26 @@ def fine_tune_probe(run: Path, dataset: Dataset, index: np.ndarray, steps: int, 
         )
     torch.manual_seed(seed)
     autoencoder = checkpoint.build_model()
-    model = _EncoderClassifier(autoencoder, autoencoder.code_size, dataset.num_classes)
+    model = EncoderClassifier(autoencoder, autoencoder.code_size, dataset.num_classes)
     fit = dataset.fit
     _train(model, torch.from_numpy(fit.x[index]), torch.from_numpy(fit.y[index]), steps, seed)
-    with torch.no_grad():
-        predictions = torch.cat(
-            [
-                model(torch.from_numpy(dataset.test.x[i : i + 1024])).argmax(1)
-                for i in range(0, len(dataset.test), 1024)
-            ]
-        )
-    return float((predictions.numpy() == dataset.test.y).mean())
+    return model
+
+
+@torch.no_grad()
+def classifier_logits(model: nn.Module, x: np.ndarray) -> np.ndarray:
+    """Logits (N, classes) of images `x` (N, C, H, W) in [0, 1], in blocks of 1,024."""
+    model.eval()
+    return torch.cat(
+        [model(torch.from_numpy(x[i : i + 1024])) for i in range(0, len(x), 1024)]
+    ).numpy()
+
+
+def fine_tune_probe(run: Path, dataset: Dataset, index: np.ndarray, steps: int, seed: int) -> float:
+    """Test accuracy of the run's encoder plus a linear head, all trained on rows `index`."""
+    model = fine_tune(run, dataset, index, steps, seed)
+    predictions = classifier_logits(model, dataset.test.x).argmax(1)
+    return float((predictions == dataset.test.y).mean())
 
 
 # --- the probe run ---------------------------------------------------------------------------

@@ -55,6 +55,11 @@ class EmbeddingServiceStub:
                 request_serializer=aet_dot_proto_dot_embedding__pb2.DescribeModelRequest.SerializeToString,
                 response_deserializer=aet_dot_proto_dot_embedding__pb2.ModelDescription.FromString,
                 _registered_method=True)
+        self.Classify = channel.unary_unary(
+                '/aet.v1.EmbeddingService/Classify',
+                request_serializer=aet_dot_proto_dot_embedding__pb2.ClassifyRequest.SerializeToString,
+                response_deserializer=aet_dot_proto_dot_embedding__pb2.ClassifyResponse.FromString,
+                _registered_method=True)
 
 
 class EmbeddingServiceServicer:
@@ -90,6 +95,14 @@ class EmbeddingServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Classify(self, request, context):
+        """Class probabilities and the top-k classes of one batch, from a classifier model
+        (`aet head`). An encoder model answers INVALID_ARGUMENT.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_EmbeddingServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -112,6 +125,11 @@ def add_EmbeddingServiceServicer_to_server(servicer, server):
                     servicer.DescribeModel,
                     request_deserializer=aet_dot_proto_dot_embedding__pb2.DescribeModelRequest.FromString,
                     response_serializer=aet_dot_proto_dot_embedding__pb2.ModelDescription.SerializeToString,
+            ),
+            'Classify': grpc.unary_unary_rpc_method_handler(
+                    servicer.Classify,
+                    request_deserializer=aet_dot_proto_dot_embedding__pb2.ClassifyRequest.FromString,
+                    response_serializer=aet_dot_proto_dot_embedding__pb2.ClassifyResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -223,6 +241,33 @@ class EmbeddingService:
             '/aet.v1.EmbeddingService/DescribeModel',
             aet_dot_proto_dot_embedding__pb2.DescribeModelRequest.SerializeToString,
             aet_dot_proto_dot_embedding__pb2.ModelDescription.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Classify(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/aet.v1.EmbeddingService/Classify',
+            aet_dot_proto_dot_embedding__pb2.ClassifyRequest.SerializeToString,
+            aet_dot_proto_dot_embedding__pb2.ClassifyResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -20,6 +20,7 @@ import numpy as np
 
 from aet.proto import embedding_pb2, embedding_pb2_grpc
 from aet.proto.codec import WIRE_DTYPES, decode_tensor, fill_tensor
+from aet.server import classification
 from aet.server.batcher import BatchFuture
 from aet.server.errors import abort, grpc_status
 from aet.server.metrics import UNKNOWN_MODEL, RequestTiming, ServingMetrics
@@ -115,6 +116,43 @@ class EmbeddingService(embedding_pb2_grpc.EmbeddingServiceServicer):
         finally:
             _put_while_active(ahead, _END_OF_STREAM, context)
 
+    def Classify(
+        self, request: embedding_pb2.ClassifyRequest, context: grpc.ServicerContext
+    ) -> embedding_pb2.ClassifyResponse:
+        """Probabilities and top-k classes from a classifier model: the Embed path (lookup,
+        checks, batcher), then `classification.classify` on the output."""
+        started = time.perf_counter()
+        submitted = None
+        try:
+            model = self.registry.lookup(request.model, request.version or None)
+            names = classification.class_labels(model.card)
+            top_k = classification.check_top_k(
+                request.top_k or 1, model.card.output.embedding_dim, "top_k"
+            )
+            submitted = self._submit(request, context, started)
+            probabilities = submitted.future.result()
+            answered = time.perf_counter()
+            top = classification.classify(probabilities, top_k, names)
+            response = embedding_pb2.ClassifyResponse(
+                request_id=request.request_id,
+                model=submitted.model.name,
+                version=submitted.model.version,
+            )
+            fill_tensor(response.probabilities, probabilities)
+            response.top.extend(
+                embedding_pb2.TopClasses(indices=indices, labels=labels, scores=scores)
+                for indices, labels, scores in zip(
+                    top.indices.tolist(), top.labels.tolist(), top.scores.tolist(), strict=True
+                )
+            )
+            _fill_timing(response.timing, submitted, answered)
+        except Exception as exc:
+            code, message = grpc_status(exc)
+            self._observe(request, submitted, code, started)
+            context.abort(code, message)
+        self._observe(request, submitted, grpc.StatusCode.OK, started, response.timing)
+        return response
+
     def ListModels(
         self, request: embedding_pb2.ListModelsRequest, context: grpc.ServicerContext
     ) -> embedding_pb2.ListModelsResponse:
@@ -158,7 +196,7 @@ class EmbeddingService(embedding_pb2_grpc.EmbeddingServiceServicer):
     @staticmethod
     def _respond(submitted: _Submitted) -> embedding_pb2.EmbedResponse:
         """Wait for the embeddings, apply the request's options, encode the response."""
-        request, model, future, decode_seconds = submitted
+        request, model, future, _ = submitted
         embeddings = future.result()
         answered = time.perf_counter()
         # Sub-messages are filled in place: building them apart would copy them in.
@@ -166,11 +204,7 @@ class EmbeddingService(embedding_pb2_grpc.EmbeddingServiceServicer):
             request_id=request.request_id, model=model.name, version=model.version
         )
         fill_tensor(response.embeddings, _postprocess(embeddings, request.options))
-        timing = response.timing
-        timing.decode_us = decode_seconds * 1e6
-        timing.queue_us = future.queue_seconds * 1e6
-        timing.run_us = future.run_seconds * 1e6
-        timing.encode_us = (time.perf_counter() - answered) * 1e6
+        _fill_timing(response.timing, submitted, answered)
         return response
 
     def _observe(
@@ -204,6 +238,16 @@ class EmbeddingService(embedding_pb2_grpc.EmbeddingServiceServicer):
                 encode=timing.encode_us / 1e6,
             ),
         )
+
+
+def _fill_timing(
+    timing: embedding_pb2.ServerTiming, submitted: _Submitted, answered: float
+) -> None:
+    """Where the request's time went; `answered` is when its batch came back."""
+    timing.decode_us = submitted.decode_seconds * 1e6
+    timing.queue_us = submitted.future.queue_seconds * 1e6
+    timing.run_us = submitted.future.run_seconds * 1e6
+    timing.encode_us = (time.perf_counter() - answered) * 1e6
 
 
 def _put_while_active(ahead: queue.Queue, item: object, context: grpc.ServicerContext) -> bool:
@@ -265,4 +309,5 @@ def describe(model: LoadedModel, statuses: list[VersionStatus]) -> embedding_pb2
         ),
         sha256=card.sha256,
         model_card_json=json.dumps(card.to_dict()),
+        class_labels=card.classifier.labels if card.classifier else (),
     )

@@ -5,7 +5,9 @@ unchanged, on the same `ModelRegistry`, request checks and dynamic batchers as o
 `aet.v1.EmbeddingService`. A model has one input (the card's, e.g. `pixels`, FP32 or UINT8,
 shape [-1, C, H, W]) and one output (`embedding`, FP32, [-1, dim]). Inputs arrive as
 `raw_input_contents` (little-endian bytes) or as typed `contents`; outputs always leave as
-`raw_output_contents`, as Triton sends them.
+`raw_output_contents`, as Triton sends them. Classifier models (`aet head`) output
+`probabilities` (FP32, [-1, classes]) and support Triton's classification extension
+(`server.classification`).
 
 Request parameters: `timeout` (int64, microseconds) bounds the time a request may wait for its
 batch, on top of the gRPC deadline; sequence parameters are refused (no stateful models);
@@ -29,6 +31,7 @@ import numpy as np
 from aet.proto import grpc_service_pb2 as pb
 from aet.proto import grpc_service_pb2_grpc, model_config_pb2
 from aet.proto.codec import decode_raw
+from aet.server import classification
 from aet.server.batcher import BatchFuture
 from aet.server.errors import InvalidArgument, Unavailable, abort, grpc_status
 from aet.server.metrics import (
@@ -189,34 +192,45 @@ def request_timeout(request: pb.ModelInferRequest) -> float | None:
 
 
 def check_requested_outputs(request: pb.ModelInferRequest, model: LoadedModel) -> None:
-    """Every requested output must be the model's one output, without classification."""
+    """Every requested output must be the model's one output; the `classification` parameter
+    (Triton's classification extension) only for classifiers, with 1 <= class_count <= K."""
     for i, output in enumerate(request.outputs):
         if output.name != model.card.output.name:
             raise InvalidArgument(
                 f"outputs[{i}].name: expected {model.card.output.name!r}, got {output.name!r}"
             )
-        if "classification" in output.parameters:
-            raise InvalidArgument(
-                f"outputs[{i}].parameters['classification']: expected absent "
-                "(embeddings have no classes), got it set"
-            )
+        classification.kserve_class_count(output, i, model.card)
 
 
 def infer_response(
-    request: pb.ModelInferRequest, model: LoadedModel, embeddings: np.ndarray
+    request: pb.ModelInferRequest, model: LoadedModel, outputs: np.ndarray
 ) -> pb.ModelInferResponse:
-    """The v2 response carrying `embeddings` as raw little-endian FP32 bytes."""
-    little = np.ascontiguousarray(embeddings, dtype="<f4")
+    """The v2 response carrying `outputs` as raw little-endian FP32 bytes, or, for an output
+    requested with a class count, as Triton's BYTES "score:index:label" classification."""
+    name = model.card.output.name
+    class_count = next(
+        (
+            k
+            for i, output in enumerate(request.outputs)
+            if (k := classification.kserve_class_count(output, i, model.card)) is not None
+        ),
+        None,
+    )
+    if class_count is None:
+        little = np.ascontiguousarray(outputs, dtype="<f4")
+        datatype, shape, raw = "FP32", list(little.shape), little.tobytes()
+    else:
+        labels = model.card.classifier.labels
+        shape, raw = classification.kserve_classification(outputs, class_count, labels)
+        datatype = "BYTES"
     return pb.ModelInferResponse(
         model_name=model.name,
         model_version=str(model.version),
         id=request.id,
         outputs=[
-            pb.ModelInferResponse.InferOutputTensor(
-                name=model.card.output.name, datatype="FP32", shape=little.shape
-            )
+            pb.ModelInferResponse.InferOutputTensor(name=name, datatype=datatype, shape=shape)
         ],
-        raw_output_contents=[little.tobytes()],
+        raw_output_contents=[raw],
     )
 
 

@@ -47,11 +47,26 @@ class InputSpec:
 
 @dataclass(frozen=True)
 class OutputSpec:
-    """The graph output: one `embedding_dim` vector per input row."""
+    """The graph output: one `embedding_dim` vector per input row (for a classifier: one
+    probability per class, `embedding_dim` = the number of classes)."""
 
-    name: str  # "embedding"
+    name: str  # "embedding", or "probabilities" for a classifier
     dtype: str  # "float32"
     embedding_dim: int
+
+
+@dataclass(frozen=True)
+class ClassifierSpec:
+    """What makes a model a classifier: its classes and the encoder its head was fitted on.
+
+    The graph is preprocessing + encoder + head in one; its output (`probabilities`) holds
+    one softmax probability per class, in the order of `labels`.
+    """
+
+    labels: tuple[str, ...]  # class names by index ("0", "1", ... when the data set has none)
+    encoder: dict[str, Any]  # the exported encoder it was built on: name, version, sha256
+    head: str  # "logreg", "mlp" or "fine-tune"
+    settings: dict[str, Any]  # the head's fitted settings (e.g. C, standardise, hidden units)
 
 
 @dataclass(frozen=True)
@@ -73,10 +88,14 @@ class ModelCard:
     parity_samples: int  # rows that parity was measured on
     library_versions: dict[str, str]
     created: str  # ISO 8601 with time zone
+    classifier: ClassifierSpec | None = None  # set for classifier heads, absent for encoders
 
     def to_dict(self) -> dict[str, Any]:
-        """The JSON-ready mapping written to `model.json`."""
-        return dataclasses.asdict(self)
+        """The JSON-ready mapping written to `model.json` (encoders carry no `classifier`)."""
+        data = dataclasses.asdict(self)
+        if self.classifier is None:
+            del data["classifier"]
+        return data
 
     @classmethod
     def from_dict(cls, data: Any, source: str = CARD_FILE) -> ModelCard:
@@ -110,6 +129,7 @@ class ModelCard:
             parity_samples=reader.positive_int(card, "parity_samples"),
             library_versions=reader.library_versions(card, "library_versions"),
             created=reader.timestamp(card, "created"),
+            classifier=reader.classifier(card, "classifier", out),
         )
 
 
@@ -141,10 +161,12 @@ class _FieldReader:
             raise self.fail(prefix + key, "a non-empty string", value)
         return value
 
-    def model_name(self, data: dict, key: str) -> str:
-        value = self.get(data, key)
+    def model_name(self, data: dict, key: str, prefix: str = "") -> str:
+        value = self.get(data, key, prefix)
         if not isinstance(value, str) or not MODEL_NAME_PATTERN.fullmatch(value):
-            raise self.fail(key, f"a model name matching {MODEL_NAME_PATTERN.pattern}", value)
+            raise self.fail(
+                prefix + key, f"a model name matching {MODEL_NAME_PATTERN.pattern}", value
+            )
         return value
 
     def positive_int(self, data: dict, key: str, prefix: str = "") -> int:
@@ -194,10 +216,10 @@ class _FieldReader:
                 raise self.fail(f"{key}.{name}", "a number", number)
         return {name: float(number) for name, number in value.items()}
 
-    def sha256(self, data: dict, key: str) -> str:
-        value = self.get(data, key)
+    def sha256(self, data: dict, key: str, prefix: str = "") -> str:
+        value = self.get(data, key, prefix)
         if not isinstance(value, str) or not _SHA256_PATTERN.fullmatch(value):
-            raise self.fail(key, "64 lowercase hex digits", value)
+            raise self.fail(prefix + key, "64 lowercase hex digits", value)
         return value
 
     def library_versions(self, data: dict, key: str) -> dict[str, str]:
@@ -206,6 +228,30 @@ class _FieldReader:
             if not isinstance(version, str):
                 raise self.fail(f"{key}.{name}", "a version string", version)
         return dict(value)
+
+    def classifier(self, data: dict, key: str, output: dict) -> ClassifierSpec | None:
+        if key not in data:
+            return None
+        value = self.mapping(data[key], key)
+        labels = self.get(value, "labels", key + ".")
+        if not isinstance(labels, list) or not all(isinstance(s, str) and s for s in labels):
+            raise self.fail(f"{key}.labels", "a list of non-empty strings", labels)
+        if len(labels) != output.get("embedding_dim"):
+            raise self.fail(
+                f"{key}.labels",
+                f"one label per output column ({output.get('embedding_dim')})",
+                labels,
+            )
+        encoder = self.mapping(self.get(value, "encoder", key + "."), f"{key}.encoder")
+        self.model_name(encoder, "name", f"{key}.encoder.")
+        self.positive_int(encoder, "version", f"{key}.encoder.")
+        self.sha256(encoder, "sha256", f"{key}.encoder.")
+        return ClassifierSpec(
+            labels=tuple(labels),
+            encoder=encoder,
+            head=self.string(value, "head", key + "."),
+            settings=self.mapping(self.get(value, "settings", key + "."), f"{key}.settings"),
+        )
 
     def timestamp(self, data: dict, key: str) -> str:
         value = self.string(data, key)

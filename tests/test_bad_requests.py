@@ -247,7 +247,7 @@ CATALOGUE = {
             ]
         ),
         INVALID,
-        "outputs[0].parameters['classification']: expected absent",
+        "outputs[0].parameters['classification']: expected a classifier model",
     ),
     "kserve timeout type": Case(
         "kserve",

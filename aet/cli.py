@@ -18,6 +18,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("aet.server.app", "serve the model repository over gRPC"),
     "embed": ("aet.clients.extract", "batch feature extraction (server, local onnxruntime or Ray)"),
     "probe": ("aet.clients.probe", "train classifiers on frozen embeddings"),
+    "head": ("aet.clients.head", "fit a classifier on an encoder and export both as one model"),
+    "predict": ("aet.clients.predict", "batch classification (server, local onnxruntime or Ray)"),
     "demo": ("aet.clients.demo", "the whole flow on the embedded default data"),
 }
 

@@ -35,6 +35,7 @@ class ModelIdentity:
     embedding_dim: int
     input_shape: tuple[int, ...]  # (C, H, W)
     max_value: float  # the raw pixel value the graph maps to 1.0
+    class_labels: tuple[str, ...] = ()  # a classifier's class names by output column, else ()
 
 
 def find_model_version(path: str | os.PathLike) -> ModelVersion:
@@ -75,6 +76,7 @@ def _identity(found: ModelVersion) -> ModelIdentity:
         card.output.embedding_dim,
         tuple(card.input.shape),
         card.input.value_range[1],
+        card.classifier.labels if card.classifier is not None else (),
     )
 
 
@@ -139,6 +141,7 @@ class ServerBackend(EmbeddingBackend):
             description.embedding_dim,
             tuple(description.input.shape),
             description.input.max_value,
+            tuple(description.class_labels),
         )
         self.label = f"server {client.target}"
 

@@ -27,6 +27,7 @@ import numpy as np
 from aet.errors import UserError
 from aet.proto import embedding_pb2, embedding_pb2_grpc
 from aet.proto.codec import TensorCodecError, decode_tensor, encode_tensor
+from aet.server.classification import Classification
 
 log = logging.getLogger(__name__)
 
@@ -248,6 +249,38 @@ class EmbeddingClient:
         chunks = self._chunks(checked(batches), model, version)
         return self._stream(chunks, model, version, options, deadline=timeout)
 
+    def classify(
+        self,
+        array: np.ndarray,
+        model: str,
+        version: int | None = None,
+        *,
+        top_k: int = 1,
+        timeout: float | None = None,
+    ) -> Classification:
+        """Class probabilities and the `top_k` classes of `array` `(N, *input_shape)` from a
+        classifier model (`aet head`), one `Classify` call per request-sized chunk.
+
+        Returns a `Classification`: `probabilities` (N, K) float32, and `indices`, `scores`
+        and `labels` (N, top_k), most probable class first.
+        """
+        _check_input(array)
+        per_request = self.timeout if timeout is None else timeout
+        parts = []
+        for chunk in self._chunks([array], model, version):
+            request = embedding_pb2.ClassifyRequest(
+                model=model,
+                version=version or 0,
+                inputs=encode_tensor(chunk.rows),
+                top_k=top_k,
+                request_id=chunk.request_id,
+            )
+            response = self._unary("Classify", self._stub.Classify, request, per_request)
+            parts.append(_classification(response, chunk))
+        return Classification(
+            *(np.concatenate([getattr(part, name) for part in parts]) for name in _FIELDS)
+        )
+
     # --- request sizing --------------------------------------------------------------------
 
     def _model_limits(self, model: str, version: int | None) -> _ModelLimits:
@@ -401,6 +434,38 @@ def _request(
         inputs=encode_tensor(chunk.rows),
         options=options,
         request_id=chunk.request_id,
+    )
+
+
+_FIELDS = ("probabilities", "indices", "scores", "labels")
+
+
+def _classification(response: embedding_pb2.ClassifyResponse, chunk: _Chunk) -> Classification:
+    """The probabilities and top classes of `response`, checked against its request."""
+    method = "Classify"
+    if response.request_id != chunk.request_id:
+        raise EmbeddingError(
+            grpc.StatusCode.INTERNAL,
+            f"response request_id: expected {chunk.request_id!r}, got {response.request_id!r}",
+            method,
+        )
+    try:
+        probabilities = decode_tensor(response.probabilities, "probabilities")
+    except TensorCodecError as exc:
+        raise EmbeddingError(grpc.StatusCode.INTERNAL, f"response {exc}", method) from None
+    rows = len(chunk.rows)
+    if probabilities.ndim != 2 or len(probabilities) != rows or len(response.top) != rows:
+        raise EmbeddingError(
+            grpc.StatusCode.INTERNAL,
+            f"response: expected probabilities ({rows}, classes) and {rows} top entries, got "
+            f"{probabilities.shape} and {len(response.top)}",
+            method,
+        )
+    return Classification(
+        probabilities,
+        np.array([list(top.indices) for top in response.top], dtype=np.int64),
+        np.array([list(top.scores) for top in response.top], dtype=np.float32),
+        np.array([list(top.labels) for top in response.top], dtype=str),
     )
 
 

@@ -114,19 +114,26 @@ class PixelEncoder(torch.nn.Module):
         return self.autoencoder.encode(pixels / self.raw_max)
 
 
-def to_onnx(encoder: PixelEncoder, example: torch.Tensor, opset: int) -> onnx.ModelProto:
-    """Export `encoder` with a dynamic batch axis and check the graph with `onnx.checker`."""
+def to_onnx(
+    module: torch.nn.Module,
+    example: torch.Tensor,
+    opset: int,
+    input_name: str = INPUT_NAME,
+    output_name: str = OUTPUT_NAME,
+) -> onnx.ModelProto:
+    """Export `module` (one input, one output) with a dynamic batch axis and check the graph
+    with `onnx.checker`."""
     try:
         program = torch.onnx.export(
-            encoder,
+            module,
             (example,),
             dynamo=True,
             opset_version=opset,
             optimize=True,
-            input_names=[INPUT_NAME],
-            output_names=[OUTPUT_NAME],
+            input_names=[input_name],
+            output_names=[output_name],
             verbose=False,
-            dynamic_shapes={INPUT_NAME: {0: torch.export.Dim("batch")}},
+            dynamic_shapes=({0: torch.export.Dim("batch")},),
         )
         model = program.model_proto
         # The exporter annotates each node with Python stack traces and local file paths:
@@ -135,7 +142,7 @@ def to_onnx(encoder: PixelEncoder, example: torch.Tensor, opset: int) -> onnx.Mo
             del node.metadata_props[:]
         onnx.checker.check_model(model, full_check=True)
     except (torch.onnx.errors.OnnxExporterError, onnx.checker.ValidationError) as exc:
-        raise ExportError(f"ONNX export of the encoder failed: {exc}") from exc
+        raise ExportError(f"ONNX export of {type(module).__name__} failed: {exc}") from exc
     return model
 
 

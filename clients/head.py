@@ -1,0 +1,510 @@
+"""`aet head`: a classifier on frozen embeddings, exported as one deployable ONNX graph.
+
+The head is fitted on the embeddings that the exported encoder (`--model exported/<encoder>`)
+gives for the labelled fit rows (train + val) of the data set and split recorded in the
+encoder's model.json, and scored on its test rows:
+
+- `logreg`: logistic regression; its inverse regularisation C and whether to standardise the
+  embeddings are chosen by stratified cross-validation on the fit rows (as the probes do);
+- `mlp`: the probe's one-hidden-layer MLP head on standardised embeddings;
+- `--fine-tune runs/<name>`: the encoder's training run is fine-tuned end to end under a linear
+  head, as `aet probe --fine-tune` does (the run must be the one the encoder was exported from).
+
+The head becomes a torch module (standardisation, layers, softmax) exported with the same ONNX
+exporter as the encoders, then joined behind the encoder's own graph with `onnx.compose`: one
+graph `pixels -> probabilities`, preprocessing included. Before anything is written, the graph's
+probabilities on the test rows must match the fitted head's `predict_proba` within
+`PARITY_TOLERANCE`. The result is a model of its own in the repository (`<name>/<version>/`)
+whose model.json records the class labels, the encoder (name, version, sha256), the split and
+the test accuracy at fit time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import warnings
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime
+import torch
+from onnx import compose, version_converter
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import GridSearchCV, StratifiedKFold
+from sklearn.pipeline import Pipeline
+from sklearn.preprocessing import StandardScaler
+from torch import nn
+
+from aet.clients.backends import find_model_version
+from aet.clients.probe import (
+    MLPHead,
+    classifier_logits,
+    embed_in_process,
+    fine_tune,
+    fit_mlp_head,
+)
+from aet.config import ConfigError, add_config_arguments, config_from_args
+from aet.errors import UserError
+from aet.server.repository import (
+    MODEL_NAME_PATTERN,
+    ClassifierSpec,
+    ModelCard,
+    ModelVersion,
+    OutputSpec,
+    scan_repository,
+    write_version,
+)
+from aet.training.data import Dataset, load_dataset
+from aet.training.export import PixelEncoder, library_versions, onnx_opset, to_onnx
+
+OUTPUT_NAME = "probabilities"
+HEADS = ("logreg", "mlp")
+LOGISTIC_C = tuple(float(c) for c in np.logspace(-4, 2, 7))  # 1e-4 ... 100, one per decade
+MAX_FOLDS = 5
+PARITY_TOLERANCE = 1e-5  # max |graph - fitted head| over the test rows' probabilities
+ENCODER_TOLERANCE = 1e-4  # run vs exported encoder, as `aet export`'s parity check
+MIN_OPSET = 18  # torch's ONNX exporter writes the head at the encoder's opset, at least this
+SPLIT_FIELDS = ("seed", "test_fraction", "val_fraction", "limit")
+
+
+class HeadError(UserError):
+    """The head cannot be fitted or exported: no labels, a changed encoder, a name clash."""
+
+
+@dataclass
+class HeadConfig:
+    """`aet head`: which encoder, which head, which data, where the classifier goes."""
+
+    model: Path | None = field(
+        default=None,
+        metadata={"help": "the encoder: exported/<model>[/<version>] (default version: latest)"},
+    )
+    name: str | None = field(
+        default=None, metadata={"help": "model name of the classifier in the repository"}
+    )
+    repository: Path | None = field(
+        default=None,
+        metadata={"help": "model repository to write into (default: the encoder's repository)"},
+    )
+    head: str = field(
+        default="logreg",
+        metadata={
+            "help": "logreg: logistic regression, C and standardisation chosen by stratified "
+            "CV; mlp: one-hidden-layer MLP on standardised embeddings",
+            "choices": HEADS,
+        },
+    )
+    fine_tune: Path | None = field(
+        default=None,
+        metadata={
+            "help": "training run runs/<name> the encoder was exported from: fine-tune it end to "
+            "end under a linear head instead of fitting a head on frozen embeddings"
+        },
+    )
+    dataset: str | None = field(
+        default=None, metadata={"help": "data set (default: the encoder's, from its model.json)"}
+    )
+    data_path: Path | None = field(
+        default=None,
+        metadata={"help": "data file or folder (default: the path in the encoder's model.json)"},
+    )
+    seed: int | None = field(
+        default=None,
+        metadata={"help": "split seed (default: the encoder's); also seeds the head's training"},
+    )
+    test_fraction: float | None = field(
+        default=None, metadata={"help": "test split fraction (default: the encoder's)"}
+    )
+    val_fraction: float | None = field(
+        default=None, metadata={"help": "validation split fraction (default: the encoder's)"}
+    )
+    limit: int | None = field(
+        default=None, metadata={"help": "keep the first N rows (default: the encoder's)"}
+    )
+    hidden: int = field(default=128, metadata={"help": "mlp: hidden units"})
+    steps: int = field(
+        default=1000, metadata={"help": "mlp and fine-tuning: Adam steps on mini-batches of 128"}
+    )
+
+    def __post_init__(self):
+        if self.model is None:
+            raise ConfigError("model: expected --model exported/<encoder>[/<version>]; got none")
+        if self.name is None or not MODEL_NAME_PATTERN.fullmatch(self.name):
+            raise ConfigError(
+                f"name: expected --name matching {MODEL_NAME_PATTERN.pattern}; got {self.name!r}"
+            )
+        for name in ("hidden", "steps"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}: expected a positive integer; got {getattr(self, name)}")
+        if self.fine_tune is not None and self.head != "logreg":
+            raise ConfigError(
+                f"head: --fine-tune trains a linear head with the encoder; got --head {self.head}"
+            )
+
+    @property
+    def kind(self) -> str:
+        """The head as model.json names it: logreg, mlp or fine-tune."""
+        return "fine-tune" if self.fine_tune is not None else self.head
+
+
+# --- the data the encoder was pretrained on ----------------------------------------------------
+
+
+def encoder_dataset(card: ModelCard, config: HeadConfig) -> Dataset:
+    """The data set and split of the encoder's model.json; a flag that would move rows between
+    the encoder's training rows and its test rows is refused (the test accuracy would leak)."""
+    recorded = card.dataset
+    given = {
+        "dataset": (config.dataset, recorded["name"]),
+        **{key: (getattr(config, key), recorded.get(key)) for key in SPLIT_FIELDS},
+    }
+    for key, (value, card_value) in given.items():
+        if value is not None and value != card_value:
+            raise HeadError(
+                f"{key}: the encoder {card.name} v{card.version} was pretrained with "
+                f"{key}={card_value!r}; got {value!r}. A head must be scored on the rows the "
+                f"encoder never saw: leave --{key.replace('_', '-')} out"
+            )
+    path = config.data_path if config.data_path is not None else recorded.get("path")
+    test_fraction = recorded.get("test_fraction")
+    dataset = load_dataset(
+        recorded["name"],
+        path,
+        seed=recorded.get("seed", 0),
+        test_fraction=None if test_fraction == "official" else test_fraction,
+        val_fraction=recorded.get("val_fraction", 0.1),
+        limit=recorded.get("limit"),
+    )
+    if dataset.fit.y is None or dataset.test.y is None:
+        raise HeadError(f"data set {dataset.name}: has no labels; a classifier needs them")
+    missing = sorted(set(range(dataset.num_classes)) - set(np.unique(dataset.fit.y).tolist()))
+    if missing:
+        raise HeadError(
+            f"data set {dataset.name}: classes {missing} have no training rows (train + val); "
+            f"expected every class of 0..{dataset.num_classes - 1}"
+        )
+    return dataset
+
+
+def class_names(dataset: Dataset) -> tuple[str, ...]:
+    """The data set's class names (image folders' subfolder names), else "0", "1", ..."""
+    names = dataset.source.get("classes")
+    if names is not None and len(names) == dataset.num_classes:
+        return tuple(str(name) for name in names)
+    return tuple(str(index) for index in range(dataset.num_classes))
+
+
+# --- heads as torch modules ----------------------------------------------------------------------
+
+
+class ProbabilityHead(nn.Module):
+    """embedding (B, D) -> standardise -> `network` -> softmax: probabilities (B, classes)."""
+
+    def __init__(self, mean: np.ndarray, scale: np.ndarray, network: nn.Module):
+        super().__init__()
+        self.register_buffer("mean", torch.as_tensor(mean, dtype=torch.float32))
+        self.register_buffer("scale", torch.as_tensor(scale, dtype=torch.float32))
+        self.network = network
+
+    def forward(self, embedding: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.network((embedding - self.mean) / self.scale), dim=1)
+
+
+class PixelClassifier(nn.Module):
+    """A fine-tuned `EncoderClassifier` on raw pixels: (B, C, H, W) in [0, raw_max] ->
+    probabilities (B, classes)."""
+
+    def __init__(self, classifier: nn.Module, raw_max: float):
+        super().__init__()
+        self.classifier = classifier
+        self.raw_max = float(raw_max)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.classifier(pixels / self.raw_max), dim=1)
+
+
+def _standardisation(scaler: StandardScaler | None, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    if scaler is None:
+        return np.zeros(dim), np.ones(dim)
+    return scaler.mean_, scaler.scale_
+
+
+def logistic_module(pipeline: Pipeline) -> ProbabilityHead:
+    """The fitted `scale -> LogisticRegression` pipeline as a `ProbabilityHead`.
+
+    Multinomial: softmax(x W^T + b). Binary: scikit-learn's sigmoid(z) equals the softmax of
+    the logits (0, z), so the single row of weights becomes two.
+    """
+    scale, model = pipeline.named_steps["scale"], pipeline.named_steps["clf"]
+    coef, intercept = model.coef_, model.intercept_
+    if len(model.classes_) == 2:
+        coef = np.vstack([np.zeros_like(coef), coef])
+        intercept = np.concatenate([[0.0], intercept])
+    linear = nn.Linear(coef.shape[1], coef.shape[0])
+    with torch.no_grad():
+        linear.weight.copy_(torch.as_tensor(coef))
+        linear.bias.copy_(torch.as_tensor(intercept))
+    mean, std = _standardisation(None if scale == "passthrough" else scale, coef.shape[1])
+    return ProbabilityHead(mean, std, linear).eval()
+
+
+def mlp_module(head: MLPHead) -> ProbabilityHead:
+    """The probe's fitted MLP head (its scaler and network) as a `ProbabilityHead`."""
+    return ProbabilityHead(head.scaler.mean_, head.scaler.scale_, head.network).eval()
+
+
+# --- fitting ----------------------------------------------------------------------------------
+
+
+@dataclass
+class FittedHead:
+    """A head fitted on frozen embeddings (or a fine-tuned classifier) and its figures."""
+
+    module: nn.Module  # embedding -> probabilities, or pixels -> probabilities (fine-tune)
+    probabilities: np.ndarray  # (N_test, classes): the fitted model's, as `predict_proba` gives
+    test_accuracy: float
+    settings: dict[str, Any]
+
+
+def fit_logistic(x: np.ndarray, y: np.ndarray, seed: int) -> tuple[Pipeline, dict[str, Any]]:
+    """Logistic regression on (N, D) features; C and standardise-or-not chosen by stratified CV
+    on (x, y) alone. Returns the refitted pipeline and the chosen settings."""
+    pipeline = Pipeline(
+        [
+            ("scale", "passthrough"),
+            ("clf", LogisticRegression(max_iter=500, tol=1e-3, random_state=seed)),
+        ]
+    )
+    smallest = int(np.bincount(y).min())
+    with warnings.catch_warnings():
+        # lbfgs stopping at max_iter on a hard (C, fold) pair only lowers that pair's CV score.
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        if smallest < 2:  # a class with a single row: no folds; the middle of the grid
+            fitted = pipeline.set_params(clf__C=1.0).fit(x, y)
+            return fitted, {"C": 1.0, "standardise": False, "cv_folds": 0}
+        folds = StratifiedKFold(n_splits=min(MAX_FOLDS, smallest), shuffle=True, random_state=seed)
+        search = GridSearchCV(
+            pipeline,
+            {"scale": ["passthrough", StandardScaler()], "clf__C": list(LOGISTIC_C)},
+            cv=folds,
+            scoring="accuracy",
+        ).fit(x, y)
+    chosen = search.best_params_
+    settings = {
+        "C": float(chosen["clf__C"]),
+        "standardise": chosen["scale"] != "passthrough",
+        "cv_folds": folds.n_splits,
+        "cv_accuracy": float(search.best_score_),
+    }
+    return search.best_estimator_, settings
+
+
+def fit_frozen_head(
+    config: HeadConfig, dataset: Dataset, fit_x: np.ndarray, test_x: np.ndarray, seed: int
+) -> FittedHead:
+    """Fit the configured head on frozen embeddings `fit_x` (the fit rows), score on `test_x`."""
+    fit_y, test_y = dataset.fit.y, dataset.test.y
+    if config.head == "logreg":
+        pipeline, settings = fit_logistic(fit_x, fit_y, seed)
+        module, probabilities = logistic_module(pipeline), pipeline.predict_proba(test_x)
+    else:
+        mlp = fit_mlp_head(fit_x, fit_y, dataset.num_classes, config.hidden, config.steps, seed)
+        module, probabilities = mlp_module(mlp), mlp.predict_proba(test_x)
+        settings = {"hidden": config.hidden, "steps": config.steps}
+    accuracy = float((probabilities.argmax(1) == test_y).mean())
+    return FittedHead(module, probabilities, accuracy, {**settings, "seed": seed})
+
+
+def fit_fine_tuned(config: HeadConfig, dataset: Dataset, seed: int) -> FittedHead:
+    """Fine-tune the run's encoder under a linear head on every fit row."""
+    index = np.arange(len(dataset.fit))
+    model = fine_tune(config.fine_tune, dataset, index, config.steps, seed)
+    logits = torch.from_numpy(classifier_logits(model, dataset.test.x))
+    probabilities = torch.softmax(logits, dim=1).numpy()
+    accuracy = float((probabilities.argmax(1) == dataset.test.y).mean())
+    settings = {"run": str(config.fine_tune), "steps": config.steps, "seed": seed}
+    return FittedHead(
+        PixelClassifier(model, dataset.raw_max).eval(), probabilities, accuracy, settings
+    )
+
+
+# --- the graph --------------------------------------------------------------------------------
+
+
+def run_graph(model: onnx.ModelProto, input_name: str, x: np.ndarray) -> np.ndarray:
+    """Run a one-output graph on `x` with onnxruntime on the CPU, in blocks of 1,024 rows."""
+    session = onnxruntime.InferenceSession(
+        model.SerializeToString(), providers=["CPUExecutionProvider"]
+    )
+    return np.concatenate(
+        [session.run(None, {input_name: x[i : i + 1024]})[0] for i in range(0, len(x), 1024)]
+    )
+
+
+def compose_classifier(
+    encoder: onnx.ModelProto, card: ModelCard, head: nn.Module
+) -> onnx.ModelProto:
+    """One graph: the encoder's (pixels -> embedding) then `head` (embedding -> probabilities)."""
+    opset = max(onnx_opset(encoder), MIN_OPSET)
+    if onnx_opset(encoder) < opset:
+        encoder = version_converter.convert_version(encoder, opset)
+    example = torch.zeros(2, card.output.embedding_dim)
+    head_graph = to_onnx(head, example, opset, card.output.name, OUTPUT_NAME)
+    head_graph.ir_version = encoder.ir_version
+    # Prefix the head's names (the exporter names nodes alike in both graphs); keep its output.
+    head_graph = compose.add_prefix(head_graph, "head/", rename_outputs=False)
+    merged = compose.merge_models(
+        encoder,
+        head_graph,
+        io_map=[(card.output.name, f"head/{card.output.name}")],
+        outputs=[OUTPUT_NAME],
+    )
+    onnx.checker.check_model(merged, full_check=True)
+    return merged
+
+
+def check_run_is_encoder(config: HeadConfig, encoder: onnx.ModelProto, pixels: np.ndarray) -> None:
+    """Refuse a `--fine-tune` run that is not the run the exported encoder came from."""
+    from aet.training.checkpoint import load_checkpoint
+
+    checkpoint = load_checkpoint(config.fine_tune / "best.pt")
+    module = PixelEncoder(checkpoint.build_model(), checkpoint.raw_max).eval()
+    with torch.no_grad():
+        expected = module(torch.from_numpy(pixels)).numpy()
+    got = run_graph(encoder, encoder.graph.input[0].name, pixels)
+    diff = float(np.abs(got - expected).max()) if got.shape == expected.shape else float("inf")
+    if not diff <= ENCODER_TOLERANCE:
+        raise HeadError(
+            f"fine_tune: {config.fine_tune / 'best.pt'} is not the encoder {config.model} was "
+            f"exported from (max |difference| of their embeddings {diff:.3g}, expected <= "
+            f"{ENCODER_TOLERANCE:g})"
+        )
+
+
+def _check_target(config: HeadConfig, encoder: ModelVersion, repository: Path) -> None:
+    """The head gets its own model: not the encoder's name, not over an existing encoder."""
+    if config.name == encoder.name and repository.resolve() == encoder.path.parent.parent.resolve():
+        raise HeadError(
+            f"name: expected a model name other than the encoder's ({encoder.name!r}); the head "
+            f"is a model of its own"
+        )
+    if not repository.is_dir():
+        return
+    for found in scan_repository(repository):
+        if found.name == config.name and found.card is not None and found.card.classifier is None:
+            raise HeadError(
+                f"name: {repository / config.name} holds an encoder (v{found.version}); "
+                f"expected a new name or a classifier's"
+            )
+
+
+def build_head(config: HeadConfig) -> Path:
+    """Fit, export, check and write the classifier; returns its new version folder.
+
+    Nothing is written unless every check passes.
+    """
+    found = find_model_version(config.model)  # refuses a version whose sha256 does not match
+    card = found.card
+    repository = config.repository if config.repository is not None else found.path.parent.parent
+    _check_target(config, found, repository)
+    encoder_bytes = found.model_path.read_bytes()
+    digest = hashlib.sha256(encoder_bytes).hexdigest()
+    if digest != card.sha256:  # changed since the scan
+        raise HeadError(
+            f"{found.model_path}: sha256 mismatch: model.json expects {card.sha256}, the file "
+            f"has {digest}; re-export the encoder"
+        )
+    encoder = onnx.load_from_string(encoder_bytes)
+    dataset = encoder_dataset(card, config)
+    seed = dataset.source["seed"]
+    test_pixels = (dataset.test.x * np.float32(dataset.raw_max)).astype(np.float32)
+    if config.fine_tune is not None:
+        check_run_is_encoder(config, encoder, test_pixels[:256])
+        fitted = fit_fine_tuned(config, dataset, seed)
+        example = torch.from_numpy(test_pixels[:2])
+        opset = max(onnx_opset(encoder), MIN_OPSET)
+        graph = to_onnx(fitted.module, example, opset, card.input.name, OUTPUT_NAME)
+    else:
+        table = embed_in_process(found.path, dataset)  # checks that the encoder takes the data
+        fit_x = np.concatenate([table.part("train")[0], table.part("val")[0]])
+        fitted = fit_frozen_head(config, dataset, fit_x, table.part("test")[0], seed)
+        graph = compose_classifier(encoder, card, fitted.module)
+    served = run_graph(graph, card.input.name, test_pixels)
+    diff = float(np.abs(served - fitted.probabilities).max())
+    if not diff <= PARITY_TOLERANCE:
+        raise HeadError(
+            f"parity check failed: max |graph - fitted head| over {len(test_pixels)} test "
+            f"rows' probabilities: expected <= {PARITY_TOLERANCE:g}, got {diff:.3g}; "
+            f"nothing written"
+        )
+    onnx_bytes = graph.SerializeToString()
+    labels = class_names(dataset)
+    head_card = ModelCard(
+        name=config.name,
+        version=1,  # stamped by write_version
+        architecture="classifier",
+        hyperparameters={"head": config.kind, **fitted.settings, "encoder": card.hyperparameters},
+        input=card.input,
+        output=OutputSpec(name=OUTPUT_NAME, dtype="float32", embedding_dim=len(labels)),
+        preprocessing=[
+            *card.preprocessing,
+            f"encoder: {card.name} v{card.version} ({card.architecture}) -> "
+            f"{card.output.name} ({card.output.embedding_dim})",
+            f"head: {config.kind} -> softmax over {len(labels)} classes",
+        ],
+        dataset=dataset.source,
+        metrics={
+            "test_accuracy": fitted.test_accuracy,
+            "fit_rows": float(len(dataset.fit)),
+            "test_rows": float(len(dataset.test)),
+        },
+        opset=onnx_opset(graph),
+        sha256=hashlib.sha256(onnx_bytes).hexdigest(),
+        parity_max_abs_diff=diff,
+        parity_samples=len(test_pixels),
+        library_versions={**library_versions(), "scikit-learn": _version("scikit-learn")},
+        created=datetime.now(UTC).isoformat(timespec="seconds"),
+        classifier=ClassifierSpec(
+            labels=labels,
+            encoder={"name": card.name, "version": card.version, "sha256": card.sha256},
+            head=config.kind,
+            settings=fitted.settings,
+        ),
+    )
+    return write_version(repository, config.name, onnx_bytes, head_card)
+
+
+def _version(package: str) -> str:
+    from importlib import metadata
+
+    return metadata.version(package)
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    add_config_arguments(parser, HeadConfig)
+
+
+def run(args: argparse.Namespace) -> int:
+    from aet.server.repository import CARD_FILE, read_model_card
+
+    config = config_from_args(HeadConfig, args)
+    path = build_head(config)
+    card = read_model_card(path / CARD_FILE)
+    encoder = card.classifier.encoder
+    print(
+        f"head {card.classifier.head} on {encoder['name']} v{encoder['version']} -> {path}\n"
+        f"  {card.input.name} (batch, {', '.join(map(str, card.input.shape))}) -> "
+        f"{card.output.name} (batch, {card.output.embedding_dim}); classes "
+        f"{', '.join(card.classifier.labels)}\n"
+        f"  test accuracy {card.metrics['test_accuracy']:.4f} on {int(card.metrics['test_rows'])} "
+        f"rows; settings {card.classifier.settings}\n"
+        f"  parity: max |graph - fitted head| {card.parity_max_abs_diff:.2g} over "
+        f"{card.parity_samples} test rows"
+    )
+    return 0

@@ -1,26 +1,40 @@
-"""`aet demo`: the whole flow on one command: serve the shipped encoder, embed, probe, stop.
+"""`aet demo`: the whole flow on one command: serve the shipped encoder, embed, probe, fit a
+classifier head, serve it, classify, stop.
 
-On digits (the default) it starts `aet serve` on a free 127.0.0.1 port over the repository
-holding `exported/digits`, waits until the model is SERVING, extracts embeddings of every row
-through gRPC (`aet embed --server`), trains the probes (`aet probe`), prints the results table
-and where the plots are, and stops the server with SIGTERM (a graceful shutdown). `--pretrain`
-first trains and exports a fresh encoder (`aet pretrain`, `aet export`).
+On digits (the default) it copies the latest version of `exported/digits` into a repository of
+its own (`<output>/repository`, so the shipped repository is never written), starts `aet serve`
+on a free 127.0.0.1 port over it, waits until the model is SERVING, extracts embeddings of every
+row through gRPC (`aet embed --server`), trains the probes (`aet probe`) and prints the results
+table. It then closes the loop: fits a classifier head on the served embeddings (`aet head`),
+exports it into the demo's repository, has the running server load it (KServe
+RepositoryModelLoad), classifies the test split over gRPC (`EmbeddingClient.classify`) and
+prints the served accuracy beside the probe's and the head's at fit time; `<output>/head.json`
+records them with the served predictions. Finally it stops the server with SIGTERM (a graceful
+shutdown). `--pretrain` first trains and exports a fresh encoder (`aet pretrain`, `aet export`).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from aet.clients.backends import ServerBackend
+import grpc
+import numpy as np
+
+from aet.clients.backends import ServerBackend, find_model_version
 from aet.clients.client import EmbeddingClient
-from aet.clients.extract import EmbedConfig, extract, read_embeddings
-from aet.clients.probe import ProbeConfig, dataset_of, probe, write_results
+from aet.clients.extract import EmbedConfig, EmbeddingTable, extract, read_embeddings
+from aet.clients.head import HeadConfig, build_head
+from aet.clients.probe import ProbeConfig, ProbeResults, dataset_of, probe, write_results
 from aet.clients.server_process import ServerProcess
 from aet.config import ConfigError, add_config_arguments, config_from_args
 from aet.errors import UserError
+from aet.proto import grpc_service_pb2, grpc_service_pb2_grpc
+from aet.server.repository import CARD_FILE, read_model_card
 from aet.training.data import DATASETS
 
 MODEL_NAMES = {"digits": "digits", "mnist-idx": "mnist"}  # data set -> shipped model name
@@ -126,11 +140,8 @@ def pretrain_and_export(config: DemoConfig) -> None:
             raise DemoError(f"aet {argv[0]} failed; see the messages above")
 
 
-def run_demo(config: DemoConfig) -> int:
-    """The demo; returns the exit code."""
-    started = time.perf_counter()
-    if config.pretrain:
-        pretrain_and_export(config)
+def serving_repository(config: DemoConfig) -> Path:
+    """A fresh repository of the demo's own, holding the encoder's latest verified version."""
     model_dir = config.repository / config.model
     if not model_dir.is_dir():
         raise DemoError(
@@ -138,7 +149,49 @@ def run_demo(config: DemoConfig) -> int:
             f"{'' if config.data == 'digits' else ' --data ' + config.data}` to "
             f"train and export one first"
         )
-    server = ServerProcess(config.repository, config.output / "server.log")
+    found = find_model_version(model_dir)  # refuses a version whose sha256 does not match
+    root = config.output / "repository"
+    shutil.rmtree(root, ignore_errors=True)
+    shutil.copytree(found.path, root / config.model / str(found.version))
+    return root
+
+
+def serve_head(
+    config: DemoConfig, server: ServerProcess, repository: Path, table: EmbeddingTable
+) -> dict:
+    """Fit the head on the served embeddings, export it, load it into the running server and
+    classify the test split over gRPC; returns the figures for `head.json`."""
+    name = f"{config.model}-head"
+    version = build_head(HeadConfig(model=repository / config.model, name=name), table)
+    card = read_model_card(version / CARD_FILE)
+    print(f"head: {card.classifier.head} {card.classifier.settings} -> {version}", flush=True)
+    with grpc.insecure_channel(server.target) as channel:
+        grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel).RepositoryModelLoad(
+            grpc_service_pb2.RepositoryModelLoadRequest(model_name=name), timeout=60
+        )
+    server.wait_until_serving(name)
+    dataset = dataset_of(table, "the served embeddings")
+    pixels = (dataset.test.x * np.float32(dataset.raw_max)).astype(np.float32)
+    with EmbeddingClient(server.target) as client:
+        served = client.classify(pixels, name, card.version)
+    return {
+        "model": name,
+        "version": card.version,
+        "head": card.classifier.head,
+        "settings": card.classifier.settings,
+        "fitted_test_accuracy": card.metrics["test_accuracy"],
+        "served_test_accuracy": float((served.predicted == dataset.test.y).mean()),
+        "served_test_predictions": served.predicted.tolist(),
+    }
+
+
+def run_demo(config: DemoConfig) -> int:
+    """The demo; returns the exit code."""
+    started = time.perf_counter()
+    if config.pretrain:
+        pretrain_and_export(config)
+    repository = serving_repository(config)
+    server = ServerProcess(repository, config.output / "server.log")
     try:
         server.wait_until_serving(config.model)
         print(f"server: aet serve on {server.target} (log: {server.log_path})", flush=True)
@@ -154,25 +207,40 @@ def run_demo(config: DemoConfig) -> int:
         with ServerBackend(EmbeddingClient(server.target), config.model) as backend:
             summary = extract(embed_config, backend)
         print(summary.line(), flush=True)
+
+        table = read_embeddings(embed_config.output)
+        probe_config = ProbeConfig(
+            embeddings=embed_config.output,
+            seed=config.seed,
+            label_counts=config.label_counts,
+            output=config.output / "probe",
+        )
+        results = probe(table, dataset_of(table, str(embed_config.output)), probe_config)
+        paths = write_results(results, probe_config.output)
+        print()
+        print(results.markdown())
+        print(f"results: {paths['markdown']}, {paths['json']}")
+        print(f"plots: {paths['accuracy_plot']}, {paths['confusion_plot']}", flush=True)
+        head = serve_head(config, server, repository, table)
     finally:
         exit_code = server.stop()
     print(f"server: stopped (exit code {exit_code})", flush=True)
-
-    table = read_embeddings(embed_config.output)
-    probe_config = ProbeConfig(
-        embeddings=embed_config.output,
-        seed=config.seed,
-        label_counts=config.label_counts,
-        output=config.output / "probe",
-    )
-    results = probe(table, dataset_of(table, str(embed_config.output)), probe_config)
-    paths = write_results(results, probe_config.output)
-    print()
-    print(results.markdown())
-    print(f"results: {paths['markdown']}, {paths['json']}")
-    print(f"plots: {paths['accuracy_plot']}, {paths['confusion_plot']}")
+    head["probe_test_accuracy"] = results.accuracy["embedding"]["logreg"][-1]
+    (config.output / "head.json").write_text(json.dumps(head, indent=2) + "\n")
+    print(head_line(head, results))
     print(f"demo finished in {time.perf_counter() - started:.1f} s")
     return 0 if exit_code == 0 else 1
+
+
+def head_line(head: dict, results: ProbeResults) -> str:
+    """The served accuracy beside the probe's and the head's at fit time."""
+    rows = len(head["served_test_predictions"])
+    return (
+        f"test accuracy with all {results.label_counts[-1]:,} labels: probe (logistic "
+        f"regression) {head['probe_test_accuracy']:.4f}; head {head['model']} "
+        f"v{head['version']} at fit time {head['fitted_test_accuracy']:.4f}, served over gRPC "
+        f"{head['served_test_accuracy']:.4f} ({rows} rows)"
+    )
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:

@@ -42,6 +42,7 @@ from sklearn.preprocessing import StandardScaler
 from torch import nn
 
 from aet.clients.backends import find_model_version
+from aet.clients.extract import EmbeddingTable, extraction_rows
 from aet.clients.probe import (
     MLPHead,
     classifier_logits,
@@ -387,6 +388,24 @@ def check_run_is_encoder(config: HeadConfig, encoder: onnx.ModelProto, pixels: n
         )
 
 
+def _checked_embeddings(table: EmbeddingTable, card: ModelCard, dataset: Dataset) -> EmbeddingTable:
+    """`table` if the encoder of `card` made it from the rows of `dataset`, else `HeadError`."""
+    model = table.metadata["model"]
+    if model["sha256"] != card.sha256:
+        raise HeadError(
+            f"embeddings: made by {model['name']} v{model['version']} (sha256 "
+            f"{model['sha256'][:12]}...), expected the encoder {card.name} v{card.version} "
+            f"(sha256 {card.sha256[:12]}...)"
+        )
+    rows = extraction_rows(dataset)
+    if not (np.array_equal(rows.labels, table.labels) and np.array_equal(rows.split, table.split)):
+        raise HeadError(
+            f"embeddings: their {len(table.ids)} rows are not the {len(rows)} rows of data set "
+            f"{dataset.name} split as the encoder's model.json says"
+        )
+    return table
+
+
 def _check_target(config: HeadConfig, encoder: ModelVersion, repository: Path) -> None:
     """The head gets its own model: not the encoder's name, not over an existing encoder."""
     if config.name == encoder.name and repository.resolve() == encoder.path.parent.parent.resolve():
@@ -404,10 +423,11 @@ def _check_target(config: HeadConfig, encoder: ModelVersion, repository: Path) -
             )
 
 
-def build_head(config: HeadConfig) -> Path:
+def build_head(config: HeadConfig, embeddings: EmbeddingTable | None = None) -> Path:
     """Fit, export, check and write the classifier; returns its new version folder.
 
-    Nothing is written unless every check passes.
+    `embeddings` (an `aet embed` table of this encoder over this data set, e.g. served ones)
+    saves computing them in-process. Nothing is written unless every check passes.
     """
     found = find_model_version(config.model)  # refuses a version whose sha256 does not match
     card = found.card
@@ -431,7 +451,11 @@ def build_head(config: HeadConfig) -> Path:
         opset = max(onnx_opset(encoder), MIN_OPSET)
         graph = to_onnx(fitted.module, example, opset, card.input.name, OUTPUT_NAME)
     else:
-        table = embed_in_process(found.path, dataset)  # checks that the encoder takes the data
+        table = (
+            embed_in_process(found.path, dataset)  # checks that the encoder takes the data
+            if embeddings is None
+            else _checked_embeddings(embeddings, card, dataset)
+        )
         fit_x = np.concatenate([table.part("train")[0], table.part("val")[0]])
         fitted = fit_frozen_head(config, dataset, fit_x, table.part("test")[0], seed)
         graph = compose_classifier(encoder, card, fitted.module)

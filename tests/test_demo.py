@@ -1,5 +1,6 @@
 """`aet demo` end to end in a child process: a real `aet serve` child of its own on a free port,
-extraction through gRPC, the probe table, a clean server stop."""
+extraction through gRPC, the probe table, a classifier head fitted, exported, loaded and
+served, a clean server stop."""
 
 from __future__ import annotations
 
@@ -7,9 +8,15 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 from conftest import DIGITS_MODEL
 
-DEMO_SECONDS = 300  # a hung server or client fails the test instead of the whole session
+from aet.clients.extract import read_embeddings
+from aet.clients.head import fit_logistic
+from aet.clients.probe import dataset_of
+from aet.server.repository import scan_repository
+
+DEMO_SECONDS = 600  # a hung server or client fails the test instead of the whole session
 
 
 def run_demo(*args: str, cwd) -> subprocess.CompletedProcess:
@@ -46,6 +53,22 @@ def test_demo_serves_embeds_probes_and_stops(tmp_path, model_repository):
         assert (tmp_path / "demo" / "probe" / plot).stat().st_size > 10_000
     log = (tmp_path / "demo" / "server.log").read_text()
     assert "shutdown_finished" in log
+
+    # The loop closed: the head served over gRPC predicts exactly what the head fitted
+    # in-process on the demo's embeddings predicts (refitted here, deterministically).
+    head = json.loads((tmp_path / "demo" / "head.json").read_text())
+    table = read_embeddings(tmp_path / "demo" / "embeddings.npz")
+    dataset = dataset_of(table, "demo embeddings")
+    fit_x = np.concatenate([table.part("train")[0], table.part("val")[0]])
+    pipeline, _ = fit_logistic(fit_x, dataset.fit.y, seed=0)
+    assert head["served_test_predictions"] == pipeline.predict(table.part("test")[0]).tolist()
+    assert head["served_test_accuracy"] == head["fitted_test_accuracy"] >= 0.65
+    assert f"served over gRPC {head['served_test_accuracy']:.4f} (540 rows)" in out
+    assert "digits-head v1 at fit time" in out
+    # The head went into the demo's own repository, never into the one it was given.
+    served = [f"{v.name}/{v.version}" for v in scan_repository(tmp_path / "demo" / "repository")]
+    assert served == [f"{DIGITS_MODEL}/1", f"{DIGITS_MODEL}-head/1"]
+    assert [v.name for v in scan_repository(model_repository)] == [DIGITS_MODEL]
 
 
 def test_demo_without_a_model_says_how_to_make_one(tmp_path):

@@ -33,7 +33,7 @@ def test_committed_stubs_match_the_proto_files(tmp_path):
     )
 
 
-def test_embedding_service_has_the_four_methods():
+def test_embedding_service_has_its_five_methods():
     service = embedding_pb2.DESCRIPTOR.services_by_name["EmbeddingService"]
     assert service.full_name == "aet.v1.EmbeddingService"
     methods = {m.name: (m.client_streaming, m.server_streaming) for m in service.methods}
@@ -42,6 +42,7 @@ def test_embedding_service_has_the_four_methods():
         "EmbedStream": (True, True),
         "ListModels": (False, False),
         "DescribeModel": (False, False),
+        "Classify": (False, False),
     }
     assert hasattr(embedding_pb2_grpc, "add_EmbeddingServiceServicer_to_server")
 

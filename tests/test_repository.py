@@ -4,6 +4,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import threading
 from pathlib import Path
 
@@ -247,12 +248,59 @@ def test_invalid_card_fields_are_named(tmp_path, changes, message):
 
 def test_every_card_field_is_required(tmp_path):
     for field in dataclasses.fields(ModelCard):
+        if field.name == "classifier":  # encoders have none; see the classifier tests below
+            continue
         data = card_dict()
         del data[field.name]
         path = tmp_path / "model.json"
         path.write_text(json.dumps(data))
         with pytest.raises(RepositoryError, match=f"missing field '{field.name}'"):
             read_model_card(path)
+
+
+def classifier_dict(**changes) -> dict:
+    data = card_dict()
+    data["output"] = {"name": "probabilities", "dtype": "float32", "embedding_dim": 3}
+    data["classifier"] = {
+        "labels": ["cat", "dog", "emu"],
+        "encoder": {"name": "digits", "version": 2, "sha256": "a" * 64},
+        "head": "logreg",
+        "settings": {"C": 1.0},
+        **changes,
+    }
+    return data
+
+
+def test_classifier_card_round_trips(tmp_path):
+    path = tmp_path / "model.json"
+    path.write_text(json.dumps(classifier_dict()))
+    card = read_model_card(path)
+    assert card.classifier.labels == ("cat", "dog", "emu")
+    assert card.classifier.encoder == {"name": "digits", "version": 2, "sha256": "a" * 64}
+    assert ModelCard.from_dict(json.loads(json.dumps(card.to_dict()))) == card
+    assert "classifier" not in ModelCard.from_dict(card_dict()).to_dict()  # encoders: absent
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"labels": ["cat", "dog"]}, "field 'classifier.labels': expected one label per output"),
+        ({"labels": ["cat", "", "emu"]}, "field 'classifier.labels': expected a list of non-empty"),
+        (
+            {"encoder": {"name": "digits", "version": 2, "sha256": "nope"}},
+            "field 'classifier.encoder.sha256': expected 64 lowercase hex digits",
+        ),
+        (
+            {"encoder": {"name": "digits", "sha256": "a" * 64}},
+            "missing field 'classifier.encoder.version'",
+        ),
+    ],
+)
+def test_bad_classifier_section_is_named(tmp_path, changes, message):
+    path = tmp_path / "model.json"
+    path.write_text(json.dumps(classifier_dict(**changes)))
+    with pytest.raises(RepositoryError, match=re.escape(message)):
+        read_model_card(path)
 
 
 def test_missing_card_file_is_named(tmp_path):

@@ -17,6 +17,7 @@ import grpc
 import numpy as np
 import onnxruntime
 import pytest
+import torch
 from kserve_harness import kserve_stub, start_kserve_server
 
 from aet.cli import main
@@ -123,6 +124,17 @@ def test_fine_tuned_head_is_one_graph_on_pixels(repository, digits_checkpoint, d
     assert card.metrics["test_accuracy"] == pytest.approx(
         float((predicted == digits_dataset.test.y).mean())
     )
+
+
+def test_fine_tuning_another_run_is_refused(repository, digits_checkpoint, tmp_path):
+    payload = torch.load(digits_checkpoint, weights_only=True)
+    payload["model_state"] = {k: v + 0.01 for k, v in payload["model_state"].items()}
+    (tmp_path / "other").mkdir()
+    torch.save(payload, tmp_path / "other" / "best.pt")
+    config = HeadConfig(model=repository / ENCODER, name="other", fine_tune=tmp_path / "other")
+    with pytest.raises(HeadError, match="best.pt is not the encoder .* was exported from"):
+        build_head(config)
+    assert not (repository / "other").exists()
 
 
 def _written(root: Path) -> list[str]:

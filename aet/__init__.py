@@ -22,7 +22,7 @@ _EXPORTS = {
     "EmbeddingClient": "aet.clients.client",
     "AutoencoderEmbedder": "aet.sklearn",
 }
-__all__ = list(_EXPORTS)
+__all__ = ["Encoder", "EmbeddingClient", "AutoencoderEmbedder"]
 
 
 def __getattr__(name: str) -> Any:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 
@@ -152,3 +153,25 @@ def test_importing_aet_loads_neither_torch_nor_grpc():
     code = "import sys, aet; assert 'torch' not in sys.modules and 'grpc' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
     assert set(aet.__all__) == {"Encoder", "EmbeddingClient", "AutoencoderEmbedder"}
+
+
+def test_client_follows_a_hot_reload_to_a_latest_version_with_another_input_shape(
+    exported_embedder, model_repository, tmp_path, start_server
+):
+    from aet.server.reload import RepositoryReloader
+
+    embedder, X, _ = exported_embedder
+    root = tmp_path / "exported"
+    shutil.copytree(model_repository, root)
+    server = start_server(root)
+    images = load_digits().images[:20]  # (20, 8, 8) float64 holding integers 0..16
+    with EmbeddingClient(f"127.0.0.1:{server.port}") as client:
+        first = client.embed(images[:, None], DIGITS_MODEL)  # float64 cast losslessly
+        assert first.shape == (20, 8) and client.describe(DIGITS_MODEL).version == 1
+        embedder.export(root, DIGITS_MODEL)  # digits/2 takes (64,) rows, 4-d codes
+        RepositoryReloader(server.registry, root).sync()
+        second = client.embed(X[:20], DIGITS_MODEL)  # the same client, the new latest
+        models = client.list_models()
+    np.testing.assert_allclose(second, embedder.transform(X[:20]), atol=1e-4)
+    assert [(m.name, m.latest_version) for m in models] == [(DIGITS_MODEL, 2)]
+    assert [(v.version, v.state) for v in models[0].versions] == [(1, "READY"), (2, "READY")]

@@ -356,7 +356,7 @@ def _probe(table: EmbeddingTable, dataset: Dataset, config: ProbeConfig) -> Prob
     confusion = None
     for features in feature_sets(table, dataset, config.seed):
         logreg, mlp = [], []
-        for n, index in zip(counts, subsets):
+        for n, index in zip(counts, subsets, strict=True):
             logreg.append(linear_probe(features.fit, fit_y, features.test, test_y, n, config.seed))
             predicted = mlp_probe(
                 features.fit[index],

@@ -49,6 +49,7 @@ from aet.clients.probe import (
     embed_in_process,
     fine_tune,
     fit_mlp_head,
+    pretraining_split,
 )
 from aet.config import ConfigError, add_config_arguments, config_from_args
 from aet.errors import UserError
@@ -71,7 +72,6 @@ MAX_FOLDS = 5
 PARITY_TOLERANCE = 1e-5  # max |graph - fitted head| over the test rows' probabilities
 ENCODER_TOLERANCE = 1e-4  # run vs exported encoder, as `aet export`'s parity check
 MIN_OPSET = 18  # torch's ONNX exporter writes the head at the encoder's opset, at least this
-SPLIT_FIELDS = ("seed", "test_fraction", "val_fraction", "limit")
 
 
 class HeadError(UserError):
@@ -128,6 +128,13 @@ class HeadConfig:
     limit: int | None = field(
         default=None, metadata={"help": "keep the first N rows (default: the encoder's)"}
     )
+    allow_split_mismatch: bool = field(
+        default=False,
+        metadata={
+            "help": "fit on a split other than the encoder's pretraining split (its test rows "
+            "may then include rows the encoder was trained on; recorded in model.json)"
+        },
+    )
     hidden: int = field(default=128, metadata={"help": "mlp: hidden units"})
     steps: int = field(
         default=1000, metadata={"help": "mlp and fine-tuning: Adam steps on mini-batches of 128"}
@@ -157,31 +164,14 @@ class HeadConfig:
 # --- the data the encoder was pretrained on ----------------------------------------------------
 
 
-def encoder_dataset(card: ModelCard, config: HeadConfig) -> Dataset:
-    """The data set and split of the encoder's model.json; a flag that would move rows between
-    the encoder's training rows and its test rows is refused (the test accuracy would leak)."""
-    recorded = card.dataset
-    given = {
-        "dataset": (config.dataset, recorded["name"]),
-        **{key: (getattr(config, key), recorded.get(key)) for key in SPLIT_FIELDS},
-    }
-    for key, (value, card_value) in given.items():
-        if value is not None and value != card_value:
-            raise HeadError(
-                f"{key}: the encoder {card.name} v{card.version} was pretrained with "
-                f"{key}={card_value!r}; got {value!r}. A head must be scored on the rows the "
-                f"encoder never saw: leave --{key.replace('_', '-')} out"
-            )
-    path = config.data_path if config.data_path is not None else recorded.get("path")
-    test_fraction = recorded.get("test_fraction")
-    dataset = load_dataset(
-        recorded["name"],
-        path,
-        seed=recorded.get("seed", 0),
-        test_fraction=None if test_fraction == "official" else test_fraction,
-        val_fraction=recorded.get("val_fraction", 0.1),
-        limit=recorded.get("limit"),
-    )
+def encoder_dataset(config: HeadConfig, model_dir: Path) -> Dataset:
+    """The data set and split of the encoder's model.json (`aet probe`'s leak-proof
+    resolution: a flag that changes the split is refused unless `--allow-split-mismatch`,
+    and then recorded in the head's card), checked to have a label for every class."""
+    arguments, note = pretraining_split(config, model_dir)
+    dataset = load_dataset(**arguments)
+    if note is not None:
+        dataset.source["split_mismatch"] = note
     if dataset.fit.y is None or dataset.test.y is None:
         raise HeadError(f"data set {dataset.name}: has no labels; a classifier needs them")
     missing = sorted(set(range(dataset.num_classes)) - set(np.unique(dataset.fit.y).tolist()))
@@ -441,7 +431,7 @@ def build_head(config: HeadConfig, embeddings: EmbeddingTable | None = None) -> 
             f"has {digest}; re-export the encoder"
         )
     encoder = onnx.load_from_string(encoder_bytes)
-    dataset = encoder_dataset(card, config)
+    dataset = encoder_dataset(config, found.path)
     seed = dataset.source["seed"]
     test_pixels = (dataset.test.x * np.float32(dataset.raw_max)).astype(np.float32)
     if config.fine_tune is not None:

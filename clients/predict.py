@@ -50,12 +50,12 @@ class PredictConfig(EmbedConfig):
 
     output: Path | None = field(
         default=None,
-        metadata={"help": "output file, .npz or .parquet (default: predicted/<data>.npz)"},
+        metadata={"help": "output file, .npz or .parquet (default: predicted/<dataset>.npz)"},
     )
 
     def __post_init__(self):
         if self.output is None:
-            self.output = Path("predicted") / f"{self.data}.npz"
+            self.output = Path("predicted") / f"{self.dataset}.npz"
         super().__post_init__()
 
     @property

@@ -20,9 +20,9 @@ import pytest
 import torch
 from kserve_harness import kserve_stub, start_kserve_server
 
+from aet import Classifier
 from aet.cli import main
 from aet.clients.backends import BackendError, LocalBackend
-from aet.clients.classifier import Classifier
 from aet.clients.client import EmbeddingClient, EmbeddingError
 from aet.clients.head import HeadConfig, HeadError, build_head, fit_logistic
 from aet.clients.predict import PredictConfig, predict, read_predictions
@@ -120,7 +120,7 @@ def test_fine_tuned_head_is_one_graph_on_pixels(repository, digits_checkpoint, d
     )
     card = read_model_card(version / "model.json")
     assert card.classifier.head == "fine-tune" and card.parity_max_abs_diff <= 1e-5
-    predicted = Classifier(version).classify(test_pixels(digits_dataset)).predicted
+    predicted = Classifier.load(version).classify(test_pixels(digits_dataset)).predicted
     assert card.metrics["test_accuracy"] == pytest.approx(
         float((predicted == digits_dataset.test.y).mean())
     )
@@ -167,8 +167,8 @@ def test_cli_refuses_a_split_other_than_the_encoders(repository, capsys):
     argv = ["head", "--model", str(repository / ENCODER), "--name", "other", "--seed", "3"]
     assert main(argv) == 2
     error = capsys.readouterr().err
-    assert "seed: the encoder digits v1 was pretrained with seed=0; got 3" in error
-    assert "leave --seed out" in error
+    assert "split differs from pretraining: --seed 3 (pretraining: 0)" in error
+    assert "pass --allow-split-mismatch" in error
     assert not (repository / "other").exists()
 
 
@@ -190,7 +190,7 @@ def server(repository, head):
 
 def test_served_classification_equals_local_and_the_graph(server, head, digits_dataset):
     pixels = test_pixels(digits_dataset)
-    local = Classifier(head.parent).classify(pixels, top_k=3)
+    local = Classifier.load(head.parent).classify(pixels, top_k=3)
     with EmbeddingClient(server.target) as client:
         served = client.classify(pixels, HEAD, top_k=3)  # 540 rows: 6 requests of <= 100
         description = client.describe(HEAD)
@@ -300,7 +300,7 @@ def test_tritonclient_classification_extension(server, head, digits_dataset, tmp
     assert report["metadata"]["outputs"] == [
         {"name": "probabilities", "datatype": "FP32", "shape": ["-1", "10"]}
     ]
-    expected = Classifier(head.parent).classify(pixels, top_k=3)
+    expected = Classifier.load(head.parent).classify(pixels, top_k=3)
     for row, answers in enumerate(report["top3"]):
         fields = [answer.split(":") for answer in answers]
         assert [int(index) for _, index, _ in fields] == expected.indices[row].tolist()

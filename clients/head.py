@@ -62,7 +62,7 @@ from aet.server.repository import (
     scan_repository,
     write_version,
 )
-from aet.training.data import Dataset, load_dataset
+from aet.training.data import DATASETS, Dataset, load_dataset
 from aet.training.export import PixelEncoder, library_versions, onnx_opset, to_onnx
 
 OUTPUT_NAME = "probabilities"
@@ -109,7 +109,11 @@ class HeadConfig:
         },
     )
     dataset: str | None = field(
-        default=None, metadata={"help": "data set (default: the encoder's, from its model.json)"}
+        default=None,
+        metadata={
+            "help": "data set (default: the encoder's, from its model.json)",
+            "choices": sorted(DATASETS),
+        },
     )
     data_path: Path | None = field(
         default=None,

@@ -4,8 +4,9 @@ The head is fitted on the embeddings that the exported encoder (`--model exporte
 gives for the labelled fit rows (train + val) of the data set and split recorded in the
 encoder's model.json, and scored on its test rows:
 
-- `logreg`: logistic regression; its inverse regularisation C and whether to standardise the
-  embeddings are chosen by stratified cross-validation on the fit rows (as the probes do);
+- `logreg`: the logistic probe's model (`training.probes.tune_logistic`): its inverse
+  regularisation C and whether to standardise the embeddings are chosen by stratified
+  cross-validation on the fit rows;
 - `mlp`: the probe's one-hidden-layer MLP head on standardised embeddings;
 - `--fine-tune runs/<name>`: the encoder's training run is fine-tuned end to end under a linear
   head, as `aet probe --fine-tune` does (the run must be the one the encoder was exported from).
@@ -23,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import warnings
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -34,9 +34,6 @@ import onnx
 import onnxruntime
 import torch
 from onnx import compose, version_converter
-from sklearn.exceptions import ConvergenceWarning
-from sklearn.linear_model import LogisticRegression
-from sklearn.model_selection import GridSearchCV, StratifiedKFold
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 from torch import nn
@@ -64,11 +61,10 @@ from aet.server.repository import (
 )
 from aet.training.data import DATASETS, Dataset, load_dataset
 from aet.training.export import PixelEncoder, library_versions, onnx_opset, to_onnx
+from aet.training.probes import tune_logistic
 
 OUTPUT_NAME = "probabilities"
 HEADS = ("logreg", "mlp")
-LOGISTIC_C = tuple(float(c) for c in np.logspace(-4, 2, 7))  # 1e-4 ... 100, one per decade
-MAX_FOLDS = 5
 PARITY_TOLERANCE = 1e-5  # max |graph - fitted head| over the test rows' probabilities
 ENCODER_TOLERANCE = 1e-4  # run vs exported encoder, as `aet export`'s parity check
 MIN_OPSET = 18  # torch's ONNX exporter writes the head at the encoder's opset, at least this
@@ -267,47 +263,15 @@ class FittedHead:
     settings: dict[str, Any]
 
 
-def fit_logistic(x: np.ndarray, y: np.ndarray, seed: int) -> tuple[Pipeline, dict[str, Any]]:
-    """Logistic regression on (N, D) features; C and standardise-or-not chosen by stratified CV
-    on (x, y) alone. Returns the refitted pipeline and the chosen settings."""
-    pipeline = Pipeline(
-        [
-            ("scale", "passthrough"),
-            ("clf", LogisticRegression(max_iter=500, tol=1e-3, random_state=seed)),
-        ]
-    )
-    smallest = int(np.bincount(y).min())
-    with warnings.catch_warnings():
-        # lbfgs stopping at max_iter on a hard (C, fold) pair only lowers that pair's CV score.
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        if smallest < 2:  # a class with a single row: no folds; the middle of the grid
-            fitted = pipeline.set_params(clf__C=1.0).fit(x, y)
-            return fitted, {"C": 1.0, "standardise": False, "cv_folds": 0}
-        folds = StratifiedKFold(n_splits=min(MAX_FOLDS, smallest), shuffle=True, random_state=seed)
-        search = GridSearchCV(
-            pipeline,
-            {"scale": ["passthrough", StandardScaler()], "clf__C": list(LOGISTIC_C)},
-            cv=folds,
-            scoring="accuracy",
-        ).fit(x, y)
-    chosen = search.best_params_
-    settings = {
-        "C": float(chosen["clf__C"]),
-        "standardise": chosen["scale"] != "passthrough",
-        "cv_folds": folds.n_splits,
-        "cv_accuracy": float(search.best_score_),
-    }
-    return search.best_estimator_, settings
-
-
 def fit_frozen_head(
     config: HeadConfig, dataset: Dataset, fit_x: np.ndarray, test_x: np.ndarray, seed: int
 ) -> FittedHead:
     """Fit the configured head on frozen embeddings `fit_x` (the fit rows), score on `test_x`."""
     fit_y, test_y = dataset.fit.y, dataset.test.y
     if config.head == "logreg":
-        pipeline, settings = fit_logistic(fit_x, fit_y, seed)
-        module, probabilities = logistic_module(pipeline), pipeline.predict_proba(test_x)
+        tuned = tune_logistic(fit_x, fit_y, seed)
+        module, probabilities = logistic_module(tuned.model), tuned.model.predict_proba(test_x)
+        settings = {**tuned.settings, "cv_accuracy": tuned.cv_accuracy, "cv_folds": tuned.folds}
     else:
         mlp = fit_mlp_head(fit_x, fit_y, dataset.num_classes, config.hidden, config.steps, seed)
         module, probabilities = mlp_module(mlp), mlp.predict_proba(test_x)

@@ -1,8 +1,9 @@
 """`aet probe`: classifiers on frozen embeddings, beside raw pixels and PCA codes of the same size.
 
 Each feature set (the encoder's embeddings, the raw pixels, PCA with as many components as the
-embedding has dimensions) gets a logistic-regression linear probe (`training.evaluate`) and a
-small PyTorch MLP head, trained on 100, 1,000 and all labelled training rows (train + val, the
+embedding has dimensions) gets the fair probes of `training.probes` (logistic regression and
+k-NN, each tuned by cross-validation on its labelled subset only) and a small PyTorch MLP head,
+trained on 100, 1,000 and all labelled training rows (train + val, the
 same stratified subsets for every feature set) and scored on the test split. With
 `--fine-tune runs/<name>` the encoder itself is trained too, with a linear head, to show what
 freezing costs. Writes `results.md`, `results.json`, `accuracy_vs_labels.png` and
@@ -27,10 +28,12 @@ from aet.clients.extract import EmbeddingTable, check_model_fits, extraction_row
 from aet.config import ConfigError, add_config_arguments, config_from_args
 from aet.errors import UserError
 from aet.training.data import DATASETS, Dataset, load_dataset
-from aet.training.evaluate import fit_pca, label_subset, linear_probe
+from aet.training.evaluate import fit_pca
+from aet.training.probes import format_settings, knn_probe, label_subset, logistic_probe
 
 CLASSIFIERS = {
     "logreg": "logistic regression",
+    "knn": "k-NN",
     "mlp": "MLP head",
     "fine-tune": "linear head, encoder trained too",
 }
@@ -346,6 +349,8 @@ class ProbeResults:
     model: dict  # name, version, sha256, embedding_dim of the encoder
     label_counts: list[int]
     accuracy: dict[str, dict[str, list[float]]]  # features -> classifier -> per label count
+    # features -> tuned classifier (logreg, knn) -> per label count: what CV chose (probes.py)
+    settings: dict[str, dict[str, list[dict]]]
     confusion: list[list[int]]  # MLP head on embeddings, all labels: rows true, columns predicted
     split_warning: str | None = None  # "split differs from pretraining: ..." when it does
 
@@ -365,6 +370,11 @@ class ProbeResults:
             for classifier, accuracies in by_classifier.items():
                 cells = " | ".join(f"{a:.3f}" for a in accuracies)
                 lines.append(f"| {features} | {CLASSIFIERS[classifier]} | {cells} |")
+        lines += ["", "Settings chosen by cross-validation on each labelled subset:", ""]
+        for features, by_classifier in self.settings.items():
+            for classifier, chosen in by_classifier.items():
+                cells = "; ".join(format_settings(s) for s in chosen)
+                lines.append(f"- {features}, {CLASSIFIERS[classifier]}: {cells}")
         return "\n".join(lines) + "\n"
 
 
@@ -391,11 +401,18 @@ def _probe(table: EmbeddingTable, dataset: Dataset, config: ProbeConfig) -> Prob
     counts = sorted({min(n, len(fit_y)) for n in config.label_counts} | {len(fit_y)})
     subsets = [label_subset(fit_y, n, config.seed) for n in counts]
     accuracy: dict[str, dict[str, list[float]]] = {}
+    settings: dict[str, dict[str, list[dict]]] = {}
     confusion = None
     for features in feature_sets(table, dataset, config.seed):
-        logreg, mlp = [], []
+        tuned: dict[str, list] = {"logreg": [], "knn": []}
+        mlp = []
         for n, index in zip(counts, subsets, strict=True):
-            logreg.append(linear_probe(features.fit, fit_y, features.test, test_y, n, config.seed))
+            for name, tuned_probe in (("logreg", logistic_probe), ("knn", knn_probe)):
+                tuned[name].append(
+                    tuned_probe(
+                        features.fit[index], fit_y[index], features.test, test_y, config.seed
+                    )
+                )
             predicted = mlp_probe(
                 features.fit[index],
                 fit_y[index],
@@ -410,13 +427,21 @@ def _probe(table: EmbeddingTable, dataset: Dataset, config: ProbeConfig) -> Prob
                 confusion = confusion_matrix(
                     test_y, predicted, labels=range(dataset.num_classes)
                 ).tolist()
-        accuracy[features.name] = {"logreg": logreg, "mlp": mlp}
+        accuracy[features.name] = {
+            **{name: [score.accuracy for score in scores] for name, scores in tuned.items()},
+            "mlp": mlp,
+        }
+        settings[features.name] = {
+            name: [score.choice() for score in scores] for name, scores in tuned.items()
+        }
     if config.fine_tune is not None:
         accuracy["embedding"]["fine-tune"] = [
             fine_tune_probe(config.fine_tune, dataset, index, config.steps, config.seed)
             for index in subsets
         ]
-    return ProbeResults(dataset.name, table.metadata["model"], counts, accuracy, confusion)
+    return ProbeResults(
+        dataset.name, table.metadata["model"], counts, accuracy, settings, confusion
+    )
 
 
 def write_results(results: ProbeResults, folder: Path) -> dict[str, Path]:
@@ -445,7 +470,7 @@ def write_results(results: ProbeResults, folder: Path) -> dict[str, Path]:
                 results.label_counts,
                 accuracies,
                 styles.get(features, ":"),
-                marker={"logreg": "o", "mlp": "s"}.get(classifier, "^"),
+                marker={"logreg": "o", "knn": "v", "mlp": "s"}.get(classifier, "^"),
                 label=f"{features}, {CLASSIFIERS[classifier]}",
             )
     axes.set(

@@ -1,8 +1,8 @@
 """onnxruntime execution: which provider to use, and one encoder session per model version.
 
 `choose_providers` is the only place that decides CUDA vs CPU. CUDA is chosen only when
-onnxruntime offers it and a device is really usable (`cuda_usable`: an NVIDIA device node,
-`nvidia-smi -L` listing a GPU when the tool exists, and `onnxruntime.preload_dlls()`); otherwise
+onnxruntime offers it and a device is really usable (`cuda_usable`: `aet.devices`' rule, an
+NVIDIA device node and `nvidia-smi -L` listing a GPU, then `onnxruntime.preload_dlls()`); otherwise
 CPU, silently. The provider a session really uses is read back from onnxruntime.
 """
 
@@ -11,19 +11,17 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import shutil
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
+from aet.devices import DEVICES, nvidia_device_node_present, nvidia_gpu_present
 from aet.errors import UserError
 
 CPU_PROVIDER = "CPUExecutionProvider"
 CUDA_PROVIDER = "CUDAExecutionProvider"
-DEVICES = ("auto", "cpu", "cuda")
 _ORT_ERROR_ONLY = 3  # onnxruntime log severity: errors and fatal only
 
 log = logging.getLogger(__name__)
@@ -57,18 +55,8 @@ def cuda_usable(available: list[str]) -> bool:
     """True when onnxruntime has the CUDA provider and a GPU with its libraries is there."""
     if CUDA_PROVIDER not in available:
         return False
-    if not any(Path("/dev").glob("nvidia[0-9]*")):
+    if not nvidia_gpu_present():
         return False
-    nvidia_smi = shutil.which("nvidia-smi")
-    if nvidia_smi is not None:
-        try:
-            listing = subprocess.run(
-                [nvidia_smi, "-L"], capture_output=True, text=True, timeout=10, check=False
-            )
-        except (OSError, subprocess.TimeoutExpired):
-            return False
-        if listing.returncode != 0 or "GPU" not in listing.stdout:
-            return False
     # preload_dlls reports missing libraries by printing; keep that out of the server's output.
     with contextlib.redirect_stdout(io.StringIO()):
         ort.preload_dlls()
@@ -87,7 +75,7 @@ def resolve_providers(device: str) -> list[str]:
         raise DeviceError(
             f"device: expected a usable CUDA GPU for 'cuda', got none (onnxruntime providers: "
             f"{', '.join(available)}; NVIDIA device node present: "
-            f"{any(Path('/dev').glob('nvidia[0-9]*'))})"
+            f"{nvidia_device_node_present()})"
         )
     return choose_providers(available, usable)
 

@@ -12,9 +12,9 @@ import numpy as np
 from conftest import DIGITS_MODEL
 
 from aet.clients.extract import read_embeddings
-from aet.clients.head import fit_logistic
 from aet.clients.probe import dataset_of
 from aet.server.repository import scan_repository
+from aet.training.probes import tune_logistic
 
 DEMO_SECONDS = 600  # a hung server or client fails the test instead of the whole session
 
@@ -60,8 +60,8 @@ def test_demo_serves_embeds_probes_and_stops(tmp_path, model_repository):
     table = read_embeddings(tmp_path / "demo" / "embeddings.npz")
     dataset = dataset_of(table, "demo embeddings")
     fit_x = np.concatenate([table.part("train")[0], table.part("val")[0]])
-    pipeline, _ = fit_logistic(fit_x, dataset.fit.y, seed=0)
-    assert head["served_test_predictions"] == pipeline.predict(table.part("test")[0]).tolist()
+    tuned = tune_logistic(fit_x, dataset.fit.y, seed=0)
+    assert head["served_test_predictions"] == tuned.model.predict(table.part("test")[0]).tolist()
     assert head["served_test_accuracy"] == head["fitted_test_accuracy"] >= 0.65
     assert f"served over gRPC {head['served_test_accuracy']:.4f} (540 rows)" in out
     assert "digits-head v1 at fit time" in out

@@ -28,6 +28,7 @@ from aet.training.export import (
     max_parity_diff,
     parity_pixels,
     to_onnx,
+    training_recipe,
 )
 from aet.training.models import ModelConfig, build_autoencoder
 
@@ -85,7 +86,12 @@ def test_export_writes_version_one_with_a_complete_card(exported, run_dir):
     checkpoint = load_checkpoint(run_dir / "best.pt")
     evaluation = checkpoint.metrics["evaluation"]
     assert (card.name, card.version, card.architecture) == ("tiny", 1, "mlp")
-    assert card.hyperparameters == checkpoint.model_config.to_dict()
+    assert card.hyperparameters == {
+        **checkpoint.model_config.to_dict(),
+        "training": training_recipe(checkpoint.run_config),
+    }
+    assert card.hyperparameters["training"]["noise"] == checkpoint.run_config["noise"]
+    assert card.hyperparameters["training"]["augment_translate"] == 0.0
     assert (card.input.name, card.input.shape, card.input.dtype) == ("pixels", (1, 8, 8), "float32")
     assert card.input.value_range == (0.0, 16.0)
     assert (card.output.name, card.output.dtype, card.output.embedding_dim) == (
@@ -98,8 +104,10 @@ def test_export_writes_version_one_with_a_complete_card(exported, run_dir):
     assert card.metrics == {
         "test_reconstruction_mse": evaluation["reconstruction_mse"]["model"],
         "test_pca_reconstruction_mse": evaluation["reconstruction_mse"]["pca"],
-        "probe_accuracy_100_labels": evaluation["probe"]["model"][0],
-        "probe_accuracy_1257_labels": evaluation["probe"]["model"][1],
+        "probe_accuracy_100_labels": evaluation["probe"]["logistic"]["accuracy"]["model"][0],
+        "probe_accuracy_1257_labels": evaluation["probe"]["logistic"]["accuracy"]["model"][1],
+        "knn_accuracy_100_labels": evaluation["probe"]["knn"]["accuracy"]["model"][0],
+        "knn_accuracy_1257_labels": evaluation["probe"]["knn"]["accuracy"]["model"][1],
     }
     assert card.opset == 20
     assert 0 <= card.parity_max_abs_diff <= 1e-4 and card.parity_samples == PARITY_ROWS

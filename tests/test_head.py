@@ -24,11 +24,12 @@ from aet import Classifier
 from aet.cli import main
 from aet.clients.backends import BackendError, LocalBackend
 from aet.clients.client import EmbeddingClient, EmbeddingError
-from aet.clients.head import HeadConfig, HeadError, build_head, fit_logistic
+from aet.clients.head import HeadConfig, HeadError, build_head
 from aet.clients.predict import PredictConfig, predict, read_predictions
 from aet.clients.probe import embed_in_process, fit_mlp_head
 from aet.proto import grpc_service_pb2 as pb
 from aet.server.repository import read_model_card, scan_repository
+from aet.training.probes import tune_logistic
 
 ENCODER = "digits"
 HEAD = "digits-head"
@@ -77,8 +78,8 @@ def graph_probabilities(version: Path, pixels: np.ndarray) -> np.ndarray:
 
 def test_exported_logistic_head_matches_predict_proba(head, repository, frozen, digits_dataset):
     fit_x, test_x = frozen
-    pipeline, settings = fit_logistic(fit_x, digits_dataset.fit.y, seed=0)
-    expected = pipeline.predict_proba(test_x)
+    tuned = tune_logistic(fit_x, digits_dataset.fit.y, seed=0)
+    expected = tuned.model.predict_proba(test_x)
     got = graph_probabilities(head, test_pixels(digits_dataset))
     assert got.shape == (len(digits_dataset.test), 10)
     assert np.abs(got - expected).max() <= 1e-5
@@ -89,7 +90,12 @@ def test_exported_logistic_head_matches_predict_proba(head, repository, frozen, 
     assert card.classifier.labels == LABELS
     assert card.classifier.encoder == {"name": ENCODER, "version": 1, "sha256": encoder.sha256}
     assert card.classifier.head == "logreg"
-    assert card.classifier.settings == {**settings, "seed": 0}
+    assert card.classifier.settings == {
+        **tuned.settings,
+        "cv_accuracy": tuned.cv_accuracy,
+        "cv_folds": tuned.folds,
+        "seed": 0,
+    }
     assert card.dataset == digits_dataset.source  # the encoder's split, not another
     accuracy = float((expected.argmax(1) == digits_dataset.test.y).mean())
     assert card.metrics["test_accuracy"] == pytest.approx(accuracy)

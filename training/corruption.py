@@ -93,19 +93,23 @@ class Corruption:
     kind: str
     level: float
     seed: int = 0
+    device: torch.device | str = "cpu"  # where the batches (and so the generator) live
     generator: torch.Generator = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         _check_kind(self.kind, tuple(_KINDS))
         _KINDS[self.kind].check(self.level, self.kind)
-        object.__setattr__(self, "generator", torch.Generator().manual_seed(self.seed))
+        generator = torch.Generator(self.device).manual_seed(self.seed)
+        object.__setattr__(self, "generator", generator)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """Corrupted copy of the batch `x` (training inputs only)."""
         return _KINDS[self.kind].apply(x, self.level, self.generator)
 
 
-def build_corruption(kind: str | None, level: float, *, seed: int = 0) -> Corruption | None:
+def build_corruption(
+    kind: str | None, level: float, *, seed: int = 0, device: torch.device | str = "cpu"
+) -> Corruption | None:
     """The corruption `kind` at `level`, or None for `kind` None / "none" (plain autoencoder).
 
     Raises ConfigError for an unknown kind (listing the valid ones), a fraction outside [0, 1)
@@ -114,4 +118,4 @@ def build_corruption(kind: str | None, level: float, *, seed: int = 0) -> Corrup
     if kind is None:
         return None
     _check_kind(kind, CORRUPTION_KINDS)
-    return None if kind == "none" else Corruption(kind, level, seed)
+    return None if kind == "none" else Corruption(kind, level, seed, device)

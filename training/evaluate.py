@@ -1,10 +1,9 @@
-"""Evaluation of an encoder: held-out reconstruction error and linear probes on frozen codes.
+"""Evaluation of an encoder: held-out reconstruction error and fair probes on frozen codes.
 
 Both sit beside baselines with the same budget: PCA with as many components as the code has
-dimensions, and (for probes) the raw pixels. The probe is a logistic regression on standardised
-features, trained on a stratified, seeded subset of the labelled training data (`Dataset.fit`)
-and scored on the test split. `label_subset` and `linear_probe` are the building blocks that
-`aet probe` reuses on served embeddings.
+dimensions, and (for probes) the raw pixels. The probes (`training.probes`: logistic regression
+and k-NN, each tuned by cross-validation on its labelled subset) learn from stratified, seeded
+subsets of the labelled training data (`Dataset.fit`) and are scored on the test split.
 """
 
 from __future__ import annotations
@@ -12,53 +11,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 from sklearn.decomposition import PCA
-from sklearn.linear_model import LogisticRegression
-from sklearn.model_selection import train_test_split
-from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import StandardScaler
 
-from aet.config import ConfigError
 from aet.training.data import Dataset
 from aet.training.models import Autoencoder
+from aet.training.probes import PROBES, FeatureSet, format_settings, probe_features
 
 BATCH_SIZE = 1024
 DEFAULT_LABEL_COUNTS = (100, 1000, None)  # None: all training labels
-
-
-def label_subset(y: np.ndarray, n_labels: int | None, seed: int = 0) -> np.ndarray:
-    """Sorted indices of a stratified, seeded subset of `n_labels` examples (all if None or more).
-
-    Raises ConfigError when `n_labels` is smaller than the number of classes.
-    """
-    if n_labels is None or n_labels >= len(y):
-        return np.arange(len(y))
-    n_classes = len(np.unique(y))
-    if n_labels < n_classes:
-        raise ConfigError(
-            f"probe labels: expected at least one label per class ({n_classes}); got {n_labels}"
-        )
-    chosen, _ = train_test_split(
-        np.arange(len(y)), train_size=n_labels, stratify=y, random_state=seed
-    )
-    return np.sort(chosen)
-
-
-def linear_probe(
-    train_x: np.ndarray,
-    train_y: np.ndarray,
-    test_x: np.ndarray,
-    test_y: np.ndarray,
-    n_labels: int | None = None,
-    seed: int = 0,
-) -> float:
-    """Test accuracy of a logistic regression on standardised features (N, D).
-
-    Trains on `label_subset(train_y, n_labels, seed)` of the training features.
-    """
-    index = label_subset(train_y, n_labels, seed)
-    probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, random_state=seed))
-    probe.fit(train_x[index], train_y[index])
-    return float(probe.score(test_x, test_y))
 
 
 @torch.no_grad()
@@ -104,6 +63,8 @@ def evaluate_autoencoder(
     """Test reconstruction MSE beside PCA, and probe accuracies beside pixels and PCA.
 
     Returns a JSON-serialisable dict; probes are skipped when the data set has no labels.
+    `probe` holds `labels` and, per probe (`logistic`, `knn`), the accuracy and the chosen
+    settings of each feature set (`model`, `pixels`, `pca`) at each label budget.
     """
     pca = fit_pca(dataset.train.x, model.code_size, seed)
     model_mse = reconstruction_mse(model, dataset.test.x)
@@ -120,22 +81,17 @@ def evaluate_autoencoder(
     fit, test = dataset.fit, dataset.test
     if fit.y is None or test.y is None:
         return result
-    features = {
-        "model": (encode_array(model, fit.x), encode_array(model, test.x)),
-        "pixels": (fit.x.reshape(len(fit), -1), test.x.reshape(len(test), -1)),
-        "pca": (
+    features = [
+        FeatureSet("model", encode_array(model, fit.x), encode_array(model, test.x)),
+        FeatureSet("pixels", fit.x.reshape(len(fit), -1), test.x.reshape(len(test), -1)),
+        FeatureSet(
+            "pca",
             pca.transform(fit.x.reshape(len(fit), -1)),
             pca.transform(test.x.reshape(len(test), -1)),
         ),
-    }
+    ]
     counts = [len(fit) if n is None else min(n, len(fit)) for n in label_counts]
-    result["probe"] = {
-        "labels": counts,
-        **{
-            name: [linear_probe(train, fit.y, held_out, test.y, n, seed) for n in counts]
-            for name, (train, held_out) in features.items()
-        },
-    }
+    result["probe"] = probe_features(features, fit.y, test.y, counts, seed)
     return result
 
 
@@ -148,10 +104,17 @@ def format_evaluation(result: dict) -> str:
     ]
     if "probe" in result:
         probe = result["probe"]
-        lines.append(
-            "linear probe accuracy  " + "  ".join(f"{n:>7} labels" for n in probe["labels"])
-        )
-        for name in ("model", "pixels", "pca"):
-            label = f"PCA-{result['code_size']}" if name == "pca" else name
-            lines.append(f"  {label:<21}" + "  ".join(f"{a:>14.3f}" for a in probe[name]))
+        for kind in PROBES:
+            title = {"logistic": "logistic probe", "knn": "k-NN probe"}[kind]
+            lines.append(
+                f"{title} accuracy  " + "  ".join(f"{n:>7} labels" for n in probe["labels"])
+            )
+            for name, accuracies in probe[kind]["accuracy"].items():
+                label = f"PCA-{result['code_size']}" if name == "pca" else name
+                chosen = "; ".join(format_settings(s) for s in probe[kind]["settings"][name])
+                lines.append(
+                    f"  {label:<19}"
+                    + "  ".join(f"{a:>14.3f}" for a in accuracies)
+                    + f"   ({chosen})"
+                )
     return "\n".join(lines)

@@ -205,11 +205,33 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
+# How the encoder was trained, for model.json: the recipe and what made its inputs vary.
+TRAINING_FIELDS = (
+    "recipe",
+    "noise",
+    "noise_level",
+    "augment_translate",
+    "augment_rotate",
+    "augment_scale",
+    "epochs",
+    "layer_epochs",
+    "batch_size",
+    "learning_rate",
+    "seed",
+)
+
+
+def training_recipe(run_config: dict) -> dict:
+    """The training fields of the run's `aet pretrain` configuration (absent ones: None)."""
+    return {name: run_config.get(name) for name in TRAINING_FIELDS}
+
+
 def card_metrics(metrics: dict) -> dict[str, float]:
     """The run's final numbers for model.json, from the checkpoint's evaluation (if any).
 
-    Held-out reconstruction MSE (and PCA's at the same code size) and the linear-probe
-    accuracy on the frozen codes for each label budget.
+    Held-out reconstruction MSE (and PCA's at the same code size) and the fair probes'
+    accuracies on the frozen codes for each label budget (`training.probes`): logistic
+    regression (`probe_accuracy_*`) and k-NN (`knn_accuracy_*`).
     """
     evaluation = metrics.get("evaluation")
     if not evaluation:
@@ -218,8 +240,11 @@ def card_metrics(metrics: dict) -> dict[str, float]:
     result = {"test_reconstruction_mse": mse["model"], "test_pca_reconstruction_mse": mse["pca"]}
     probe = evaluation.get("probe")
     if probe:
-        for labels, accuracy in zip(probe["labels"], probe["model"], strict=True):
-            result[f"probe_accuracy_{labels}_labels"] = accuracy
+        for kind, prefix in (("logistic", "probe"), ("knn", "knn")):
+            for labels, accuracy in zip(
+                probe["labels"], probe[kind]["accuracy"]["model"], strict=True
+            ):
+                result[f"{prefix}_accuracy_{labels}_labels"] = accuracy
     return {key: float(value) for key, value in result.items()}
 
 
@@ -304,7 +329,10 @@ def export_encoder(
         name=name,
         version=next_version(repository, name),
         architecture=checkpoint.model_config.architecture,
-        hyperparameters=checkpoint.model_config.to_dict(),
+        hyperparameters={
+            **checkpoint.model_config.to_dict(),
+            "training": training_recipe(checkpoint.run_config),
+        },
         input=InputSpec(
             name=INPUT_NAME,
             shape=tuple(int(d) for d in inputs.shape[1:]),

@@ -250,7 +250,7 @@ class VariationalAutoencoder(MLPAutoencoder):
     ) -> torch.Tensor:
         """Negative ELBO: the NLL of a reparameterised sample + KL(q(z|x), N(0, I))."""
         mu, logvar = self.posterior(x_input)
-        eps = torch.randn(mu.shape, generator=generator, dtype=mu.dtype)
+        eps = torch.randn(mu.shape, generator=generator, dtype=mu.dtype, device=mu.device)
         z = mu + eps * torch.exp(0.5 * logvar)
         kl = 0.5 * (mu.square() + logvar.exp() - 1.0 - logvar).sum(1)
         return (reconstruction_loss(self.decode(z), target, self.config.loss) + kl).mean()

@@ -19,9 +19,12 @@ import torch
 
 from aet.config import ConfigError, add_config_arguments, config_from_args
 from aet.errors import UserError
+from aet.training.augmentation import AugmentationConfig
 from aet.training.checkpoint import load_checkpoint, save_checkpoint
 from aet.training.corruption import CORRUPTION_KINDS
+from aet.devices import DEVICES
 from aet.training.data import DATASETS, Dataset, load_dataset
+from aet.training.distributed import PRECISIONS, ProcessGroup
 from aet.training.evaluate import encode_array, evaluate_autoencoder, format_evaluation
 from aet.training.models import (
     ACTIVATIONS,
@@ -126,6 +129,18 @@ class PretrainConfig:
             "for masking, salt-and-pepper"
         },
     )
+    # augmentation (images, training only)
+    augment_translate: float = field(
+        default=0.0,
+        metadata={"help": "largest random shift, as a fraction of the image side (0: off)"},
+    )
+    augment_rotate: float = field(
+        default=0.0, metadata={"help": "largest random rotation in degrees (0: off)"}
+    )
+    augment_scale: float = field(
+        default=0.0,
+        metadata={"help": "largest random relative change of size, e.g. 0.1 for [0.9, 1.1] (0: off)"},
+    )
     # optimisation
     epochs: int = field(
         default=_TRAINING.epochs,
@@ -146,6 +161,25 @@ class PretrainConfig:
     seed: int = field(
         default=_TRAINING.seed,
         metadata={"help": "seed for the split, initialisation, shuffling, noise and probe subsets"},
+    )
+    device: str = field(
+        default="auto",
+        metadata={
+            "help": "auto: CUDA when a GPU is usable (the server's rule), else CPU",
+            "choices": list(DEVICES),
+        },
+    )
+    precision: str = field(
+        default="fp32",
+        metadata={
+            "help": "autocast dtype of forward passes: bf16 (CUDA or CPU), fp16 (CUDA, with "
+            "gradient scaling)",
+            "choices": list(PRECISIONS),
+        },
+    )
+    loader_workers: int | None = field(
+        default=None,
+        metadata={"help": "DataLoader worker processes (default: 2 on CUDA, 0 on CPU)"},
     )
     threads: int = field(
         default=1,
@@ -218,9 +252,15 @@ class PretrainConfig:
             patience=self.patience,
             noise=self.noise,
             noise_level=self.noise_level,
+            augmentation=AugmentationConfig(
+                self.augment_translate, self.augment_rotate, self.augment_scale
+            ),
             seed=self.seed,
             log_every=self.log_every,
             progress=self.progress,
+            device=self.device,
+            precision=self.precision,
+            loader_workers=self.loader_workers,
         )
 
     def to_dict(self) -> dict:
@@ -291,25 +331,42 @@ def run(args: argparse.Namespace) -> int:
         image_size=config.image_size,
         limit=config.limit,
     )
-    torch.manual_seed(config.seed)  # model initialisation
+    torch.manual_seed(config.seed)  # model initialisation, the same in every process
     model = build_autoencoder(config.model_config(), dataset.image_shape)
-    run_dir = prepare_run_dir(config)
-    trainer = Trainer(model, dataset, config.training_config(), run_dir, config.to_dict())
+    group = ProcessGroup.from_environment(config.device)  # several processes under torchrun
+    try:
+        return _train_and_report(config, dataset, model, group)
+    finally:
+        if group.distributed:
+            torch.distributed.destroy_process_group()
+
+
+def _train_and_report(
+    config: PretrainConfig, dataset: Dataset, model: Autoencoder, group: ProcessGroup
+) -> int:
+    """Train in every process; rank 0 alone writes the run folder, evaluates and reports."""
+    run_dir = prepare_run_dir(config) if group.is_main else config.run_dir
+    trainer = Trainer(model, dataset, config.training_config(), run_dir, config.to_dict(), group)
     if config.resume:
         trainer.resume()  # checks the checkpoint holds this model before anything is written
-    write_json(run_dir / "config.json", config.to_dict())
-    print(
-        f"pretraining {config.architecture} on {dataset.name} {dataset.image_shape} "
-        f"({len(dataset.train)} train / {len(dataset.val)} val / {len(dataset.test)} test) "
-        f"into {run_dir}"
-    )
+    if group.is_main:
+        write_json(run_dir / "config.json", config.to_dict())
+        print(
+            f"pretraining {config.architecture} on {dataset.name} {dataset.image_shape} "
+            f"({len(dataset.train)} train / {len(dataset.val)} val / {len(dataset.test)} test) "
+            f"on {trainer.device} ({group.world_size} process(es), {config.precision}) "
+            f"into {run_dir}"
+        )
     started = time.perf_counter()
     try:
         history = trainer.fit()
     except TrainingInterrupted as exc:
-        print(f"{exc}; continue with --resume")
+        if group.is_main:
+            print(f"{exc}; continue with --resume")
         return EXIT_INTERRUPTED
     train_seconds = time.perf_counter() - started
+    if not group.is_main:
+        return 0
 
     best = load_checkpoint(trainer.best_path)
     model = best.build_model()

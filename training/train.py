@@ -6,11 +6,11 @@ layers frozen) followed by an end-to-end `fine-tune`. Denoising corrupts each st
 training only; validation always compares against the clean target with a fixed corruption.
 
 All randomness after model initialisation (shuffling, corruption, VAE sampling) comes from
-seeded generators whose states go into `checkpoint.pt` with the model, the optimizer and the
-position in the schedule, so `Trainer.resume()` continues exactly where a run stopped, even
-mid-epoch after Ctrl-C. The per-step work outside forward/backward is kept to a slice of a
-pre-shuffled tensor, the corruption draw and an in-place loss sum; the loss is read back to
-the host only every `log_every` steps.
+seeded generators and samplers whose states go into `checkpoint.pt` with the model, the
+optimizer and the position in the schedule, so `Trainer.resume()` continues exactly where a run
+stopped, even mid-epoch after Ctrl-C. The per-step work outside forward/backward is kept to one
+gather of the batch's rows (in a DataLoader, in worker processes if asked), the corruption draw
+and an in-place loss sum; the loss is read back to the host only every `log_every` steps.
 """
 
 from __future__ import annotations
@@ -26,12 +26,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from aet.config import ConfigError
+from aet.training.augmentation import AugmentationConfig, build_augmentation
 from aet.training.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
 from aet.training.corruption import Corruption, build_corruption
 from aet.training.data import Dataset
+from aet.training.distributed import ProcessGroup, check_precision, resolve_device
 from aet.training.models import Autoencoder, MLPAutoencoder
 
 VALIDATION_BATCH = 1024
@@ -59,9 +64,13 @@ class TrainingConfig:
     patience: int = 30  # stop a stage after this many epochs without a better validation loss
     noise: str = "gaussian"
     noise_level: float = 0.2  # sigma for gaussian, fraction nu for masking / salt-and-pepper
+    augmentation: AugmentationConfig = AugmentationConfig()  # images; none by default
     seed: int = 0
     log_every: int = 20  # steps between progress-bar loss updates
     progress: bool = True
+    device: str = "cpu"  # auto | cpu | cuda (training.distributed.resolve_device)
+    precision: str = "fp32"  # fp32 | bf16 | fp16: autocast dtype of forward passes
+    loader_workers: int | None = None  # DataLoader worker processes (None: 2 on CUDA, 0 on CPU)
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "patience", "log_every"):
@@ -69,14 +78,21 @@ class TrainingConfig:
                 raise ConfigError(f"{name}: expected a positive integer; got {getattr(self, name)}")
         if self.layer_epochs < 0:
             raise ConfigError(f"layer_epochs: expected >= 0; got {self.layer_epochs}")
+        if self.loader_workers is not None and self.loader_workers < 0:
+            raise ConfigError(f"loader_workers: expected >= 0; got {self.loader_workers}")
         if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
             raise ConfigError(
                 f"learning_rate: expected a positive number; got {self.learning_rate}"
             )
         build_corruption(self.noise, self.noise_level)  # validates kind and level
 
-    def corruption(self) -> Corruption | None:
-        return build_corruption(self.noise, self.noise_level, seed=self.seed)
+    def corruption(
+        self, device: torch.device | str = "cpu", rank: int = 0
+    ) -> Corruption | None:
+        """The noise of process `rank` (each process draws its own) on `device`."""
+        return build_corruption(
+            self.noise, self.noise_level, seed=self.seed + 1000 * rank, device=device
+        )
 
 
 @dataclass(frozen=True)
@@ -99,13 +115,16 @@ def plan_stages(model: Autoencoder, config: TrainingConfig) -> list[Stage]:
 
 @dataclass
 class Position:
-    """Where training stands, plus the early-stopping record of the current stage."""
+    """Where training stands, plus the early-stopping record of the current stage.
+
+    The order of an epoch's examples is a function of (seed, stage, epoch) (`DistributedSampler`),
+    so `step` is all a resumed run needs to continue the epoch where it stopped.
+    """
 
     stage: int = 0  # index into the schedule
     epoch: int = 0  # epochs completed in the stage
     step: int = 0  # steps completed in the current epoch
-    permutation: torch.Tensor | None = None  # the current epoch's order, once it has started
-    loss_sum: torch.Tensor | None = None  # sum of the current epoch's step losses
+    loss_sum: torch.Tensor | None = None  # sum of this process's step losses in the epoch
     best_val: float = math.inf
     epochs_since_best: int = 0
     best_model_state: dict | None = None
@@ -136,8 +155,59 @@ def _catch_interrupt(flag: _InterruptFlag) -> Iterator[None]:
         signal.signal(signal.SIGINT, previous)
 
 
+class _Rows(torch.utils.data.Dataset):
+    """Rows of an array or tensor, fetched a whole batch at a time (one gather per batch)."""
+
+    def __init__(self, data) -> None:
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitems__(self, indices: list[int]) -> torch.Tensor:
+        return torch.as_tensor(self.data[indices if torch.is_tensor(self.data) else list(indices)])
+
+
+def _whole_batch(batch: torch.Tensor) -> torch.Tensor:
+    """DataLoader collate for `_Rows`: the gathered batch is already one tensor."""
+    return batch
+
+
+class _EpochBatches:
+    """A batch sampler whose batches are replaced every epoch (the loader and its workers stay)."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[int]] = []
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+class _StageObjective(nn.Module):
+    """The loss of one stage as a module, so DistributedDataParallel can wrap its forward."""
+
+    def __init__(self, model: Autoencoder, stage: Stage) -> None:
+        super().__init__()
+        self.model, self.layer = model, stage.layer
+
+    def forward(self, inputs, target, generator: torch.Generator | None = None) -> torch.Tensor:
+        if self.layer is None:
+            return self.model.objective(inputs, target, generator)
+        # The first layer's stage reads images: flatten them as stage_input(0, x) does.
+        return self.model.stage_objective(self.layer, inputs.flatten(1), target.flatten(1))
+
+
 class Trainer:
-    """Trains one model on one data set into `run_dir` (checkpoint.pt, best.pt)."""
+    """Trains one model on one data set into `run_dir` (checkpoint.pt, best.pt).
+
+    On the device `config.device` resolves to, with batches from a DataLoader (pinned memory and
+    workers on CUDA) and, under torchrun (`group` of several processes), DistributedDataParallel
+    over a DistributedSampler: each process takes `batch_size / world_size` rows of every
+    global batch, and only rank 0 writes files.
+    """
 
     def __init__(
         self,
@@ -146,17 +216,30 @@ class Trainer:
         config: TrainingConfig,
         run_dir: Path,
         run_config: dict,
+        group: ProcessGroup | None = None,
     ) -> None:
-        self.model, self.dataset, self.config = model, dataset, config
+        self.group = ProcessGroup() if group is None else group
+        self.device = resolve_device(config.device, self.group.local_rank)
+        self.autocast_dtype = check_precision(config.precision, self.device)
+        if config.batch_size % self.group.world_size:
+            raise ConfigError(
+                f"batch_size: expected a multiple of the {self.group.world_size} processes; "
+                f"got {config.batch_size}"
+            )
+        self.model, self.dataset, self.config = model.to(self.device), dataset, config
         self.run_dir, self.run_config = Path(run_dir), run_config
         self.stages = plan_stages(model, config)
-        self.train_x = torch.from_numpy(dataset.train.x)
-        self.val_x = torch.from_numpy(dataset.val.x)
-        self.generator = torch.Generator().manual_seed(config.seed)  # shuffling, VAE sampling
-        self.corruption = config.corruption()
+        self.generator = torch.Generator(self.device).manual_seed(config.seed)  # VAE sampling
+        self.corruption = config.corruption(self.device, self.group.rank)
+        self.augmentation = build_augmentation(
+            config.augmentation, seed=config.seed + 2 + 1000 * self.group.rank
+        )
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.precision == "fp16")
         self.position = Position()
-        self._tensors_stage: int | None = None  # the stage whose inputs `_tensors` holds
-        self._tensors: tuple[torch.Tensor, torch.Tensor] = (self.train_x, self.val_x)
+        self._loader_stage: int | None = None  # the stage `_loader` serves
+        self._loader: DataLoader | None = None
+        self._val_data: torch.Tensor | None = None
+        self._objective: nn.Module | None = None
         self._interrupt = _InterruptFlag()
         self.history: dict[str, dict] = {
             s.name: {"train_loss": [], "val_loss": []} for s in self.stages
@@ -187,90 +270,141 @@ class Trainer:
         )
         return torch.optim.Adam(params, lr=self.config.learning_rate)
 
-    def _stage_data(self, stage: Stage, x: torch.Tensor) -> torch.Tensor:
-        """What the stage reconstructs: pixels, or layer k's clean input code (frozen layers)."""
-        if stage.layer is None:
+    @torch.no_grad()
+    def _stage_data(self, stage: Stage, x):
+        """What the stage reconstructs: the images as stored (an array, perhaps memory-mapped),
+        or for a deeper greedy layer the clean codes of the frozen layers below (a tensor)."""
+        if stage.layer is None or stage.layer == 0:
             return x
-        with torch.no_grad():
-            return self.model.stage_input(stage.layer, x)
+        self.model.eval()
+        codes = [
+            self.model.stage_input(stage.layer, torch.as_tensor(x[i : i + VALIDATION_BATCH]).to(self.device)).cpu()
+            for i in range(0, len(x), VALIDATION_BATCH)
+        ]
+        return torch.cat(codes)
 
-    def _stage_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(train, validation) data of the current stage, computed once per stage."""
-        if self._tensors_stage != self.position.stage:
-            stage = self._stage()
-            self._tensors = (
-                self._stage_data(stage, self.train_x),
-                self._stage_data(stage, self.val_x),
+    def _prepare_stage(self) -> None:
+        """The stage's DataLoader, validation data and (DDP-wrapped) objective, once per stage."""
+        if self._loader_stage == self.position.stage:
+            return
+        stage = self._stage()
+        on_cuda = self.device.type == "cuda"
+        workers = self.config.loader_workers
+        workers = (2 if on_cuda else 0) if workers is None else workers
+        self._loader = DataLoader(
+            _Rows(self._stage_data(stage, self.dataset.train.x)),
+            batch_sampler=_EpochBatches(),
+            collate_fn=_whole_batch,
+            num_workers=workers,
+            pin_memory=on_cuda,
+            persistent_workers=workers > 0,
+        )
+        val = self._stage_data(stage, self.dataset.val.x)
+        self._val_data = torch.as_tensor(val).to(self.device)
+        objective = _StageObjective(self.model, stage)
+        if self.group.distributed:
+            objective = DistributedDataParallel(
+                objective,
+                device_ids=[self.device.index] if on_cuda else None,
+                find_unused_parameters=stage.layer is not None,  # frozen layers get no gradient
             )
-            self._tensors_stage = self.position.stage
-        return self._tensors
+        self._objective = objective
+        self._loader_stage = self.position.stage
 
-    def _loss_function(self, stage: Stage) -> Callable[..., torch.Tensor]:
-        if stage.layer is None:
-            return lambda inputs, target: self.model.objective(inputs, target, self.generator)
-        return lambda inputs, target: self.model.stage_objective(stage.layer, inputs, target)
+    def _epoch_batches(self) -> list[list[int]]:
+        """This process's batches of the current epoch, from the resume point on."""
+        pos, group = self.position, self.group
+        sampler = DistributedSampler(
+            self._loader.dataset,
+            num_replicas=group.world_size,
+            rank=group.rank,
+            shuffle=True,
+            seed=self.config.seed + pos.stage,
+        )
+        sampler.set_epoch(pos.epoch)
+        order = list(sampler)
+        size = self.config.batch_size // group.world_size
+        return [order[i : i + size] for i in range(0, len(order), size)]
+
+    def _autocast(self):
+        return torch.autocast(
+            self.device.type,
+            dtype=self.autocast_dtype,
+            enabled=self.config.precision != "fp32",
+        )
 
     def _validation_loss(self) -> float:
         """Mean loss of the current stage on the validation set, with the same corruption (and
-        VAE samples) every epoch."""
-        _, val_data = self._stage_tensors()
-        loss_of = self._loss_function(self._stage())
-        saved = self.generator.get_state()
-        self.generator.manual_seed(self.config.seed + 1)
+        VAE samples) every epoch; rank 0's figure on every process."""
+        self._prepare_stage()
+        val_data, stage = self._val_data, self._stage()
+        generator = torch.Generator(self.device).manual_seed(self.config.seed + 1)
         corruption = (
             None
             if self.corruption is None
-            else Corruption(self.corruption.kind, self.corruption.level, self.config.seed + 1)
+            else Corruption(
+                self.corruption.kind, self.corruption.level, self.config.seed + 1, self.device
+            )
         )
+        objective = _StageObjective(self.model, stage)
         self.model.eval()
-        total = torch.zeros(())
-        with torch.no_grad():
+        total = torch.zeros((), device=self.device)
+        with torch.no_grad(), self._autocast():
             for start in range(0, len(val_data), VALIDATION_BATCH):
                 target = val_data[start : start + VALIDATION_BATCH]
                 inputs = target if corruption is None else corruption(target)
-                total += loss_of(inputs, target) * len(target)
-        self.generator.set_state(saved)
-        return total.item() / len(val_data)
+                total += objective(inputs, target, generator).float() * len(target)
+        return self.group.from_main(total.item() / len(val_data))
+
+    def _augmented(self, stage: Stage, target: torch.Tensor) -> torch.Tensor:
+        """`target` augmented when the stage reads pixels (deeper greedy layers read codes)."""
+        if self.augmentation is None or stage.layer not in (None, 0):
+            return target
+        images = target.view(-1, *self.dataset.image_shape)
+        return self.augmentation(images).view(target.shape)
 
     def train_epoch(self) -> float:
-        """Train one epoch of the current stage (the rest of it after a resume); its mean loss.
+        """Train one epoch of the current stage (the rest of it after a resume); its mean loss
+        over all processes.
 
-        Raises TrainingInterrupted after saving when a stop was requested mid-epoch.
+        Raises TrainingInterrupted after saving when a stop was requested mid-epoch (alone;
+        under torchrun a stop waits for the end of the epoch, which all processes reach together).
         """
-        stage, (train_data, _) = self._stage(), self._stage_tensors()
-        pos, batch = self.position, self.config.batch_size
-        if pos.permutation is None:
-            pos.permutation = torch.randperm(len(train_data), generator=self.generator)
-            pos.loss_sum = torch.zeros(())
-        shuffled = train_data[pos.permutation]  # one gather per epoch; steps slice views of it
-        n_steps = math.ceil(len(train_data) / batch)
-        loss_of = self._loss_function(stage)
+        self._prepare_stage()
+        stage, pos = self._stage(), self.position
+        batches = self._epoch_batches()
+        n_steps = len(batches)
+        if pos.loss_sum is None:
+            pos.loss_sum = torch.zeros((), device=self.device)
+        self._loader.batch_sampler.batches = batches[pos.step :]
         self.model.train()
         bar = tqdm(
             total=n_steps,
             initial=pos.step,
-            disable=not self.config.progress,
+            disable=not (self.config.progress and self.group.is_main),
             leave=False,
             desc=f"{stage.name} {pos.epoch + 1}/{stage.epochs}",
             unit="step",
         )
         with bar:
-            while pos.step < n_steps:
-                target = shuffled[pos.step * batch : (pos.step + 1) * batch]
+            for rows in self._loader:
+                target = self._augmented(stage, rows.to(self.device, non_blocking=True))
                 inputs = target if self.corruption is None else self.corruption(target)
-                loss = loss_of(inputs, target)
+                with self._autocast():
+                    loss = self._objective(inputs, target, self.generator)
                 self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                self.optimizer.step()
-                pos.loss_sum += loss.detach()
+                self.scaler.scale(loss).backward()
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                pos.loss_sum += loss.detach().float()
                 pos.step += 1
                 bar.update()
                 if pos.step % self.config.log_every == 0:
                     bar.set_postfix(loss=f"{pos.loss_sum.item() / pos.step:.4f}")
-                if self._interrupt.requested and pos.step < n_steps:
+                if self._interrupt.requested and pos.step < n_steps and not self.group.distributed:
                     self._stop()
-        mean_loss = pos.loss_sum.item() / n_steps
-        pos.permutation, pos.loss_sum, pos.step = None, None, 0
+        mean_loss = self.group.mean(pos.loss_sum).item() / n_steps
+        pos.loss_sum, pos.step = None, 0
         return mean_loss
 
     def _end_epoch(self, stage: Stage, train_loss: float, val_loss: float) -> None:
@@ -290,11 +424,12 @@ class Trainer:
         record["stopped_early"] = (
             pos.epochs_since_best >= self.config.patience and pos.epoch < stage.epochs
         )
-        tqdm.write(
-            f"{stage.name} epoch {pos.epoch}/{stage.epochs}: train {train_loss:.4f} "
-            f"val {val_loss:.4f}{' *' if improved else ''}"
-        )
-        if improved and pos.stage == len(self.stages) - 1:
+        if self.group.is_main:
+            tqdm.write(
+                f"{stage.name} epoch {pos.epoch}/{stage.epochs}: train {train_loss:.4f} "
+                f"val {val_loss:.4f}{' *' if improved else ''}"
+            )
+        if improved and pos.stage == len(self.stages) - 1 and self.group.is_main:
             save_checkpoint(self.best_path, self._checkpoint(with_training_state=False))
 
     def _next_stage(self) -> None:
@@ -315,6 +450,11 @@ class Trainer:
         self._interrupt.requested = False  # this request is served; the trainer stays usable
         raise TrainingInterrupted(self.checkpoint_path)
 
+    def _stop_requested(self) -> bool:
+        """Whether any process was asked to stop (all of them then stop together)."""
+        requested = torch.tensor(float(self._interrupt.requested))
+        return bool(self.group.mean(requested).item() > 0)
+
     def _stage_done(self, stage: Stage) -> bool:
         pos = self.position
         return pos.epoch >= stage.epochs or pos.epochs_since_best >= self.config.patience
@@ -329,7 +469,7 @@ class Trainer:
             while not self._stage_done(stage):
                 train_loss = self.train_epoch()
                 self._end_epoch(stage, train_loss, self._validation_loss())
-                if self._interrupt.requested:
+                if self._stop_requested():
                     self._stop()
                 self.save()
             self._next_stage()
@@ -345,17 +485,30 @@ class Trainer:
                 self.run_stage()
         return self.history
 
+    def _random_states(self) -> dict:
+        """This process's generator states (shuffling needs none: the sampler is seeded)."""
+        return {
+            "generator": self.generator.get_state(),
+            "corruption_generator": (
+                None if self.corruption is None else self.corruption.generator.get_state()
+            ),
+            "augmentation_generator": (
+                None if self.augmentation is None else self.augmentation.generator.get_state()
+            ),
+        }
+
     def _checkpoint(self, *, with_training_state: bool) -> Checkpoint:
         stage_name = "done" if self.finished else self._stage().name
         state = None
         if with_training_state:
+            position = dataclasses.asdict(self.position)
+            if position["loss_sum"] is not None:
+                position["loss_sum"] = self.position.loss_sum.cpu()
             state = {
-                **dataclasses.asdict(self.position),
+                **position,
                 "optimizer": self.optimizer.state_dict(),
-                "generator": self.generator.get_state(),
-                "corruption_generator": (
-                    None if self.corruption is None else self.corruption.generator.get_state()
-                ),
+                "grad_scaler": self.scaler.state_dict(),
+                "random_states": self.group.gather(self._random_states()),  # one per process
             }
         return Checkpoint(
             model_config=self.model.config,
@@ -363,7 +516,7 @@ class Trainer:
             raw_max=self.dataset.raw_max,
             source=self.dataset.source,
             run_config=self.run_config,
-            model_state=self.model.state_dict(),
+            model_state={k: v.cpu() for k, v in self.model.state_dict().items()},
             stage=stage_name,
             epoch=self.position.epoch,
             metrics={"stages": self.history},
@@ -371,13 +524,16 @@ class Trainer:
         )
 
     def save(self) -> None:
-        """Write the resumable state to checkpoint.pt."""
-        save_checkpoint(self.checkpoint_path, self._checkpoint(with_training_state=True))
+        """Write the resumable state to checkpoint.pt (rank 0; the others only take part)."""
+        checkpoint = self._checkpoint(with_training_state=True)  # every process gathers
+        if self.group.is_main:
+            save_checkpoint(self.checkpoint_path, checkpoint)
 
     def resume(self) -> None:
         """Restore model, optimizer, history, RNG and position from checkpoint.pt.
 
-        Raises CheckpointError when it is missing, unreadable or holds another model.
+        Raises CheckpointError when it is missing, unreadable, holds another model or was
+        written by another number of processes.
         """
         checkpoint = load_checkpoint(self.checkpoint_path)
         checkpoint.require_model(self.model.config, self.dataset.image_shape, self.checkpoint_path)
@@ -386,15 +542,26 @@ class Trainer:
                 f"checkpoint {self.checkpoint_path}: holds no training state to resume from"
             )
         state = dict(checkpoint.training_state)
+        random_states = state.pop("random_states")
+        if len(random_states) != self.group.world_size:
+            raise CheckpointError(
+                f"checkpoint {self.checkpoint_path}: written by {len(random_states)} "
+                f"process(es); resume with the same number (this run has {self.group.world_size})"
+            )
+        mine = random_states[self.group.rank]
         self.model.load_state_dict(checkpoint.model_state)
         self.history = checkpoint.metrics["stages"]
-        self.generator.set_state(state.pop("generator"))
-        corruption_state = state.pop("corruption_generator")
-        if self.corruption is not None and corruption_state is not None:
-            self.corruption.generator.set_state(corruption_state)
+        self.generator.set_state(mine["generator"])
+        if self.corruption is not None and mine["corruption_generator"] is not None:
+            self.corruption.generator.set_state(mine["corruption_generator"])
+        if self.augmentation is not None and mine["augmentation_generator"] is not None:
+            self.augmentation.generator.set_state(mine["augmentation_generator"])
         optimizer_state = state.pop("optimizer")
+        self.scaler.load_state_dict(state.pop("grad_scaler"))
         self.position = Position(**state)
-        self._tensors_stage = None
+        if self.position.loss_sum is not None:
+            self.position.loss_sum = self.position.loss_sum.to(self.device)
+        self._loader_stage = None
         if not self.finished:
             self.optimizer = self._make_optimizer()
             self.optimizer.load_state_dict(optimizer_state)

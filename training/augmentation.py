@@ -1,0 +1,78 @@
+"""Image augmentation for pretraining: random translation, rotation and scale of whole batches.
+
+Small data sets overfit an autoencoder; showing each image shifted, turned and resized a little
+teaches codes that ignore such nudges (scikit-learn's RBM example augments digits by one-pixel
+shifts for this reason). The transform is `torchvision.transforms.v2.functional.affine` with
+bilinear interpolation, drawn from a seeded `torch.Generator` that the checkpoint saves, so a
+resumed run draws the same transforms. One draw covers one batch (one affine call per training
+step keeps the step cheap); over the epochs every image meets many different transforms.
+
+Training only: validation, evaluation and export see the images as they are. The augmented
+image is the reconstruction target, and noise (training.corruption) then corrupts the input.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torchvision.transforms.v2 import InterpolationMode
+from torchvision.transforms.v2.functional import affine
+
+from aet.config import ConfigError
+
+
+@dataclass(frozen=True)
+class AugmentationConfig:
+    """How far a batch may move: all zeros is no augmentation."""
+
+    translate: float = 0.0  # largest shift, as a fraction of the image's height and width
+    rotate: float = 0.0  # largest rotation in degrees, either way
+    scale: float = 0.0  # largest relative change of size: 0.1 draws a scale in [0.9, 1.1]
+
+    def __post_init__(self) -> None:
+        for name, high in (("translate", 0.5), ("rotate", 180.0), ("scale", 0.5)):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and 0 <= value <= high):
+                raise ConfigError(f"augment_{name}: expected a number in [0, {high:g}]; got {value}")
+
+    @property
+    def enabled(self) -> bool:
+        return any((self.translate, self.rotate, self.scale))
+
+
+@dataclass(eq=False)
+class Augmentation:
+    """`augment(batch)`: a randomly translated, rotated and scaled copy of `batch` (B, C, H, W)."""
+
+    config: AugmentationConfig
+    seed: int = 0
+    generator: torch.Generator = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.generator = torch.Generator().manual_seed(self.seed)
+
+    def _uniform(self, bound: float) -> float:
+        """One draw from U(-bound, bound); always drawn, so the stream does not depend on zeros."""
+        return (2 * torch.rand((), generator=self.generator).item() - 1) * bound
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        height, width = batch.shape[-2:]
+        dx = self._uniform(self.config.translate * width)
+        dy = self._uniform(self.config.translate * height)
+        angle = self._uniform(self.config.rotate)
+        scale = 1.0 + self._uniform(self.config.scale)
+        return affine(
+            batch,
+            angle=angle,
+            translate=[dx, dy],
+            scale=scale,
+            shear=[0.0, 0.0],
+            interpolation=InterpolationMode.BILINEAR,
+        )
+
+
+def build_augmentation(config: AugmentationConfig, *, seed: int = 0) -> Augmentation | None:
+    """The augmentation `config` describes, or None when it moves nothing."""
+    return Augmentation(config, seed) if config.enabled else None

@@ -26,6 +26,7 @@ from aet.server.auth import BearerTokenInterceptor
 from aet.server.kserve_service import SERVICE_NAME, InferenceService
 from aet.server.metrics import MetricsEndpoint, ServingMetrics
 from aet.server.models import ModelRegistry
+from aet.server.pipeline import InferencePipeline
 from aet.server.reload import RepositoryReloader
 from aet.server.repository import InputSpec, ModelCard, OutputSpec, write_version
 
@@ -125,6 +126,7 @@ def start_kserve_server(
             intra_op_threads=1,
             inter_op_threads=1,
             workers=16,
+            max_streams=8,
             grace_period=5.0,
         ),
         **config,
@@ -132,12 +134,13 @@ def start_kserve_server(
     registry = ModelRegistry(serve_config.runtime, serve_config.batching)
     metrics = ServingMetrics(serve_config.max_batch_size)
     metrics.watch_registry(registry)
+    pipeline = InferencePipeline(registry, metrics)
     reloader = RepositoryReloader(registry, repository)
-    kserve = InferenceService(registry, reloader, metrics)
+    kserve = InferenceService(pipeline, reloader, serve_config.window)
     interceptors = [BearerTokenInterceptor(tokens)] if tokens else []
     running = build_server(
         serve_config,
-        registry,
+        pipeline,
         [ServiceBinding(SERVICE_NAME, kserve.add_to_server)],
         interceptors,
         credentials,

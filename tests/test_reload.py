@@ -147,7 +147,7 @@ def test_unload_and_load_rpcs_under_load(tmp_path):
         (
             pb.RepositoryModelLoadRequest(model_name="absent"),
             grpc.StatusCode.NOT_FOUND,
-            "model_name: expected a model of repository",
+            "model_name: expected a model of the repository (digits), got 'absent'",
         ),
         (
             pb.RepositoryModelLoadRequest(

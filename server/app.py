@@ -16,6 +16,7 @@ one JSON log line on stderr.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -250,9 +251,9 @@ class ServeConfig:
             self.dynamic_batching,
         )
 
-    @property
+    @functools.cached_property
     def window(self) -> StreamWindow:
-        """Read-ahead limits of one streaming call."""
+        """Read-ahead limits of one streaming call (one object: both APIs record into it)."""
         return StreamWindow(self.stream_window, round(self.stream_window_mb * MIB))
 
 

@@ -154,7 +154,7 @@ class CallTracker(grpc.ServerInterceptor):
         if handler.request_streaming or handler.response_streaming:
             behavior, factory = _behavior(handler)
             return factory(
-                self._streaming(behavior),
+                self._streaming(behavior, handler.response_streaming),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
@@ -176,7 +176,7 @@ class CallTracker(grpc.ServerInterceptor):
 
         return counted
 
-    def _streaming(self, behavior: Callable) -> Callable:
+    def _streaming(self, behavior: Callable, response_streaming: bool) -> Callable:
         def limited(request_or_iterator, context):
             with self._lock:
                 refused = self.streams >= self.max_streams
@@ -189,20 +189,41 @@ class CallTracker(grpc.ServerInterceptor):
                     f"streams: {self.max_streams} streaming calls already open "
                     f"(--max-streams {self.max_streams}); retry later",
                 )
-            released = []
-
-            def release() -> None:  # once, when the call ends however it ends
-                with self._lock:
-                    if not released:
-                        released.append(True)
-                        self.streams -= 1
-                        self.calls -= 1
-
-            if not context.add_callback(release):  # the call has already ended
+            release = self._release_once()
+            # The handler thread is free once the handler returns or its responses end; the
+            # termination callback covers a call that ends while its generator is suspended.
+            if not context.add_callback(release):
                 release()
-            return behavior(request_or_iterator, context)
+            try:
+                result = behavior(request_or_iterator, context)
+            except BaseException:
+                release()
+                raise
+            if not response_streaming:
+                release()
+                return result
+            return _released_after(result, release)
 
         return limited
+
+    def _release_once(self) -> Callable[[], None]:
+        released = threading.Event()
+
+        def release() -> None:
+            with self._lock:
+                if not released.is_set():
+                    released.set()
+                    self.streams -= 1
+                    self.calls -= 1
+
+        return release
+
+
+def _released_after(responses: Iterable, release: Callable[[], None]) -> Iterator:
+    try:
+        yield from responses
+    finally:
+        release()
 
 
 def _behavior(handler: grpc.RpcMethodHandler) -> tuple[Callable, Callable]:

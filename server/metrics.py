@@ -22,6 +22,7 @@ Prometheus series (all prefixed `aet_`):
 from __future__ import annotations
 
 import copy
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -321,7 +322,11 @@ class ServingMetrics:
         if token_check is not None:
             app = _require_token(app, token_check)
         try:
-            server = make_server(host, port, app, ThreadingWSGIServer, _QuietHandler)
+
+            class Server(ThreadingWSGIServer):
+                address_family = socket.getaddrinfo(host, port)[0][0]  # IPv4 or IPv6 host
+
+            server = make_server(host, port, app, Server, _QuietHandler)
         except OSError as exc:
             raise UserError(
                 f"metrics_port: cannot bind {host}:{port}: {exc.strerror or exc}"

@@ -119,12 +119,12 @@ class ServeConfig:
     workers: int = field(
         default=64, metadata={"help": "gRPC handler threads: the most calls served at once"}
     )
-    max_streams: int = field(
-        default=32,
+    max_streams: int | None = field(
+        default=None,
         metadata={
             "help": "streaming calls open at once (each holds a handler thread); beyond it "
-            "RESOURCE_EXHAUSTED. Must be below --workers, so unary calls and health checks "
-            "always find a thread"
+            "RESOURCE_EXHAUSTED. Below --workers, so unary calls and health checks always "
+            "find a thread (default: half of --workers)"
         },
     )
     stream_window: int = field(
@@ -196,7 +196,6 @@ class ServeConfig:
             "max_request_rows",
             "max_message_mb",
             "workers",
-            "max_streams",
             "stream_window",
         ):
             if getattr(self, name) < 1:
@@ -210,10 +209,10 @@ class ServeConfig:
         ):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}: expected 0 or more, got {getattr(self, name)}")
-        if self.max_streams >= self.workers:
+        if self.max_streams is not None and not 1 <= self.max_streams < self.workers:
             raise ConfigError(
-                f"max_streams: expected fewer than workers ({self.workers}) so that unary calls "
-                f"always find a thread, got {self.max_streams}"
+                f"max_streams: expected 1 to {self.workers - 1} (fewer than workers, so that "
+                f"unary calls always find a thread), got {self.max_streams}"
             )
         if not self.stream_window_mb > 0:
             raise ConfigError(
@@ -250,6 +249,11 @@ class ServeConfig:
             self.max_request_rows,
             self.dynamic_batching,
         )
+
+    @property
+    def stream_slots(self) -> int:
+        """Streaming calls open at once: `max_streams`, or half of `workers` when unset."""
+        return self.max_streams if self.max_streams is not None else max(1, self.workers // 2)
 
     @functools.cached_property
     def window(self) -> StreamWindow:
@@ -339,11 +343,11 @@ def build_server(
     """Bind and start a server with the embedding, health and reflection services plus `services`.
 
     `interceptors` wrap every call (e.g. authentication); `credentials` switch the port to TLS.
-    At most `config.max_streams` streaming calls run at once. Raises `UserError` if the address
+    At most `config.stream_slots` streaming calls run at once. Raises `UserError` if the address
     cannot be bound.
     """
     message_bytes = config.max_message_mb * MIB
-    calls = CallTracker(config.max_streams)
+    calls = CallTracker(config.stream_slots)
     server = grpc.server(
         ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="grpc"),
         interceptors=[*interceptors, calls],  # refused (unauthenticated) calls take no stream

@@ -317,9 +317,11 @@ class RunningServer:
         self.stopping.set()
         log.info("shutdown_started", extra={"reason": reason, "grace_period_s": grace_period})
         self.health.enter_graceful_shutdown()
-        stopped = self.server.stop(grace_period).wait(grace_period + STOP_MARGIN_S)
-        remaining = max(0.0, grace_period + STOP_MARGIN_S - (time.monotonic() - started))
-        drained = self.registry.close(remaining)
+        # Half the margin past the grace period for grpc, the rest (at least) for the batchers,
+        # whose idle workers need a moment to see that they are closed.
+        deadline = started + grace_period + STOP_MARGIN_S
+        stopped = self.server.stop(grace_period).wait(grace_period + STOP_MARGIN_S / 2)
+        drained = self.registry.close(max(deadline - time.monotonic(), STOP_MARGIN_S / 2))
         calls_cut = self.calls.calls
         log.info(
             "shutdown_finished",

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shutil
 import sys
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -38,7 +39,6 @@ from aet.clients.extract import (
 )
 from aet.config import add_config_arguments, config_from_args
 from aet.server.classification import Classification, classify
-from aet.training.data import Dataset
 
 if TYPE_CHECKING:  # the backends import onnxruntime (and Ray): only when a job runs
     from aet.clients.backends import EmbeddingBackend
@@ -159,9 +159,7 @@ def read_predictions(path: str | Path) -> Predictions:
     return Predictions(columns["id"], columns["split"].astype(str), columns["label"], top, metadata)
 
 
-def predict(
-    config: PredictConfig, backend: EmbeddingBackend, dataset: Dataset | None = None
-) -> Predictions:
+def predict(config: PredictConfig, backend: EmbeddingBackend) -> Predictions:
     """Run the job of `config` on an open `backend` serving a classifier; write its output."""
     if config.output.exists() and not config.overwrite:
         raise ExtractionError(f"{config.output}: already exists; pass --overwrite to replace it")
@@ -172,12 +170,15 @@ def predict(
             f"(aet head) with class labels, got an encoder; use aet embed for embeddings"
         )
     job = dataclasses.replace(config, output=config.probabilities_path, overwrite=True)
-    extract(job, backend, dataset)
+    extract(job, backend)
     table = read_embeddings(job.output)
     table.metadata["created"] = datetime.now(UTC).isoformat()
     predictions = predictions_of(table, labels)
     write_predictions(config.output, predictions)
-    job.output.unlink()
+    if job.output.is_dir():  # a job's output may be a folder of parts (Ray)
+        shutil.rmtree(job.output)
+    else:
+        job.output.unlink()
     return predictions
 
 

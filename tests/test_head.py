@@ -358,7 +358,7 @@ def test_predict_local_resumes_and_matches_the_server(server, head, tmp_path, di
         progress=False,
     )
     with pytest.raises(_Interrupted), _InterruptedAfter(head.parent, blocks=7) as backend:
-        predict(local, backend, digits_dataset)
+        predict(local, backend)
     shards = tmp_path / "local.probabilities.npz.shards"
     assert sorted(p.name for p in shards.glob("shard-*.npz")) == [
         "shard-00000.npz",
@@ -366,7 +366,7 @@ def test_predict_local_resumes_and_matches_the_server(server, head, tmp_path, di
     ]
     assert not local.output.exists()
     with LocalBackend(head.parent) as backend:
-        resumed = predict(local, backend, digits_dataset)
+        resumed = predict(local, backend)
     assert not shards.exists() and not (tmp_path / "local.probabilities.npz").exists()
 
     argv = ["predict", "--server", server.target, "--model", HEAD, "--output",

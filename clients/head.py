@@ -197,6 +197,9 @@ def class_names(dataset: Dataset) -> tuple[str, ...]:
 class ProbabilityHead(nn.Module):
     """embedding (B, D) -> standardise -> `network` -> softmax: probabilities (B, classes)."""
 
+    mean: torch.Tensor  # (D,) buffers, exported as graph constants
+    scale: torch.Tensor
+
     def __init__(self, mean: np.ndarray, scale: np.ndarray, network: nn.Module):
         super().__init__()
         self.register_buffer("mean", torch.as_tensor(mean, dtype=torch.float32))

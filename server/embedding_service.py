@@ -77,7 +77,8 @@ class EmbeddingService(embedding_pb2_grpc.EmbeddingServiceServicer):
 
         def encode(model: LoadedModel, outputs: Outputs) -> embedding_pb2.ClassifyResponse:
             probabilities = outputs[model.card.output.name]
-            top = classification.classify(probabilities, top_k, model.card.classifier.labels)
+            names = classification.class_labels(model.card)
+            top = classification.classify(probabilities, top_k, names)
             response = embedding_pb2.ClassifyResponse(
                 request_id=request.request_id, model=model.name, version=model.version
             )

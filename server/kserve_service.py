@@ -40,8 +40,9 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 SERVER_NAME = "ae-transfer"
 PLATFORM = "onnxruntime_onnx"
 API_LABEL = "kserve"
-# Only what is really implemented: "statistics" makes perf_analyzer read ModelStatistics.
-EXTENSIONS = ("model_configuration", "model_repository", "statistics")
+# Only what is really implemented: "statistics" makes perf_analyzer read ModelStatistics;
+# "classification" is Triton's top-k output for classifier models (`server.classification`).
+EXTENSIONS = ("classification", "model_configuration", "model_repository", "statistics")
 SEQUENCE_PARAMETERS = ("sequence_id", "sequence_start", "sequence_end")
 
 # v2 datatype names <-> numpy, for the types a request may name (checked against the model).

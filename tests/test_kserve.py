@@ -65,7 +65,12 @@ def test_server_health_and_metadata(stub):
     assert stub.ModelReady(pb.ModelReadyRequest(name=MODEL, version="1")).ready
     metadata = stub.ServerMetadata(pb.ServerMetadataRequest())
     assert metadata.name == "ae-transfer"
-    assert set(metadata.extensions) == {"model_configuration", "model_repository", "statistics"}
+    assert set(metadata.extensions) == {
+        "classification",
+        "model_configuration",
+        "model_repository",
+        "statistics",
+    }
 
 
 def test_model_metadata_leads_shapes_with_minus_one(stub):

@@ -4,8 +4,9 @@ Two sources feed both views. Each dynamic batcher reports every batch it ran (ro
 the queue wait of each request in it), whichever API the requests came from. Each API reports
 every request it answered (`ServingMetrics.observe_request`: outcome, time in the server and,
 on success, where that time went). The Prometheus exposition is scraped over HTTP on a
-configurable port; the `inference.GRPCInferenceService/ModelStatistics` RPC reads the same
-counters, so the two never disagree.
+configurable port (open, or behind the server's bearer tokens with `aet serve --metrics-token`);
+the `inference.GRPCInferenceService/ModelStatistics` RPC reads the same counters, so the two
+never disagree.
 
 Prometheus series (all prefixed `aet_`):
 - `requests_total{model,version,api,outcome}`: outcome is "success" or the failure's gRPC

@@ -24,11 +24,12 @@ from aet import Classifier
 from aet.cli import main
 from aet.clients.backends import BackendError, LocalBackend
 from aet.clients.client import EmbeddingClient, EmbeddingError
-from aet.clients.head import HeadConfig, HeadError, build_head
+from aet.clients.head import HeadConfig, HeadError, build_head, class_names
 from aet.clients.predict import PredictConfig, predict, read_predictions
 from aet.clients.probe import embed_in_process, fit_mlp_head
 from aet.proto import grpc_service_pb2 as pb
 from aet.server.repository import read_model_card, scan_repository
+from aet.training.data import load_dataset
 from aet.training.probes import tune_logistic
 
 ENCODER = "digits"
@@ -141,6 +142,20 @@ def test_fine_tuning_another_run_is_refused(repository, digits_checkpoint, tmp_p
     with pytest.raises(HeadError, match="best.pt is not the encoder .* was exported from"):
         build_head(config)
     assert not (repository / "other").exists()
+
+
+def test_class_labels_are_the_image_folders_names(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for name in ("cat", "dog", "emu"):
+        (tmp_path / name).mkdir()
+        for i in range(5):
+            pixels = rng.integers(0, 256, (8, 8), dtype=np.uint8)
+            Image.fromarray(pixels).save(tmp_path / name / f"{i}.png")
+    dataset = load_dataset("image-folder", tmp_path, image_size=8)
+    assert class_names(dataset) == ("cat", "dog", "emu")
+    assert class_names(load_dataset("digits")) == LABELS
 
 
 def _written(root: Path) -> list[str]:

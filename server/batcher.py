@@ -300,8 +300,8 @@ class DynamicBatcher:
     def _admit(self, request: _Request, now: float) -> bool:
         """True if `request` may run now; else it is dropped (deadline, cancel, earlier failure).
 
-        Called with the lock held. Marks the future running when its first rows are admitted, so that `Future.cancel`
-        cannot race with the result.
+        Called with the lock held. Marks the future running when its first rows are admitted,
+        so that `Future.cancel` cannot race with the result.
         """
         if request.taken == 0:
             if not request.future.set_running_or_notify_cancel():  # Future.cancel() was called

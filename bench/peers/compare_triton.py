@@ -2,13 +2,14 @@
 
 For each encoder (the shipped one from the model repository, or with `--untrained-digits` an
 untrained 64-256-64-8 MLP of the same shape, and an untrained 784-1000-500-250-32 MLP, both
-built with our own model and exporter), this starts our server, the
-same server with dynamic batching off (the "bare" baseline, batch 1 only) and PyTriton serving
-the same model.onnx through onnxruntime behind Triton's dynamic batcher, and runs perf_analyzer
-over gRPC at each batch size and concurrency. It prints rows/s and client p50/p99 side by side
-and writes them to `bench/results/peers.json`. Every server is started and stopped here; every
-perf_analyzer run and the whole script are bounded in time. The load average and the library
-versions are printed and saved beside the table.
+built with our own model and exporter), this starts our server, the same server with dynamic
+batching off (the "bare" baseline, batch 1 only) and PyTriton serving the same model.onnx
+through onnxruntime behind Triton's dynamic batcher, and runs perf_analyzer over gRPC at each
+batch size and concurrency. The servers run side by side and take turns at each point, so that
+other load on the machine falls on all of them alike. It prints rows/s and client p50/p99 side
+by side and writes them to `bench/results/peers.json`. Every server is started and stopped
+here; every perf_analyzer run and the whole script are bounded in time. The load average and
+the library versions are printed and saved beside the table.
 
 Setup: `make install` brings perf_analyzer (tritonclient's wheel) into the project's
 environment. PyTriton pins numpy < 2, which the project's environment does not take, so it lives
@@ -359,6 +360,24 @@ def server_command(
     return flags + (["--no-dynamic-batching"] if server == "bare" else [])
 
 
+def start(
+    server: str, model: str, model_repository: Path, args: argparse.Namespace
+) -> tuple[PyTritonProcess | ServerProcess, int]:
+    """Start `server` ("ours", "bare" or "triton") on `model`; the process and its gRPC port."""
+    if server == "triton":
+        port = free_port()
+        command = server_command(server, model, model_repository, port, args)
+        return PyTritonProcess(command, ready_timeout=180), port
+    flags = server_command(server, model, model_repository, 0, args)
+    process = ServerProcess(model_repository, args.scratch / f"{server}-{model}.log", *flags)
+    try:
+        process.wait_until_serving(model)
+    except Exception:
+        process.stop()
+        raise
+    return process, process.port
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -441,7 +460,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"PyTriton unavailable ({why_not}): measuring our server only", flush=True)
     measurements: list[Measurement] = []
     with tempfile.TemporaryDirectory(prefix="aet-peers-") as scratch:
-        scratch = Path(scratch)
+        scratch = args.scratch = Path(scratch)
         repository = scratch / "repository"
         if args.untrained_digits:
             untrained_encoder(repository, args.model, (256, 64), 8, (1, 8, 8), 16.0)
@@ -454,48 +473,47 @@ def main(argv: list[str] | None = None) -> int:
         for model in models:
             model_repository = scratch / f"only-{model}"
             shutil.copytree(repository / model, model_repository / model)
-            for server in servers:
-                batch_sizes = [1] if server == "bare" else args.batch_sizes
-                if server == "triton":
-                    port = free_port()
-                    command = server_command(server, model, model_repository, port, args)
-                    print(f"{server}: {model} on port {port}", flush=True)
-                    process = PyTritonProcess(command, ready_timeout=180)
-                else:
-                    flags = server_command(server, model, model_repository, 0, args)
-                    process = ServerProcess(model_repository, scratch / f"{server}.log", *flags)
-                    port = process.port
-                    print(f"{server}: {model} on port {port}", flush=True)
-                    process.wait_until_serving(model)
-                try:
-                    for batch_size in batch_sizes:
-                        for concurrency in args.concurrency:
-                            remaining = args.budget_s - (time.monotonic() - started)
-                            if remaining < 10:
-                                break
-                            result = measure(
-                                binary,
-                                env,
-                                server,
-                                port,
-                                model,
-                                batch_size,
-                                concurrency,
-                                args.window_ms,
-                                args.max_trials,
-                                args.stability_percent,
-                                min(remaining, 180),
-                                scratch,
+            processes: dict[str, PyTritonProcess | ServerProcess] = {}
+            ports: dict[str, int] = {}
+            try:
+                for server in servers:
+                    processes[server], ports[server] = start(server, model, model_repository, args)
+                    print(f"{server}: {model} on port {ports[server]}", flush=True)
+                points = [(b, c) for b in args.batch_sizes for c in args.concurrency]
+                for index, (batch_size, concurrency) in enumerate(points):
+                    # The servers take turns at each point, in an order that rotates, so that
+                    # other load on the machine falls on all of them alike.
+                    turn = index % len(servers)
+                    for server in servers[turn:] + servers[:turn]:
+                        if server == "bare" and batch_size != 1:
+                            continue
+                        remaining = args.budget_s - (time.monotonic() - started)
+                        if remaining < 10:
+                            break
+                        result = measure(
+                            binary,
+                            env,
+                            server,
+                            ports[server],
+                            model,
+                            batch_size,
+                            concurrency,
+                            args.window_ms,
+                            args.max_trials,
+                            args.stability_percent,
+                            min(remaining, 180),
+                            scratch,
+                        )
+                        if result is not None:
+                            measurements.append(result)
+                            print(
+                                f"  {server} b{batch_size} c{concurrency}: "
+                                f"{result.rows_per_second:,.0f} rows/s, p50 "
+                                f"{result.p50_ms:.2f} ms, p99 {result.p99_ms:.2f} ms",
+                                flush=True,
                             )
-                            if result is not None:
-                                measurements.append(result)
-                                print(
-                                    f"  b{batch_size} c{concurrency}: "
-                                    f"{result.rows_per_second:,.0f} rows/s, p50 "
-                                    f"{result.p50_ms:.2f} ms, p99 {result.p99_ms:.2f} ms",
-                                    flush=True,
-                                )
-                finally:
+            finally:
+                for process in processes.values():
                     process.stop()
     load_at_end = os.getloadavg()
     found = versions(pytriton)

@@ -397,7 +397,8 @@ def _check_version(name: str, version: int, path: Path) -> ModelVersion:
             path,
             card,
             error=(
-                f"{path / CARD_FILE}: card says {card.name}/{card.version}, folder is {name}/{version}"
+                f"{path / CARD_FILE}: card says {card.name}/{card.version}, "
+                f"folder is {name}/{version}"
             ),
         )
     try:
@@ -417,7 +418,8 @@ def _check_version(name: str, version: int, path: Path) -> ModelVersion:
             path,
             card,
             error=(
-                f"{path / MODEL_FILE}: sha256 mismatch: card expects {card.sha256}, file has {actual}"
+                f"{path / MODEL_FILE}: sha256 mismatch: card expects {card.sha256}, "
+                f"file has {actual}"
             ),
         )
     return ModelVersion(name, version, path, card)

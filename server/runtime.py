@@ -141,7 +141,7 @@ class EncoderSession:
             )
         graph_rows = tuple(inputs[input_name].shape[1:])
         if len(graph_rows) != len(row_shape) or any(
-            isinstance(g, int) and g != c for g, c in zip(graph_rows, row_shape)
+            isinstance(g, int) and g != c for g, c in zip(graph_rows, row_shape, strict=True)
         ):
             raise ModelLoadError(
                 f"{model_path}: input shape: expected [batch, "

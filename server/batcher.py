@@ -239,6 +239,8 @@ class DynamicBatcher:
                     self._work_ready.wait()
                 self._running += 1
                 parts = self._gather()
+                if self._queue and self._running < self.instances:
+                    self._work_ready.notify()  # what did not fit is for another instance
             try:
                 if parts:
                     self._execute(parts)

@@ -314,3 +314,22 @@ def test_instances_run_batches_at_once_and_queue_only_when_all_are_busy():
     assert sorted(len(b) for b in gate.batches) == [1, 1, 3]  # the queue ran as one batch
     assert batcher.stats.requests == 5 and batcher.stats.batches == 3
     assert batcher.close(WAIT)
+
+
+def test_a_queue_longer_than_one_batch_is_shared_by_the_instances():
+    gate = InstanceGate()
+    batcher = DynamicBatcher(
+        gate, max_batch_size=2, max_queue_delay=0.0, max_queue_size=16, instances=2
+    )
+    holders = [threading.Thread(target=batcher.submit, args=(rows(i, 1),)) for i in range(2)]
+    for thread in holders:
+        thread.start()
+        assert gate.inside.acquire(timeout=WAIT)
+    queued = [batcher.submit(rows(10 + i, 1)) for i in range(4)]
+    gate.open()
+    for i, future in enumerate(queued):
+        np.testing.assert_array_equal(future.result(WAIT), expected(rows(10 + i, 1)))
+    for thread in holders:
+        thread.join(WAIT)
+    assert sorted(len(b) for b in gate.batches) == [1, 1, 2, 2]
+    assert batcher.close(WAIT)

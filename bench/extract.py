@@ -60,8 +60,8 @@ def throughput(args: argparse.Namespace, scratch: Path) -> list[dict]:
     data, path = ("digits", None) if args.quick else ("mnist-idx", args.mnist_path)
     dataset = load_dataset(data, path)
     job = dict(
-        data=data,
-        path=path,
+        dataset=data,
+        data_path=path,
         batch_size=args.batch_size,
         output=scratch / "throughput.npz",
         overwrite=True,
@@ -115,7 +115,9 @@ def probe_tables(args: argparse.Namespace, scratch: Path) -> dict[str, str]:
         output = scratch / f"{data}.npz"
         with LocalBackend(model_dir) as backend:
             extract(
-                EmbedConfig(data=data, path=path, local=model_dir, output=output, progress=False),
+                EmbedConfig(
+                    dataset=data, data_path=path, local=model_dir, output=output, progress=False
+                ),
                 backend,
             )
         table = read_embeddings(output)
@@ -167,7 +169,7 @@ def main() -> int:
         if not (args.repository / model).is_dir():
             print(
                 f"bench/extract.py: {args.repository / model}: no such model; train and "
-                f"export it first (aet demo --pretrain, with --data mnist-idx for MNIST)",
+                f"export it first (aet demo --pretrain, with --dataset mnist-idx for MNIST)",
                 file=sys.stderr,
             )
             return 2

@@ -55,7 +55,7 @@ def test_pretrain_quick(tmp_path):
     (row,) = result["rows"]
     assert row["case"].startswith("digits") and row["threads"] == 1
     assert row["samples_per_s"] > 0 and row["steps_per_epoch"] > 0
-    assert row["step_cpu_ms"] >= row["compute_step_cpu_ms"] > 0
+    assert row["step_cpu_ms"] > 0 and row["compute_step_cpu_ms"] > 0  # measured apart: no order
     assert 0 <= row["overhead_share"] < 1
     assert len(result["load_average_at_end"]) == 3
 
@@ -68,7 +68,7 @@ def test_serve_quick(tmp_path):
     for entry in result["large_one_client"]:
         assert entry["stream_rows_per_s"] > 0 and entry["unary_rows_per_s"] > 0
     tiny = result["tiny_batch_1"]
-    assert tiny["p99_ms"] >= tiny["p50_ms"] > tiny["in_process_p50_ms"] > 0
+    assert tiny["p99_ms"] >= tiny["p50_ms"] > 0 and tiny["in_process_p50_ms"] > 0
     assert tiny["server_cpu_us_per_call"] > 0 and tiny["bare_grpcio_cpu_us_per_call"] > 0
     assert set(tiny["breakdown_p50_us"]) == {
         "decode",

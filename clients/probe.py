@@ -395,6 +395,7 @@ def probe(table: EmbeddingTable, dataset: Dataset, config: ProbeConfig) -> Probe
 
 
 def _probe(table: EmbeddingTable, dataset: Dataset, config: ProbeConfig) -> ProbeResults:
+    assert config.seed is not None  # probe() fills it in from the split
     fit_y, test_y = dataset.fit.y, dataset.test.y
     if fit_y is None or test_y is None:
         raise ProbeError(f"data set {dataset.name}: has no labels; nothing to probe")
@@ -504,6 +505,7 @@ def pretraining_split(config: ProbeConfig, model_dir: Path) -> tuple[dict, str |
     from aet.clients.backends import find_model_version
 
     found = find_model_version(model_dir)
+    assert found.card is not None  # find_model_version returns usable versions only
     recorded = found.card.dataset
     card_values = {
         "dataset": recorded["name"],
@@ -550,6 +552,7 @@ def load_inputs(config: ProbeConfig) -> tuple[EmbeddingTable, Dataset]:
     if config.embeddings is not None:
         table = read_embeddings(config.embeddings)
         return table, dataset_of(table, str(config.embeddings))
+    assert config.model is not None  # ProbeConfig requires --embeddings or --model
     arguments, note = pretraining_split(config, config.model)
     dataset = load_dataset(**arguments)
     table = embed_in_process(config.model, dataset)

@@ -34,6 +34,7 @@ from aet.training.models import (
     ModelConfig,
     build_autoencoder,
 )
+from aet.training.recipes import load_recipe, recipe_names
 from aet.training.plots import plot_latent_2d, plot_loss_curves, plot_reconstructions
 from aet.training.train import Trainer, TrainingConfig, TrainingInterrupted
 
@@ -54,6 +55,14 @@ class PretrainConfig:
         },
     )
     runs_dir: Path = field(default=Path("runs"), metadata={"help": "folder holding run folders"})
+    recipe: str | None = field(
+        default=None,
+        metadata={
+            "help": "start from a shipped preset (training/recipes/NAME.toml); --config and "
+            "flags override its fields",
+            "choices": recipe_names(),
+        },
+    )
     resume: bool = field(
         default=False,
         metadata={"help": "continue the run from its checkpoint.pt (same model configuration)"},
@@ -315,9 +324,19 @@ def write_figures(
     plot_latent_2d(encode_array(model, dataset.test.x), dataset.test.y, run_dir / "latent_2d.png")
 
 
+def config_of(args: argparse.Namespace) -> PretrainConfig:
+    """Defaults, then the recipe (`--recipe`, or a `recipe` field of `--config`), the config
+    file and the flags."""
+    recipe = getattr(args, "recipe", None)
+    if recipe is None and getattr(args, "config", None) is not None:
+        recipe = config_from_args(PretrainConfig, argparse.Namespace(config=args.config)).recipe
+    preset = {} if recipe is None else {**load_recipe(recipe), "recipe": recipe}
+    return config_from_args(PretrainConfig, args, preset)
+
+
 def run(args: argparse.Namespace) -> int:
     """Train, evaluate and write the run folder; 130 after saving when interrupted."""
-    config = config_from_args(PretrainConfig, args)
+    config = config_of(args)
     torch.set_num_threads(config.threads)
     dataset = load_dataset(
         config.dataset,

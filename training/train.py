@@ -15,6 +15,7 @@ and an in-place loss sum; the loss is read back to the host only every `log_ever
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import math
@@ -25,6 +26,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -165,7 +167,9 @@ class _Rows(torch.utils.data.Dataset):
         return len(self.data)
 
     def __getitems__(self, indices: list[int]) -> torch.Tensor:
-        return torch.as_tensor(self.data[indices if torch.is_tensor(self.data) else list(indices)])
+        if torch.is_tensor(self.data):
+            return self.data[torch.as_tensor(indices)]
+        return torch.from_numpy(self.data[np.asarray(indices)])
 
 
 def _whole_batch(batch: torch.Tensor) -> torch.Tensor:
@@ -326,12 +330,11 @@ class Trainer:
         size = self.config.batch_size // group.world_size
         return [order[i : i + size] for i in range(0, len(order), size)]
 
-    def _autocast(self):
-        return torch.autocast(
-            self.device.type,
-            dtype=self.autocast_dtype,
-            enabled=self.config.precision != "fp32",
-        )
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        """Mixed precision for forward passes; nothing at all in fp32 (it costs per step)."""
+        if self.config.precision == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
     def _validation_loss(self) -> float:
         """Mean loss of the current stage on the validation set, with the same corruption (and
@@ -393,9 +396,13 @@ class Trainer:
                 with self._autocast():
                     loss = self._objective(inputs, target, self.generator)
                 self.optimizer.zero_grad(set_to_none=True)
-                self.scaler.scale(loss).backward()
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
+                if self.scaler.is_enabled():  # fp16: scale the loss so gradients stay finite
+                    self.scaler.scale(loss).backward()
+                    self.scaler.step(self.optimizer)
+                    self.scaler.update()
+                else:
+                    loss.backward()
+                    self.optimizer.step()
                 pos.loss_sum += loss.detach().float()
                 pos.step += 1
                 bar.update()

@@ -18,11 +18,11 @@ from pathlib import Path
 import torch
 
 from aet.config import ConfigError, add_config_arguments, config_from_args
+from aet.devices import DEVICES
 from aet.errors import UserError
 from aet.training.augmentation import AugmentationConfig
 from aet.training.checkpoint import load_checkpoint, save_checkpoint
 from aet.training.corruption import CORRUPTION_KINDS
-from aet.devices import DEVICES
 from aet.training.data import DATASETS, Dataset, load_dataset
 from aet.training.distributed import PRECISIONS, ProcessGroup
 from aet.training.evaluate import encode_array, evaluate_autoencoder, format_evaluation
@@ -34,8 +34,8 @@ from aet.training.models import (
     ModelConfig,
     build_autoencoder,
 )
-from aet.training.recipes import load_recipe, recipe_names
 from aet.training.plots import plot_latent_2d, plot_loss_curves, plot_reconstructions
+from aet.training.recipes import load_recipe, recipe_names
 from aet.training.train import Trainer, TrainingConfig, TrainingInterrupted
 
 EXIT_INTERRUPTED = 130  # the shell's code for a process stopped by SIGINT
@@ -146,7 +146,9 @@ class PretrainConfig:
     )
     augment_scale: float = field(
         default=0.0,
-        metadata={"help": "largest random relative change of size, e.g. 0.1 for [0.9, 1.1] (0: off)"},
+        metadata={
+            "help": "largest random relative change of size, e.g. 0.1 for [0.9, 1.1] (0: off)"
+        },
     )
     # optimisation
     epochs: int = field(

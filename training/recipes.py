@@ -17,7 +17,9 @@ from aet.config import ConfigError
 def recipe_names() -> list[str]:
     """The shipped recipes, by name."""
     folder = resources.files("aet.training") / "recipes"
-    return sorted(p.name.removesuffix(".toml") for p in folder.iterdir() if p.name.endswith(".toml"))
+    return sorted(
+        p.name.removesuffix(".toml") for p in folder.iterdir() if p.name.endswith(".toml")
+    )
 
 
 def load_recipe(name: str) -> dict[str, Any]:

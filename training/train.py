@@ -21,7 +21,7 @@ import dataclasses
 import math
 import signal
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,9 +88,7 @@ class TrainingConfig:
             )
         build_corruption(self.noise, self.noise_level)  # validates kind and level
 
-    def corruption(
-        self, device: torch.device | str = "cpu", rank: int = 0
-    ) -> Corruption | None:
+    def corruption(self, device: torch.device | str = "cpu", rank: int = 0) -> Corruption | None:
         """The noise of process `rank` (each process draws its own) on `device`."""
         return build_corruption(
             self.noise, self.noise_level, seed=self.seed + 1000 * rank, device=device
@@ -282,7 +280,9 @@ class Trainer:
             return x
         self.model.eval()
         codes = [
-            self.model.stage_input(stage.layer, torch.as_tensor(x[i : i + VALIDATION_BATCH]).to(self.device)).cpu()
+            self.model.stage_input(
+                stage.layer, torch.as_tensor(x[i : i + VALIDATION_BATCH]).to(self.device)
+            ).cpu()
             for i in range(0, len(x), VALIDATION_BATCH)
         ]
         return torch.cat(codes)

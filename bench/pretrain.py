@@ -29,14 +29,12 @@ from pathlib import Path
 import torch
 
 from aet.config import add_config_arguments, config_from_args
-from aet.training.data import Dataset, load_dataset
+from aet.training.data import Dataset, default_mnist_dir, load_dataset
 from aet.training.distributed import cuda_usable
 from aet.training.models import ModelConfig, build_autoencoder
 from aet.training.train import Trainer, TrainingConfig
 
-MNIST_DIR = Path(
-    os.environ.get("AET_MNIST_DIR", Path(__file__).resolve().parents[2] / "shared/data/mnist")
-)
+MNIST_DIR = default_mnist_dir()
 OVERHEAD_LIMIT = 0.10
 
 

@@ -79,7 +79,8 @@ def evaluate_autoencoder(
         "reconstruction_mse": {
             "model": model_mse,
             "pca": pca_mse,
-            "model_over_pca": model_mse / pca_mse,
+            # PCA with as many components as pixels reconstructs exactly: no ratio then
+            "model_over_pca": model_mse / pca_mse if pca_mse > 1e-12 else None,
         },
     }
     fit, test = dataset.fit, dataset.test
@@ -102,9 +103,10 @@ def evaluate_autoencoder(
 def format_evaluation(result: dict) -> str:
     """A short human-readable table of `evaluate_autoencoder`'s result."""
     mse = result["reconstruction_mse"]
+    ratio = mse["model_over_pca"]
     lines = [
         f"test reconstruction MSE: model {mse['model']:.5f}  PCA-{result['pca_components']} "
-        f"{mse['pca']:.5f}  (ratio {mse['model_over_pca']:.2f})"
+        f"{mse['pca']:.5f}  (ratio {'n/a' if ratio is None else f'{ratio:.2f}'})"
     ]
     if "probe" in result:
         probe = result["probe"]

@@ -171,7 +171,7 @@ def test_recipes_are_shipped_and_flags_override_them(tmp_path):
     parser = argparse.ArgumentParser()
     configure_parser(parser)
     images = config_of(parser.parse_args(["--recipe", "images"]))
-    assert (images.recipe, images.architecture, images.code_size) == ("images", "mlp", 256)
+    assert (images.recipe, images.architecture, images.code_size) == ("images", "conv", 256)
     assert images.augment_translate > 0 and images.noise == "masking"
     override = config_of(parser.parse_args(["--recipe", "images", "--code-size", "64"]))
     assert (override.code_size, override.hidden_sizes) == (64, images.hidden_sizes)

@@ -48,14 +48,21 @@ class ExtractionError(UserError):
 class EmbedConfig:
     """`aet embed`: which data, which model through which backend, where the output goes."""
 
-    data: str = field(
+    dataset: str = field(
         default="digits",
         metadata={"help": "data set of the training registry", "choices": sorted(DATASETS)},
     )
-    path: Path | None = field(
+    data_path: Path | None = field(
         default=None, metadata={"help": "file or folder of the data set (digits needs none)"}
     )
     seed: int = field(default=0, metadata={"help": "split seed; the same as at pretraining"})
+    test_fraction: float | None = field(
+        default=None,
+        metadata={"help": "held-out test fraction, as at pretraining (default: the data set's)"},
+    )
+    val_fraction: float = field(
+        default=0.1, metadata={"help": "validation fraction of the rest, as at pretraining"}
+    )
     limit: int | None = field(
         default=None, metadata={"help": "keep the first N rows of a seeded shuffle (quick runs)"}
     )
@@ -95,7 +102,7 @@ class EmbedConfig:
     shard_size: int = field(default=4096, metadata={"help": "rows per resumable shard"})
     output: Path | None = field(
         default=None,
-        metadata={"help": "output file, .npz or .parquet (default: extracted/<data>.npz)"},
+        metadata={"help": "output file, .npz or .parquet (default: extracted/<dataset>.npz)"},
     )
     overwrite: bool = field(default=False, metadata={"help": "replace an existing output file"})
     timeout: float = field(default=30.0, metadata={"help": "server: seconds per request"})
@@ -142,7 +149,7 @@ class EmbedConfig:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: expected a positive integer; got {getattr(self, name)}")
         if self.output is None:
-            self.output = Path("extracted") / f"{self.data}.npz"
+            self.output = Path("extracted") / f"{self.dataset}.npz"
         if self.output.suffix not in FORMATS:
             raise ConfigError(
                 f"output: expected a file ending in {' or '.join(FORMATS)}; got {self.output}"
@@ -151,9 +158,11 @@ class EmbedConfig:
     def dataset_args(self) -> dict[str, Any]:
         """The `load_dataset` arguments, as recorded in the output for `aet probe`."""
         return {
-            "name": self.data,
-            "path": None if self.path is None else str(self.path),
+            "name": self.dataset,
+            "path": None if self.data_path is None else str(self.data_path),
             "seed": self.seed,
+            "test_fraction": self.test_fraction,
+            "val_fraction": self.val_fraction,
             "limit": self.limit,
         }
 
@@ -206,7 +215,9 @@ def extraction_rows(dataset: Dataset) -> ExtractionRows:
     labels = np.concatenate(
         [np.full(len(part), NO_LABEL, np.int64) if part.y is None else part.y for part in parts]
     )
-    split = np.concatenate([np.full(len(part), name) for name, part in zip(SPLITS, parts)])
+    split = np.concatenate(
+        [np.full(len(part), name) for name, part in zip(SPLITS, parts, strict=True)]
+    )
     return ExtractionRows(raw_pixels(x, dataset.raw_max), labels, split)
 
 
@@ -459,7 +470,7 @@ def extract(
     if output.exists() and not config.overwrite:
         raise ExtractionError(f"{output}: already exists; pass --overwrite to replace it")
     if dataset is None:
-        dataset = load_dataset(config.data, config.path, seed=config.seed, limit=config.limit)
+        dataset = load_dataset(**config.dataset_args())
     rows = extraction_rows(dataset)
     model = backend.model
     check_model_fits(model, dataset)

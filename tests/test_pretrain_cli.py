@@ -2,10 +2,12 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -31,12 +33,37 @@ SMALL_RUN = [
 ]
 
 
-def pretrain(*flags):
+# `aet pretrain` that, after its first epoch, says so and waits for a line on stdin: the test
+# sends SIGINT while training is parked there, so the signal always lands mid-run.
+PAUSE_AFTER_FIRST_EPOCH = """
+import sys
+from aet.cli import main
+from aet.training.train import Trainer
+
+end_epoch = Trainer._end_epoch
+
+def end_epoch_then_wait(self, *args):
+    end_epoch(self, *args)
+    if self.position.epoch == 1:
+        print("paused after epoch 1", flush=True)
+        sys.stdin.readline()
+
+Trainer._end_epoch = end_epoch_then_wait
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def pretrain(*flags, pause_after_first_epoch: bool = False):
     """Start `aet pretrain` in a child process."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    command = [sys.executable, "-m", "aet.cli", "pretrain", *flags]
+    entry = ["-c", PAUSE_AFTER_FIRST_EPOCH] if pause_after_first_epoch else ["-m", "aet.cli"]
     return subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+        [sys.executable, *entry, "pretrain", *flags],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
     )
 
 
@@ -137,16 +164,16 @@ def test_ctrl_c_saves_and_exits_130_and_resume_finishes_exactly_like_an_uninterr
         "--patience",
         "40",
     ]
-    interrupted = pretrain("--name", "run", *flags)
-    for line in interrupted.stdout:  # the SIGINT handler is installed once epochs are running
-        if line.startswith("train epoch 1/"):
+    interrupted = pretrain("--name", "run", *flags, pause_after_first_epoch=True)
+    for line in interrupted.stdout:  # parked after epoch 1, its SIGINT handler installed
+        if line.startswith("paused after epoch 1"):
             break
     interrupted.send_signal(signal.SIGINT)
-    out, err = interrupted.communicate(timeout=300)
+    out, err = interrupted.communicate("go on\n", timeout=300)
     assert interrupted.returncode == 130, err
     assert "continue with --resume" in out
     saved = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
-    assert saved.stage == "train" and 1 <= saved.epoch < 40
+    assert saved.stage == "train" and saved.epoch == 1
     assert not (tmp_path / "run" / "metrics.json").exists()
 
     # Resume and the uninterrupted reference run in this process (the child covered the CLI).
@@ -186,3 +213,20 @@ def test_an_unknown_recipe_names_the_shipped_ones(tmp_path, capsys):
     assert (
         "recipe: unknown recipe 'cifar'; valid recipes: digits, images" in capsys.readouterr().err
     )
+
+
+@pytest.mark.parametrize(
+    "x, message",
+    [
+        (np.eye(16, dtype=np.uint8)[:12].reshape(12, 4, 4), r"every value in \{0, 1\}.*x \* 255"),
+        (np.full((12, 4, 4), 7, np.int16), "dtype int16; expected uint8"),
+    ],
+)
+def test_npz_of_binary_bytes_or_other_integers_exits_2_and_writes_nothing(
+    tmp_path, capsys, x, message
+):
+    np.savez(tmp_path / "data.npz", x=x)
+    argv = ["pretrain", "--dataset", "npz", "--data-path", str(tmp_path / "data.npz")]
+    status = main([*argv, "--runs-dir", str(tmp_path / "runs"), "--epochs", "1"])
+    assert status == 2 and not (tmp_path / "runs").exists()
+    assert re.search(message, capsys.readouterr().err)

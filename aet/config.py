@@ -119,9 +119,12 @@ def config_from_mapping(config_cls: type[C], values: dict[str, Any]) -> C:
     return config_cls(**kwargs)
 
 
-def config_from_args(config_cls: type[C], args: argparse.Namespace) -> C:
-    """Merge defaults, the optional TOML file and explicit flags into one `config_cls`."""
-    values: dict[str, Any] = {}
+def config_from_args(
+    config_cls: type[C], args: argparse.Namespace, preset: dict[str, Any] | None = None
+) -> C:
+    """Merge defaults, a `preset` (e.g. a recipe), the optional TOML file and explicit flags
+    into one `config_cls`, each later one winning."""
+    values: dict[str, Any] = dict(preset or {})
     config_file = getattr(args, "config", None)
     if config_file is not None:
         try:

@@ -210,7 +210,9 @@ def feature_sets(table: EmbeddingTable, dataset: Dataset, seed: int) -> list[Fea
     return [
         FeatureSet("embedding", fit_embeddings, table.part("test")[0]),
         FeatureSet("pixels", fit_pixels, test_pixels),
-        FeatureSet(f"PCA-{dim}", pca.transform(fit_pixels), pca.transform(test_pixels)),
+        FeatureSet(
+            f"PCA-{pca.n_components_}", pca.transform(fit_pixels), pca.transform(test_pixels)
+        ),
     ]
 
 

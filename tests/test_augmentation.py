@@ -42,7 +42,9 @@ def test_translation_alone_shifts_content():
 def test_zero_config_is_no_augmentation_and_bad_values_are_named():
     assert build_augmentation(AugmentationConfig()) is None
     assert isinstance(build_augmentation(SHAKE, seed=1), Augmentation)
-    with pytest.raises(ConfigError, match=r"augment_rotate: expected a number in \[0, 180\]; got -5"):
+    with pytest.raises(
+        ConfigError, match=r"augment_rotate: expected a number in \[0, 180\]; got -5"
+    ):
         AugmentationConfig(rotate=-5)
     with pytest.raises(ConfigError, match=r"augment_translate: expected a number in \[0, 0.5\]"):
         AugmentationConfig(translate=float("nan"))

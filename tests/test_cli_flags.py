@@ -45,7 +45,7 @@ CONCEPTS = {
         {"--repo", "--model-repository", "--repository-dir", "--exported", "--model-repo"},
         {"export", "serve", "demo"},
     ),
-    "--device": ({"--gpu", "--cuda", "--use-cuda", "--accelerator"}, {"serve"}),
+    "--device": ({"--gpu", "--cuda", "--use-cuda", "--accelerator"}, {"serve", "pretrain"}),
 }
 # Flags whose values mean the same thing everywhere: the same type and choices in every command.
 SAME_MEANING = ("--dataset", "--data-path", "--test-fraction", "--val-fraction", "--limit")

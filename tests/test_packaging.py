@@ -40,5 +40,6 @@ def test_wheel_holds_only_the_aet_namespace(tmp_path):
         "aet/proto/embedding_pb2.py",
         "aet/proto/embedding.proto",
         "aet/cli.py",
+        "aet/training/recipes/images.toml",
     ):
         assert module in names

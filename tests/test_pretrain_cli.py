@@ -100,7 +100,7 @@ def test_pretrain_one_epoch_writes_the_run_folder(tmp_path):
     evaluation = metrics["evaluation"]
     assert evaluation["probe"]["labels"] == [100, 1257]
     assert 0 < evaluation["reconstruction_mse"]["model"] < 0.2
-    assert "linear probe accuracy" in out
+    assert "logistic probe accuracy" in out and "k-NN probe accuracy" in out
     assert load_checkpoint(run / "best.pt").metrics["evaluation"] == evaluation
 
     # The same run name again without --resume is refused, and the run is left as it was.
@@ -183,6 +183,36 @@ def test_ctrl_c_saves_and_exits_130_and_resume_finishes_exactly_like_an_uninterr
     got = load_checkpoint(tmp_path / "run" / "best.pt")
     assert got.metrics == want.metrics
     assert all(torch.equal(got.model_state[k], want.model_state[k]) for k in want.model_state)
+
+
+def test_recipes_are_shipped_and_flags_override_them(tmp_path):
+    from aet.training.pretrain import PretrainConfig, config_of, configure_parser
+    from aet.training.recipes import load_recipe, recipe_names
+
+    assert {"digits", "images", "images-small"} <= set(recipe_names())
+    for name in recipe_names():  # every shipped recipe is a valid configuration
+        PretrainConfig(**{k.replace("-", "_"): v for k, v in load_recipe(name).items()})
+
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    configure_parser(parser)
+    images = config_of(parser.parse_args(["--recipe", "images"]))
+    assert (images.recipe, images.architecture, images.code_size) == ("images", "conv", 256)
+    assert images.augment_translate > 0 and images.noise == "masking"
+    override = config_of(parser.parse_args(["--recipe", "images", "--code-size", "64"]))
+    assert (override.code_size, override.hidden_sizes) == (64, images.hidden_sizes)
+    (tmp_path / "run.toml").write_text('recipe = "images"\nepochs = 3\n')
+    from_file = config_of(parser.parse_args(["--config", str(tmp_path / "run.toml")]))
+    assert (from_file.recipe, from_file.epochs, from_file.code_size) == ("images", 3, 256)
+
+
+def test_an_unknown_recipe_names_the_shipped_ones(tmp_path, capsys):
+    (tmp_path / "run.toml").write_text('recipe = "cifar"\n')
+    assert main(["pretrain", "--config", str(tmp_path / "run.toml")]) == 2
+    assert (
+        "recipe: unknown recipe 'cifar'; valid recipes: digits, images" in capsys.readouterr().err
+    )
 
 
 @pytest.mark.parametrize(

@@ -35,7 +35,9 @@ class AugmentationConfig:
         for name, high in (("translate", 0.5), ("rotate", 180.0), ("scale", 0.5)):
             value = getattr(self, name)
             if not (math.isfinite(value) and 0 <= value <= high):
-                raise ConfigError(f"augment_{name}: expected a number in [0, {high:g}]; got {value}")
+                raise ConfigError(
+                    f"augment_{name}: expected a number in [0, {high:g}]; got {value}"
+                )
 
     @property
     def enabled(self) -> bool:

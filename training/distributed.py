@@ -49,9 +49,7 @@ def resolve_device(device: str, local_rank: int = 0, usable: bool | None = None)
 def check_precision(precision: str, device: torch.device) -> torch.dtype:
     """The autocast dtype of `precision`; fp16 needs CUDA (bf16 autocasts on CPU too)."""
     if precision not in PRECISIONS:
-        raise ConfigError(
-            f"precision: expected one of {', '.join(PRECISIONS)}; got {precision!r}"
-        )
+        raise ConfigError(f"precision: expected one of {', '.join(PRECISIONS)}; got {precision!r}")
     if precision == "fp16" and device.type != "cuda":
         raise ConfigError(f"precision: fp16 needs a CUDA device; training runs on {device}")
     return PRECISIONS[precision]

@@ -44,8 +44,11 @@ def reconstruction_mse(model: Autoencoder, x: np.ndarray) -> float:
 
 
 def fit_pca(train_x: np.ndarray, n_components: int, seed: int = 0) -> PCA:
-    """PCA with `n_components` fitted on flattened images (N, C, H, W)."""
-    return PCA(n_components=n_components, random_state=seed).fit(train_x.reshape(len(train_x), -1))
+    """PCA with `n_components` (at most the pixels and images there are) on flattened images
+    (N, C, H, W); `n_components_` says how many it has."""
+    flat = train_x.reshape(len(train_x), -1)
+    n_components = min(n_components, *flat.shape)  # an overcomplete code outgrows PCA
+    return PCA(n_components=n_components, random_state=seed).fit(flat)
 
 
 def pca_reconstruction_mse(pca: PCA, x: np.ndarray) -> float:
@@ -71,11 +74,13 @@ def evaluate_autoencoder(
     pca_mse = pca_reconstruction_mse(pca, dataset.test.x)
     result: dict = {
         "code_size": model.code_size,
+        "pca_components": int(pca.n_components_),
         "test_examples": len(dataset.test),
         "reconstruction_mse": {
             "model": model_mse,
             "pca": pca_mse,
-            "model_over_pca": model_mse / pca_mse,
+            # PCA with as many components as pixels reconstructs exactly: no ratio then
+            "model_over_pca": model_mse / pca_mse if pca_mse > 1e-12 else None,
         },
     }
     fit, test = dataset.fit, dataset.test
@@ -98,9 +103,10 @@ def evaluate_autoencoder(
 def format_evaluation(result: dict) -> str:
     """A short human-readable table of `evaluate_autoencoder`'s result."""
     mse = result["reconstruction_mse"]
+    ratio = mse["model_over_pca"]
     lines = [
-        f"test reconstruction MSE: model {mse['model']:.5f}  PCA-{result['code_size']} "
-        f"{mse['pca']:.5f}  (ratio {mse['model_over_pca']:.2f})"
+        f"test reconstruction MSE: model {mse['model']:.5f}  PCA-{result['pca_components']} "
+        f"{mse['pca']:.5f}  (ratio {'n/a' if ratio is None else f'{ratio:.2f}'})"
     ]
     if "probe" in result:
         probe = result["probe"]
@@ -110,7 +116,7 @@ def format_evaluation(result: dict) -> str:
                 f"{title} accuracy  " + "  ".join(f"{n:>7} labels" for n in probe["labels"])
             )
             for name, accuracies in probe[kind]["accuracy"].items():
-                label = f"PCA-{result['code_size']}" if name == "pca" else name
+                label = f"PCA-{result['pca_components']}" if name == "pca" else name
                 chosen = "; ".join(format_settings(s) for s in probe[kind]["settings"][name])
                 lines.append(
                     f"  {label:<19}"

@@ -18,11 +18,11 @@ from pathlib import Path
 import torch
 
 from aet.config import ConfigError, add_config_arguments, config_from_args
+from aet.devices import DEVICES
 from aet.errors import UserError
 from aet.training.augmentation import AugmentationConfig
 from aet.training.checkpoint import load_checkpoint, save_checkpoint
 from aet.training.corruption import CORRUPTION_KINDS
-from aet.devices import DEVICES
 from aet.training.data import DATASETS, Dataset, load_dataset
 from aet.training.distributed import PRECISIONS, ProcessGroup
 from aet.training.evaluate import encode_array, evaluate_autoencoder, format_evaluation
@@ -35,6 +35,7 @@ from aet.training.models import (
     build_autoencoder,
 )
 from aet.training.plots import plot_latent_2d, plot_loss_curves, plot_reconstructions
+from aet.training.recipes import load_recipe, recipe_names
 from aet.training.train import Trainer, TrainingConfig, TrainingInterrupted
 
 EXIT_INTERRUPTED = 130  # the shell's code for a process stopped by SIGINT
@@ -55,6 +56,14 @@ class PretrainConfig:
         },
     )
     runs_dir: Path = field(default=Path("runs"), metadata={"help": "folder holding run folders"})
+    recipe: str | None = field(
+        default=None,
+        metadata={
+            "help": "start from a shipped preset (training/recipes/NAME.toml); --config and "
+            "flags override its fields",
+            "choices": recipe_names(),
+        },
+    )
     resume: bool = field(
         default=False,
         metadata={"help": "continue the run from its checkpoint.pt (same model configuration)"},
@@ -139,7 +148,9 @@ class PretrainConfig:
     )
     augment_scale: float = field(
         default=0.0,
-        metadata={"help": "largest random relative change of size, e.g. 0.1 for [0.9, 1.1] (0: off)"},
+        metadata={
+            "help": "largest random relative change of size, e.g. 0.1 for [0.9, 1.1] (0: off)"
+        },
     )
     # optimisation
     epochs: int = field(
@@ -318,9 +329,19 @@ def write_figures(
     plot_latent_2d(encode_array(model, dataset.test.x), dataset.test.y, run_dir / "latent_2d.png")
 
 
+def config_of(args: argparse.Namespace) -> PretrainConfig:
+    """Defaults, then the recipe (`--recipe`, or a `recipe` field of `--config`), the config
+    file and the flags."""
+    recipe = getattr(args, "recipe", None)
+    if recipe is None and getattr(args, "config", None) is not None:
+        recipe = config_from_args(PretrainConfig, argparse.Namespace(config=args.config)).recipe
+    preset = {} if recipe is None else {**load_recipe(recipe), "recipe": recipe}
+    return config_from_args(PretrainConfig, args, preset)
+
+
 def run(args: argparse.Namespace) -> int:
     """Train, evaluate and write the run folder; 130 after saving when interrupted."""
-    config = config_from_args(PretrainConfig, args)
+    config = config_of(args)
     torch.set_num_threads(config.threads)
     dataset = load_dataset(
         config.dataset,

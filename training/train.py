@@ -15,16 +15,18 @@ and an in-place loss sum; the loss is read back to the host only every `log_ever
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import math
 import signal
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -86,9 +88,7 @@ class TrainingConfig:
             )
         build_corruption(self.noise, self.noise_level)  # validates kind and level
 
-    def corruption(
-        self, device: torch.device | str = "cpu", rank: int = 0
-    ) -> Corruption | None:
+    def corruption(self, device: torch.device | str = "cpu", rank: int = 0) -> Corruption | None:
         """The noise of process `rank` (each process draws its own) on `device`."""
         return build_corruption(
             self.noise, self.noise_level, seed=self.seed + 1000 * rank, device=device
@@ -165,7 +165,9 @@ class _Rows(torch.utils.data.Dataset):
         return len(self.data)
 
     def __getitems__(self, indices: list[int]) -> torch.Tensor:
-        return torch.as_tensor(self.data[indices if torch.is_tensor(self.data) else list(indices)])
+        if torch.is_tensor(self.data):
+            return self.data[torch.as_tensor(indices)]
+        return torch.from_numpy(self.data[np.asarray(indices)])
 
 
 def _whole_batch(batch: torch.Tensor) -> torch.Tensor:
@@ -278,7 +280,9 @@ class Trainer:
             return x
         self.model.eval()
         codes = [
-            self.model.stage_input(stage.layer, torch.as_tensor(x[i : i + VALIDATION_BATCH]).to(self.device)).cpu()
+            self.model.stage_input(
+                stage.layer, torch.as_tensor(x[i : i + VALIDATION_BATCH]).to(self.device)
+            ).cpu()
             for i in range(0, len(x), VALIDATION_BATCH)
         ]
         return torch.cat(codes)
@@ -326,12 +330,11 @@ class Trainer:
         size = self.config.batch_size // group.world_size
         return [order[i : i + size] for i in range(0, len(order), size)]
 
-    def _autocast(self):
-        return torch.autocast(
-            self.device.type,
-            dtype=self.autocast_dtype,
-            enabled=self.config.precision != "fp32",
-        )
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        """Mixed precision for forward passes; nothing at all in fp32 (it costs per step)."""
+        if self.config.precision == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
     def _validation_loss(self) -> float:
         """Mean loss of the current stage on the validation set, with the same corruption (and
@@ -393,9 +396,13 @@ class Trainer:
                 with self._autocast():
                     loss = self._objective(inputs, target, self.generator)
                 self.optimizer.zero_grad(set_to_none=True)
-                self.scaler.scale(loss).backward()
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
+                if self.scaler.is_enabled():  # fp16: scale the loss so gradients stay finite
+                    self.scaler.scale(loss).backward()
+                    self.scaler.step(self.optimizer)
+                    self.scaler.update()
+                else:
+                    loss.backward()
+                    self.optimizer.step()
                 pos.loss_sum += loss.detach().float()
                 pos.step += 1
                 bar.update()

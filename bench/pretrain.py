@@ -187,7 +187,9 @@ def main(argv: list[str] | None = None) -> int:
     config = config_from_args(BenchConfig, parser.parse_args(argv))
     load_at_start = os.getloadavg()
     if config.quick:
-        config = dataclasses.replace(config, threads=config.threads[:1], repeats=1)
+        config = dataclasses.replace(
+            config, threads=config.threads[:1], workers=config.workers[:1], repeats=1
+        )
     datasets = {"digits": load_dataset("digits")}
     if config.quick:
         print("--quick: digits only")

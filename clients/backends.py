@@ -331,11 +331,15 @@ class RayBackend(EmbeddingBackend):
     def embed_blocks(
         self, blocks: list[tuple[int, int]], batch_size: int, output: Path, progress: bool
     ) -> None:
-        """Read, embed and write the rows [start, stop) of each block into `output`."""
+        """Read, embed and write the rows [start, stop) of each block into `output`.
+
+        Files hold at most a block's worth of rows, so that a restart redoes little.
+        """
         import ray
 
         if not blocks:
             return
+        block_rows = max(stop - start for start, stop in blocks)
         ray.data.DataContext.get_current().enable_progress_bars = progress
         bounds = [{"start": start, "stop": stop} for start, stop in blocks]
         rows = ray.data.from_items(bounds, override_num_blocks=len(bounds)).map_batches(
@@ -350,7 +354,7 @@ class RayBackend(EmbeddingBackend):
             num_gpus=self._gpus,
             compute=ray.data.ActorPoolStrategy(size=self._workers),
         )
-        embedded.write_parquet(str(output.resolve()))
+        embedded.write_parquet(str(output.resolve()), max_rows_per_file=block_rows)
 
     def close(self) -> None:
         import ray

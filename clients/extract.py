@@ -222,7 +222,9 @@ def extraction_rows(dataset: Dataset) -> ExtractionRows:
     labels = np.concatenate(
         [np.full(len(part), NO_LABEL, np.int64) if part.y is None else part.y for part in parts]
     )
-    split = np.concatenate([np.full(len(part), name) for name, part in zip(SPLITS, parts)])
+    split = np.concatenate(
+        [np.full(len(part), name) for name, part in zip(SPLITS, parts, strict=True)]
+    )
     return ExtractionRows(raw_pixels(x, dataset.raw_max), labels, split)
 
 

@@ -70,7 +70,10 @@ class EmbedConfig:
     )
     server: str | None = field(
         default=None,
-        metadata={"help": "backend: embed through the gRPC server at host:port (needs --model)"},
+        metadata={
+            "help": "backend: embed through the gRPC server at host:port, or through replicas "
+            "balanced round-robin: ip:port,ip:port,... or one DNS name (needs --model)"
+        },
     )
     model: str | None = field(default=None, metadata={"help": "model name on the server"})
     version: int | None = field(

@@ -15,8 +15,8 @@ With `--rows`: for each row count, tiles the MNIST test set into uncompressed ID
 many rows (read memory-mapped, block by block) and runs one `aet embed` job per backend, local
 and Ray, each in a child process: rows per second of the embedding phase, seconds of the whole
 job, and the peak resident memory of the job's own process (the driver; Ray's workers are
-other processes). Writes `extract-scale.md` and `.json`. `--quick` does the same on 3,000 and
-6,000 rows with one Ray actor: a smoke run, not a figure.
+other processes). Writes `extract-scale.md` and `.json`. `--quick` does the same on 3,000
+rows with one Ray actor: a smoke run, not a figure.
 """
 
 from __future__ import annotations
@@ -312,7 +312,7 @@ def main() -> int:
         help="scale: rows per shard or block (default: 16384)",
     )
     parser.add_argument(
-        "--quick", action="store_true", help="scale smoke run: 3,000 and 6,000 rows, one actor"
+        "--quick", action="store_true", help="scale smoke run: 3,000 rows, one actor"
     )
     parser.add_argument(
         "--results", type=Path, default=RESULTS, help=f"report folder (default: {RESULTS})"
@@ -325,7 +325,7 @@ def main() -> int:
     if args.measure_job:
         return measure_job(args)
     if args.quick:
-        args.rows, args.workers, args.shard_size = [3_000, 6_000], 1, 1024
+        args.rows, args.workers, args.shard_size = [3_000], 1, 1024
     if args.rows:
         if not (args.repository / args.mnist_model).is_dir():
             print(

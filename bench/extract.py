@@ -35,9 +35,7 @@ import numpy as np
 
 from aet.clients.backends import LocalBackend, RayBackend, ServerBackend
 from aet.clients.client import EmbeddingClient
-from aet.clients.demo import ServerProcess
 from aet.clients.extract import EmbedConfig, extract, read_embeddings
-from aet.clients.probe import ProbeConfig, dataset_of, probe
 from aet.clients.rows import plan_rows
 from aet.training.data import _find_idx_folder, _idx_file, default_mnist_dir, read_idx
 
@@ -69,6 +67,8 @@ def time_backend(name: str, open_backend, job: EmbedConfig, plan, repeats: int) 
 
 
 def throughput(args: argparse.Namespace, scratch: Path) -> list[dict]:
+    from aet.clients.server_process import ServerProcess
+
     model_dir = args.repository / args.mnist_model
     plan = plan_rows(
         {
@@ -125,6 +125,8 @@ def throughput(args: argparse.Namespace, scratch: Path) -> list[dict]:
 
 
 def probe_tables(args: argparse.Namespace, scratch: Path) -> dict[str, str]:
+    from aet.clients.probe import ProbeConfig, dataset_of, probe  # scikit-learn: only here
+
     tables = {}
     for data, path, model in (
         ("digits", None, args.digits_model),

@@ -202,13 +202,15 @@ def actor_device(device: str, cluster_gpus: float) -> tuple[str, int]:
 
 
 class EncoderActor:
-    """A Ray Data `map_batches` worker: one onnxruntime session, one thread.
+    """A Ray Data `map_batches` worker: one onnxruntime session, one thread, `batch_size` rows
+    per run.
 
     Receives the ONNX bytes and the model card, checks the bytes against the card's sha256,
     and opens its session from a private copy: no model folder on the worker's disk.
     """
 
-    def __init__(self, onnx: bytes, card: ModelCard, device: str):
+    def __init__(self, onnx: bytes, card: ModelCard, device: str, batch_size: int):
+        self._batch_size = batch_size
         digest = hashlib.sha256(onnx).hexdigest()
         if digest != card.sha256:
             raise BackendError(
@@ -223,7 +225,13 @@ class EncoderActor:
     def __call__(self, batch: dict[str, np.ndarray]) -> Any:
         import pyarrow as pa
 
-        embeddings = self._session.run(batch["pixels"].astype(np.float32))
+        pixels = batch["pixels"]
+        embeddings = np.concatenate(
+            [
+                self._session.run(pixels[start : start + self._batch_size].astype(np.float32))
+                for start in range(0, len(pixels), self._batch_size)
+            ]
+        )
         return pa.table(
             {
                 "id": batch["id"],
@@ -347,8 +355,13 @@ class RayBackend(EmbeddingBackend):
         )
         embedded = rows.map_batches(
             EncoderActor,
-            fn_constructor_kwargs={"onnx": self._onnx, "card": self._card, "device": self._device},
-            batch_size=batch_size,
+            fn_constructor_kwargs={
+                "onnx": self._onnx,
+                "card": self._card,
+                "device": self._device,
+                "batch_size": batch_size,
+            },
+            batch_size=None,  # a whole block per call: onnxruntime runs batch_size rows at a time
             batch_format="numpy",
             num_cpus=1,
             num_gpus=self._gpus,

@@ -53,7 +53,8 @@ class ProbeConfig:
     model: Path | None = field(
         default=None,
         metadata={
-            "help": "instead of --embeddings: exported/<model>[/<version>], run in-process on --data"
+            "help": "instead of --embeddings: exported/<model>[/<version>], "
+            "run in-process on --data"
         },
     )
     data: str = field(
@@ -308,7 +309,7 @@ def _probe(table: EmbeddingTable, dataset: Dataset, config: ProbeConfig) -> Prob
     confusion = None
     for features in feature_sets(table, dataset, config.seed):
         logreg, mlp = [], []
-        for n, index in zip(counts, subsets):
+        for n, index in zip(counts, subsets, strict=True):
             logreg.append(linear_probe(features.fit, fit_y, features.test, test_y, n, config.seed))
             predicted = mlp_probe(
                 features.fit[index],

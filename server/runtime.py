@@ -103,7 +103,11 @@ class EncoderSession:
         row_shape: tuple[int, ...],
         providers: list[str],
         options: RuntimeOptions,
+        label: str | None = None,
     ):
+        """`label` names the model in errors (default: its path; the server passes
+        `<model>/<version>/model.onnx`, as errors reach clients)."""
+        label = str(model_path) if label is None else label
         session_options = ort.SessionOptions()
         session_options.intra_op_num_threads = options.intra_op_threads
         session_options.inter_op_num_threads = options.inter_op_threads
@@ -113,8 +117,9 @@ class EncoderSession:
                 str(model_path), session_options, providers=providers
             )
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
-            raise ModelLoadError(f"{model_path}: onnxruntime cannot load it: {exc}") from exc
-        self._check_signature(model_path, input_name, output_name, row_shape)
+            reason = str(exc).replace(str(model_path), label)  # no server path in the message
+            raise ModelLoadError(f"{label}: onnxruntime cannot load it: {reason}") from exc
+        self._check_signature(label, input_name, output_name, row_shape)
         self.input_name = input_name
         self.output_name = output_name
         self.provider = self._session.get_providers()[0]
@@ -123,25 +128,24 @@ class EncoderSession:
         self._binding = self._session.io_binding() if self.provider == CUDA_PROVIDER else None
 
     def _check_signature(
-        self, model_path: Path, input_name: str, output_name: str, row_shape: tuple[int, ...]
+        self, label: str, input_name: str, output_name: str, row_shape: tuple[int, ...]
     ) -> None:
         inputs = {i.name: i for i in self._session.get_inputs()}
         outputs = {o.name for o in self._session.get_outputs()}
         if input_name not in inputs:
             raise ModelLoadError(
-                f"{model_path}: input: expected {input_name!r} (model card), got {sorted(inputs)}"
+                f"{label}: input: expected {input_name!r} (model card), got {sorted(inputs)}"
             )
         if output_name not in outputs:
             raise ModelLoadError(
-                f"{model_path}: output: expected {output_name!r} (model card), "
-                f"got {sorted(outputs)}"
+                f"{label}: output: expected {output_name!r} (model card), got {sorted(outputs)}"
             )
         graph_rows = tuple(inputs[input_name].shape[1:])
         if len(graph_rows) != len(row_shape) or any(
-            isinstance(g, int) and g != c for g, c in zip(graph_rows, row_shape)
+            isinstance(g, int) and g != c for g, c in zip(graph_rows, row_shape, strict=True)
         ):
             raise ModelLoadError(
-                f"{model_path}: input shape: expected [batch, "
+                f"{label}: input shape: expected [batch, "
                 f"{', '.join(map(str, row_shape))}] (model card), "
                 f"got {inputs[input_name].shape}"
             )

@@ -212,7 +212,7 @@ def card_metrics(metrics: dict) -> dict[str, float]:
     result = {"test_reconstruction_mse": mse["model"], "test_pca_reconstruction_mse": mse["pca"]}
     probe = evaluation.get("probe")
     if probe:
-        for labels, accuracy in zip(probe["labels"], probe["model"]):
+        for labels, accuracy in zip(probe["labels"], probe["model"], strict=True):
             result[f"probe_accuracy_{labels}_labels"] = accuracy
     return {key: float(value) for key, value in result.items()}
 

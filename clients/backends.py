@@ -365,7 +365,7 @@ class RayBackend(EmbeddingBackend):
             batch_format="numpy",
             num_cpus=1,
             num_gpus=self._gpus,
-            compute=ray.data.ActorPoolStrategy(size=self._workers),
+            compute=ray.data.ActorPoolStrategy(size=min(self._workers, len(blocks))),
         )
         embedded.write_parquet(str(output.resolve()), max_rows_per_file=block_rows)
 

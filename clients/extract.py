@@ -158,6 +158,8 @@ class EmbedConfig:
             )
         if self.server is not None and not self.model:
             raise ConfigError(f"model: --server {self.server} needs --model <name>; got none")
+        if self.ray is None and self.device != "auto":
+            raise ConfigError(f"device: only for --ray; got --device {self.device}")
         if self.server is None and (self.model or self.version):
             raise ConfigError(
                 "model, version: only for --server; --local and --ray take the "

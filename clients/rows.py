@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import math
+import mmap
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -92,11 +93,14 @@ class IdxImages:
         """Pixels (len(rows), 1, H, W) uint8 of the given rows (increasing positions)."""
         if self.compressed:
             return _decompressed_idx(self.path)[rows][:, None]
-        mapped = np.memmap(self.path, np.uint8, "r", self.offset, self.shape)
-        try:
-            return np.array(mapped[rows])[:, None]  # a copy: the mapping closes below
-        finally:
-            mapped._mmap.close()  # the pages leave this process's memory with the mapping
+        with (
+            open(self.path, "rb") as handle,
+            mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped,
+        ):
+            images = np.frombuffer(mapped, np.uint8, math.prod(self.shape), self.offset)
+            taken = images.reshape(self.shape)[rows][:, None]  # fancy indexing copies
+            del images  # no view may outlive the mapping, whose pages leave with it
+        return taken
 
 
 @functools.lru_cache(maxsize=2)

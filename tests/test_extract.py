@@ -252,6 +252,8 @@ def test_config_and_model_folder_errors(tmp_path, model_dir):
     with pytest.raises(ConfigError, match=r"--ray writes a folder of Parquet files.*got out\.npz"):
         EmbedConfig(ray=model_dir, output=Path("out.npz"))
     assert EmbedConfig(ray=model_dir).output == Path("extracted/digits.parquet")
+    with pytest.raises(ConfigError, match="device: only for --ray; got --device cuda"):
+        EmbedConfig(local=model_dir, device="cuda")
     with pytest.raises(BackendError, match="no such folder"):
         LocalBackend(tmp_path / "absent")
 

@@ -331,9 +331,8 @@ class RayBackend(EmbeddingBackend):
         try:
             return ray.get(shape)
         except ray.exceptions.RayTaskError as exc:
-            cause = exc.as_instanceof_cause()
-            if isinstance(cause, UserError):
-                raise UserError(str(cause).splitlines()[-1]) from None
+            if isinstance(exc.cause, UserError):  # a bad data set: its own message
+                raise exc.cause from None
             raise
 
     def embed_blocks(

@@ -30,7 +30,7 @@ from aet.clients.extract import (
 )
 from aet.clients.rows import plan_rows, raw_pixels
 from aet.config import ConfigError
-from aet.training.data import load_dataset
+from aet.training.data import DataError, load_dataset
 
 LIMIT = 400  # digits rows per job: five shards of 96, quick on any backend
 
@@ -133,6 +133,9 @@ def test_server_and_ray_backends_match_local(
         on_ray = extract(config(tmp_path, "ray.parquet", local=None, ray=model_dir), backend)
         assert (tmp_path / "ray.parquet").is_dir()
         _ray_job_resumes_from_its_finished_blocks(tmp_path / "ray.parquet", model_dir, backend)
+        missing = {"name": "npz", "path": str(tmp_path / "absent.npz"), "seed": 0, "limit": None}
+        with pytest.raises(DataError, match=r"absent\.npz: no such file"):
+            backend.plan(missing)  # the worker's error, as the job's own
     assert served.embedded_rows == on_ray.embedded_rows == LIMIT
     for path in (served.output, on_ray.output):
         table = read_embeddings(path)

@@ -79,8 +79,8 @@ def throughput(args: argparse.Namespace, scratch: Path) -> list[dict]:
         }
     )
     job = dict(
-        data="mnist-idx",
-        path=args.mnist_path,
+        dataset="mnist-idx",
+        data_path=args.mnist_path,
         batch_size=args.batch_size,
         output=scratch / "throughput.parquet",
         overwrite=True,
@@ -136,7 +136,9 @@ def probe_tables(args: argparse.Namespace, scratch: Path) -> dict[str, str]:
         output = scratch / f"{data}.npz"
         with LocalBackend(model_dir) as backend:
             extract(
-                EmbedConfig(data=data, path=path, local=model_dir, output=output, progress=False),
+                EmbedConfig(
+                    dataset=data, data_path=path, local=model_dir, output=output, progress=False
+                ),
                 backend,
             )
         table = read_embeddings(output)
@@ -168,8 +170,8 @@ def tile_mnist(mnist_path: Path | None, rows: int, folder: Path) -> Path:
 def measure_job(args: argparse.Namespace) -> int:
     """In a child process: one `aet embed` job; prints its figures as one JSON line."""
     job = dict(
-        data="mnist-idx",
-        path=args.measure_path,
+        dataset="mnist-idx",
+        data_path=args.measure_path,
         batch_size=args.batch_size,
         shard_size=args.shard_size,
         output=args.measure_output,
@@ -342,7 +344,7 @@ def main() -> int:
         if not (args.repository / model).is_dir():
             print(
                 f"bench/extract.py: {args.repository / model}: no such model; train and "
-                f"export it first (aet demo --pretrain, with --data mnist-idx for MNIST)",
+                f"export it first (aet demo --pretrain, with --dataset mnist-idx for MNIST)",
                 file=sys.stderr,
             )
             return 2

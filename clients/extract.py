@@ -57,14 +57,21 @@ class ExtractionError(UserError):
 class EmbedConfig:
     """`aet embed`: which data, which model through which backend, where the output goes."""
 
-    data: str = field(
+    dataset: str = field(
         default="digits",
         metadata={"help": "data set of the training registry", "choices": sorted(DATASETS)},
     )
-    path: Path | None = field(
+    data_path: Path | None = field(
         default=None, metadata={"help": "file or folder of the data set (digits needs none)"}
     )
     seed: int = field(default=0, metadata={"help": "split seed; the same as at pretraining"})
+    test_fraction: float | None = field(
+        default=None,
+        metadata={"help": "held-out test fraction, as at pretraining (default: the data set's)"},
+    )
+    val_fraction: float = field(
+        default=0.1, metadata={"help": "validation fraction of the rest, as at pretraining"}
+    )
     limit: int | None = field(
         default=None, metadata={"help": "keep the first N rows of a seeded shuffle (quick runs)"}
     )
@@ -119,7 +126,7 @@ class EmbedConfig:
         default=None,
         metadata={
             "help": "output file, .npz or .parquet; with --ray a folder ending in .parquet "
-            "(default: extracted/<data>.npz, with --ray extracted/<data>.parquet)"
+            "(default: extracted/<dataset>.npz, with --ray extracted/<dataset>.parquet)"
         },
     )
     overwrite: bool = field(default=False, metadata={"help": "replace an existing output file"})
@@ -170,7 +177,7 @@ class EmbedConfig:
                 raise ConfigError(f"{name}: expected a positive integer; got {getattr(self, name)}")
         if self.output is None:
             suffix = ".npz" if self.ray is None else ".parquet"
-            self.output = Path("extracted") / f"{self.data}{suffix}"
+            self.output = Path("extracted") / f"{self.dataset}{suffix}"
         if self.ray is not None and self.output.suffix != ".parquet":
             raise ConfigError(
                 f"output: --ray writes a folder of Parquet files; expected a name ending in "
@@ -186,9 +193,11 @@ class EmbedConfig:
     def dataset_args(self) -> dict[str, Any]:
         """The `load_dataset` arguments, as recorded in the output for `aet probe`."""
         return {
-            "name": self.data,
-            "path": None if self.path is None else str(self.path),
+            "name": self.dataset,
+            "path": None if self.data_path is None else str(self.data_path),
             "seed": self.seed,
+            "test_fraction": self.test_fraction,
+            "val_fraction": self.val_fraction,
             "limit": self.limit,
         }
 

@@ -155,7 +155,7 @@ def _loaded(name: str, path: str | None) -> LoadedImages:
 class RowPlan:
     """Every output row of a job: its source position and label; train, val, test in order."""
 
-    dataset: dict[str, Any]  # load_dataset arguments: name, path, seed, limit
+    dataset: dict[str, Any]  # load_dataset arguments: name, path, seed, fractions, limit
     positions: np.ndarray  # (N,) int64: the row's position in the source
     labels: np.ndarray  # (N,) int64, NO_LABEL when unlabelled
     sizes: tuple[int, int, int]  # rows of train, val, test
@@ -233,8 +233,8 @@ def plan_rows(dataset: dict[str, Any]) -> RowPlan:
         name,
         loaded,
         seed=dataset["seed"],
-        test_fraction=None,
-        val_fraction=0.1,
+        test_fraction=dataset.get("test_fraction"),
+        val_fraction=dataset.get("val_fraction", 0.1),
         limit=dataset["limit"],
     )
     parts = [cut.train, cut.val, cut.test]

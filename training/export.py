@@ -45,6 +45,7 @@ OUTPUT_NAME = "embedding"
 PARITY_ROWS = 1000
 PARITY_TOLERANCE = 1e-4
 PARITY_BATCH_SIZES = (1, 3, 17, 255)  # cycled over the parity rows: batch 1 and odd sizes
+DEFAULT_OPSET = 20
 LIBRARIES = ("torch", "onnx", "onnxscript", "onnxruntime", "numpy")
 
 
@@ -63,12 +64,12 @@ class ExportConfig:
         default=None, metadata={"help": "checkpoint file to export (instead of --run)"}
     )
     repository: Path = field(default=Path("exported"), metadata={"help": "model repository root"})
-    model_name: str | None = field(
+    model: str | None = field(
         default=None,
         metadata={"help": "model folder name in the repository; the run folder's name if omitted"},
     )
     opset: int = field(
-        default=20,
+        default=DEFAULT_OPSET,
         metadata={
             "help": "ONNX opset: 18 (the exporter's lowest) up to what the installed onnx knows"
         },
@@ -80,12 +81,10 @@ class ExportConfig:
                 "run / checkpoint: give exactly one of --run or --checkpoint; "
                 f"got run={self.run}, checkpoint={self.checkpoint}"
             )
-        if self.model_name is None and self.run is None:
-            raise ConfigError("model_name: required with --checkpoint (no run folder to name it)")
-        if self.model_name is not None and not MODEL_NAME_PATTERN.fullmatch(self.model_name):
-            raise ConfigError(
-                f"model_name: expected {MODEL_NAME_PATTERN.pattern}; got {self.model_name!r}"
-            )
+        if self.model is None and self.run is None:
+            raise ConfigError("model: required with --checkpoint (no run folder to name it)")
+        if self.model is not None and not MODEL_NAME_PATTERN.fullmatch(self.model):
+            raise ConfigError(f"model: expected {MODEL_NAME_PATTERN.pattern}; got {self.model!r}")
         highest = onnx.defs.onnx_opset_version()
         if not 18 <= self.opset <= highest:
             raise ConfigError(
@@ -99,7 +98,7 @@ class ExportConfig:
 
     @property
     def name(self) -> str:
-        return self.model_name if self.model_name is not None else self.run.name
+        return self.model if self.model is not None else self.run.name
 
 
 class PixelEncoder(torch.nn.Module):
@@ -114,7 +113,7 @@ class PixelEncoder(torch.nn.Module):
         return self.autoencoder.encode(pixels / self.raw_max)
 
 
-def to_onnx(encoder: PixelEncoder, example: torch.Tensor, opset: int) -> onnx.ModelProto:
+def to_onnx(encoder: torch.nn.Module, example: torch.Tensor, opset: int) -> onnx.ModelProto:
     """Export `encoder` with a dynamic batch axis and check the graph with `onnx.checker`."""
     try:
         program = torch.onnx.export(
@@ -126,7 +125,7 @@ def to_onnx(encoder: PixelEncoder, example: torch.Tensor, opset: int) -> onnx.Mo
             input_names=[INPUT_NAME],
             output_names=[OUTPUT_NAME],
             verbose=False,
-            dynamic_shapes={INPUT_NAME: {0: torch.export.Dim("batch")}},
+            dynamic_shapes=({0: torch.export.Dim("batch")},),  # by position: any arg name
         )
         model = program.model_proto
         # The exporter annotates each node with Python stack traces and local file paths:
@@ -157,7 +156,7 @@ def parity_pixels(dataset: Dataset, rows: int = PARITY_ROWS, seed: int = 0) -> n
     return (images * np.float32(dataset.raw_max)).astype(np.float32)  # (rows, C, H, W)
 
 
-def max_parity_diff(onnx_bytes: bytes, encoder: PixelEncoder, pixels: np.ndarray) -> float:
+def max_parity_diff(onnx_bytes: bytes, encoder: torch.nn.Module, pixels: np.ndarray) -> float:
     """Max |onnxruntime - PyTorch| over `pixels`, onnxruntime fed in `PARITY_BATCH_SIZES` chunks."""
     try:
         session = onnxruntime.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
@@ -254,43 +253,71 @@ def export(config: ExportConfig) -> Path:
     Returns the new version folder.
     """
     checkpoint = load_checkpoint(config.checkpoint_path)  # CheckpointError names the fault
-    autoencoder = checkpoint.build_model()
-    encoder = PixelEncoder(autoencoder, checkpoint.raw_max).eval()
+    encoder = PixelEncoder(checkpoint.build_model(), checkpoint.raw_max).eval()
     pixels = parity_pixels(training_dataset(checkpoint, config.checkpoint_path))  # (rows, C, H, W)
-    model = to_onnx(encoder, torch.from_numpy(pixels[:2]), config.opset)
+    return export_encoder(
+        encoder,
+        pixels,
+        checkpoint,
+        config.repository,
+        config.name,
+        opset=config.opset,
+        value_range=(0.0, float(checkpoint.raw_max)),
+        preprocessing=preprocessing_steps(checkpoint),
+    )
+
+
+def export_encoder(
+    encoder: torch.nn.Module,
+    inputs: np.ndarray,
+    checkpoint: Checkpoint,
+    repository: Path,
+    name: str,
+    *,
+    opset: int,
+    value_range: tuple[float, float],
+    preprocessing: list[str],
+) -> Path:
+    """Export `encoder` (raw inputs (B, *row_shape) -> (B, code_size)) as the next version of
+    `name`, after `onnx.checker` and the parity check on `inputs` (rows, *row_shape) float32.
+
+    `checkpoint` supplies the model's configuration, training data and metrics for model.json;
+    `value_range` and `preprocessing` describe what the graph takes and does to it.
+    """
+    model = to_onnx(encoder, torch.from_numpy(inputs[:2]), opset)
     onnx_bytes = model.SerializeToString()
-    diff = max_parity_diff(onnx_bytes, encoder, pixels)
+    diff = max_parity_diff(onnx_bytes, encoder, inputs)
     if not diff <= PARITY_TOLERANCE:
         raise ExportError(
-            f"parity check failed: max |onnxruntime - PyTorch| over {len(pixels)} "
+            f"parity check failed: max |onnxruntime - PyTorch| over {len(inputs)} "
             f"inputs: expected <= {PARITY_TOLERANCE:g}, got {diff:.3g}; "
             f"nothing written"
         )
     card = ModelCard(
-        name=config.name,
-        version=next_version(config.repository, config.name),
+        name=name,
+        version=next_version(repository, name),
         architecture=checkpoint.model_config.architecture,
         hyperparameters=checkpoint.model_config.to_dict(),
         input=InputSpec(
             name=INPUT_NAME,
-            shape=checkpoint.image_shape,
+            shape=tuple(int(d) for d in inputs.shape[1:]),
             dtype="float32",
-            value_range=(0.0, float(checkpoint.raw_max)),
+            value_range=value_range,
         ),
         output=OutputSpec(
             name=OUTPUT_NAME, dtype="float32", embedding_dim=checkpoint.model_config.code_size
         ),
-        preprocessing=preprocessing_steps(checkpoint),
+        preprocessing=preprocessing,
         dataset=checkpoint.source,
         metrics=card_metrics(checkpoint.metrics),
         opset=onnx_opset(model),
         sha256=hashlib.sha256(onnx_bytes).hexdigest(),
         parity_max_abs_diff=diff,
-        parity_samples=len(pixels),
+        parity_samples=len(inputs),
         library_versions=library_versions(),
         created=datetime.now(UTC).isoformat(timespec="seconds"),
     )
-    return write_version(config.repository, config.name, onnx_bytes, card)
+    return write_version(repository, name, onnx_bytes, card)
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:

@@ -66,11 +66,18 @@ def reference(tmp_path_factory, model_dir, plan):
     return read_embeddings(folder / "local.npz")
 
 
-@pytest.mark.parametrize("limit", [LIMIT, None])
-def test_plan_from_labels_gives_the_rows_of_the_data_set(limit):
-    dataset = load_dataset("digits", seed=3, limit=limit)
+@pytest.mark.parametrize(
+    "cut",
+    [
+        {"limit": LIMIT},
+        {"limit": None},
+        {"limit": LIMIT, "test_fraction": 0.25, "val_fraction": 0.2},
+    ],
+)
+def test_plan_from_labels_gives_the_rows_of_the_data_set(cut):
+    dataset = load_dataset("digits", seed=3, **cut)
     rows = extraction_rows(dataset)
-    plan = plan_rows({"name": "digits", "path": None, "seed": 3, "limit": limit})
+    plan = plan_rows({"name": "digits", "path": None, "seed": 3, **cut})
     block = plan.block(0, len(plan))
     np.testing.assert_array_equal(block["id"], np.arange(len(rows)))
     np.testing.assert_array_equal(block["pixels"], rows.pixels)

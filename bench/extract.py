@@ -15,8 +15,10 @@ With `--rows`: for each row count, tiles the MNIST test set into uncompressed ID
 many rows (read memory-mapped, block by block) and runs one `aet embed` job per backend, local
 and Ray, each in a child process: rows per second of the embedding phase, seconds of the whole
 job, and the peak resident memory of the job's own process (the driver; Ray's workers are
-other processes). Writes `extract-scale.md` and `.json`. `--quick` does the same on 3,000
-rows with one Ray actor: a smoke run, not a figure.
+other processes). Writes `extract-scale.md` and `.json` (a test runs it on 3,000 rows).
+
+`--quick` is a smoke run of the first part: the digits model and data set in place of MNIST,
+one run per backend, one Ray actor; it prints and writes nothing.
 """
 
 from __future__ import annotations
@@ -70,17 +72,11 @@ def throughput(args: argparse.Namespace, scratch: Path) -> list[dict]:
     from aet.clients.server_process import ServerProcess
 
     model_dir = args.repository / args.mnist_model
-    plan = plan_rows(
-        {
-            "name": "mnist-idx",
-            "path": args.mnist_path and str(args.mnist_path),
-            "seed": 0,
-            "limit": None,
-        }
-    )
+    data, path = ("digits", None) if args.quick else ("mnist-idx", args.mnist_path)
+    plan = plan_rows({"name": data, "path": path and str(path), "seed": 0, "limit": None})
     job = dict(
-        dataset="mnist-idx",
-        data_path=args.mnist_path,
+        dataset=data,
+        data_path=path,
         batch_size=args.batch_size,
         output=scratch / "throughput.parquet",
         overwrite=True,
@@ -130,7 +126,7 @@ def probe_tables(args: argparse.Namespace, scratch: Path) -> dict[str, str]:
     tables = {}
     for data, path, model in (
         ("digits", None, args.digits_model),
-        ("mnist-idx", args.mnist_path, args.mnist_model),
+        *([] if args.quick else [("mnist-idx", args.mnist_path, args.mnist_model)]),
     ):
         model_dir = args.repository / model
         output = scratch / f"{data}.npz"
@@ -316,7 +312,10 @@ def main() -> int:
         help="scale: rows per shard or block (default: 16384)",
     )
     parser.add_argument(
-        "--quick", action="store_true", help="scale smoke run: 3,000 rows, one actor"
+        "--quick",
+        action="store_true",
+        help="a smoke run: the digits model and data set in place of MNIST, one run per "
+        "backend, one Ray actor; prints, writes nothing",
     )
     parser.add_argument(
         "--results", type=Path, default=RESULTS, help=f"report folder (default: {RESULTS})"
@@ -328,8 +327,6 @@ def main() -> int:
     args = parser.parse_args()
     if args.measure_job:
         return measure_job(args)
-    if args.quick:
-        args.rows, args.workers, args.shard_size = [3_000], 1, 1024
     if args.rows:
         if not (args.repository / args.mnist_model).is_dir():
             print(
@@ -340,6 +337,8 @@ def main() -> int:
         with tempfile.TemporaryDirectory(prefix="aet-bench-") as scratch:
             scale_report(args, scale(args, Path(scratch)))
         return 0
+    if args.quick:
+        args.mnist_model, args.repeats, args.workers = args.digits_model, 1, 1
     for model in (args.mnist_model, args.digits_model):
         if not (args.repository / model).is_dir():
             print(
@@ -351,6 +350,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="aet-bench-") as scratch:
         backends = throughput(args, Path(scratch))
         tables = probe_tables(args, Path(scratch))
+    if args.quick:
+        return 0
     args.results.mkdir(parents=True, exist_ok=True)
     lines = [
         "# Extraction throughput, MNIST test set (10,000 rows)",

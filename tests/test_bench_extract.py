@@ -1,4 +1,4 @@
-"""`bench/extract.py --quick`: the scale figure's whole path on 3,000 rows (the MNIST test set
+"""`bench/extract.py --rows 3000`: the scale figure's whole path on 3,000 rows (the MNIST test set
 tiled into uncompressed IDX files, a local and a Ray job, each in its own process, every row
 checked once), on a tiny real 28x28 encoder so that no trained MNIST model
 is needed."""
@@ -65,13 +65,15 @@ def tiny_mnist_encoder(root: Path) -> None:
 
 
 @pytest.mark.skipif(not default_mnist_dir().is_dir(), reason="MNIST test set not at hand")
-def test_quick_scale_run_reports_local_and_ray(tmp_path):
+def test_scale_run_reports_local_and_ray(tmp_path):
     tiny_mnist_encoder(tmp_path / "exported")
     done = subprocess.run(
         [
             sys.executable,
             str(BENCH),
-            "--quick",
+            "--rows=3000",
+            "--workers=1",
+            "--shard-size=1024",
             f"--repository={tmp_path / 'exported'}",
             f"--results={tmp_path / 'results'}",
         ],

@@ -81,7 +81,7 @@ def find_model_version(path: str | os.PathLike) -> ModelVersion:
 
 
 def _identity(found: ModelVersion) -> ModelIdentity:
-    card = found.card
+    card = found.usable_card
     return ModelIdentity(
         card.name,
         card.version,
@@ -132,7 +132,7 @@ class LocalBackend(EmbeddingBackend):
     def __init__(self, model_dir: str | os.PathLike, threads: int = 0):
         found = find_model_version(model_dir)
         self.model = _identity(found)
-        self._session = _open_session(found.model_path, found.card, "auto", threads)
+        self._session = _open_session(found.model_path, found.usable_card, "auto", threads)
         self.label = f"local onnxruntime ({self._session.provider})"
 
     def embed_rows(self, pixels: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:

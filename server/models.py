@@ -116,12 +116,13 @@ class ModelRegistry:
             raise ValueError(
                 f"model {found.name} version {found.version}: already loaded; unload it first"
             )
-        if not found.ok:
+        if found.error is not None or found.card is None:
+            reason = found.error or "no model card"
             log.warning(
                 "model_refused",
-                extra={"model": found.name, "version": found.version, "reason": found.error},
+                extra={"model": found.name, "version": found.version, "reason": reason},
             )
-            return self._set_status(VersionStatus(*key, ModelState.FAILED, found.error))
+            return self._set_status(VersionStatus(*key, ModelState.FAILED, reason))
         self._set_status(VersionStatus(*key, ModelState.LOADING))
         started = time.perf_counter()
         card = found.card

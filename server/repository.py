@@ -251,6 +251,13 @@ class ModelVersion:
         return "ok" if self.ok else "refused"
 
     @property
+    def usable_card(self) -> ModelCard:
+        """The card of a usable version; a refused one raises RepositoryError with its reason."""
+        if self.error is not None or self.card is None:
+            raise RepositoryError(f"{self.name}/{self.version}: refused: {self.error}")
+        return self.card
+
+    @property
     def model_path(self) -> Path:
         return self.path / MODEL_FILE
 

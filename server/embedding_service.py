@@ -238,7 +238,7 @@ def _version_state(status: VersionStatus) -> embedding_pb2.ModelVersionState:
 def describe(model: LoadedModel, statuses: list[VersionStatus]) -> embedding_pb2.ModelDescription:
     """The `ModelDescription` of one loaded version."""
     card, spec, batcher = model.card, model.request_spec, model.batcher
-    low, high = card.input.value_range
+    low, high = card.input.value_range or (-np.inf, np.inf)  # vectors: any finite value
     return embedding_pb2.ModelDescription(
         name=model.name,
         version=model.version,

@@ -20,11 +20,11 @@ from pathlib import Path
 from typing import Protocol
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv
 import pyarrow.parquet
+from PIL import Image, UnidentifiedImageError
 from sklearn.datasets import load_breast_cancer, load_digits, load_wine
 from sklearn.model_selection import train_test_split
 
@@ -870,9 +870,7 @@ def load_dataset(
     standardizer = None
     if loaded.feature_names is not None:
         standardizer = FeatureStandardizer.fit(train.x)
-        train, val, test = (
-            Split(standardizer.transform(s.x), s.y) for s in (train, val, test)
-        )
+        train, val, test = (Split(standardizer.transform(s.x), s.y) for s in (train, val, test))
     return Dataset(
         name=name,
         train=train,

@@ -1,6 +1,7 @@
 """Autoencoders for pretraining: MLP (optionally linear, tied or stacked), VAE and convolutional.
 
-All models take images `x` of shape (B, C, H, W), float32 in [0, 1]. `encode(x)` gives the
+All models take rows `x` of shape (B, C, H, W), float32 images in [0, 1], or (B, D)
+standardised vectors (every architecture but conv). `encode(x)` gives the
 (B, code_size) embedding (for the VAE its mean mu), `decode(z)` the decoder's output in loss
 space (logits for `bce`, pixel values for `mse`) and `reconstruct(x)` pixels in [0, 1] units.
 `objective(x_input, target, generator)` is the per-example training loss, summed over pixels
@@ -74,7 +75,7 @@ class ModelConfig:
         n_inputs = math.prod(image_shape)
         if self.code_size >= n_inputs and not self.allow_overcomplete:
             raise ConfigError(
-                f"code_size: expected fewer than the {n_inputs} inputs of images "
+                f"code_size: expected fewer than the {n_inputs} inputs of rows "
                 f"{tuple(image_shape)} (pass --allow-overcomplete to permit it); "
                 f"got {self.code_size}"
             )
@@ -102,6 +103,22 @@ def reconstruction_loss(output: torch.Tensor, target: torch.Tensor, kind: str) -
     return per_feature.flatten(1).sum(1)
 
 
+def reconstruction_error(output: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
+    """Per-row novelty score in the model's likelihood terms: the mean over input values of the
+    binary cross-entropy (`bce`, `output` as logits) or of the squared error (`mse`).
+
+    Returns shape (B,). Unlike `reconstruction_loss` it is a mean, so it reads the same for
+    any input size, and the squared error is not halved.
+    """
+    if kind == "bce":
+        # BCE with logits in its stable form, written out so the exported graph computes it
+        # with the same operations as PyTorch (the exporter's own decomposition drifts ~1e-3).
+        per_feature = output.clamp(min=0) - output * target + F.softplus(-output.abs())
+    else:
+        per_feature = (output - target).square()
+    return per_feature.flatten(1).mean(1)
+
+
 class Autoencoder(nn.Module):
     """Base class: `encode`, `decode`, `reconstruct` and the training `objective`."""
 
@@ -124,6 +141,10 @@ class Autoencoder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Decoder output in loss space for input `x`: (B, C, H, W)."""
         return self.decode(self.encode(x))
+
+    def reconstruction_error(self, x: torch.Tensor) -> torch.Tensor:
+        """Novelty score (B,) of clean inputs `x`: see `reconstruction_error` (VAE: from mu)."""
+        return reconstruction_error(self(x), x, self.config.loss)
 
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         """Reconstructed pixels in [0, 1] units: (B, C, H, W)."""
@@ -299,9 +320,15 @@ class ConvAutoencoder(Autoencoder):
         return self.decoder(z)  # (B, C, H, W)
 
 
-def build_autoencoder(config: ModelConfig, image_shape: tuple[int, int, int]) -> Autoencoder:
-    """The autoencoder `config` describes for images of `image_shape` (C, H, W)."""
+def build_autoencoder(config: ModelConfig, image_shape: tuple[int, ...]) -> Autoencoder:
+    """The autoencoder `config` describes for rows of `image_shape`: images (C, H, W), or
+    vectors (D,) for every architecture but conv."""
     config.check_input(tuple(image_shape))
+    if config.architecture == "conv" and len(image_shape) != 3:
+        raise ConfigError(
+            f"architecture: conv needs images (C, H, W); got rows of shape "
+            f"{tuple(image_shape)}: use mlp, linear, stacked or vae"
+        )
     if config.architecture == "vae":
         return VariationalAutoencoder(config, image_shape)
     if config.architecture == "conv":

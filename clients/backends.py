@@ -34,7 +34,7 @@ class ModelIdentity:
     sha256: str
     embedding_dim: int
     input_shape: tuple[int, ...]  # (C, H, W)
-    max_value: float  # the raw pixel value the graph maps to 1.0
+    max_value: float | None  # the raw pixel value the graph maps to 1.0; None for vectors
 
 
 def find_model_version(path: str | os.PathLike) -> ModelVersion:
@@ -74,7 +74,7 @@ def _identity(found: ModelVersion) -> ModelIdentity:
         card.sha256,
         card.output.embedding_dim,
         tuple(card.input.shape),
-        card.input.value_range[1],
+        None if card.input.value_range is None else card.input.value_range[1],
     )
 
 

@@ -5,11 +5,17 @@ server's `max_request_rows`; one request goes as a unary `Embed`, more as one `E
 UNAVAILABLE and RESOURCE_EXHAUSTED are retried with exponential backoff and jitter (a broken
 stream resumes from its first unanswered request); every other failure raises `EmbeddingError`
 at once, carrying the gRPC status code and the server's message.
+
+`list_models` and `describe` return plain dataclasses (`ModelSummary`, `ModelInfo`). Request
+sizes come from the description of the version that answers: "latest" is re-resolved when a
+response comes from another version or the rows do not fit the cached input shape, so a client
+follows hot reloads.
 """
 
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import os
 import random
@@ -26,7 +32,7 @@ import numpy as np
 
 from aet.errors import UserError
 from aet.proto import embedding_pb2, embedding_pb2_grpc
-from aet.proto.codec import TensorCodecError, decode_tensor, encode_tensor
+from aet.proto.codec import TensorCodecError, decode_tensor, dtype_name, encode_tensor
 
 log = logging.getLogger(__name__)
 
@@ -80,11 +86,100 @@ class RetryPolicy:
 
 
 @dataclass(frozen=True)
-class _ModelLimits:
-    """What sizes the requests for one model version: rows per request, bytes per output row."""
+class VersionState:
+    """One version of a model on the server: `state` is LOADING, READY, DRAINING or FAILED."""
 
-    max_request_rows: int  # 0: the server sets no limit
+    version: int
+    state: str
+    reason: str  # why it is not READY; empty when it is
+
+
+@dataclass(frozen=True)
+class ModelSummary:
+    """One model on the server (`EmbeddingClient.list_models`)."""
+
+    name: str
+    latest_version: int  # highest READY version, 0 when none is ready
+    versions: tuple[VersionState, ...]
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """A graph input or output: shape without the batch axis, dtypes, value range."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str  # "float32", "uint8" or "float16"
+    accepted_dtypes: tuple[str, ...]  # what a request may send (inputs)
+    min_value: float  # the value range the graph expects (inputs; 0 for outputs)
+    max_value: float
+
+
+@dataclass(frozen=True)
+class BatchingInfo:
+    """The server's batching limits for one model version."""
+
+    max_batch_size: int
+    max_queue_delay_ms: float
+    max_queue_size: int
+    max_request_rows: int  # 0: no limit
+    dynamic_batching: bool
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """One model version as the server describes it (`EmbeddingClient.describe`)."""
+
+    name: str
+    version: int
+    versions: tuple[VersionState, ...]
+    input: TensorInfo
+    output: TensorInfo
     embedding_dim: int
+    execution_provider: str
+    batching: BatchingInfo
+    sha256: str
+    card: dict  # the full model.json
+
+
+def _version_states(versions) -> tuple[VersionState, ...]:
+    return tuple(
+        VersionState(int(v.version), embedding_pb2.ModelVersionState.State.Name(v.state), v.reason)
+        for v in versions
+    )
+
+
+def _tensor_info(spec: embedding_pb2.TensorSpec) -> TensorInfo:
+    return TensorInfo(
+        name=spec.name,
+        shape=tuple(int(d) for d in spec.shape),
+        dtype=dtype_name(spec.dtype).lower(),
+        accepted_dtypes=tuple(dtype_name(d).lower() for d in spec.accepted_dtypes),
+        min_value=spec.min_value,
+        max_value=spec.max_value,
+    )
+
+
+def _model_info(description: embedding_pb2.ModelDescription) -> ModelInfo:
+    batching = description.batching
+    return ModelInfo(
+        name=description.name,
+        version=int(description.version),
+        versions=_version_states(description.versions),
+        input=_tensor_info(description.input),
+        output=_tensor_info(description.output),
+        embedding_dim=int(description.embedding_dim),
+        execution_provider=description.execution_provider,
+        batching=BatchingInfo(
+            int(batching.max_batch_size),
+            batching.max_queue_delay_ms,
+            int(batching.max_queue_size),
+            int(batching.max_request_rows),
+            batching.dynamic_batching,
+        ),
+        sha256=description.sha256,
+        card=json.loads(description.model_card_json) if description.model_card_json else {},
+    )
 
 
 @dataclass
@@ -162,7 +257,11 @@ class EmbeddingClient:
         else:
             self._channel = grpc.insecure_channel(target, options=options)
         self._stub = embedding_pb2_grpc.EmbeddingServiceStub(self._channel)
-        self._limits: dict[tuple[str, int], _ModelLimits] = {}
+        # Descriptions by (model, resolved version), and the version "latest" resolved to last:
+        # a hot reload moves "latest", and the next call describes the new version.
+        self._described: dict[tuple[str, int], ModelInfo] = {}
+        self._latest: dict[str, int] = {}
+        self._cache_lock = threading.Lock()
 
     def __enter__(self) -> EmbeddingClient:
         return self
@@ -176,21 +275,32 @@ class EmbeddingClient:
 
     # --- model information ---------------------------------------------------------------
 
-    def list_models(self) -> list[embedding_pb2.ModelSummary]:
+    def list_models(self) -> list[ModelSummary]:
         """Every model on the server with its versions and their state."""
         response = self._unary(
             "ListModels", self._stub.ListModels, embedding_pb2.ListModelsRequest(), self.timeout
         )
-        return list(response.models)
+        return [
+            ModelSummary(m.name, int(m.latest_version), _version_states(m.versions))
+            for m in response.models
+        ]
 
-    def describe(self, model: str, version: int | None = None) -> embedding_pb2.ModelDescription:
-        """Input and output specs, batching limits, provider and card of one model version."""
-        return self._unary(
-            "DescribeModel",
-            self._stub.DescribeModel,
-            embedding_pb2.DescribeModelRequest(model=model, version=version or 0),
-            self.timeout,
+    def describe(self, model: str, version: int | None = None) -> ModelInfo:
+        """Input and output specs, batching limits, provider and card of one model version
+        (`version` None: the latest ready one)."""
+        description = _model_info(
+            self._unary(
+                "DescribeModel",
+                self._stub.DescribeModel,
+                embedding_pb2.DescribeModelRequest(model=model, version=version or 0),
+                self.timeout,
+            )
         )
+        with self._cache_lock:
+            self._described[(model, description.version)] = description
+            if version is None:
+                self._latest[model] = description.version
+        return description
 
     # --- embeddings ------------------------------------------------------------------------
 
@@ -204,18 +314,33 @@ class EmbeddingClient:
         float16: bool = False,
         timeout: float | None = None,
     ) -> np.ndarray:
-        """Embeddings `(N, embedding_dim)` of `array` `(N, *input_shape)`, uint8 or float32.
+        """Embeddings of `array`.
 
-        Float32 inputs are in the model's value range (`describe(model).input`). Returns
-        float32, or float16 with `float16=True`; `timeout` overrides the client's per request.
+        Parameters
+        ----------
+        array : ndarray of shape (N, *input_shape)
+            Values in the model's range (`describe(model).input`). uint8 and float32 go as
+            they are; other real dtypes are cast to uint8 or float32 where no value changes
+            (TypeError otherwise).
+        model : str
+        version : int, optional
+            Default: the latest ready version, followed across hot reloads.
+        l2_normalize, float16 : bool
+            Unit-length rows; float16 output.
+        timeout : float, optional
+            Overrides the client's per-request deadline.
+
+        Returns
+        -------
+        ndarray of shape (N, embedding_dim), float32 (float16 with `float16=True`)
         """
-        _check_input(array)
-        chunks = list(self._chunks([array], model, version))
+        chunks = list(self._chunks([self._wire_array(array, model, version)], model, version))
         options = embedding_pb2.EmbedOptions(l2_normalize=l2_normalize, float16_output=float16)
         per_request = self.timeout if timeout is None else timeout
         if len(chunks) == 1:
             request = _request(model, version, chunks[0], options)
             response = self._unary("Embed", self._stub.Embed, request, per_request)
+            self._follow_latest(model, version, response.version)
             return _embeddings(response, chunks[0], "Embed").copy()
         parts = self._stream(
             iter(chunks), model, version, options, deadline=per_request * len(chunks)
@@ -241,8 +366,7 @@ class EmbeddingClient:
 
         def checked(source: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
             for batch in source:
-                _check_input(batch)
-                yield batch
+                yield self._wire_array(batch, model, version)
 
         options = embedding_pb2.EmbedOptions(l2_normalize=l2_normalize, float16_output=float16)
         chunks = self._chunks(checked(batches), model, version)
@@ -250,27 +374,43 @@ class EmbeddingClient:
 
     # --- request sizing --------------------------------------------------------------------
 
-    def _model_limits(self, model: str, version: int | None) -> _ModelLimits:
-        key = (model, version or 0)
-        if key not in self._limits:
-            description = self.describe(model, version)
-            self._limits[key] = _ModelLimits(
-                description.batching.max_request_rows, description.embedding_dim
-            )
-        return self._limits[key]
+    def _model_info(self, model: str, version: int | None, rows: np.ndarray) -> ModelInfo:
+        """The description requests for `rows` are sized and cast by: that of `version`, or of
+        the version "latest" last resolved to, described afresh when `rows` do not fit it."""
+        with self._cache_lock:
+            resolved = version or self._latest.get(model)
+            known = self._described.get((model, resolved)) if resolved else None
+        if known is not None and (version or rows.shape[1:] == known.input.shape):
+            return known
+        return self.describe(model, version)
+
+    def _follow_latest(self, model: str, version: int | None, answered: int) -> None:
+        """Record the version a "latest" request was answered by (it moves on hot reloads)."""
+        if version is None and answered:
+            with self._cache_lock:
+                self._latest[model] = answered
 
     def rows_per_request(self, array: np.ndarray, model: str, version: int | None = None) -> int:
         """How many rows of `array` one request carries: under the message limit both ways
         and within the server's `max_request_rows`."""
-        limits = self._model_limits(model, version)
-        row_bytes = max(array[:1].nbytes, 4 * limits.embedding_dim)
+        info = self._model_info(model, version, array)
+        row_bytes = max(array[:1].nbytes, 4 * info.embedding_dim)
         rows = (self.max_message_bytes - _ENVELOPE_BYTES) // max(row_bytes, 1)
         if rows < 1:
             raise UserError(
                 f"max_message_bytes: one row of shape {array.shape[1:]} needs {row_bytes} bytes "
                 f"plus {_ENVELOPE_BYTES} for the envelope, got a limit of {self.max_message_bytes}"
             )
-        return min(rows, limits.max_request_rows) if limits.max_request_rows > 0 else rows
+        limit = info.batching.max_request_rows
+        return min(rows, limit) if limit > 0 else rows
+
+    def _wire_array(self, array: np.ndarray, model: str, version: int | None) -> np.ndarray:
+        """`array` checked, and cast to a dtype the model accepts where no value changes."""
+        _check_input(array)
+        if array.dtype in INPUT_DTYPES:
+            return array
+        info = self._model_info(model, version, array)
+        return lossless_cast(array, accept_uint8="uint8" in info.input.accepted_dtypes)
 
     def _chunks(
         self, batches: Iterable[np.ndarray], model: str, version: int | None
@@ -357,6 +497,7 @@ class EmbeddingClient:
             try:
                 for response in call:
                     chunk = unanswered.popleft()
+                    self._follow_latest(model, version, response.version)
                     parts.append(_embeddings(response, chunk, "EmbedStream"))
                     retry = 0  # the stream is making progress: start the backoff afresh
                     if chunk.last:
@@ -386,10 +527,30 @@ class EmbeddingClient:
 def _check_input(array: np.ndarray) -> None:
     if not isinstance(array, np.ndarray):
         raise TypeError(f"array: expected a numpy array, got {type(array).__name__}")
-    if array.dtype not in INPUT_DTYPES:
-        raise TypeError(f"array dtype: expected uint8 or float32, got {array.dtype}")
     if array.ndim < 2 or len(array) == 0:
         raise ValueError(f"array shape: expected (N >= 1, *input_shape), got {array.shape}")
+
+
+def lossless_cast(array: np.ndarray, accept_uint8: bool) -> np.ndarray:
+    """`array` as uint8 (when `accept_uint8` and every value is an integer in 0..255) or as
+    float32 (when every value survives the cast); TypeError otherwise, naming the dtype."""
+    kind = array.dtype.kind
+    if kind not in "biuf":
+        raise TypeError(
+            f"array dtype: expected uint8, float32 or another real dtype, got {array.dtype}"
+        )
+    if accept_uint8 and kind in "biu" and array.min() >= 0 and array.max() <= 255:
+        return array.astype(np.uint8)
+    as_float = array.astype(np.float32)
+    same = as_float == array if kind != "f" else (as_float == array) | np.isnan(array)
+    if not same.all():
+        where = tuple(int(i) for i in np.argwhere(~same)[0])
+        raise TypeError(
+            f"array dtype {array.dtype}: expected values that float32 holds exactly, got "
+            f"{int((~same).sum())} that it does not (first: {array[where]!r} at {where} would "
+            f"become {as_float[where]!r}); pass array.astype(np.float32) to accept the rounding"
+        )
+    return as_float
 
 
 def _request(

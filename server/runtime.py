@@ -104,7 +104,9 @@ def embedding_graph(model: onnx.ModelProto, input_name: str, output_name: str) -
     that is its only output)."""
     if [o.name for o in model.graph.output] == [output_name]:
         return model.SerializeToString()
-    return onnx.utils.Extractor(model).extract_model([input_name], [output_name]).SerializeToString()
+    return (
+        onnx.utils.Extractor(model).extract_model([input_name], [output_name]).SerializeToString()
+    )
 
 
 def split_scored(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

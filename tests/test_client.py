@@ -199,8 +199,10 @@ def test_bad_row_in_a_stream_ends_it_with_invalid_argument(small_message_server,
 
 def test_inputs_are_checked_before_sending(small_message_server):
     with EmbeddingClient(target(small_message_server)) as client:
-        with pytest.raises(TypeError, match="uint8 or float32, got float64"):
-            client.embed(np.zeros((2, 1, 8, 8)), MODEL)
+        with pytest.raises(TypeError, match=r"dtype float64: expected values that float32 holds"):
+            client.embed(np.full((2, 1, 8, 8), 0.1), MODEL)
+        with pytest.raises(TypeError, match="expected uint8, float32 or another real dtype"):
+            client.embed(np.zeros((2, 1, 8, 8), np.complex64), MODEL)
         with pytest.raises(ValueError, match=r"got \(0, 1, 8, 8\)"):
             client.embed(np.zeros((0, 1, 8, 8), np.float32), MODEL)
 

@@ -346,10 +346,17 @@ def _npz_image_shape(path: Path, x: np.ndarray) -> tuple[int, int, int]:
 def _npz_scaled(path: Path, x: np.ndarray) -> tuple[np.ndarray, float]:
     """Array `x` as float32 in [0, 1], and its raw_max: uint8 / 255, or float checked as is."""
     if x.dtype == np.uint8:
+        if x.size and x.max() <= 1:  # 0/1 bytes: binary images that /255 would turn into noise
+            raise DataError(
+                f"{path}: array 'x' is uint8 with every value in {{0, 1}}; uint8 pixels are "
+                f"read as 0..255 and divided by 255. Store binary images as x * 255 (uint8) "
+                f"or as float32 in [0, 1]"
+            )
         return x.astype(np.float32) / np.float32(255.0), 255.0
     if not np.issubdtype(x.dtype, np.floating):
         raise DataError(
-            f"{path}: array 'x' has dtype {x.dtype}; expected uint8 (0..255) or float in [0, 1]"
+            f"{path}: array 'x' has dtype {x.dtype}; expected uint8 (0..255) or float in "
+            f"[0, 1] (convert other integer types, e.g. x.astype(np.float32) / x.max())"
         )
     finite = np.isfinite(x)
     if not finite.all():

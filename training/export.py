@@ -64,6 +64,7 @@ SCORE_MEASURES = {
 PARITY_ROWS = 1000
 PARITY_TOLERANCE = 1e-4
 PARITY_BATCH_SIZES = (1, 3, 17, 255)  # cycled over the parity rows: batch 1 and odd sizes
+DEFAULT_OPSET = 20
 LIBRARIES = ("torch", "onnx", "onnxscript", "onnxruntime", "numpy")
 
 
@@ -87,7 +88,7 @@ class ExportConfig:
         metadata={"help": "model folder name in the repository; the run folder's name if omitted"},
     )
     opset: int = field(
-        default=20,
+        default=DEFAULT_OPSET,
         metadata={
             "help": "ONNX opset: 18 (the exporter's lowest) up to what the installed onnx knows"
         },
@@ -171,7 +172,7 @@ def to_onnx(
             input_names=[input_name],
             output_names=encoder.output_names,
             verbose=False,
-            dynamic_shapes={"raw": {0: torch.export.Dim("batch")}},
+            dynamic_shapes=({0: torch.export.Dim("batch")},),  # by position: any arg name
         )
         model = program.model_proto
         # The exporter annotates each node with Python stack traces and local file paths:
@@ -339,46 +340,82 @@ def export(config: ExportConfig) -> Path:
     vectors = checkpoint.standardizer is not None
     encoder = ExportedEncoder(checkpoint.build_model(), preprocessing_module(checkpoint)).eval()
     dataset = training_dataset(checkpoint, config.checkpoint_path)
-    rows = parity_rows(dataset)  # (rows, *row_shape) in raw units
-    input_name = VECTOR_INPUT_NAME if vectors else IMAGE_INPUT_NAME
-    model = to_onnx(encoder, torch.from_numpy(rows[:2]), config.opset, input_name)
+    return export_encoder(
+        encoder,
+        parity_rows(dataset),
+        dataset.raw(dataset.val.x),
+        checkpoint,
+        config.repository,
+        config.name,
+        opset=config.opset,
+        input_name=VECTOR_INPUT_NAME if vectors else IMAGE_INPUT_NAME,
+        value_range=None if vectors else (0.0, float(checkpoint.raw_max)),
+        preprocessing=preprocessing_steps(checkpoint),
+        feature_names=None if checkpoint.feature_names is None else tuple(checkpoint.feature_names),
+        standardizer=checkpoint.standardizer,
+    )
+
+
+def export_encoder(
+    encoder: ExportedEncoder,
+    inputs: np.ndarray,
+    calibration: np.ndarray,
+    checkpoint: Checkpoint,
+    repository: Path,
+    name: str,
+    *,
+    opset: int,
+    input_name: str,
+    value_range: tuple[float, float] | None,
+    preprocessing: list[str],
+    feature_names: tuple[str, ...] | None = None,
+    standardizer: dict | None = None,
+) -> Path:
+    """Export `encoder` (raw inputs (B, *row_shape) -> embedding (B, code_size) and score (B,))
+    as the next version of `name`, after `onnx.checker` and the parity check on `inputs`
+    (rows, *row_shape) float32; the score's percentiles are measured on `calibration`
+    (held-out rows in the same raw units).
+
+    `checkpoint` supplies the model's configuration, training data and metrics for model.json;
+    `input_name`, `value_range` (None: any finite value), `preprocessing`, `feature_names` and
+    `standardizer` describe what the graph takes and does to it.
+    """
+    if len(calibration) == 0:
+        raise ExportError("score calibration: no validation rows; nothing written")
+    model = to_onnx(encoder, torch.from_numpy(inputs[:2]), opset, input_name)
     onnx_bytes = model.SerializeToString()
     session = onnx_session(onnx_bytes)
-    diffs = max_parity_diffs(session, encoder, rows)
+    diffs = max_parity_diffs(session, encoder, inputs)
     diff, score_diff = diffs[OUTPUT_NAME], diffs[SCORE_NAME]
     if not (diff <= PARITY_TOLERANCE and score_diff <= PARITY_TOLERANCE):
         raise ExportError(
-            f"parity check failed: over {len(rows)} inputs, max |onnxruntime - PyTorch| of "
+            f"parity check failed: over {len(inputs)} inputs, max |onnxruntime - PyTorch| of "
             f"{OUTPUT_NAME!r}: expected <= {PARITY_TOLERANCE:g}, got {diff:.3g}; of "
             f"{SCORE_NAME!r} relative to max(1, |score|): expected <= {PARITY_TOLERANCE:g}, "
             f"got {score_diff:.3g}; nothing written"
         )
-    if len(dataset.val) == 0:
-        raise ExportError("score calibration: the validation split is empty; nothing written")
     card = ModelCard(
-        name=config.name,
-        version=next_version(config.repository, config.name),
+        name=name,
+        version=next_version(repository, name),
         architecture=checkpoint.model_config.architecture,
         hyperparameters=checkpoint.model_config.to_dict(),
         input=InputSpec(
             name=input_name,
-            shape=checkpoint.image_shape,
+            shape=tuple(int(d) for d in inputs.shape[1:]),
             dtype="float32",
-            value_range=None if vectors else (0.0, float(checkpoint.raw_max)),
-            feature_names=(
-                None if checkpoint.feature_names is None else tuple(checkpoint.feature_names)
-            ),
+            value_range=value_range,
+            feature_names=feature_names,
         ),
         output=OutputSpec(
             name=OUTPUT_NAME, dtype="float32", embedding_dim=checkpoint.model_config.code_size
         ),
-        preprocessing=preprocessing_steps(checkpoint),
+        preprocessing=preprocessing,
         dataset=checkpoint.source,
         metrics=card_metrics(checkpoint.metrics),
         opset=onnx_opset(model),
         sha256=hashlib.sha256(onnx_bytes).hexdigest(),
         parity_max_abs_diff=diff,
-        parity_samples=len(rows),
+        parity_samples=len(inputs),
         library_versions=library_versions(),
         created=datetime.now(UTC).isoformat(timespec="seconds"),
         score=ScoreSpec(
@@ -386,12 +423,12 @@ def export(config: ExportConfig) -> Path:
             dtype="float32",
             measure=SCORE_MEASURES[checkpoint.model_config.loss],
             calibration_split="val",
-            calibration_rows=len(dataset.val),
-            percentiles=score_percentiles(session, dataset.raw(dataset.val.x)),
+            calibration_rows=len(calibration),
+            percentiles=score_percentiles(session, calibration),
         ),
-        standardizer=checkpoint.standardizer,
+        standardizer=standardizer,
     )
-    return write_version(config.repository, config.name, onnx_bytes, card)
+    return write_version(repository, name, onnx_bytes, card)
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:

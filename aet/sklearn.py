@@ -1,0 +1,299 @@
+"""`aet.AutoencoderEmbedder`: autoencoder pretraining as a scikit-learn transformer.
+
+`fit` runs the same `training.train.Trainer` and models as `aet pretrain`, on an array instead
+of a registered data set; `transform` returns the codes; `export` writes a model-repository
+version through `training.export`, so `aet serve` and `aet.Encoder` serve it.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.base import BaseEstimator, ClassNamePrefixFeaturesOutMixin, TransformerMixin
+from sklearn.utils.validation import check_is_fitted, validate_data
+
+from aet.config import ConfigError
+from aet.training.checkpoint import load_checkpoint
+from aet.training.data import Dataset, Split
+from aet.training.export import (
+    DEFAULT_OPSET,
+    PARITY_ROWS,
+    VECTOR_INPUT_NAME,
+    ExportedEncoder,
+    export_encoder,
+)
+from aet.training.models import build_autoencoder
+from aet.training.pretrain import PretrainConfig
+from aet.training.standardize import FeatureStandardizer
+from aet.training.train import Trainer
+
+_PRETRAIN = PretrainConfig()  # the `aet pretrain` defaults the hyper-parameters share
+TRANSFORM_BATCH = 1024
+
+
+class AutoencoderEmbedder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
+    """Pretrain an autoencoder on feature rows and embed rows with its encoder.
+
+    The hyper-parameters are those of `aet pretrain` (same names, with underscores). With
+    ``loss="mse"`` (the default, a Gaussian decoder) the features are standardised with the
+    mean and standard deviation learned in `fit`, so any finite real-valued data works; with
+    ``loss="bce"`` (a Bernoulli decoder) the features are used as they are and must lie in
+    [0, 1]. A seeded `val_fraction` of the rows is held out for early stopping.
+
+    Parameters
+    ----------
+    architecture : {"mlp", "linear", "stacked", "vae"}
+    hidden_sizes : tuple of int
+        Hidden layer sizes, input side first.
+    code_size : int
+        Embedding dimension.
+    activation : {"relu", "tanh", "sigmoid", "gelu", "elu"}
+    tied_weights : bool or None
+        Decoder reuses the transposed encoder weights (None: where the architecture can).
+    loss : {"mse", "bce"}
+    allow_overcomplete : bool
+        Permit ``code_size >= n_features``.
+    noise : {"none", "gaussian", "masking", "salt-and-pepper"}
+        Denoising corruption during training (applied to the standardised features).
+    noise_level : float
+    epochs, layer_epochs, batch_size, learning_rate, patience : as `aet pretrain`
+    val_fraction : float in (0, 1)
+    seed : int
+        Seed of the validation split, initialisation, shuffling and noise.
+    progress : bool
+        Show training progress bars.
+
+    Attributes
+    ----------
+    n_features_in_ : int
+    embedding_dim_ : int
+    standardizer_ : FeatureStandardizer or None
+        The statistics learned in `fit` (None with ``loss="bce"``).
+    history_ : dict
+        Per-stage train and validation losses.
+    model_ : torch.nn.Module
+        The trained autoencoder (best validation weights), in eval mode.
+
+    Examples
+    --------
+    >>> X, y = load_digits(return_X_y=True)
+    >>> embedder = AutoencoderEmbedder(code_size=16, epochs=30).fit(X)
+    >>> embedder.transform(X).shape
+    (1797, 16)
+    """
+
+    def __init__(
+        self,
+        architecture: str = _PRETRAIN.architecture,
+        hidden_sizes: tuple[int, ...] = tuple(_PRETRAIN.hidden_sizes),
+        code_size: int = _PRETRAIN.code_size,
+        activation: str = _PRETRAIN.activation,
+        tied_weights: bool | None = None,
+        loss: str = "mse",
+        allow_overcomplete: bool = False,
+        noise: str = _PRETRAIN.noise,
+        noise_level: float = _PRETRAIN.noise_level,
+        epochs: int = _PRETRAIN.epochs,
+        layer_epochs: int = _PRETRAIN.layer_epochs,
+        batch_size: int = _PRETRAIN.batch_size,
+        learning_rate: float = _PRETRAIN.learning_rate,
+        patience: int = _PRETRAIN.patience,
+        val_fraction: float = _PRETRAIN.val_fraction,
+        seed: int = _PRETRAIN.seed,
+        progress: bool = False,
+    ):
+        self.architecture = architecture
+        self.hidden_sizes = hidden_sizes
+        self.code_size = code_size
+        self.activation = activation
+        self.tied_weights = tied_weights
+        self.loss = loss
+        self.allow_overcomplete = allow_overcomplete
+        self.noise = noise
+        self.noise_level = noise_level
+        self.epochs = epochs
+        self.layer_epochs = layer_epochs
+        self.batch_size = batch_size
+        self.learning_rate = learning_rate
+        self.patience = patience
+        self.val_fraction = val_fraction
+        self.seed = seed
+        self.progress = progress
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.transformer_tags.preserves_dtype = ["float32"]  # codes are float32 whatever X is
+        return tags
+
+    def _pretrain_config(self) -> PretrainConfig:
+        """The hyper-parameters as the `aet pretrain` configuration (validates them)."""
+        if self.architecture == "conv":
+            raise ValueError(
+                "architecture: 'conv' needs images (C, H, W); AutoencoderEmbedder takes feature "
+                "rows (N, D): use mlp, linear, stacked or vae"
+            )
+        try:
+            return PretrainConfig(
+                dataset="digits",  # unused: the data come from fit's X
+                architecture=self.architecture,
+                hidden_sizes=list(self.hidden_sizes),
+                code_size=self.code_size,
+                activation=self.activation,
+                tied_weights=self.tied_weights,
+                loss=self.loss,
+                allow_overcomplete=self.allow_overcomplete,
+                noise=self.noise,
+                noise_level=self.noise_level,
+                epochs=self.epochs,
+                layer_epochs=self.layer_epochs,
+                batch_size=self.batch_size,
+                learning_rate=self.learning_rate,
+                patience=self.patience,
+                val_fraction=self.val_fraction,
+                seed=self.seed,
+                progress=self.progress,
+            )
+        except (ConfigError, TypeError) as exc:
+            raise ValueError(str(exc)) from exc
+
+    def _features(self, X: np.ndarray) -> np.ndarray:
+        """What the autoencoder sees: standardised (mse) or as given (bce), float32 (N, D)."""
+        if self.standardizer_ is not None:
+            return self.standardizer_.transform(X)
+        return X.astype(np.float32, copy=False)
+
+    def fit(self, X, y=None) -> AutoencoderEmbedder:
+        """Pretrain the autoencoder on the rows of `X`.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features), finite real values, n_samples >= 2
+        y : ignored
+
+        Returns
+        -------
+        self
+        """
+        config = self._pretrain_config()
+        X = validate_data(self, X, dtype=[np.float64, np.float32], ensure_min_samples=2)
+        n_rows, n_features = X.shape
+        if config.loss == "bce" and (X.min() < 0 or X.max() > 1):
+            raise ValueError(
+                f"X: loss='bce' needs features in [0, 1]; got values in "
+                f"[{X.min():g}, {X.max():g}] (use loss='mse', which standardises them)"
+            )
+        self.standardizer_ = FeatureStandardizer.fit(X) if config.loss == "mse" else None
+        low, high = float(X.min()), float(X.max())
+        self.feature_range_ = (low, high if high > low else low + 1.0)
+        features = self._features(X)
+        image_shape = (n_features,)  # vector rows
+        try:
+            config.model_config().check_input(image_shape)
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from exc
+
+        n_val = math.ceil(config.val_fraction * n_rows)
+        if n_val >= n_rows:
+            raise ValueError(
+                f"val_fraction: {n_rows} samples are too few to hold out {config.val_fraction} "
+                f"for validation and keep some for training"
+            )
+        order = np.random.default_rng(config.seed).permutation(n_rows)
+        rows = features.reshape(n_rows, *image_shape)
+        val, train = np.sort(order[:n_val]), np.sort(order[n_val:])
+        dataset = Dataset(
+            name="array",
+            train=Split(np.ascontiguousarray(rows[train]), None),
+            val=Split(np.ascontiguousarray(rows[val]), None),
+            test=Split(rows[:0], None),
+            raw_max=1.0,
+            image_shape=image_shape,
+            num_classes=None,
+            source={
+                "name": "array",
+                "origin": "aet.AutoencoderEmbedder.fit",
+                "features": n_features,
+                "standardized": self.standardizer_ is not None,
+                "seed": config.seed,
+                "val_fraction": config.val_fraction,
+                "sizes": {"train": len(train), "val": len(val), "test": 0},
+            },
+        )
+        with torch.random.fork_rng(devices=[]):  # seed initialisation, leave the caller's RNG
+            torch.manual_seed(config.seed)
+            model = build_autoencoder(config.model_config(), image_shape)
+        with tempfile.TemporaryDirectory(prefix="aet-embedder-") as run_dir:
+            trainer = Trainer(model, dataset, config.training_config(), Path(run_dir), {})
+            self.history_ = trainer.fit()
+            self.checkpoint_ = load_checkpoint(trainer.best_path)
+        self.model_ = self.checkpoint_.build_model()
+        self.embedding_dim_ = self._n_features_out = config.code_size
+        # held-out rows in X's units: `export` calibrates the novelty score on them
+        self.validation_rows_ = X[val].astype(np.float32)
+        return self
+
+    def transform(self, X) -> np.ndarray:
+        """Embed the rows of `X` with the trained encoder.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features_in_)
+
+        Returns
+        -------
+        ndarray of shape (n_samples, embedding_dim_), float32
+        """
+        check_is_fitted(self, "model_")
+        X = validate_data(self, X, dtype=[np.float64, np.float32], reset=False)
+        features = torch.from_numpy(self._features(X))
+        with torch.no_grad():
+            codes = [
+                self.model_.encode(features[start : start + TRANSFORM_BATCH])
+                for start in range(0, len(features), TRANSFORM_BATCH)
+            ]
+        return torch.cat(codes).numpy() if codes else np.zeros((0, self.embedding_dim_), np.float32)
+
+    def export(self, repository: str | Path, name: str, opset: int = DEFAULT_OPSET) -> Path:
+        """Write the encoder as the next version of `name` in the model repository.
+
+        The graph takes raw feature rows (batch, n_features_in_) float32 and standardises them
+        inside; it is parity-checked against PyTorch before anything is written.
+
+        Returns
+        -------
+        Path
+            The new version folder, ``<repository>/<name>/<version>``.
+        """
+        check_is_fitted(self, "model_")
+        standardize = (
+            torch.nn.Identity() if self.standardizer_ is None else self.standardizer_.as_module()
+        )
+        encoder = ExportedEncoder(self.model_, standardize).eval()
+        rng = np.random.default_rng(self.seed)
+        shape = (PARITY_ROWS, self.n_features_in_)
+        if self.standardizer_ is None:  # bce: features in [0, 1]
+            inputs = rng.random(shape).astype(np.float32)
+            preprocessing = []
+        else:  # rows distributed like the training features, in their units
+            inputs = self.standardizer_.inverse_transform(rng.standard_normal(shape))
+            preprocessing = [
+                f"standardize: (x - mean) / std per feature, {self.n_features_in_} features, "
+                "statistics learned in AutoencoderEmbedder.fit"
+            ]
+        return export_encoder(
+            encoder,
+            inputs,
+            self.validation_rows_,
+            self.checkpoint_,
+            Path(repository),
+            name,
+            opset=opset,
+            input_name=VECTOR_INPUT_NAME,
+            value_range=None if self.standardizer_ is not None else self.feature_range_,
+            preprocessing=preprocessing,
+            standardizer=None if self.standardizer_ is None else self.standardizer_.to_dict(),
+        )

@@ -493,8 +493,8 @@ def _feature_columns(source: str, table: pa.Table, options: TableOptions) -> lis
     for name in chosen:
         column = table.column(name)
         kind = column.type
-        if pa.types.is_integer(kind) or pa.types.is_floating(kind):
-            continue
+        if pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_null(kind):
+            continue  # a column with no value at all is numeric and wholly missing
         if pa.types.is_string(kind) or pa.types.is_large_string(kind):
             count, first = _not_numbers(column)
             non_numeric.append(

@@ -6,6 +6,8 @@ regenerates them into a temporary folder and fails when they differ from the com
 The `.proto` files import each other as `"aet/proto/<name>.proto"`, so the generated modules
 import each other as `aet.proto.<name>_pb2`: protoc compiles copies staged under `aet/proto/` in
 a temporary folder, because the installed package `aet.proto` lives in the top-level `proto/`.
+Each `_pb2.py` is then pointed at the package's own descriptor pool (`aet.proto.descriptors`),
+so that our `inference` package and tritonclient's can be imported in one process.
 """
 
 from __future__ import annotations
@@ -19,6 +21,10 @@ from pathlib import Path
 PACKAGE_PATH = Path("aet", "proto")
 PACKAGE_DIR = Path(__file__).resolve().parent
 STUB_SUFFIXES = ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py")
+DEFAULT_POOL_IMPORT = "from google.protobuf import descriptor_pool as _descriptor_pool\n"
+PRIVATE_POOL_IMPORT = "from aet.proto.descriptors import POOL as _POOL\n"
+DEFAULT_POOL_ADD = "_descriptor_pool.Default().AddSerializedFile("
+PRIVATE_POOL_ADD = "_POOL.AddSerializedFile("
 
 
 class StubGenerationError(RuntimeError):
@@ -74,8 +80,23 @@ def generate_stubs(output_dir: Path, proto_dir: Path = PACKAGE_DIR) -> list[Path
             )
         stubs = [name for proto in protos for name in stub_names(proto)]
         for name in stubs:
-            shutil.copyfile(out_root / PACKAGE_PATH / name, output_dir / name)
+            text = (out_root / PACKAGE_PATH / name).read_text(encoding="utf-8")
+            if name.endswith("_pb2.py"):
+                text = use_private_pool(text, name)
+            (output_dir / name).write_text(text, encoding="utf-8")
     return [output_dir / name for name in stubs]
+
+
+def use_private_pool(source: str, name: str) -> str:
+    """A generated `_pb2.py` made to register in `aet.proto.descriptors.POOL`."""
+    if source.count(DEFAULT_POOL_IMPORT) != 1 or source.count(DEFAULT_POOL_ADD) != 1:
+        raise StubGenerationError(
+            f"{name}: expected protoc's default-pool registration "
+            f"({DEFAULT_POOL_ADD.strip('(')}) once, got another layout; update generate.py"
+        )
+    return source.replace(DEFAULT_POOL_IMPORT, PRIVATE_POOL_IMPORT).replace(
+        DEFAULT_POOL_ADD, PRIVATE_POOL_ADD
+    )
 
 
 def main() -> int:

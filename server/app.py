@@ -1,20 +1,25 @@
 """`aet serve`: the gRPC server over a model repository, and how it is built and stopped.
 
-`build_server` assembles one `grpc.Server` from a `ServeConfig` and a `ModelRegistry`:
+`build_server` assembles one `grpc.Server` from a `ServeConfig` and an `InferencePipeline`:
 `aet.v1.EmbeddingService`, `grpc.health.v1.Health` (overall "" and one entry per model name,
 following model state), server reflection, and any further services, interceptors and
-credentials the caller passes. `serve` (the `aet serve` command) adds the KServe v2 API, the
-repository reloader, Prometheus metrics, bearer tokens and TLS as configured, and runs until
-SIGTERM or SIGINT, then shuts down gracefully: health turns NOT_SERVING, new calls are refused,
-calls in flight and queued requests get `grace_period` seconds to finish, exit 0. Every
-lifecycle event is one JSON log line on stderr.
+credentials the caller passes; streaming calls are bounded (`CallTracker`). `serve` (the
+`aet serve` command) adds the KServe v2 API, the repository reloader, Prometheus metrics,
+bearer tokens and TLS as configured, and runs until SIGTERM or SIGINT, then shuts down
+gracefully: health turns NOT_SERVING, new calls are refused, calls in flight and queued
+requests get `grace_period` seconds to finish. Shutdown always ends within `grace_period` +
+`STOP_MARGIN_S`: exit 0 when every call and queued request finished, `EXIT_WORK_CUT` (3) when
+the grace period ran out first; a second signal exits at once with 3. Every lifecycle event is
+one JSON log line on stderr.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -32,20 +37,25 @@ from grpc_reflection.v1alpha import reflection
 from aet.config import ConfigError, add_config_arguments, config_from_args
 from aet.errors import UserError
 from aet.proto import embedding_pb2, embedding_pb2_grpc
+from aet.proto.descriptors import ReflectionPools
 from aet.server.auth import BearerTokenInterceptor, read_tokens, tls_server_credentials
 from aet.server.embedding_service import EmbeddingService
 from aet.server.kserve_service import SERVICE_NAME as KSERVE_SERVICE
 from aet.server.kserve_service import InferenceService
 from aet.server.metrics import ServingMetrics
 from aet.server.models import BatchingOptions, ModelRegistry, ModelState
+from aet.server.pipeline import InferencePipeline
 from aet.server.reload import RepositoryReloader
 from aet.server.repository import scan_repository
 from aet.server.runtime import DEVICES, RuntimeOptions
+from aet.server.streams import CallTracker, StreamWindow
 
 log = logging.getLogger(__name__)
 
 EMBEDDING_SERVICE = embedding_pb2.DESCRIPTOR.services_by_name["EmbeddingService"].full_name
 MIB = 1 << 20
+STOP_MARGIN_S = 2.0  # how long past the grace period shutdown may take before it gives up
+EXIT_WORK_CUT = 3  # exit status when shutdown had to cut calls or queued requests
 
 
 @dataclass
@@ -109,6 +119,25 @@ class ServeConfig:
     workers: int = field(
         default=64, metadata={"help": "gRPC handler threads: the most calls served at once"}
     )
+    max_streams: int = field(
+        default=32,
+        metadata={
+            "help": "streaming calls open at once (each holds a handler thread); beyond it "
+            "RESOURCE_EXHAUSTED. Must be below --workers, so unary calls and health checks "
+            "always find a thread"
+        },
+    )
+    stream_window: int = field(
+        default=16,
+        metadata={"help": "requests of one stream started ahead of their answers, at most"},
+    )
+    stream_window_mb: float = field(
+        default=8.0,
+        metadata={
+            "help": "MiB of one stream's requests started ahead of their answers; the next "
+            "request is read only below it (so at most this plus one message)"
+        },
+    )
     grace_period: float = field(
         default=10.0,
         metadata={"help": "seconds in-flight and queued requests get to finish on SIGTERM/SIGINT"},
@@ -138,6 +167,13 @@ class ServeConfig:
         default=None,
         metadata={"help": "environment variable holding one more accepted bearer token"},
     )
+    metrics_token: bool = field(
+        default=False,
+        metadata={
+            "help": "/metrics requires the same bearer tokens as gRPC (Authorization: Bearer "
+            "<token>); needs --token-file or --token-env"
+        },
+    )
     tls_cert: Path | None = field(
         default=None, metadata={"help": "PEM certificate chain: serve TLS (needs --tls-key)"}
     )
@@ -160,6 +196,8 @@ class ServeConfig:
             "max_request_rows",
             "max_message_mb",
             "workers",
+            "max_streams",
+            "stream_window",
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: expected at least 1, got {getattr(self, name)}")
@@ -172,6 +210,20 @@ class ServeConfig:
         ):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}: expected 0 or more, got {getattr(self, name)}")
+        if self.max_streams >= self.workers:
+            raise ConfigError(
+                f"max_streams: expected fewer than workers ({self.workers}) so that unary calls "
+                f"always find a thread, got {self.max_streams}"
+            )
+        if not self.stream_window_mb > 0:
+            raise ConfigError(
+                f"stream_window_mb: expected more than 0, got {self.stream_window_mb}"
+            )
+        if self.metrics_token and self.token_file is None and self.token_env is None:
+            raise ConfigError(
+                "metrics_token: needs --token-file or --token-env (the tokens /metrics accepts), "
+                "got neither"
+            )
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
             raise ConfigError(f"metrics_port: expected 0..65535, got {self.metrics_port}")
         if (self.tls_cert is None) != (self.tls_key is None):
@@ -199,6 +251,11 @@ class ServeConfig:
             self.dynamic_batching,
         )
 
+    @functools.cached_property
+    def window(self) -> StreamWindow:
+        """Read-ahead limits of one streaming call (one object: both APIs record into it)."""
+        return StreamWindow(self.stream_window, round(self.stream_window_mb * MIB))
+
 
 @dataclass(frozen=True)
 class ServiceBinding:
@@ -210,23 +267,27 @@ class ServiceBinding:
 
 
 class RunningServer:
-    """A started server: its bound port, its health service, and graceful `stop`."""
+    """A started server: its bound port, health service, pipeline, and graceful `stop`."""
 
     def __init__(
         self,
         server: grpc.Server,
         port: int,
         health_servicer: health.HealthServicer,
-        registry: ModelRegistry,
+        pipeline: InferencePipeline,
+        calls: CallTracker,
         service_names: Sequence[str],
     ) -> None:
         self.server = server
         self.port = port
         self.health = health_servicer
-        self.registry = registry
+        self.pipeline = pipeline
+        self.registry = pipeline.registry
+        self.calls = calls
+        self.stopping = threading.Event()  # set once `stop` has begun
         self._service_names = ("", *service_names)
-        registry.add_state_listener(lambda status: self._refresh_health(status.name))
-        for name in registry.names():
+        self.registry.add_state_listener(lambda status: self._refresh_health(status.name))
+        for name in self.registry.names():
             self._refresh_health(name)
         self._refresh_health(None)
 
@@ -243,38 +304,49 @@ class RunningServer:
             self.health.set(name, serving if overall else not_serving)
 
     def stop(self, grace_period: float, reason: str = "stop requested") -> bool:
-        """Health NOT_SERVING, refuse new calls, let work finish; True if all of it did."""
+        """Health NOT_SERVING, refuse new calls, let work finish; True if all of it did.
+
+        Returns within `grace_period` + `STOP_MARGIN_S` whatever the calls in flight do
+        (grpc's own stop can wait forever on a call it lost track of).
+        """
         started = time.monotonic()
+        self.stopping.set()
         log.info("shutdown_started", extra={"reason": reason, "grace_period_s": grace_period})
         self.health.enter_graceful_shutdown()
-        self.server.stop(grace_period).wait()
-        remaining = max(0.0, grace_period - (time.monotonic() - started))
+        stopped = self.server.stop(grace_period).wait(grace_period + STOP_MARGIN_S)
+        remaining = max(0.0, grace_period + STOP_MARGIN_S - (time.monotonic() - started))
         drained = self.registry.close(remaining)
+        calls_cut = self.calls.calls
         log.info(
             "shutdown_finished",
-            extra={"seconds": round(time.monotonic() - started, 3), "drained": drained},
+            extra={
+                "seconds": round(time.monotonic() - started, 3),
+                "drained": drained,
+                "calls_cut": calls_cut,
+                "grpc_stopped": stopped,
+            },
         )
-        return drained
+        return drained and calls_cut == 0
 
 
 def build_server(
     config: ServeConfig,
-    registry: ModelRegistry,
+    pipeline: InferencePipeline,
     services: Sequence[ServiceBinding] = (),
     interceptors: Sequence[grpc.ServerInterceptor] = (),
     credentials: grpc.ServerCredentials | None = None,
-    metrics: ServingMetrics | None = None,
 ) -> RunningServer:
     """Bind and start a server with the embedding, health and reflection services plus `services`.
 
-    `interceptors` wrap every call (e.g. authentication); `credentials` switch the port to TLS;
-    `metrics` counts the embedding service's requests. Raises `UserError` if the address cannot
-    be bound.
+    `interceptors` wrap every call (e.g. authentication); `credentials` switch the port to TLS.
+    At most `config.max_streams` streaming calls run at once. Raises `UserError` if the address
+    cannot be bound.
     """
     message_bytes = config.max_message_mb * MIB
+    calls = CallTracker(config.max_streams)
     server = grpc.server(
         ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="grpc"),
-        interceptors=list(interceptors),
+        interceptors=[*interceptors, calls],  # refused (unauthenticated) calls take no stream
         options=[
             ("grpc.max_receive_message_length", message_bytes),
             ("grpc.max_send_message_length", message_bytes),
@@ -282,7 +354,7 @@ def build_server(
         ],
     )  # a taken port must fail, not be shared
     embedding_pb2_grpc.add_EmbeddingServiceServicer_to_server(
-        EmbeddingService(registry, metrics), server
+        EmbeddingService(pipeline, config.window), server
     )
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -290,7 +362,7 @@ def build_server(
         service.add_to_server(server)
     service_names = [EMBEDDING_SERVICE, *(service.name for service in services)]
     reflection.enable_server_reflection(
-        [*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], server
+        [*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], server, ReflectionPools()
     )
     address = f"{config.host}:{config.port}"
     try:
@@ -302,39 +374,50 @@ def build_server(
     except RuntimeError as exc:
         raise UserError(f"host/port: cannot bind {address}: {exc}") from exc
     server.start()
-    return RunningServer(server, port, health_servicer, registry, service_names)
+    return RunningServer(server, port, health_servicer, pipeline, calls, service_names)
 
 
 def serve(config: ServeConfig, stop: threading.Event | None = None) -> int:
     """Serve `config.repository` until `stop` is set or SIGTERM/SIGINT arrives; exit code.
 
-    Both APIs (aet.v1 and KServe v2) over one registry, Prometheus metrics when
+    Both APIs (aet.v1 and KServe v2) over one pipeline, Prometheus metrics when
     `metrics_port` is set, bearer tokens and TLS when configured, repository polling when
-    `poll_repository` is set.
+    `poll_repository` is set. Returns 0 after a clean shutdown, `EXIT_WORK_CUT` when the grace
+    period cut calls or queued requests.
     """
     scan_repository(config.repository)  # a missing repository fails before anything binds
     registry = ModelRegistry(config.runtime, config.batching)
     metrics = ServingMetrics(config.max_batch_size)
     metrics.watch_registry(registry)
+    pipeline = InferencePipeline(registry, metrics)
     reloader = RepositoryReloader(registry, config.repository)
-    kserve = InferenceService(registry, reloader, metrics)
-    interceptors = (
-        [BearerTokenInterceptor(read_tokens(config.token_file, config.token_env))]
+    kserve = InferenceService(pipeline, reloader, config.window)
+    auth = (
+        BearerTokenInterceptor(read_tokens(config.token_file, config.token_env))
         if config.token_file is not None or config.token_env is not None
-        else []
+        else None
     )
     credentials = (
         None
         if config.tls_cert is None
         else tls_server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca)
     )
-    services = [ServiceBinding(KSERVE_SERVICE, kserve.add_to_server)]
-    running = build_server(config, registry, services, interceptors, credentials, metrics)
     endpoint = (
         None
         if config.metrics_port is None
-        else metrics.serve_http(config.metrics_port, config.host)
+        else metrics.serve_http(
+            config.metrics_port,
+            config.host,
+            auth.check if config.metrics_token and auth is not None else None,
+        )
     )
+    services = [ServiceBinding(KSERVE_SERVICE, kserve.add_to_server)]
+    try:
+        running = build_server(config, pipeline, services, [auth] if auth else [], credentials)
+    except BaseException:
+        if endpoint is not None:
+            endpoint.close()
+        raise
     log.info(
         "server_started",
         extra={
@@ -343,18 +426,22 @@ def serve(config: ServeConfig, stop: threading.Event | None = None) -> int:
             "providers": registry.providers,
             "repository": str(config.repository),
             "tls": credentials is not None,
-            "auth": bool(interceptors),
+            "auth": auth is not None,
             "metrics_port": None if endpoint is None else endpoint.port,
+            "metrics_auth": config.metrics_token,
         },
     )
     stop = stop or threading.Event()
     received: list[str] = []
 
     def on_signal(signum: int, frame) -> None:  # only flag it: logging here could deadlock
+        if received:  # a second signal: the operator will not wait for the grace period
+            os._exit(EXIT_WORK_CUT)
         received.append(signal.Signals(signum).name)
         stop.set()
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    finished = False
     try:
         reloader.sync()
         if config.poll_repository:
@@ -374,12 +461,12 @@ def serve(config: ServeConfig, stop: threading.Event | None = None) -> int:
         stop.wait()
     finally:
         reloader.stop_polling()
-        running.stop(config.grace_period, reason=", ".join(received) or "stop requested")
+        finished = running.stop(config.grace_period, reason=", ".join(received) or "stop requested")
         if endpoint is not None:
             endpoint.close()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    return 0
+    return 0 if finished else EXIT_WORK_CUT
 
 
 class JsonLogFormatter(logging.Formatter):
@@ -416,6 +503,13 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """`aet serve`: serve until SIGTERM or SIGINT."""
+    """`aet serve`: serve until SIGTERM or SIGINT; 0, or `EXIT_WORK_CUT` if work was cut."""
     configure_logging()
-    return serve(config_from_args(ServeConfig, args))
+    code = serve(config_from_args(ServeConfig, args))
+    if code != 0:
+        # Calls that outlived the grace period may still hold handler threads, which the
+        # interpreter would wait for at exit: leave now, as the shutdown bound promises.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code

@@ -66,40 +66,23 @@ def read_tokens(
     return frozenset(tokens)
 
 
-class BearerTokenInterceptor(grpc.ServerInterceptor):
-    """Refuse calls without a valid `authorization: Bearer <token>` with UNAUTHENTICATED.
+class TokenCheck:
+    """Whether an `authorization` value carries one of the accepted bearer tokens."""
 
-    Methods whose full name starts with one of `open_prefixes` (by default the gRPC health
-    service) pass without a token.
-    """
-
-    def __init__(
-        self, tokens: Iterable[str], open_prefixes: tuple[str, ...] = (HEALTH_SERVICE_PREFIX,)
-    ):
+    def __init__(self, tokens: Iterable[str]) -> None:
         self._tokens = tuple(token.encode("utf-8") for token in tokens)
         if not self._tokens:
             raise SecurityConfigError("bearer tokens: expected at least one token, got none")
-        self._open_prefixes = open_prefixes
 
-    def intercept_service(self, continuation, handler_call_details):
-        method = handler_call_details.method
-        if method.startswith(self._open_prefixes):
-            return continuation(handler_call_details)
-        refusal = self._refusal(handler_call_details.invocation_metadata or ())
-        if refusal is None:
-            return continuation(handler_call_details)
-        handler = continuation(handler_call_details)
-        return None if handler is None else _refusing_handler(handler, refusal)
-
-    def _refusal(self, metadata: Iterable[tuple[str, str | bytes]]) -> str | None:
-        """None when the metadata holds an accepted token, else the reason (never the token)."""
-        values = [value for key, value in metadata if key == AUTH_METADATA_KEY]
-        if not values:
+    def refusal(self, value: str | bytes | None) -> str | None:
+        """None when `value` is 'Bearer <accepted token>', else the reason (never the token)."""
+        if value is None:
             return (
                 f"missing metadata {AUTH_METADATA_KEY!r}: expected "
                 f"'{AUTH_METADATA_KEY}: Bearer <token>', got no such key"
             )
-        value = values[0] if isinstance(values[0], str) else values[0].decode("latin-1")
+        if isinstance(value, bytes):
+            value = value.decode("latin-1")
         if not value.lower().startswith(BEARER_PREFIX):
             return (
                 f"metadata {AUTH_METADATA_KEY!r}: expected the scheme 'Bearer <token>', "
@@ -110,18 +93,44 @@ class BearerTokenInterceptor(grpc.ServerInterceptor):
         matched = False
         for token in self._tokens:
             matched |= hmac.compare_digest(presented, token)
-        return (
-            None
-            if matched
-            else (
-                f"metadata {AUTH_METADATA_KEY!r}: the bearer token is not "
-                "one of the server's tokens"
-            )
-        )
+        if matched:
+            return None
+        return f"metadata {AUTH_METADATA_KEY!r}: the bearer token is not one of the server's tokens"
+
+
+class BearerTokenInterceptor(grpc.ServerInterceptor):
+    """Refuse calls without a valid `authorization: Bearer <token>` with UNAUTHENTICATED.
+
+    Methods whose full name starts with one of `open_prefixes` (by default the gRPC health
+    service) pass without a token. A refused call's body is never parsed: whatever it holds,
+    the answer is UNAUTHENTICATED.
+    """
+
+    def __init__(
+        self, tokens: Iterable[str], open_prefixes: tuple[str, ...] = (HEALTH_SERVICE_PREFIX,)
+    ):
+        self.check = TokenCheck(tokens)
+        self._open_prefixes = open_prefixes
+
+    def intercept_service(self, continuation, handler_call_details):
+        method = handler_call_details.method
+        if method.startswith(self._open_prefixes):
+            return continuation(handler_call_details)
+        values = [
+            value
+            for key, value in handler_call_details.invocation_metadata or ()
+            if key == AUTH_METADATA_KEY
+        ]
+        refusal = self.check.refusal(values[0] if values else None)
+        if refusal is None:
+            return continuation(handler_call_details)
+        handler = continuation(handler_call_details)
+        return None if handler is None else _refusing_handler(handler, refusal)
 
 
 def _refusing_handler(handler: grpc.RpcMethodHandler, reason: str) -> grpc.RpcMethodHandler:
-    """A handler of the same streaming kind as `handler` that aborts with UNAUTHENTICATED."""
+    """A handler of the same streaming kind as `handler` that aborts with UNAUTHENTICATED,
+    taking the request as raw bytes (no deserializer: a garbage body is not parsed)."""
 
     def refuse(_request_or_iterator, context):
         context.abort(grpc.StatusCode.UNAUTHENTICATED, reason)
@@ -133,11 +142,7 @@ def _refusing_handler(handler: grpc.RpcMethodHandler, reason: str) -> grpc.RpcMe
         (True, True): grpc.stream_stream_rpc_method_handler,
     }
     kind = (handler.request_streaming, handler.response_streaming)
-    return factories[kind](
-        refuse,
-        request_deserializer=handler.request_deserializer,
-        response_serializer=handler.response_serializer,
-    )
+    return factories[kind](refuse, response_serializer=handler.response_serializer)
 
 
 def _read_pem(path: str | os.PathLike, what: str) -> bytes:

@@ -1,120 +1,68 @@
 """`aet.v1.EmbeddingService`: embeddings from the models of a `ModelRegistry`.
 
-The hot path per request: look the model up, decode and check the tensor against the version's
-prepared `RequestSpec`, submit to its batcher (`_submit`); wait, post-process (L2 / float16),
-encode (`_respond`). No logging, and no card parsing, on that path; every error becomes its
-gRPC status via `server.errors`. A stream submits its next requests while earlier ones run.
+The servicer only decodes `EmbedRequest`s and encodes `EmbedResponse`s; lookup, checks,
+batching, metrics and timing are the shared `InferencePipeline`'s. No logging and no card
+parsing on the hot path; every error becomes its gRPC status at the edge (`@maps_errors`).
+A stream submits its next requests while earlier ones run (`answer_in_order`).
 """
 
 from __future__ import annotations
 
 import json
-import queue
-import threading
-import time
 from collections.abc import Iterator
-from typing import NamedTuple
 
 import grpc
 import numpy as np
 
 from aet.proto import embedding_pb2, embedding_pb2_grpc
 from aet.proto.codec import WIRE_DTYPES, decode_tensor, fill_tensor
-from aet.server.batcher import BatchFuture
-from aet.server.errors import abort, grpc_status
-from aet.server.metrics import UNKNOWN_MODEL, RequestTiming, ServingMetrics
-from aet.server.models import LoadedModel, ModelRegistry, ModelState, VersionStatus
-from aet.server.validation import FLOAT32, validate_inputs
+from aet.server.errors import excerpt, maps_errors, with_prefix
+from aet.server.models import LoadedModel, ModelState, VersionStatus
+from aet.server.pipeline import Inference, InferencePipeline, Outputs
+from aet.server.streams import StreamWindow, answer_in_order
+from aet.server.validation import FLOAT32, check_shape, validate_inputs
 
 _TINY = np.finfo(np.float32).tiny
 
-
-STREAM_READ_AHEAD = 4  # requests of one stream decoded and queued ahead of its responses
 API_LABEL = "embed"  # the `api` of this service's requests in the metrics
 
 
-class _Submitted(NamedTuple):
-    """A request handed to its model's batcher."""
-
-    request: embedding_pb2.EmbedRequest
-    model: LoadedModel
-    future: BatchFuture
-    decode_seconds: float
-
-
-_END_OF_STREAM = object()
-
-
 class EmbeddingService(embedding_pb2_grpc.EmbeddingServiceServicer):
-    """The servicer (`build_server` registers it) over the models of `registry`."""
+    """The servicer (`build_server` registers it) over the models of `pipeline`."""
 
-    def __init__(self, registry: ModelRegistry, metrics: ServingMetrics | None = None) -> None:
-        self.registry = registry
-        self.metrics = metrics
+    def __init__(self, pipeline: InferencePipeline, window: StreamWindow) -> None:
+        self.pipeline = pipeline
+        self.registry = pipeline.registry
+        self.window = window
 
+    @maps_errors
     def Embed(
         self, request: embedding_pb2.EmbedRequest, context: grpc.ServicerContext
     ) -> embedding_pb2.EmbedResponse:
-        started = time.perf_counter()
-        submitted = None
-        try:
-            submitted = self._submit(request, context, started)
-            response = self._respond(submitted)
-        except Exception as exc:
-            code, message = grpc_status(exc)
-            self._observe(request, submitted, code, started)
-            context.abort(code, message)
-        self._observe(request, submitted, grpc.StatusCode.OK, started, response.timing)
-        return response
+        return self._finish((request, self._start(request, context)))
 
+    @maps_errors
     def EmbedStream(
         self, request_iterator: Iterator[embedding_pb2.EmbedRequest], context: grpc.ServicerContext
     ) -> Iterator[embedding_pb2.EmbedResponse]:
-        """Answers in request order. A reader thread decodes and submits up to
-        `STREAM_READ_AHEAD` requests ahead, so the model does not sit idle while the next
-        request of the stream is received and decoded."""
-        ahead: queue.Queue = queue.Queue(STREAM_READ_AHEAD)
-        threading.Thread(
-            target=self._read_ahead,
-            args=(request_iterator, context, ahead),
-            name="embed-stream-reader",
-            daemon=True,
-        ).start()
-        while (item := ahead.get()) is not _END_OF_STREAM:
-            request, started, submitted, error = item
+        """Answers in request order; a failed request ends the stream with its status, the
+        message naming its request_id."""
+
+        def finish(started: tuple[embedding_pb2.EmbedRequest, Inference]):
             try:
-                if error is not None:
-                    raise error
-                response = self._respond(submitted)
+                return self._finish(started)
             except Exception as exc:
-                code, message = grpc_status(exc)
-                self._observe(request, submitted, code, started)
-                context.abort(code, f"request_id {request.request_id!r}: {message}")
-            self._observe(request, submitted, grpc.StatusCode.OK, started, response.timing)
-            yield response
+                raise with_prefix(exc, f"request_id {excerpt(started[0].request_id)}") from exc
 
-    def _read_ahead(
-        self,
-        request_iterator: Iterator[embedding_pb2.EmbedRequest],
-        context: grpc.ServicerContext,
-        ahead: queue.Queue,
-    ) -> None:
-        """Submit the stream's requests in order, passing on (request, started, submitted, error);
-        a request that fails to submit is passed on with its error and ends the reading."""
-        try:
-            for request in request_iterator:
-                started = time.perf_counter()
-                try:
-                    item = (request, started, self._submit(request, context, started), None)
-                except Exception as exc:
-                    item = (request, started, None, exc)
-                if not _put_while_active(ahead, item, context) or item[3] is not None:
-                    return
-        except grpc.RpcError:
-            return  # the client cancelled or the call ended: nobody to answer
-        finally:
-            _put_while_active(ahead, _END_OF_STREAM, context)
+        yield from answer_in_order(
+            request_iterator,
+            context,
+            lambda request: (request, self._start(request, context)),
+            finish,
+            self.window,
+        )
 
+    @maps_errors
     def ListModels(
         self, request: embedding_pb2.ListModelsRequest, context: grpc.ServicerContext
     ) -> embedding_pb2.ListModelsResponse:
@@ -131,90 +79,50 @@ class EmbeddingService(embedding_pb2_grpc.EmbeddingServiceServicer):
             )
         return embedding_pb2.ListModelsResponse(models=summaries)
 
+    @maps_errors
     def DescribeModel(
         self, request: embedding_pb2.DescribeModelRequest, context: grpc.ServicerContext
     ) -> embedding_pb2.ModelDescription:
-        try:
-            model = self.registry.lookup(request.model, request.version or None)
-        except Exception as exc:
-            abort(context, exc)
+        model = self.pipeline.lookup(request.model, request.version)
         return describe(model, self.registry.statuses(model.name))
 
-    def _submit(
-        self, request: embedding_pb2.EmbedRequest, context: grpc.ServicerContext, started: float
-    ) -> _Submitted:
-        """Find the model, decode and check the inputs, queue them: nothing waits here."""
-        model = self.registry.lookup(request.model, request.version or None)
-        inputs = validate_inputs(decode_tensor(request.inputs, "inputs"), model.request_spec)
-        decoded = time.perf_counter()
-        remaining = context.time_remaining()
-        future = model.batcher.submit(
-            inputs,
-            None if remaining is None else time.monotonic() + remaining,
+    def _start(
+        self, request: embedding_pb2.EmbedRequest, context: grpc.ServicerContext
+    ) -> Inference:
+        def decode(model: LoadedModel) -> np.ndarray:
+            check_shape(request.inputs.shape, model.request_spec)
+            return validate_inputs(decode_tensor(request.inputs, "inputs"), model.request_spec)
+
+        return self.pipeline.start(
+            API_LABEL,
+            request.model,
+            request.version,
+            decode,
+            (context.time_remaining(),),
             lambda: not context.is_active(),
         )
-        return _Submitted(request, model, future, decoded - started)
 
-    @staticmethod
-    def _respond(submitted: _Submitted) -> embedding_pb2.EmbedResponse:
-        """Wait for the embeddings, apply the request's options, encode the response."""
-        request, model, future, decode_seconds = submitted
-        embeddings = future.result()
-        answered = time.perf_counter()
-        # Sub-messages are filled in place: building them apart would copy them in.
-        response = embedding_pb2.EmbedResponse(
-            request_id=request.request_id, model=model.name, version=model.version
-        )
-        fill_tensor(response.embeddings, _postprocess(embeddings, request.options))
-        timing = response.timing
-        timing.decode_us = decode_seconds * 1e6
-        timing.queue_us = future.queue_seconds * 1e6
-        timing.run_us = future.run_seconds * 1e6
-        timing.encode_us = (time.perf_counter() - answered) * 1e6
+    def _finish(
+        self, started: tuple[embedding_pb2.EmbedRequest, Inference]
+    ) -> embedding_pb2.EmbedResponse:
+        request, inference = started
+
+        def encode(model: LoadedModel, outputs: Outputs) -> embedding_pb2.EmbedResponse:
+            # Sub-messages are filled in place: building them apart would copy them in.
+            response = embedding_pb2.EmbedResponse(
+                request_id=request.request_id, model=model.name, version=model.version
+            )
+            embeddings = outputs[model.card.output.name]
+            fill_tensor(response.embeddings, _postprocess(embeddings, request.options))
+            return response
+
+        response, timing = self.pipeline.finish(inference, encode)
+        fields = response.timing
+        fields.decode_us = timing.decode * 1e6
+        fields.queue_us = timing.queue * 1e6
+        fields.run_us = timing.run * 1e6
+        fields.encode_us = timing.encode * 1e6
         return response
-
-    def _observe(
-        self,
-        request: embedding_pb2.EmbedRequest,
-        submitted: _Submitted | None,
-        code: grpc.StatusCode,
-        started: float,
-        timing: embedding_pb2.ServerTiming | None = None,
-    ) -> None:
-        """Report one answered request to the metrics, if the server keeps any."""
-        if self.metrics is None:
-            return
-        if submitted is not None:
-            name, version = submitted.model.name, submitted.model.version
-        else:  # unresolved: label a known model only, never an arbitrary name (cardinality)
-            known = request.model in self.registry.names()
-            name, version = (request.model if known else UNKNOWN_MODEL), ""
-        self.metrics.observe_request(
-            name,
-            version,
-            API_LABEL,
-            code,
-            time.perf_counter() - started,
-            None
-            if timing is None
-            else RequestTiming(
-                decode=timing.decode_us / 1e6,
-                queue=timing.queue_us / 1e6,
-                run=timing.run_us / 1e6,
-                encode=timing.encode_us / 1e6,
-            ),
-        )
-
-
-def _put_while_active(ahead: queue.Queue, item: object, context: grpc.ServicerContext) -> bool:
-    """Put `item` once there is room; False if the call ended first (nobody reads any more)."""
-    while True:
-        try:
-            ahead.put(item, timeout=0.1)
-            return True
-        except queue.Full:
-            if not context.is_active():
-                return False
 
 
 def _postprocess(embeddings: np.ndarray, options: embedding_pb2.EmbedOptions) -> np.ndarray:

@@ -1,13 +1,19 @@
 """Serving errors, one class per gRPC status of DESIGN.md's error table, and the one mapping.
 
-Services raise these (or let `TensorCodecError` through) and turn any exception into a status
-with `grpc_status`; messages name the field, the expected and the received value.
+Services raise these (or let `TensorCodecError` through); `@maps_errors` on a servicer method
+turns any exception into its status at the edge (`grpc_status`). Messages name the field, the
+expected and the received value; a client-supplied string appears only as a bounded `excerpt`,
+and every message is cut to `MAX_MESSAGE_CHARS` (a status message travels in the trailing
+metadata, whose size is limited: an unbounded echo would turn into RESOURCE_EXHAUSTED).
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
-from typing import NoReturn
+from collections.abc import Callable
+from typing import TypeVar
 
 import grpc
 
@@ -64,19 +70,76 @@ class Unavailable(ServingError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
+EXCERPT_CHARS = 64  # characters of a client-supplied string quoted in a message
+MAX_MESSAGE_CHARS = 1024  # longest status message sent
+
+
+def excerpt(value: object, limit: int = EXCERPT_CHARS) -> str:
+    """`repr(value)`, cut to about `limit` characters with its full length said when cut."""
+    shown = repr(value)
+    if len(shown) <= limit:
+        return shown
+    size = f" ({len(value)} characters)" if isinstance(value, str) else ""
+    return f"{shown[:limit]}...{size}"
+
+
+def status_code(exc: BaseException) -> grpc.StatusCode:
+    """The gRPC status code of an exception raised while serving a request."""
+    if isinstance(exc, ServingError):
+        return exc.code
+    if isinstance(exc, TensorCodecError):
+        return grpc.StatusCode.INVALID_ARGUMENT
+    return grpc.StatusCode.INTERNAL
+
+
 def grpc_status(exc: BaseException) -> tuple[grpc.StatusCode, str]:
-    """The gRPC status code and message for any exception raised while serving a request.
+    """The gRPC status code and (bounded) message for an exception raised serving a request.
 
     Unexpected exceptions become INTERNAL and are logged with their traceback.
     """
-    if isinstance(exc, ServingError):
-        return exc.code, str(exc)
-    if isinstance(exc, TensorCodecError):
-        return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
-    log.error("internal_error", exc_info=exc, extra={"error": f"{type(exc).__name__}: {exc}"})
-    return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
+    code = status_code(exc)
+    if code == grpc.StatusCode.INTERNAL and not isinstance(exc, ServingError):
+        log.error("internal_error", exc_info=exc, extra={"error": f"{type(exc).__name__}: {exc}"})
+        message = f"internal error: {type(exc).__name__}: {exc}"
+    else:
+        message = str(exc)
+    if len(message) > MAX_MESSAGE_CHARS:
+        message = message[: MAX_MESSAGE_CHARS - 3] + "..."
+    return code, message
 
 
-def abort(context: grpc.ServicerContext, exc: BaseException) -> NoReturn:
-    """End the RPC with the status `grpc_status` gives for `exc`."""
-    context.abort(*grpc_status(exc))  # raises: grpc ends the RPC here
+def with_prefix(exc: BaseException, prefix: str) -> ServingError:
+    """`exc` as a `ServingError` of the same status whose message starts with `prefix`."""
+    code, message = grpc_status(exc)
+    error = ServingError(f"{prefix}: {message}")
+    error.code = code
+    return error
+
+
+Method = TypeVar("Method", bound=Callable)
+
+
+def maps_errors(method: Method) -> Method:
+    """Servicer method decorator: any exception ends the call with its `grpc_status`.
+
+    Works on unary methods and on response-streaming (generator) methods alike.
+    """
+    if inspect.isgeneratorfunction(method):
+
+        @functools.wraps(method)
+        def streaming(self, request, context):
+            try:
+                yield from method(self, request, context)
+            except Exception as exc:
+                context.abort(*grpc_status(exc))
+
+        return streaming  # type: ignore[return-value]
+
+    @functools.wraps(method)
+    def unary(self, request, context):
+        try:
+            return method(self, request, context)
+        except Exception as exc:
+            context.abort(*grpc_status(exc))
+
+    return unary  # type: ignore[return-value]

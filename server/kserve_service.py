@@ -14,13 +14,8 @@ batch, on top of the gRPC deadline; sequence parameters are refused (no stateful
 
 from __future__ import annotations
 
-import contextlib
 import math
-import queue
-import threading
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from importlib import metadata
 
 import grpc
@@ -29,19 +24,14 @@ import numpy as np
 from aet.proto import grpc_service_pb2 as pb
 from aet.proto import grpc_service_pb2_grpc, model_config_pb2
 from aet.proto.codec import decode_raw
-from aet.server.batcher import BatchFuture
-from aet.server.errors import InvalidArgument, Unavailable, abort, grpc_status
-from aet.server.metrics import (
-    UNKNOWN_MODEL,
-    Duration,
-    RequestTiming,
-    ServingMetrics,
-    StatisticsSnapshot,
-)
-from aet.server.models import LoadedModel, ModelRegistry, ModelState
+from aet.server.errors import InvalidArgument, Unavailable, excerpt, grpc_status, maps_errors
+from aet.server.metrics import Duration, StatisticsSnapshot
+from aet.server.models import LoadedModel, ModelState
+from aet.server.pipeline import Inference, InferencePipeline, Outputs
 from aet.server.reload import RepositoryReloader
 from aet.server.repository import MODEL_FILE
-from aet.server.validation import validate_inputs
+from aet.server.streams import StreamWindow, answer_in_order
+from aet.server.validation import check_shape, parse_version, validate_inputs
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 SERVER_NAME = "ae-transfer"
@@ -50,7 +40,6 @@ API_LABEL = "kserve"
 # Only what is really implemented: "statistics" makes perf_analyzer read ModelStatistics.
 EXTENSIONS = ("model_configuration", "model_repository", "statistics")
 SEQUENCE_PARAMETERS = ("sequence_id", "sequence_start", "sequence_end")
-STREAM_IN_FLIGHT = 64  # requests of one ModelStreamInfer stream submitted ahead of its answers
 
 # v2 datatype names <-> numpy, for the types a request may name (checked against the model).
 V2_DTYPES: dict[str, np.dtype] = {
@@ -86,15 +75,6 @@ def server_version() -> str:
         return "unknown"
 
 
-def parse_version(text: str, field: str) -> int | None:
-    """A v2 version string: "" means the latest (None), else a positive integer."""
-    if not text:
-        return None
-    if not text.isdigit() or int(text) < 1:
-        raise InvalidArgument(f"{field}: expected a positive integer or '' (latest), got {text!r}")
-    return int(text)
-
-
 def decode_input(request: pb.ModelInferRequest, model: LoadedModel) -> np.ndarray:
     """The request's one input as a checked float32 array (rows, *row shape)."""
     expected_name = model.card.input.name
@@ -104,14 +84,17 @@ def decode_input(request: pb.ModelInferRequest, model: LoadedModel) -> np.ndarra
         )
     tensor = request.inputs[0]
     if tensor.name != expected_name:
-        raise InvalidArgument(f"inputs[0].name: expected {expected_name!r}, got {tensor.name!r}")
+        raise InvalidArgument(
+            f"inputs[0].name: expected {expected_name!r}, got {excerpt(tensor.name)}"
+        )
     field = f"inputs[{tensor.name}]"
     accepted = [V2_NAMES[dtype] for dtype in model.request_spec.accepted_dtypes]
     if tensor.datatype not in accepted:
         raise InvalidArgument(
-            f"{field}.datatype: expected {' or '.join(accepted)}, got {tensor.datatype!r}"
+            f"{field}.datatype: expected {' or '.join(accepted)}, got {excerpt(tensor.datatype)}"
         )
     dtype = V2_DTYPES[tensor.datatype]
+    check_shape(tensor.shape, model.request_spec, field)
     if request.raw_input_contents:
         if len(request.raw_input_contents) != 1:
             raise InvalidArgument(
@@ -139,11 +122,7 @@ def _typed_contents(
             f"{field}.contents: expected {expected_field} for {tensor.datatype} (or "
             f"raw_input_contents), got {', '.join(present) or 'no data'}"
         )
-    shape = tuple(tensor.shape)
-    if not shape or any(d < 0 for d in shape):
-        raise InvalidArgument(
-            f"{field}.shape: expected at least one dimension, none negative, got {list(shape)}"
-        )
+    shape = tuple(tensor.shape)  # checked by `check_shape`
     values = getattr(tensor.contents, expected_field)
     if len(values) != math.prod(shape):
         raise InvalidArgument(
@@ -193,7 +172,8 @@ def check_requested_outputs(request: pb.ModelInferRequest, model: LoadedModel) -
     for i, output in enumerate(request.outputs):
         if output.name != model.card.output.name:
             raise InvalidArgument(
-                f"outputs[{i}].name: expected {model.card.output.name!r}, got {output.name!r}"
+                f"outputs[{i}].name: expected {model.card.output.name!r}, "
+                f"got {excerpt(output.name)}"
             )
         if "classification" in output.parameters:
             raise InvalidArgument(
@@ -203,44 +183,30 @@ def check_requested_outputs(request: pb.ModelInferRequest, model: LoadedModel) -
 
 
 def infer_response(
-    request: pb.ModelInferRequest, model: LoadedModel, embeddings: np.ndarray
+    request: pb.ModelInferRequest, model: LoadedModel, outputs: Outputs
 ) -> pb.ModelInferResponse:
-    """The v2 response carrying `embeddings` as raw little-endian FP32 bytes."""
-    little = np.ascontiguousarray(embeddings, dtype="<f4")
-    return pb.ModelInferResponse(
-        model_name=model.name,
-        model_version=str(model.version),
-        id=request.id,
-        outputs=[
-            pb.ModelInferResponse.InferOutputTensor(
-                name=model.card.output.name, datatype="FP32", shape=little.shape
-            )
-        ],
-        raw_output_contents=[little.tobytes()],
+    """The v2 response carrying each output as raw little-endian FP32 bytes, in order."""
+    response = pb.ModelInferResponse(
+        model_name=model.name, model_version=str(model.version), id=request.id
     )
-
-
-@dataclass
-class _Call:
-    """One inference request on its way through the server."""
-
-    request: pb.ModelInferRequest
-    started: float  # perf_counter() on arrival
-    model: LoadedModel | None = None  # the version serving it, once resolved
-    future: BatchFuture | None = None  # its embeddings, once queued
-    decoded: float = 0.0  # perf_counter() once decoded and checked
-    error: Exception | None = None  # why it failed before reaching the batcher
+    for name, values in outputs.items():
+        little = np.ascontiguousarray(values, dtype="<f4")
+        response.outputs.add(name=name, datatype="FP32", shape=little.shape)
+        response.raw_output_contents.append(little.tobytes())
+    return response
 
 
 class InferenceService(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
     """The v2 servicer; `build_server(services=[ServiceBinding(SERVICE_NAME, s.add_to_server)])`."""
 
     def __init__(
-        self, registry: ModelRegistry, reloader: RepositoryReloader, metrics: ServingMetrics
+        self, pipeline: InferencePipeline, reloader: RepositoryReloader, window: StreamWindow
     ) -> None:
-        self.registry = registry
+        self.pipeline = pipeline
+        self.registry = pipeline.registry
+        self.metrics = pipeline.metrics
         self.reloader = reloader
-        self.metrics = metrics
+        self.window = window
 
     def add_to_server(self, server: grpc.Server) -> None:
         """Register this servicer with `server`."""
@@ -258,13 +224,12 @@ class InferenceService(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
             ready=bool(names) and all(self.registry.is_ready(name) for name in names)
         )
 
+    @maps_errors
     def ModelReady(self, request, context) -> pb.ModelReadyResponse:
         try:
-            self._lookup(request.name, request.version)
+            self.pipeline.lookup(request.name, request.version)
         except Unavailable:  # a known version that is loading, draining or failed
             return pb.ModelReadyResponse(ready=False)
-        except Exception as exc:
-            abort(context, exc)
         return pb.ModelReadyResponse(ready=True)
 
     def ServerMetadata(self, request, context) -> pb.ServerMetadataResponse:
@@ -272,11 +237,9 @@ class InferenceService(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
             name=SERVER_NAME, version=server_version(), extensions=EXTENSIONS
         )
 
+    @maps_errors
     def ModelMetadata(self, request, context) -> pb.ModelMetadataResponse:
-        try:
-            model = self._lookup(request.name, request.version)
-        except Exception as exc:
-            abort(context, exc)
+        model = self.pipeline.lookup(request.name, request.version)
         tensor = pb.ModelMetadataResponse.TensorMetadata
         return pb.ModelMetadataResponse(
             name=model.name,
@@ -296,144 +259,85 @@ class InferenceService(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
             ],
         )
 
+    @maps_errors
     def ModelConfig(self, request, context) -> pb.ModelConfigResponse:
-        try:
-            model = self._lookup(request.name, request.version)
-        except Exception as exc:
-            abort(context, exc)
+        model = self.pipeline.lookup(request.name, request.version)
         return pb.ModelConfigResponse(config=model_config(model))
 
     # -- inference --------------------------------------------------------------------------
 
+    @maps_errors
     def ModelInfer(
         self, request: pb.ModelInferRequest, context: grpc.ServicerContext
     ) -> pb.ModelInferResponse:
-        response, code, message = self._finish(self._start(request, context))
-        if response is None:
-            context.abort(code, message)
-        return response
+        return self._finish(self._start(request, context))
 
+    @maps_errors
     def ModelStreamInfer(
         self, request_iterator: Iterator[pb.ModelInferRequest], context: grpc.ServicerContext
     ) -> Iterator[pb.ModelStreamInferResponse]:
-        """Answers in request order; a failed request gets `error_message`, the stream goes on.
+        """Answers in request order; a failed request gets `error_message`, the stream goes on."""
 
-        A reader thread decodes and submits up to `STREAM_IN_FLIGHT` requests ahead, so the
-        requests of one stream batch together like concurrent unary calls.
-        """
-        calls: queue.Queue[_Call | None] = queue.Queue(maxsize=STREAM_IN_FLIGHT)
-        reader = threading.Thread(
-            target=self._read_stream,
-            args=(request_iterator, context, calls),
-            name="kserve-stream-reader",
-            daemon=True,
+        def finish(started: tuple[pb.ModelInferRequest, Inference]):
+            try:
+                response, message = self._finish(started), ""
+            except Exception as exc:
+                request = started[0]
+                message = grpc_status(exc)[1]
+                response = pb.ModelInferResponse(
+                    id=request.id,
+                    model_name=request.model_name,
+                    model_version=request.model_version,
+                )
+            return pb.ModelStreamInferResponse(error_message=message, infer_response=response)
+
+        yield from answer_in_order(
+            request_iterator,
+            context,
+            lambda request: self._start(request, context),
+            finish,
+            self.window,
         )
-        reader.start()
-        try:
-            while (call := calls.get()) is not None:
-                response, _, message = self._finish(call)
-                if response is None:
-                    response = pb.ModelInferResponse(
-                        id=call.request.id,
-                        model_name=call.request.model_name,
-                        model_version=call.request.model_version,
-                    )
-                yield pb.ModelStreamInferResponse(error_message=message, infer_response=response)
-        finally:
-            # If the client left mid-stream, the reader may be blocked on a full queue.
-            while reader.is_alive():
-                with contextlib.suppress(queue.Empty):
-                    calls.get(timeout=0.1)
 
-    def _read_stream(self, request_iterator, context, calls: queue.Queue) -> None:
-        """Start each streamed request as it arrives; None marks the end of the stream."""
-        try:
-            for request in request_iterator:
-                calls.put(self._start(request, context))
-        except grpc.RpcError:
-            pass  # the client went away; the answers already started are still yielded
-        finally:
-            calls.put(None)
+    def _start(
+        self, request: pb.ModelInferRequest, context: grpc.ServicerContext
+    ) -> tuple[pb.ModelInferRequest, Inference]:
+        """Check the request's parameters, then resolve, decode, check and queue it."""
 
-    def _start(self, request: pb.ModelInferRequest, context: grpc.ServicerContext) -> _Call:
-        """Resolve, decode, check and queue one request; a failure is kept in `call.error`."""
-        call = _Call(request, started=time.perf_counter())
-        try:
-            version = parse_version(request.model_version, "model_version")
-            deadlines = [
-                time.monotonic() + limit
-                for limit in (context.time_remaining(), request_timeout(request))
-                if limit is not None
-            ]
-            while call.future is None:
-                call.model = self.registry.lookup(request.model_name, version)
-                inputs = decode_input(request, call.model)
-                check_requested_outputs(request, call.model)
-                call.decoded = time.perf_counter()
-                try:
-                    call.future = call.model.batcher.submit(
-                        inputs, min(deadlines, default=None), lambda: not context.is_active()
-                    )
-                except Unavailable:
-                    # Hot reload: the latest version was unloaded between lookup and submit
-                    # and a newer one serves now: follow it. A pinned version cannot move.
-                    latest = self.registry.lookup(request.model_name)
-                    if version is not None or latest is call.model:
-                        raise
-        except Exception as exc:
-            call.error = exc
-        return call
+        def decode(model: LoadedModel) -> np.ndarray:
+            check_requested_outputs(request, model)
+            return decode_input(request, model)
 
-    def _finish(self, call: _Call) -> tuple[pb.ModelInferResponse | None, grpc.StatusCode, str]:
-        """Wait for the call's embeddings and build its response; record the outcome.
-
-        Returns (response, OK, "") or (None, status code, message).
-        """
         try:
-            if call.error is not None:
-                raise call.error
-            embeddings = call.future.result()
-            answered = time.perf_counter()
-            response = infer_response(call.request, call.model, embeddings)
-        except Exception as exc:
-            code, message = grpc_status(exc)
-            if call.model is not None:
-                name, version = call.model.name, call.model.version
-            else:  # unresolved: name a known model, never an arbitrary one (label cardinality)
-                known = call.request.model_name in self.registry.names()
-                name, version = (call.request.model_name if known else UNKNOWN_MODEL), ""
-            self.metrics.observe_request(
-                name, version, API_LABEL, code, time.perf_counter() - call.started
-            )
-            return None, code, message
-        done = time.perf_counter()
-        timing = RequestTiming(
-            decode=call.decoded - call.started,
-            queue=call.future.queue_seconds,
-            run=call.future.run_seconds,
-            encode=done - answered,
-        )
-        self.metrics.observe_request(
-            call.model.name,
-            call.model.version,
+            timeout = request_timeout(request)
+        except InvalidArgument as exc:
+            return request, self.pipeline.failed(API_LABEL, request.model_name, exc)
+        return request, self.pipeline.start(
             API_LABEL,
-            grpc.StatusCode.OK,
-            done - call.started,
-            timing,
+            request.model_name,
+            request.model_version,
+            decode,
+            (context.time_remaining(), timeout),
+            lambda: not context.is_active(),
+            version_field="model_version",
         )
-        return response, grpc.StatusCode.OK, ""
+
+    def _finish(self, started: tuple[pb.ModelInferRequest, Inference]) -> pb.ModelInferResponse:
+        request, inference = started
+        response, _ = self.pipeline.finish(
+            inference, lambda model, outputs: infer_response(request, model, outputs)
+        )
+        return response
 
     # -- statistics and repository ------------------------------------------------------------
 
+    @maps_errors
     def ModelStatistics(self, request, context) -> pb.ModelStatisticsResponse:
         """Cumulative statistics of READY versions (of one model and version, if named)."""
         version = None
-        try:
-            if request.name:  # a version without a model name is ignored, as in Triton
-                version = parse_version(request.version, "version")
-                self.registry.lookup(request.name, version)
-        except Exception as exc:
-            abort(context, exc)
+        if request.name:  # a version without a model name is ignored, as in Triton
+            version = parse_version(request.version)
+            self.registry.lookup(request.name, version)
         chosen = [
             model
             for model in self.registry
@@ -446,6 +350,7 @@ class InferenceService(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
             ]
         )
 
+    @maps_errors
     def RepositoryIndex(self, request, context) -> pb.RepositoryIndexResponse:
         """Every version the registry knows, plus repository models that are not loaded."""
         index = pb.RepositoryIndexResponse.ModelIndex
@@ -464,28 +369,21 @@ class InferenceService(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
             entries = [entry for entry in entries if entry.state == "READY"]
         return pb.RepositoryIndexResponse(models=sorted(entries, key=lambda e: (e.name, e.version)))
 
+    @maps_errors
     def RepositoryModelLoad(self, request, context) -> pb.RepositoryModelLoadResponse:
         """Load the model's new versions from the repository, unload its removed ones."""
-        try:
-            _refuse_parameters(request.parameters)
-            self.reloader.load_model(request.model_name)
-        except Exception as exc:
-            abort(context, exc)
+        _refuse_parameters(request.parameters)
+        self.reloader.load_model(request.model_name)
         return pb.RepositoryModelLoadResponse()
 
+    @maps_errors
     def RepositoryModelUnload(self, request, context) -> pb.RepositoryModelUnloadResponse:
         """Stop serving every version of the model once in-flight requests finish."""
-        try:
-            _refuse_parameters(request.parameters)
-            self.reloader.unload_model(request.model_name)
-        except Exception as exc:
-            abort(context, exc)
+        _refuse_parameters(request.parameters)
+        self.reloader.unload_model(request.model_name)
         return pb.RepositoryModelUnloadResponse()
 
     # -- helpers ----------------------------------------------------------------------------
-
-    def _lookup(self, name: str, version: str, version_field: str = "version") -> LoadedModel:
-        return self.registry.lookup(name, parse_version(version, version_field))
 
     def _ready_versions(self, name: str) -> list[str]:
         return [str(s.version) for s in self.registry.statuses(name) if s.state == ModelState.READY]
@@ -496,7 +394,7 @@ def _refuse_parameters(parameters) -> None:
     if parameters:
         key = sorted(parameters)[0]
         raise InvalidArgument(
-            f"parameters[{key!r}]: expected none (this server loads models "
+            f"parameters[{excerpt(key)}]: expected none (this server loads models "
             "as the repository holds them), got one"
         )
 

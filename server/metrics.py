@@ -26,12 +26,16 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 import grpc
-from prometheus_client import CollectorRegistry, Counter, Enum, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Enum, Histogram, make_wsgi_app
 from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.registry import Collector
 
+from aet.errors import UserError
+from aet.server.auth import TokenCheck
 from aet.server.batcher import BatchRecord
 from aet.server.models import LoadedModel, ModelRegistry, ModelState, VersionStatus
 
@@ -305,10 +309,47 @@ class ServingMetrics:
             ]
         return [stats.snapshot() for stats in chosen]
 
-    def serve_http(self, port: int, host: str = "127.0.0.1") -> MetricsEndpoint:
-        """Serve `/metrics` over HTTP on `host:port` (0: any free port) in a daemon thread."""
-        server, thread = start_http_server(port, addr=host, registry=self.registry)
+    def serve_http(
+        self, port: int, host: str = "127.0.0.1", token_check: TokenCheck | None = None
+    ) -> MetricsEndpoint:
+        """Serve `/metrics` over HTTP on `host:port` (0: any free port) in a daemon thread.
+
+        With `token_check`, a scrape without an accepted `Authorization: Bearer <token>`
+        header gets 401. Raises `UserError` naming the address when it cannot be bound.
+        """
+        app = make_wsgi_app(self.registry)
+        if token_check is not None:
+            app = _require_token(app, token_check)
+        try:
+            server = make_server(host, port, app, ThreadingWSGIServer, _QuietHandler)
+        except OSError as exc:
+            raise UserError(
+                f"metrics_port: cannot bind {host}:{port}: {exc.strerror or exc}"
+            ) from exc
+        thread = threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True)
+        thread.start()
         return MetricsEndpoint(server, thread)
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args) -> None:  # scrapes are not log events
+        pass
+
+
+def _require_token(app: Callable, check: TokenCheck) -> Callable:
+    """A WSGI app that answers 401 unless the request carries an accepted bearer token."""
+
+    def guarded(environ, start_response):
+        refusal = check.refusal(environ.get("HTTP_AUTHORIZATION"))
+        if refusal is None:
+            return app(environ, start_response)
+        start_response(
+            "401 Unauthorized",
+            [("Content-Type", "text/plain; charset=utf-8"), ("WWW-Authenticate", "Bearer")],
+        )
+        return [refusal.encode("utf-8")]
+
+    return guarded
 
 
 class MetricsEndpoint:

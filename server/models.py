@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from aet.server.batcher import BatchRecord, DynamicBatcher
-from aet.server.errors import NotFound, Unavailable
+from aet.server.errors import NotFound, Unavailable, excerpt
 from aet.server.repository import ModelCard, ModelVersion, scan_repository
 from aet.server.runtime import EncoderSession, ModelLoadError, RuntimeOptions, resolve_providers
 from aet.server.validation import RequestSpec
@@ -141,6 +141,7 @@ class ModelRegistry:
                 self.providers,
                 self.runtime,
                 score_name=None if card.score is None else card.score.name,
+                label=f"{found.name}/{found.version}/{found.model_path.name}",
             )
             session.warm_up(row_shape, (1, self.batching.max_batch_size))
         except ModelLoadError as exc:
@@ -210,6 +211,16 @@ class ModelRegistry:
         log.info("model_unloaded", extra={"model": name, "version": version, "drained": drained})
         self._notify(VersionStatus(name, version, ModelState.UNLOADED))
         return drained
+
+    def forget(self, name: str, version: int) -> None:
+        """Drop a version that is not loaded (e.g. FAILED) from the statuses."""
+        with self._lock:
+            if (name, version) in self._ready:
+                raise ValueError(f"model {name} version {version}: loaded; unload it instead")
+            status = self._statuses.pop((name, version), None)
+        if status is not None:
+            log.info("model_forgotten", extra={"model": name, "version": version})
+            self._notify(VersionStatus(name, version, ModelState.UNLOADED))
 
     def close(self, timeout: float | None = None) -> bool:
         """Refuse new requests on every version and finish queued ones; True if all drained."""
@@ -293,7 +304,7 @@ class ModelRegistry:
     def _missing(self, name: str, version: int | None) -> NotFound | Unavailable:
         statuses = self.statuses(name)
         if not statuses:
-            return NotFound(f"model: expected one of {self.names()}, got {name!r}")
+            return NotFound(f"model: expected one of {self.names()}, got {excerpt(name)}")
         if version is None:
             states = ", ".join(
                 f"{s.version}: {s.state.value} {s.reason}".rstrip() for s in statuses

@@ -4,9 +4,10 @@
 new versions are loaded (warmed up before they turn READY, so "latest" moves only then),
 versions whose folder disappeared are unloaded (no new requests; queued ones finish). A version
 whose sha256 does not match its card is refused and recorded as FAILED while the versions
-already serving keep serving. `start_polling(seconds)` runs `sync` periodically
-(`aet serve --poll-repository SECONDS`); the KServe RepositoryModelLoad/Unload RPCs call
-`load_model` / `unload_model`. A model unloaded explicitly stays unloaded, polling included,
+already serving keep serving; it is retried once its folder changes (e.g. a copy that was
+still missing model.json), and forgotten once its folder is gone. `start_polling(seconds)`
+runs `sync` periodically (`aet serve --poll-repository SECONDS`); the KServe
+RepositoryModelLoad/Unload RPCs call `load_model` / `unload_model`. A model unloaded explicitly stays unloaded, polling included,
 until it is loaded explicitly again.
 """
 
@@ -17,7 +18,7 @@ import os
 import threading
 from pathlib import Path
 
-from aet.server.errors import NotFound, Unavailable
+from aet.server.errors import NotFound, Unavailable, excerpt
 from aet.server.models import ModelRegistry, ModelState
 from aet.server.repository import ModelVersion, RepositoryError, scan_repository
 
@@ -37,6 +38,8 @@ class RepositoryReloader:
         self._pinned_unloaded: set[str] = set()
         self._stop = threading.Event()
         self._poller: threading.Thread | None = None
+        self._refused: dict[tuple[str, int], tuple] = {}  # FAILED version -> folder fingerprint
+        self.syncs = 0  # completed `sync` passes (tests wait on it instead of sleeping)
 
     def model_names(self) -> list[str]:
         """Names of the models the repository holds now."""
@@ -49,6 +52,7 @@ class RepositoryReloader:
             names = {v.name for v in found} | set(self.registry.names())
             for name in sorted(names - self._pinned_unloaded):
                 self._sync_model(name, [v for v in found if v.name == name], retry_failed=False)
+            self.syncs += 1
 
     def load_model(self, name: str) -> None:
         """Load `name`'s new versions, retry its failed ones, unload its removed ones.
@@ -60,8 +64,8 @@ class RepositoryReloader:
             found = [v for v in scan_repository(self.root) if v.name == name]
             if not found:
                 raise NotFound(
-                    f"model_name: expected a model of repository {self.root} "
-                    f"({', '.join(self.model_names()) or 'empty'}), got {name!r}"
+                    f"model_name: expected a model of the repository "
+                    f"({', '.join(self.model_names()) or 'empty'}), got {excerpt(name)}"
                 )
             self._pinned_unloaded.discard(name)
             self._sync_model(name, found, retry_failed=True)
@@ -80,7 +84,7 @@ class RepositoryReloader:
             if not loaded and name not in self.registry.names():
                 raise NotFound(
                     f"model_name: expected a loaded model "
-                    f"({', '.join(self.registry.names()) or 'none'}), got {name!r}"
+                    f"({', '.join(self.registry.names()) or 'none'}), got {excerpt(name)}"
                 )
             self._pinned_unloaded.add(name)
             for version in loaded:
@@ -111,16 +115,26 @@ class RepositoryReloader:
                 log.error("repository_poll_failed", extra={"reason": str(exc)})
 
     def _sync_model(self, name: str, found: list[ModelVersion], retry_failed: bool) -> None:
-        """Load the versions of `name` in `found` that are new, unload the ones not in it."""
+        """Load the versions of `name` in `found` that are new (or FAILED and changed since, or
+        all FAILED ones with `retry_failed`); unload or forget the ones not in it."""
         states = {s.version: s.state for s in self.registry.statuses(name)}
         on_disk = {v.version for v in found}
         for version in found:
-            state = states.get(version.version)
-            if state is None or (retry_failed and state == ModelState.FAILED):
-                self.registry.load(version)
+            key, state = (name, version.version), states.get(version.version)
+            changed = self._refused.get(key) != version.fingerprint
+            if state is None or (state == ModelState.FAILED and (retry_failed or changed)):
+                if self.registry.load(version).state == ModelState.FAILED:
+                    self._refused[key] = version.fingerprint
+                else:
+                    self._refused.pop(key, None)
         for version, state in states.items():
-            if version not in on_disk and state == ModelState.READY:
+            if version in on_disk:
+                continue
+            if state == ModelState.READY:
                 self._unload(name, version)
+            elif state == ModelState.FAILED:
+                self.registry.forget(name, version)
+                self._refused.pop((name, version), None)
 
     def _unload(self, name: str, version: int) -> None:
         if not self.registry.unload(name, version, self.drain_timeout):

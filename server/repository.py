@@ -294,6 +294,7 @@ class ModelVersion:
     path: Path
     card: ModelCard | None = None
     error: str | None = None
+    fingerprint: tuple = ()  # (file name, size, mtime) of each file, taken before reading them
 
     @property
     def ok(self) -> bool:
@@ -321,17 +322,19 @@ def sha256_file(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def read_model_card(path: str | os.PathLike) -> ModelCard:
-    """Read and validate one `model.json`; `RepositoryError` names the file and the field."""
+def read_model_card(path: str | os.PathLike, source: str | None = None) -> ModelCard:
+    """Read and validate one `model.json`; `RepositoryError` names the file (as `source`, when
+    given, e.g. a path relative to the repository) and the field."""
+    source = str(path) if source is None else source
     try:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
-        raise RepositoryError(f"cannot read model card {path}: {exc.strerror or exc}") from exc
+        raise RepositoryError(f"cannot read model card {source}: {exc.strerror or exc}") from exc
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise RepositoryError(f"{path}: not valid JSON: {exc}") from exc
-    return ModelCard.from_dict(data, source=str(path))
+        raise RepositoryError(f"{source}: not valid JSON: {exc}") from exc
+    return ModelCard.from_dict(data, source=source)
 
 
 def validate_model_name(name: str) -> str:
@@ -439,42 +442,44 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _check_version(name: str, version: int, path: Path) -> ModelVersion:
-    """Read one version folder's card and verify it against the folder and the model bytes."""
+    """Read one version folder's card and verify it against the folder and the model bytes.
+
+    Reasons name files relative to the repository (`<model>/<version>/model.json`): they are
+    shown to clients, who have no business knowing where the repository lives.
+    """
+    card_file, model_file = f"{name}/{version}/{CARD_FILE}", f"{name}/{version}/{MODEL_FILE}"
+    fingerprint = folder_fingerprint(path)
+
+    def refused(reason: str, card: ModelCard | None = None) -> ModelVersion:
+        return ModelVersion(name, version, path, card, reason, fingerprint)
+
     try:
-        card = read_model_card(path / CARD_FILE)
+        card = read_model_card(path / CARD_FILE, card_file)
     except RepositoryError as exc:
-        return ModelVersion(name, version, path, error=str(exc))
+        return refused(str(exc))
     if (card.name, card.version) != (name, version):
-        return ModelVersion(
-            name,
-            version,
-            path,
-            card,
-            error=(
-                f"{path / CARD_FILE}: card says {card.name}/{card.version}, folder is {name}/{version}"
-            ),
+        return refused(
+            f"{card_file}: card says {card.name}/{card.version}, folder is {name}/{version}", card
         )
     try:
         actual = sha256_file(path / MODEL_FILE)
     except OSError as exc:
-        return ModelVersion(
-            name,
-            version,
-            path,
-            card,
-            error=f"cannot read {path / MODEL_FILE}: {exc.strerror or exc}",
-        )
+        return refused(f"cannot read {model_file}: {exc.strerror or exc}", card)
     if actual != card.sha256:
-        return ModelVersion(
-            name,
-            version,
-            path,
-            card,
-            error=(
-                f"{path / MODEL_FILE}: sha256 mismatch: card expects {card.sha256}, file has {actual}"
-            ),
+        return refused(
+            f"{model_file}: sha256 mismatch: card expects {card.sha256}, file has {actual}", card
         )
-    return ModelVersion(name, version, path, card)
+    return ModelVersion(name, version, path, card, fingerprint=fingerprint)
+
+
+def folder_fingerprint(path: Path) -> tuple:
+    """(name, size, mtime in ns) of every file in `path`: changes when a file is added,
+    removed or rewritten, so a refused version is retried only when its folder changed."""
+    try:
+        entries = sorted(path.iterdir())
+        return tuple((e.name, e.stat().st_size, e.stat().st_mtime_ns) for e in entries)
+    except OSError:
+        return ()
 
 
 def scan_repository(root: str | os.PathLike) -> list[ModelVersion]:

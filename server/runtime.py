@@ -127,7 +127,11 @@ class EncoderSession:
         providers: list[str],
         options: RuntimeOptions,
         score_name: str | None = None,
+        label: str | None = None,
     ):
+        """`label` names the model in errors (default: its path; the server passes
+        `<model>/<version>/model.onnx`, as errors reach clients)."""
+        label = str(model_path) if label is None else label
         session_options = ort.SessionOptions()
         session_options.intra_op_num_threads = options.intra_op_threads
         session_options.inter_op_num_threads = options.inter_op_threads
@@ -135,8 +139,9 @@ class EncoderSession:
         try:
             model = onnx.load(str(model_path))
         except Exception as exc:  # onnx raises protobuf's DecodeError, OSError, ...
-            raise ModelLoadError(f"{model_path}: onnxruntime cannot load it: {exc}") from exc
-        self._check_signature(model_path, model, input_name, (output_name, score_name), row_shape)
+            reason = str(exc).replace(str(model_path), label)  # no server path in the message
+            raise ModelLoadError(f"{label}: onnxruntime cannot load it: {reason}") from exc
+        self._check_signature(label, model, input_name, (output_name, score_name), row_shape)
         try:
             self._scored_session = None
             if score_name is not None:
@@ -149,7 +154,8 @@ class EncoderSession:
                 providers=providers,
             )
         except Exception as exc:  # onnx and onnxruntime raise their own error types
-            raise ModelLoadError(f"{model_path}: onnxruntime cannot load it: {exc}") from exc
+            reason = str(exc).replace(str(model_path), label)
+            raise ModelLoadError(f"{label}: onnxruntime cannot load it: {reason}") from exc
         self.input_name = input_name
         self.output_name = output_name
         self.score_name = score_name
@@ -160,7 +166,7 @@ class EncoderSession:
 
     @staticmethod
     def _check_signature(
-        model_path: Path,
+        label: str,
         model: onnx.ModelProto,
         input_name: str,
         output_names: tuple[str | None, ...],
@@ -170,12 +176,12 @@ class EncoderSession:
         outputs = {o.name for o in model.graph.output}
         if input_name not in inputs:
             raise ModelLoadError(
-                f"{model_path}: input: expected {input_name!r} (model card), got {sorted(inputs)}"
+                f"{label}: input: expected {input_name!r} (model card), got {sorted(inputs)}"
             )
         for output_name in filter(None, output_names):
             if output_name not in outputs:
                 raise ModelLoadError(
-                    f"{model_path}: output: expected {output_name!r} (model card), "
+                    f"{label}: output: expected {output_name!r} (model card), "
                     f"got {sorted(outputs)}"
                 )
         dims = inputs[input_name].type.tensor_type.shape.dim
@@ -185,7 +191,7 @@ class EncoderSession:
             isinstance(g, int) and g != c for g, c in zip(graph_rows, row_shape, strict=False)
         ):
             raise ModelLoadError(
-                f"{model_path}: input shape: expected [batch, "
+                f"{label}: input shape: expected [batch, "
                 f"{', '.join(map(str, row_shape))}] (model card), "
                 f"got {['batch', *graph_rows]}"
             )

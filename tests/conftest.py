@@ -24,6 +24,7 @@ import torch
 from aet.proto.embedding_pb2_grpc import EmbeddingServiceStub as EmbeddingStub
 from aet.server.app import RunningServer, ServeConfig, build_server
 from aet.server.models import ModelRegistry
+from aet.server.pipeline import InferencePipeline
 
 DIGITS_MODEL = "digits"
 TEST_MESSAGE_MB = 8
@@ -88,6 +89,7 @@ def serve_config_for_tests(**overrides) -> ServeConfig:
         intra_op_threads=1,
         inter_op_threads=1,
         workers=32,
+        max_streams=16,
         max_message_mb=TEST_MESSAGE_MB,
         grace_period=5.0,
     )
@@ -99,7 +101,7 @@ def _start(
 ) -> RunningServer:
     config = serve_config_for_tests(repository=repository, **overrides)
     registry = ModelRegistry(config.runtime, config.batching)
-    running = build_server(config, registry, services, interceptors, credentials)
+    running = build_server(config, InferencePipeline(registry), services, interceptors, credentials)
     registry.load_repository(repository)
     return running
 

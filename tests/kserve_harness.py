@@ -26,6 +26,7 @@ from aet.server.auth import BearerTokenInterceptor
 from aet.server.kserve_service import SERVICE_NAME, InferenceService
 from aet.server.metrics import MetricsEndpoint, ServingMetrics
 from aet.server.models import ModelRegistry
+from aet.server.pipeline import InferencePipeline
 from aet.server.reload import RepositoryReloader
 from aet.server.repository import InputSpec, ModelCard, OutputSpec, write_version
 
@@ -98,6 +99,7 @@ class LiveServer:
     metrics: ServingMetrics
     reloader: RepositoryReloader
     metrics_endpoint: MetricsEndpoint
+    config: ServeConfig
 
     @property
     def target(self) -> str:
@@ -125,6 +127,7 @@ def start_kserve_server(
             intra_op_threads=1,
             inter_op_threads=1,
             workers=16,
+            max_streams=8,
             grace_period=5.0,
         ),
         **config,
@@ -132,12 +135,13 @@ def start_kserve_server(
     registry = ModelRegistry(serve_config.runtime, serve_config.batching)
     metrics = ServingMetrics(serve_config.max_batch_size)
     metrics.watch_registry(registry)
+    pipeline = InferencePipeline(registry, metrics)
     reloader = RepositoryReloader(registry, repository)
-    kserve = InferenceService(registry, reloader, metrics)
+    kserve = InferenceService(pipeline, reloader, serve_config.window)
     interceptors = [BearerTokenInterceptor(tokens)] if tokens else []
     running = build_server(
         serve_config,
-        registry,
+        pipeline,
         [ServiceBinding(SERVICE_NAME, kserve.add_to_server)],
         interceptors,
         credentials,
@@ -145,7 +149,30 @@ def start_kserve_server(
     reloader.sync()
     if poll_seconds:
         reloader.start_polling(poll_seconds)
-    return LiveServer(running, registry, metrics, reloader, metrics.serve_http(0))
+    return LiveServer(running, registry, metrics, reloader, metrics.serve_http(0), serve_config)
+
+
+class BatchGate:
+    """Holds a model version's batcher inside its next batch (in the batch's thread, after the
+    run) until `open()`: what is queued behind it stays queued, deterministically."""
+
+    def __init__(self, model, safety_net: float = 60.0) -> None:
+        self.entered = threading.Event()
+        self._release = threading.Event()
+        self._listeners = model.batcher.stats.listeners
+        self._safety_net = safety_net
+        self._listeners.append(self._hold)
+
+    def _hold(self, record) -> None:
+        self._listeners.remove(self._hold)
+        self.entered.set()
+        self._release.wait(self._safety_net)  # a safety net against a hung test, never timing
+
+    def wait_entered(self) -> None:
+        assert self.entered.wait(self._safety_net), "the held batch never ran"
+
+    def open(self) -> None:
+        self._release.set()
 
 
 def kserve_stub(channel: grpc.Channel) -> grpc_service_pb2_grpc.GRPCInferenceServiceStub:

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import time
 import urllib.request
 
 import grpc
 import pytest
 from kserve_harness import (
     MODEL,
+    BatchGate,
     add_version,
     digits_pixels,
     kserve_request,
@@ -101,17 +101,17 @@ def test_queue_depth_is_read_at_scrape_time(tmp_path):
     add_version(tmp_path, seed=1)
     live = start_kserve_server(tmp_path, max_batch_size=1, max_request_rows=1000)
     try:
-        batcher = live.registry.lookup(MODEL).batcher
+        gate = BatchGate(live.registry.lookup(MODEL))
         with grpc.insecure_channel(live.target) as channel:
             future = kserve_stub(channel).ModelInfer.future(
                 kserve_request(digits_pixels(1000)), timeout=60
             )
-            while batcher.queued_requests == 0:
-                time.sleep(0.001)
+            gate.wait_entered()  # held after its first run: the rest of it stays queued
             depth_while_busy = sample(
                 scrape(live.metrics_endpoint.port), "aet_queue_depth", model=MODEL, version="1"
             )
             still_running = not future.done()
+            gate.open()
             future.result()
         assert (depth_while_busy, still_running) == (1, True)
         assert (

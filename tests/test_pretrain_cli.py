@@ -31,12 +31,37 @@ SMALL_RUN = [
 ]
 
 
-def pretrain(*flags):
+# `aet pretrain` that, after its first epoch, says so and waits for a line on stdin: the test
+# sends SIGINT while training is parked there, so the signal always lands mid-run.
+PAUSE_AFTER_FIRST_EPOCH = """
+import sys
+from aet.cli import main
+from aet.training.train import Trainer
+
+end_epoch = Trainer._end_epoch
+
+def end_epoch_then_wait(self, *args):
+    end_epoch(self, *args)
+    if self.position.epoch == 1:
+        print("paused after epoch 1", flush=True)
+        sys.stdin.readline()
+
+Trainer._end_epoch = end_epoch_then_wait
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def pretrain(*flags, pause_after_first_epoch: bool = False):
     """Start `aet pretrain` in a child process."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    command = [sys.executable, "-m", "aet.cli", "pretrain", *flags]
+    entry = ["-c", PAUSE_AFTER_FIRST_EPOCH] if pause_after_first_epoch else ["-m", "aet.cli"]
     return subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+        [sys.executable, *entry, "pretrain", *flags],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
     )
 
 
@@ -137,16 +162,16 @@ def test_ctrl_c_saves_and_exits_130_and_resume_finishes_exactly_like_an_uninterr
         "--patience",
         "40",
     ]
-    interrupted = pretrain("--name", "run", *flags)
-    for line in interrupted.stdout:  # the SIGINT handler is installed once epochs are running
-        if line.startswith("train epoch 1/"):
+    interrupted = pretrain("--name", "run", *flags, pause_after_first_epoch=True)
+    for line in interrupted.stdout:  # parked after epoch 1, its SIGINT handler installed
+        if line.startswith("paused after epoch 1"):
             break
     interrupted.send_signal(signal.SIGINT)
-    out, err = interrupted.communicate(timeout=300)
+    out, err = interrupted.communicate("go on\n", timeout=300)
     assert interrupted.returncode == 130, err
     assert "continue with --resume" in out
     saved = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
-    assert saved.stage == "train" and 1 <= saved.epoch < 40
+    assert saved.stage == "train" and saved.epoch == 1
     assert not (tmp_path / "run" / "metrics.json").exists()
 
     # Resume and the uninterrupted reference run in this process (the child covered the CLI).

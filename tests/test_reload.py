@@ -8,6 +8,7 @@ disappear, and whole models are unloaded and loaded again.
 from __future__ import annotations
 
 import shutil
+import threading
 import time
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import grpc
 import pytest
 from kserve_harness import (
     MODEL,
+    BatchGate,
     SteadyTraffic,
     add_version,
     digits_pixels,
@@ -104,24 +106,29 @@ def test_unload_and_load_rpcs_under_load(tmp_path):
     live = start_kserve_server(
         tmp_path, poll_seconds=POLL_SECONDS, max_batch_size=1, max_request_rows=1000
     )
+    gate = BatchGate(live.registry.lookup(MODEL))
     try:
         with grpc.insecure_channel(live.target) as channel:
             stub = kserve_stub(channel)
-            # A long request in flight (1,000 runs of one row) must finish across the unload.
+            # A long request in flight (1,000 runs of one row) must finish across the unload:
+            # its first run is held until the unload has begun.
             in_flight = stub.ModelInfer.future(kserve_request(digits_pixels(1000)), timeout=60)
-            batcher = live.registry.lookup(MODEL).batcher
-            wait_until(lambda: batcher.queued_requests > 0)
-            stub.RepositoryModelUnload(
+            gate.wait_entered()
+            unloading = stub.RepositoryModelUnload.future(
                 pb.RepositoryModelUnloadRequest(model_name=MODEL), timeout=60
             )
+            wait_until(lambda: states(live).get(1) == ModelState.DRAINING)
+            gate.open()
+            unloading.result()
             assert len(in_flight.result().raw_output_contents[0]) == 1000 * 16  # 1000 x 4 FP32
             with pytest.raises(grpc.RpcError) as caught:
                 stub.ModelInfer(kserve_request(digits_pixels(1)), timeout=30)
             assert caught.value.code() == grpc.StatusCode.NOT_FOUND
             assert not stub.ServerReady(pb.ServerReadyRequest(), timeout=30).ready
 
-            # Polling leaves an explicitly unloaded model alone.
-            time.sleep(3 * POLL_SECONDS)
+            # Polling leaves an explicitly unloaded model alone (two full polls later).
+            polled = live.reloader.syncs
+            wait_until(lambda: live.reloader.syncs >= polled + 2)
             index = stub.RepositoryIndex(pb.RepositoryIndexRequest(), timeout=30)
             assert [(m.name, m.state, m.reason) for m in index.models] == [
                 (MODEL, "UNAVAILABLE", "unloaded")
@@ -138,6 +145,7 @@ def test_unload_and_load_rpcs_under_load(tmp_path):
                 traffic.wait_for_answers(version=1, count=10)
             assert traffic.failures == []
     finally:
+        gate.open()
         live.stop()
 
 
@@ -147,7 +155,7 @@ def test_unload_and_load_rpcs_under_load(tmp_path):
         (
             pb.RepositoryModelLoadRequest(model_name="absent"),
             grpc.StatusCode.NOT_FOUND,
-            "model_name: expected a model of repository",
+            "model_name: expected a model of the repository (digits), got 'absent'",
         ),
         (
             pb.RepositoryModelLoadRequest(
@@ -205,11 +213,15 @@ def test_graceful_stop_finishes_work_in_flight(tmp_path):
     """What SIGTERM does in `aet serve`: stop taking calls, let accepted ones finish."""
     add_version(tmp_path, SEEDS[1])
     live = start_kserve_server(tmp_path, max_batch_size=1, max_request_rows=1000)
+    gate = BatchGate(live.registry.lookup(MODEL))
     with grpc.insecure_channel(live.target) as channel:
         in_flight = kserve_stub(channel).ModelInfer.future(
             kserve_request(digits_pixels(1000)), timeout=60
         )
-        batcher = live.registry.lookup(MODEL).batcher
-        wait_until(lambda: batcher.queued_requests > 0)
-        live.stop(grace_period=30)
+        gate.wait_entered()  # the request is running (held) when the stop begins
+        stopping = threading.Thread(target=live.stop, kwargs={"grace_period": 30})
+        stopping.start()
+        wait_until(live.running.stopping.is_set)
+        gate.open()
+        stopping.join()
         assert len(in_flight.result().raw_output_contents[0]) == 1000 * 16

@@ -1,0 +1,143 @@
+"""The data plane: one inference pipeline under every protocol the server speaks.
+
+`InferencePipeline.start` resolves the model version, has the protocol decode its request
+into a checked array (`decode(model)`), and queues it on the version's dynamic batcher;
+`finish` waits for the outputs, has the protocol encode them (`encode(model, outputs)`),
+and records the outcome and where the time went in the metrics. Both steps are the same for
+`aet.v1.EmbeddingService` and the KServe v2 API: a servicer only decodes and encodes its
+messages. `start` never raises (a failure is kept in `Inference.error` and raised by
+`finish`), so a stream can keep its requests in order whatever happens to each.
+
+Hot reload: when the latest version is unloaded between lookup and submit and a newer one
+serves, a request that asked for "latest" follows it; a pinned version cannot move.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+import grpc
+import numpy as np
+
+from aet.server.batcher import BatchFuture
+from aet.server.errors import Unavailable, status_code
+from aet.server.metrics import UNKNOWN_MODEL, RequestTiming, ServingMetrics
+from aet.server.models import LoadedModel, ModelRegistry
+from aet.server.validation import parse_version
+
+Encoded = TypeVar("Encoded")
+Outputs = dict[str, np.ndarray]  # output name -> (rows, ...) array, e.g. {"embedding": ...}
+
+
+@dataclass
+class Inference:
+    """One request on its way through the pipeline."""
+
+    api: str  # the `api` metrics label: "embed", "kserve"
+    model_name: str  # as the request named it
+    started: float  # perf_counter() on arrival
+    model: LoadedModel | None = None  # the version serving it, once resolved
+    future: BatchFuture | None = None  # its outputs, once queued
+    decoded: float = 0.0  # perf_counter() once decoded and checked
+    error: Exception | None = None  # why it failed before reaching the batcher
+
+
+class InferencePipeline:
+    """Lookup, decode and check, batch, run, encode and metrics for the models of `registry`."""
+
+    def __init__(self, registry: ModelRegistry, metrics: ServingMetrics | None = None) -> None:
+        self.registry = registry
+        if metrics is None:
+            metrics = ServingMetrics(registry.batching.max_batch_size)
+            metrics.watch_registry(registry)
+        self.metrics = metrics
+
+    def lookup(self, name: str, version: int | str, version_field: str = "version") -> LoadedModel:
+        """The READY version `version` of `name` (0 or "": the latest), for metadata calls."""
+        return self.registry.lookup(name, parse_version(version, version_field))
+
+    def start(
+        self,
+        api: str,
+        model_name: str,
+        version: int | str,
+        decode: Callable[[LoadedModel], np.ndarray],
+        time_limits: tuple[float | None, ...] = (),
+        is_cancelled: Callable[[], bool] | None = None,
+        version_field: str = "version",
+    ) -> Inference:
+        """Resolve `model_name` and `version` (`parse_version`: 0 or "" for the latest),
+        decode, check and queue the inputs. Nothing waits here.
+
+        `time_limits` are seconds from now (e.g. the call's deadline; None for none): the
+        request is dropped if its batch has not started within the shortest.
+        """
+        inference = Inference(api, model_name, time.perf_counter())
+        try:
+            version = parse_version(version, version_field)
+            limits = [limit for limit in time_limits if limit is not None]
+            deadline = time.monotonic() + min(limits) if limits else None
+            while inference.future is None:
+                inference.model = self.registry.lookup(model_name, version)
+                inputs = decode(inference.model)
+                inference.decoded = time.perf_counter()
+                try:
+                    inference.future = inference.model.batcher.submit(
+                        inputs, deadline, is_cancelled
+                    )
+                except Unavailable:
+                    # Hot reload: the version closed between lookup and submit; follow a newer
+                    # "latest" if one serves now.
+                    if version is not None or self.registry.lookup(model_name) is inference.model:
+                        raise
+        except Exception as exc:
+            inference.error = exc
+        return inference
+
+    def failed(self, api: str, model_name: str, error: Exception) -> Inference:
+        """A request refused before lookup (e.g. a malformed parameter); `finish` raises
+        `error` and records it like any other failure."""
+        return Inference(api, model_name, time.perf_counter(), error=error)
+
+    def finish(
+        self, inference: Inference, encode: Callable[[LoadedModel, Outputs], Encoded]
+    ) -> tuple[Encoded, RequestTiming]:
+        """Wait for the outputs, `encode` them, record the outcome; the encoded response and
+        where its time went. Raises the request's error after recording it."""
+        try:
+            if inference.error is not None:
+                raise inference.error
+            model = inference.model
+            outputs = {model.card.output.name: inference.future.result()}
+            answered = time.perf_counter()
+            encoded = encode(model, outputs)
+        except Exception as exc:
+            self._observe(inference, status_code(exc))
+            raise
+        done = time.perf_counter()
+        timing = RequestTiming(
+            decode=inference.decoded - inference.started,
+            queue=inference.future.queue_seconds,
+            run=inference.future.run_seconds,
+            encode=done - answered,
+        )
+        self._observe(inference, grpc.StatusCode.OK, timing, done)
+        return encoded, timing
+
+    def _observe(
+        self,
+        inference: Inference,
+        code: grpc.StatusCode,
+        timing: RequestTiming | None = None,
+        done: float | None = None,
+    ) -> None:
+        if inference.model is not None:
+            name, version = inference.model.name, inference.model.version
+        else:  # unresolved: label a known model only, never an arbitrary name (cardinality)
+            known = inference.model_name in self.registry.names()
+            name, version = (inference.model_name if known else UNKNOWN_MODEL), ""
+        seconds = (done or time.perf_counter()) - inference.started
+        self.metrics.observe_request(name, version, inference.api, code, seconds, timing)

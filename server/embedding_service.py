@@ -100,6 +100,9 @@ class EmbeddingService(embedding_pb2_grpc.EmbeddingServiceServicer):
             decode,
             (context.time_remaining(),),
             lambda: not context.is_active(),
+            score_field="options.reconstruction_error"
+            if request.options.reconstruction_error
+            else None,
         )
 
     def _finish(
@@ -114,6 +117,8 @@ class EmbeddingService(embedding_pb2_grpc.EmbeddingServiceServicer):
             )
             embeddings = outputs[model.card.output.name]
             fill_tensor(response.embeddings, _postprocess(embeddings, request.options))
+            if request.options.reconstruction_error:
+                fill_tensor(response.reconstruction_error, outputs[model.card.score.name])
             return response
 
         response, timing = self.pipeline.finish(inference, encode)
@@ -173,4 +178,9 @@ def describe(model: LoadedModel, statuses: list[VersionStatus]) -> embedding_pb2
         ),
         sha256=card.sha256,
         model_card_json=json.dumps(card.to_dict()),
+        score=(
+            None
+            if card.score is None
+            else embedding_pb2.TensorSpec(name=card.score.name, dtype=WIRE_DTYPES[FLOAT32])
+        ),
     )

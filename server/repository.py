@@ -56,6 +56,7 @@ class OutputSpec:
     embedding_dim: int
 
 
+SCORE_NAME = "reconstruction_error"  # the graph output and card field of the novelty score
 SCORE_PERCENTILES = ("p50", "p90", "p99", "p99.9")
 
 

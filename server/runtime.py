@@ -181,8 +181,7 @@ class EncoderSession:
         for output_name in filter(None, output_names):
             if output_name not in outputs:
                 raise ModelLoadError(
-                    f"{label}: output: expected {output_name!r} (model card), "
-                    f"got {sorted(outputs)}"
+                    f"{label}: output: expected {output_name!r} (model card), got {sorted(outputs)}"
                 )
         dims = inputs[input_name].type.tensor_type.shape.dim
         graph_rows = tuple(d.dim_value if d.HasField("dim_value") else d.dim_param for d in dims)

@@ -37,6 +37,7 @@ from aet.server.repository import (
     CARD_FILE,
     MODEL_FILE,
     MODEL_NAME_PATTERN,
+    SCORE_NAME,
     SCORE_PERCENTILES,
     InputSpec,
     ModelCard,
@@ -56,7 +57,6 @@ from aet.training.standardize import FeatureStandardizer
 IMAGE_INPUT_NAME = "pixels"
 VECTOR_INPUT_NAME = "features"
 OUTPUT_NAME = "embedding"
-SCORE_NAME = "reconstruction_error"
 SCORE_MEASURES = {
     "bce": "mean binary cross-entropy per input value (inputs scaled to [0, 1])",
     "mse": "mean squared error per feature, in standardised units",
@@ -264,7 +264,7 @@ def score_percentiles(session: onnxruntime.InferenceSession, rows: np.ndarray) -
         ]
     )
     levels = [float(name[1:]) for name in SCORE_PERCENTILES]
-    return dict(zip(SCORE_PERCENTILES, map(float, np.percentile(scores, levels))))
+    return dict(zip(SCORE_PERCENTILES, map(float, np.percentile(scores, levels)), strict=True))
 
 
 def library_versions() -> dict[str, str]:
@@ -291,7 +291,7 @@ def card_metrics(metrics: dict) -> dict[str, float]:
     result = {"test_reconstruction_mse": mse["model"], "test_pca_reconstruction_mse": mse["pca"]}
     probe = evaluation.get("probe")
     if probe:
-        for labels, accuracy in zip(probe["labels"], probe["model"]):
+        for labels, accuracy in zip(probe["labels"], probe["model"], strict=True):
             result[f"probe_accuracy_{labels}_labels"] = accuracy
     return {key: float(value) for key, value in result.items()}
 

@@ -2,8 +2,11 @@
 
 Every backend offers the same two things: `model` (which encoder answers) and
 `embed_rows(pixels, batch_size)`, an iterator of embeddings for consecutive row blocks in
-order. The local and Ray backends run the same `server.runtime.EncoderSession` the server
-runs, so all three give the same embeddings.
+order. A backend opened with `score=True` yields each row's novelty score too, as one more
+last column (`server.runtime.EncoderSession.run_scored`'s layout), so the blocks travel and
+resume like embeddings; `aet embed --score` takes them apart when it writes the output.
+The local and Ray backends run the same `server.runtime.EncoderSession` the server runs, so
+all three give the same embeddings.
 """
 
 from __future__ import annotations
@@ -78,8 +81,13 @@ def _identity(found: ModelVersion) -> ModelIdentity:
     )
 
 
-def _open_session(found: ModelVersion, threads: int) -> EncoderSession:
+def _open_session(found: ModelVersion, threads: int, score: bool = False) -> EncoderSession:
     card = found.card
+    if score and card.score is None:
+        raise BackendError(
+            f"model {card.name} v{card.version}: its graph has no reconstruction_error output "
+            f"(exported before the novelty score existed); export it again or drop --score"
+        )
     return EncoderSession(
         found.model_path,
         card.input.name,
@@ -87,6 +95,7 @@ def _open_session(found: ModelVersion, threads: int) -> EncoderSession:
         tuple(card.input.shape),
         resolve_providers("auto"),
         RuntimeOptions(intra_op_threads=threads),
+        score_name=card.score.name if score else None,
     )
 
 
@@ -114,23 +123,25 @@ class EmbeddingBackend:
 class LocalBackend(EmbeddingBackend):
     """onnxruntime in this process, on `exported/<model>[/<version>]`."""
 
-    def __init__(self, model_dir: str | os.PathLike, threads: int = 0):
+    def __init__(self, model_dir: str | os.PathLike, threads: int = 0, score: bool = False):
         found = find_model_version(model_dir)
         self.model = _identity(found)
-        self._session = _open_session(found, threads)
+        self._session = _open_session(found, threads, score)
+        self._run = self._session.run_scored if score else self._session.run
         self.label = f"local onnxruntime ({self._session.provider})"
 
     def embed_rows(self, pixels: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
         """Embeddings of `pixels` (uint8 or float32, raw range) in blocks of `batch_size`."""
         for start in range(0, len(pixels), batch_size):
-            yield self._session.run(pixels[start : start + batch_size].astype(np.float32))
+            yield self._run(pixels[start : start + batch_size].astype(np.float32))
 
 
 class ServerBackend(EmbeddingBackend):
     """An `aet serve` server, over one `EmbedStream` per job."""
 
-    def __init__(self, client, model: str, version: int | None = None):
+    def __init__(self, client, model: str, version: int | None = None, score: bool = False):
         self._client = client
+        self._score = score
         description = client.describe(model, version)
         self.model = ModelIdentity(
             description.name,
@@ -151,6 +162,10 @@ class ServerBackend(EmbeddingBackend):
         batches = (
             pixels[start : start + batch_size] for start in range(0, len(pixels), batch_size)
         )
+        if self._score:
+            return self._client.embed_batches(
+                batches, self.model.name, self.model.version, with_score=True
+            )
         return self._client.embed_batches(batches, self.model.name, self.model.version)
 
     def close(self) -> None:
@@ -160,14 +175,12 @@ class ServerBackend(EmbeddingBackend):
 class EncoderActor:
     """A Ray Data `map_batches` worker: one onnxruntime session, one thread."""
 
-    def __init__(self, model_dir: str):
-        self._session = _open_session(find_model_version(model_dir), threads=1)
+    def __init__(self, model_dir: str, score: bool = False):
+        self._session = _open_session(find_model_version(model_dir), 1, score)
+        self._run = self._session.run_scored if score else self._session.run
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return {
-            "row": batch["row"],
-            "embedding": self._session.run(batch["pixels"].astype(np.float32)),
-        }
+        return {"row": batch["row"], "embedding": self._run(batch["pixels"].astype(np.float32))}
 
 
 class RayBackend(EmbeddingBackend):
@@ -178,11 +191,19 @@ class RayBackend(EmbeddingBackend):
     this backend started is shut down by `close()`.
     """
 
-    def __init__(self, model_dir: str | os.PathLike, workers: int, address: str | None = None):
+    def __init__(
+        self,
+        model_dir: str | os.PathLike,
+        workers: int,
+        address: str | None = None,
+        score: bool = False,
+    ):
         import ray
 
         found = find_model_version(model_dir)
+        _open_session(found, 1, score)  # refuses --score for a graph without it, before Ray
         self.model = _identity(found)
+        self._score = score
         self._model_dir = str(found.path.resolve())
         self._workers = workers
         self._started_ray = not ray.is_initialized()
@@ -227,7 +248,7 @@ class RayBackend(EmbeddingBackend):
         ]  # one block per batch: the actors share the blocks out
         dataset = ray.data.from_arrow(blocks).map_batches(
             EncoderActor,
-            fn_constructor_kwargs={"model_dir": self._model_dir},
+            fn_constructor_kwargs={"model_dir": self._model_dir, "score": self._score},
             batch_size=batch_size,
             batch_format="numpy",
             num_cpus=1,
@@ -250,9 +271,9 @@ class RayBackend(EmbeddingBackend):
 def open_backend(config) -> EmbeddingBackend:
     """The backend an `EmbedConfig` asks for (`--server`, `--local` or `--ray`)."""
     if config.local is not None:
-        return LocalBackend(config.local)
+        return LocalBackend(config.local, score=config.score)
     if config.ray is not None:
-        return RayBackend(config.ray, config.workers, config.ray_address)
+        return RayBackend(config.ray, config.workers, config.ray_address, score=config.score)
     from aet.clients.client import EmbeddingClient
 
     client = EmbeddingClient(
@@ -264,7 +285,7 @@ def open_backend(config) -> EmbeddingBackend:
         client_key=config.client_key,
     )
     try:
-        return ServerBackend(client, config.model, config.version)
+        return ServerBackend(client, config.model, config.version, score=config.score)
     except BaseException:
         client.close()
         raise

@@ -388,21 +388,26 @@ class EmbeddingClient:
         l2_normalize: bool = False,
         float16: bool = False,
         timeout: float | None = None,
+        with_score: bool = False,
     ) -> Iterator[np.ndarray]:
         """Embeddings of each array of `batches`, in order, over one `EmbedStream`.
 
         `batches` is read lazily, so an extraction job never holds more than the requests in
         flight; `timeout` bounds the whole stream (None: no deadline). A broken stream is
-        retried from its first unanswered request.
+        retried from its first unanswered request. With `with_score` each array carries the
+        rows' novelty scores as one more last column: (rows, embedding_dim + 1).
         """
 
         def checked(source: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
             for batch in source:
                 yield self._wire_array(batch, model, version)
 
-        options = embedding_pb2.EmbedOptions(l2_normalize=l2_normalize, float16_output=float16)
+        options = embedding_pb2.EmbedOptions(
+            l2_normalize=l2_normalize, float16_output=float16, reconstruction_error=with_score
+        )
         chunks = self._chunks(checked(batches), model, version)
-        return self._stream(chunks, model, version, options, deadline=timeout)
+        read = _embeddings_and_scores if with_score else _embeddings
+        return self._stream(chunks, model, version, options, deadline=timeout, read=read)
 
     # --- request sizing --------------------------------------------------------------------
 

@@ -59,6 +59,24 @@ class EmbedConfig:
     limit: int | None = field(
         default=None, metadata={"help": "keep the first N rows of a seeded shuffle (quick runs)"}
     )
+    columns: list[str] | None = field(
+        default=None,
+        metadata={"help": "feature columns of a table (csv, parquet, 2-D npz), as at pretraining"},
+    )
+    label_column: str | None = field(
+        default=None, metadata={"help": "class label column of a csv or parquet table"}
+    )
+    drop_missing: bool = field(
+        default=False,
+        metadata={"help": "drop table rows with a missing or infinite value (default: fail)"},
+    )
+    score: bool = field(
+        default=False,
+        metadata={
+            "help": "also write each row's novelty score, reconstruction_error (runs the "
+            "decoder too)"
+        },
+    )
     server: str | None = field(
         default=None,
         metadata={"help": "backend: embed through the gRPC server at host:port (needs --model)"},
@@ -155,6 +173,15 @@ class EmbedConfig:
             "path": None if self.path is None else str(self.path),
             "seed": self.seed,
             "limit": self.limit,
+            **{  # table options only when given: image data sets take none
+                name: value
+                for name, value in (
+                    ("columns", self.columns),
+                    ("label_column", self.label_column),
+                    ("drop_missing", self.drop_missing),
+                )
+                if value
+            },
         }
 
 
@@ -165,7 +192,8 @@ class EmbedConfig:
 class ExtractionRows:
     """Every row of a data set in train, val, test order, as the encoder graph takes them."""
 
-    pixels: np.ndarray  # (N, C, H, W): uint8 when the raw pixels are bytes, else float32
+    pixels: np.ndarray  # (N, C, H, W): uint8 when the raw pixels are bytes, else float32;
+    # (N, D) float32 features in their own units for vectors
     labels: np.ndarray  # (N,) int64, NO_LABEL when the data set has none
     split: np.ndarray  # (N,) str: "train", "val" or "test"
 
@@ -188,14 +216,15 @@ def raw_pixels(x: np.ndarray, raw_max: float) -> np.ndarray:
 
 
 def check_model_fits(model: ModelIdentity, dataset: Dataset) -> None:
-    """Raise `ExtractionError` unless the encoder takes the data set's images: the same shape
-    and the same raw pixel range."""
-    if tuple(model.input_shape) != dataset.image_shape or model.max_value != dataset.raw_max:
+    """Raise `ExtractionError` unless the encoder takes the data set's rows: the same shape
+    and the same raw pixel range (vectors: no range, the graph standardises them)."""
+    expected_max = None if dataset.is_vectors else dataset.raw_max
+    if tuple(model.input_shape) != dataset.image_shape or model.max_value != expected_max:
         raise ExtractionError(
             f"model {model.name} v{model.version}: expected images of shape "
-            f"{tuple(model.input_shape)} with pixel values up to {model.max_value:g}; data set "
+            f"{tuple(model.input_shape)} with pixel values up to {model.max_value}; data set "
             f"{dataset.name} has shape {dataset.image_shape} with values up to "
-            f"{dataset.raw_max:g}"
+            f"{expected_max}"
         )
 
 
@@ -207,7 +236,8 @@ def extraction_rows(dataset: Dataset) -> ExtractionRows:
         [np.full(len(part), NO_LABEL, np.int64) if part.y is None else part.y for part in parts]
     )
     split = np.concatenate([np.full(len(part), name) for name, part in zip(SPLITS, parts)])
-    return ExtractionRows(raw_pixels(x, dataset.raw_max), labels, split)
+    raw = dataset.raw(x) if dataset.is_vectors else raw_pixels(x, dataset.raw_max)
+    return ExtractionRows(raw, labels, split)
 
 
 # --- the output file ------------------------------------------------------------------------
@@ -222,6 +252,7 @@ class EmbeddingTable:
     labels: np.ndarray  # (N,) int64, NO_LABEL when unlabelled
     split: np.ndarray  # (N,) str
     metadata: dict  # dataset (load_dataset arguments), model, backend, created
+    scores: np.ndarray | None = None  # (N,) float32 reconstruction_error, with --score
 
     def part(self, name: str) -> tuple[np.ndarray, np.ndarray]:
         """Embeddings and labels of one split ("train", "val", "test")."""
@@ -250,6 +281,7 @@ def write_embeddings(path: Path, table: EmbeddingTable) -> None:
 
         def write(temporary: Path) -> None:
             with open(temporary, "wb") as handle:
+                scores = {} if table.scores is None else {"reconstruction_error": table.scores}
                 np.savez(
                     handle,
                     embeddings=table.embeddings,
@@ -257,6 +289,7 @@ def write_embeddings(path: Path, table: EmbeddingTable) -> None:
                     labels=table.labels,
                     split=table.split.astype(str),
                     metadata=np.array(json.dumps(table.metadata)),
+                    **scores,
                 )
     else:
         import pyarrow as pa
@@ -271,6 +304,8 @@ def write_embeddings(path: Path, table: EmbeddingTable) -> None:
                 pa.array(table.embeddings.reshape(-1)), dim
             ),
         }
+        if table.scores is not None:
+            columns["reconstruction_error"] = pa.array(table.scores)
         arrow = pa.table(columns).replace_schema_metadata({"aet": json.dumps(table.metadata)})
 
         def write(temporary: Path) -> None:
@@ -300,6 +335,9 @@ def read_embeddings(path: str | os.PathLike) -> EmbeddingTable:
                     archive["labels"],
                     archive["split"],
                     json.loads(str(archive["metadata"])),
+                    archive["reconstruction_error"]
+                    if "reconstruction_error" in archive.files
+                    else None,
                 )
         else:
             import pyarrow as pa
@@ -321,6 +359,9 @@ def read_embeddings(path: str | os.PathLike) -> EmbeddingTable:
                 arrow.column("label").to_numpy(),
                 arrow.column("split").to_numpy(zero_copy_only=False).astype(str),
                 json.loads(metadata),
+                arrow.column("reconstruction_error").to_numpy()
+                if "reconstruction_error" in arrow.column_names
+                else None,
             )
     except FileNotFoundError:
         raise ExtractionError(f"{path}: no such file; run aet embed first") from None
@@ -353,7 +394,8 @@ class ShardStore:
         self.manifest = json.loads(json.dumps(manifest))  # as read back: tuples become lists
         self.rows = manifest["rows"]
         self.shard_size = manifest["shard_size"]
-        self.embedding_dim = manifest["model"]["embedding_dim"]
+        # with --score each row carries its score as one more column
+        self.embedding_dim = manifest["model"]["embedding_dim"] + int(manifest["score"])
 
     def open(self) -> None:
         """Create the folder, or check that the job it holds is this one."""
@@ -459,7 +501,8 @@ def extract(
     if output.exists() and not config.overwrite:
         raise ExtractionError(f"{output}: already exists; pass --overwrite to replace it")
     if dataset is None:
-        dataset = load_dataset(config.data, config.path, seed=config.seed, limit=config.limit)
+        arguments = config.dataset_args()
+        dataset = load_dataset(arguments.pop("name"), **arguments)
     rows = extraction_rows(dataset)
     model = backend.model
     check_model_fits(model, dataset)
@@ -468,6 +511,7 @@ def extract(
         "model": dataclasses.asdict(model),
         "rows": len(rows),
         "shard_size": config.shard_size,
+        "score": config.score,
     }
     store = ShardStore(output.with_name(output.name + ".shards"), manifest)
     store.open()
@@ -518,12 +562,14 @@ def extract(
         "backend": backend.label,
         "created": datetime.now(UTC).isoformat(),
     }
+    packed = np.concatenate(shards)
     table = EmbeddingTable(
-        np.concatenate(shards),
+        packed[:, : model.embedding_dim],
         np.arange(len(rows), dtype=np.int64),
         rows.labels,
         rows.split,
         metadata,
+        packed[:, model.embedding_dim] if config.score else None,
     )
     write_embeddings(output, table)
     store.remove()

@@ -5,6 +5,8 @@ The check on real data uses the shipped encoder `exported/digits/1`."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 from pathlib import Path
 
 import grpc
@@ -14,7 +16,9 @@ import pytest
 from kserve_harness import add_version, kserve_request, kserve_stub, start_kserve_server
 from sklearn.metrics import roc_auc_score
 
+from aet.cli import main
 from aet.clients.client import EmbeddingClient
+from aet.clients.extract import extraction_rows, read_embeddings
 from aet.encoder import Encoder
 from aet.proto import embedding_pb2 as pb
 from aet.proto import grpc_service_pb2 as kserve_pb
@@ -182,3 +186,34 @@ def test_a_model_without_the_score_says_so(tmp_path, start_server, embedding_stu
     )
     with pytest.raises(ValueError, match="has no novelty score .* export it again"):
         Encoder.load(tmp_path / "digits").reconstruction_error(pixels)
+
+
+def test_aet_embed_score_writes_the_score_beside_the_embeddings(
+    model_repository, embedding_server, tmp_path
+):
+    """`aet embed --score` through the local and the server backends: the same scores as
+    `Encoder.reconstruction_error`, in the output's row order, in npz and Parquet."""
+    local = Encoder.load(model_repository / "digits", threads=1)
+    pixels = extraction_rows(load_dataset("digits", limit=300)).pixels
+    common = ["--limit", "300", "--score", "--no-progress", "--batch-size", "64"]
+    outputs = {
+        "local.npz": ["--local", str(model_repository / "digits")],
+        "server.parquet": ["--server", f"127.0.0.1:{embedding_server.port}", "--model", "digits"],
+    }
+    for name, backend in outputs.items():
+        with contextlib.redirect_stdout(io.StringIO()):
+            assert main(["embed", *backend, *common, "--output", str(tmp_path / name)]) == 0
+        table = read_embeddings(tmp_path / name)
+        assert table.scores.shape == (300,) and table.embeddings.shape == (300, 8)
+        np.testing.assert_allclose(table.scores, local.reconstruction_error(pixels), rtol=1e-5)
+        np.testing.assert_allclose(table.embeddings, local.transform(pixels), atol=1e-5)
+    plain = tmp_path / "plain.npz"
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert (
+            main(
+                ["embed", *outputs["local.npz"], "--limit", "20", "--no-progress"]
+                + ["--output", str(plain)]
+            )
+            == 0
+        )
+    assert read_embeddings(plain).scores is None

@@ -18,6 +18,7 @@ import torch
 from sklearn.datasets import load_wine
 
 from aet.cli import main
+from aet.clients.extract import read_embeddings
 from aet.config import ConfigError
 from aet.server.repository import read_model_card
 from aet.server.validation import FLOAT32, RequestSpec
@@ -249,6 +250,21 @@ def test_pretrain_and_export_a_csv_table_through_the_cli(wine_files, tmp_path):
         squared = (autoencoder(standardised) - standardised).square().mean(1).numpy()
     np.testing.assert_allclose(embedding, expected, atol=1e-4)
     np.testing.assert_allclose(score, squared, rtol=1e-4, atol=1e-5)
+
+    # `aet embed` reads the same table and sends raw features; the graph standardises them.
+    output = tmp_path / "codes.parquet"
+    with quiet:
+        status = main(
+            ["embed", "--local", str(version), "--data", "csv", "--path", str(wine_files["csv"])]
+            + ["--label-column", "cultivar", "--columns", *wine_table()[2][:6]]
+            + ["--score", "--no-progress", "--output", str(output)]
+        )
+    assert status == 0
+    table = read_embeddings(output)
+    test_rows = table.split == "test"
+    np.testing.assert_allclose(table.embeddings[test_rows], embedding, atol=1e-5)
+    np.testing.assert_allclose(table.scores[test_rows], score, rtol=1e-5)
+    np.testing.assert_array_equal(table.labels[test_rows], data.test.y)
 
 
 @pytest.mark.parametrize("name", ["wine", "breast-cancer"])

@@ -1,10 +1,11 @@
 # Two commands do everything on a fresh machine (see README.md):
 #   make demo   install into .venv, then run the whole flow on the embedded default data
-#   make test   install into .venv, then run the test suite
+#   make test   install into .venv, run the checks (lint, format, types), then the test suite
+# `make check` runs only the checks; .pre-commit-config.yaml runs the same ones on commit.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install demo test
+.PHONY: install demo test check lint typecheck
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -21,5 +22,20 @@ $(VENV)/.installed: pyproject.toml
 demo: install
 	$(VENV)/bin/aet demo
 
-test: install
+test: check
 	$(PY) -m pytest
+
+check: lint typecheck
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+# mypy cannot follow setuptools' package-dir mapping (training/ -> aet.training, ...), so it reads
+# the package through a tree of links laid out as installed: build/mypy/aet/{*.py,training,...}.
+MYPY_TREE := build/mypy
+typecheck: install
+	rm -rf $(MYPY_TREE) && mkdir -p $(MYPY_TREE)/aet
+	for f in aet/*.py; do ln -s $(CURDIR)/$$f $(MYPY_TREE)/aet/; done
+	for d in training server clients proto; do ln -s $(CURDIR)/$$d $(MYPY_TREE)/aet/$$d; done
+	cd $(MYPY_TREE) && $(CURDIR)/$(VENV)/bin/mypy --config-file $(CURDIR)/pyproject.toml -p aet

@@ -36,7 +36,10 @@ def main(argv: list[str] | None = None, commands: tuple[str, ...] | None = None)
         parser.parse_args(argv[:1])  # prints usage and the valid commands, then exits
         return 2
     module = importlib.import_module(allowed[argv[0]][0])
-    sub = argparse.ArgumentParser(prog=f"aet {argv[0]}", description=allowed[argv[0]][1])
+    # No abbreviations: a prefix (`--data`, `--val`) must not silently pick one of several flags.
+    sub = argparse.ArgumentParser(
+        prog=f"aet {argv[0]}", description=allowed[argv[0]][1], allow_abbrev=False
+    )
     module.configure_parser(sub)
     args = sub.parse_args(argv[1:])
     try:

@@ -17,7 +17,10 @@ from typing import Any, TypeVar
 
 from aet.errors import UserError
 
-C = TypeVar("C")
+if typing.TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+C = TypeVar("C", bound="DataclassInstance")
 
 
 class ConfigError(UserError):

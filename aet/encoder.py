@@ -121,6 +121,7 @@ class Encoder:
             path = path / str(version)
         found = find_model_version(path)
         card = found.card
+        assert card is not None  # find_model_version returns usable versions only
         session = EncoderSession(
             found.model_path,
             card.input.name,

@@ -13,7 +13,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from numpy.typing import ArrayLike
 from sklearn.base import BaseEstimator, ClassNamePrefixFeaturesOutMixin, TransformerMixin
+from sklearn.utils import Tags
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from aet.config import ConfigError
@@ -124,7 +126,7 @@ class AutoencoderEmbedder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Bas
         self.seed = seed
         self.progress = progress
 
-    def __sklearn_tags__(self):
+    def __sklearn_tags__(self) -> Tags:
         tags = super().__sklearn_tags__()
         tags.transformer_tags.preserves_dtype = ["float32"]  # codes are float32 whatever X is
         return tags
@@ -166,7 +168,7 @@ class AutoencoderEmbedder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Bas
             return self.standardizer_.transform(X)
         return X.astype(np.float32, copy=False)
 
-    def fit(self, X, y=None) -> AutoencoderEmbedder:
+    def fit(self, X: ArrayLike, y: object = None) -> AutoencoderEmbedder:
         """Pretrain the autoencoder on the rows of `X`.
 
         Parameters
@@ -179,17 +181,19 @@ class AutoencoderEmbedder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Bas
         self
         """
         config = self._pretrain_config()
-        X = validate_data(self, X, dtype=[np.float64, np.float32], ensure_min_samples=2)
-        n_rows, n_features = X.shape
-        if config.loss == "bce" and (X.min() < 0 or X.max() > 1):
+        rows: np.ndarray = validate_data(
+            self, X, dtype=[np.float64, np.float32], ensure_min_samples=2
+        )
+        n_rows, n_features = rows.shape
+        if config.loss == "bce" and (rows.min() < 0 or rows.max() > 1):
             raise ValueError(
                 f"X: loss='bce' needs features in [0, 1]; got values in "
-                f"[{X.min():g}, {X.max():g}] (use loss='mse', which standardises them)"
+                f"[{rows.min():g}, {rows.max():g}] (use loss='mse', which standardises them)"
             )
-        self.standardizer_ = FeatureStandardizer.fit(X) if config.loss == "mse" else None
-        low, high = float(X.min()), float(X.max())
+        self.standardizer_ = FeatureStandardizer.fit(rows) if config.loss == "mse" else None
+        low, high = float(rows.min()), float(rows.max())
         self.feature_range_ = (low, high if high > low else low + 1.0)
-        features = self._features(X)
+        features = self._features(rows)
         image_shape = (n_features,)  # vector rows
         try:
             config.model_config().check_input(image_shape)
@@ -203,13 +207,13 @@ class AutoencoderEmbedder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Bas
                 f"for validation and keep some for training"
             )
         order = np.random.default_rng(config.seed).permutation(n_rows)
-        rows = features.reshape(n_rows, *image_shape)
+        images = features.reshape(n_rows, *image_shape)
         val, train = np.sort(order[:n_val]), np.sort(order[n_val:])
         dataset = Dataset(
             name="array",
-            train=Split(np.ascontiguousarray(rows[train]), None),
-            val=Split(np.ascontiguousarray(rows[val]), None),
-            test=Split(rows[:0], None),
+            train=Split(np.ascontiguousarray(images[train]), None),
+            val=Split(np.ascontiguousarray(images[val]), None),
+            test=Split(images[:0], None),
             raw_max=1.0,
             image_shape=image_shape,
             num_classes=None,
@@ -233,10 +237,10 @@ class AutoencoderEmbedder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Bas
         self.model_ = self.checkpoint_.build_model()
         self.embedding_dim_ = self._n_features_out = config.code_size
         # held-out rows in X's units: `export` calibrates the novelty score on them
-        self.validation_rows_ = X[val].astype(np.float32)
+        self.validation_rows_ = rows[val].astype(np.float32)
         return self
 
-    def transform(self, X) -> np.ndarray:
+    def transform(self, X: ArrayLike) -> np.ndarray:
         """Embed the rows of `X` with the trained encoder.
 
         Parameters
@@ -248,8 +252,8 @@ class AutoencoderEmbedder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Bas
         ndarray of shape (n_samples, embedding_dim_), float32
         """
         check_is_fitted(self, "model_")
-        X = validate_data(self, X, dtype=[np.float64, np.float32], reset=False)
-        features = torch.from_numpy(self._features(X))
+        rows: np.ndarray = validate_data(self, X, dtype=[np.float64, np.float32], reset=False)
+        features = torch.from_numpy(self._features(rows))
         with torch.no_grad():
             codes = [
                 self.model_.encode(features[start : start + TRANSFORM_BATCH])

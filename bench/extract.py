@@ -57,8 +57,8 @@ def throughput(args: argparse.Namespace, scratch: Path) -> list[dict]:
     model_dir = args.repository / args.mnist_model
     dataset = load_dataset("mnist-idx", args.mnist_path)
     job = dict(
-        data="mnist-idx",
-        path=args.mnist_path,
+        dataset="mnist-idx",
+        data_path=args.mnist_path,
         batch_size=args.batch_size,
         output=scratch / "throughput.npz",
         overwrite=True,
@@ -112,7 +112,9 @@ def probe_tables(args: argparse.Namespace, scratch: Path) -> dict[str, str]:
         output = scratch / f"{data}.npz"
         with LocalBackend(model_dir) as backend:
             extract(
-                EmbedConfig(data=data, path=path, local=model_dir, output=output, progress=False),
+                EmbedConfig(
+                    dataset=data, data_path=path, local=model_dir, output=output, progress=False
+                ),
                 backend,
             )
         table = read_embeddings(output)
@@ -156,7 +158,7 @@ def main() -> int:
         if not (args.repository / model).is_dir():
             print(
                 f"bench/extract.py: {args.repository / model}: no such model; train and "
-                f"export it first (aet demo --pretrain, with --data mnist-idx for MNIST)",
+                f"export it first (aet demo --pretrain, with --dataset mnist-idx for MNIST)",
                 file=sys.stderr,
             )
             return 2

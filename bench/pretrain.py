@@ -114,7 +114,7 @@ def measure(case: Case, dataset: Dataset, threads: int, config: BenchConfig) -> 
         trainer.train_epoch()  # warm-up: allocator, Adam state, lazy imports
         loops = [timed(trainer.train_epoch) for _ in range(config.repeats)]
         computes = [timed(lambda: compute_only(trainer, batches)) for _ in range(config.repeats)]
-    loop_wall, loop_cpu = (min(times) for times in zip(*loops))
+    loop_wall, loop_cpu = (min(times) for times in zip(*loops, strict=True))
     compute_cpu = min(cpu for _, cpu in computes)
     return {
         "case": case.name,

@@ -38,6 +38,7 @@ import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -85,7 +86,7 @@ def encoder_graph(encoder: Encoder, seed: int = 0) -> bytes:
         helper.make_node("Flatten", ["scaled"], ["h0"]),
     ]
     weights = [numpy_helper.from_array(np.array(encoder.raw_max, np.float32), "raw_max")]
-    layers = list(zip(encoder.sizes[:-1], encoder.sizes[1:]))
+    layers = list(pairwise(encoder.sizes))
     for i, (fan_in, fan_out) in enumerate(layers):
         weight = rng.standard_normal((fan_in, fan_out)) / np.sqrt(fan_in)
         weights += [
@@ -334,7 +335,7 @@ class Tally:
     def server_breakdown_us(self) -> dict:
         """Medians of the server's own decode, queue, run and encode times."""
         medians = np.median(np.array(self.timings), axis=0).tolist()
-        return dict(zip(("decode", "queue", "run", "encode"), medians))
+        return dict(zip(("decode", "queue", "run", "encode"), medians, strict=True))
 
 
 def _ms(seconds: list[float], percentile: float) -> float:
@@ -589,7 +590,9 @@ def print_table(results: dict) -> None:
     )
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     for row in [("scenario", "measured", "result", "target"), *rows]:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+        print(
+            "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        )
     machine = results["machine"]
     print(
         f"({machine['cpus']} CPUs; load average {machine['load_average_at_start']:.1f} at start, "

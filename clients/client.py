@@ -70,7 +70,7 @@ class RetryPolicy:
     max_backoff: float = 2.0
     multiplier: float = 2.0
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.max_attempts < 1:
             raise ValueError(f"max_attempts: expected >= 1, got {self.max_attempts}")
         if not 0 < self.initial_backoff <= self.max_backoff:
@@ -142,7 +142,9 @@ class ModelInfo:
     card: dict  # the full model.json
 
 
-def _version_states(versions) -> tuple[VersionState, ...]:
+def _version_states(
+    versions: Iterable[embedding_pb2.ModelVersionState],
+) -> tuple[VersionState, ...]:
     return tuple(
         VersionState(int(v.version), embedding_pb2.ModelVersionState.State.Name(v.state), v.reason)
         for v in versions
@@ -241,7 +243,7 @@ class EmbeddingClient:
         self.retry = retry
         self._rng = random.Random(seed)
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
-        options = [
+        options: list[tuple[str, int | str]] = [
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.max_receive_message_length", max_message_bytes),
         ]
@@ -266,7 +268,7 @@ class EmbeddingClient:
     def __enter__(self) -> EmbeddingClient:
         return self
 
-    def __exit__(self, *exc_info) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.close()
 
     def close(self) -> None:
@@ -483,7 +485,9 @@ class EmbeddingClient:
         )
         time.sleep(delay)
 
-    def _unary(self, method: str, call: Callable[..., T], request, timeout: float | None) -> T:
+    def _unary(
+        self, method: str, call: Callable[..., T], request: object, timeout: float | None
+    ) -> T:
         retry = 0
         while True:
             try:
@@ -521,11 +525,11 @@ class EmbeddingClient:
                 with lock:
                     if own_generation != generation:
                         return
-                    chunk = next(chunks, None)
-                    if chunk is None:
+                    pending = next(chunks, None)
+                    if pending is None:
                         return
-                    unanswered.append(chunk)
-                yield _request(model, version, chunk, options)
+                    unanswered.append(pending)
+                yield _request(model, version, pending, options)
 
         parts: list[np.ndarray] = []
         retry = 0

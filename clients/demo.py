@@ -34,11 +34,11 @@ class DemoError(UserError):
 class DemoConfig:
     """`aet demo`: which data, which encoder, where results go."""
 
-    data: str = field(
+    dataset: str = field(
         default="digits",
         metadata={"help": "data set of the training registry", "choices": sorted(DATASETS)},
     )
-    path: Path | None = field(
+    data_path: Path | None = field(
         default=None, metadata={"help": "data file or folder (mnist-idx: the folder of IDX files)"}
     )
     repository: Path = field(
@@ -66,7 +66,7 @@ class DemoConfig:
     )
     output: Path | None = field(
         default=None,
-        metadata={"help": "folder for embeddings and probe results (default: runs/demo/<data>)"},
+        metadata={"help": "folder for embeddings and probe results (default: runs/demo/<dataset>)"},
     )
     label_counts: list[int] = field(
         default_factory=lambda: [100, 1000],
@@ -76,14 +76,14 @@ class DemoConfig:
 
     def __post_init__(self):
         if self.model is None:
-            if self.data not in MODEL_NAMES:
+            if self.dataset not in MODEL_NAMES:
                 raise ConfigError(
-                    f"model: no shipped model for data set {self.data!r}; pass "
+                    f"model: no shipped model for data set {self.dataset!r}; pass "
                     f"--model (shipped: {', '.join(MODEL_NAMES.values())})"
                 )
-            self.model = MODEL_NAMES[self.data]
+            self.model = MODEL_NAMES[self.dataset]
         if self.output is None:
-            self.output = Path("runs") / "demo" / self.data
+            self.output = Path("runs") / "demo" / self.dataset
         for name in ("epochs", "layer_epochs"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: expected a positive integer; got {getattr(self, name)}")
@@ -97,7 +97,7 @@ def pretrain_and_export(config: DemoConfig) -> None:
     pretrain = [
         "pretrain",
         "--dataset",
-        config.data,
+        config.dataset,
         "--name",
         config.model,
         "--runs-dir",
@@ -109,15 +109,15 @@ def pretrain_and_export(config: DemoConfig) -> None:
         "--layer-epochs",
         str(config.layer_epochs),
     ]
-    if config.path is not None:
-        pretrain += ["--data-path", str(config.path)]
+    if config.data_path is not None:
+        pretrain += ["--data-path", str(config.data_path)]
     export = [
         "export",
         "--run",
         str(runs_dir / config.model),
         "--repository",
         str(config.repository),
-        "--model-name",
+        "--model",
         config.model,
     ]
     for argv in (pretrain, export):
@@ -135,7 +135,7 @@ def run_demo(config: DemoConfig) -> int:
     if not model_dir.is_dir():
         raise DemoError(
             f"{model_dir}: no such model; run `aet demo --pretrain"
-            f"{'' if config.data == 'digits' else ' --data ' + config.data}` to "
+            f"{'' if config.dataset == 'digits' else ' --dataset ' + config.dataset}` to "
             f"train and export one first"
         )
     server = ServerProcess(config.repository, config.output / "server.log")
@@ -143,8 +143,8 @@ def run_demo(config: DemoConfig) -> int:
         server.wait_until_serving(config.model)
         print(f"server: aet serve on {server.target} (log: {server.log_path})", flush=True)
         embed_config = EmbedConfig(
-            data=config.data,
-            path=config.path,
+            dataset=config.dataset,
+            data_path=config.data_path,
             seed=config.seed,
             server=server.target,
             model=config.model,

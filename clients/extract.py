@@ -48,14 +48,21 @@ class ExtractionError(UserError):
 class EmbedConfig:
     """`aet embed`: which data, which model through which backend, where the output goes."""
 
-    data: str = field(
+    dataset: str = field(
         default="digits",
         metadata={"help": "data set of the training registry", "choices": sorted(DATASETS)},
     )
-    path: Path | None = field(
+    data_path: Path | None = field(
         default=None, metadata={"help": "file or folder of the data set (digits needs none)"}
     )
     seed: int = field(default=0, metadata={"help": "split seed; the same as at pretraining"})
+    test_fraction: float | None = field(
+        default=None,
+        metadata={"help": "held-out test fraction, as at pretraining (default: the data set's)"},
+    )
+    val_fraction: float = field(
+        default=0.1, metadata={"help": "validation fraction of the rest, as at pretraining"}
+    )
     limit: int | None = field(
         default=None, metadata={"help": "keep the first N rows of a seeded shuffle (quick runs)"}
     )
@@ -113,7 +120,7 @@ class EmbedConfig:
     shard_size: int = field(default=4096, metadata={"help": "rows per resumable shard"})
     output: Path | None = field(
         default=None,
-        metadata={"help": "output file, .npz or .parquet (default: extracted/<data>.npz)"},
+        metadata={"help": "output file, .npz or .parquet (default: extracted/<dataset>.npz)"},
     )
     overwrite: bool = field(default=False, metadata={"help": "replace an existing output file"})
     timeout: float = field(default=30.0, metadata={"help": "server: seconds per request"})
@@ -160,7 +167,7 @@ class EmbedConfig:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: expected a positive integer; got {getattr(self, name)}")
         if self.output is None:
-            self.output = Path("extracted") / f"{self.data}.npz"
+            self.output = Path("extracted") / f"{self.dataset}.npz"
         if self.output.suffix not in FORMATS:
             raise ConfigError(
                 f"output: expected a file ending in {' or '.join(FORMATS)}; got {self.output}"
@@ -169,9 +176,11 @@ class EmbedConfig:
     def dataset_args(self) -> dict[str, Any]:
         """The `load_dataset` arguments, as recorded in the output for `aet probe`."""
         return {
-            "name": self.data,
-            "path": None if self.path is None else str(self.path),
+            "name": self.dataset,
+            "path": None if self.data_path is None else str(self.data_path),
             "seed": self.seed,
+            "test_fraction": self.test_fraction,
+            "val_fraction": self.val_fraction,
             "limit": self.limit,
             **{  # table options only when given: image data sets take none
                 name: value
@@ -235,7 +244,9 @@ def extraction_rows(dataset: Dataset) -> ExtractionRows:
     labels = np.concatenate(
         [np.full(len(part), NO_LABEL, np.int64) if part.y is None else part.y for part in parts]
     )
-    split = np.concatenate([np.full(len(part), name) for name, part in zip(SPLITS, parts)])
+    split = np.concatenate(
+        [np.full(len(part), name) for name, part in zip(SPLITS, parts, strict=True)]
+    )
     raw = dataset.raw(x) if dataset.is_vectors else raw_pixels(x, dataset.raw_max)
     return ExtractionRows(raw, labels, split)
 
@@ -501,8 +512,7 @@ def extract(
     if output.exists() and not config.overwrite:
         raise ExtractionError(f"{output}: already exists; pass --overwrite to replace it")
     if dataset is None:
-        arguments = config.dataset_args()
-        dataset = load_dataset(arguments.pop("name"), **arguments)
+        dataset = load_dataset(**config.dataset_args())
     rows = extraction_rows(dataset)
     model = backend.model
     check_model_fits(model, dataset)

@@ -12,6 +12,7 @@ freezing costs. Writes `results.md`, `results.json`, `accuracy_vs_labels.png` an
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -35,6 +36,14 @@ CLASSIFIERS = {
 }
 
 
+# The flags that pick the rows, as `load_dataset` arguments; with --model they default to the
+# values in model.json, so the probe's test rows are the ones held out from pretraining.
+SPLIT_FIELDS = ("dataset", "seed", "test_fraction", "val_fraction", "limit")
+# What --embeddings records instead (not seed, which also seeds the heads).
+DATA_FIELDS = ("dataset", "data_path", "test_fraction", "val_fraction", "limit")
+SPLIT_MISMATCH = "split differs from pretraining"
+
+
 class ProbeError(UserError):
     """The embeddings and the data set do not fit together, or there is nothing to probe."""
 
@@ -53,24 +62,44 @@ class ProbeConfig:
     model: Path | None = field(
         default=None,
         metadata={
-            "help": "instead of --embeddings: exported/<model>[/<version>], run in-process on --data"
+            "help": "instead of --embeddings: exported/<model>[/<version>], run in-process on the "
+            "data set and split recorded in its model.json"
         },
     )
-    data: str = field(
-        default="digits",
+    dataset: str | None = field(
+        default=None,
         metadata={
-            "help": "with --model: data set of the training registry",
+            "help": "with --model: data set (default: model.json's)",
             "choices": sorted(DATASETS),
         },
     )
-    path: Path | None = field(default=None, metadata={"help": "with --model: data file or folder"})
-    limit: int | None = field(
-        default=None, metadata={"help": "with --model: keep the first N rows of a seeded shuffle"}
+    data_path: Path | None = field(
+        default=None,
+        metadata={"help": "with --model: data file or folder (default: model.json's)"},
     )
-    seed: int = field(
-        default=0,
+    seed: int | None = field(
+        default=None,
         metadata={
-            "help": "seed of the label subsets and the classifiers (and, with --model, the split)"
+            "help": "seed of the split (with --model; default: model.json's), the label subsets "
+            "and the classifiers (default: the split's seed)"
+        },
+    )
+    test_fraction: float | None = field(
+        default=None,
+        metadata={"help": "with --model: held-out test fraction (default: model.json's)"},
+    )
+    val_fraction: float | None = field(
+        default=None, metadata={"help": "with --model: validation fraction (default: model.json's)"}
+    )
+    limit: int | None = field(
+        default=None,
+        metadata={"help": "with --model: keep N rows of a seeded shuffle (default: model.json's)"},
+    )
+    allow_split_mismatch: bool = field(
+        default=False,
+        metadata={
+            "help": "probe on a split other than pretraining's (test rows the encoder may have "
+            "trained on); results are marked 'split differs from pretraining'"
         },
     )
     label_counts: list[int] = field(
@@ -99,6 +128,17 @@ class ProbeConfig:
                 "embeddings / model: expected exactly one of --embeddings or "
                 f"--model; got embeddings={self.embeddings}, model={self.model}"
             )
+        if self.embeddings is not None:
+            given = [
+                f"--{name.replace('_', '-')}"
+                for name in DATA_FIELDS
+                if getattr(self, name) is not None
+            ]
+            if given:
+                raise ConfigError(
+                    f"{', '.join(given)}: only with --model; --embeddings {self.embeddings} "
+                    f"records the data set and split it was extracted from"
+                )
         if not self.label_counts or min(self.label_counts) < 1:
             raise ConfigError(f"label_counts: expected positive numbers; got {self.label_counts}")
         for name in ("hidden", "steps"):
@@ -269,6 +309,7 @@ class ProbeResults:
     label_counts: list[int]
     accuracy: dict[str, dict[str, list[float]]]  # features -> classifier -> per label count
     confusion: list[list[int]]  # MLP head on embeddings, all labels: rows true, columns predicted
+    split_warning: str | None = None  # "split differs from pretraining: ..." when it does
 
     def markdown(self) -> str:
         """The results as a Markdown table, one row per (features, classifier)."""
@@ -277,6 +318,7 @@ class ProbeResults:
         lines = [
             f"Test accuracy on {self.dataset}, encoder {self.model['name']} "
             f"v{self.model['version']} ({self.model['embedding_dim']}-d)",
+            *(["", f"**Warning: {self.split_warning}**"] if self.split_warning else []),
             "",
             "| features | classifier | " + " | ".join(heads) + " |",
             "|---|---|" + "---:|" * len(heads),
@@ -289,16 +331,23 @@ class ProbeResults:
 
 
 def probe(table: EmbeddingTable, dataset: Dataset, config: ProbeConfig) -> ProbeResults:
-    """Train and score every classifier on every feature set for every label count."""
+    """Train and score every classifier on every feature set for every label count.
+
+    Without `--seed` the heads are seeded with the split's seed.
+    """
+    if config.seed is None:
+        config = dataclasses.replace(config, seed=dataset.source.get("seed", 0))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # heads this small only lose time to thread synchronisation
     try:
-        return _probe(table, dataset, config)
+        results = _probe(table, dataset, config)
     finally:
         torch.set_num_threads(threads)
+    return dataclasses.replace(results, split_warning=table.metadata.get("split_mismatch"))
 
 
 def _probe(table: EmbeddingTable, dataset: Dataset, config: ProbeConfig) -> ProbeResults:
+    assert config.seed is not None  # probe() fills it in from the split
     fit_y, test_y = dataset.fit.y, dataset.test.y
     if fit_y is None or test_y is None:
         raise ProbeError(f"data set {dataset.name}: has no labels; nothing to probe")
@@ -308,7 +357,7 @@ def _probe(table: EmbeddingTable, dataset: Dataset, config: ProbeConfig) -> Prob
     confusion = None
     for features in feature_sets(table, dataset, config.seed):
         logreg, mlp = [], []
-        for n, index in zip(counts, subsets):
+        for n, index in zip(counts, subsets, strict=True):
             logreg.append(linear_probe(features.fit, fit_y, features.test, test_y, n, config.seed))
             predicted = mlp_probe(
                 features.fit[index],
@@ -383,13 +432,70 @@ def write_results(results: ProbeResults, folder: Path) -> dict[str, Path]:
     return paths
 
 
+def pretraining_split(config: ProbeConfig, model_dir: Path) -> tuple[dict, str | None]:
+    """The `load_dataset` arguments of the model's pretraining split, from its model.json,
+    with the flags given in `config`, and a note when they change the split.
+
+    Raises ProbeError when a given flag changes the split (unless `allow_split_mismatch`) or
+    when the recorded data path no longer exists and no `--data-path` is given.
+    """
+    from aet.clients.backends import find_model_version
+
+    found = find_model_version(model_dir)
+    assert found.card is not None  # find_model_version returns usable versions only
+    recorded = found.card.dataset
+    card_values = {
+        "dataset": recorded["name"],
+        "seed": recorded.get("seed", 0),
+        # "official": the data set's own test files, which load_dataset picks with None
+        "test_fraction": None
+        if recorded.get("test_fraction") in (None, "official")
+        else recorded["test_fraction"],
+        "val_fraction": recorded.get("val_fraction", 0.1),
+        "limit": recorded.get("limit"),
+    }
+    values, differences = dict(card_values), []
+    for name in SPLIT_FIELDS:
+        given = getattr(config, name)
+        if given is not None and given != card_values[name]:
+            differences.append(
+                f"--{name.replace('_', '-')} {given} (pretraining: {card_values[name]})"
+            )
+            values[name] = given
+    if differences and not config.allow_split_mismatch:
+        raise ProbeError(
+            f"{found.card_path}: {SPLIT_MISMATCH}: {', '.join(differences)}; the test rows "
+            f"would include rows the encoder was pretrained on. Leave these flags out to use "
+            f"model.json's split, or pass --allow-split-mismatch to probe anyway"
+        )
+    path = config.data_path
+    if path is None and values["dataset"] == recorded["name"] and recorded.get("path"):
+        path = Path(recorded["path"])
+        if not path.exists():
+            raise ProbeError(
+                f"{found.card_path}: records data path {path}, which no longer exists; pass "
+                f"--data-path with the data the model was pretrained on"
+            )
+    note = f"{SPLIT_MISMATCH}: {', '.join(differences)}" if differences else None
+    return {"name": values.pop("dataset"), "path": path, **values}, note
+
+
 def load_inputs(config: ProbeConfig) -> tuple[EmbeddingTable, Dataset]:
-    """The embeddings and their data set, from an extraction output or an in-process run."""
+    """The embeddings and their data set, from an extraction output or an in-process run.
+
+    With `--model`, a split that differs from pretraining's is recorded in the table's
+    metadata (`split_mismatch`) and marks the results.
+    """
     if config.embeddings is not None:
         table = read_embeddings(config.embeddings)
         return table, dataset_of(table, str(config.embeddings))
-    dataset = load_dataset(config.data, config.path, seed=config.seed, limit=config.limit)
-    return embed_in_process(config.model, dataset), dataset
+    assert config.model is not None  # ProbeConfig requires --embeddings or --model
+    arguments, note = pretraining_split(config, config.model)
+    dataset = load_dataset(**arguments)
+    table = embed_in_process(config.model, dataset)
+    if note is not None:
+        table.metadata["split_mismatch"] = note
+    return table, dataset
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:

@@ -63,7 +63,7 @@ def fill_tensor(tensor: embedding_pb2.Tensor, array: np.ndarray) -> None:
         expected = ", ".join(str(d) for d in NUMPY_DTYPES.values())
         raise TensorCodecError(f"array dtype: expected one of {expected}, got {array.dtype}")
     little = array.astype(NUMPY_DTYPES[wire_dtype], order="C", copy=False)
-    tensor.dtype = wire_dtype
+    tensor.dtype = embedding_pb2.DataType.ValueType(wire_dtype)
     tensor.shape.extend(little.shape)
     tensor.data = little.tobytes()
 

@@ -119,12 +119,12 @@ class ServeConfig:
     workers: int = field(
         default=64, metadata={"help": "gRPC handler threads: the most calls served at once"}
     )
-    max_streams: int = field(
-        default=32,
+    max_streams: int | None = field(
+        default=None,
         metadata={
             "help": "streaming calls open at once (each holds a handler thread); beyond it "
-            "RESOURCE_EXHAUSTED. Must be below --workers, so unary calls and health checks "
-            "always find a thread"
+            "RESOURCE_EXHAUSTED. Below --workers, so unary calls and health checks always "
+            "find a thread (default: half of --workers)"
         },
     )
     stream_window: int = field(
@@ -196,7 +196,6 @@ class ServeConfig:
             "max_request_rows",
             "max_message_mb",
             "workers",
-            "max_streams",
             "stream_window",
         ):
             if getattr(self, name) < 1:
@@ -210,10 +209,10 @@ class ServeConfig:
         ):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}: expected 0 or more, got {getattr(self, name)}")
-        if self.max_streams >= self.workers:
+        if self.max_streams is not None and not 1 <= self.max_streams < self.workers:
             raise ConfigError(
-                f"max_streams: expected fewer than workers ({self.workers}) so that unary calls "
-                f"always find a thread, got {self.max_streams}"
+                f"max_streams: expected 1 to {self.workers - 1} (fewer than workers, so that "
+                f"unary calls always find a thread), got {self.max_streams}"
             )
         if not self.stream_window_mb > 0:
             raise ConfigError(
@@ -250,6 +249,11 @@ class ServeConfig:
             self.max_request_rows,
             self.dynamic_batching,
         )
+
+    @property
+    def stream_slots(self) -> int:
+        """Streaming calls open at once: `max_streams`, or half of `workers` when unset."""
+        return self.max_streams if self.max_streams is not None else max(1, self.workers // 2)
 
     @functools.cached_property
     def window(self) -> StreamWindow:
@@ -313,9 +317,11 @@ class RunningServer:
         self.stopping.set()
         log.info("shutdown_started", extra={"reason": reason, "grace_period_s": grace_period})
         self.health.enter_graceful_shutdown()
-        stopped = self.server.stop(grace_period).wait(grace_period + STOP_MARGIN_S)
-        remaining = max(0.0, grace_period + STOP_MARGIN_S - (time.monotonic() - started))
-        drained = self.registry.close(remaining)
+        # Half the margin past the grace period for grpc, the rest (at least) for the batchers,
+        # whose idle workers need a moment to see that they are closed.
+        deadline = started + grace_period + STOP_MARGIN_S
+        stopped = self.server.stop(grace_period).wait(grace_period + STOP_MARGIN_S / 2)
+        drained = self.registry.close(max(deadline - time.monotonic(), STOP_MARGIN_S / 2))
         calls_cut = self.calls.calls
         log.info(
             "shutdown_finished",
@@ -339,11 +345,11 @@ def build_server(
     """Bind and start a server with the embedding, health and reflection services plus `services`.
 
     `interceptors` wrap every call (e.g. authentication); `credentials` switch the port to TLS.
-    At most `config.max_streams` streaming calls run at once. Raises `UserError` if the address
+    At most `config.stream_slots` streaming calls run at once. Raises `UserError` if the address
     cannot be bound.
     """
     message_bytes = config.max_message_mb * MIB
-    calls = CallTracker(config.max_streams)
+    calls = CallTracker(config.stream_slots)
     server = grpc.server(
         ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="grpc"),
         interceptors=[*interceptors, calls],  # refused (unauthenticated) calls take no stream

@@ -1,11 +1,12 @@
 """`inference.GRPCInferenceService`: the KServe v2 / Open Inference Protocol over the registry.
 
 Speaks Triton's gRPC protocol so that `tritonclient.grpc`, `perf_analyzer` and KServe work
-unchanged, on the same `ModelRegistry`, request checks and dynamic batchers as our own
-`aet.v1.EmbeddingService`. A model has one input (the card's, e.g. `pixels`, FP32 or UINT8,
-shape [-1, C, H, W]) and one output (`embedding`, FP32, [-1, dim]). Inputs arrive as
-`raw_input_contents` (little-endian bytes) or as typed `contents`; outputs always leave as
-`raw_output_contents`, as Triton sends them.
+unchanged, on the same `InferencePipeline` (lookup, checks, dynamic batchers, metrics) as our
+own `aet.v1.EmbeddingService`: this module only decodes v2 requests and encodes v2 responses.
+A model has one input (the card's, e.g. `pixels`, FP32 or UINT8, shape [-1, C, H, W]) and one
+output (`embedding`, FP32, [-1, dim]). Inputs arrive as `raw_input_contents` (little-endian
+bytes) or as typed `contents`; outputs always leave as `raw_output_contents`, as Triton sends
+them.
 
 Request parameters: `timeout` (int64, microseconds) bounds the time a request may wait for its
 batch, on top of the gRPC deadline; sequence parameters are refused (no stateful models);

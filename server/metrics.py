@@ -4,8 +4,9 @@ Two sources feed both views. Each dynamic batcher reports every batch it ran (ro
 the queue wait of each request in it), whichever API the requests came from. Each API reports
 every request it answered (`ServingMetrics.observe_request`: outcome, time in the server and,
 on success, where that time went). The Prometheus exposition is scraped over HTTP on a
-configurable port; the `inference.GRPCInferenceService/ModelStatistics` RPC reads the same
-counters, so the two never disagree.
+configurable port (open, or behind the server's bearer tokens with `aet serve --metrics-token`);
+the `inference.GRPCInferenceService/ModelStatistics` RPC reads the same counters, so the two
+never disagree.
 
 Prometheus series (all prefixed `aet_`):
 - `requests_total{model,version,api,outcome}`: outcome is "success" or the failure's gRPC
@@ -22,6 +23,7 @@ Prometheus series (all prefixed `aet_`):
 from __future__ import annotations
 
 import copy
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -321,7 +323,11 @@ class ServingMetrics:
         if token_check is not None:
             app = _require_token(app, token_check)
         try:
-            server = make_server(host, port, app, ThreadingWSGIServer, _QuietHandler)
+
+            class Server(ThreadingWSGIServer):
+                address_family = socket.getaddrinfo(host, port)[0][0]  # IPv4 or IPv6 host
+
+            server = make_server(host, port, app, Server, _QuietHandler)
         except OSError as exc:
             raise UserError(
                 f"metrics_port: cannot bind {host}:{port}: {exc.strerror or exc}"

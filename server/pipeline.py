@@ -82,20 +82,20 @@ class InferencePipeline:
         """
         inference = Inference(api, model_name, time.perf_counter(), scored=score_field is not None)
         try:
-            version = parse_version(version, version_field)
+            number = parse_version(version, version_field)
             limits = [limit for limit in time_limits if limit is not None]
             deadline = time.monotonic() + min(limits) if limits else None
             while inference.future is None:
-                inference.model = self.registry.lookup(model_name, version)
-                batcher = _batcher(inference.model, score_field)
-                inputs = decode(inference.model)
+                model = inference.model = self.registry.lookup(model_name, number)
+                batcher = _batcher(model, score_field)
+                inputs = decode(model)
                 inference.decoded = time.perf_counter()
                 try:
                     inference.future = batcher.submit(inputs, deadline, is_cancelled)
                 except Unavailable:
                     # Hot reload: the version closed between lookup and submit; follow a newer
                     # "latest" if one serves now.
-                    if version is not None or self.registry.lookup(model_name) is inference.model:
+                    if number is not None or self.registry.lookup(model_name) is model:
                         raise
         except Exception as exc:
             inference.error = exc
@@ -111,15 +111,17 @@ class InferencePipeline:
     ) -> tuple[Encoded, RequestTiming]:
         """Wait for the outputs, `encode` them, record the outcome; the encoded response and
         where its time went. Raises the request's error after recording it."""
+        model, future = inference.model, inference.future
         try:
             if inference.error is not None:
                 raise inference.error
-            model = inference.model
+            assert model is not None and future is not None  # `start` sets both, or `error`
             if inference.scored:
-                embeddings, scores = split_scored(inference.future.result())
+                embeddings, scores = split_scored(future.result())
+                assert model.card.score is not None  # `start` queued it on the scorer
                 outputs = {model.card.output.name: embeddings, model.card.score.name: scores}
             else:
-                outputs = {model.card.output.name: inference.future.result()}
+                outputs = {model.card.output.name: future.result()}
             answered = time.perf_counter()
             encoded = encode(model, outputs)
         except Exception as exc:
@@ -128,8 +130,8 @@ class InferencePipeline:
         done = time.perf_counter()
         timing = RequestTiming(
             decode=inference.decoded - inference.started,
-            queue=inference.future.queue_seconds,
-            run=inference.future.run_seconds,
+            queue=future.queue_seconds,
+            run=future.run_seconds,
             encode=done - answered,
         )
         self._observe(inference, grpc.StatusCode.OK, timing, done)
@@ -142,6 +144,8 @@ class InferencePipeline:
         timing: RequestTiming | None = None,
         done: float | None = None,
     ) -> None:
+        name: str
+        version: int | str
         if inference.model is not None:
             name, version = inference.model.name, inference.model.version
         else:  # unresolved: label a known model only, never an arbitrary name (cardinality)

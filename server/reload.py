@@ -7,8 +7,8 @@ whose sha256 does not match its card is refused and recorded as FAILED while the
 already serving keep serving; it is retried once its folder changes (e.g. a copy that was
 still missing model.json), and forgotten once its folder is gone. `start_polling(seconds)`
 runs `sync` periodically (`aet serve --poll-repository SECONDS`); the KServe
-RepositoryModelLoad/Unload RPCs call `load_model` / `unload_model`. A model unloaded explicitly stays unloaded, polling included,
-until it is loaded explicitly again.
+RepositoryModelLoad/Unload RPCs call `load_model` / `unload_model`. A model unloaded explicitly
+stays unloaded, polling included, until it is loaded explicitly again.
 """
 
 from __future__ import annotations
@@ -119,12 +119,12 @@ class RepositoryReloader:
         all FAILED ones with `retry_failed`); unload or forget the ones not in it."""
         states = {s.version: s.state for s in self.registry.statuses(name)}
         on_disk = {v.version for v in found}
-        for version in found:
-            key, state = (name, version.version), states.get(version.version)
-            changed = self._refused.get(key) != version.fingerprint
+        for scanned in found:
+            key, state = (name, scanned.version), states.get(scanned.version)
+            changed = self._refused.get(key) != scanned.fingerprint
             if state is None or (state == ModelState.FAILED and (retry_failed or changed)):
-                if self.registry.load(version).state == ModelState.FAILED:
-                    self._refused[key] = version.fingerprint
+                if self.registry.load(scanned).state == ModelState.FAILED:
+                    self._refused[key] = scanned.fingerprint
                 else:
                     self._refused.pop(key, None)
         for version, state in states.items():

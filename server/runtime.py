@@ -187,7 +187,7 @@ class EncoderSession:
         graph_rows = tuple(d.dim_value if d.HasField("dim_value") else d.dim_param for d in dims)
         graph_rows = graph_rows[1:]
         if len(graph_rows) != len(row_shape) or any(
-            isinstance(g, int) and g != c for g, c in zip(graph_rows, row_shape, strict=False)
+            isinstance(g, int) and g != c for g, c in zip(graph_rows, row_shape, strict=True)
         ):
             raise ModelLoadError(
                 f"{label}: input shape: expected [batch, "

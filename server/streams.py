@@ -61,6 +61,7 @@ class _ReadAhead:
         self._bytes = 0
         self._read_all = False  # the reader has stopped: no more requests will be started
         self._closed = False  # the call ended: stop reading and answering
+        self._failure: Exception | None = None  # what stopped the reader, if not the call's end
 
     def read(self, requests: Iterable, start: Callable[[Any], Any]) -> None:
         """Start each request once the window has room for another."""
@@ -84,17 +85,28 @@ class _ReadAhead:
                         return
         except grpc.RpcError:
             pass  # the call ended (client gone, deadline, server stopping): nothing more to read
+        except Exception as exc:  # a bug in `start`: answer it (INTERNAL), never cut silently
+            self._failure = exc
         finally:
             with self._cond:
                 self._read_all = True
                 self._cond.notify_all()
 
     def oldest(self) -> Any:
-        """The oldest request not yet answered (waits for one); `_END` when there is none."""
+        """The oldest request not yet answered (waits for one); `_END` when there is none.
+
+        Raises what stopped the reader, once the requests started before it are answered.
+        """
         with self._cond:
             while not self._started and not (self._read_all or self._closed):
                 self._cond.wait()
-            return self._started[0][0] if self._started and not self._closed else _END
+            if self._closed:
+                return _END
+            if self._started:
+                return self._started[0][0]
+            if self._failure is not None:
+                raise self._failure
+            return _END
 
     def answered(self) -> None:
         """The oldest request has been answered: make room for the next one."""

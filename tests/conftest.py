@@ -78,7 +78,7 @@ def model_repository(tmp_path_factory, digits_checkpoint) -> Path:
     from aet.training.export import ExportConfig, export
 
     root = tmp_path_factory.mktemp("exported")
-    export(ExportConfig(checkpoint=digits_checkpoint, repository=root, model_name=DIGITS_MODEL))
+    export(ExportConfig(checkpoint=digits_checkpoint, repository=root, model=DIGITS_MODEL))
     return root
 
 

@@ -89,7 +89,7 @@ def test_requests_queued_while_busy_run_as_one_batch_each_getting_its_rows(gate)
     futures = [batcher.submit(x) for x in inputs]
     assert not any(f.done() for f in futures)
     gate.open()
-    for x, future in zip(inputs, futures):
+    for x, future in zip(inputs, futures, strict=True):
         np.testing.assert_array_equal(future.result(WAIT), expected(x))
     thread.join(WAIT)
     np.testing.assert_array_equal(box["out"].result(), expected(rows(1000, 1)))
@@ -105,7 +105,7 @@ def test_batches_never_exceed_max_batch_size_and_whole_requests_are_not_split(ga
     inputs = [rows(10 * i, 3) for i in range(5)]
     futures = [batcher.submit(x) for x in inputs]
     gate.open()
-    for x, future in zip(inputs, futures):
+    for x, future in zip(inputs, futures, strict=True):
         np.testing.assert_array_equal(future.result(WAIT), expected(x))
     thread.join(WAIT)
     # 3 + 3 fit, the third would not: it waits for the next batch instead of being split.
@@ -226,7 +226,7 @@ def test_without_merging_every_request_runs_alone(gate):
     inputs = [rows(10 * i, 2) for i in range(3)]
     futures = [batcher.submit(x) for x in inputs]
     gate.open()
-    for x, future in zip(inputs, futures):
+    for x, future in zip(inputs, futures, strict=True):
         np.testing.assert_array_equal(future.result(WAIT), expected(x))
     thread.join(WAIT)
     assert [len(b) for b in gate.batches] == [1, 2, 2, 2]

@@ -84,7 +84,7 @@ def test_stream_of_batches_answers_each_batch_in_order(small_message_server):
     with EmbeddingClient(target(small_message_server), max_message_bytes=MIB) as client:
         answers = list(client.embed_batches(iter(batches), MODEL))
     assert [len(a) for a in answers] == sizes
-    for batch, answer in zip(batches, answers):
+    for batch, answer in zip(batches, answers, strict=True):
         np.testing.assert_allclose(answer, expected_embeddings(batch, SEED), rtol=1e-5, atol=1e-5)
 
 

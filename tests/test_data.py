@@ -84,7 +84,7 @@ def test_splits_partition_the_data_and_are_stratified(tmp_path):
     assert [len(i) for i in ids] == [120, 40, 40]
     np.testing.assert_array_equal(np.bincount(data.test.y), [10, 10, 10, 10])
     np.testing.assert_array_equal(np.bincount(data.val.y), [10, 10, 10, 10])
-    for split, split_ids in zip((data.train, data.val, data.test), ids):
+    for split, split_ids in zip((data.train, data.val, data.test), ids, strict=True):
         np.testing.assert_array_equal(split.y, split_ids // 50)  # labels stay with their images
 
 

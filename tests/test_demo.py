@@ -50,8 +50,9 @@ def test_demo_serves_embeds_probes_and_stops(tmp_path, model_repository):
 
 def test_demo_without_a_model_says_how_to_make_one(tmp_path):
     (tmp_path / "exported").mkdir()
-    done = run_demo("--data", "mnist-idx", cwd=tmp_path)
+    done = run_demo("--dataset", "mnist-idx", cwd=tmp_path)
     assert done.returncode == 2
     assert (
-        "exported/mnist: no such model; run `aet demo --pretrain --data mnist-idx`" in done.stderr
+        "exported/mnist: no such model; run `aet demo --pretrain --dataset mnist-idx`"
+        in done.stderr
     )

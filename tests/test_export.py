@@ -197,7 +197,7 @@ def test_diverged_weights_fail_and_write_nothing(run_dir, tmp_path):
     with pytest.raises(ExportError, match="NaN or Inf for 1000 of 1000 inputs"):
         export(
             ExportConfig(
-                checkpoint=tmp_path / "nan.pt", model_name="nan", repository=tmp_path / "exported"
+                checkpoint=tmp_path / "nan.pt", model="nan", repository=tmp_path / "exported"
             )
         )
     assert not (tmp_path / "exported").exists()
@@ -237,7 +237,7 @@ def test_missing_or_corrupt_checkpoint_fails_cleanly(tmp_path, content):
     if content is not None:
         path.write_bytes(content)
     with pytest.raises(CheckpointError, match=f"checkpoint {path}"):
-        export(ExportConfig(checkpoint=path, model_name="digits", repository=tmp_path / "exported"))
+        export(ExportConfig(checkpoint=path, model="digits", repository=tmp_path / "exported"))
     assert not (tmp_path / "exported").exists()
 
 
@@ -248,7 +248,7 @@ def test_truncated_checkpoint_fails_cleanly(run_dir, tmp_path):
         export(
             ExportConfig(
                 checkpoint=tmp_path / "best.pt",
-                model_name="digits",
+                model="digits",
                 repository=tmp_path / "exported",
             )
         )
@@ -260,8 +260,8 @@ def test_truncated_checkpoint_fails_cleanly(run_dir, tmp_path):
     [
         ({}, "give exactly one of --run or --checkpoint"),
         ({"run": Path("r"), "checkpoint": Path("c")}, "give exactly one of --run or --checkpoint"),
-        ({"checkpoint": Path("c")}, "model_name: required with --checkpoint"),
-        ({"run": Path("r"), "model_name": "../up"}, "model_name: expected .*; got '../up'"),
+        ({"checkpoint": Path("c")}, "model: required with --checkpoint"),
+        ({"run": Path("r"), "model": "../up"}, "model: expected .*; got '../up'"),
         ({"run": Path("r"), "opset": 17}, "opset: expected 18 .* to \\d+ .*; got 17"),
         ({"run": Path("r"), "opset": 99}, "opset: expected 18 .* to \\d+ .*; got 99"),
     ],
@@ -303,7 +303,7 @@ def test_aet_export_subprocess_reports_a_corrupt_checkpoint(tmp_path):
     result = run_aet_export(
         "--checkpoint",
         str(tmp_path / "best.pt"),
-        "--model-name",
+        "--model",
         "digits",
         "--repository",
         str(tmp_path / "exported"),

@@ -75,6 +75,8 @@ def test_output_holds_every_split_with_labels_and_provenance(reference, dataset,
         "name": "digits",
         "path": None,
         "seed": 0,
+        "test_fraction": None,
+        "val_fraction": 0.1,
         "limit": LIMIT,
     }
     card = json.loads((model_dir / "1" / "model.json").read_text())
@@ -159,7 +161,7 @@ def test_model_for_other_images_is_refused(tmp_path, model_dir):
     images = np.random.default_rng(0).integers(0, 256, (30, 28, 28), dtype=np.uint8)
     np.savez(tmp_path / "images.npz", x=images, y=np.arange(30) % 3)
     job = config(
-        tmp_path, "mismatch.npz", local=model_dir, data="npz", path=tmp_path / "images.npz"
+        tmp_path, "mismatch.npz", local=model_dir, dataset="npz", data_path=tmp_path / "images.npz"
     )
     with LocalBackend(model_dir) as backend:
         with pytest.raises(ExtractionError, match=r"shape \(1, 8, 8\).*up to 16.*\(1, 28, 28\)"):

@@ -142,7 +142,7 @@ def test_stream_answers_in_order_and_survives_a_bad_request(stub):
     assert "inputs[pixels].shape: expected [batch, 1, 8, 8], got [2, 1, 8, 7]" in (
         answers[2].error_message
     )
-    for answer, pixels in zip(answers[:2] + answers[3:], good):
+    for answer, pixels in zip(answers[:2] + answers[3:], good, strict=True):
         assert answer.error_message == ""
         np.testing.assert_allclose(
             embeddings_of(answer.infer_response),

@@ -48,7 +48,7 @@ def test_tied_decoder_uses_the_transposed_encoder_weights_and_owns_only_biases()
         ModelConfig(architecture="mlp", hidden_sizes=(16,), code_size=4, tied_weights=False),
         (1, 8, 8),
     )
-    for encoder_layer, decoder_layer in zip(tied.encoder_layers, tied.decoder_layers):
+    for encoder_layer, decoder_layer in zip(tied.encoder_layers, tied.decoder_layers, strict=True):
         assert isinstance(decoder_layer, TransposedLinear)
         assert decoder_layer.encoder_layer is encoder_layer
     n_weights = 64 * 16 + 16 * 4

@@ -2,10 +2,12 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -181,3 +183,20 @@ def test_ctrl_c_saves_and_exits_130_and_resume_finishes_exactly_like_an_uninterr
     got = load_checkpoint(tmp_path / "run" / "best.pt")
     assert got.metrics == want.metrics
     assert all(torch.equal(got.model_state[k], want.model_state[k]) for k in want.model_state)
+
+
+@pytest.mark.parametrize(
+    "x, message",
+    [
+        (np.eye(16, dtype=np.uint8)[:12].reshape(12, 4, 4), r"every value in \{0, 1\}.*x \* 255"),
+        (np.full((12, 4, 4), 7, np.int16), "dtype int16; expected uint8"),
+    ],
+)
+def test_npz_of_binary_bytes_or_other_integers_exits_2_and_writes_nothing(
+    tmp_path, capsys, x, message
+):
+    np.savez(tmp_path / "data.npz", x=x)
+    argv = ["pretrain", "--dataset", "npz", "--data-path", str(tmp_path / "data.npz")]
+    status = main([*argv, "--runs-dir", str(tmp_path / "runs"), "--epochs", "1"])
+    assert status == 2 and not (tmp_path / "runs").exists()
+    assert re.search(message, capsys.readouterr().err)

@@ -4,16 +4,23 @@ from an `aet embed` output as from the model itself, fine-tuning, the written ta
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
 from conftest import DIGITS_MODEL
 from PIL import Image
 
+from aet.cli import main
 from aet.clients.backends import LocalBackend
 from aet.clients.extract import EmbedConfig, EmbeddingTable, extract, write_embeddings
 from aet.clients.probe import ProbeConfig, ProbeError, dataset_of, load_inputs, probe, write_results
+from aet.config import ConfigError
+from aet.server.repository import read_model_card
+from aet.training.checkpoint import load_checkpoint, save_checkpoint
 from aet.training.data import load_dataset
+from aet.training.export import ExportConfig, export
 
 
 @pytest.fixture(scope="module")
@@ -131,3 +138,76 @@ def test_unlabelled_data_has_nothing_to_probe(tmp_path, model_dir):
             dataset,
             config,
         )
+
+
+# --- leak-proof splits -------------------------------------------------------------------------
+
+
+def test_model_probe_takes_the_split_from_model_json(model_dir):
+    _, dataset = load_inputs(ProbeConfig(model=model_dir))
+    recorded = read_model_card(model_dir / "1" / "model.json").dataset
+    assert dataset.source["sizes"] == recorded["sizes"]
+    assert dataset.source["seed"] == recorded["seed"]
+
+
+@pytest.mark.parametrize(
+    "flags, difference",
+    [
+        ({"seed": 1}, "--seed 1 (pretraining: 0)"),
+        ({"test_fraction": 0.2}, "--test-fraction 0.2 (pretraining: 0.3)"),
+        ({"limit": 500}, "--limit 500 (pretraining: None)"),
+        ({"dataset": "npz", "data_path": Path("x.npz")}, "--dataset npz (pretraining: digits)"),
+    ],
+)
+def test_a_split_other_than_pretrainings_is_refused(model_dir, flags, difference):
+    with pytest.raises(
+        ProbeError, match="split differs from pretraining: " + re.escape(difference)
+    ):
+        load_inputs(ProbeConfig(model=model_dir, **flags))
+
+
+def test_allow_split_mismatch_marks_table_and_json(model_dir, tmp_path):
+    config = ProbeConfig(
+        model=model_dir,
+        seed=1,
+        allow_split_mismatch=True,
+        label_counts=[100],
+        steps=20,
+        output=tmp_path / "results",
+    )
+    results = probe(*load_inputs(config), config)
+    paths = write_results(results, config.output)
+    assert "**Warning: split differs from pretraining: --seed 1 (pretraining: 0)**" in (
+        paths["markdown"].read_text()
+    )
+    saved = json.loads(paths["json"].read_text())
+    assert saved["split_warning"].startswith("split differs from pretraining")
+
+
+def test_a_recorded_data_path_that_is_gone_names_it_and_the_flag(tmp_path, digits_checkpoint):
+    images = (np.random.default_rng(0).random((120, 1, 8, 8)) * 255).astype(np.uint8)
+    np.savez(tmp_path / "data.npz", x=images, y=np.arange(120) % 3)
+    checkpoint = load_checkpoint(digits_checkpoint)
+    checkpoint.source = load_dataset("npz", tmp_path / "data.npz").source
+    checkpoint.raw_max = 255.0
+    save_checkpoint(tmp_path / "moved.pt", checkpoint)
+    export(ExportConfig(checkpoint=tmp_path / "moved.pt", repository=tmp_path, model="moved"))
+    (tmp_path / "data.npz").unlink()
+    with pytest.raises(
+        ProbeError,
+        match=r"records data path .*data\.npz, which no longer exists; "
+        r"pass --data-path",
+    ):
+        load_inputs(ProbeConfig(model=tmp_path / "moved"))
+
+
+def test_data_flags_with_embeddings_are_refused(tmp_path):
+    with pytest.raises(ConfigError, match="--dataset, --limit: only with --model"):
+        ProbeConfig(embeddings=tmp_path / "e.npz", dataset="digits", limit=5)
+
+
+def test_cli_refusal_exits_2_and_writes_nothing(model_dir, tmp_path, capsys):
+    output = tmp_path / "results"
+    status = main(["probe", "--model", str(model_dir), "--seed", "3", "--output", str(output)])
+    assert status == 2 and not output.exists()
+    assert "--allow-split-mismatch" in capsys.readouterr().err

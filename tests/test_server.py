@@ -185,7 +185,7 @@ def test_a_stream_of_100_batches_returns_100_responses_in_order(
     requests = (embed_request(x, request_id=f"batch-{i}") for i, x in enumerate(batches))
     responses = list(stub.EmbedStream(requests, timeout=WAIT))
     assert [r.request_id for r in responses] == [f"batch-{i}" for i in range(100)]
-    for x, response in zip(batches, responses):
+    for x, response in zip(batches, responses, strict=True):
         np.testing.assert_allclose(embeddings(response), reference(x), atol=1e-5)
 
 
@@ -254,7 +254,8 @@ def bad(model="digits", version=0, inputs=ONE_ROW) -> pb.EmbedRequest:
         (
             bad(inputs=pb.Tensor(dtype=pb.FLOAT32, shape=[2, 1, 8, 8], data=bytes(100))),
             grpc.StatusCode.INVALID_ARGUMENT,
-            r"^inputs\.data: expected 512 bytes for shape \[2, 1, 8, 8\] of float32, got 100 bytes$",
+            r"^inputs\.data: expected 512 bytes for shape \[2, 1, 8, 8\] of float32, "
+            r"got 100 bytes$",
         ),
         (
             bad(inputs=pb.Tensor(dtype=pb.DATA_TYPE_UNSPECIFIED, shape=[1, 1, 8, 8])),

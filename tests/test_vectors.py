@@ -255,7 +255,8 @@ def test_pretrain_and_export_a_csv_table_through_the_cli(wine_files, tmp_path):
     output = tmp_path / "codes.parquet"
     with quiet:
         status = main(
-            ["embed", "--local", str(version), "--data", "csv", "--path", str(wine_files["csv"])]
+            ["embed", "--local", str(version), "--dataset", "csv"]
+            + ["--data-path", str(wine_files["csv"])]
             + ["--label-column", "cultivar", "--columns", *wine_table()[2][:6]]
             + ["--score", "--no-progress", "--output", str(output)]
         )

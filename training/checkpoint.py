@@ -61,7 +61,7 @@ class Checkpoint:
     def require_model(
         self, config: ModelConfig, image_shape: tuple[int, int, int], path: Path
     ) -> None:
-        """Raise CheckpointError unless this checkpoint holds a model of `config` on `image_shape`."""
+        """Raise CheckpointError unless it holds a model of `config` on `image_shape`."""
         if self.model_config != config:
             raise CheckpointError(
                 f"checkpoint {path}: holds a different model; expected "

@@ -83,7 +83,7 @@ class ExportConfig:
         default=None, metadata={"help": "checkpoint file to export (instead of --run)"}
     )
     repository: Path = field(default=Path("exported"), metadata={"help": "model repository root"})
-    model_name: str | None = field(
+    model: str | None = field(
         default=None,
         metadata={"help": "model folder name in the repository; the run folder's name if omitted"},
     )
@@ -100,12 +100,10 @@ class ExportConfig:
                 "run / checkpoint: give exactly one of --run or --checkpoint; "
                 f"got run={self.run}, checkpoint={self.checkpoint}"
             )
-        if self.model_name is None and self.run is None:
-            raise ConfigError("model_name: required with --checkpoint (no run folder to name it)")
-        if self.model_name is not None and not MODEL_NAME_PATTERN.fullmatch(self.model_name):
-            raise ConfigError(
-                f"model_name: expected {MODEL_NAME_PATTERN.pattern}; got {self.model_name!r}"
-            )
+        if self.model is None and self.run is None:
+            raise ConfigError("model: required with --checkpoint (no run folder to name it)")
+        if self.model is not None and not MODEL_NAME_PATTERN.fullmatch(self.model):
+            raise ConfigError(f"model: expected {MODEL_NAME_PATTERN.pattern}; got {self.model!r}")
         highest = onnx.defs.onnx_opset_version()
         if not 18 <= self.opset <= highest:
             raise ConfigError(
@@ -119,7 +117,7 @@ class ExportConfig:
 
     @property
     def name(self) -> str:
-        return self.model_name if self.model_name is not None else self.run.name
+        return self.model if self.model is not None else self.run.name
 
 
 class Scale(torch.nn.Module):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from itertools import pairwise
 
 import torch
 import torch.nn.functional as F
@@ -161,7 +162,7 @@ class Autoencoder(nn.Module):
 
 def _linear_layers(sizes: list[int]) -> nn.ModuleList:
     """Linear layers sizes[0] -> sizes[1] -> ... -> sizes[-1]."""
-    return nn.ModuleList(nn.Linear(a, b) for a, b in zip(sizes[:-1], sizes[1:]))
+    return nn.ModuleList(nn.Linear(a, b) for a, b in pairwise(sizes))
 
 
 class TransposedLinear(nn.Module):
@@ -193,9 +194,7 @@ class MLPAutoencoder(Autoencoder):
         if config.tied_weights:
             self.decoder_layers = nn.ModuleList(TransposedLinear(e) for e in self.encoder_layers)
         else:
-            self.decoder_layers = nn.ModuleList(
-                nn.Linear(b, a) for a, b in zip(sizes[:-1], sizes[1:])
-            )
+            self.decoder_layers = nn.ModuleList(nn.Linear(b, a) for a, b in pairwise(sizes))
         self.act = (
             nn.Identity() if config.architecture == "linear" else ACTIVATIONS[config.activation]()
         )
@@ -271,7 +270,7 @@ class VariationalAutoencoder(MLPAutoencoder):
     def objective(
         self, x_input: torch.Tensor, target: torch.Tensor, generator: torch.Generator | None = None
     ) -> torch.Tensor:
-        """Negative ELBO: reconstruction NLL of one reparameterised sample + KL(q(z|x) || N(0, I))."""
+        """Negative ELBO: the NLL of a reparameterised sample + KL(q(z|x), N(0, I))."""
         mu, logvar = self.posterior(x_input)
         eps = torch.randn(mu.shape, generator=generator, dtype=mu.dtype)
         z = mu + eps * torch.exp(0.5 * logvar)
@@ -288,7 +287,7 @@ class ConvAutoencoder(Autoencoder):
         act = ACTIVATIONS[config.activation]
         encoder: list[nn.Module] = []
         sizes = [(height, width)]
-        for c_in, c_out in zip((channels, *config.hidden_sizes), config.hidden_sizes):
+        for c_in, c_out in pairwise((channels, *config.hidden_sizes)):
             encoder += [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1), act()]
             h, w = sizes[-1]
             sizes.append(((h + 1) // 2, (w + 1) // 2))
@@ -303,7 +302,7 @@ class ConvAutoencoder(Autoencoder):
             nn.Unflatten(1, self.feature_shape),
         ]
         outs = (*reversed(config.hidden_sizes[:-1]), channels)
-        for i, (c_in, c_out) in enumerate(zip(reversed(config.hidden_sizes), outs)):
+        for i, (c_in, c_out) in enumerate(zip(reversed(config.hidden_sizes), outs, strict=True)):
             (h, w), (target_h, target_w) = sizes[-1 - i], sizes[-2 - i]
             # A stride-2 transposed conv gives 2n - 1 (+ output_padding) pixels: pad to the target.
             padding = (target_h - (2 * h - 1), target_w - (2 * w - 1))

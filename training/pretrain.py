@@ -47,7 +47,8 @@ class PretrainConfig:
     name: str | None = field(
         default=None,
         metadata={
-            "help": "run name, the folder under --runs-dir (default: <dataset>-<architecture>-<code-size>)"
+            "help": "run name, the folder under --runs-dir "
+            "(default: <dataset>-<architecture>-<code-size>)"
         },
     )
     runs_dir: Path = field(default=Path("runs"), metadata={"help": "folder holding run folders"})
@@ -142,7 +143,8 @@ class PretrainConfig:
     noise_level: float = field(
         default=_TRAINING.noise_level,
         metadata={
-            "help": "sigma for gaussian; corrupted fraction nu in [0, 1) for masking, salt-and-pepper"
+            "help": "sigma for gaussian; corrupted fraction nu in [0, 1) "
+            "for masking, salt-and-pepper"
         },
     )
     # optimisation
@@ -169,7 +171,8 @@ class PretrainConfig:
     threads: int = field(
         default=1,
         metadata={
-            "help": "torch CPU threads; small models train fastest on one, above all on a busy machine"
+            "help": "torch CPU threads; small models train fastest on one, "
+            "above all on a busy machine"
         },
     )
     log_every: int = field(

@@ -126,6 +126,9 @@ class StandardizeModule(nn.Module):
     """`(x - mean) / std` on (B, *feature_shape) tensors; the statistics are buffers, so they
     move with `.to(device)`, go into `state_dict` and become constants of an exported graph."""
 
+    mean: torch.Tensor
+    std: torch.Tensor
+
     def __init__(self, standardizer: FeatureStandardizer) -> None:
         super().__init__()
         self.register_buffer("mean", torch.from_numpy(standardizer.mean.copy()))

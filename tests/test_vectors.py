@@ -267,6 +267,18 @@ def test_pretrain_and_export_a_csv_table_through_the_cli(wine_files, tmp_path):
     np.testing.assert_allclose(table.scores[test_rows], score, rtol=1e-5)
     np.testing.assert_array_equal(table.labels[test_rows], data.test.y)
 
+    # `aet probe --model` reloads the table with the columns and labels model.json records.
+    with quiet:
+        status = main(
+            ["probe", "--model", str(version), "--label-counts", "30", "--steps", "20"]
+            + ["--output", str(tmp_path / "probe")]
+        )
+    assert status == 0
+    results = json.loads((tmp_path / "probe" / "results.json").read_text())
+    assert (results["dataset"], results["model"]["input_shape"]) == ("csv", [6])
+    assert results["label_counts"] == [30, len(data.fit)] and results["split_warning"] is None
+    assert len(results["accuracy"]["embedding"]["logreg"]) == 2
+
 
 @pytest.mark.parametrize("name", ["wine", "breast-cancer"])
 def test_codes_probe_within_three_points_of_standardised_raw_features(name):

@@ -590,6 +590,7 @@ def _vectors(
             "columns": columns,
             "label_column": options.label_column,
             **recorded,
+            "drop_missing": options.drop_missing,
             "dropped_rows": int(bad_rows.sum()),
         },
         default_test_fraction=0.2,

@@ -9,6 +9,7 @@ import json
 import tempfile
 from pathlib import Path
 
+import grpc
 import numpy as np
 import onnxruntime
 import pyarrow as pa
@@ -20,6 +21,8 @@ from sklearn.datasets import load_wine
 from aet.cli import main
 from aet.clients.extract import read_embeddings
 from aet.config import ConfigError
+from aet.proto import embedding_pb2 as pb
+from aet.proto.codec import decode_tensor, encode_tensor
 from aet.server.repository import read_model_card
 from aet.server.validation import FLOAT32, RequestSpec
 from aet.training.checkpoint import load_checkpoint
@@ -206,7 +209,9 @@ def test_vectors_default_to_the_gaussian_model_and_refuse_salt_and_pepper():
         PretrainConfig(dataset="wine", noise="salt-and-pepper").load_dataset()
 
 
-def test_pretrain_and_export_a_csv_table_through_the_cli(wine_files, tmp_path):
+def test_pretrain_and_export_a_csv_table_through_the_cli(
+    wine_files, tmp_path, start_server, embedding_stub
+):
     """`aet pretrain --dataset csv` then `aet export`: the graph takes raw features, standardises
     inside, and its score is the mean squared error in standardised units."""
     quiet = contextlib.redirect_stdout(io.StringIO())
@@ -250,6 +255,21 @@ def test_pretrain_and_export_a_csv_table_through_the_cli(wine_files, tmp_path):
         squared = (autoencoder(standardised) - standardised).square().mean(1).numpy()
     np.testing.assert_allclose(embedding, expected, atol=1e-4)
     np.testing.assert_allclose(score, squared, rtol=1e-4, atol=1e-5)
+
+    # The server takes (N, D) float32 rows in their own units (no uint8: no value range).
+    stub = embedding_stub(start_server(tmp_path / "exported"))
+    request = pb.EmbedRequest(
+        model="table",
+        inputs=encode_tensor(raw),
+        options=pb.EmbedOptions(reconstruction_error=True),
+    )
+    answer = stub.Embed(request, timeout=30)
+    np.testing.assert_allclose(decode_tensor(answer.embeddings, "e"), embedding, atol=1e-6)
+    np.testing.assert_allclose(decode_tensor(answer.reconstruction_error, "s"), score, rtol=1e-6)
+    request.inputs.CopyFrom(encode_tensor(np.zeros((2, 6), np.uint8)))
+    with pytest.raises(grpc.RpcError) as error:
+        stub.Embed(request, timeout=30)
+    assert "inputs.dtype: expected float32, got uint8" in error.value.details()
 
     # `aet embed` reads the same table and sends raw features; the graph standardises them.
     output = tmp_path / "codes.parquet"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -217,7 +218,9 @@ class Encoder:
         """
         return -self.reconstruction_error(X, batch_size)
 
-    def _run(self, run, X: Any, batch_size: int, width: int) -> np.ndarray:
+    def _run(
+        self, run: Callable[[np.ndarray], np.ndarray], X: Any, batch_size: int, width: int
+    ) -> np.ndarray:
         """`run` over the rows of `X` in batches of `batch_size`: (N, width) float32."""
         if batch_size < 1:
             raise ValueError(f"batch_size: expected a positive integer; got {batch_size}")

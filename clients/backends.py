@@ -83,6 +83,7 @@ def _identity(found: ModelVersion) -> ModelIdentity:
 
 def _open_session(found: ModelVersion, threads: int, score: bool = False) -> EncoderSession:
     card = found.card
+    assert card is not None  # find_model_version returns usable versions only
     if score and card.score is None:
         raise BackendError(
             f"model {card.name} v{card.version}: its graph has no reconstruction_error output "
@@ -95,7 +96,7 @@ def _open_session(found: ModelVersion, threads: int, score: bool = False) -> Enc
         tuple(card.input.shape),
         resolve_providers("auto"),
         RuntimeOptions(intra_op_threads=threads),
-        score_name=card.score.name if score else None,
+        score_name=card.score.name if score and card.score is not None else None,
     )
 
 

@@ -292,16 +292,16 @@ def write_embeddings(path: Path, table: EmbeddingTable) -> None:
 
         def write(temporary: Path) -> None:
             with open(temporary, "wb") as handle:
-                scores = {} if table.scores is None else {"reconstruction_error": table.scores}
-                np.savez(
-                    handle,
-                    embeddings=table.embeddings,
-                    ids=table.ids,
-                    labels=table.labels,
-                    split=table.split.astype(str),
-                    metadata=np.array(json.dumps(table.metadata)),
-                    **scores,
-                )
+                arrays: dict[str, Any] = {
+                    "embeddings": table.embeddings,
+                    "ids": table.ids,
+                    "labels": table.labels,
+                    "split": table.split.astype(str),
+                    "metadata": np.array(json.dumps(table.metadata)),
+                }
+                if table.scores is not None:
+                    arrays["reconstruction_error"] = table.scores
+                np.savez(handle, **arrays)
     else:
         import pyarrow as pa
         import pyarrow.parquet as pq
@@ -572,7 +572,9 @@ def extract(
         "backend": backend.label,
         "created": datetime.now(UTC).isoformat(),
     }
-    packed = np.concatenate(shards)
+    finished = [shard for shard in shards if shard is not None]
+    assert len(finished) == len(shards)  # every pending shard was filled above
+    packed = np.concatenate(finished)
     table = EmbeddingTable(
         packed[:, : model.embedding_dim],
         np.arange(len(rows), dtype=np.int64),

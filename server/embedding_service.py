@@ -19,6 +19,7 @@ from aet.proto.codec import WIRE_DTYPES, decode_tensor, fill_tensor
 from aet.server.errors import excerpt, maps_errors, with_prefix
 from aet.server.models import LoadedModel, ModelState, VersionStatus
 from aet.server.pipeline import Inference, InferencePipeline, Outputs
+from aet.server.repository import SCORE_NAME
 from aet.server.streams import StreamWindow, answer_in_order
 from aet.server.validation import FLOAT32, check_shape, validate_inputs
 
@@ -118,7 +119,7 @@ class EmbeddingService(embedding_pb2_grpc.EmbeddingServiceServicer):
             embeddings = outputs[model.card.output.name]
             fill_tensor(response.embeddings, _postprocess(embeddings, request.options))
             if request.options.reconstruction_error:
-                fill_tensor(response.reconstruction_error, outputs[model.card.score.name])
+                fill_tensor(response.reconstruction_error, outputs[SCORE_NAME])
             return response
 
         response, timing = self.pipeline.finish(inference, encode)

@@ -131,6 +131,7 @@ class ModelRegistry:
         self._set_status(VersionStatus(*key, ModelState.LOADING))
         started = time.perf_counter()
         card = found.card
+        assert card is not None  # a usable version has its card
         row_shape = tuple(card.input.shape)
         try:
             session = EncoderSession(

@@ -58,9 +58,7 @@ class Checkpoint:
         model.load_state_dict(self.model_state)
         return model.eval()
 
-    def require_model(
-        self, config: ModelConfig, image_shape: tuple[int, int, int], path: Path
-    ) -> None:
+    def require_model(self, config: ModelConfig, image_shape: tuple[int, ...], path: Path) -> None:
         """Raise CheckpointError unless it holds a model of `config` on `image_shape`."""
         if self.model_config != config:
             raise CheckpointError(

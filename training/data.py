@@ -17,7 +17,7 @@ import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import pyarrow as pa
@@ -563,7 +563,7 @@ def _vectors(
                 f"{int(infinite.sum())} infinite value(s)"
             )
             bad_rows |= missing | infinite
-    recorded = {}
+    recorded: dict[str, Any] = {}
     if options.label_column is not None:
         labels, recorded = _table_labels(
             source, table.column(options.label_column), options.label_column

@@ -438,6 +438,7 @@ def run(args: argparse.Namespace) -> int:
     path = export(config)
     card = read_model_card(path / CARD_FILE)
     graph = onnx.load(path / MODEL_FILE)
+    assert card.score is not None  # `export` always writes the score
     value_range = card.input.value_range
     units = (
         "standardised inside"

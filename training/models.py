@@ -71,7 +71,7 @@ class ModelConfig:
                 f"got architecture {self.architecture!r}"
             )
 
-    def check_input(self, image_shape: tuple[int, int, int]) -> None:
+    def check_input(self, image_shape: tuple[int, ...]) -> None:
         """Reject a code at least as large as the input unless overcomplete codes are allowed."""
         n_inputs = math.prod(image_shape)
         if self.code_size >= n_inputs and not self.allow_overcomplete:
@@ -124,7 +124,7 @@ def reconstruction_error(output: torch.Tensor, target: torch.Tensor, kind: str) 
 class Autoencoder(nn.Module):
     """Base class: `encode`, `decode`, `reconstruct` and the training `objective`."""
 
-    def __init__(self, config: ModelConfig, image_shape: tuple[int, int, int]) -> None:
+    def __init__(self, config: ModelConfig, image_shape: tuple[int, ...]) -> None:
         super().__init__()
         self.config = config
         self.image_shape = tuple(image_shape)
@@ -186,7 +186,7 @@ class MLPAutoencoder(Autoencoder):
     `decoder_layers[k]` form the one-hidden-layer autoencoder trained in greedy stage k.
     """
 
-    def __init__(self, config: ModelConfig, image_shape: tuple[int, int, int]) -> None:
+    def __init__(self, config: ModelConfig, image_shape: tuple[int, ...]) -> None:
         super().__init__(config, image_shape)
         sizes = [self.n_inputs, *config.hidden_sizes, config.code_size]
         self.encoder_layers = _linear_layers(sizes)
@@ -255,7 +255,7 @@ class VariationalAutoencoder(MLPAutoencoder):
     The last encoder layer outputs 2 * code_size numbers: the posterior mean and log-variance.
     """
 
-    def __init__(self, config: ModelConfig, image_shape: tuple[int, int, int]) -> None:
+    def __init__(self, config: ModelConfig, image_shape: tuple[int, ...]) -> None:
         super().__init__(dataclasses.replace(config, code_size=2 * config.code_size), image_shape)
         self.config = config
         self.decoder_layers[-1] = nn.Linear(config.code_size, self.encoder_layers[-1].in_features)
@@ -281,7 +281,7 @@ class VariationalAutoencoder(MLPAutoencoder):
 class ConvAutoencoder(Autoencoder):
     """Strided 3x3 convolutions (channels = hidden_sizes) -> linear code; transposed mirror."""
 
-    def __init__(self, config: ModelConfig, image_shape: tuple[int, int, int]) -> None:
+    def __init__(self, config: ModelConfig, image_shape: tuple[int, ...]) -> None:
         super().__init__(config, image_shape)
         channels, height, width = image_shape
         act = ACTIVATIONS[config.activation]

@@ -190,7 +190,8 @@ def check_requested_outputs(request: pb.ModelInferRequest, model: LoadedModel) -
     for i, output in enumerate(request.outputs):
         if output.name not in valid:
             raise InvalidArgument(
-                f"outputs[{i}].name: expected one of {valid}, got {excerpt(output.name)}"
+                f"outputs[{i}].name: expected {' or '.join(map(repr, valid))}, "
+                f"got {excerpt(output.name)}"
             )
         if "classification" in output.parameters:
             raise InvalidArgument(

@@ -177,6 +177,7 @@ def served(root: Path, name: str, rounds: int, seconds: float) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="short rounds (smoke run)")
+    parser.add_argument("--output", type=Path, default=RESULTS, help=f"JSON file ({RESULTS})")
     args = parser.parse_args()
     torch.set_num_threads(1)
     rounds, seconds = (3, 0.2) if args.quick else (9, 0.5)
@@ -191,8 +192,8 @@ def main() -> int:
         }
         results["served_p50_ms"] = {name: served(root, name, rounds, seconds) for name in ENCODERS}
     results["load_average"] = {"start": load_before, "end": os.getloadavg()[0]}
-    RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(results, indent=2) + "\n")
     print(f"load average {load_before:.1f} at start, {os.getloadavg()[0]:.1f} at end")
     print("in-process ms per batch: old graph / new, embedding only / new, scored (ratio)")
     for name, by_rows in results["in_process_ms"].items():

@@ -44,6 +44,7 @@ class BatchingOptions:
     max_queue_size: int = 256  # requests waiting per model version
     max_request_rows: int = 16384  # rows one request may carry
     dynamic_batching: bool = True  # False: every request runs on its own
+    instances: int = 1  # batches of one model version that may run at once
 
 
 @dataclass(frozen=True)
@@ -186,6 +187,7 @@ class ModelRegistry:
             batching.max_queue_delay,
             batching.max_queue_size,
             merge_requests=batching.dynamic_batching,
+            instances=batching.instances,
             name=name,
         )
 

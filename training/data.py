@@ -850,6 +850,31 @@ def load_dataset(
         channels=channels,
         table=table,
     )
+    return cut_dataset(
+        name,
+        loaded,
+        seed=seed,
+        test_fraction=test_fraction,
+        val_fraction=val_fraction,
+        limit=limit,
+    )
+
+
+def cut_dataset(
+    name: str,
+    loaded: LoadedImages,
+    *,
+    seed: int,
+    test_fraction: float | None,
+    val_fraction: float,
+    limit: int | None,
+) -> Dataset:
+    """The seeded train / val / test cut of `load_dataset`, on what a loader read.
+
+    Only the labels decide the cut, and rows are only indexed, never changed: an `x` of row
+    positions (`aet embed` plans a job this way without reading pixels) comes back cut the same
+    way as the images would.
+    """
     pool, official_test = loaded.pool, loaded.official_test
     if official_test is not None and test_fraction is not None:
         pool, official_test = _concat(pool, official_test), None

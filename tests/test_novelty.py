@@ -17,6 +17,7 @@ from kserve_harness import add_version, kserve_request, kserve_stub, start_kserv
 from sklearn.metrics import roc_auc_score
 
 from aet.cli import main
+from aet.clients.backends import EncoderActor, find_model_version
 from aet.clients.client import EmbeddingClient
 from aet.clients.extract import extraction_rows, read_embeddings
 from aet.encoder import Encoder
@@ -217,3 +218,26 @@ def test_aet_embed_score_writes_the_score_beside_the_embeddings(
             == 0
         )
     assert read_embeddings(plain).scores is None
+
+
+def test_ray_actors_add_the_score_column(model_repository):
+    """The Ray pipeline's onnxruntime actor, called as Ray Data calls it, outside Ray."""
+    found = find_model_version(model_repository / "digits")
+    local = Encoder.load(model_repository / "digits", threads=1)
+    pixels = extraction_rows(load_dataset("digits", limit=40)).pixels
+    batch = {
+        "id": np.arange(40),
+        "split": np.full(40, "train"),
+        "label": np.zeros(40, np.int64),
+        "pixels": pixels,
+    }
+    onnx_bytes = found.model_path.read_bytes()
+    scored = EncoderActor(onnx_bytes, found.card, "cpu", batch_size=16, score=True)(batch)
+    assert scored.column_names == ["id", "split", "label", "embedding", "reconstruction_error"]
+    np.testing.assert_allclose(
+        scored.column("reconstruction_error").to_numpy(),
+        local.reconstruction_error(pixels),
+        rtol=1e-5,
+    )
+    plain = EncoderActor(onnx_bytes, found.card, "cpu", batch_size=16)(batch)
+    assert plain.column_names == ["id", "split", "label", "embedding"]

@@ -6,13 +6,18 @@ order; `clients.extract` feeds them shard by shard. `RayBackend` runs the whole 
 Data pipeline instead (`distributed`): read on the workers, embed in onnxruntime actors that
 receive the ONNX bytes and the model card (no shared filesystem needed), write on the workers.
 The local and Ray backends run the same `server.runtime.EncoderSession` the server runs, so
-all three give the same embeddings.
+all three give the same embeddings. Opened with `score=True`, every backend adds each row's
+novelty score: the in-process ones as one more last column of each block (the layout of
+`EncoderSession.run_scored`), so blocks travel and resume like embeddings and `aet embed
+--score` takes them apart when it writes the output; the Ray actors as a
+`reconstruction_error` column.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 import tempfile
 from collections import deque
@@ -27,12 +32,19 @@ import numpy as np
 from aet.errors import UserError
 from aet.server.repository import (
     CARD_FILE,
+    SCORE_NAME,
     ModelCard,
     ModelVersion,
     latest_version,
     scan_repository,
 )
-from aet.server.runtime import DEVICES, EncoderSession, RuntimeOptions, resolve_providers
+from aet.server.runtime import (
+    DEVICES,
+    EncoderSession,
+    RuntimeOptions,
+    resolve_providers,
+    split_scored,
+)
 
 
 class BackendError(UserError):
@@ -48,7 +60,7 @@ class ModelIdentity:
     sha256: str
     embedding_dim: int
     input_shape: tuple[int, ...]  # (C, H, W)
-    max_value: float  # the raw pixel value the graph maps to 1.0
+    max_value: float | None  # the raw pixel value the graph maps to 1.0; None for vectors
 
 
 def find_model_version(path: str | os.PathLike) -> ModelVersion:
@@ -88,11 +100,14 @@ def _identity(found: ModelVersion) -> ModelIdentity:
         card.sha256,
         card.output.embedding_dim,
         tuple(card.input.shape),
-        card.input.value_range[1],
+        None if card.input.value_range is None else card.input.value_range[1],
     )
 
 
-def _open_session(model_path: Path, card: ModelCard, device: str, threads: int) -> EncoderSession:
+def _open_session(
+    model_path: Path, card: ModelCard, device: str, threads: int, score: bool = False
+) -> EncoderSession:
+    _check_score(card, score)
     return EncoderSession(
         model_path,
         card.input.name,
@@ -100,7 +115,17 @@ def _open_session(model_path: Path, card: ModelCard, device: str, threads: int) 
         tuple(card.input.shape),
         resolve_providers(device),
         RuntimeOptions(intra_op_threads=threads),
+        score_name=card.score.name if score and card.score is not None else None,
     )
+
+
+def _check_score(card: ModelCard, score: bool) -> None:
+    """Refuse `--score` for a graph exported before the novelty score existed."""
+    if score and card.score is None:
+        raise BackendError(
+            f"model {card.name} v{card.version}: its graph has no reconstruction_error output "
+            f"(exported before the novelty score existed); export it again or drop --score"
+        )
 
 
 class EmbeddingBackend:
@@ -129,16 +154,17 @@ class EmbeddingBackend:
 class LocalBackend(EmbeddingBackend):
     """onnxruntime in this process, on `exported/<model>[/<version>]`."""
 
-    def __init__(self, model_dir: str | os.PathLike, threads: int = 0):
+    def __init__(self, model_dir: str | os.PathLike, threads: int = 0, score: bool = False):
         found = find_model_version(model_dir)
         self.model = _identity(found)
-        self._session = _open_session(found.model_path, found.usable_card, "auto", threads)
+        self._session = _open_session(found.model_path, found.usable_card, "auto", threads, score)
+        self._run = self._session.run_scored if score else self._session.run
         self.label = f"local onnxruntime ({self._session.provider})"
 
     def embed_rows(self, pixels: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
         """Embeddings of `pixels` (uint8 or float32, raw range) in blocks of `batch_size`."""
         for start in range(0, len(pixels), batch_size):
-            yield self._session.run(pixels[start : start + batch_size].astype(np.float32))
+            yield self._run(pixels[start : start + batch_size].astype(np.float32))
 
 
 class ServerBackend(EmbeddingBackend):
@@ -149,8 +175,16 @@ class ServerBackend(EmbeddingBackend):
     config on UNAVAILABLE or RESOURCE_EXHAUSTED (another replica answers when one is gone).
     """
 
-    def __init__(self, client, model: str, version: int | None = None, in_flight: int = 4):
+    def __init__(
+        self,
+        client,
+        model: str,
+        version: int | None = None,
+        in_flight: int = 4,
+        score: bool = False,
+    ):
         self._client = client
+        self._score = score
         description = client.describe(model, version)
         self.model = ModelIdentity(
             description.name,
@@ -158,7 +192,7 @@ class ServerBackend(EmbeddingBackend):
             description.sha256,
             description.embedding_dim,
             tuple(description.input.shape),
-            description.input.max_value,
+            None if math.isinf(description.input.max_value) else description.input.max_value,
         )
         self.label = f"server {client.target}"
         self._in_flight = in_flight
@@ -176,10 +210,17 @@ class ServerBackend(EmbeddingBackend):
             if len(waiting) == self._in_flight:
                 yield waiting.popleft().result()
             waiting.append(
-                self._pool.submit(self._client.embed, pixels[start : start + step], name, version)
+                self._pool.submit(self._embed, pixels[start : start + step], name, version)
             )
         while waiting:
             yield waiting.popleft().result()
+
+    def _embed(self, rows: np.ndarray, name: str, version: int) -> np.ndarray:
+        """One request's embeddings, with the scores as one more last column if asked."""
+        if not self._score:
+            return self._client.embed(rows, name, version)
+        embeddings, scores = self._client.embed_with_score(rows, name, version)
+        return np.concatenate([embeddings, scores[:, None]], axis=1)
 
     def close(self) -> None:
         self._pool.shutdown(cancel_futures=True)
@@ -209,8 +250,11 @@ class EncoderActor:
     and opens its session from a private copy: no model folder on the worker's disk.
     """
 
-    def __init__(self, onnx: bytes, card: ModelCard, device: str, batch_size: int):
+    def __init__(
+        self, onnx: bytes, card: ModelCard, device: str, batch_size: int, score: bool = False
+    ):
         self._batch_size = batch_size
+        self._score = score
         digest = hashlib.sha256(onnx).hexdigest()
         if digest != card.sha256:
             raise BackendError(
@@ -220,28 +264,31 @@ class EncoderActor:
         with tempfile.TemporaryDirectory(prefix="aet-actor-") as folder:
             path = Path(folder) / "model.onnx"
             path.write_bytes(onnx)
-            self._session = _open_session(path, card, device, threads=1)
+            self._session = _open_session(path, card, device, 1, score)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> Any:
         import pyarrow as pa
 
         pixels = batch["pixels"]
-        embeddings = np.concatenate(
+        run = self._session.run_scored if self._score else self._session.run
+        outputs = np.concatenate(
             [
-                self._session.run(pixels[start : start + self._batch_size].astype(np.float32))
+                run(pixels[start : start + self._batch_size].astype(np.float32))
                 for start in range(0, len(pixels), self._batch_size)
             ]
         )
-        return pa.table(
-            {
-                "id": batch["id"],
-                "split": batch["split"].astype(str),
-                "label": batch["label"],
-                "embedding": pa.FixedSizeListArray.from_arrays(
-                    pa.array(embeddings.reshape(-1)), embeddings.shape[1]
-                ),
-            }
-        )
+        embeddings = split_scored(outputs)[0] if self._score else outputs
+        columns = {
+            "id": batch["id"],
+            "split": batch["split"].astype(str),
+            "label": batch["label"],
+            "embedding": pa.FixedSizeListArray.from_arrays(
+                pa.array(np.ascontiguousarray(embeddings).reshape(-1)), embeddings.shape[1]
+            ),
+        }
+        if self._score:
+            columns[SCORE_NAME] = pa.array(split_scored(outputs)[1])
+        return pa.table(columns)
 
 
 @dataclass(frozen=True)
@@ -250,8 +297,9 @@ class PlanShape:
 
     name: str
     rows: int
-    image_shape: tuple[int, int, int]
+    image_shape: tuple[int, ...]
     raw_max: float
+    is_vectors: bool  # a table of features: no raw value range
 
 
 def _plan_on_worker(dataset: dict[str, Any]):
@@ -259,7 +307,8 @@ def _plan_on_worker(dataset: dict[str, Any]):
     from aet.clients.rows import plan_rows
 
     plan = plan_rows(dataset)
-    return PlanShape(plan.name, len(plan), plan.image_shape, plan.raw_max), plan
+    shape = PlanShape(plan.name, len(plan), plan.image_shape, plan.raw_max, plan.is_vectors)
+    return shape, plan
 
 
 def _read_blocks(bounds: dict[str, np.ndarray], plan: list) -> dict[str, np.ndarray]:
@@ -290,11 +339,14 @@ class RayBackend(EmbeddingBackend):
         workers: int,
         address: str | None = None,
         device: str = "auto",
+        score: bool = False,
     ):
         import ray
 
         found = find_model_version(model_dir)
+        _check_score(found.card, score)  # before Ray starts
         self.model = _identity(found)
+        self._score = score
         self._card = found.card
         self._onnx = found.model_path.read_bytes()
         self._workers = workers
@@ -359,6 +411,7 @@ class RayBackend(EmbeddingBackend):
                 "card": self._card,
                 "device": self._device,
                 "batch_size": batch_size,
+                "score": self._score,
             },
             batch_size=None,  # a whole block per call: onnxruntime runs batch_size rows at a time
             batch_format="numpy",
@@ -378,9 +431,11 @@ class RayBackend(EmbeddingBackend):
 def open_backend(config) -> EmbeddingBackend:
     """The backend an `EmbedConfig` asks for (`--server`, `--local` or `--ray`)."""
     if config.local is not None:
-        return LocalBackend(config.local)
+        return LocalBackend(config.local, score=config.score)
     if config.ray is not None:
-        return RayBackend(config.ray, config.workers, config.ray_address, config.device)
+        return RayBackend(
+            config.ray, config.workers, config.ray_address, config.device, score=config.score
+        )
     from aet.clients.client import EmbeddingClient
 
     client = EmbeddingClient(
@@ -392,7 +447,7 @@ def open_backend(config) -> EmbeddingBackend:
         client_key=config.client_key,
     )
     try:
-        return ServerBackend(client, config.model, config.version)
+        return ServerBackend(client, config.model, config.version, score=config.score)
     except BaseException:
         client.close()
         raise

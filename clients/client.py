@@ -383,16 +383,48 @@ class EmbeddingClient:
         -------
         ndarray of shape (N, embedding_dim), float32 (float16 with `float16=True`)
         """
-        chunks = list(self._chunks([self._wire_array(array, model, version)], model, version))
         options = embedding_pb2.EmbedOptions(l2_normalize=l2_normalize, float16_output=float16)
+        return self._embed(array, model, version, options, timeout, _embeddings)
+
+    def embed_with_score(
+        self,
+        array: np.ndarray,
+        model: str,
+        version: int | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Embeddings of `array` and each row's novelty score, `reconstruction_error`: the
+        reconstruction error in the model's likelihood terms (higher is more unusual). The
+        model card's `score.percentiles` (validation split) tell how unusual.
+
+        Returns
+        -------
+        (ndarray of shape (N, embedding_dim), ndarray of shape (N,)), float32
+        """
+        options = embedding_pb2.EmbedOptions(reconstruction_error=True)
+        packed = self._embed(array, model, version, options, timeout, _embeddings_and_scores)
+        return packed[:, :-1], packed[:, -1]
+
+    def _embed(
+        self,
+        array: np.ndarray,
+        model: str,
+        version: int | None,
+        options: embedding_pb2.EmbedOptions,
+        timeout: float | None,
+        read: Callable[[embedding_pb2.EmbedResponse, _Chunk, str], np.ndarray],
+    ) -> np.ndarray:
+        """`read` applied to the responses of `array`'s requests (one, or a stream), joined."""
+        chunks = list(self._chunks([self._wire_array(array, model, version)], model, version))
         per_request = self.timeout if timeout is None else timeout
         if len(chunks) == 1:
             request = _request(model, version, chunks[0], options)
             response = self._unary("Embed", self._stub.Embed, request, per_request)
             self._follow_latest(model, version, response.version)
-            return _embeddings(response, chunks[0], "Embed").copy()
+            return read(response, chunks[0], "Embed").copy()
         parts = self._stream(
-            iter(chunks), model, version, options, deadline=per_request * len(chunks)
+            iter(chunks), model, version, options, deadline=per_request * len(chunks), read=read
         )
         return np.concatenate(list(parts))
 
@@ -405,21 +437,26 @@ class EmbeddingClient:
         l2_normalize: bool = False,
         float16: bool = False,
         timeout: float | None = None,
+        with_score: bool = False,
     ) -> Iterator[np.ndarray]:
         """Embeddings of each array of `batches`, in order, over one `EmbedStream`.
 
         `batches` is read lazily, so an extraction job never holds more than the requests in
         flight; `timeout` bounds the whole stream (None: no deadline). A broken stream is
-        retried from its first unanswered request.
+        retried from its first unanswered request. With `with_score` each array carries the
+        rows' novelty scores as one more last column: (rows, embedding_dim + 1).
         """
 
         def checked(source: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
             for batch in source:
                 yield self._wire_array(batch, model, version)
 
-        options = embedding_pb2.EmbedOptions(l2_normalize=l2_normalize, float16_output=float16)
+        options = embedding_pb2.EmbedOptions(
+            l2_normalize=l2_normalize, float16_output=float16, reconstruction_error=with_score
+        )
         chunks = self._chunks(checked(batches), model, version)
-        return self._stream(chunks, model, version, options, deadline=timeout)
+        read = _embeddings_and_scores if with_score else _embeddings
+        return self._stream(chunks, model, version, options, deadline=timeout, read=read)
 
     # --- request sizing --------------------------------------------------------------------
 
@@ -489,8 +526,10 @@ class EmbeddingClient:
         version: int | None,
         options: embedding_pb2.EmbedOptions,
         deadline: float | None,
+        read: Callable[..., np.ndarray] | None = None,
     ) -> Iterator[np.ndarray]:
-        """Send `chunks` over `EmbedStream`, yielding one array per caller batch, in order.
+        """Send `chunks` over `EmbedStream`, yielding one array per caller batch, in order
+        (`read` takes each response apart; default: its embeddings).
 
         Chunks sent but not yet answered wait in `unanswered`; `lock` guards the source, read
         by gRPC's sending thread and, at the end, here.
@@ -513,7 +552,7 @@ class EmbeddingClient:
             for response in call:
                 chunk = unanswered.popleft()
                 self._follow_latest(model, version, response.version)
-                parts.append(_embeddings(response, chunk, "EmbedStream"))
+                parts.append((read or _embeddings)(response, chunk, "EmbedStream"))
                 if chunk.last:
                     yield parts[0].copy() if len(parts) == 1 else np.concatenate(parts)
                     parts = []
@@ -593,3 +632,22 @@ def _embeddings(response: embedding_pb2.EmbedResponse, chunk: _Chunk, method: st
             method,
         )
     return embeddings
+
+
+def _embeddings_and_scores(
+    response: embedding_pb2.EmbedResponse, chunk: _Chunk, method: str
+) -> np.ndarray:
+    """The embeddings of `response` with its scores as one more column: (rows, dim + 1)."""
+    embeddings = _embeddings(response, chunk, method)
+    try:
+        scores = decode_tensor(response.reconstruction_error, "reconstruction_error")
+    except TensorCodecError as exc:
+        raise EmbeddingError(grpc.StatusCode.INTERNAL, f"response {exc}", method) from None
+    if scores.shape != (len(embeddings),):
+        raise EmbeddingError(
+            grpc.StatusCode.INTERNAL,
+            f"response reconstruction_error.shape: expected ({len(embeddings)},), "
+            f"got {scores.shape}",
+            method,
+        )
+    return np.concatenate([embeddings.astype(np.float32), scores[:, None]], axis=1)

@@ -41,10 +41,11 @@ from aet.errors import UserError
 from aet.training.data import DATASETS, Dataset
 
 if TYPE_CHECKING:  # the backends import onnxruntime (and Ray): only when a job runs
-    from aet.clients.backends import EmbeddingBackend, ModelIdentity
+    from aet.clients.backends import EmbeddingBackend, ModelIdentity, PlanShape
 
 FORMATS = (".npz", ".parquet")
 MANIFEST = "manifest.json"
+SCORE_COLUMN = "reconstruction_error"  # the novelty score's array / column, with --score
 log = logging.getLogger(__name__)
 EXIT_INTERRUPTED = 130  # the shell's code for a process stopped by SIGINT
 
@@ -74,6 +75,24 @@ class EmbedConfig:
     )
     limit: int | None = field(
         default=None, metadata={"help": "keep the first N rows of a seeded shuffle (quick runs)"}
+    )
+    columns: list[str] | None = field(
+        default=None,
+        metadata={"help": "feature columns of a table (csv, parquet, 2-D npz), as at pretraining"},
+    )
+    label_column: str | None = field(
+        default=None, metadata={"help": "class label column of a csv or parquet table"}
+    )
+    drop_missing: bool = field(
+        default=False,
+        metadata={"help": "drop table rows with a missing or infinite value (default: fail)"},
+    )
+    score: bool = field(
+        default=False,
+        metadata={
+            "help": "also write each row's novelty score, reconstruction_error (runs the "
+            "decoder too)"
+        },
     )
     server: str | None = field(
         default=None,
@@ -199,6 +218,15 @@ class EmbedConfig:
             "test_fraction": self.test_fraction,
             "val_fraction": self.val_fraction,
             "limit": self.limit,
+            **{  # table options only when given: image data sets take none
+                name: value
+                for name, value in (
+                    ("columns", self.columns),
+                    ("label_column", self.label_column),
+                    ("drop_missing", self.drop_missing),
+                )
+                if value
+            },
         }
 
 
@@ -209,7 +237,8 @@ class EmbedConfig:
 class ExtractionRows:
     """Every row of a data set in train, val, test order, as the encoder graph takes them."""
 
-    pixels: np.ndarray  # (N, C, H, W): uint8 when the raw pixels are bytes, else float32
+    pixels: np.ndarray  # (N, C, H, W): uint8 when the raw pixels are bytes, else float32;
+    # (N, D) float32 features in their own units for vectors
     labels: np.ndarray  # (N,) int64, NO_LABEL when the data set has none
     split: np.ndarray  # (N,) str: "train", "val" or "test"
 
@@ -217,15 +246,17 @@ class ExtractionRows:
         return len(self.pixels)
 
 
-def check_model_fits(model: ModelIdentity, dataset: Dataset | RowPlan) -> None:
-    """Raise `ExtractionError` unless the encoder takes the data set's images: the same shape
-    and the same raw pixel range (`dataset`: anything with name, image_shape and raw_max)."""
-    if tuple(model.input_shape) != dataset.image_shape or model.max_value != dataset.raw_max:
+def check_model_fits(model: ModelIdentity, dataset: Dataset | RowPlan | PlanShape) -> None:
+    """Raise `ExtractionError` unless the encoder takes the data set's rows: the same shape
+    and the same raw pixel range (vectors: none, the graph standardises them) (`dataset`:
+    anything with name, image_shape, raw_max and is_vectors)."""
+    expected_max = None if dataset.is_vectors else dataset.raw_max
+    if tuple(model.input_shape) != tuple(dataset.image_shape) or model.max_value != expected_max:
         raise ExtractionError(
-            f"model {model.name} v{model.version}: expected images of shape "
-            f"{tuple(model.input_shape)} with pixel values up to {model.max_value:g}; data set "
-            f"{dataset.name} has shape {dataset.image_shape} with values up to "
-            f"{dataset.raw_max:g}"
+            f"model {model.name} v{model.version}: expected rows of shape "
+            f"{tuple(model.input_shape)} with values up to {model.max_value}; data set "
+            f"{dataset.name} has shape {tuple(dataset.image_shape)} with values up to "
+            f"{expected_max}"
         )
 
 
@@ -239,7 +270,8 @@ def extraction_rows(dataset: Dataset) -> ExtractionRows:
     split = np.concatenate(
         [np.full(len(part), name) for name, part in zip(SPLITS, parts, strict=True)]
     )
-    return ExtractionRows(raw_pixels(x, dataset.raw_max), labels, split)
+    raw = dataset.raw(x) if dataset.is_vectors else raw_pixels(x, dataset.raw_max)
+    return ExtractionRows(raw, labels, split)
 
 
 # --- the output file ------------------------------------------------------------------------
@@ -254,6 +286,7 @@ class EmbeddingTable:
     labels: np.ndarray  # (N,) int64, NO_LABEL when unlabelled
     split: np.ndarray  # (N,) str
     metadata: dict  # dataset (load_dataset arguments), model, backend, created
+    scores: np.ndarray | None = None  # (N,) float32 reconstruction_error, with --score
 
     def part(self, name: str) -> tuple[np.ndarray, np.ndarray]:
         """Embeddings and labels of one split ("train", "val", "test")."""
@@ -282,14 +315,16 @@ def write_embeddings(path: Path, table: EmbeddingTable) -> None:
 
         def write(temporary: Path) -> None:
             with open(temporary, "wb") as handle:
-                np.savez(
-                    handle,
-                    embeddings=table.embeddings,
-                    ids=table.ids,
-                    labels=table.labels,
-                    split=table.split.astype(str),
-                    metadata=np.array(json.dumps(table.metadata)),
-                )
+                arrays: dict[str, Any] = {
+                    "embeddings": table.embeddings,
+                    "ids": table.ids,
+                    "labels": table.labels,
+                    "split": table.split.astype(str),
+                    "metadata": np.array(json.dumps(table.metadata)),
+                }
+                if table.scores is not None:
+                    arrays[SCORE_COLUMN] = table.scores
+                np.savez(handle, **arrays)
     else:
         import pyarrow as pa
         import pyarrow.parquet as pq
@@ -303,6 +338,8 @@ def write_embeddings(path: Path, table: EmbeddingTable) -> None:
                 pa.array(table.embeddings.reshape(-1)), dim
             ),
         }
+        if table.scores is not None:
+            columns[SCORE_COLUMN] = pa.array(table.scores)
         arrow = pa.table(columns).replace_schema_metadata({"aet": json.dumps(table.metadata)})
 
         def write(temporary: Path) -> None:
@@ -312,7 +349,8 @@ def write_embeddings(path: Path, table: EmbeddingTable) -> None:
 
 
 def _arrow_table(path: Path, arrow, metadata: dict) -> EmbeddingTable:
-    """The columns of an Arrow table of embeddings (id, split, label, embedding)."""
+    """The columns of an Arrow table of embeddings (id, split, label, embedding and, with
+    --score, reconstruction_error)."""
     import pyarrow as pa
 
     embedding = arrow.column("embedding").combine_chunks()
@@ -327,6 +365,7 @@ def _arrow_table(path: Path, arrow, metadata: dict) -> EmbeddingTable:
         arrow.column("label").to_numpy(),
         arrow.column("split").to_numpy(zero_copy_only=False).astype(str),
         metadata,
+        arrow.column(SCORE_COLUMN).to_numpy() if SCORE_COLUMN in arrow.column_names else None,
     )
 
 
@@ -380,6 +419,7 @@ def read_embeddings(path: str | os.PathLike) -> EmbeddingTable:
                     archive["labels"],
                     archive["split"],
                     json.loads(str(archive["metadata"])),
+                    archive[SCORE_COLUMN] if SCORE_COLUMN in archive.files else None,
                 )
         else:
             import pyarrow.parquet as pq
@@ -420,7 +460,8 @@ class ShardStore:
         self.manifest = json.loads(json.dumps(manifest))  # as read back: tuples become lists
         self.rows = manifest["rows"]
         self.shard_size = manifest["shard_size"]
-        self.embedding_dim = manifest["model"]["embedding_dim"]
+        # with --score each row carries its score as one more column
+        self.embedding_dim = manifest["model"]["embedding_dim"] + int(manifest["score"])
 
     def open(self) -> None:
         """Create the folder, or check that the job it holds is this one."""
@@ -624,6 +665,7 @@ def _job_manifest(config: EmbedConfig, model: ModelIdentity, rows: int) -> dict[
         "model": dataclasses.asdict(model),
         "rows": rows,
         "shard_size": config.shard_size,
+        "score": config.score,
     }
 
 
@@ -700,12 +742,17 @@ def _extract_in_process(
             store.save(index, shards[index])
     seconds = time.perf_counter() - started
 
+    finished = [shard for shard in shards if shard is not None]
+    assert len(finished) == len(shards)  # every pending shard was filled above
+    packed = np.concatenate(finished)
+    dim = backend.model.embedding_dim
     table = EmbeddingTable(
-        np.concatenate(shards),
+        packed[:, :dim],
         np.arange(len(plan), dtype=np.int64),
         plan.labels,
         plan.split_of(np.arange(len(plan))),
         _metadata(config, backend),
+        packed[:, dim] if config.score else None,  # --score: the rows' last column
     )
     write_embeddings(output, table)
     store.remove()

@@ -27,6 +27,7 @@ from aet.training.data import (
     DataError,
     LoadedImages,
     Split,
+    TableOptions,
     _find_idx_folder,
     _idx_file,
     cut_dataset,
@@ -143,9 +144,21 @@ def _idx_source(path: Path | None) -> tuple[list[IdxImages], LoadedImages]:
 
 
 @functools.lru_cache(maxsize=1)
-def _loaded(name: str, path: str | None) -> LoadedImages:
+def _loaded(name: str, path: str | None, table: TableOptions) -> LoadedImages:
     """A whole data set through its `training.data` loader, once per process."""
-    return DATASETS[name](None if path is None else Path(path), image_size=None, channels=None)
+    return DATASETS[name](
+        None if path is None else Path(path), image_size=None, channels=None, table=table
+    )
+
+
+def _table_options(dataset: dict[str, Any]) -> TableOptions:
+    """The table options (columns, label column, drop missing) of `load_dataset` arguments."""
+    columns = dataset.get("columns")
+    return TableOptions(
+        None if columns is None else tuple(columns),
+        dataset.get("label_column"),
+        bool(dataset.get("drop_missing", False)),
+    )
 
 
 # --- the plan --------------------------------------------------------------------------------
@@ -159,9 +172,10 @@ class RowPlan:
     positions: np.ndarray  # (N,) int64: the row's position in the source
     labels: np.ndarray  # (N,) int64, NO_LABEL when unlabelled
     sizes: tuple[int, int, int]  # rows of train, val, test
-    image_shape: tuple[int, int, int]  # (C, H, W)
+    image_shape: tuple[int, ...]  # (C, H, W), or (D,) for a table of features
     raw_max: float
     idx_files: tuple[IdxImages, ...] = ()  # set for MNIST-format IDX folders
+    is_vectors: bool = False  # a table of features: rows go out in their own units
 
     def __len__(self) -> int:
         return len(self.positions)
@@ -175,7 +189,8 @@ class RowPlan:
         return np.asarray(SPLITS)[np.searchsorted(np.cumsum(self.sizes), ids, side="right")]
 
     def pixels(self, start: int, stop: int) -> np.ndarray:
-        """Raw pixels (stop - start, C, H, W) of output rows [start, stop)."""
+        """Raw pixels (stop - start, C, H, W) of output rows [start, stop); for vectors, the
+        float32 features (stop - start, D) as read (the graph standardises them)."""
         positions = self.positions[start:stop]
         if self.idx_files:
             firsts = np.cumsum([0] + [f.shape[0] for f in self.idx_files])
@@ -186,14 +201,14 @@ class RowPlan:
                 if (owner == i).any()
             ]
             return np.concatenate(parts) if len(parts) > 1 else parts[0]
-        loaded = _loaded(self.dataset["name"], self.dataset["path"])
+        loaded = _loaded(self.dataset["name"], self.dataset["path"], _table_options(self.dataset))
         pool = len(loaded.pool)
         in_pool = positions < pool
         x = np.empty((len(positions), *loaded.pool.x.shape[1:]), loaded.pool.x.dtype)
         x[in_pool] = loaded.pool.x[positions[in_pool]]
         if not in_pool.all():
             x[~in_pool] = loaded.official_test.x[positions[~in_pool] - pool]
-        return raw_pixels(x, loaded.raw_max)
+        return x.astype(np.float32) if self.is_vectors else raw_pixels(x, loaded.raw_max)
 
     def block(self, start: int, stop: int) -> dict[str, np.ndarray]:
         """Output rows [start, stop): id, label, split and raw pixels."""
@@ -214,8 +229,10 @@ def plan_rows(dataset: dict[str, Any]) -> RowPlan:
     if name == "mnist-idx":
         idx_files, loaded = _idx_source(None if path is None else Path(path))
         image_shape = (1, *idx_files[0].shape[1:])
+        is_vectors = False
     else:
-        idx_files, images = (), _loaded(name, path)
+        idx_files, images = (), _loaded(name, path, _table_options(dataset))
+        is_vectors = images.feature_names is not None
         image_shape = tuple(int(d) for d in images.pool.x.shape[1:])
         loaded = LoadedImages(
             pool=Split(np.arange(len(images.pool)), images.pool.y),
@@ -247,4 +264,5 @@ def plan_rows(dataset: dict[str, Any]) -> RowPlan:
         image_shape=image_shape,
         raw_max=loaded.raw_max,
         idx_files=tuple(idx_files),
+        is_vectors=is_vectors,
     )

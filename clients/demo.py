@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
-import numpy as np
 
 from aet.clients.backends import ServerBackend, find_model_version
 from aet.clients.client import EmbeddingClient
@@ -171,7 +170,7 @@ def serve_head(
         )
     server.wait_until_serving(name)
     dataset = dataset_of(table, "the served embeddings")
-    pixels = (dataset.test.x * np.float32(dataset.raw_max)).astype(np.float32)
+    pixels = dataset.raw(dataset.test.x)
     with EmbeddingClient(server.target) as client:
         served = client.classify(pixels, name, card.version)
     return {

@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 import onnx
+import onnx.utils
 import onnxruntime
 import torch
 from onnx import compose, version_converter
@@ -59,8 +60,15 @@ from aet.server.repository import (
     scan_repository,
     write_version,
 )
+from aet.training.checkpoint import load_checkpoint
 from aet.training.data import DATASETS, Dataset, load_dataset
-from aet.training.export import PixelEncoder, library_versions, onnx_opset, to_onnx
+from aet.training.export import (
+    ExportedEncoder,
+    library_versions,
+    onnx_opset,
+    preprocessing_module,
+    to_onnx,
+)
 from aet.training.probes import tune_logistic
 
 OUTPUT_NAME = "probabilities"
@@ -210,17 +218,17 @@ class ProbabilityHead(nn.Module):
         return torch.softmax(self.network((embedding - self.mean) / self.scale), dim=1)
 
 
-class PixelClassifier(nn.Module):
-    """A fine-tuned `EncoderClassifier` on raw pixels: (B, C, H, W) in [0, raw_max] ->
-    probabilities (B, classes)."""
+class RawClassifier(nn.Module):
+    """A fine-tuned `EncoderClassifier` on raw rows (the encoder graph's input): the run's
+    preprocessing (scale pixels, or standardise vectors), then probabilities (B, classes)."""
 
-    def __init__(self, classifier: nn.Module, raw_max: float):
+    def __init__(self, classifier: nn.Module, preprocess: nn.Module):
         super().__init__()
         self.classifier = classifier
-        self.raw_max = float(raw_max)
+        self.preprocess = preprocess
 
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(self.classifier(pixels / self.raw_max), dim=1)
+    def forward(self, raw: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.classifier(self.preprocess(raw)), dim=1)
 
 
 def _standardisation(scaler: StandardScaler | None, dim: int) -> tuple[np.ndarray, np.ndarray]:
@@ -291,33 +299,43 @@ def fit_fine_tuned(config: HeadConfig, dataset: Dataset, seed: int) -> FittedHea
     probabilities = torch.softmax(logits, dim=1).numpy()
     accuracy = float((probabilities.argmax(1) == dataset.test.y).mean())
     settings = {"run": str(config.fine_tune), "steps": config.steps, "seed": seed}
-    return FittedHead(
-        PixelClassifier(model, dataset.raw_max).eval(), probabilities, accuracy, settings
-    )
+    preprocess = preprocessing_module(load_checkpoint(config.fine_tune / "best.pt"))
+    return FittedHead(RawClassifier(model, preprocess).eval(), probabilities, accuracy, settings)
 
 
 # --- the graph --------------------------------------------------------------------------------
 
 
-def run_graph(model: onnx.ModelProto, input_name: str, x: np.ndarray) -> np.ndarray:
-    """Run a one-output graph on `x` with onnxruntime on the CPU, in blocks of 1,024 rows."""
+def run_graph(
+    model: onnx.ModelProto, input_name: str, output_name: str, x: np.ndarray
+) -> np.ndarray:
+    """Output `output_name` of a graph on `x`, onnxruntime on the CPU, in blocks of 1,024 rows."""
     session = onnxruntime.InferenceSession(
         model.SerializeToString(), providers=["CPUExecutionProvider"]
     )
     return np.concatenate(
-        [session.run(None, {input_name: x[i : i + 1024]})[0] for i in range(0, len(x), 1024)]
+        [
+            session.run([output_name], {input_name: x[i : i + 1024]})[0]
+            for i in range(0, len(x), 1024)
+        ]
     )
+
+
+def embedding_graph(encoder: onnx.ModelProto, card: ModelCard) -> onnx.ModelProto:
+    """The encoder's graph pruned to `input -> embedding` (a novelty score's decoder dropped)."""
+    return onnx.utils.Extractor(encoder).extract_model([card.input.name], [card.output.name])
 
 
 def compose_classifier(
     encoder: onnx.ModelProto, card: ModelCard, head: nn.Module
 ) -> onnx.ModelProto:
     """One graph: the encoder's (pixels -> embedding) then `head` (embedding -> probabilities)."""
+    encoder = embedding_graph(encoder, card)
     opset = max(onnx_opset(encoder), MIN_OPSET)
     if onnx_opset(encoder) < opset:
         encoder = version_converter.convert_version(encoder, opset)
     example = torch.zeros(2, card.output.embedding_dim)
-    head_graph = to_onnx(head, example, opset, card.output.name, OUTPUT_NAME)
+    head_graph = to_onnx(head, example, opset, card.output.name, [OUTPUT_NAME])
     head_graph.ir_version = encoder.ir_version
     # Prefix the head's names (the exporter names nodes alike in both graphs); keep its output.
     head_graph = compose.add_prefix(head_graph, "head/", rename_outputs=False)
@@ -331,15 +349,16 @@ def compose_classifier(
     return merged
 
 
-def check_run_is_encoder(config: HeadConfig, encoder: onnx.ModelProto, pixels: np.ndarray) -> None:
+def check_run_is_encoder(
+    config: HeadConfig, encoder: onnx.ModelProto, card: ModelCard, rows: np.ndarray
+) -> None:
     """Refuse a `--fine-tune` run that is not the run the exported encoder came from."""
-    from aet.training.checkpoint import load_checkpoint
-
     checkpoint = load_checkpoint(config.fine_tune / "best.pt")
-    module = PixelEncoder(checkpoint.build_model(), checkpoint.raw_max).eval()
+    preprocess = preprocessing_module(checkpoint)
+    module = ExportedEncoder(checkpoint.build_model(), preprocess, with_score=False).eval()
     with torch.no_grad():
-        expected = module(torch.from_numpy(pixels)).numpy()
-    got = run_graph(encoder, encoder.graph.input[0].name, pixels)
+        expected = module(torch.from_numpy(rows)).numpy()
+    got = run_graph(encoder, card.input.name, card.output.name, rows)
     diff = float(np.abs(got - expected).max()) if got.shape == expected.shape else float("inf")
     if not diff <= ENCODER_TOLERANCE:
         raise HeadError(
@@ -404,13 +423,13 @@ def build_head(config: HeadConfig, embeddings: EmbeddingTable | None = None) -> 
     encoder = onnx.load_from_string(encoder_bytes)
     dataset = encoder_dataset(config, found.path)
     seed = dataset.source["seed"]
-    test_pixels = (dataset.test.x * np.float32(dataset.raw_max)).astype(np.float32)
+    test_pixels = dataset.raw(dataset.test.x)  # (N_test, *input shape): what the graph takes
     if config.fine_tune is not None:
-        check_run_is_encoder(config, encoder, test_pixels[:256])
+        check_run_is_encoder(config, encoder, card, test_pixels[:256])
         fitted = fit_fine_tuned(config, dataset, seed)
         example = torch.from_numpy(test_pixels[:2])
         opset = max(onnx_opset(encoder), MIN_OPSET)
-        graph = to_onnx(fitted.module, example, opset, card.input.name, OUTPUT_NAME)
+        graph = to_onnx(fitted.module, example, opset, card.input.name, [OUTPUT_NAME])
     else:
         table = (
             embed_in_process(found.path, dataset)  # checks that the encoder takes the data
@@ -420,7 +439,7 @@ def build_head(config: HeadConfig, embeddings: EmbeddingTable | None = None) -> 
         fit_x = np.concatenate([table.part("train")[0], table.part("val")[0]])
         fitted = fit_frozen_head(config, dataset, fit_x, table.part("test")[0], seed)
         graph = compose_classifier(encoder, card, fitted.module)
-    served = run_graph(graph, card.input.name, test_pixels)
+    served = run_graph(graph, card.input.name, OUTPUT_NAME, test_pixels)
     diff = float(np.abs(served - fitted.probabilities).max())
     if not diff <= PARITY_TOLERANCE:
         raise HeadError(
@@ -455,6 +474,7 @@ def build_head(config: HeadConfig, embeddings: EmbeddingTable | None = None) -> 
         parity_samples=len(test_pixels),
         library_versions={**library_versions(), "scikit-learn": _version("scikit-learn")},
         created=datetime.now(UTC).isoformat(timespec="seconds"),
+        standardizer=card.standardizer,  # vectors: what the graph's first step standardises
         classifier=ClassifierSpec(
             labels=labels,
             encoder={"name": card.name, "version": card.version, "sha256": card.sha256},

@@ -125,7 +125,11 @@ class EmbeddingService(embedding_pb2_grpc.EmbeddingServiceServicer):
         context: grpc.ServicerContext,
         check: Callable[[LoadedModel], None] | None = None,
     ) -> Inference:
-        """Queue the request's inputs; `check(model)` may refuse the resolved model first."""
+        """Queue the request's inputs; `check(model)` may refuse the resolved model first.
+        Only an `EmbedRequest` may ask for the novelty score (a classifier has none)."""
+        wants_score = isinstance(request, embedding_pb2.EmbedRequest) and (
+            request.options.reconstruction_error
+        )
 
         def decode(model: LoadedModel) -> np.ndarray:
             if check is not None:
@@ -140,9 +144,7 @@ class EmbeddingService(embedding_pb2_grpc.EmbeddingServiceServicer):
             decode,
             (context.time_remaining(),),
             lambda: not context.is_active(),
-            score_field="options.reconstruction_error"
-            if request.options.reconstruction_error
-            else None,
+            score_field="options.reconstruction_error" if wants_score else None,
         )
 
     def _finish(

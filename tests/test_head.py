@@ -351,16 +351,17 @@ class _Interrupted(Exception):
 
 
 class _InterruptedAfter(LocalBackend):
-    """The real local backend, stopped (as by Ctrl-C) after `blocks` blocks."""
+    """The real local backend, stopped (as by Ctrl-C) after `blocks` blocks in all."""
 
     def __init__(self, model_dir, blocks: int):
         super().__init__(model_dir)
         self.blocks = blocks
 
     def embed_rows(self, pixels, batch_size):
-        for count, rows in enumerate(super().embed_rows(pixels, batch_size)):
-            if count == self.blocks:
+        for rows in super().embed_rows(pixels, batch_size):
+            if self.blocks == 0:
                 raise _Interrupted
+            self.blocks -= 1
             yield rows
 
 

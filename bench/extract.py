@@ -7,6 +7,8 @@ onnxruntime backend, a child `aet serve` over gRPC, and Ray Data with `--workers
 `--repeats` times each, and reports rows per second of the embedding phase (median and best)
 beside the one-off start-up cost of each backend. Then runs `aet probe` on the digits and MNIST
 embeddings. Writes `bench/results/extract.md` and `.json`.
+
+    python bench/extract.py --quick    # a smoke run: digits only, one run each, writes nothing
 """
 
 from __future__ import annotations
@@ -55,10 +57,11 @@ def time_backend(name: str, open_backend, job: EmbedConfig, dataset, repeats: in
 
 def throughput(args: argparse.Namespace, scratch: Path) -> list[dict]:
     model_dir = args.repository / args.mnist_model
-    dataset = load_dataset("mnist-idx", args.mnist_path)
+    data, path = ("digits", None) if args.quick else ("mnist-idx", args.mnist_path)
+    dataset = load_dataset(data, path)
     job = dict(
-        dataset="mnist-idx",
-        data_path=args.mnist_path,
+        dataset=data,
+        data_path=path,
         batch_size=args.batch_size,
         output=scratch / "throughput.npz",
         overwrite=True,
@@ -106,7 +109,7 @@ def probe_tables(args: argparse.Namespace, scratch: Path) -> dict[str, str]:
     tables = {}
     for data, path, model in (
         ("digits", None, args.digits_model),
-        ("mnist-idx", args.mnist_path, args.mnist_model),
+        *([] if args.quick else [("mnist-idx", args.mnist_path, args.mnist_model)]),
     ):
         model_dir = args.repository / model
         output = scratch / f"{data}.npz"
@@ -153,7 +156,15 @@ def main() -> int:
     parser.add_argument(
         "--repeats", type=int, default=3, help="extraction runs per backend (default: 3)"
     )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a smoke run: the digits model and data set in place of MNIST, one run per "
+        "backend, one Ray actor; prints, writes nothing",
+    )
     args = parser.parse_args()
+    if args.quick:
+        args.mnist_model, args.repeats, args.workers = args.digits_model, 1, 1
     for model in (args.mnist_model, args.digits_model):
         if not (args.repository / model).is_dir():
             print(
@@ -165,6 +176,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="aet-bench-") as scratch:
         backends = throughput(args, Path(scratch))
         tables = probe_tables(args, Path(scratch))
+    if args.quick:
+        return 0
     RESULTS.mkdir(exist_ok=True)
     lines = [
         "# Extraction throughput, MNIST test set (10,000 rows)",

@@ -10,12 +10,14 @@ load (and the hypervisor's steal) does not inflate (with workers, their gatherin
 other processes: the wall-time share is reported beside it). Both keep the minimum over
 repeats, the usual way to see through noise. CUDA rows are added when a GPU is usable.
 
-    python bench/pretrain.py [--threads 1 2] [--workers 0 1 2] [--repeats 5] [--quick]
+    python bench/pretrain.py [--threads 1 2] [--workers 0 1 2] [--repeats 5]
+    python bench/pretrain.py --quick    # a smoke run in seconds (digits, 1 thread, 0 workers)
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -47,10 +49,6 @@ class BenchConfig:
         default_factory=lambda: [0, 1, 2],
         metadata={"help": "DataLoader worker processes to measure"},
     )
-    quick: bool = field(
-        default=False,
-        metadata={"help": "a smoke run: digits only, one thread count, one repeat"},
-    )
     repeats: int = field(default=5, metadata={"help": "timed epochs per case (minimum is kept)"})
     batch_size: int = field(default=64, metadata={"help": "examples per step"})
     progress: bool = field(
@@ -58,6 +56,13 @@ class BenchConfig:
         metadata={"help": "keep the progress bar on in the timed loop, as users run it"},
     )
     out: Path = field(default=Path("bench/results/pretrain.json"), metadata={"help": "JSON output"})
+    quick: bool = field(
+        default=False,
+        metadata={
+            "help": "a smoke run in seconds: the digits case, one thread, one timed epoch; "
+            "the overhead limit is reported, not enforced (default: off)"
+        },
+    )
 
 
 @dataclass(frozen=True)
@@ -177,10 +182,10 @@ def main(argv: list[str] | None = None) -> int:
     config = config_from_args(BenchConfig, parser.parse_args(argv))
     load_at_start = os.getloadavg()
     if config.quick:
-        config.threads, config.repeats = config.threads[:1], 1
+        config = dataclasses.replace(config, threads=[1], workers=[0], repeats=1)
     datasets = {"digits": load_dataset("digits")}
     if config.quick:
-        print("--quick: digits only")
+        print("quick: the digits case only")
     elif MNIST_DIR.is_dir():
         datasets["mnist-idx"] = load_dataset("mnist-idx", MNIST_DIR)
     else:
@@ -210,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     config.out.parent.mkdir(parents=True, exist_ok=True)
     config.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"written to {config.out}")
-    return 0 if worst <= OVERHEAD_LIMIT else 1
+    return 0 if worst <= OVERHEAD_LIMIT or config.quick else 1
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Benchmark of `aet serve` against in-process onnxruntime: the issue's four numbers in one run.
 
     python bench/serve.py            # full run, a few minutes on 2 busy cores
-    python bench/serve.py --quick    # shorter phases and 10,000 requests for the memory check
+    python bench/serve.py --quick    # a smoke run in seconds: one short round per comparison
 
 Two encoders with random weights (timing does not depend on them), built with onnx directly
 in the exporter's graph layout (scale, flatten, Gemm+ReLU layers):
@@ -348,8 +348,8 @@ def _ms(seconds: list[float], percentile: float) -> float:
 
 
 def measure(quick: bool) -> dict:
-    rounds, round_seconds = (2, 1.0) if quick else (4, 1.5)
-    memory_calls, warmup_calls = (10_000, 2_000) if quick else (100_000, 5_000)
+    rounds, round_seconds = (1, 0.5) if quick else (4, 1.5)
+    memory_calls, warmup_calls = (1_000, 200) if quick else (100_000, 5_000)
     spawn = multiprocessing.get_context("spawn")
     results: dict = {
         "machine": {
@@ -606,8 +606,8 @@ def main() -> int:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="2 rounds of 1 s and 10,000 requests for the memory check "
-        "(default: 4 rounds of 1.5 s, 100,000 requests)",
+        help="a smoke run in seconds: 1 round of 0.5 s per side and 1,000 requests for the "
+        "memory check (default: 4 rounds of 1.5 s, 100,000 requests)",
     )
     parser.add_argument(
         "--output",

@@ -108,6 +108,12 @@ class ServeConfig:
             "help": "merge concurrent requests into shared runs (off: each request runs alone)"
         },
     )
+    model_instances: int = field(
+        default=1,
+        metadata={
+            "help": "batches of one model version that may run at once (1 measured best on 2 cores)"
+        },
+    )
     max_message_mb: int = field(
         default=64,
         metadata={
@@ -194,6 +200,7 @@ class ServeConfig:
             "max_batch_size",
             "max_queue_size",
             "max_request_rows",
+            "model_instances",
             "max_message_mb",
             "workers",
             "stream_window",
@@ -248,6 +255,7 @@ class ServeConfig:
             self.max_queue_size,
             self.max_request_rows,
             self.dynamic_batching,
+            self.model_instances,
         )
 
     @property

@@ -1,12 +1,13 @@
 """Dynamic batching: concurrent requests for one model version share onnxruntime runs.
 
-One `DynamicBatcher` per model version runs one batch at a time. The policy:
+One `DynamicBatcher` per model version runs up to `instances` batches at a time (as Triton's
+instance groups; onnxruntime sessions may run concurrently). The policy:
 
-- Idle model, lone request: it runs at once in the caller's thread (no hand-off, no wait), so
-  latency at low load stays at the floor.
-- Busy model: requests queue; when the running batch ends, the batcher's worker thread takes
-  what queued, oldest first, up to `max_batch_size` rows. Batches thus form from what arrives
-  while the model works, and grow with the load.
+- Idle model (a free instance, nothing queued), lone request: it runs at once in the caller's
+  thread (no hand-off, no wait), so latency at low load stays at the floor.
+- Busy model (every instance running): requests queue; when a running batch ends, a worker
+  thread takes what queued, oldest first, up to `max_batch_size` rows. Batches thus form from
+  what arrives while the model works, and grow with the load.
 - Under load only, the worker may wait up to `max_queue_delay` for the requests it expects:
   as many as the previous batch held (those callers are typically about to send again). A
   model whose last batch was a lone request is idle again, and nobody waits.
@@ -61,8 +62,8 @@ class BatchRecord(NamedTuple):
 class BatcherStats:
     """Counters since the batcher started; `listeners` see every batch (in the running thread).
 
-    Listeners must be quick: they run between batches. Counters are written by the one thread
-    that runs batches (or under the batcher's lock) and are safe to read at any time.
+    Listeners must be quick: they run between batches. Counters are written under the
+    batcher's lock and are safe to read at any time.
     """
 
     batches: int = 0
@@ -108,8 +109,8 @@ _Part = tuple[_Request, int, int]
 class DynamicBatcher:
     """Merge concurrent requests into runs of at most `max_batch_size` rows.
 
-    `run` maps a (rows, ...) float32 array to (rows, dim) outputs; it is called by one thread
-    at a time. `max_queue_delay` is in seconds.
+    `run` maps a (rows, ...) float32 array to (rows, dim) outputs; it is called by at most
+    `instances` threads at a time. `max_queue_delay` is in seconds.
     """
 
     def __init__(
@@ -120,35 +121,44 @@ class DynamicBatcher:
         max_queue_size: int,
         *,
         merge_requests: bool = True,
+        instances: int = 1,
         name: str = "model",
     ) -> None:
-        if max_batch_size < 1 or max_queue_size < 1 or max_queue_delay < 0:
+        if max_batch_size < 1 or max_queue_size < 1 or max_queue_delay < 0 or instances < 1:
             raise ValueError(
-                f"batcher {name}: expected max_batch_size >= 1, max_queue_size >= 1 and "
-                f"max_queue_delay >= 0, got {max_batch_size}, {max_queue_size}, "
-                f"{max_queue_delay}"
+                f"batcher {name}: expected max_batch_size >= 1, max_queue_size >= 1, "
+                f"max_queue_delay >= 0 and instances >= 1, got {max_batch_size}, "
+                f"{max_queue_size}, {max_queue_delay} and {instances}"
             )
         self.name = name
         self.max_batch_size = max_batch_size
         self.max_queue_delay = max_queue_delay
         self.max_queue_size = max_queue_size
         self.merge_requests = merge_requests
+        self.instances = instances
         self.stats = BatcherStats()
         self._run = run
         self._queue: collections.deque[_Request] = collections.deque()
-        self._cond = threading.Condition()
-        self._busy = False  # a batch is being formed or run
+        lock = threading.Lock()
+        self._work_ready = threading.Condition(lock)  # idle workers wait here for a queue
+        self._batch_filled = threading.Condition(lock)  # the gathering worker waits here
+        self._running = 0  # batches being formed or run, at most `instances`
         self._queued_rows = 0  # rows of the queue not yet handed to a batch
-        # While the worker waits for a batch to fill (`_gather`), submitters wake it only once
+        # While a worker waits for its batch to fill (`_gather`), submitters wake it only once
         # its wait can end: `_gather_missing` more requests or `_gather_room` more rows queued.
         # One wake-up per batch, not one per request: each costs a context switch and the GIL.
+        # One worker gathers at a time: new requests join its batch rather than start another.
         self._gathering = False
         self._gather_missing = 0
         self._gather_room = 0
         self._closed = False
         self._last_batch_requests = 1
-        self._worker = threading.Thread(target=self._work, name=f"batcher-{name}", daemon=True)
-        self._worker.start()
+        self._workers = [
+            threading.Thread(target=self._work, name=f"batcher-{name}-{i}", daemon=True)
+            for i in range(instances)
+        ]
+        for worker in self._workers:
+            worker.start()
 
     @property
     def queued_requests(self) -> int:
@@ -168,10 +178,11 @@ class DynamicBatcher:
         batcher is closed.
         """
         request = _Request(inputs, deadline, is_cancelled)
-        with self._cond:
+        with self._work_ready:
             if self._closed:
                 raise Unavailable(f"model {self.name}: shutting down, not accepting requests")
-            idle = not self._busy and not self._queue and self._last_batch_requests <= 1
+            free = self._running < self.instances and not self._gathering
+            idle = free and not self._queue and self._last_batch_requests <= 1
             if not idle or request.rows > self.max_batch_size:
                 if len(self._queue) >= self.max_queue_size:
                     self.stats.rejected_queue_full += 1
@@ -181,51 +192,60 @@ class DynamicBatcher:
                     )
                 self._queue.append(request)
                 self._queued_rows += request.rows
-                if not self._busy or (
-                    self._gathering
-                    and (
+                if self._gathering:
+                    if (
                         len(self._queue) >= self._gather_missing
                         or self._queued_rows >= self._gather_room
-                    )
-                ):
-                    self._cond.notify()  # else the worker looks at the queue when it is free
+                    ):
+                        self._batch_filled.notify()
+                elif free:
+                    self._work_ready.notify()  # else a worker looks at the queue when it is free
                 return request.future
-            self._busy = True
-        # Idle model: run in the caller's thread, skipping the hand-off to the worker.
+            if not self._admit(request, time.monotonic()):
+                return request.future
+            request.taken = request.rows
+            self._running += 1
+        # Idle model: run in the caller's thread, skipping the hand-off to a worker.
         try:
-            if self._admit(request, time.monotonic()):
-                request.taken = request.rows
-                self._execute([(request, 0, request.rows)])
+            self._execute([(request, 0, request.rows)])
         finally:
-            with self._cond:
-                self._busy = False
-                if self._queue or self._closed:
-                    self._cond.notify()
+            self._finished_batch()
         return request.future
 
     def close(self, timeout: float | None = None) -> bool:
         """Refuse new requests, finish the queued ones; True if they finished within `timeout`."""
-        with self._cond:
+        with self._work_ready:
             self._closed = True
-            self._cond.notify_all()
-        self._worker.join(timeout)
-        return not self._worker.is_alive()
+            self._work_ready.notify_all()
+        give_up = None if timeout is None else time.monotonic() + timeout
+        for worker in self._workers:
+            worker.join(None if give_up is None else max(0.0, give_up - time.monotonic()))
+        return not any(worker.is_alive() for worker in self._workers)
+
+    def _finished_batch(self) -> None:
+        """One fewer batch running: let an idle worker take what queued meanwhile."""
+        with self._work_ready:
+            self._running -= 1
+            if self._queue or self._closed:
+                self._work_ready.notify()
 
     def _work(self) -> None:
         while True:
-            with self._cond:
-                while self._busy or not self._queue:
-                    if self._closed and not self._queue and not self._busy:
+            with self._work_ready:
+                while self._running >= self.instances or self._gathering or not self._queue:
+                    if self._closed and not self._queue and not self._running:
+                        self._work_ready.notify_all()  # the other workers end too
                         return
-                    self._cond.wait()
-                self._busy = True
+                    self._work_ready.wait()
+                self._running += 1
                 parts = self._gather()
+                if self._queue and self._running < self.instances:
+                    self._work_ready.notify()  # what did not fit is for another instance
             try:
                 if parts:
                     self._execute(parts)
             finally:
-                with self._cond:
-                    self._busy = False
+                self._finished_batch()
 
     def _gather(self) -> list[_Part]:
         """Take queued rows for one batch, waiting for expected requests only under load.
@@ -250,7 +270,7 @@ class DynamicBatcher:
             self._gathering = True
             self._gather_missing = self._last_batch_requests - len(parts)
             self._gather_room = self.max_batch_size - rows
-            self._cond.wait(remaining)
+            self._batch_filled.wait(remaining)
             self._gathering = False
             rows = self._take(parts, rows)
         return parts
@@ -282,8 +302,8 @@ class DynamicBatcher:
     def _admit(self, request: _Request, now: float) -> bool:
         """True if `request` may run now; else it is dropped (deadline, cancel, earlier failure).
 
-        Marks the future running when its first rows are admitted, so that `Future.cancel`
-        cannot race with the result.
+        Called with the lock held. Marks the future running when its first rows are admitted,
+        so that `Future.cancel` cannot race with the result.
         """
         if request.taken == 0:
             if not request.future.set_running_or_notify_cancel():  # Future.cancel() was called
@@ -334,7 +354,8 @@ class DynamicBatcher:
                 for part in parts:  # find the culprit: the others still get their rows
                     self._execute([part])
                 return
-            self.stats.failed += 1
+            with self._work_ready:
+                self.stats.failed += 1
             parts[0][0].future.set_exception(exc)
             return
         run_seconds = time.monotonic() - started
@@ -353,15 +374,16 @@ class DynamicBatcher:
             if end == request.rows:
                 request.future.set_result(request.output)
                 answered += 1
-        self.stats.requests += answered
-        self._record(BatchRecord(rows, len(parts), run_seconds, tuple(waits)))
+        self._record(BatchRecord(rows, len(parts), run_seconds, tuple(waits)), answered)
 
-    def _record(self, record: BatchRecord) -> None:
+    def _record(self, record: BatchRecord, answered: int) -> None:
         stats = self.stats
-        stats.batches += 1
-        stats.rows += record.rows
-        stats.batch_sizes[record.rows] += 1
-        self._last_batch_requests = record.requests
+        with self._work_ready:
+            stats.batches += 1
+            stats.rows += record.rows
+            stats.requests += answered
+            stats.batch_sizes[record.rows] += 1
+            self._last_batch_requests = record.requests
         for listener in tuple(stats.listeners):  # listeners may come and go meanwhile
             try:
                 listener(record)

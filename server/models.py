@@ -44,6 +44,7 @@ class BatchingOptions:
     max_queue_size: int = 256  # requests waiting per model version
     max_request_rows: int = 16384  # rows one request may carry
     dynamic_batching: bool = True  # False: every request runs on its own
+    instances: int = 1  # batches of one model version that may run at once
 
 
 @dataclass(frozen=True)
@@ -148,6 +149,7 @@ class ModelRegistry:
             self.batching.max_queue_delay,
             self.batching.max_queue_size,
             merge_requests=self.batching.dynamic_batching,
+            instances=self.batching.instances,
             name=f"{found.name}/{found.version}",
         )
         model = LoadedModel(

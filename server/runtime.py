@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -112,8 +113,10 @@ class EncoderSession:
         self.output_name = output_name
         self.provider = self._session.get_providers()[0]
         # IO binding pays on a GPU (outputs land straight in host memory, no extra staging);
-        # on CPU the plain `run` already works on the numpy buffers.
-        self._binding = self._session.io_binding() if self.provider == CUDA_PROVIDER else None
+        # on CPU the plain `run` already works on the numpy buffers. A binding holds one run's
+        # tensors, so each thread that runs batches (model instances) has its own.
+        self._uses_binding = self.provider == CUDA_PROVIDER
+        self._bindings = threading.local()
 
     def _check_signature(
         self, label: str, input_name: str, output_name: str, row_shape: tuple[int, ...]
@@ -139,13 +142,16 @@ class EncoderSession:
             )
 
     def run(self, batch: np.ndarray) -> np.ndarray:
-        """Embeddings (rows, dim) of a float32 batch (rows, ...); one caller at a time."""
-        if self._binding is None:
+        """Embeddings (rows, dim) of a float32 batch (rows, ...); callers may run at once."""
+        if not self._uses_binding:
             return self._session.run((self.output_name,), {self.input_name: batch})[0]
-        self._binding.bind_cpu_input(self.input_name, batch)
-        self._binding.bind_output(self.output_name, "cpu")
-        self._session.run_with_iobinding(self._binding)
-        return self._binding.copy_outputs_to_cpu()[0]
+        binding = getattr(self._bindings, "binding", None)
+        if binding is None:
+            binding = self._bindings.binding = self._session.io_binding()
+        binding.bind_cpu_input(self.input_name, batch)
+        binding.bind_output(self.output_name, "cpu")
+        self._session.run_with_iobinding(binding)
+        return binding.copy_outputs_to_cpu()[0]
 
     def warm_up(self, row_shape: tuple[int, ...], batch_sizes: tuple[int, ...]) -> None:
         """Run zeros at each batch size so allocations and kernel choices happen before serving."""

@@ -263,3 +263,73 @@ def test_close_finishes_queued_requests_and_refuses_new_ones(gate):
 def test_invalid_limits_are_refused():
     with pytest.raises(ValueError, match="max_batch_size >= 1"):
         DynamicBatcher(lambda x: x, max_batch_size=0, max_queue_delay=0.0, max_queue_size=1)
+    with pytest.raises(ValueError, match="instances >= 1.*got 1, 1, 0.0 and 0"):
+        DynamicBatcher(
+            lambda x: x, max_batch_size=1, max_queue_delay=0.0, max_queue_size=1, instances=0
+        )
+
+
+class InstanceGate:
+    """`run` for a batcher with several instances: each run waits inside the model until
+    `open()`; `inside` counts the runs in the model at once."""
+
+    def __init__(self) -> None:
+        self.batches: list[np.ndarray] = []
+        self.inside = threading.Semaphore(0)
+        self.release = threading.Event()
+
+    def open(self) -> None:
+        self.release.set()
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        self.batches.append(batch.copy())
+        self.inside.release()
+        assert self.release.wait(WAIT)
+        return 2 * batch.reshape(len(batch), -1).sum(axis=1, keepdims=True)
+
+
+def test_instances_run_batches_at_once_and_queue_only_when_all_are_busy():
+    gate = InstanceGate()
+    batcher = DynamicBatcher(
+        gate, max_batch_size=64, max_queue_delay=0.0, max_queue_size=16, instances=2
+    )
+    boxes = [{}, {}]
+    threads = [
+        threading.Thread(
+            target=lambda box=box, i=i: box.setdefault("out", batcher.submit(rows(i, 1)))
+        )
+        for i, box in enumerate(boxes)
+    ]
+    for thread in threads:
+        thread.start()
+        assert gate.inside.acquire(timeout=WAIT)  # each runs at once: a free instance took it
+    queued = [batcher.submit(rows(10 + i, 1)) for i in range(3)]  # both instances busy
+    assert batcher.queued_requests == 3 and not any(f.done() for f in queued)
+    gate.open()
+    for i, future in enumerate(queued):
+        np.testing.assert_array_equal(future.result(WAIT), expected(rows(10 + i, 1)))
+    for thread, box, i in zip(threads, boxes, range(2), strict=True):
+        thread.join(WAIT)
+        np.testing.assert_array_equal(box["out"].result(0), expected(rows(i, 1)))
+    assert sorted(len(b) for b in gate.batches) == [1, 1, 3]  # the queue ran as one batch
+    assert batcher.stats.requests == 5 and batcher.stats.batches == 3
+    assert batcher.close(WAIT)
+
+
+def test_a_queue_longer_than_one_batch_is_shared_by_the_instances():
+    gate = InstanceGate()
+    batcher = DynamicBatcher(
+        gate, max_batch_size=2, max_queue_delay=0.0, max_queue_size=16, instances=2
+    )
+    holders = [threading.Thread(target=batcher.submit, args=(rows(i, 1),)) for i in range(2)]
+    for thread in holders:
+        thread.start()
+        assert gate.inside.acquire(timeout=WAIT)
+    queued = [batcher.submit(rows(10 + i, 1)) for i in range(4)]
+    gate.open()
+    for i, future in enumerate(queued):
+        np.testing.assert_array_equal(future.result(WAIT), expected(rows(10 + i, 1)))
+    for thread in holders:
+        thread.join(WAIT)
+    assert sorted(len(b) for b in gate.batches) == [1, 1, 2, 2]
+    assert batcher.close(WAIT)

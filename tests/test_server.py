@@ -467,6 +467,9 @@ def test_config_errors_name_the_field():
         ServeConfig(port=70000)
     with pytest.raises(ConfigError, match=r"^max_batch_size: expected at least 1, got 0$"):
         ServeConfig(max_batch_size=0)
+    with pytest.raises(ConfigError, match=r"^model_instances: expected at least 1, got 0$"):
+        ServeConfig(model_instances=0)
+    assert ServeConfig(model_instances=2).batching.instances == 2
 
 
 def serve_process(repository: Path, *flags: str) -> subprocess.Popen:

@@ -2,21 +2,26 @@
 
 For each encoder (the shipped one from the model repository, or with `--untrained-digits` an
 untrained 64-256-64-8 MLP of the same shape, and an untrained 784-1000-500-250-32 MLP, both
-built with our own model and exporter), this starts our server, the
-same server with dynamic batching off (the "bare" baseline, batch 1 only) and PyTriton serving
-the same model.onnx through onnxruntime behind Triton's dynamic batcher, and runs perf_analyzer
-over gRPC at each batch size and concurrency. It prints rows/s and client p50/p99 side by side
-and writes them to `bench/results/peers.json`. Every server is started and stopped here; every
-perf_analyzer run and the whole script are bounded in time. Not part of CI.
+built with our own model and exporter), this starts our server, the same server with dynamic
+batching off (the "bare" baseline, batch 1 only) and PyTriton serving the same model.onnx
+through onnxruntime behind Triton's dynamic batcher, and runs perf_analyzer over gRPC at each
+batch size and concurrency. The servers run side by side and take turns at each point, so that
+other load on the machine falls on all of them alike. It prints rows/s and client p50/p99 side
+by side and writes them to `bench/results/peers.json`. Every server is started and stopped
+here; every perf_analyzer run and the whole script are bounded in time. The load average and
+the library versions are printed and saved beside the table.
 
-Setup (PyTriton pins numpy < 2 and protobuf < 5, so it lives in its own virtualenv):
+Setup: `make install` brings perf_analyzer (tritonclient's wheel) into the project's
+environment. PyTriton pins numpy < 2, which the project's environment does not take, so it lives
+in its own virtualenv:
 
     python3.11 -m venv /tmp/aet-peers
     /tmp/aet-peers/bin/pip install 'nvidia-pytriton==0.7.*' onnxruntime
-    apt-get install libb64-0d; pip install --no-deps tritonclient==2.51.0 python-rapidjson
-    pip install nvidia-cuda-runtime-cu12      # perf_analyzer links libcudart.so.12
 
     python bench/peers/compare_triton.py --pytriton-python /tmp/aet-peers/bin/python
+    python bench/peers/compare_triton.py --quick     # seconds: tiny encoder, short windows
+
+Without a usable `--pytriton-python` only our server is measured, and the output says so.
 
 perf_analyzer sends zeros (`--input-data zero`): its default random bytes hold NaN/Inf, which
 our server rejects as INVALID_ARGUMENT.
@@ -29,20 +34,26 @@ import csv
 import dataclasses
 import json
 import os
+import platform
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import sysconfig
 import tempfile
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from importlib import metadata
 from pathlib import Path
+
+from aet.clients.server_process import ServerProcess, free_port
 
 HERE = Path(__file__).resolve().parent
 LARGE_MODEL = "mlp-1000-500-250-32"
+PYTRITON_CHECK = (
+    "import pytriton, onnxruntime; from importlib import metadata; "
+    "print(metadata.version('nvidia-pytriton'))"
+)
 
 
 @dataclass(frozen=True)
@@ -86,13 +97,20 @@ def untrained_encoder(
     import torch
 
     from aet.server.repository import InputSpec, ModelCard, OutputSpec, write_version
-    from aet.training.export import PixelEncoder, library_versions, max_parity_diff, to_onnx
+    from aet.training.export import (
+        PixelEncoder,
+        library_versions,
+        max_parity_diff,
+        onnx_opset,
+        to_onnx,
+    )
     from aet.training.models import ModelConfig, build_autoencoder
 
     torch.manual_seed(seed)
     config = ModelConfig(hidden_sizes=hidden_sizes, code_size=code_size)
     encoder = PixelEncoder(build_autoencoder(config, image_shape), raw_max=raw_max).eval()
-    onnx_bytes = to_onnx(encoder, torch.zeros(2, *image_shape), opset=20)
+    graph = to_onnx(encoder, torch.zeros(2, *image_shape), opset=20)
+    onnx_bytes = graph.SerializeToString()
     pixels = np.random.default_rng(seed).uniform(0, raw_max, (64, *image_shape))
     parity = max_parity_diff(onnx_bytes, encoder, pixels.astype(np.float32))
     card = ModelCard(
@@ -105,7 +123,7 @@ def untrained_encoder(
         preprocessing=[f"divide by {raw_max:g}", "flatten"],
         dataset={"name": "none (untrained, for benchmarking)"},
         metrics={},
-        opset=20,
+        opset=onnx_opset(graph),
         sha256="0" * 64,
         parity_max_abs_diff=parity,
         parity_samples=len(pixels),
@@ -115,30 +133,15 @@ def untrained_encoder(
     write_version(destination, name, onnx_bytes, card)
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+class PyTritonProcess:
+    """pytriton_server.py in its own session; `stop()` ends it and the Triton it started."""
 
-
-class ServerProcess:
-    """A server started in its own session; `stop()` ends it and everything it started."""
-
-    def __init__(
-        self,
-        command: list[str],
-        name: str,
-        ready_marker: str,
-        ready_timeout: float,
-        env: dict[str, str] | None = None,
-    ) -> None:
-        self.name = name
+    def __init__(self, command: list[str], ready_timeout: float) -> None:
         self.process = subprocess.Popen(
             command,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
-            env=env,
             start_new_session=True,
         )
         give_up = time.monotonic() + ready_timeout
@@ -148,11 +151,11 @@ class ServerProcess:
             if not line:
                 break
             output.append(line)
-            if ready_marker in line:
+            if line.strip() == "READY":
                 return
         self.stop()
         raise RuntimeError(
-            f"{name} did not start within {ready_timeout:.0f} s:\n" + "".join(output[-20:])
+            f"PyTriton did not start within {ready_timeout:.0f} s:\n" + "".join(output[-20:])
         )
 
     def stop(self, grace: float = 20.0) -> None:
@@ -166,18 +169,64 @@ class ServerProcess:
         self.process.stdout.close()
 
 
+def pytriton_version(python: Path | None) -> tuple[str | None, str]:
+    """(nvidia-pytriton's version, "") if `python` can serve with PyTriton, else (None, why)."""
+    if python is None:
+        return None, "no --pytriton-python given"
+    try:
+        check = subprocess.run(
+            [str(python), "-c", PYTRITON_CHECK], capture_output=True, text=True, timeout=60
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return None, f"--pytriton-python {python}: {exc}"
+    if check.returncode != 0:
+        last = (check.stderr.strip().splitlines() or ["no output"])[-1]
+        return None, f"--pytriton-python {python} cannot import pytriton and onnxruntime: {last}"
+    return check.stdout.strip(), ""
+
+
 def perf_analyzer_command() -> tuple[Path, dict[str, str]]:
     """The perf_analyzer binary of the tritonclient wheel and the environment it needs."""
-    binary = Path(sys.executable).parent / "perf_analyzer"
-    cudart = Path(sysconfig.get_paths()["purelib"]) / "nvidia" / "cuda_runtime" / "lib"
-    missing = [str(p) for p in (binary, cudart / "libcudart.so.12") if not p.exists()]
+    try:
+        client = metadata.distribution("tritonclient")
+        cudart = metadata.distribution("nvidia-cuda-runtime-cu12").locate_file(
+            "nvidia/cuda_runtime/lib"
+        )
+    except metadata.PackageNotFoundError as exc:
+        sys.exit(f"{exc.name} is not installed: run `make install` (see this script's docstring)")
+    binary = next(
+        (
+            Path(client.locate_file(f)).resolve()
+            for f in client.files or []
+            if f.name == "perf_analyzer"
+        ),
+        None,
+    )
+    missing = [
+        str(p)
+        for p in (binary or "perf_analyzer (tritonclient wheel)", Path(cudart) / "libcudart.so.12")
+        if not Path(p).exists()
+    ]
     if missing:
-        sys.exit(f"missing {', '.join(missing)}: see the setup in this script's docstring")
+        sys.exit(f"missing {', '.join(missing)}: run `make install` (see this script's docstring)")
     env = dict(os.environ)
     env["LD_LIBRARY_PATH"] = os.pathsep.join(
         filter(None, [str(cudart), env.get("LD_LIBRARY_PATH", "")])
     )
     return binary, env
+
+
+def versions(pytriton: str | None) -> dict[str, str]:
+    """The versions that decide the figures: Python, our stack, the load generator, PyTriton."""
+    found = {"python": platform.python_version()}
+    for name in ("ae-transfer", "grpcio", "protobuf", "numpy", "tritonclient"):
+        found[name] = metadata.version(name)
+    try:
+        found["onnxruntime"] = metadata.version("onnxruntime")
+    except metadata.PackageNotFoundError:  # onnxruntime ships as onnxruntime-gpu on Linux
+        found["onnxruntime"] = metadata.version("onnxruntime-gpu")
+    found["nvidia-pytriton"] = pytriton or "not used"
+    return found
 
 
 def measure(
@@ -189,6 +238,8 @@ def measure(
     batch_size: int,
     concurrency: int,
     window_ms: int,
+    max_trials: int,
+    stability_percent: int,
     timeout: float,
     workdir: Path,
 ) -> Measurement | None:
@@ -211,9 +262,9 @@ def measure(
         "--measurement-interval",
         str(window_ms),
         "--stability-percentage",
-        "50",
+        str(stability_percent),
         "--max-trials",
-        "10",
+        str(max_trials),
         "-f",
         str(results),
     ]
@@ -247,8 +298,8 @@ def side_by_side(measurements: list[Measurement]) -> str:
     keys = sorted({(m.model, m.batch_size, m.concurrency) for m in measurements})
     lines = [
         "| model | batch | conc. | ours rows/s | p50 / p99 ms | triton rows/s | p50 / p99 ms"
-        " | ours / triton | bare rows/s |",
-        "|" + " --- |" * 9,
+        " | ours / triton | bare rows/s | ours / bare |",
+        "|" + " --- |" * 10,
     ]
 
     def cells(server, key):
@@ -259,23 +310,82 @@ def side_by_side(measurements: list[Measurement]) -> str:
             else (f"{m.rows_per_second:,.0f}", f"{m.p50_ms:.2f} / {m.p99_ms:.2f}")
         )
 
+    def ratio(key, other):
+        ours, theirs = by_key.get((*key, "ours")), by_key.get((*key, other))
+        return f"{ours.rows_per_second / theirs.rows_per_second:.2f}x" if ours and theirs else "-"
+
     for key in keys:
-        ours, triton = by_key.get((*key, "ours")), by_key.get((*key, "triton"))
-        ratio = f"{ours.rows_per_second / triton.rows_per_second:.1f}x" if ours and triton else "-"
         lines.append(
             f"| {key[0]} | {key[1]} | {key[2]} | {' | '.join(cells('ours', key))} | "
-            f"{' | '.join(cells('triton', key))} | {ratio} | {cells('bare', key)[0]} |"
+            f"{' | '.join(cells('triton', key))} | {ratio(key, 'triton')} | "
+            f"{cells('bare', key)[0]} | {ratio(key, 'bare')} |"
         )
     return "\n".join(lines)
 
 
-def main() -> int:
+def server_command(
+    server: str, model: str, model_repository: Path, port: int, args: argparse.Namespace
+) -> list[str]:
+    """The command line that serves `model` on `port`: PyTriton or our flags for `server`."""
+    if server == "triton":
+        (onnx_path,) = (model_repository / model).glob("*/model.onnx")
+        return [
+            str(args.pytriton_python),
+            str(HERE / "pytriton_server.py"),
+            "--onnx",
+            str(onnx_path),
+            "--name",
+            model,
+            "--grpc-port",
+            str(port),
+            "--http-port",
+            str(free_port()),
+            "--threads",
+            str(args.threads),
+            "--max-queue-delay-us",
+            str(args.max_queue_delay_us),
+        ]
+    flags = [
+        "--intra-op-threads",
+        str(args.threads),
+        "--inter-op-threads",
+        "1",
+        "--max-batch-size",
+        "256",
+        "--max-queue-delay-ms",
+        str(args.max_queue_delay_us / 1e3),
+        "--grace-period",
+        "5",
+    ]
+    return flags + (["--no-dynamic-batching"] if server == "bare" else [])
+
+
+def start(
+    server: str, model: str, model_repository: Path, args: argparse.Namespace
+) -> tuple[PyTritonProcess | ServerProcess, int]:
+    """Start `server` ("ours", "bare" or "triton") on `model`; the process and its gRPC port."""
+    if server == "triton":
+        port = free_port()
+        command = server_command(server, model, model_repository, port, args)
+        return PyTritonProcess(command, ready_timeout=180), port
+    flags = server_command(server, model, model_repository, 0, args)
+    process = ServerProcess(model_repository, args.scratch / f"{server}-{model}.log", *flags)
+    try:
+        process.wait_until_serving(model)
+    except Exception:
+        process.stop()
+        raise
+    return process, process.port
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--pytriton-python",
         type=Path,
-        required=True,
-        help="interpreter of a virtualenv with nvidia-pytriton and onnxruntime",
+        default=None,
+        help="interpreter of a virtualenv with nvidia-pytriton and onnxruntime "
+        "(default: none, our server only)",
     )
     parser.add_argument(
         "--repository",
@@ -309,18 +419,48 @@ def main() -> int:
     )
     parser.add_argument("--window-ms", type=int, default=2000, help="perf_analyzer window")
     parser.add_argument(
+        "--max-trials", type=int, default=10, help="perf_analyzer windows before it gives up"
+    )
+    parser.add_argument(
+        "--stability-percent",
+        type=int,
+        default=50,
+        help="perf_analyzer's --stability-percentage: how far 3 windows may differ",
+    )
+    parser.add_argument(
         "--budget-s",
         type=float,
         default=1200,
         help="stop measuring after this many seconds and report what ran",
     )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a smoke run in seconds: the untrained digits encoder only, batch 1 and 8, "
+        "concurrency 1 and 4, 200 ms windows, any 3 of at most 6 taken as stable",
+    )
     parser.add_argument("--output", type=Path, default=Path("bench/results/peers.json"))
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.untrained_digits = args.no_large = True
+        args.batch_sizes, args.concurrency = [1, 8], [1, 4]
+        args.window_ms, args.max_trials, args.stability_percent = 200, 6, 1000
+        args.budget_s = min(args.budget_s, 120)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     started = time.monotonic()
+    load_at_start = os.getloadavg()
     binary, env = perf_analyzer_command()
+    pytriton, why_not = pytriton_version(args.pytriton_python)
+    servers = ("ours", "bare", "triton") if pytriton else ("ours", "bare")
+    if not pytriton:
+        print(f"PyTriton unavailable ({why_not}): measuring our server only", flush=True)
     measurements: list[Measurement] = []
     with tempfile.TemporaryDirectory(prefix="aet-peers-") as scratch:
-        scratch = Path(scratch)
+        scratch = args.scratch = Path(scratch)
         repository = scratch / "repository"
         if args.untrained_digits:
             untrained_encoder(repository, args.model, (256, 64), 8, (1, 8, 8), 16.0)
@@ -333,88 +473,70 @@ def main() -> int:
         for model in models:
             model_repository = scratch / f"only-{model}"
             shutil.copytree(repository / model, model_repository / model)
-            (onnx_path,) = (model_repository / model).glob("*/model.onnx")
-            for server in ("ours", "bare", "triton"):
-                batch_sizes = [1] if server == "bare" else args.batch_sizes
-                port = free_port()
-                if server == "triton":
-                    command = [
-                        str(args.pytriton_python),
-                        str(HERE / "pytriton_server.py"),
-                        "--onnx",
-                        str(onnx_path),
-                        "--name",
-                        model,
-                        "--grpc-port",
-                        str(port),
-                        "--http-port",
-                        str(free_port()),
-                        "--threads",
-                        str(args.threads),
-                        "--max-queue-delay-us",
-                        str(args.max_queue_delay_us),
-                    ]
-                else:
-                    command = [
-                        sys.executable,
-                        "-m",
-                        "aet.server",
-                        "serve",
-                        "--repository",
-                        str(model_repository),
-                        "--port",
-                        str(port),
-                        "--intra-op-threads",
-                        str(args.threads),
-                        "--inter-op-threads",
-                        "1",
-                        "--max-batch-size",
-                        "256",
-                        "--max-queue-delay-ms",
-                        str(args.max_queue_delay_us / 1e3),
-                        "--grace-period",
-                        "5",
-                    ]
-                    command += ["--no-dynamic-batching"] if server == "bare" else []
-                ready_marker = "READY" if server == "triton" else '"event": "server_ready"'
-                print(f"{server}: {model} on port {port}", flush=True)
-                process = ServerProcess(command, server, ready_marker, ready_timeout=180)
-                try:
-                    for batch_size in batch_sizes:
-                        for concurrency in args.concurrency:
-                            remaining = args.budget_s - (time.monotonic() - started)
-                            if remaining < 10:
-                                break
-                            result = measure(
-                                binary,
-                                env,
-                                server,
-                                port,
-                                model,
-                                batch_size,
-                                concurrency,
-                                args.window_ms,
-                                min(remaining, 180),
-                                scratch,
+            processes: dict[str, PyTritonProcess | ServerProcess] = {}
+            ports: dict[str, int] = {}
+            try:
+                for server in servers:
+                    processes[server], ports[server] = start(server, model, model_repository, args)
+                    print(f"{server}: {model} on port {ports[server]}", flush=True)
+                points = [(b, c) for b in args.batch_sizes for c in args.concurrency]
+                for index, (batch_size, concurrency) in enumerate(points):
+                    # The servers take turns at each point, in an order that rotates, so that
+                    # other load on the machine falls on all of them alike.
+                    turn = index % len(servers)
+                    for server in servers[turn:] + servers[:turn]:
+                        if server == "bare" and batch_size != 1:
+                            continue
+                        remaining = args.budget_s - (time.monotonic() - started)
+                        if remaining < 10:
+                            break
+                        result = measure(
+                            binary,
+                            env,
+                            server,
+                            ports[server],
+                            model,
+                            batch_size,
+                            concurrency,
+                            args.window_ms,
+                            args.max_trials,
+                            args.stability_percent,
+                            min(remaining, 180),
+                            scratch,
+                        )
+                        if result is not None:
+                            measurements.append(result)
+                            print(
+                                f"  {server} b{batch_size} c{concurrency}: "
+                                f"{result.rows_per_second:,.0f} rows/s, p50 "
+                                f"{result.p50_ms:.2f} ms, p99 {result.p99_ms:.2f} ms",
+                                flush=True,
                             )
-                            if result is not None:
-                                measurements.append(result)
-                                print(
-                                    f"  b{batch_size} c{concurrency}: "
-                                    f"{result.rows_per_second:,.0f} rows/s, p50 "
-                                    f"{result.p50_ms:.2f} ms, p99 {result.p99_ms:.2f} ms",
-                                    flush=True,
-                                )
-                finally:
+            finally:
+                for process in processes.values():
                     process.stop()
+    load_at_end = os.getloadavg()
+    found = versions(pytriton)
     table = side_by_side(measurements)
     print(table)
+    print(
+        f"load average (1, 5, 15 min): {', '.join(f'{x:.2f}' for x in load_at_start)} at start, "
+        f"{', '.join(f'{x:.2f}' for x in load_at_end)} at end; {os.cpu_count()} CPUs"
+    )
+    print("versions: " + ", ".join(f"{k} {v}" for k, v in found.items()))
+    if not pytriton:
+        print(f"PyTriton unavailable ({why_not}): the table compares our server only")
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(
+    partial = args.output.with_name(args.output.name + ".partial")
+    partial.write_text(
         json.dumps(
             {
                 "command": " ".join(sys.argv),
                 "cpu_count": os.cpu_count(),
+                "load_average_at_start": load_at_start,
+                "load_average_at_end": load_at_end,
+                "versions": found,
+                "pytriton_unavailable": why_not or None,
                 "seconds": round(time.monotonic() - started, 1),
                 "measurements": [dataclasses.asdict(m) for m in measurements],
                 "table": table,
@@ -423,8 +545,9 @@ def main() -> int:
         )
         + "\n"
     )
+    partial.replace(args.output)
     print(f"written {args.output}")
-    return 0
+    return 0 if measurements else 1
 
 
 if __name__ == "__main__":

@@ -1,0 +1,134 @@
+"""Every script in bench/ runs in its `--quick` mode and reports figures that make sense.
+
+Each runs in a child process as a user would start it; the checks are on what it prints or
+writes (every scenario present, rates positive, shares in range), never on how fast it was.
+Marked `bench` (tens of seconds each): `pytest -m "not bench"` leaves them out.
+
+compare_triton.py measures PyTriton too when `AET_PYTRITON_PYTHON` names the interpreter of a
+virtualenv with nvidia-pytriton (see the script's docstring); otherwise our server only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "bench"
+SCRIPT_TIMEOUT = 600  # seconds; a hung server or client fails the test instead of the suite
+
+pytestmark = pytest.mark.bench
+
+
+def run_quick(script: str, *args: str, cwd: Path) -> str:
+    """Run `bench/<script> --quick ARGS`; its output (stdout and stderr) if it exits 0."""
+    done = subprocess.run(
+        [sys.executable, str(BENCH / script), "--quick", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=SCRIPT_TIMEOUT,
+    )
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, f"{script} --quick exited {done.returncode}:\n{output[-4000:]}"
+    return output
+
+
+def test_every_bench_script_has_a_test():
+    scripts = {p.relative_to(BENCH).as_posix() for p in BENCH.rglob("*.py")}
+    # pytriton_server.py is a child that compare_triton.py starts, not a benchmark.
+    tested = {"pretrain.py", "serve.py", "extract.py", "peers/compare_triton.py"}
+    assert scripts - {"peers/pytriton_server.py"} == tested
+
+
+def test_pretrain_quick(tmp_path):
+    out = tmp_path / "pretrain.json"
+    run_quick("pretrain.py", "--out", str(out), cwd=tmp_path)
+    result = json.loads(out.read_text())
+    (row,) = result["rows"]
+    assert row["case"].startswith("digits") and row["threads"] == 1
+    assert row["samples_per_s"] > 0 and row["steps_per_epoch"] > 0
+    assert row["step_cpu_ms"] > 0 and row["compute_step_cpu_ms"] > 0  # measured apart: no order
+    assert 0 <= row["overhead_share"] < 1
+    assert len(result["load_average_at_end"]) == 3
+
+
+def test_serve_quick(tmp_path):
+    out = tmp_path / "serve.json"
+    output = run_quick("serve.py", "--output", str(out), cwd=tmp_path)
+    result = json.loads(out.read_text())
+    assert [e["batch"] for e in result["large_one_client"]] == [64, 256]
+    for entry in result["large_one_client"]:
+        assert entry["stream_rows_per_s"] > 0 and entry["unary_rows_per_s"] > 0
+    tiny = result["tiny_batch_1"]
+    assert tiny["p99_ms"] >= tiny["p50_ms"] > 0 and tiny["in_process_p50_ms"] > 0
+    assert tiny["server_cpu_us_per_call"] > 0 and tiny["bare_grpcio_cpu_us_per_call"] > 0
+    assert set(tiny["breakdown_p50_us"]) == {
+        "decode",
+        "queue",
+        "run",
+        "encode",
+        "grpc_network_client",
+    }
+    for name in ("large", "tiny"):
+        modes = result["sixteen_one_row_clients"][name]
+        for mode in ("batching_on", "batching_off"):
+            assert modes[mode]["calls_per_s"] > 0
+            assert modes[mode]["p99_ms"] >= modes[mode]["p50_ms"] > 0
+    memory = result["memory"]
+    assert memory["requests"] > 0 and memory["rss_after_mb"] > 0
+    machine = result["machine"]
+    assert machine["quick"] and machine["load_average_at_end"] >= 0
+    assert "load average" in output
+
+
+def test_extract_quick(tmp_path, model_repository):
+    output = run_quick("extract.py", "--repository", str(model_repository), cwd=tmp_path)
+    rates = dict(re.findall(r"^\s*(\w+): start-up .*?([\d,]+) rows/s median", output, re.M))
+    assert set(rates) == {"local", "server", "ray"}, output[-4000:]
+    assert all(float(rate.replace(",", "")) > 0 for rate in rates.values())
+    # The probe table's last column is the accuracy with all labels: far above chance (0.1).
+    embedding = re.search(r"^\| embedding \| logistic regression \|.*\| ([\d.]+) \|$", output, re.M)
+    assert embedding is not None, output[-4000:]
+    assert float(embedding.group(1)) > 0.5
+    assert not (tmp_path / "bench").exists()  # --quick writes no results
+
+
+def _perf_analyzer_installed() -> bool:
+    try:
+        metadata.distribution("tritonclient")
+        metadata.distribution("nvidia-cuda-runtime-cu12")
+    except metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(
+    not _perf_analyzer_installed(), reason="perf_analyzer not installed (make install brings it)"
+)
+def test_compare_triton_quick(tmp_path):
+    out = tmp_path / "peers.json"
+    pytriton = os.environ.get("AET_PYTRITON_PYTHON")
+    args = ["--output", str(out)] + (["--pytriton-python", pytriton] if pytriton else [])
+    output = run_quick("peers/compare_triton.py", *args, cwd=ROOT)
+    result = json.loads(out.read_text())
+    measured = {(m["server"], m["batch_size"], m["concurrency"]) for m in result["measurements"]}
+    expected = {("ours", b, c) for b in (1, 8) for c in (1, 4)} | {("bare", 1, 1), ("bare", 1, 4)}
+    if pytriton:
+        expected |= {("triton", b, c) for b in (1, 8) for c in (1, 4)}
+        assert result["versions"]["nvidia-pytriton"] != "not used"
+    else:
+        assert "PyTriton unavailable" in output and result["pytriton_unavailable"]
+    assert measured == expected, output[-4000:]
+    for m in result["measurements"]:
+        assert m["rows_per_second"] > 0 and m["p99_ms"] >= m["p50_ms"] > 0
+    assert len(result["load_average_at_start"]) == len(result["load_average_at_end"]) == 3
+    assert {"python", "grpcio", "onnxruntime", "tritonclient"} <= set(result["versions"])
+    assert "| digits | 1 | 1 |" in result["table"] and "load average" in output

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ import numpy as np
 from aet.clients.backends import find_model_version
 from aet.errors import UserError
 from aet.server.repository import CARD_FILE
-from aet.server.runtime import EncoderSession, RuntimeOptions, resolve_providers
+from aet.server.runtime import EncoderSession, RuntimeOptions, resolve_providers, split_scored
 
 DEFAULT_BATCH_SIZE = 1024
 
@@ -38,8 +39,12 @@ class Encoder:
         Width of each embedding.
     input_shape : tuple of int
         Shape of one input row without the batch axis, e.g. ``(1, 8, 8)`` (C, H, W).
-    value_range : tuple of float
-        ``(low, high)``: the raw value range the graph expects, e.g. ``(0.0, 16.0)``.
+    value_range : tuple of float or None
+        ``(low, high)``: the raw value range the graph expects, e.g. ``(0.0, 16.0)``; None for
+        vectors standardised inside the graph (any finite value).
+    score_percentiles : dict or None
+        The novelty score's percentiles on the validation split (``"p50"``, ``"p90"``,
+        ``"p99"``, ``"p99.9"``), in `reconstruction_error` units; None for graphs without it.
     card : dict
         The whole `model.json` (training data and split, metrics, preprocessing, sha256).
     provider : str
@@ -58,7 +63,13 @@ class Encoder:
         self.version: int = card.version
         self.embedding_dim: int = card.output.embedding_dim
         self.input_shape: tuple[int, ...] = tuple(card.input.shape)
-        self.value_range: tuple[float, float] = tuple(card.input.value_range)
+        value_range = card.input.value_range
+        self.value_range: tuple[float, float] | None = (
+            None if value_range is None else tuple(value_range)
+        )
+        self.score_percentiles: dict[str, float] | None = (
+            None if card.score is None else dict(card.score.percentiles)
+        )
         self.card: dict[str, Any] = card.to_dict()
         self.provider: str = session.provider
         self._session = session
@@ -119,6 +130,7 @@ class Encoder:
             tuple(card.input.shape),
             resolve_providers(device),
             RuntimeOptions(device=device, intra_op_threads=threads),
+            score_name=None if card.score is None else card.score.name,
         )
         return cls(found.path, card, session)
 
@@ -171,14 +183,53 @@ class Encoder:
         -------
         ndarray of shape (N, embedding_dim), float32
         """
+        return self._run(self._session.run, X, batch_size, self.embedding_dim)
+
+    def reconstruction_error(self, X: Any, batch_size: int = DEFAULT_BATCH_SIZE) -> np.ndarray:
+        """The novelty score of each row of `X`, as served: the reconstruction error in the
+        model's likelihood terms (`card["score"]["measure"]`). Higher is more unusual; compare
+        it with `score_percentiles` to flag rows (e.g. above ``"p99"``).
+
+        Parameters
+        ----------
+        X : array-like, as for `transform`
+        batch_size : int
+            Rows per onnxruntime run.
+
+        Returns
+        -------
+        ndarray of shape (N,), float32
+        """
+        if self.score_percentiles is None:
+            raise ValueError(
+                f"model {self.name} v{self.version}: its graph has no novelty score "
+                f"(exported before reconstruction_error existed); export it again"
+            )
+        packed = self._run(self._session.run_scored, X, batch_size, self.embedding_dim + 1)
+        return split_scored(packed)[1]
+
+    def score_samples(self, X: Any, batch_size: int = DEFAULT_BATCH_SIZE) -> np.ndarray:
+        """scikit-learn's novelty convention: the opposite of `reconstruction_error`, so the
+        lower, the more abnormal (as `IsolationForest.score_samples`).
+
+        Returns
+        -------
+        ndarray of shape (N,), float32
+        """
+        return -self.reconstruction_error(X, batch_size)
+
+    def _run(
+        self, run: Callable[[np.ndarray], np.ndarray], X: Any, batch_size: int, width: int
+    ) -> np.ndarray:
+        """`run` over the rows of `X` in batches of `batch_size`: (N, width) float32."""
         if batch_size < 1:
             raise ValueError(f"batch_size: expected a positive integer; got {batch_size}")
         rows = self.rows(X)
         if len(rows) == 0:
-            return np.zeros((0, self.embedding_dim), np.float32)
+            return np.zeros((0, width), np.float32)
         with self._lock:
             parts = [
-                self._session.run(np.ascontiguousarray(rows[start : start + batch_size]))
+                run(np.ascontiguousarray(rows[start : start + batch_size]))
                 for start in range(0, len(rows), batch_size)
             ]
         return np.concatenate(parts).astype(np.float32, copy=False)

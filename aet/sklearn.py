@@ -21,28 +21,20 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 from aet.config import ConfigError
 from aet.training.checkpoint import load_checkpoint
 from aet.training.data import Dataset, Split
-from aet.training.export import DEFAULT_OPSET, PARITY_ROWS, export_encoder
-from aet.training.models import Autoencoder, build_autoencoder
+from aet.training.export import (
+    DEFAULT_OPSET,
+    PARITY_ROWS,
+    VECTOR_INPUT_NAME,
+    ExportedEncoder,
+    export_encoder,
+)
+from aet.training.models import build_autoencoder
 from aet.training.pretrain import PretrainConfig
 from aet.training.standardize import FeatureStandardizer
 from aet.training.train import Trainer
 
 _PRETRAIN = PretrainConfig()  # the `aet pretrain` defaults the hyper-parameters share
 TRANSFORM_BATCH = 1024
-
-
-class _FeatureEncoder(torch.nn.Module):
-    """What an exported graph computes: raw features (B, D) -> standardise -> (B, code_size)."""
-
-    def __init__(self, autoencoder: Autoencoder, standardizer: FeatureStandardizer | None):
-        super().__init__()
-        self.autoencoder: Autoencoder = autoencoder
-        self.standardize: torch.nn.Module = (
-            torch.nn.Identity() if standardizer is None else standardizer.as_module()
-        )
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.autoencoder.encode(self.standardize(features))
 
 
 class AutoencoderEmbedder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
@@ -202,7 +194,7 @@ class AutoencoderEmbedder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Bas
         low, high = float(rows.min()), float(rows.max())
         self.feature_range_ = (low, high if high > low else low + 1.0)
         features = self._features(rows)
-        image_shape = (1, 1, n_features)  # the models take (B, C, H, W); MLPs flatten it
+        image_shape = (n_features,)  # vector rows
         try:
             config.model_config().check_input(image_shape)
         except ConfigError as exc:
@@ -244,6 +236,8 @@ class AutoencoderEmbedder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Bas
             self.checkpoint_ = load_checkpoint(trainer.best_path)
         self.model_ = self.checkpoint_.build_model()
         self.embedding_dim_ = self._n_features_out = config.code_size
+        # held-out rows in X's units: `export` calibrates the novelty score on them
+        self.validation_rows_ = rows[val].astype(np.float32)
         return self
 
     def transform(self, X: ArrayLike) -> np.ndarray:
@@ -279,7 +273,10 @@ class AutoencoderEmbedder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Bas
             The new version folder, ``<repository>/<name>/<version>``.
         """
         check_is_fitted(self, "model_")
-        encoder = _FeatureEncoder(self.model_, self.standardizer_).eval()
+        standardize = (
+            torch.nn.Identity() if self.standardizer_ is None else self.standardizer_.as_module()
+        )
+        encoder = ExportedEncoder(self.model_, standardize).eval()
         rng = np.random.default_rng(self.seed)
         shape = (PARITY_ROWS, self.n_features_in_)
         if self.standardizer_ is None:  # bce: features in [0, 1]
@@ -294,10 +291,13 @@ class AutoencoderEmbedder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Bas
         return export_encoder(
             encoder,
             inputs,
+            self.validation_rows_,
             self.checkpoint_,
             Path(repository),
             name,
             opset=opset,
-            value_range=self.feature_range_,
+            input_name=VECTOR_INPUT_NAME,
+            value_range=None if self.standardizer_ is not None else self.feature_range_,
             preprocessing=preprocessing,
+            standardizer=None if self.standardizer_ is None else self.standardizer_.to_dict(),
         )

@@ -1,37 +1,50 @@
-"""Extraction throughput of each `aet embed` backend side by side, and the probe tables.
+"""Extraction throughput of each `aet embed` backend side by side, the probe tables, and how
+extraction scales with the number of rows.
 
     python bench/extract.py [--repository exported] [--mnist-path ../shared/data/mnist]
+    python bench/extract.py --rows 100000,1000000 [--workers 2]
+    python bench/extract.py --quick
 
-Embeds every row of the MNIST test set (the t10k files: 10,000 images) through the local
-onnxruntime backend, a child `aet serve` over gRPC, and Ray Data with `--workers` actors,
-`--repeats` times each, and reports rows per second of the embedding phase (median and best)
-beside the one-off start-up cost of each backend. Then runs `aet probe` on the digits and MNIST
-embeddings. Writes `bench/results/extract.md` and `.json`.
+Without `--rows`: embeds every row of the MNIST test set (the t10k files: 10,000 images)
+through the local onnxruntime backend, a child `aet serve` over gRPC, and Ray Data with
+`--workers` actors, `--repeats` times each, and reports rows per second of the embedding phase
+(median and best) beside the one-off start-up cost of each backend. Then runs `aet probe` on
+the digits and MNIST embeddings. Writes `bench/results/extract.md` and `.json`.
 
-    python bench/extract.py --quick    # a smoke run: digits only, one run each, writes nothing
+With `--rows`: for each row count, tiles the MNIST test set into uncompressed IDX files of that
+many rows (read memory-mapped, block by block) and runs one `aet embed` job per backend, local
+and Ray, each in a child process: rows per second of the embedding phase, seconds of the whole
+job, and the peak resident memory of the job's own process (the driver; Ray's workers are
+other processes). Writes `extract-scale.md` and `.json` (a test runs it on 3,000 rows).
+
+`--quick` is a smoke run of the first part: the digits model and data set in place of MNIST,
+one run per backend, one Ray actor; it prints and writes nothing.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import resource
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
 from aet.clients.backends import LocalBackend, RayBackend, ServerBackend
 from aet.clients.client import EmbeddingClient
-from aet.clients.demo import ServerProcess
 from aet.clients.extract import EmbedConfig, extract, read_embeddings
-from aet.clients.probe import ProbeConfig, dataset_of, probe
-from aet.training.data import load_dataset
+from aet.clients.rows import plan_rows
+from aet.training.data import _find_idx_folder, _idx_file, default_mnist_dir, read_idx
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def time_backend(name: str, open_backend, job: EmbedConfig, dataset, repeats: int) -> dict:
+def time_backend(name: str, open_backend, job: EmbedConfig, plan, repeats: int) -> dict:
     """Start a backend once, then run the extraction job `repeats` times on it."""
     started = time.perf_counter()
     backend = open_backend()
@@ -39,7 +52,7 @@ def time_backend(name: str, open_backend, job: EmbedConfig, dataset, repeats: in
     rates = []
     with backend:
         for _ in range(repeats):
-            summary = extract(job, backend, dataset)
+            summary = extract(job, backend, plan)
             rates.append(summary.rows_per_second)
     print(
         f"{name:>7}: start-up {startup:6.2f} s, {statistics.median(rates):10,.0f} rows/s "
@@ -56,14 +69,16 @@ def time_backend(name: str, open_backend, job: EmbedConfig, dataset, repeats: in
 
 
 def throughput(args: argparse.Namespace, scratch: Path) -> list[dict]:
+    from aet.clients.server_process import ServerProcess
+
     model_dir = args.repository / args.mnist_model
     data, path = ("digits", None) if args.quick else ("mnist-idx", args.mnist_path)
-    dataset = load_dataset(data, path)
+    plan = plan_rows({"name": data, "path": path and str(path), "seed": 0, "limit": None})
     job = dict(
         dataset=data,
         data_path=path,
         batch_size=args.batch_size,
-        output=scratch / "throughput.npz",
+        output=scratch / "throughput.parquet",
         overwrite=True,
         progress=False,
     )
@@ -72,7 +87,7 @@ def throughput(args: argparse.Namespace, scratch: Path) -> list[dict]:
             "local",
             lambda: LocalBackend(model_dir),
             EmbedConfig(local=model_dir, **job),
-            dataset,
+            plan,
             args.repeats,
         )
     ]
@@ -86,7 +101,7 @@ def throughput(args: argparse.Namespace, scratch: Path) -> list[dict]:
                 "server",
                 lambda: ServerBackend(EmbeddingClient(server.target), args.mnist_model),
                 EmbedConfig(server=server.target, model=args.mnist_model, **job),
-                dataset,
+                plan,
                 args.repeats,
             )
         )
@@ -98,7 +113,7 @@ def throughput(args: argparse.Namespace, scratch: Path) -> list[dict]:
             "ray",
             lambda: RayBackend(model_dir, args.workers),
             EmbedConfig(ray=model_dir, workers=args.workers, **job),
-            dataset,
+            plan,
             args.repeats,
         )
     )
@@ -106,6 +121,8 @@ def throughput(args: argparse.Namespace, scratch: Path) -> list[dict]:
 
 
 def probe_tables(args: argparse.Namespace, scratch: Path) -> dict[str, str]:
+    from aet.clients.probe import ProbeConfig, dataset_of, probe  # scikit-learn: only here
+
     tables = {}
     for data, path, model in (
         ("digits", None, args.digits_model),
@@ -129,6 +146,132 @@ def probe_tables(args: argparse.Namespace, scratch: Path) -> dict[str, str]:
         tables[data] = results.markdown()
         print(tables[data], flush=True)
     return tables
+
+
+def tile_mnist(mnist_path: Path | None, rows: int, folder: Path) -> Path:
+    """Uncompressed t10k IDX files of `rows` rows: the MNIST test set repeated; `folder`."""
+    source = _find_idx_folder(default_mnist_dir() if mnist_path is None else mnist_path)
+    images, labels = (read_idx(_idx_file(source, "t10k", kind)) for kind in ("images", "labels"))
+    folder.mkdir(parents=True, exist_ok=True)
+    for kind, array, magic in (("images", images, 3), ("labels", labels, 1)):
+        shape = (rows, *array.shape[1:])
+        header = bytes([0, 0, 8, magic]) + b"".join(d.to_bytes(4, "big") for d in shape)
+        with open(folder / f"t10k-{kind}-idx{magic}-ubyte", "wb") as out:
+            out.write(header)
+            for start in range(0, rows, len(array)):  # a copy at a time: no N-row array here
+                out.write(array[: min(len(array), rows - start)].tobytes())
+    return folder
+
+
+def measure_job(args: argparse.Namespace) -> int:
+    """In a child process: one `aet embed` job; prints its figures as one JSON line."""
+    job = dict(
+        dataset="mnist-idx",
+        data_path=args.measure_path,
+        batch_size=args.batch_size,
+        shard_size=args.shard_size,
+        output=args.measure_output,
+        progress=False,
+    )
+    model_dir = args.repository / args.mnist_model
+    started = time.perf_counter()
+    if args.measure_job == "local":
+        backend, config = LocalBackend(model_dir), EmbedConfig(local=model_dir, **job)
+    else:
+        backend = RayBackend(model_dir, args.workers)
+        config = EmbedConfig(ray=model_dir, workers=args.workers, **job)
+    with backend:
+        summary = extract(config, backend)
+    seconds = time.perf_counter() - started
+    # Linux reports kilobytes; the job's own process, not its Ray workers.
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    ids = read_embeddings(summary.output).ids  # after the peak is read: checks every row once
+    if not np.array_equal(ids, np.arange(summary.rows)):
+        raise SystemExit(f"{summary.output}: rows missing or repeated")
+    print(
+        json.dumps(
+            {
+                "backend": backend.label,
+                "rows": summary.rows,
+                "rows_per_second": summary.rows_per_second,
+                "job_seconds": seconds,
+                "peak_driver_rss_mb": peak_mb,
+            }
+        )
+    )
+    return 0
+
+
+def scale(args: argparse.Namespace, scratch: Path) -> list[dict]:
+    """One local and one Ray job per row count, each in its own process."""
+    results = []
+    for rows in args.rows:
+        folder = tile_mnist(args.mnist_path, rows, scratch / f"mnist-{rows}")
+        for backend in ("local", "ray"):
+            output = scratch / f"{backend}-{rows}.parquet"
+            command = [
+                sys.executable,
+                __file__,
+                f"--measure-job={backend}",
+                f"--measure-path={folder}",
+                f"--measure-output={output}",
+                f"--repository={args.repository}",
+                f"--mnist-model={args.mnist_model}",
+                f"--workers={args.workers}",
+                f"--batch-size={args.batch_size}",
+                f"--shard-size={args.shard_size}",
+            ]
+            done = subprocess.run(command, capture_output=True, text=True)
+            if done.returncode != 0:
+                raise SystemExit(f"{backend} job on {rows} rows failed:\n{done.stderr[-3000:]}")
+            result = json.loads(done.stdout.strip().splitlines()[-1])
+            with open("/proc/loadavg") as load:
+                result["loadavg"] = " ".join(load.read().split()[:3])
+            results.append(result)
+            print(
+                f"{rows:>9,} rows {backend:>5}: {result['rows_per_second']:10,.0f} rows/s, "
+                f"job {result['job_seconds']:7.1f} s, peak driver RSS "
+                f"{result['peak_driver_rss_mb']:7.0f} MB (load {result['loadavg']})",
+                flush=True,
+            )
+            subprocess.run(["rm", "-rf", str(output), f"{output}.shards"], check=True)
+        subprocess.run(["rm", "-rf", str(folder)], check=True)
+    return results
+
+
+def scale_report(args: argparse.Namespace, results: list[dict]) -> None:
+    lines = [
+        "# Extraction at scale: the MNIST test set tiled, read memory-mapped",
+        "",
+        "| rows | backend | rows/s (embedding) | job seconds | peak driver RSS (MB) | "
+        "load average |",
+        "|---:|---|---:|---:|---:|---|",
+    ]
+    lines += [
+        f"| {r['rows']:,} | {r['backend']} | {r['rows_per_second']:,.0f} | "
+        f"{r['job_seconds']:.1f} | {r['peak_driver_rss_mb']:.0f} | {r['loadavg']} |"
+        for r in results
+    ]
+    lines += [
+        "",
+        f"batch size {args.batch_size}, {args.shard_size} rows per shard or block, Ray with "
+        f"{args.workers} actors (+1 CPU for reading and writing), one job per process",
+        "",
+    ]
+    args.results.mkdir(parents=True, exist_ok=True)
+    (args.results / "extract-scale.md").write_text("\n".join(lines))
+    (args.results / "extract-scale.json").write_text(
+        json.dumps({"scale": results, "args": {k: str(v) for k, v in vars(args).items()}}, indent=2)
+        + "\n"
+    )
+    print(f"wrote {args.results / 'extract-scale.md'} and {args.results / 'extract-scale.json'}")
+
+
+def row_counts(text: str) -> list[int]:
+    counts = [int(part) for part in text.split(",")]
+    if any(count < 1 for count in counts):
+        raise argparse.ArgumentTypeError(f"expected positive row counts, got {text}")
+    return counts
 
 
 def main() -> int:
@@ -157,12 +300,43 @@ def main() -> int:
         "--repeats", type=int, default=3, help="extraction runs per backend (default: 3)"
     )
     parser.add_argument(
+        "--rows",
+        type=row_counts,
+        default=None,
+        help="scale figure instead: comma-separated row counts of the tiled MNIST test set",
+    )
+    parser.add_argument(
+        "--shard-size",
+        type=int,
+        default=16384,
+        help="scale: rows per shard or block (default: 16384)",
+    )
+    parser.add_argument(
         "--quick",
         action="store_true",
         help="a smoke run: the digits model and data set in place of MNIST, one run per "
         "backend, one Ray actor; prints, writes nothing",
     )
+    parser.add_argument(
+        "--results", type=Path, default=RESULTS, help=f"report folder (default: {RESULTS})"
+    )
+    for hidden in ("--measure-job", "--measure-path", "--measure-output"):
+        parser.add_argument(
+            hidden, type=Path if hidden != "--measure-job" else str, help=argparse.SUPPRESS
+        )
     args = parser.parse_args()
+    if args.measure_job:
+        return measure_job(args)
+    if args.rows:
+        if not (args.repository / args.mnist_model).is_dir():
+            print(
+                f"bench/extract.py: {args.repository / args.mnist_model}: no such model",
+                file=sys.stderr,
+            )
+            return 2
+        with tempfile.TemporaryDirectory(prefix="aet-bench-") as scratch:
+            scale_report(args, scale(args, Path(scratch)))
+        return 0
     if args.quick:
         args.mnist_model, args.repeats, args.workers = args.digits_model, 1, 1
     for model in (args.mnist_model, args.digits_model):
@@ -178,7 +352,7 @@ def main() -> int:
         tables = probe_tables(args, Path(scratch))
     if args.quick:
         return 0
-    RESULTS.mkdir(exist_ok=True)
+    args.results.mkdir(parents=True, exist_ok=True)
     lines = [
         "# Extraction throughput, MNIST test set (10,000 rows)",
         "",
@@ -198,8 +372,8 @@ def main() -> int:
         "",
     ]
     lines += ["# Probe accuracy", ""] + [table for table in tables.values()]
-    (RESULTS / "extract.md").write_text("\n".join(lines) + "\n")
-    (RESULTS / "extract.json").write_text(
+    (args.results / "extract.md").write_text("\n".join(lines) + "\n")
+    (args.results / "extract.json").write_text(
         json.dumps(
             {
                 "throughput": backends,
@@ -210,7 +384,7 @@ def main() -> int:
         )
         + "\n"
     )
-    print(f"wrote {RESULTS / 'extract.md'} and {RESULTS / 'extract.json'}")
+    print(f"wrote {args.results / 'extract.md'} and {args.results / 'extract.json'}")
     return 0
 
 

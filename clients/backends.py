@@ -1,24 +1,50 @@
 """Where `aet embed` runs the encoder: a gRPC server, onnxruntime in-process, or Ray Data.
 
-Every backend offers the same two things: `model` (which encoder answers) and
-`embed_rows(pixels, batch_size)`, an iterator of embeddings for consecutive row blocks in
-order. The local and Ray backends run the same `server.runtime.EncoderSession` the server
-runs, so all three give the same embeddings.
+The in-process backends (`LocalBackend`, `ServerBackend`) offer `model` (which encoder answers)
+and `embed_rows(pixels, batch_size)`, an iterator of embeddings for consecutive row blocks in
+order; `clients.extract` feeds them shard by shard. `RayBackend` runs the whole job as one Ray
+Data pipeline instead (`distributed`): read on the workers, embed in onnxruntime actors that
+receive the ONNX bytes and the model card (no shared filesystem needed), write on the workers.
+The local and Ray backends run the same `server.runtime.EncoderSession` the server runs, so
+all three give the same embeddings. Opened with `score=True`, every backend adds each row's
+novelty score: the in-process ones as one more last column of each block (the layout of
+`EncoderSession.run_scored`), so blocks travel and resume like embeddings and `aet embed
+--score` takes them apart when it writes the output; the Ray actors as a
+`reconstruction_error` column.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import math
 import os
+import tempfile
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from aet.errors import UserError
-from aet.server.repository import CARD_FILE, ModelVersion, latest_version, scan_repository
-from aet.server.runtime import EncoderSession, RuntimeOptions, resolve_providers
+from aet.server.repository import (
+    CARD_FILE,
+    SCORE_NAME,
+    ModelCard,
+    ModelVersion,
+    latest_version,
+    scan_repository,
+)
+from aet.server.runtime import (
+    DEVICES,
+    EncoderSession,
+    RuntimeOptions,
+    resolve_providers,
+    split_scored,
+)
 
 
 class BackendError(UserError):
@@ -34,7 +60,7 @@ class ModelIdentity:
     sha256: str
     embedding_dim: int
     input_shape: tuple[int, ...]  # (C, H, W)
-    max_value: float  # the raw pixel value the graph maps to 1.0
+    max_value: float | None  # the raw pixel value the graph maps to 1.0; None for vectors
 
 
 def find_model_version(path: str | os.PathLike) -> ModelVersion:
@@ -67,35 +93,49 @@ def find_model_version(path: str | os.PathLike) -> ModelVersion:
 
 
 def _identity(found: ModelVersion) -> ModelIdentity:
-    card = found.card
+    card = found.usable_card
     return ModelIdentity(
         card.name,
         card.version,
         card.sha256,
         card.output.embedding_dim,
         tuple(card.input.shape),
-        card.input.value_range[1],
+        None if card.input.value_range is None else card.input.value_range[1],
     )
 
 
-def _open_session(found: ModelVersion, threads: int) -> EncoderSession:
-    card = found.card
+def _open_session(
+    model_path: Path, card: ModelCard, device: str, threads: int, score: bool = False
+) -> EncoderSession:
+    _check_score(card, score)
     return EncoderSession(
-        found.model_path,
+        model_path,
         card.input.name,
         card.output.name,
         tuple(card.input.shape),
-        resolve_providers("auto"),
+        resolve_providers(device),
         RuntimeOptions(intra_op_threads=threads),
+        score_name=card.score.name if score and card.score is not None else None,
     )
 
 
+def _check_score(card: ModelCard, score: bool) -> None:
+    """Refuse `--score` for a graph exported before the novelty score existed."""
+    if score and card.score is None:
+        raise BackendError(
+            f"model {card.name} v{card.version}: its graph has no reconstruction_error output "
+            f"(exported before the novelty score existed); export it again or drop --score"
+        )
+
+
 class EmbeddingBackend:
-    """What `clients.extract.extract` runs on: `model`, `label` and `embed_rows`; a context
-    manager that releases the backend's resources on exit."""
+    """What `clients.extract.extract` runs on: `model`, `label` and `embed_rows` (or, when
+    `distributed`, `plan` and `embed_blocks`); a context manager that releases the backend's
+    resources on exit."""
 
     label: str  # for the summary line and the output's metadata
     model: ModelIdentity
+    distributed = False  # True: the backend runs the whole job itself (Ray)
 
     def embed_rows(self, pixels: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
         """Embeddings of consecutive blocks of `pixels` (raw range), in order."""
@@ -114,23 +154,37 @@ class EmbeddingBackend:
 class LocalBackend(EmbeddingBackend):
     """onnxruntime in this process, on `exported/<model>[/<version>]`."""
 
-    def __init__(self, model_dir: str | os.PathLike, threads: int = 0):
+    def __init__(self, model_dir: str | os.PathLike, threads: int = 0, score: bool = False):
         found = find_model_version(model_dir)
         self.model = _identity(found)
-        self._session = _open_session(found, threads)
+        self._session = _open_session(found.model_path, found.usable_card, "auto", threads, score)
+        self._run = self._session.run_scored if score else self._session.run
         self.label = f"local onnxruntime ({self._session.provider})"
 
     def embed_rows(self, pixels: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
         """Embeddings of `pixels` (uint8 or float32, raw range) in blocks of `batch_size`."""
         for start in range(0, len(pixels), batch_size):
-            yield self._session.run(pixels[start : start + batch_size].astype(np.float32))
+            yield self._run(pixels[start : start + batch_size].astype(np.float32))
 
 
 class ServerBackend(EmbeddingBackend):
-    """An `aet serve` server, over one `EmbedStream` per job."""
+    """An `aet serve` server, or several replicas behind one client, over unary `Embed` calls.
 
-    def __init__(self, client, model: str, version: int | None = None):
+    Up to `in_flight` requests are outstanding at once, so that replicas balanced by the
+    client's round_robin policy all work; each request is retried by the client's service
+    config on UNAVAILABLE or RESOURCE_EXHAUSTED (another replica answers when one is gone).
+    """
+
+    def __init__(
+        self,
+        client,
+        model: str,
+        version: int | None = None,
+        in_flight: int = 4,
+        score: bool = False,
+    ):
         self._client = client
+        self._score = score
         description = client.describe(model, version)
         self.model = ModelIdentity(
             description.name,
@@ -138,59 +192,171 @@ class ServerBackend(EmbeddingBackend):
             description.sha256,
             description.embedding_dim,
             tuple(description.input.shape),
-            description.input.max_value,
+            None if math.isinf(description.input.max_value) else description.input.max_value,
         )
         self.label = f"server {client.target}"
+        self._in_flight = in_flight
+        self._pool = ThreadPoolExecutor(in_flight, thread_name_prefix="aet-embed")
 
     def embed_rows(self, pixels: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
-        """Embeddings of `pixels`, `batch_size` rows per request (fewer if the limit wants).
+        """Embeddings of `pixels`, at most `batch_size` rows per request (fewer if the
+        message limit or the server's `max_request_rows` wants), in order."""
+        if len(pixels) == 0:
+            return
+        name, version = self.model.name, self.model.version
+        step = min(batch_size, self._client.rows_per_request(pixels, name, version))
+        waiting: deque = deque()
+        for start in range(0, len(pixels), step):
+            if len(waiting) == self._in_flight:
+                yield waiting.popleft().result()
+            waiting.append(
+                self._pool.submit(self._embed, pixels[start : start + step], name, version)
+            )
+        while waiting:
+            yield waiting.popleft().result()
 
-        The stream has no overall deadline (a job may run for hours); each request still
-        fails fast on a server that is down or full, after the client's retries.
-        """
-        batches = (
-            pixels[start : start + batch_size] for start in range(0, len(pixels), batch_size)
-        )
-        return self._client.embed_batches(batches, self.model.name, self.model.version)
+    def _embed(self, rows: np.ndarray, name: str, version: int) -> np.ndarray:
+        """One request's embeddings, with the scores as one more last column if asked."""
+        if not self._score:
+            return self._client.embed(rows, name, version)
+        embeddings, scores = self._client.embed_with_score(rows, name, version)
+        return np.concatenate([embeddings, scores[:, None]], axis=1)
 
     def close(self) -> None:
+        self._pool.shutdown(cancel_futures=True)
         self._client.close()
 
 
+def actor_device(device: str, cluster_gpus: float) -> tuple[str, int]:
+    """The device Ray actors run the encoder on, and the GPUs each one reserves.
+
+    "cuda" reserves one GPU per actor (refused on a cluster without GPUs); "auto" does so when
+    the cluster has GPUs; "cpu" reserves none.
+    """
+    if device not in DEVICES:
+        raise BackendError(f"device: expected one of {', '.join(DEVICES)}, got {device!r}")
+    if device == "cuda" and cluster_gpus < 1:
+        raise BackendError(f"device: cuda needs GPUs in the Ray cluster; got {cluster_gpus:g} GPUs")
+    if device == "cuda" or (device == "auto" and cluster_gpus >= 1):
+        return "cuda", 1
+    return "cpu", 0
+
+
 class EncoderActor:
-    """A Ray Data `map_batches` worker: one onnxruntime session, one thread."""
+    """A Ray Data `map_batches` worker: one onnxruntime session, one thread, `batch_size` rows
+    per run.
 
-    def __init__(self, model_dir: str):
-        self._session = _open_session(find_model_version(model_dir), threads=1)
+    Receives the ONNX bytes and the model card, checks the bytes against the card's sha256,
+    and opens its session from a private copy: no model folder on the worker's disk.
+    """
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return {
-            "row": batch["row"],
-            "embedding": self._session.run(batch["pixels"].astype(np.float32)),
+    def __init__(
+        self, onnx: bytes, card: ModelCard, device: str, batch_size: int, score: bool = False
+    ):
+        self._batch_size = batch_size
+        self._score = score
+        digest = hashlib.sha256(onnx).hexdigest()
+        if digest != card.sha256:
+            raise BackendError(
+                f"model {card.name} v{card.version}: sha256 of the shipped bytes {digest}, "
+                f"card says {card.sha256}"
+            )
+        with tempfile.TemporaryDirectory(prefix="aet-actor-") as folder:
+            path = Path(folder) / "model.onnx"
+            path.write_bytes(onnx)
+            self._session = _open_session(path, card, device, 1, score)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> Any:
+        import pyarrow as pa
+
+        pixels = batch["pixels"]
+        run = self._session.run_scored if self._score else self._session.run
+        outputs = np.concatenate(
+            [
+                run(pixels[start : start + self._batch_size].astype(np.float32))
+                for start in range(0, len(pixels), self._batch_size)
+            ]
+        )
+        embeddings = split_scored(outputs)[0] if self._score else outputs
+        columns = {
+            "id": batch["id"],
+            "split": batch["split"].astype(str),
+            "label": batch["label"],
+            "embedding": pa.FixedSizeListArray.from_arrays(
+                pa.array(np.ascontiguousarray(embeddings).reshape(-1)), embeddings.shape[1]
+            ),
         }
+        if self._score:
+            columns[SCORE_NAME] = pa.array(split_scored(outputs)[1])
+        return pa.table(columns)
+
+
+@dataclass(frozen=True)
+class PlanShape:
+    """What the job's process learns of a plan made on a worker: its size and its images."""
+
+    name: str
+    rows: int
+    image_shape: tuple[int, ...]
+    raw_max: float
+    is_vectors: bool  # a table of features: no raw value range
+
+
+def _plan_on_worker(dataset: dict[str, Any]):
+    """Ray task: the job's `RowPlan`, kept in the object store, and its `PlanShape`."""
+    from aet.clients.rows import plan_rows
+
+    plan = plan_rows(dataset)
+    shape = PlanShape(plan.name, len(plan), plan.image_shape, plan.raw_max, plan.is_vectors)
+    return shape, plan
+
+
+def _read_blocks(bounds: dict[str, np.ndarray], plan: list) -> dict[str, np.ndarray]:
+    """Ray Data: the rows (id, label, split, pixels) of the blocks [start, stop) in `bounds`."""
+    import ray
+
+    rows = ray.get(plan[0])
+    blocks = [
+        rows.block(int(a), int(b)) for a, b in zip(bounds["start"], bounds["stop"], strict=True)
+    ]
+    return {key: np.concatenate([block[key] for block in blocks]) for key in blocks[0]}
 
 
 class RayBackend(EmbeddingBackend):
-    """Ray Data `map_batches` with `workers` onnxruntime actors.
+    """The job as one Ray Data pipeline, with `workers` onnxruntime actors.
 
-    Starts a local Ray (`workers` CPUs, no dashboard) unless `address` names a cluster to join;
-    on a cluster, `model_dir` must be readable at the same path on every node. Only a Ray
+    Starts a local Ray (`workers` + 1 CPUs: one for the reading and writing tasks, no
+    dashboard) unless `address` names a cluster to join. The output folder must be writable
+    by every worker (one machine, a shared filesystem, or a URI pyarrow can write). Only a Ray
     this backend started is shut down by `close()`.
     """
 
-    def __init__(self, model_dir: str | os.PathLike, workers: int, address: str | None = None):
+    distributed = True
+
+    def __init__(
+        self,
+        model_dir: str | os.PathLike,
+        workers: int,
+        address: str | None = None,
+        device: str = "auto",
+        score: bool = False,
+    ):
         import ray
 
         found = find_model_version(model_dir)
+        _check_score(found.card, score)  # before Ray starts
         self.model = _identity(found)
-        self._model_dir = str(found.path.resolve())
+        self._score = score
+        self._card = found.card
+        self._onnx = found.model_path.read_bytes()
         self._workers = workers
+        self._plan = None
         self._started_ray = not ray.is_initialized()
         if self._started_ray:
             try:
                 if address is None:
                     ray.init(
-                        num_cpus=workers,
+                        num_cpus=workers + 1,
                         include_dashboard=False,
                         logging_level=logging.WARNING,
                         log_to_driver=False,
@@ -201,44 +367,59 @@ class RayBackend(EmbeddingBackend):
                 raise BackendError(
                     f"ray: cannot {'join ' + address if address else 'start'}: {exc}"
                 ) from exc
-        context = ray.data.DataContext.get_current()
-        context.execution_options.preserve_order = True  # shards need rows back in order
-        context.enable_progress_bars = False  # the job has its own bar
-        self.label = f"ray ({workers} actors)"
+        try:
+            self._device, self._gpus = actor_device(device, ray.cluster_resources().get("GPU", 0))
+        except BackendError:
+            self.close()
+            raise
+        self.label = f"ray ({workers} actors, {self._device})"
 
-    def embed_rows(self, pixels: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
-        """Embeddings of `pixels`, in order, computed by the actor pool."""
-        if len(pixels) == 0:
-            return
-        import pyarrow as pa
+    def plan(self, dataset: dict[str, Any]) -> PlanShape:
+        """Plan the job's rows in a Ray task; the plan stays in the object store."""
         import ray
-        from ray.data.extensions import ArrowTensorArray
 
-        rows = np.arange(len(pixels))
-        starts = range(0, len(pixels), batch_size)
-        blocks = [
-            pa.table(
-                {
-                    "row": rows[i : i + batch_size],
-                    "pixels": ArrowTensorArray.from_numpy(pixels[i : i + batch_size]),
-                }
-            )
-            for i in starts
-        ]  # one block per batch: the actors share the blocks out
-        dataset = ray.data.from_arrow(blocks).map_batches(
+        task = ray.remote(num_returns=2, num_cpus=1)(_plan_on_worker)
+        shape, self._plan = task.remote(dataset)
+        try:
+            return ray.get(shape)
+        except ray.exceptions.RayTaskError as exc:
+            if isinstance(exc.cause, UserError):  # a bad data set: its own message
+                raise exc.cause from None
+            raise
+
+    def embed_blocks(
+        self, blocks: list[tuple[int, int]], batch_size: int, output: Path, progress: bool
+    ) -> None:
+        """Read, embed and write the rows [start, stop) of each block into `output`.
+
+        Files hold at most a block's worth of rows, so that a restart redoes little.
+        """
+        import ray
+
+        if not blocks:
+            return
+        block_rows = max(stop - start for start, stop in blocks)
+        ray.data.DataContext.get_current().enable_progress_bars = progress
+        bounds = [{"start": start, "stop": stop} for start, stop in blocks]
+        rows = ray.data.from_items(bounds, override_num_blocks=len(bounds)).map_batches(
+            _read_blocks, fn_kwargs={"plan": [self._plan]}, batch_size=1, batch_format="numpy"
+        )
+        embedded = rows.map_batches(
             EncoderActor,
-            fn_constructor_kwargs={"model_dir": self._model_dir},
-            batch_size=batch_size,
+            fn_constructor_kwargs={
+                "onnx": self._onnx,
+                "card": self._card,
+                "device": self._device,
+                "batch_size": batch_size,
+                "score": self._score,
+            },
+            batch_size=None,  # a whole block per call: onnxruntime runs batch_size rows at a time
             batch_format="numpy",
             num_cpus=1,
-            compute=ray.data.ActorPoolStrategy(size=self._workers),
+            num_gpus=self._gpus,
+            compute=ray.data.ActorPoolStrategy(size=min(self._workers, len(blocks))),
         )
-        expected = 0
-        for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
-            if not np.array_equal(batch["row"], rows[expected : expected + len(batch["row"])]):
-                raise BackendError(f"ray: rows came back out of order at row {expected}")
-            expected += len(batch["row"])
-            yield batch["embedding"]
+        embedded.write_parquet(str(output.resolve()), max_rows_per_file=block_rows)
 
     def close(self) -> None:
         import ray
@@ -250,9 +431,11 @@ class RayBackend(EmbeddingBackend):
 def open_backend(config) -> EmbeddingBackend:
     """The backend an `EmbedConfig` asks for (`--server`, `--local` or `--ray`)."""
     if config.local is not None:
-        return LocalBackend(config.local)
+        return LocalBackend(config.local, score=config.score)
     if config.ray is not None:
-        return RayBackend(config.ray, config.workers, config.ray_address)
+        return RayBackend(
+            config.ray, config.workers, config.ray_address, config.device, score=config.score
+        )
     from aet.clients.client import EmbeddingClient
 
     client = EmbeddingClient(
@@ -264,7 +447,7 @@ def open_backend(config) -> EmbeddingBackend:
         client_key=config.client_key,
     )
     try:
-        return ServerBackend(client, config.model, config.version)
+        return ServerBackend(client, config.model, config.version, score=config.score)
     except BaseException:
         client.close()
         raise

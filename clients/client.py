@@ -2,9 +2,13 @@
 
 Arrays of any length are cut into requests that fit under the gRPC message limit and the
 server's `max_request_rows`; one request goes as a unary `Embed`, more as one `EmbedStream`.
-UNAVAILABLE and RESOURCE_EXHAUSTED are retried with exponential backoff and jitter (a broken
-stream resumes from its first unanswered request); every other failure raises `EmbeddingError`
-at once, carrying the gRPC status code and the server's message.
+
+The client talks to one server or to replicas of it: a list of addresses, or a DNS name that
+resolves to several, balanced per call by gRPC's `round_robin` policy. Retries are gRPC's own,
+set in the channel's service config: UNAVAILABLE and RESOURCE_EXHAUSTED are retried with
+exponential backoff and jitter, on whichever replica the policy picks next, all attempts
+within the call's one deadline. Every other failure, and a stream broken after it answered,
+raises `EmbeddingError` carrying the gRPC status code and the server's message.
 
 `list_models` and `describe` return plain dataclasses (`ModelSummary`, `ModelInfo`). Request
 sizes come from the description of the version that answers: "latest" is re-resolved when a
@@ -14,15 +18,13 @@ follows hot reloads.
 
 from __future__ import annotations
 
+import ipaddress
 import itertools
 import json
-import logging
 import os
-import random
 import threading
-import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -34,13 +36,12 @@ from aet.errors import UserError
 from aet.proto import embedding_pb2, embedding_pb2_grpc
 from aet.proto.codec import TensorCodecError, decode_tensor, dtype_name, encode_tensor
 
-log = logging.getLogger(__name__)
-
 DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024  # gRPC's default receive limit, on both sides
 # Room for everything in a request or response besides the tensor bytes (names, shape, ids).
 _ENVELOPE_BYTES = 4096
-RETRYABLE_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED})
-_MESSAGE_TOO_LARGE = "larger than max"  # gRPC core's words for a message over the limit
+RETRYABLE_CODES = ("UNAVAILABLE", "RESOURCE_EXHAUSTED")
+SERVICE = "aet.v1.EmbeddingService"
+MAX_ATTEMPTS = 5  # gRPC caps a retry policy's maxAttempts at 5
 INPUT_DTYPES = (np.dtype(np.uint8), np.dtype(np.float32))
 
 T = TypeVar("T")
@@ -58,31 +59,74 @@ class EmbeddingError(UserError):
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """Exponential backoff with jitter for UNAVAILABLE and RESOURCE_EXHAUSTED.
+    """gRPC's retry policy for UNAVAILABLE and RESOURCE_EXHAUSTED, as a service config sets it.
 
-    Retry `n` (from 0) waits a uniform random time in [b/2, b], b = min(max_backoff,
-    initial_backoff * multiplier**n): growing waits, spread so that clients refused together
-    do not come back together.
+    Before retry `n` (from 1) gRPC waits a uniform random time in [0, b], b = min(max_backoff,
+    initial_backoff * multiplier**(n-1)): growing waits, spread so that clients refused
+    together do not come back together. All attempts share the call's deadline.
     """
 
-    max_attempts: int = 6  # first try included
+    max_attempts: int = MAX_ATTEMPTS  # first try included; 1 turns retries off
     initial_backoff: float = 0.05  # seconds
     max_backoff: float = 2.0
     multiplier: float = 2.0
 
     def __post_init__(self) -> None:
-        if self.max_attempts < 1:
-            raise ValueError(f"max_attempts: expected >= 1, got {self.max_attempts}")
+        if not 1 <= self.max_attempts <= MAX_ATTEMPTS:
+            raise ValueError(
+                f"max_attempts: expected 1..{MAX_ATTEMPTS} (gRPC's cap), got {self.max_attempts}"
+            )
         if not 0 < self.initial_backoff <= self.max_backoff:
             raise ValueError(
                 f"backoff: expected 0 < initial_backoff <= max_backoff, got "
                 f"{self.initial_backoff} and {self.max_backoff}"
             )
+        if self.multiplier <= 0:
+            raise ValueError(f"multiplier: expected > 0, got {self.multiplier}")
 
-    def delay(self, retry: int, rng: random.Random) -> float:
-        """Seconds to wait before retry number `retry` (0 for the first retry)."""
-        ceiling = min(self.max_backoff, self.initial_backoff * self.multiplier**retry)
-        return rng.uniform(ceiling / 2, ceiling)
+    def service_config(self) -> str:
+        """The channel's service config: round_robin over the replicas, and this policy."""
+        method: dict = {"name": [{"service": SERVICE}]}
+        if self.max_attempts > 1:
+            method["retryPolicy"] = {
+                "maxAttempts": self.max_attempts,
+                "initialBackoff": f"{self.initial_backoff}s",
+                "maxBackoff": f"{self.max_backoff}s",
+                "backoffMultiplier": self.multiplier,
+                "retryableStatusCodes": list(RETRYABLE_CODES),
+            }
+        return json.dumps({"loadBalancingConfig": [{"round_robin": {}}], "methodConfig": [method]})
+
+
+def channel_target(target: str | Sequence[str]) -> str:
+    """The gRPC target for one address, a DNS name, or several replicas.
+
+    A single `host:port` (or any gRPC target such as `dns:///name:port`) is kept: a name that
+    resolves to several addresses gives one subchannel each. Several addresses (a list, or one
+    string separated by commas) must be `ip:port` literals and become an `ipv4:`/`ipv6:`
+    target; replicas with host names belong behind one DNS name.
+    """
+    addresses = [target] if isinstance(target, str) else list(target)
+    addresses = [a.strip() for part in addresses for a in part.split(",") if a.strip()]
+    if not addresses:
+        raise UserError(f"target: expected host:port or a list of ip:port, got {target!r}")
+    if len(addresses) == 1:
+        return addresses[0]
+    families = set()
+    for address in addresses:
+        host, _, port = address.rpartition(":")
+        try:
+            families.add(ipaddress.ip_address(host.strip("[]")).version)
+            if not port.isdigit():
+                raise ValueError(port)
+        except ValueError:
+            raise UserError(
+                f"target: several replicas must be given as ip:port literals, got {address!r}; "
+                f"put replicas with host names behind one DNS name instead"
+            ) from None
+    if len(families) > 1:
+        raise UserError(f"target: expected addresses of one IP family, got {addresses}")
+    return f"ipv{families.pop()}:{','.join(addresses)}"
 
 
 @dataclass(frozen=True)
@@ -203,11 +247,14 @@ def _read_pem(path: str | os.PathLike | None, what: str) -> bytes | None:
 
 
 class EmbeddingClient:
-    """A connection to one embedding server, e.g. `EmbeddingClient("127.0.0.1:8500")`.
+    """A connection to an embedding server or its replicas, e.g.
+    `EmbeddingClient("127.0.0.1:8500")`, `EmbeddingClient(["10.0.0.1:8500", "10.0.0.2:8500"])`
+    or `EmbeddingClient("dns:///embed.svc.cluster.local:8500")`.
 
-    `timeout` is the deadline in seconds of one request (a stream of k requests gets k times
-    that). TLS is on when any of `root_cert`, `client_cert`/`client_key` (PEM files, mutual TLS)
-    is given or `tls=True` (system roots); `tls_server_name` overrides the name checked against
+    `timeout` is the deadline in seconds of one request, retries included (a stream of k
+    requests gets k times that); `retry` sets gRPC's retry policy. TLS is on when any of
+    `root_cert`, `client_cert`/`client_key` (PEM files, mutual TLS) is given or `tls=True`
+    (system roots); `tls_server_name` overrides the name checked against
     the server certificate. `token` is sent as `authorization: Bearer <token>`.
     `max_message_bytes` must not exceed the server's receive limit (gRPC's default: 4 MiB).
     Use as a context manager, or call `close()`.
@@ -215,7 +262,7 @@ class EmbeddingClient:
 
     def __init__(
         self,
-        target: str,
+        target: str | Sequence[str],
         *,
         timeout: float = 30.0,
         token: str | None = None,
@@ -226,7 +273,6 @@ class EmbeddingClient:
         tls_server_name: str | None = None,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         retry: RetryPolicy = RetryPolicy(),
-        seed: int | None = None,
     ):
         if (client_cert is None) != (client_key is None):
             raise UserError(
@@ -237,15 +283,16 @@ class EmbeddingClient:
             raise UserError(
                 f"max_message_bytes: expected more than {_ENVELOPE_BYTES}, got {max_message_bytes}"
             )
-        self.target = target
+        self.target = channel_target(target)
         self.timeout = timeout
         self.max_message_bytes = max_message_bytes
         self.retry = retry
-        self._rng = random.Random(seed)
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         options: list[tuple[str, int | str]] = [
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.enable_retries", 1),
+            ("grpc.service_config", retry.service_config()),
         ]
         if tls_server_name:
             options.append(("grpc.ssl_target_name_override", tls_server_name))
@@ -255,9 +302,9 @@ class EmbeddingClient:
                 private_key=_read_pem(client_key, "TLS client key"),
                 certificate_chain=_read_pem(client_cert, "TLS client certificate"),
             )
-            self._channel = grpc.secure_channel(target, credentials, options=options)
+            self._channel = grpc.secure_channel(self.target, credentials, options=options)
         else:
-            self._channel = grpc.insecure_channel(target, options=options)
+            self._channel = grpc.insecure_channel(self.target, options=options)
         self._stub = embedding_pb2_grpc.EmbeddingServiceStub(self._channel)
         # Descriptions by (model, resolved version), and the version "latest" resolved to last:
         # a hot reload moves "latest", and the next call describes the new version.
@@ -336,16 +383,48 @@ class EmbeddingClient:
         -------
         ndarray of shape (N, embedding_dim), float32 (float16 with `float16=True`)
         """
-        chunks = list(self._chunks([self._wire_array(array, model, version)], model, version))
         options = embedding_pb2.EmbedOptions(l2_normalize=l2_normalize, float16_output=float16)
+        return self._embed(array, model, version, options, timeout, _embeddings)
+
+    def embed_with_score(
+        self,
+        array: np.ndarray,
+        model: str,
+        version: int | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Embeddings of `array` and each row's novelty score, `reconstruction_error`: the
+        reconstruction error in the model's likelihood terms (higher is more unusual). The
+        model card's `score.percentiles` (validation split) tell how unusual.
+
+        Returns
+        -------
+        (ndarray of shape (N, embedding_dim), ndarray of shape (N,)), float32
+        """
+        options = embedding_pb2.EmbedOptions(reconstruction_error=True)
+        packed = self._embed(array, model, version, options, timeout, _embeddings_and_scores)
+        return packed[:, :-1], packed[:, -1]
+
+    def _embed(
+        self,
+        array: np.ndarray,
+        model: str,
+        version: int | None,
+        options: embedding_pb2.EmbedOptions,
+        timeout: float | None,
+        read: Callable[[embedding_pb2.EmbedResponse, _Chunk, str], np.ndarray],
+    ) -> np.ndarray:
+        """`read` applied to the responses of `array`'s requests (one, or a stream), joined."""
+        chunks = list(self._chunks([self._wire_array(array, model, version)], model, version))
         per_request = self.timeout if timeout is None else timeout
         if len(chunks) == 1:
             request = _request(model, version, chunks[0], options)
             response = self._unary("Embed", self._stub.Embed, request, per_request)
             self._follow_latest(model, version, response.version)
-            return _embeddings(response, chunks[0], "Embed").copy()
+            return read(response, chunks[0], "Embed").copy()
         parts = self._stream(
-            iter(chunks), model, version, options, deadline=per_request * len(chunks)
+            iter(chunks), model, version, options, deadline=per_request * len(chunks), read=read
         )
         return np.concatenate(list(parts))
 
@@ -358,21 +437,26 @@ class EmbeddingClient:
         l2_normalize: bool = False,
         float16: bool = False,
         timeout: float | None = None,
+        with_score: bool = False,
     ) -> Iterator[np.ndarray]:
         """Embeddings of each array of `batches`, in order, over one `EmbedStream`.
 
         `batches` is read lazily, so an extraction job never holds more than the requests in
         flight; `timeout` bounds the whole stream (None: no deadline). A broken stream is
-        retried from its first unanswered request.
+        retried from its first unanswered request. With `with_score` each array carries the
+        rows' novelty scores as one more last column: (rows, embedding_dim + 1).
         """
 
         def checked(source: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
             for batch in source:
                 yield self._wire_array(batch, model, version)
 
-        options = embedding_pb2.EmbedOptions(l2_normalize=l2_normalize, float16_output=float16)
+        options = embedding_pb2.EmbedOptions(
+            l2_normalize=l2_normalize, float16_output=float16, reconstruction_error=with_score
+        )
         chunks = self._chunks(checked(batches), model, version)
-        return self._stream(chunks, model, version, options, deadline=timeout)
+        read = _embeddings_and_scores if with_score else _embeddings
+        return self._stream(chunks, model, version, options, deadline=timeout, read=read)
 
     # --- request sizing --------------------------------------------------------------------
 
@@ -425,39 +509,15 @@ class EmbeddingClient:
                     str(next(ids)), batch[start : start + step], last=start + step >= len(batch)
                 )
 
-    # --- calls with retries ----------------------------------------------------------------
-
-    def _backoff(self, method: str, exc: grpc.RpcError, retry: int) -> None:
-        """Sleep before retry number `retry`, or raise `EmbeddingError` if `exc` is final."""
-        code = exc.code()
-        # gRPC reports a message over the receiver's limit as RESOURCE_EXHAUSTED too; sending
-        # it again cannot help (lower max_message_bytes instead).
-        too_large = _MESSAGE_TOO_LARGE in (exc.details() or "")
-        if code not in RETRYABLE_CODES or too_large or retry + 1 >= self.retry.max_attempts:
-            raise EmbeddingError(code, exc.details() or "", method) from None
-        delay = self.retry.delay(retry, self._rng)
-        log.warning(
-            "%s to %s: %s (%s); retry %d of %d in %.3f s",
-            method,
-            self.target,
-            code.name,
-            exc.details(),
-            retry + 1,
-            self.retry.max_attempts - 1,
-            delay,
-        )
-        time.sleep(delay)
+    # --- calls ------------------------------------------------------------------------------
 
     def _unary(
         self, method: str, call: Callable[..., T], request: object, timeout: float | None
     ) -> T:
-        retry = 0
-        while True:
-            try:
-                return call(request, timeout=timeout, metadata=self._metadata)
-            except grpc.RpcError as exc:
-                self._backoff(method, exc, retry)
-                retry += 1
+        try:
+            return call(request, timeout=timeout, metadata=self._metadata)
+        except grpc.RpcError as exc:
+            raise EmbeddingError(exc.code(), exc.details() or "", method) from None
 
     def _stream(
         self,
@@ -466,26 +526,20 @@ class EmbeddingClient:
         version: int | None,
         options: embedding_pb2.EmbedOptions,
         deadline: float | None,
+        read: Callable[..., np.ndarray] | None = None,
     ) -> Iterator[np.ndarray]:
-        """Send `chunks` over `EmbedStream`, yielding one array per caller batch, in order.
+        """Send `chunks` over `EmbedStream`, yielding one array per caller batch, in order
+        (`read` takes each response apart; default: its embeddings).
 
-        Chunks sent but not yet answered wait in `unanswered`; after a retryable failure a new
-        stream sends those again before reading on. `lock` and `generation` keep a stream the
-        client gave up on from taking more chunks from the source.
+        Chunks sent but not yet answered wait in `unanswered`; `lock` guards the source, read
+        by gRPC's sending thread and, at the end, here.
         """
         unanswered: deque[_Chunk] = deque()
         lock = threading.Lock()
-        generation = 0
 
-        def requests(own_generation: int) -> Iterator[embedding_pb2.EmbedRequest]:
-            with lock:
-                resend = list(unanswered)
-            for chunk in resend:
-                yield _request(model, version, chunk, options)
+        def requests() -> Iterator[embedding_pb2.EmbedRequest]:
             while True:
                 with lock:
-                    if own_generation != generation:
-                        return
                     pending = next(chunks, None)
                     if pending is None:
                         return
@@ -493,39 +547,28 @@ class EmbeddingClient:
                 yield _request(model, version, pending, options)
 
         parts: list[np.ndarray] = []
-        retry = 0
-        while True:
-            call = self._stub.EmbedStream(
-                requests(generation), timeout=deadline, metadata=self._metadata
-            )
-            try:
-                for response in call:
-                    chunk = unanswered.popleft()
-                    self._follow_latest(model, version, response.version)
-                    parts.append(_embeddings(response, chunk, "EmbedStream"))
-                    retry = 0  # the stream is making progress: start the backoff afresh
-                    if chunk.last:
-                        yield parts[0].copy() if len(parts) == 1 else np.concatenate(parts)
-                        parts = []
-                with lock:
-                    unsent = next(chunks, None) is not None
-                if unanswered or unsent:
-                    raise EmbeddingError(
-                        grpc.StatusCode.INTERNAL,
-                        f"the server ended the stream "
-                        f"with {len(unanswered)} requests unanswered"
-                        f"{' and more unsent' if unsent else ''}",
-                        "EmbedStream",
-                    )
-                return
-            except grpc.RpcError as exc:
-                with lock:
-                    generation += 1
-                call.cancel()
-                self._backoff("EmbedStream", exc, retry)
-                retry += 1
-            finally:
-                call.cancel()  # a consumer that stops early must not leave the stream open
+        call = self._stub.EmbedStream(requests(), timeout=deadline, metadata=self._metadata)
+        try:
+            for response in call:
+                chunk = unanswered.popleft()
+                self._follow_latest(model, version, response.version)
+                parts.append((read or _embeddings)(response, chunk, "EmbedStream"))
+                if chunk.last:
+                    yield parts[0].copy() if len(parts) == 1 else np.concatenate(parts)
+                    parts = []
+            with lock:
+                unsent = next(chunks, None) is not None
+            if unanswered or unsent:
+                raise EmbeddingError(
+                    grpc.StatusCode.INTERNAL,
+                    f"the server ended the stream with {len(unanswered)} requests unanswered"
+                    f"{' and more unsent' if unsent else ''}",
+                    "EmbedStream",
+                )
+        except grpc.RpcError as exc:
+            raise EmbeddingError(exc.code(), exc.details() or "", "EmbedStream") from None
+        finally:
+            call.cancel()  # a consumer that stops early must not leave the stream open
 
 
 def _check_input(array: np.ndarray) -> None:
@@ -589,3 +632,22 @@ def _embeddings(response: embedding_pb2.EmbedResponse, chunk: _Chunk, method: st
             method,
         )
     return embeddings
+
+
+def _embeddings_and_scores(
+    response: embedding_pb2.EmbedResponse, chunk: _Chunk, method: str
+) -> np.ndarray:
+    """The embeddings of `response` with its scores as one more column: (rows, dim + 1)."""
+    embeddings = _embeddings(response, chunk, method)
+    try:
+        scores = decode_tensor(response.reconstruction_error, "reconstruction_error")
+    except TensorCodecError as exc:
+        raise EmbeddingError(grpc.StatusCode.INTERNAL, f"response {exc}", method) from None
+    if scores.shape != (len(embeddings),):
+        raise EmbeddingError(
+            grpc.StatusCode.INTERNAL,
+            f"response reconstruction_error.shape: expected ({len(embeddings)},), "
+            f"got {scores.shape}",
+            method,
+        )
+    return np.concatenate([embeddings.astype(np.float32), scores[:, None]], axis=1)

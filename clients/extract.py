@@ -1,11 +1,19 @@
 """`aet embed`: embeddings of every row of a data set, through a server, onnxruntime or Ray.
 
 All rows of train, val and test are embedded, in that order, with a `split` column, so that
-`aet probe` can train on the fit part and score on the test part. The job runs in shards of
-`shard_size` rows written to `<output>.shards/`: each shard is written atomically, and a
-restarted job validates and skips the finished ones (whatever backend wrote them: the backends
-give identical embeddings). When every shard is there they are merged into the output (`.npz`
-or `.parquet`), written atomically, and the shard folder is removed.
+`aet probe` can train on the fit part and score on the test part. Where each row comes from is
+planned from the labels alone (`clients.rows`); the pixels are read block by block.
+
+In process (`--server`, `--local`) the job runs in shards of `shard_size` rows written to
+`<output>.shards/`: each shard is written atomically, and a restarted job validates and skips
+the finished ones (whatever backend wrote them: the backends give identical embeddings). When
+every shard is there they are merged into the output (`.npz` or `.parquet`), written
+atomically, and the shard folder is removed.
+
+On Ray (`--ray`) the job is one Ray Data pipeline whose rows never pass through this process:
+the workers read blocks of `shard_size` rows, onnxruntime actors embed them, and the workers
+write them as Parquet files into the output folder, next to a manifest naming the job. A
+restarted job keeps the blocks whose rows are all in readable files and runs the others.
 """
 
 from __future__ import annotations
@@ -13,6 +21,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import os
 import shutil
 import sys
@@ -26,17 +35,18 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from aet.clients.rows import NO_LABEL, SPLITS, RowPlan, plan_rows, raw_pixels
 from aet.config import ConfigError, add_config_arguments, config_from_args
 from aet.errors import UserError
-from aet.training.data import DATASETS, Dataset, load_dataset
+from aet.training.data import DATASETS, Dataset
 
 if TYPE_CHECKING:  # the backends import onnxruntime (and Ray): only when a job runs
-    from aet.clients.backends import EmbeddingBackend, ModelIdentity
+    from aet.clients.backends import EmbeddingBackend, ModelIdentity, PlanShape
 
-SPLITS = ("train", "val", "test")
 FORMATS = (".npz", ".parquet")
-NO_LABEL = -1  # the label of rows from unlabelled data sets
 MANIFEST = "manifest.json"
+SCORE_COLUMN = "reconstruction_error"  # the novelty score's array / column, with --score
+log = logging.getLogger(__name__)
 EXIT_INTERRUPTED = 130  # the shell's code for a process stopped by SIGINT
 
 
@@ -66,9 +76,30 @@ class EmbedConfig:
     limit: int | None = field(
         default=None, metadata={"help": "keep the first N rows of a seeded shuffle (quick runs)"}
     )
+    columns: list[str] | None = field(
+        default=None,
+        metadata={"help": "feature columns of a table (csv, parquet, 2-D npz), as at pretraining"},
+    )
+    label_column: str | None = field(
+        default=None, metadata={"help": "class label column of a csv or parquet table"}
+    )
+    drop_missing: bool = field(
+        default=False,
+        metadata={"help": "drop table rows with a missing or infinite value (default: fail)"},
+    )
+    score: bool = field(
+        default=False,
+        metadata={
+            "help": "also write each row's novelty score, reconstruction_error (runs the "
+            "decoder too)"
+        },
+    )
     server: str | None = field(
         default=None,
-        metadata={"help": "backend: embed through the gRPC server at host:port (needs --model)"},
+        metadata={
+            "help": "backend: embed through the gRPC server at host:port, or through replicas "
+            "balanced round-robin: ip:port,ip:port,... or one DNS name (needs --model)"
+        },
     )
     model: str | None = field(default=None, metadata={"help": "model name on the server"})
     version: int | None = field(
@@ -84,14 +115,22 @@ class EmbedConfig:
         default=None,
         metadata={
             "help": "backend: run exported/<model>[/<version>] on Ray Data, one onnxruntime actor "
-            "per worker"
+            "per worker; writes a folder of Parquet files"
         },
     )
     ray_address: str | None = field(
         default=None,
         metadata={"help": "Ray cluster to join (default: start a local Ray with --workers CPUs)"},
     )
-    workers: int = field(default=2, metadata={"help": "Ray actors, one CPU each"})
+    workers: int = field(default=2, metadata={"help": "Ray actors, one CPU (or GPU) each"})
+    device: str = field(
+        default="auto",
+        metadata={
+            "help": "Ray: where the actors run the encoder: cuda (one GPU each), cpu, or auto "
+            "(cuda when the cluster has GPUs)",
+            "choices": ["auto", "cpu", "cuda"],
+        },
+    )
     batch_size: int = field(
         default=512,
         metadata={
@@ -99,10 +138,15 @@ class EmbedConfig:
             "message limit)"
         },
     )
-    shard_size: int = field(default=4096, metadata={"help": "rows per resumable shard"})
+    shard_size: int = field(
+        default=4096, metadata={"help": "rows per resumable shard (Ray: per block)"}
+    )
     output: Path | None = field(
         default=None,
-        metadata={"help": "output file, .npz or .parquet (default: extracted/<dataset>.npz)"},
+        metadata={
+            "help": "output file, .npz or .parquet; with --ray a folder ending in .parquet "
+            "(default: extracted/<dataset>.npz, with --ray extracted/<dataset>.parquet)"
+        },
     )
     overwrite: bool = field(default=False, metadata={"help": "replace an existing output file"})
     timeout: float = field(default=30.0, metadata={"help": "server: seconds per request"})
@@ -140,6 +184,8 @@ class EmbedConfig:
             )
         if self.server is not None and not self.model:
             raise ConfigError(f"model: --server {self.server} needs --model <name>; got none")
+        if self.ray is None and self.device != "auto":
+            raise ConfigError(f"device: only for --ray; got --device {self.device}")
         if self.server is None and (self.model or self.version):
             raise ConfigError(
                 "model, version: only for --server; --local and --ray take the "
@@ -149,11 +195,19 @@ class EmbedConfig:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: expected a positive integer; got {getattr(self, name)}")
         if self.output is None:
-            self.output = Path("extracted") / f"{self.dataset}.npz"
+            suffix = ".npz" if self.ray is None else ".parquet"
+            self.output = Path("extracted") / f"{self.dataset}{suffix}"
+        if self.ray is not None and self.output.suffix != ".parquet":
+            raise ConfigError(
+                f"output: --ray writes a folder of Parquet files; expected a name ending in "
+                f".parquet; got {self.output}"
+            )
         if self.output.suffix not in FORMATS:
             raise ConfigError(
                 f"output: expected a file ending in {' or '.join(FORMATS)}; got {self.output}"
             )
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError(f"limit: expected a positive number of rows; got {self.limit}")
 
     def dataset_args(self) -> dict[str, Any]:
         """The `load_dataset` arguments, as recorded in the output for `aet probe`."""
@@ -164,6 +218,15 @@ class EmbedConfig:
             "test_fraction": self.test_fraction,
             "val_fraction": self.val_fraction,
             "limit": self.limit,
+            **{  # table options only when given: image data sets take none
+                name: value
+                for name, value in (
+                    ("columns", self.columns),
+                    ("label_column", self.label_column),
+                    ("drop_missing", self.drop_missing),
+                )
+                if value
+            },
         }
 
 
@@ -174,7 +237,8 @@ class EmbedConfig:
 class ExtractionRows:
     """Every row of a data set in train, val, test order, as the encoder graph takes them."""
 
-    pixels: np.ndarray  # (N, C, H, W): uint8 when the raw pixels are bytes, else float32
+    pixels: np.ndarray  # (N, C, H, W): uint8 when the raw pixels are bytes, else float32;
+    # (N, D) float32 features in their own units for vectors
     labels: np.ndarray  # (N,) int64, NO_LABEL when the data set has none
     split: np.ndarray  # (N,) str: "train", "val" or "test"
 
@@ -182,29 +246,17 @@ class ExtractionRows:
         return len(self.pixels)
 
 
-def raw_pixels(x: np.ndarray, raw_max: float) -> np.ndarray:
-    """Images in [0, 1] back in the raw range the exported graph expects, `[0, raw_max]`.
-
-    Pixels that were bytes (digits 0..16, 8-bit images 0..255) come back exactly as uint8, a
-    quarter of the bytes on the wire; anything else stays float32.
-    """
-    scaled = x * np.float32(raw_max)
-    if raw_max <= 255:
-        rounded = np.rint(scaled)
-        if np.abs(scaled - rounded).max(initial=0.0) < 1e-3:
-            return rounded.astype(np.uint8)
-    return scaled.astype(np.float32)
-
-
-def check_model_fits(model: ModelIdentity, dataset: Dataset) -> None:
-    """Raise `ExtractionError` unless the encoder takes the data set's images: the same shape
-    and the same raw pixel range."""
-    if tuple(model.input_shape) != dataset.image_shape or model.max_value != dataset.raw_max:
+def check_model_fits(model: ModelIdentity, dataset: Dataset | RowPlan | PlanShape) -> None:
+    """Raise `ExtractionError` unless the encoder takes the data set's rows: the same shape
+    and the same raw pixel range (vectors: none, the graph standardises them) (`dataset`:
+    anything with name, image_shape, raw_max and is_vectors)."""
+    expected_max = None if dataset.is_vectors else dataset.raw_max
+    if tuple(model.input_shape) != tuple(dataset.image_shape) or model.max_value != expected_max:
         raise ExtractionError(
-            f"model {model.name} v{model.version}: expected images of shape "
-            f"{tuple(model.input_shape)} with pixel values up to {model.max_value:g}; data set "
-            f"{dataset.name} has shape {dataset.image_shape} with values up to "
-            f"{dataset.raw_max:g}"
+            f"model {model.name} v{model.version}: expected rows of shape "
+            f"{tuple(model.input_shape)} with values up to {model.max_value}; data set "
+            f"{dataset.name} has shape {tuple(dataset.image_shape)} with values up to "
+            f"{expected_max}"
         )
 
 
@@ -218,7 +270,8 @@ def extraction_rows(dataset: Dataset) -> ExtractionRows:
     split = np.concatenate(
         [np.full(len(part), name) for name, part in zip(SPLITS, parts, strict=True)]
     )
-    return ExtractionRows(raw_pixels(x, dataset.raw_max), labels, split)
+    raw = dataset.raw(x) if dataset.is_vectors else raw_pixels(x, dataset.raw_max)
+    return ExtractionRows(raw, labels, split)
 
 
 # --- the output file ------------------------------------------------------------------------
@@ -233,6 +286,7 @@ class EmbeddingTable:
     labels: np.ndarray  # (N,) int64, NO_LABEL when unlabelled
     split: np.ndarray  # (N,) str
     metadata: dict  # dataset (load_dataset arguments), model, backend, created
+    scores: np.ndarray | None = None  # (N,) float32 reconstruction_error, with --score
 
     def part(self, name: str) -> tuple[np.ndarray, np.ndarray]:
         """Embeddings and labels of one split ("train", "val", "test")."""
@@ -261,14 +315,16 @@ def write_embeddings(path: Path, table: EmbeddingTable) -> None:
 
         def write(temporary: Path) -> None:
             with open(temporary, "wb") as handle:
-                np.savez(
-                    handle,
-                    embeddings=table.embeddings,
-                    ids=table.ids,
-                    labels=table.labels,
-                    split=table.split.astype(str),
-                    metadata=np.array(json.dumps(table.metadata)),
-                )
+                arrays: dict[str, Any] = {
+                    "embeddings": table.embeddings,
+                    "ids": table.ids,
+                    "labels": table.labels,
+                    "split": table.split.astype(str),
+                    "metadata": np.array(json.dumps(table.metadata)),
+                }
+                if table.scores is not None:
+                    arrays[SCORE_COLUMN] = table.scores
+                np.savez(handle, **arrays)
     else:
         import pyarrow as pa
         import pyarrow.parquet as pq
@@ -282,12 +338,62 @@ def write_embeddings(path: Path, table: EmbeddingTable) -> None:
                 pa.array(table.embeddings.reshape(-1)), dim
             ),
         }
+        if table.scores is not None:
+            columns[SCORE_COLUMN] = pa.array(table.scores)
         arrow = pa.table(columns).replace_schema_metadata({"aet": json.dumps(table.metadata)})
 
         def write(temporary: Path) -> None:
             pq.write_table(arrow, temporary)
 
     _atomic_write(path, write)
+
+
+def _arrow_table(path: Path, arrow, metadata: dict) -> EmbeddingTable:
+    """The columns of an Arrow table of embeddings (id, split, label, embedding and, with
+    --score, reconstruction_error)."""
+    import pyarrow as pa
+
+    embedding = arrow.column("embedding").combine_chunks()
+    if not pa.types.is_fixed_size_list(embedding.type):
+        raise ExtractionError(
+            f"{path}: column 'embedding': expected fixed-size lists, got {embedding.type}"
+        )
+    flat = embedding.flatten().to_numpy(zero_copy_only=False)
+    return EmbeddingTable(
+        flat.reshape(len(arrow), embedding.type.list_size),
+        arrow.column("id").to_numpy(),
+        arrow.column("label").to_numpy(),
+        arrow.column("split").to_numpy(zero_copy_only=False).astype(str),
+        metadata,
+        arrow.column(SCORE_COLUMN).to_numpy() if SCORE_COLUMN in arrow.column_names else None,
+    )
+
+
+def _read_parts(folder: Path) -> EmbeddingTable:
+    """A `--ray` output folder, rows sorted by id; it must be complete and hold each row once."""
+    import pyarrow.parquet as pq
+
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+    except (OSError, ValueError) as exc:
+        raise ExtractionError(f"{folder}: no readable {MANIFEST}; not an aet embed output") from exc
+    if not manifest.get("complete"):
+        raise ExtractionError(
+            f"{folder}: an unfinished job; run the same aet embed command again to finish it"
+        )
+    files = sorted(folder.glob("*.parquet"))
+    try:
+        arrow = pq.ParquetDataset(files).read() if files else None
+    except (OSError, ValueError) as exc:
+        raise ExtractionError(f"{folder}: unreadable Parquet files ({exc})") from exc
+    found = 0 if arrow is None else len(arrow)
+    if found != manifest["rows"]:
+        raise ExtractionError(f"{folder}: expected {manifest['rows']} rows, found {found}")
+    arrow = arrow.sort_by("id")
+    table = _arrow_table(folder, arrow, manifest["metadata"])
+    if not np.array_equal(table.ids, np.arange(manifest["rows"])):
+        raise ExtractionError(f"{folder}: row ids are not 0..{manifest['rows'] - 1}, each once")
+    return table
 
 
 def read_embeddings(path: str | os.PathLike) -> EmbeddingTable:
@@ -297,6 +403,8 @@ def read_embeddings(path: str | os.PathLike) -> EmbeddingTable:
         raise ExtractionError(
             f"{path}: expected an aet embed output ending in {' or '.join(FORMATS)}"
         )
+    if path.is_dir():
+        return _read_parts(path)
     try:
         if path.suffix == ".npz":
             with np.load(path, allow_pickle=False) as archive:
@@ -311,28 +419,16 @@ def read_embeddings(path: str | os.PathLike) -> EmbeddingTable:
                     archive["labels"],
                     archive["split"],
                     json.loads(str(archive["metadata"])),
+                    archive[SCORE_COLUMN] if SCORE_COLUMN in archive.files else None,
                 )
         else:
-            import pyarrow as pa
             import pyarrow.parquet as pq
 
             arrow = pq.read_table(path)
             metadata = (arrow.schema.metadata or {}).get(b"aet")
             if metadata is None:
                 raise ExtractionError(f"{path}: no 'aet' schema metadata; not an aet embed output")
-            embedding = arrow.column("embedding").combine_chunks()
-            if not pa.types.is_fixed_size_list(embedding.type):
-                raise ExtractionError(
-                    f"{path}: column 'embedding': expected fixed-size lists, got {embedding.type}"
-                )
-            flat = embedding.flatten().to_numpy(zero_copy_only=False)
-            table = EmbeddingTable(
-                flat.reshape(len(arrow), embedding.type.list_size),
-                arrow.column("id").to_numpy(),
-                arrow.column("label").to_numpy(),
-                arrow.column("split").to_numpy(zero_copy_only=False).astype(str),
-                json.loads(metadata),
-            )
+            table = _arrow_table(path, arrow, json.loads(metadata))
     except FileNotFoundError:
         raise ExtractionError(f"{path}: no such file; run aet embed first") from None
     except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
@@ -364,7 +460,8 @@ class ShardStore:
         self.manifest = json.loads(json.dumps(manifest))  # as read back: tuples become lists
         self.rows = manifest["rows"]
         self.shard_size = manifest["shard_size"]
-        self.embedding_dim = manifest["model"]["embedding_dim"]
+        # with --score each row carries its score as one more column
+        self.embedding_dim = manifest["model"]["embedding_dim"] + int(manifest["score"])
 
     def open(self) -> None:
         """Create the folder, or check that the job it holds is this one."""
@@ -436,6 +533,107 @@ class ShardStore:
         shutil.rmtree(self.folder)
 
 
+class PartsFolder:
+    """A `--ray` output: a folder of Parquet files written by the workers, and `manifest.json`.
+
+    The manifest names the job and says whether it is complete. Rows carry their block
+    (`id // shard_size`); a block is finished when all its rows are in readable files. A file
+    holding rows of an unfinished block is deleted (its other blocks are embedded again), so
+    that no row is written twice.
+    """
+
+    def __init__(self, folder: Path, manifest: dict[str, Any]):
+        self.folder = folder
+        self.manifest = json.loads(json.dumps(manifest))  # as read back: tuples become lists
+        self.rows = manifest["rows"]
+        self.block_rows = manifest["shard_size"]
+
+    @property
+    def count(self) -> int:
+        return -(-self.rows // self.block_rows)
+
+    def bounds(self, index: int) -> tuple[int, int]:
+        """First and one-past-last row of block `index`."""
+        return index * self.block_rows, min((index + 1) * self.block_rows, self.rows)
+
+    def open(self, overwrite: bool) -> None:
+        """Create the folder, empty a finished one (`overwrite`), or check an unfinished one."""
+        manifest_path = self.folder / MANIFEST
+        if self.folder.exists() and not self.folder.is_dir():
+            if not overwrite:
+                raise ExtractionError(f"{self.folder}: already exists; pass --overwrite")
+            self.folder.unlink()
+        if manifest_path.exists():
+            try:
+                previous = json.loads(manifest_path.read_text())
+            except (OSError, ValueError) as exc:
+                raise ExtractionError(
+                    f"{manifest_path}: unreadable manifest ({exc}); delete {self.folder} to "
+                    f"start afresh"
+                ) from exc
+            if previous.get("complete") and overwrite:
+                shutil.rmtree(self.folder)
+            else:
+                for key, value in self.manifest.items():
+                    if previous.get(key) != value:
+                        raise ExtractionError(
+                            f"{manifest_path}: field {key!r}: this job has {value!r}, the "
+                            f"unfinished one has {previous.get(key)!r}; finish it with the same "
+                            f"arguments or delete {self.folder}"
+                        )
+                return
+        elif self.folder.is_dir() and any(self.folder.iterdir()):
+            raise ExtractionError(
+                f"{self.folder}: a folder without {MANIFEST}, not an aet embed output; "
+                f"refusing to write into it"
+            )
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._write_manifest({**self.manifest, "complete": False})
+
+    def _write_manifest(self, manifest: dict[str, Any]) -> None:
+        _atomic_write(
+            self.folder / MANIFEST, lambda t: t.write_text(json.dumps(manifest, indent=2))
+        )
+
+    def files(self) -> list[Path]:
+        return sorted(self.folder.glob("*.parquet"))
+
+    def pending_blocks(self) -> list[int]:
+        """The blocks still to embed; files that hold rows of any of them are deleted."""
+        import pyarrow.parquet as pq
+
+        expected = np.array([stop - start for start, stop in map(self.bounds, range(self.count))])
+        counts: dict[Path, np.ndarray] = {}
+        for path in self.files():
+            try:
+                ids = pq.read_table(path, columns=["id"]).column("id").to_numpy()
+                counts[path] = np.bincount(ids // self.block_rows, minlength=self.count)
+            except (OSError, ValueError, KeyError) as exc:  # a file cut short by a crash
+                log.warning("%s: unreadable (%s); its rows are embedded again", path, exc)
+                path.unlink()
+        while True:
+            total = sum(counts.values(), np.zeros(self.count, np.int64))
+            finished = total == expected
+            spoiled = [path for path, c in counts.items() if (c[~finished] > 0).any()]
+            if not spoiled:
+                return [int(i) for i in np.flatnonzero(~finished)]
+            for path in spoiled:
+                path.unlink()
+                del counts[path]
+
+    def finish(self, metadata: dict[str, Any]) -> None:
+        """Check that the files hold every row, then mark the job complete."""
+        import pyarrow.parquet as pq
+
+        written = sum(pq.read_metadata(path).num_rows for path in self.files())
+        if written != self.rows:
+            raise ExtractionError(
+                f"{self.folder}: expected {self.rows} rows in its Parquet files, found "
+                f"{written}; run the same command again to resume"
+            )
+        self._write_manifest({**self.manifest, "complete": True, "metadata": metadata})
+
+
 @dataclass(frozen=True)
 class ExtractionSummary:
     """What one `aet embed` run did."""
@@ -460,27 +658,60 @@ class ExtractionSummary:
         )
 
 
+def _job_manifest(config: EmbedConfig, model: ModelIdentity, rows: int) -> dict[str, Any]:
+    """What names a job: a restarted one must match it to reuse finished shards or blocks."""
+    return {
+        "dataset": config.dataset_args(),
+        "model": dataclasses.asdict(model),
+        "rows": rows,
+        "shard_size": config.shard_size,
+        "score": config.score,
+    }
+
+
+def _metadata(config: EmbedConfig, backend: EmbeddingBackend) -> dict[str, Any]:
+    return {
+        "dataset": config.dataset_args(),
+        "model": dataclasses.asdict(backend.model),
+        "backend": backend.label,
+        "created": datetime.now(UTC).isoformat(),
+    }
+
+
 def extract(
-    config: EmbedConfig, backend: EmbeddingBackend, dataset: Dataset | None = None
+    config: EmbedConfig, backend: EmbeddingBackend, plan: RowPlan | None = None
 ) -> ExtractionSummary:
-    """Run the extraction job of `config` on an open `backend`; `dataset` saves reloading it."""
+    """Run the extraction job of `config` on an open `backend`; `plan` saves planning again."""
+    output = config.output
+    if _is_complete(output) and not config.overwrite:
+        raise ExtractionError(f"{output}: already exists; pass --overwrite to replace it")
+    if backend.distributed:
+        return _extract_on_ray(config, backend)
+    return _extract_in_process(config, backend, plan or plan_rows(config.dataset_args()))
+
+
+def _is_complete(output: Path) -> bool:
+    """Whether `output` is a finished job (a file, or a folder whose manifest says so)."""
+    if not output.is_dir():
+        return output.exists()
+    try:
+        return bool(json.loads((output / MANIFEST).read_text()).get("complete"))
+    except (OSError, ValueError):
+        return False
+
+
+def _extract_in_process(
+    config: EmbedConfig, backend: EmbeddingBackend, plan: RowPlan
+) -> ExtractionSummary:
+    """Shards of rows read here, embedded by `backend`, saved, then merged into the output."""
     from tqdm import tqdm
 
     output = config.output
-    if output.exists() and not config.overwrite:
-        raise ExtractionError(f"{output}: already exists; pass --overwrite to replace it")
-    if dataset is None:
-        dataset = load_dataset(**config.dataset_args())
-    rows = extraction_rows(dataset)
-    model = backend.model
-    check_model_fits(model, dataset)
-    manifest = {
-        "dataset": config.dataset_args(),
-        "model": dataclasses.asdict(model),
-        "rows": len(rows),
-        "shard_size": config.shard_size,
-    }
-    store = ShardStore(output.with_name(output.name + ".shards"), manifest)
+    check_model_fits(backend.model, plan)
+    store = ShardStore(
+        output.with_name(output.name + ".shards"),
+        _job_manifest(config, backend.model, len(plan)),
+    )
     store.open()
     shards = [store.load(index) for index in range(store.count)]
     pending = [index for index, shard in enumerate(shards) if shard is None]
@@ -488,57 +719,60 @@ def extract(
 
     started = time.perf_counter()
     with tqdm(
-        total=len(rows),
-        initial=len(rows) - pending_rows,
+        total=len(plan),
+        initial=len(plan) - pending_rows,
         unit="row",
         desc="embed",
         disable=not config.progress,
     ) as progress:
-        pixels = (
-            np.concatenate([rows.pixels[slice(*store.bounds(i))] for i in pending])
-            if pending
-            else rows.pixels[:0]
-        )
-        buffered: list[np.ndarray] = []
-        waiting = iter(pending)
-        index = next(waiting, None)
-        returned = 0
-        for embeddings in backend.embed_rows(pixels, config.batch_size):
-            buffered.append(embeddings)
-            returned += len(embeddings)
-            progress.update(len(embeddings))
-            while index is not None:
-                start, stop = store.bounds(index)
-                if sum(map(len, buffered)) < stop - start:
-                    break
-                joined = np.concatenate(buffered)
-                shards[index] = np.ascontiguousarray(joined[: stop - start], dtype=np.float32)
-                store.save(index, shards[index])
-                buffered = [joined[stop - start :]]
-                index = next(waiting, None)
+        for index in pending:
+            start, stop = store.bounds(index)
+            parts = []
+            for embeddings in backend.embed_rows(plan.pixels(start, stop), config.batch_size):
+                parts.append(embeddings)
+                progress.update(len(embeddings))
+            embedded = np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
+            if len(embedded) != stop - start:
+                raise ExtractionError(
+                    f"backend {backend.label}: expected {stop - start} embeddings for rows "
+                    f"{start}..{stop - 1}, got {len(embedded)}; finished shards are kept, "
+                    f"run again to resume"
+                )
+            shards[index] = np.ascontiguousarray(embedded, dtype=np.float32)
+            store.save(index, shards[index])
     seconds = time.perf_counter() - started
-    if returned != pending_rows:
-        raise ExtractionError(
-            f"backend {backend.label}: expected {pending_rows} embeddings, "
-            f"got {returned}; finished shards are kept, run again to resume"
-        )
 
-    metadata = {
-        "dataset": config.dataset_args(),
-        "model": dataclasses.asdict(model),
-        "backend": backend.label,
-        "created": datetime.now(UTC).isoformat(),
-    }
+    finished = [shard for shard in shards if shard is not None]
+    assert len(finished) == len(shards)  # every pending shard was filled above
+    packed = np.concatenate(finished)
+    dim = backend.model.embedding_dim
     table = EmbeddingTable(
-        np.concatenate(shards),
-        np.arange(len(rows), dtype=np.int64),
-        rows.labels,
-        rows.split,
-        metadata,
+        packed[:, :dim],
+        np.arange(len(plan), dtype=np.int64),
+        plan.labels,
+        plan.split_of(np.arange(len(plan))),
+        _metadata(config, backend),
+        packed[:, dim] if config.score else None,  # --score: the rows' last column
     )
     write_embeddings(output, table)
     store.remove()
-    return ExtractionSummary(output, len(rows), pending_rows, seconds, backend.label)
+    return ExtractionSummary(output, len(plan), pending_rows, seconds, backend.label)
+
+
+def _extract_on_ray(config: EmbedConfig, backend: EmbeddingBackend) -> ExtractionSummary:
+    """One Ray Data pipeline: read and write on the workers, embed in the actors."""
+    plan = backend.plan(config.dataset_args())  # planned on a worker; only its shape comes here
+    check_model_fits(backend.model, plan)
+    folder = PartsFolder(config.output, _job_manifest(config, backend.model, plan.rows))
+    folder.open(overwrite=config.overwrite)
+    pending = folder.pending_blocks()
+    blocks = [folder.bounds(index) for index in pending]
+    started = time.perf_counter()
+    backend.embed_blocks(blocks, config.batch_size, config.output, progress=config.progress)
+    seconds = time.perf_counter() - started
+    folder.finish(_metadata(config, backend))
+    embedded = sum(stop - start for start, stop in blocks)
+    return ExtractionSummary(config.output, plan.rows, embedded, seconds, backend.label)
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:

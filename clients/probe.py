@@ -459,6 +459,9 @@ def write_results(results: ProbeResults, folder: Path) -> dict[str, Path]:
     return paths
 
 
+TABLE_FIELDS = ("columns", "label_column", "drop_missing")  # recorded by tables of features
+
+
 def pretraining_split(config: ProbeConfig, model_dir: Path) -> tuple[dict, str | None]:
     """The `load_dataset` arguments of the model's pretraining split, from its model.json,
     with the flags given in `config`, and a note when they change the split.
@@ -504,7 +507,9 @@ def pretraining_split(config: ProbeConfig, model_dir: Path) -> tuple[dict, str |
                 f"--data-path with the data the model was pretrained on"
             )
     note = f"{SPLIT_MISMATCH}: {', '.join(differences)}" if differences else None
-    return {"name": values.pop("dataset"), "path": path, **values}, note
+    # a table of features: the same columns, labels and dropped rows as at pretraining
+    table = {key: recorded[key] for key in TABLE_FIELDS if key in recorded}
+    return {"name": values.pop("dataset"), "path": path, **values, **table}, note
 
 
 def load_inputs(config: ProbeConfig) -> tuple[EmbeddingTable, Dataset]:

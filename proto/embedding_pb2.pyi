@@ -29,12 +29,14 @@ class Tensor(_message.Message):
     def __init__(self, dtype: _Optional[_Union[DataType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class EmbedOptions(_message.Message):
-    __slots__ = ("l2_normalize", "float16_output")
+    __slots__ = ("l2_normalize", "float16_output", "reconstruction_error")
     L2_NORMALIZE_FIELD_NUMBER: _ClassVar[int]
     FLOAT16_OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    RECONSTRUCTION_ERROR_FIELD_NUMBER: _ClassVar[int]
     l2_normalize: bool
     float16_output: bool
-    def __init__(self, l2_normalize: _Optional[bool] = ..., float16_output: _Optional[bool] = ...) -> None: ...
+    reconstruction_error: bool
+    def __init__(self, l2_normalize: _Optional[bool] = ..., float16_output: _Optional[bool] = ..., reconstruction_error: _Optional[bool] = ...) -> None: ...
 
 class EmbedRequest(_message.Message):
     __slots__ = ("model", "version", "inputs", "options", "request_id")
@@ -63,18 +65,20 @@ class ServerTiming(_message.Message):
     def __init__(self, decode_us: _Optional[float] = ..., queue_us: _Optional[float] = ..., run_us: _Optional[float] = ..., encode_us: _Optional[float] = ...) -> None: ...
 
 class EmbedResponse(_message.Message):
-    __slots__ = ("request_id", "model", "version", "embeddings", "timing")
+    __slots__ = ("request_id", "model", "version", "embeddings", "timing", "reconstruction_error")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     EMBEDDINGS_FIELD_NUMBER: _ClassVar[int]
     TIMING_FIELD_NUMBER: _ClassVar[int]
+    RECONSTRUCTION_ERROR_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model: str
     version: int
     embeddings: Tensor
     timing: ServerTiming
-    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., version: _Optional[int] = ..., embeddings: _Optional[_Union[Tensor, _Mapping]] = ..., timing: _Optional[_Union[ServerTiming, _Mapping]] = ...) -> None: ...
+    reconstruction_error: Tensor
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., version: _Optional[int] = ..., embeddings: _Optional[_Union[Tensor, _Mapping]] = ..., timing: _Optional[_Union[ServerTiming, _Mapping]] = ..., reconstruction_error: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()
@@ -157,7 +161,7 @@ class BatchingLimits(_message.Message):
     def __init__(self, max_batch_size: _Optional[int] = ..., max_queue_delay_ms: _Optional[float] = ..., max_queue_size: _Optional[int] = ..., max_request_rows: _Optional[int] = ..., dynamic_batching: _Optional[bool] = ...) -> None: ...
 
 class ModelDescription(_message.Message):
-    __slots__ = ("name", "version", "versions", "input", "output", "embedding_dim", "execution_provider", "batching", "sha256", "model_card_json")
+    __slots__ = ("name", "version", "versions", "input", "output", "embedding_dim", "execution_provider", "batching", "sha256", "model_card_json", "score")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     VERSIONS_FIELD_NUMBER: _ClassVar[int]
@@ -168,6 +172,7 @@ class ModelDescription(_message.Message):
     BATCHING_FIELD_NUMBER: _ClassVar[int]
     SHA256_FIELD_NUMBER: _ClassVar[int]
     MODEL_CARD_JSON_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: int
     versions: _containers.RepeatedCompositeFieldContainer[ModelVersionState]
@@ -178,4 +183,5 @@ class ModelDescription(_message.Message):
     batching: BatchingLimits
     sha256: str
     model_card_json: str
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., versions: _Optional[_Iterable[_Union[ModelVersionState, _Mapping]]] = ..., input: _Optional[_Union[TensorSpec, _Mapping]] = ..., output: _Optional[_Union[TensorSpec, _Mapping]] = ..., embedding_dim: _Optional[int] = ..., execution_provider: _Optional[str] = ..., batching: _Optional[_Union[BatchingLimits, _Mapping]] = ..., sha256: _Optional[str] = ..., model_card_json: _Optional[str] = ...) -> None: ...
+    score: TensorSpec
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., versions: _Optional[_Iterable[_Union[ModelVersionState, _Mapping]]] = ..., input: _Optional[_Union[TensorSpec, _Mapping]] = ..., output: _Optional[_Union[TensorSpec, _Mapping]] = ..., embedding_dim: _Optional[int] = ..., execution_provider: _Optional[str] = ..., batching: _Optional[_Union[BatchingLimits, _Mapping]] = ..., sha256: _Optional[str] = ..., model_card_json: _Optional[str] = ..., score: _Optional[_Union[TensorSpec, _Mapping]] = ...) -> None: ...

@@ -19,6 +19,7 @@ from aet.proto.codec import WIRE_DTYPES, decode_tensor, fill_tensor
 from aet.server.errors import excerpt, maps_errors, with_prefix
 from aet.server.models import LoadedModel, ModelState, VersionStatus
 from aet.server.pipeline import Inference, InferencePipeline, Outputs
+from aet.server.repository import SCORE_NAME
 from aet.server.streams import StreamWindow, answer_in_order
 from aet.server.validation import FLOAT32, check_shape, validate_inputs
 
@@ -100,6 +101,9 @@ class EmbeddingService(embedding_pb2_grpc.EmbeddingServiceServicer):
             decode,
             (context.time_remaining(),),
             lambda: not context.is_active(),
+            score_field="options.reconstruction_error"
+            if request.options.reconstruction_error
+            else None,
         )
 
     def _finish(
@@ -114,6 +118,8 @@ class EmbeddingService(embedding_pb2_grpc.EmbeddingServiceServicer):
             )
             embeddings = outputs[model.card.output.name]
             fill_tensor(response.embeddings, _postprocess(embeddings, request.options))
+            if request.options.reconstruction_error:
+                fill_tensor(response.reconstruction_error, outputs[SCORE_NAME])
             return response
 
         response, timing = self.pipeline.finish(inference, encode)
@@ -146,7 +152,7 @@ def _version_state(status: VersionStatus) -> embedding_pb2.ModelVersionState:
 def describe(model: LoadedModel, statuses: list[VersionStatus]) -> embedding_pb2.ModelDescription:
     """The `ModelDescription` of one loaded version."""
     card, spec, batcher = model.card, model.request_spec, model.batcher
-    low, high = card.input.value_range
+    low, high = card.input.value_range or (-np.inf, np.inf)  # vectors: any finite value
     return embedding_pb2.ModelDescription(
         name=model.name,
         version=model.version,
@@ -173,4 +179,9 @@ def describe(model: LoadedModel, statuses: list[VersionStatus]) -> embedding_pb2
         ),
         sha256=card.sha256,
         model_card_json=json.dumps(card.to_dict()),
+        score=(
+            None
+            if card.score is None
+            else embedding_pb2.TensorSpec(name=card.score.name, dtype=WIRE_DTYPES[FLOAT32])
+        ),
     )

@@ -30,7 +30,7 @@ from aet.server.metrics import Duration, StatisticsSnapshot
 from aet.server.models import LoadedModel, ModelState
 from aet.server.pipeline import Inference, InferencePipeline, Outputs
 from aet.server.reload import RepositoryReloader
-from aet.server.repository import MODEL_FILE
+from aet.server.repository import MODEL_FILE, SCORE_NAME
 from aet.server.streams import StreamWindow, answer_in_order
 from aet.server.validation import check_shape, parse_version, validate_inputs
 
@@ -168,12 +168,29 @@ def request_timeout(request: pb.ModelInferRequest) -> float | None:
     return params["timeout"].int64_param / 1e6
 
 
-def check_requested_outputs(request: pb.ModelInferRequest, model: LoadedModel) -> None:
-    """Every requested output must be the model's one output, without classification."""
+def output_names(model: LoadedModel) -> list[str]:
+    """The model's outputs: the embedding, and the novelty score when its graph has one."""
+    card = model.card
+    return [card.output.name] + ([] if card.score is None else [card.score.name])
+
+
+def score_field(request: pb.ModelInferRequest) -> str | None:
+    """`outputs[i].name` of the request's ask for the novelty score, or None if it has none.
+
+    A request that names no outputs gets the embedding alone (the score costs the decoder)."""
     for i, output in enumerate(request.outputs):
-        if output.name != model.card.output.name:
+        if output.name == SCORE_NAME:
+            return f"outputs[{i}].name"
+    return None
+
+
+def check_requested_outputs(request: pb.ModelInferRequest, model: LoadedModel) -> None:
+    """Every requested output must be one of the model's outputs, without classification."""
+    valid = output_names(model)
+    for i, output in enumerate(request.outputs):
+        if output.name not in valid:
             raise InvalidArgument(
-                f"outputs[{i}].name: expected {model.card.output.name!r}, "
+                f"outputs[{i}].name: expected {' or '.join(map(repr, valid))}, "
                 f"got {excerpt(output.name)}"
             )
         if "classification" in output.parameters:
@@ -186,12 +203,14 @@ def check_requested_outputs(request: pb.ModelInferRequest, model: LoadedModel) -
 def infer_response(
     request: pb.ModelInferRequest, model: LoadedModel, outputs: Outputs
 ) -> pb.ModelInferResponse:
-    """The v2 response carrying each output as raw little-endian FP32 bytes, in order."""
+    """The v2 response carrying each requested output (all it computed when the request named
+    none) as raw little-endian FP32 bytes, in the request's order."""
     response = pb.ModelInferResponse(
         model_name=model.name, model_version=str(model.version), id=request.id
     )
-    for name, values in outputs.items():
-        little = np.ascontiguousarray(values, dtype="<f4")
+    names = [output.name for output in request.outputs] or list(outputs)
+    for name in dict.fromkeys(names):
+        little = np.ascontiguousarray(outputs[name], dtype="<f4")
         response.outputs.add(name=name, datatype="FP32", shape=little.shape)
         response.raw_output_contents.append(little.tobytes())
     return response
@@ -256,7 +275,12 @@ class InferenceService(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
                     name=model.card.output.name,
                     datatype="FP32",
                     shape=[-1, model.card.output.embedding_dim],
-                )
+                ),
+                *(
+                    [tensor(name=model.card.score.name, datatype="FP32", shape=[-1])]
+                    if model.card.score is not None
+                    else []
+                ),
             ],
         )
 
@@ -321,6 +345,7 @@ class InferenceService(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
             (context.time_remaining(), timeout),
             lambda: not context.is_active(),
             version_field="model_version",
+            score_field=score_field(request),
         )
 
     def _finish(self, started: tuple[pb.ModelInferRequest, Inference]) -> pb.ModelInferResponse:
@@ -421,7 +446,17 @@ def model_config(model: LoadedModel) -> model_config_pb2.ModelConfig:
                 name=card.output.name,
                 data_type=model_config_pb2.TYPE_FP32,
                 dims=[card.output.embedding_dim],
-            )
+            ),
+            *(
+                # one number per row: no dims beyond the implicit batch axis, as in metadata
+                [
+                    model_config_pb2.ModelOutput(
+                        name=card.score.name, data_type=model_config_pb2.TYPE_FP32, dims=[]
+                    )
+                ]
+                if card.score is not None
+                else []
+            ),
         ],
         instance_group=[
             model_config_pb2.ModelInstanceGroup(

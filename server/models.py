@@ -66,6 +66,13 @@ class LoadedModel:
     session: EncoderSession
     batcher: DynamicBatcher
     request_spec: RequestSpec
+    # Requests that also want the novelty score (`card.score`) queue here, apart from
+    # embedding-only ones, which so never pay for the decoder; None when the graph has none.
+    scorer: DynamicBatcher | None = None
+
+    @property
+    def batchers(self) -> tuple[DynamicBatcher, ...]:
+        return (self.batcher,) if self.scorer is None else (self.batcher, self.scorer)
 
     @property
     def name(self) -> str:
@@ -116,15 +123,17 @@ class ModelRegistry:
             raise ValueError(
                 f"model {found.name} version {found.version}: already loaded; unload it first"
             )
-        if not found.ok:
+        if found.error is not None or found.card is None:
+            reason = found.error or "no model card"
             log.warning(
                 "model_refused",
-                extra={"model": found.name, "version": found.version, "reason": found.error},
+                extra={"model": found.name, "version": found.version, "reason": reason},
             )
-            return self._set_status(VersionStatus(*key, ModelState.FAILED, found.error))
+            return self._set_status(VersionStatus(*key, ModelState.FAILED, reason))
         self._set_status(VersionStatus(*key, ModelState.LOADING))
         started = time.perf_counter()
         card = found.card
+        assert card is not None  # a usable version has its card
         row_shape = tuple(card.input.shape)
         try:
             session = EncoderSession(
@@ -134,6 +143,7 @@ class ModelRegistry:
                 row_shape,
                 self.providers,
                 self.runtime,
+                score_name=None if card.score is None else card.score.name,
                 label=f"{found.name}/{found.version}/{found.model_path.name}",
             )
             session.warm_up(row_shape, (1, self.batching.max_batch_size))
@@ -143,25 +153,20 @@ class ModelRegistry:
                 extra={"model": found.name, "version": found.version, "reason": str(exc)},
             )
             return self._set_status(VersionStatus(*key, ModelState.FAILED, str(exc)))
-        batcher = DynamicBatcher(
-            session.run,
-            self.batching.max_batch_size,
-            self.batching.max_queue_delay,
-            self.batching.max_queue_size,
-            merge_requests=self.batching.dynamic_batching,
-            instances=self.batching.instances,
-            name=f"{found.name}/{found.version}",
-        )
         model = LoadedModel(
             card,
             found.path,
             session,
-            batcher,
+            self._batcher(session.run, f"{found.name}/{found.version}"),
             RequestSpec.from_card(card, self.batching.max_request_rows),
+            None
+            if card.score is None
+            else self._batcher(session.run_scored, f"{found.name}/{found.version}/scored"),
         )
         with self._lock:
             for listener in self._batch_listeners:
-                batcher.stats.listeners.append(_bind(listener, model))
+                for batcher in model.batchers:
+                    batcher.stats.listeners.append(_bind(listener, model))
             self._ready[key] = model
             self._update_latest(found.name)
         log.info(
@@ -175,6 +180,18 @@ class ModelRegistry:
         )
         return self._set_status(VersionStatus(*key, ModelState.READY))
 
+    def _batcher(self, run: Callable, name: str) -> DynamicBatcher:
+        batching = self.batching
+        return DynamicBatcher(
+            run,
+            batching.max_batch_size,
+            batching.max_queue_delay,
+            batching.max_queue_size,
+            merge_requests=batching.dynamic_batching,
+            instances=batching.instances,
+            name=name,
+        )
+
     def unload(self, name: str, version: int, timeout: float | None = None) -> bool:
         """Stop routing to a version, finish its queued requests, forget it.
 
@@ -186,7 +203,13 @@ class ModelRegistry:
                 raise NotFound(f"model {name!r} version {version}: not loaded")
             self._update_latest(name)
         self._set_status(VersionStatus(name, version, ModelState.DRAINING))
-        drained = model.batcher.close(timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        drained = all(
+            [
+                batcher.close(None if deadline is None else max(0.0, deadline - time.monotonic()))
+                for batcher in model.batchers
+            ]
+        )
         with self._lock:
             self._statuses.pop((name, version), None)
         log.info("model_unloaded", extra={"model": name, "version": version, "drained": drained})
@@ -208,8 +231,9 @@ class ModelRegistry:
         deadline = None if timeout is None else time.monotonic() + timeout
         drained = True
         for model in list(self._ready.values()):
-            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-            drained = model.batcher.close(remaining) and drained
+            for batcher in model.batchers:
+                remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+                drained = batcher.close(remaining) and drained
         return drained
 
     # -- lookups ---------------------------------------------------------------------------
@@ -258,7 +282,8 @@ class ModelRegistry:
         with self._lock:
             self._batch_listeners.append(listener)
             for model in self._ready.values():
-                model.batcher.stats.listeners.append(_bind(listener, model))
+                for batcher in model.batchers:
+                    batcher.stats.listeners.append(_bind(listener, model))
 
     # -- internals -------------------------------------------------------------------------
 

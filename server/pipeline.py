@@ -23,9 +23,10 @@ import grpc
 import numpy as np
 
 from aet.server.batcher import BatchFuture
-from aet.server.errors import Unavailable, status_code
+from aet.server.errors import InvalidArgument, Unavailable, status_code
 from aet.server.metrics import UNKNOWN_MODEL, RequestTiming, ServingMetrics
 from aet.server.models import LoadedModel, ModelRegistry
+from aet.server.runtime import split_scored
 from aet.server.validation import parse_version
 
 Encoded = TypeVar("Encoded")
@@ -43,6 +44,7 @@ class Inference:
     future: BatchFuture | None = None  # its outputs, once queued
     decoded: float = 0.0  # perf_counter() once decoded and checked
     error: Exception | None = None  # why it failed before reaching the batcher
+    scored: bool = False  # queued for the embeddings and the novelty score
 
 
 class InferencePipeline:
@@ -68,24 +70,28 @@ class InferencePipeline:
         time_limits: tuple[float | None, ...] = (),
         is_cancelled: Callable[[], bool] | None = None,
         version_field: str = "version",
+        score_field: str | None = None,
     ) -> Inference:
         """Resolve `model_name` and `version` (`parse_version`: 0 or "" for the latest),
         decode, check and queue the inputs. Nothing waits here.
 
         `time_limits` are seconds from now (e.g. the call's deadline; None for none): the
         request is dropped if its batch has not started within the shortest.
+        `score_field` names the request field that asked for the novelty score too (None:
+        embeddings only); such requests queue on the version's scoring batcher.
         """
-        inference = Inference(api, model_name, time.perf_counter())
+        inference = Inference(api, model_name, time.perf_counter(), scored=score_field is not None)
         try:
             number = parse_version(version, version_field)
             limits = [limit for limit in time_limits if limit is not None]
             deadline = time.monotonic() + min(limits) if limits else None
             while inference.future is None:
                 model = inference.model = self.registry.lookup(model_name, number)
+                batcher = _batcher(model, score_field)
                 inputs = decode(model)
                 inference.decoded = time.perf_counter()
                 try:
-                    inference.future = model.batcher.submit(inputs, deadline, is_cancelled)
+                    inference.future = batcher.submit(inputs, deadline, is_cancelled)
                 except Unavailable:
                     # Hot reload: the version closed between lookup and submit; follow a newer
                     # "latest" if one serves now.
@@ -110,7 +116,12 @@ class InferencePipeline:
             if inference.error is not None:
                 raise inference.error
             assert model is not None and future is not None  # `start` sets both, or `error`
-            outputs = {model.card.output.name: future.result()}
+            if inference.scored:
+                embeddings, scores = split_scored(future.result())
+                assert model.card.score is not None  # `start` queued it on the scorer
+                outputs = {model.card.output.name: embeddings, model.card.score.name: scores}
+            else:
+                outputs = {model.card.output.name: future.result()}
             answered = time.perf_counter()
             encoded = encode(model, outputs)
         except Exception as exc:
@@ -142,3 +153,16 @@ class InferencePipeline:
             name, version = (inference.model_name if known else UNKNOWN_MODEL), ""
         seconds = (done or time.perf_counter()) - inference.started
         self.metrics.observe_request(name, version, inference.api, code, seconds, timing)
+
+
+def _batcher(model: LoadedModel, score_field: str | None):
+    """The batcher for embeddings alone, or for embeddings and the score (`score_field` set)."""
+    if score_field is None:
+        return model.batcher
+    if model.scorer is None:
+        raise InvalidArgument(
+            f"{score_field}: model {model.name!r} version {model.version} has no "
+            f"reconstruction_error output (exported before aet had the novelty score; export "
+            f"it again)"
+        )
+    return model.scorer

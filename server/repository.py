@@ -39,10 +39,12 @@ class RepositoryError(UserError):
 class InputSpec:
     """The graph input: one batch of `shape` (without the batch axis) in `value_range`."""
 
-    name: str  # "pixels"
-    shape: tuple[int, ...]  # (C, H, W)
+    name: str  # "pixels" for images, "features" for vectors
+    shape: tuple[int, ...]  # (C, H, W) or (D,)
     dtype: str  # "float32"
-    value_range: tuple[float, float]  # (0, raw_max): the raw pixel range the graph expects
+    # (0, raw_max): the raw pixel range the graph expects; None for vectors (any finite value)
+    value_range: tuple[float, float] | None
+    feature_names: tuple[str, ...] | None = None  # vectors: the D features, in order
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,23 @@ class OutputSpec:
     name: str  # "embedding"
     dtype: str  # "float32"
     embedding_dim: int
+
+
+SCORE_NAME = "reconstruction_error"  # the graph output and card field of the novelty score
+SCORE_PERCENTILES = ("p50", "p90", "p99", "p99.9")
+
+
+@dataclass(frozen=True)
+class ScoreSpec:
+    """The graph's second output: one novelty score per row (the reconstruction error), and
+    its distribution on held-out rows, so a client can flag rows without labelled anomalies."""
+
+    name: str  # "reconstruction_error"
+    dtype: str  # "float32"
+    measure: str  # what one number is, e.g. "mean binary cross-entropy per input value"
+    calibration_split: str  # the rows the percentiles were measured on, e.g. "val"
+    calibration_rows: int
+    percentiles: dict[str, float]  # SCORE_PERCENTILES -> value
 
 
 @dataclass(frozen=True)
@@ -73,6 +92,8 @@ class ModelCard:
     parity_samples: int  # rows that parity was measured on
     library_versions: dict[str, str]
     created: str  # ISO 8601 with time zone
+    score: ScoreSpec | None = None  # None for graphs exported before the score existed
+    standardizer: dict[str, Any] | None = None  # vectors: FeatureStandardizer.to_dict()
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON-ready mapping written to `model.json`."""
@@ -95,6 +116,7 @@ class ModelCard:
                 shape=reader.shape(inp, "shape", "input."),
                 dtype=reader.string(inp, "dtype", "input."),
                 value_range=reader.value_range(inp, "value_range", "input."),
+                feature_names=reader.optional_strings(inp, "feature_names", "input."),
             ),
             output=OutputSpec(
                 name=reader.string(out, "name", "output."),
@@ -110,6 +132,8 @@ class ModelCard:
             parity_samples=reader.positive_int(card, "parity_samples"),
             library_versions=reader.library_versions(card, "library_versions"),
             created=reader.timestamp(card, "created"),
+            score=reader.score(card, "score"),
+            standardizer=reader.optional_mapping(card, "standardizer"),
         )
 
 
@@ -165,8 +189,10 @@ class _FieldReader:
             raise self.fail(prefix + key, "a non-empty list of positive integers", value)
         return tuple(value)
 
-    def value_range(self, data: dict, key: str, prefix: str) -> tuple[float, float]:
+    def value_range(self, data: dict, key: str, prefix: str) -> tuple[float, float] | None:
         value = self.get(data, key, prefix)
+        if value is None:  # vectors: any finite value
+            return None
         if (
             not isinstance(value, list)
             or len(value) != 2
@@ -181,6 +207,35 @@ class _FieldReader:
         if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
             raise self.fail(key, "a list of strings", value)
         return list(value)
+
+    def optional_strings(self, data: dict, key: str, prefix: str) -> tuple[str, ...] | None:
+        value = data.get(key)
+        if value is None:
+            return None
+        if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
+            raise self.fail(prefix + key, "a list of strings or null", value)
+        return tuple(value)
+
+    def optional_mapping(self, data: dict, key: str) -> dict | None:
+        value = data.get(key)
+        return None if value is None else self.mapping(value, key)
+
+    def score(self, data: dict, key: str) -> ScoreSpec | None:
+        value = self.optional_mapping(data, key)
+        if value is None:
+            return None
+        prefix = key + "."
+        percentiles = self.mapping(self.get(value, "percentiles", prefix), prefix + "percentiles")
+        for name in SCORE_PERCENTILES:
+            self.number(percentiles, name, prefix + "percentiles.")
+        return ScoreSpec(
+            name=self.string(value, "name", prefix),
+            dtype=self.string(value, "dtype", prefix),
+            measure=self.string(value, "measure", prefix),
+            calibration_split=self.string(value, "calibration_split", prefix),
+            calibration_rows=self.positive_int(value, "calibration_rows", prefix),
+            percentiles={name: float(percentiles[name]) for name in SCORE_PERCENTILES},
+        )
 
     def dataset(self, data: dict, key: str) -> dict[str, Any]:
         value = self.mapping(self.get(data, key), key)
@@ -249,6 +304,13 @@ class ModelVersion:
     @property
     def status(self) -> str:
         return "ok" if self.ok else "refused"
+
+    @property
+    def usable_card(self) -> ModelCard:
+        """The card of a usable version; a refused one raises RepositoryError with its reason."""
+        if self.error is not None or self.card is None:
+            raise RepositoryError(f"{self.name}/{self.version}: refused: {self.error}")
+        return self.card
 
     @property
     def model_path(self) -> Path:

@@ -1,5 +1,10 @@
 """onnxruntime execution: which provider to use, and one encoder session per model version.
 
+An exported graph may have a second output, the novelty score `reconstruction_error`, which
+needs the decoder. onnxruntime runs every node of a graph whatever outputs a run asks for, so
+`EncoderSession` keeps the graph cut down to the embedding (`embedding_graph`) for embedding
+requests, which then cost what the encoder alone costs, and the whole graph for scored ones.
+
 `choose_providers` is the only place that decides CUDA vs CPU. CUDA is chosen only when
 onnxruntime offers it and a device is really usable (`cuda_usable`: `aet.devices`' rule, an
 NVIDIA device node and `nvidia-smi -L` listing a GPU, then `onnxruntime.preload_dlls()`); otherwise
@@ -16,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import onnx
+import onnx.utils
 import onnxruntime as ort
 
 from aet.devices import DEVICES, nvidia_device_node_present, nvidia_gpu_present
@@ -81,8 +88,24 @@ def resolve_providers(device: str) -> list[str]:
     return choose_providers(available, usable)
 
 
+def embedding_graph(model: onnx.ModelProto, input_name: str, output_name: str) -> bytes:
+    """The serialized graph cut down to the nodes `output_name` needs (the graph itself if
+    that is its only output)."""
+    if [o.name for o in model.graph.output] == [output_name]:
+        return model.SerializeToString()
+    return (
+        onnx.utils.Extractor(model).extract_model([input_name], [output_name]).SerializeToString()
+    )
+
+
+def split_scored(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(embeddings (rows, dim), scores (rows,)) from `EncoderSession.run_scored`'s output."""
+    return packed[:, :-1], packed[:, -1]
+
+
 class EncoderSession:
-    """One `onnxruntime.InferenceSession` for an encoder: (rows, ...) float32 -> (rows, dim)."""
+    """onnxruntime sessions for an encoder: (rows, ...) float32 -> (rows, dim) embeddings and,
+    when the graph has the score output `score_name`, (rows, dim + 1) embeddings with scores."""
 
     def __init__(
         self,
@@ -92,6 +115,7 @@ class EncoderSession:
         row_shape: tuple[int, ...],
         providers: list[str],
         options: RuntimeOptions,
+        score_name: str | None = None,
         label: str | None = None,
     ):
         """`label` names the model in errors (default: its path; the server passes
@@ -102,15 +126,28 @@ class EncoderSession:
         session_options.inter_op_num_threads = options.inter_op_threads
         session_options.log_severity_level = _ORT_ERROR_ONLY
         try:
-            self._session = ort.InferenceSession(
-                str(model_path), session_options, providers=providers
-            )
-        except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
+            model = onnx.load(str(model_path))
+        except Exception as exc:  # onnx raises protobuf's DecodeError, OSError, ...
             reason = str(exc).replace(str(model_path), label)  # no server path in the message
             raise ModelLoadError(f"{label}: onnxruntime cannot load it: {reason}") from exc
-        self._check_signature(label, input_name, output_name, row_shape)
+        self._check_signature(label, model, input_name, (output_name, score_name), row_shape)
+        try:
+            self._scored_session = None
+            if score_name is not None:
+                self._scored_session = ort.InferenceSession(
+                    model.SerializeToString(), session_options, providers=providers
+                )
+            self._session = ort.InferenceSession(
+                embedding_graph(model, input_name, output_name),
+                session_options,
+                providers=providers,
+            )
+        except Exception as exc:  # onnx and onnxruntime raise their own error types
+            reason = str(exc).replace(str(model_path), label)
+            raise ModelLoadError(f"{label}: onnxruntime cannot load it: {reason}") from exc
         self.input_name = input_name
         self.output_name = output_name
+        self.score_name = score_name
         self.provider = self._session.get_providers()[0]
         # IO binding pays on a GPU (outputs land straight in host memory, no extra staging);
         # on CPU the plain `run` already works on the numpy buffers. A binding holds one run's
@@ -118,27 +155,35 @@ class EncoderSession:
         self._uses_binding = self.provider == CUDA_PROVIDER
         self._bindings = threading.local()
 
+    @staticmethod
     def _check_signature(
-        self, label: str, input_name: str, output_name: str, row_shape: tuple[int, ...]
+        label: str,
+        model: onnx.ModelProto,
+        input_name: str,
+        output_names: tuple[str | None, ...],
+        row_shape: tuple[int, ...],
     ) -> None:
-        inputs = {i.name: i for i in self._session.get_inputs()}
-        outputs = {o.name for o in self._session.get_outputs()}
+        inputs = {i.name: i for i in model.graph.input}
+        outputs = {o.name for o in model.graph.output}
         if input_name not in inputs:
             raise ModelLoadError(
                 f"{label}: input: expected {input_name!r} (model card), got {sorted(inputs)}"
             )
-        if output_name not in outputs:
-            raise ModelLoadError(
-                f"{label}: output: expected {output_name!r} (model card), got {sorted(outputs)}"
-            )
-        graph_rows = tuple(inputs[input_name].shape[1:])
+        for output_name in filter(None, output_names):
+            if output_name not in outputs:
+                raise ModelLoadError(
+                    f"{label}: output: expected {output_name!r} (model card), got {sorted(outputs)}"
+                )
+        dims = inputs[input_name].type.tensor_type.shape.dim
+        graph_rows = tuple(d.dim_value if d.HasField("dim_value") else d.dim_param for d in dims)
+        graph_rows = graph_rows[1:]
         if len(graph_rows) != len(row_shape) or any(
             isinstance(g, int) and g != c for g, c in zip(graph_rows, row_shape, strict=True)
         ):
             raise ModelLoadError(
                 f"{label}: input shape: expected [batch, "
                 f"{', '.join(map(str, row_shape))}] (model card), "
-                f"got {inputs[input_name].shape}"
+                f"got {['batch', *graph_rows]}"
             )
 
     def run(self, batch: np.ndarray) -> np.ndarray:
@@ -153,7 +198,23 @@ class EncoderSession:
         self._session.run_with_iobinding(binding)
         return binding.copy_outputs_to_cpu()[0]
 
+    def run_scored(self, batch: np.ndarray) -> np.ndarray:
+        """Embeddings with each row's score as one more column, (rows, dim + 1), of a float32
+        batch (rows, ...) (`split_scored` takes them apart); callers may run at once.
+
+        One array, so a dynamic batcher can merge and split scored requests like any other.
+        """
+        if self._scored_session is None:
+            raise ModelLoadError("this model's graph has no score output")
+        embeddings, scores = self._scored_session.run(
+            (self.output_name, self.score_name), {self.input_name: batch}
+        )
+        return np.concatenate([embeddings, scores[:, None]], axis=1)
+
     def warm_up(self, row_shape: tuple[int, ...], batch_sizes: tuple[int, ...]) -> None:
         """Run zeros at each batch size so allocations and kernel choices happen before serving."""
         for rows in batch_sizes:
-            self.run(np.zeros((rows, *row_shape), dtype=np.float32))
+            zeros = np.zeros((rows, *row_shape), dtype=np.float32)
+            self.run(zeros)
+            if self._scored_session is not None:
+                self.run_scored(zeros)

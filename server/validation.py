@@ -69,9 +69,11 @@ class RequestSpec:
 
     @classmethod
     def from_card(cls, card: ModelCard, max_rows: int) -> RequestSpec:
-        """float32 always; uint8 too when the graph's value range lies within 0..255."""
-        low, high = card.input.value_range
-        dtypes = (FLOAT32, UINT8) if 0 <= low and high <= 255 else (FLOAT32,)
+        """float32 always; uint8 too when the graph's value range lies within 0..255 (vectors
+        have no value range: float32 only)."""
+        value_range = card.input.value_range
+        fits_uint8 = value_range is not None and 0 <= value_range[0] and value_range[1] <= 255
+        dtypes = (FLOAT32, UINT8) if fits_uint8 else (FLOAT32,)
         return cls(tuple(card.input.shape), dtypes, max_rows)
 
     @property

@@ -44,7 +44,7 @@ def run_quick(script: str, *args: str, cwd: Path) -> str:
 def test_every_bench_script_has_a_test():
     scripts = {p.relative_to(BENCH).as_posix() for p in BENCH.rglob("*.py")}
     # pytriton_server.py is a child that compare_triton.py starts, not a benchmark.
-    tested = {"pretrain.py", "serve.py", "extract.py", "peers/compare_triton.py"}
+    tested = {"pretrain.py", "serve.py", "extract.py", "score.py", "peers/compare_triton.py"}
     assert scripts - {"peers/pytriton_server.py"} == tested
 
 
@@ -99,6 +99,22 @@ def test_extract_quick(tmp_path, model_repository):
     assert embedding is not None, output[-4000:]
     assert float(embedding.group(1)) > 0.5
     assert not (tmp_path / "bench").exists()  # --quick writes no results
+
+
+def test_score_quick(tmp_path):
+    out = tmp_path / "score.json"
+    output = run_quick("score.py", "--output", str(out), cwd=tmp_path)
+    result = json.loads(out.read_text())
+    sides = {"old_embedding", "new_embedding", "new_scored"}
+    for name in ("tiny", "large"):
+        by_rows = result["in_process_ms"][name]
+        assert list(by_rows) == ["1", "64", "256"]
+        for ms in by_rows.values():
+            assert all(ms[side] > 0 for side in sides)
+            assert ms["scored_over_embedding"] > 0 and ms["new_over_old_embedding"] > 0
+        served = result["served_p50_ms"][name]
+        assert list(served) == ["1", "64"] and all(served["1"][side] > 0 for side in sides)
+    assert result["load_average"]["end"] >= 0 and "load average" in output
 
 
 def _perf_analyzer_installed() -> bool:

@@ -46,9 +46,21 @@ CONCEPTS = {
         {"export", "serve", "demo"},
     ),
     "--device": ({"--gpu", "--cuda", "--use-cuda", "--accelerator"}, {"serve", "pretrain"}),
+    "--columns": ({"--features", "--feature-columns", "--cols"}, {"pretrain", "embed"}),
+    "--label-column": ({"--label", "--target", "--target-column", "--y"}, {"pretrain", "embed"}),
+    "--drop-missing": ({"--dropna", "--drop-na", "--skip-missing"}, {"pretrain", "embed"}),
 }
 # Flags whose values mean the same thing everywhere: the same type and choices in every command.
-SAME_MEANING = ("--dataset", "--data-path", "--test-fraction", "--val-fraction", "--limit")
+SAME_MEANING = (
+    "--dataset",
+    "--data-path",
+    "--test-fraction",
+    "--val-fraction",
+    "--limit",
+    "--columns",
+    "--label-column",
+    "--drop-missing",
+)
 
 
 def parsers() -> dict[str, argparse.ArgumentParser]:

@@ -1,13 +1,15 @@
 """`EmbeddingClient` against real servers on 127.0.0.1: chunking under a small message limit,
-retries on a real RESOURCE_EXHAUSTED from a tiny queue, no retry on INVALID_ARGUMENT, streams,
-options, model information, bearer tokens and mutual TLS.
+gRPC's retries (service config) on a real RESOURCE_EXHAUSTED from a tiny queue, none on
+INVALID_ARGUMENT or a passed deadline, streams, options, model information, replicas given as
+a list, bearer tokens and mutual TLS. A server interceptor counts the attempts that arrive.
 
 The served model is the harness's tiny real ONNX encoder, whose exact output `expected_embeddings`
 computes in numpy, so every answer is checked number by number."""
 
 from __future__ import annotations
 
-import logging
+import collections
+import json
 import threading
 
 import grpc
@@ -22,12 +24,33 @@ from kserve_harness import (
     expected_embeddings,
 )
 
-from aet.clients.client import EmbeddingClient, EmbeddingError, RetryPolicy
+from aet.clients.client import EmbeddingClient, EmbeddingError, RetryPolicy, channel_target
+from aet.errors import UserError
 from aet.server.auth import BearerTokenInterceptor, tls_server_credentials
 
 SEED = 0
 MIB = 1 << 20
-RETRY_LOGGER = "aet.clients.client"
+
+
+class CallCounter(grpc.ServerInterceptor):
+    """Counts the calls (attempts, retries included) that reach the server, by method."""
+
+    def __init__(self):
+        self.calls: collections.Counter[str] = collections.Counter()
+        self._lock = threading.Lock()
+
+    def intercept_service(self, continuation, handler_call_details):
+        with self._lock:
+            self.calls[handler_call_details.method.rsplit("/", 1)[-1]] += 1
+        return continuation(handler_call_details)
+
+    def __getitem__(self, method: str) -> int:
+        with self._lock:
+            return self.calls[method]
+
+    def clear(self) -> None:
+        with self._lock:
+            self.calls.clear()
 
 
 @pytest.fixture(scope="module")
@@ -38,26 +61,33 @@ def repository(tmp_path_factory):
 
 
 @pytest.fixture
-def small_message_server(repository, start_server):
-    """A server that takes messages of at most 1 MiB (4,096 float32 rows of 8x8 pixels)."""
-    return start_server(repository, max_message_mb=1)
+def calls():
+    return CallCounter()
 
 
 @pytest.fixture
-def tiny_queue_server(repository, start_server):
+def small_message_server(repository, start_server, calls):
+    """A server that takes messages of at most 1 MiB (4,096 float32 rows of 8x8 pixels)."""
+    return start_server(repository, max_message_mb=1, interceptors=[calls])
+
+
+@pytest.fixture
+def tiny_queue_server(repository, start_server, calls):
     """One row per run and one waiting request: concurrent large requests overflow the queue."""
-    return start_server(repository, max_batch_size=1, max_queue_size=1, max_queue_delay_ms=0.0)
+    return start_server(
+        repository,
+        max_batch_size=1,
+        max_queue_size=1,
+        max_queue_delay_ms=0.0,
+        interceptors=[calls],
+    )
 
 
 def target(server) -> str:
     return f"127.0.0.1:{server.port}"
 
 
-def retry_records(caplog) -> list[logging.LogRecord]:
-    return [r for r in caplog.records if r.name == RETRY_LOGGER and "retry" in r.getMessage()]
-
-
-def test_long_input_is_split_under_the_message_limit_and_streamed(small_message_server, caplog):
+def test_long_input_is_split_under_the_message_limit_and_streamed(small_message_server, calls):
     pixels = digits_pixels(10_000, seed=1)  # 2.4 MiB of float32
     with EmbeddingClient(target(small_message_server), max_message_bytes=MIB) as client:
         rows = client.rows_per_request(pixels, MODEL)
@@ -65,17 +95,16 @@ def test_long_input_is_split_under_the_message_limit_and_streamed(small_message_
     assert rows * pixels[0].nbytes <= MIB and -(-len(pixels) // rows) >= 3
     assert embeddings.shape == (10_000, EMBEDDING_DIM) and embeddings.dtype == np.float32
     np.testing.assert_allclose(embeddings, expected_embeddings(pixels, SEED), rtol=1e-5, atol=1e-5)
-    assert not retry_records(caplog)
+    assert calls["EmbedStream"] == 1 and calls["Embed"] == 0
 
 
-def test_message_over_the_server_limit_is_not_retried(small_message_server, caplog):
+def test_message_over_the_server_limit_is_refused(small_message_server):
     pixels = digits_pixels(8_000, seed=2)  # 2 MiB in one request: the server refuses it
     with EmbeddingClient(target(small_message_server), max_message_bytes=4 * MIB) as client:
         with pytest.raises(EmbeddingError) as caught:
             client.embed(pixels, MODEL)
     assert caught.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "larger than max" in caught.value.details
-    assert not retry_records(caplog)
 
 
 def test_stream_of_batches_answers_each_batch_in_order(small_message_server):
@@ -110,7 +139,7 @@ def _embed_concurrently(
     start = threading.Barrier(callers)
 
     def call() -> None:
-        with EmbeddingClient(target, retry=retry, seed=SEED) as client:
+        with EmbeddingClient(target, retry=retry) as client:
             client.describe(MODEL)  # connect and learn the limits before the race
             start.wait()
             try:
@@ -126,52 +155,82 @@ def _embed_concurrently(
     return results, errors
 
 
-def test_queue_full_is_real_and_retried_with_backoff(tiny_queue_server, caplog):
-    pixels = digits_pixels(2_000, seed=4)  # 2,000 one-row runs keep the model busy
+def test_queue_full_is_real_and_retried_by_the_service_config(tiny_queue_server, calls):
+    pixels = digits_pixels(1_000, seed=4)  # 1,000 one-row runs keep the model busy
     _, errors = _embed_concurrently(
         target(tiny_queue_server), RetryPolicy(max_attempts=1), pixels, callers=4
     )
     assert errors and {e.code for e in errors} == {grpc.StatusCode.RESOURCE_EXHAUSTED}
-    assert not retry_records(caplog)
+    assert calls["Embed"] == 4  # one attempt each: no retry
 
+    calls.clear()
     results, errors = _embed_concurrently(
         target(tiny_queue_server),
-        RetryPolicy(max_attempts=30, initial_backoff=0.02, max_backoff=0.5),
+        RetryPolicy(max_attempts=5, initial_backoff=0.5, max_backoff=2.0),
         pixels,
-        callers=4,
+        callers=3,
     )
-    assert not errors and len(results) == 4
+    assert not errors and len(results) == 3
     for embeddings in results:
         np.testing.assert_allclose(
             embeddings, expected_embeddings(pixels, SEED), rtol=1e-5, atol=1e-5
         )
-    retried = retry_records(caplog)
-    assert retried and all("RESOURCE_EXHAUSTED" in r.getMessage() for r in retried)
+    assert calls["Embed"] > 3  # refused attempts came back and were answered
 
 
-def test_deadline_is_sent_and_not_retried(tiny_queue_server, caplog):
+def test_deadline_is_sent_and_not_retried(tiny_queue_server, calls):
     pixels = digits_pixels(5_000, seed=5)  # 5,000 one-row runs: far longer than 5 ms
     with EmbeddingClient(target(tiny_queue_server)) as client:
         client.describe(MODEL)  # connected, limits known: only the embedding call is timed
         with pytest.raises(EmbeddingError) as caught:
             client.embed(pixels, MODEL, timeout=0.005)
     assert caught.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
-    assert not retry_records(caplog)
+    assert calls["Embed"] <= 1
 
 
-def test_backoff_grows_with_jitter_and_stays_capped():
-    import random
+def test_service_config_balances_and_retries_within_the_deadline():
+    config = json.loads(RetryPolicy(max_attempts=3, initial_backoff=0.1).service_config())
+    assert config["loadBalancingConfig"] == [{"round_robin": {}}]
+    (method,) = config["methodConfig"]
+    assert method["name"] == [{"service": "aet.v1.EmbeddingService"}]
+    assert method["retryPolicy"]["maxAttempts"] == 3
+    assert method["retryPolicy"]["initialBackoff"] == "0.1s"
+    assert method["retryPolicy"]["retryableStatusCodes"] == ["UNAVAILABLE", "RESOURCE_EXHAUSTED"]
+    assert (
+        "retryPolicy"
+        not in json.loads(RetryPolicy(max_attempts=1).service_config())["methodConfig"][0]
+    )
+    with pytest.raises(ValueError, match=r"max_attempts: expected 1\.\.5 \(gRPC's cap\), got 6"):
+        RetryPolicy(max_attempts=6)
 
-    policy = RetryPolicy(initial_backoff=0.1, max_backoff=1.0, multiplier=2.0)
-    rng = random.Random(SEED)
-    delays = [[policy.delay(n, rng) for _ in range(200)] for n in range(6)]
-    for n, samples in enumerate(delays):
-        ceiling = min(1.0, 0.1 * 2**n)
-        assert ceiling / 2 <= min(samples) and max(samples) <= ceiling
-        assert len(set(samples)) == len(samples)  # jittered, not one fixed value
+
+def test_replica_addresses_become_one_balanced_target():
+    assert channel_target("127.0.0.1:1") == "127.0.0.1:1"
+    assert channel_target("dns:///embed.example:8500") == "dns:///embed.example:8500"
+    assert channel_target(["127.0.0.1:1", "127.0.0.2:2"]) == "ipv4:127.0.0.1:1,127.0.0.2:2"
+    assert channel_target("127.0.0.1:1, 127.0.0.2:2") == "ipv4:127.0.0.1:1,127.0.0.2:2"
+    assert channel_target(["[::1]:1", "[::1]:2"]) == "ipv6:[::1]:1,[::1]:2"
+    with pytest.raises(UserError, match=r"ip:port literals, got 'replica-b:2'"):
+        channel_target(["127.0.0.1:1", "replica-b:2"])
+    with pytest.raises(UserError, match="one IP family"):
+        channel_target(["127.0.0.1:1", "[::1]:2"])
 
 
-def test_invalid_argument_is_raised_at_once_with_the_server_message(small_message_server, caplog):
+def test_list_of_replicas_spreads_calls_over_both(repository, start_server):
+    counters = [CallCounter(), CallCounter()]
+    servers = [start_server(repository, interceptors=[c]) for c in counters]
+    pixels = digits_pixels(8)
+    with EmbeddingClient([target(s) for s in servers]) as client:
+        client.describe(MODEL)
+        for _ in range(20):
+            np.testing.assert_allclose(
+                client.embed(pixels, MODEL), expected_embeddings(pixels, SEED), atol=1e-5
+            )
+    assert all(c["Embed"] > 0 for c in counters)
+    assert sum(c["Embed"] for c in counters) == 20
+
+
+def test_invalid_argument_is_raised_at_once_with_the_server_message(small_message_server, calls):
     wrong_shape = np.zeros((3, 1, 7, 7), np.float32)
     with EmbeddingClient(target(small_message_server)) as client:
         with pytest.raises(EmbeddingError) as caught:
@@ -182,10 +241,10 @@ def test_invalid_argument_is_raised_at_once_with_the_server_message(small_messag
     assert caught.value.method == "Embed" and "7" in caught.value.details
     assert missing.value.code == grpc.StatusCode.NOT_FOUND
     assert "no-such-model" in str(missing.value)
-    assert not retry_records(caplog)
+    assert calls["Embed"] == 1 and calls["DescribeModel"] == 2  # one attempt each
 
 
-def test_bad_row_in_a_stream_ends_it_with_invalid_argument(small_message_server, caplog):
+def test_bad_row_in_a_stream_ends_it_with_invalid_argument(small_message_server, calls):
     batches = [digits_pixels(5), np.full((2, 1, 8, 8), np.nan, np.float32)]
     with EmbeddingClient(target(small_message_server)) as client:
         answers = client.embed_batches(iter(batches), MODEL)
@@ -194,7 +253,7 @@ def test_bad_row_in_a_stream_ends_it_with_invalid_argument(small_message_server,
             next(answers)
     assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT
     assert caught.value.method == "EmbedStream" and "request_id '1'" in caught.value.details
-    assert not retry_records(caplog)
+    assert calls["EmbedStream"] == 1
 
 
 def test_inputs_are_checked_before_sending(small_message_server):

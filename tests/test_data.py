@@ -266,7 +266,6 @@ def test_npz_uint8_with_labels(tmp_path):
     "shape, image_shape",
     [
         ((10, 3, 2, 2), (3, 2, 2)),
-        ((10, 9), (1, 3, 3)),
         ((10, 5, 6), (1, 5, 6)),
     ],
 )
@@ -287,26 +286,26 @@ def test_npz_float_without_labels(tmp_path, shape, image_shape):
     "arrays, fault",
     [
         (
-            {"x": np.array([[0.5, np.nan, 0.1, 0.2]])},
-            r"1 NaN/Inf values \(first: nan at index \(0, 1\)\)",
+            {"x": np.array([[[0.5, np.nan], [0.1, 0.2]]])},
+            r"1 NaN/Inf values \(first: nan at index \(0, 0, 1\)\)",
         ),
-        ({"x": np.array([[0.5, 0.1, np.inf, 0.2]])}, r"NaN/Inf values \(first: inf"),
-        ({"x": np.array([[0.5, 1.5, 0.0, 0.2]])}, r"values in \[0.0, 1.5\]"),
-        ({"x": np.array([[-0.5, 0.5, 0.0, 0.2]])}, r"values in \[-0.5, 0.5\]"),
-        ({"x": np.zeros((2, 5))}, "D a perfect square, got D=5"),
-        ({"x": np.zeros((2, 4), np.int64)}, "dtype int64; expected uint8"),
+        ({"x": np.array([[[0.5, 0.1], [np.inf, 0.2]]])}, r"NaN/Inf values \(first: inf"),
+        ({"x": np.array([[[0.5, 1.5], [0.0, 0.2]]])}, r"values in \[0.0, 1.5\]"),
+        ({"x": np.array([[[-0.5, 0.5], [0.0, 0.2]]])}, r"values in \[-0.5, 0.5\]"),
+        ({"x": np.zeros((2, 5, 2, 2, 2))}, r"expected images \(N, H, W\) or \(N, C, H, W\)"),
+        ({"x": np.zeros((2, 2, 2), np.int64)}, "dtype int64; expected uint8"),
         (
-            {"x": np.full((3, 4), 9, np.uint8), "y": np.zeros(2, np.int64)},
+            {"x": np.full((3, 2, 2), 9, np.uint8), "y": np.zeros(2, np.int64)},
             "'y' holds 2 labels, but 'x' holds 3",
         ),
-        ({"x": np.full((2, 4), 9, np.uint8), "y": np.zeros(2)}, "'y' must be integer labels"),
+        ({"x": np.full((2, 2, 2), 9, np.uint8), "y": np.zeros(2)}, "'y' must be integer labels"),
         (
-            {"x": np.array([[0, 1, 1, 0], [1, 0, 0, 1]], np.uint8)},
+            {"x": np.array([[[0, 1], [1, 0]], [[1, 0], [0, 1]]], np.uint8)},
             r"uint8 with every value in \{0, 1\}.*x \* 255 \(uint8\) or as float32",
         ),
-        ({"x": np.full((2, 4), 200, np.uint16)}, "dtype uint16; expected uint8"),
-        ({"x": np.full((2, 4), 3, np.int32)}, "dtype int32; expected uint8"),
-        ({"x": np.zeros((0, 4), np.uint8)}, "holds no images"),
+        ({"x": np.full((2, 2, 2), 200, np.uint16)}, "dtype uint16; expected uint8"),
+        ({"x": np.full((2, 2, 2), 3, np.int32)}, "dtype int32; expected uint8"),
+        ({"x": np.zeros((0, 2, 2), np.uint8)}, "holds no images"),
         ({"images": np.zeros((2, 4), np.uint8)}, r"no array 'x'; found arrays: \['images'\]"),
     ],
 )

@@ -22,11 +22,13 @@ from aet.training.data import Dataset, Split
 from aet.training.export import (
     PARITY_ROWS,
     ExportConfig,
+    ExportedEncoder,
     ExportError,
-    PixelEncoder,
+    Scale,
     export,
-    max_parity_diff,
-    parity_pixels,
+    max_parity_diffs,
+    onnx_session,
+    parity_rows,
     to_onnx,
     training_recipe,
 )
@@ -100,6 +102,16 @@ def test_export_writes_version_one_with_a_complete_card(exported, run_dir):
         CODE_SIZE,
     )
     assert card.preprocessing == ["scale: pixels / 16 -> [0, 1]", "flatten: (1, 8, 8) -> 64"]
+    assert card.input.feature_names is None and card.standardizer is None
+    score = card.score
+    assert (score.name, score.dtype, score.calibration_split) == (
+        "reconstruction_error",
+        "float32",
+        "val",
+    )
+    assert score.measure.startswith("mean binary cross-entropy") and score.calibration_rows == 126
+    levels = list(score.percentiles.values())
+    assert list(score.percentiles) == ["p50", "p90", "p99", "p99.9"] and levels == sorted(levels)
     assert card.dataset == checkpoint.source and card.dataset["sizes"]["test"] == 540
     assert card.metrics == {
         "test_reconstruction_mse": evaluation["reconstruction_mse"]["model"],
@@ -123,9 +135,9 @@ def test_export_writes_version_one_with_a_complete_card(exported, run_dir):
 def test_graph_is_small_with_a_dynamic_batch_and_matches_pytorch(exported, run_dir):
     graph = onnx.load(exported / "model.onnx")
     onnx.checker.check_model(graph, full_check=True)
-    assert [n.op_type for n in graph.graph.node] == ["Div", "Reshape", "Gemm", "Relu", "Gemm"]
-    (pixels_input,), (embedding_output,) = graph.graph.input, graph.graph.output
-    assert pixels_input.name == "pixels" and embedding_output.name == "embedding"
+    (pixels_input,), outputs = graph.graph.input, graph.graph.output
+    assert pixels_input.name == "pixels"
+    assert [o.name for o in outputs] == ["embedding", "reconstruction_error"]
     dims = pixels_input.type.tensor_type.shape.dim
     assert dims[0].dim_param and [d.dim_value for d in dims[1:]] == [1, 8, 8]
     assert b"/work/" not in (exported / "model.onnx").read_bytes()  # no local paths leak
@@ -135,12 +147,21 @@ def test_graph_is_small_with_a_dynamic_batch_and_matches_pytorch(exported, run_d
         str(exported / "model.onnx"), providers=["CPUExecutionProvider"]
     )
     pixels = digits_pixels(41)
-    with torch.no_grad():  # the graph's input is raw pixels: the model's is pixels / 16
-        expected = model.encode(torch.from_numpy(pixels / 16.0)).numpy()
+    scaled = torch.from_numpy(pixels / 16.0)  # the graph's input is raw pixels: the model's / 16
+    with torch.no_grad():
+        expected = model.encode(scaled).numpy()
+        logits = model(scaled).flatten(1)
+    # The score by hand: the mean over the 64 pixels of the binary cross-entropy.
+    probabilities = torch.sigmoid(logits).clamp(1e-7, 1 - 1e-7)
+    target = scaled.flatten(1)
+    bce = -(target * probabilities.log() + (1 - target) * (1 - probabilities).log())
+    expected_score = bce.mean(1).numpy()
     for batch in (1, 5, 35):
-        (got,) = session.run(["embedding"], {"pixels": pixels[:batch]})
+        got, score = session.run(None, {"pixels": pixels[:batch]})
         assert got.shape == (batch, CODE_SIZE) and got.dtype == np.float32
         np.testing.assert_allclose(got, expected[:batch], atol=1e-4, rtol=0)
+        assert score.shape == (batch,) and score.dtype == np.float32
+        np.testing.assert_allclose(score, expected_score[:batch], rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("architecture, hidden_sizes", [("vae", (16,)), ("conv", (4, 8))])
@@ -149,10 +170,11 @@ def test_vae_and_conv_encoders_export_with_parity(architecture, hidden_sizes):
     model = build_autoencoder(
         ModelConfig(architecture=architecture, hidden_sizes=hidden_sizes, code_size=3), (1, 8, 8)
     ).eval()
-    encoder = PixelEncoder(model, 16.0).eval()
+    encoder = ExportedEncoder(model, Scale(16.0)).eval()
     pixels = digits_pixels(64)
     graph = to_onnx(encoder, torch.from_numpy(pixels[:2]), opset=20)
-    assert max_parity_diff(graph.SerializeToString(), encoder, pixels) <= 1e-4
+    diffs = max_parity_diffs(onnx_session(graph.SerializeToString()), encoder, pixels)
+    assert diffs.keys() == {"embedding", "reconstruction_error"} and max(diffs.values()) <= 1e-4
     if architecture == "vae":  # the embedding is the posterior mean, not a sample
         session = onnxruntime.InferenceSession(
             graph.SerializeToString(), providers=["CPUExecutionProvider"]
@@ -167,8 +189,8 @@ def test_parity_failure_reports_the_diff_and_writes_nothing(run_dir, tmp_path, m
     monkeypatch.setattr(export_module, "PARITY_TOLERANCE", -1.0)
     with pytest.raises(
         ExportError,
-        match=r"parity check failed: .* over 1000 inputs: "
-        r"expected <= -1, got [0-9.e+-]+; nothing written",
+        match=r"parity check failed: over 1000 inputs, .*'embedding': "
+        r"expected <= -1, got [0-9.e+-]+; .*'reconstruction_error' .*; nothing written",
     ):
         export(ExportConfig(run=run_dir, repository=tmp_path / "exported"))
     assert not (tmp_path / "exported").exists()
@@ -203,21 +225,18 @@ def test_parity_inputs_take_held_out_rows_first_and_top_up_small_data_sets():
         num_classes=None,
         source={},
     )
-    pixels = parity_pixels(small, rows=40)
+    pixels = parity_rows(small, rows=40)
     assert pixels.shape == (40, 1, 2, 2) and pixels.dtype == np.float32
     assert pixels[:10, 0, 0, 0].tolist() == [255.0] * 3 + [127.5] * 2 + [63.75] * 5
     noise = pixels[10:]
     assert noise.min() >= 0 and noise.max() <= 255 and len(np.unique(noise)) == noise.size
-    np.testing.assert_array_equal(parity_pixels(small, rows=40), pixels)  # seeded
-    np.testing.assert_array_equal(parity_pixels(small, rows=4), pixels[:4])
+    np.testing.assert_array_equal(parity_rows(small, rows=40), pixels)  # seeded
+    np.testing.assert_array_equal(parity_rows(small, rows=4), pixels[:4])
 
 
 def test_graph_onnxruntime_cannot_load_is_an_export_error():
-    encoder = PixelEncoder(
-        build_autoencoder(ModelConfig(hidden_sizes=(4,), code_size=2), (1, 8, 8)), 16.0
-    ).eval()
     with pytest.raises(ExportError, match="onnxruntime .* cannot load the exported graph"):
-        max_parity_diff(b"not an onnx graph", encoder, digits_pixels(3))
+        onnx_session(b"not an onnx graph")
 
 
 @pytest.mark.parametrize("content", [None, b"", b"not a checkpoint at all"])

@@ -1,5 +1,6 @@
 """`aet embed`: the same embeddings through the server, in-process onnxruntime and local Ray;
-atomic `.npz`/Parquet outputs; shards that survive an interrupted job and resume it."""
+rows planned from labels match the data set; atomic `.npz`/Parquet outputs; shards that survive
+an interrupted job and resume it; Ray output folders that resume at block level."""
 
 from __future__ import annotations
 
@@ -12,18 +13,24 @@ import pytest
 from conftest import DIGITS_MODEL
 
 from aet.cli import main
-from aet.clients.backends import BackendError, LocalBackend, RayBackend, ServerBackend
+from aet.clients.backends import (
+    BackendError,
+    LocalBackend,
+    RayBackend,
+    ServerBackend,
+    actor_device,
+)
 from aet.clients.client import EmbeddingClient
 from aet.clients.extract import (
     EmbedConfig,
     ExtractionError,
     extract,
     extraction_rows,
-    raw_pixels,
     read_embeddings,
 )
+from aet.clients.rows import plan_rows, raw_pixels
 from aet.config import ConfigError
-from aet.training.data import load_dataset
+from aet.training.data import DataError, load_dataset
 
 LIMIT = 400  # digits rows per job: five shards of 96, quick on any backend
 
@@ -46,12 +53,53 @@ def dataset():
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, model_dir, dataset):
+def plan():
+    return plan_rows({"name": "digits", "path": None, "seed": 0, "limit": LIMIT})
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, model_dir, plan):
     """The local backend's output for the job: the embeddings every other path must match."""
     folder = tmp_path_factory.mktemp("reference")
     with LocalBackend(model_dir) as backend:
-        extract(config(folder, "local.npz", local=model_dir), backend, dataset)
+        extract(config(folder, "local.npz", local=model_dir), backend, plan)
     return read_embeddings(folder / "local.npz")
+
+
+@pytest.mark.parametrize(
+    "cut",
+    [
+        {"limit": LIMIT},
+        {"limit": None},
+        {"limit": LIMIT, "test_fraction": 0.25, "val_fraction": 0.2},
+    ],
+)
+def test_plan_from_labels_gives_the_rows_of_the_data_set(cut):
+    dataset = load_dataset("digits", seed=3, **cut)
+    rows = extraction_rows(dataset)
+    plan = plan_rows({"name": "digits", "path": None, "seed": 3, **cut})
+    block = plan.block(0, len(plan))
+    np.testing.assert_array_equal(block["id"], np.arange(len(rows)))
+    np.testing.assert_array_equal(block["pixels"], rows.pixels)
+    np.testing.assert_array_equal(block["label"], rows.labels)
+    np.testing.assert_array_equal(block["split"], rows.split)
+    np.testing.assert_array_equal(plan.block(17, 90)["pixels"], rows.pixels[17:90])
+
+
+def test_plan_reads_idx_files_block_by_block(tmp_path):
+    """Uncompressed IDX files are mapped per block; the rows match the loader's."""
+    images = np.random.default_rng(0).integers(0, 256, (300, 6, 6), dtype=np.uint8)
+    labels = np.arange(300, dtype=np.uint8) % 10
+    for kind, array, magic in (("images", images, 3), ("labels", labels, 1)):
+        header = bytes([0, 0, 8, magic]) + b"".join(d.to_bytes(4, "big") for d in array.shape)
+        (tmp_path / f"t10k-{kind}-idx{magic}-ubyte").write_bytes(header + array.tobytes())
+    dataset = load_dataset("mnist-idx", tmp_path, seed=1, limit=250)
+    rows = extraction_rows(dataset)
+    plan = plan_rows({"name": "mnist-idx", "path": str(tmp_path), "seed": 1, "limit": 250})
+    assert plan.idx_files and not plan.idx_files[0].compressed
+    pixels = np.concatenate([plan.pixels(a, min(a + 64, 250)) for a in range(0, 250, 64)])
+    np.testing.assert_array_equal(pixels, rows.pixels)
+    np.testing.assert_array_equal(plan.labels, rows.labels)
 
 
 def test_raw_pixels_recover_bytes_exactly(dataset):
@@ -85,13 +133,18 @@ def test_output_holds_every_split_with_labels_and_provenance(reference, dataset,
 
 
 def test_server_and_ray_backends_match_local(
-    tmp_path, model_dir, dataset, reference, embedding_server
+    tmp_path, model_dir, plan, reference, embedding_server
 ):
     target = f"127.0.0.1:{embedding_server.port}"
     with ServerBackend(EmbeddingClient(target), DIGITS_MODEL) as backend:
-        served = extract(config(tmp_path, "served.parquet"), backend, dataset)
+        served = extract(config(tmp_path, "served.parquet"), backend, plan)
     with RayBackend(model_dir, workers=2) as backend:
-        on_ray = extract(config(tmp_path, "ray.npz"), backend, dataset)
+        on_ray = extract(config(tmp_path, "ray.parquet", local=None, ray=model_dir), backend)
+        assert (tmp_path / "ray.parquet").is_dir()
+        _ray_job_resumes_from_its_finished_blocks(tmp_path / "ray.parquet", model_dir, backend)
+        missing = {"name": "npz", "path": str(tmp_path / "absent.npz"), "seed": 0, "limit": None}
+        with pytest.raises(DataError, match=r"absent\.npz: no such file"):
+            backend.plan(missing)  # the worker's error, as the job's own
     assert served.embedded_rows == on_ray.embedded_rows == LIMIT
     for path in (served.output, on_ray.output):
         table = read_embeddings(path)
@@ -101,28 +154,59 @@ def test_server_and_ray_backends_match_local(
     assert not list(tmp_path.glob("*.shards"))  # merged and cleaned up
 
 
+def _ray_job_resumes_from_its_finished_blocks(folder, model_dir, backend):
+    """A crash leaves a cut-short file and an unfinished manifest: the rerun redoes only the
+    blocks that file held, and every row is there once."""
+    reference = read_embeddings(folder)
+    files = sorted(folder.glob("*.parquet"))
+    assert len(files) >= 4  # at most one block (96 rows) per file
+    files[1].write_bytes(files[1].read_bytes()[:100])  # cut short by a crash
+    manifest = json.loads((folder / "manifest.json").read_text())
+    (folder / "manifest.json").write_text(json.dumps({**manifest, "complete": False}))
+    with pytest.raises(ExtractionError, match="unfinished job; run the same aet embed"):
+        read_embeddings(folder)
+
+    resumed = extract(config(folder.parent, folder.name, local=None, ray=model_dir), backend)
+    assert 0 < resumed.embedded_rows <= 2 * 96
+    table = read_embeddings(folder)
+    np.testing.assert_array_equal(table.ids, np.arange(LIMIT))
+    np.testing.assert_array_equal(table.embeddings, reference.embeddings)
+
+
+def test_ray_actors_reserve_a_gpu_when_cuda_is_chosen():
+    assert actor_device("auto", cluster_gpus=0) == ("cpu", 0)
+    assert actor_device("auto", cluster_gpus=2) == ("cuda", 1)
+    assert actor_device("cpu", cluster_gpus=2) == ("cpu", 0)
+    assert actor_device("cuda", cluster_gpus=1) == ("cuda", 1)
+    with pytest.raises(BackendError, match="cuda needs GPUs in the Ray cluster; got 0 GPUs"):
+        actor_device("cuda", cluster_gpus=0)
+    with pytest.raises(BackendError, match="device: expected one of auto, cpu, cuda, got 'tpu'"):
+        actor_device("tpu", cluster_gpus=0)
+
+
 class _Interrupted(Exception):
     pass
 
 
 class _InterruptedAfter(LocalBackend):
-    """The real local backend, stopped (as by Ctrl-C) after `blocks` blocks."""
+    """The real local backend, stopped (as by Ctrl-C) after `blocks` blocks in all."""
 
     def __init__(self, model_dir, blocks: int):
         super().__init__(model_dir)
         self.blocks = blocks
 
     def embed_rows(self, pixels, batch_size):
-        for count, embeddings in enumerate(super().embed_rows(pixels, batch_size)):
-            if count == self.blocks:
+        for embeddings in super().embed_rows(pixels, batch_size):
+            if self.blocks == 0:
                 raise _Interrupted
+            self.blocks -= 1
             yield embeddings
 
 
-def test_interrupted_job_resumes_from_its_finished_shards(tmp_path, model_dir, dataset, reference):
+def test_interrupted_job_resumes_from_its_finished_shards(tmp_path, model_dir, plan, reference):
     job = config(tmp_path, "resumed.npz", local=model_dir)
-    with pytest.raises(_Interrupted), _InterruptedAfter(model_dir, blocks=6) as backend:
-        extract(job, backend, dataset)  # 6 blocks of 40 rows: shards 0 and 1 (96 rows each)
+    with pytest.raises(_Interrupted), _InterruptedAfter(model_dir, blocks=7) as backend:
+        extract(job, backend, plan)  # blocks of 40, 40, 16 rows per shard: shards 0 and 1
     shards = tmp_path / "resumed.npz.shards"
     assert sorted(p.name for p in shards.glob("shard-*.npz")) == [
         "shard-00000.npz",
@@ -132,7 +216,7 @@ def test_interrupted_job_resumes_from_its_finished_shards(tmp_path, model_dir, d
     (shards / "shard-00001.npz").write_bytes(b"truncated by a crash")  # fails validation
 
     with LocalBackend(model_dir) as backend:
-        summary = extract(job, backend, dataset)
+        summary = extract(job, backend, plan)
     assert summary.embedded_rows == LIMIT - 96  # shard 0 reused, the broken shard 1 redone
     assert "96 rows from finished shards" in summary.line()
     resumed = read_embeddings(job.output)
@@ -140,21 +224,21 @@ def test_interrupted_job_resumes_from_its_finished_shards(tmp_path, model_dir, d
     assert not shards.exists()
 
 
-def test_unfinished_job_of_other_arguments_is_refused(tmp_path, model_dir, dataset):
+def test_unfinished_job_of_other_arguments_is_refused(tmp_path, model_dir, plan):
     with pytest.raises(_Interrupted), _InterruptedAfter(model_dir, blocks=3) as backend:
-        extract(config(tmp_path, "job.npz", local=model_dir), backend, dataset)
+        extract(config(tmp_path, "job.npz", local=model_dir), backend, plan)
     other = config(tmp_path, "job.npz", local=model_dir, seed=1)
     with pytest.raises(ExtractionError, match=r"field 'dataset'.*'seed': 1.*'seed': 0"):
         with LocalBackend(model_dir) as backend:
-            extract(other, backend, load_dataset("digits", seed=1, limit=LIMIT))
+            extract(other, backend)
 
 
-def test_existing_output_needs_overwrite(tmp_path, model_dir, dataset):
+def test_existing_output_needs_overwrite(tmp_path, model_dir, plan):
     job = config(tmp_path, "once.npz", local=model_dir)
     with LocalBackend(model_dir) as backend:
-        extract(job, backend, dataset)
+        extract(job, backend, plan)
         with pytest.raises(ExtractionError, match="already exists; pass --overwrite"):
-            extract(job, backend, dataset)
+            extract(job, backend, plan)
 
 
 def test_model_for_other_images_is_refused(tmp_path, model_dir):
@@ -177,6 +261,11 @@ def test_config_and_model_folder_errors(tmp_path, model_dir):
         EmbedConfig(server="127.0.0.1:1")
     with pytest.raises(ConfigError, match=r"ending in \.npz or \.parquet; got out\.csv"):
         EmbedConfig(local=model_dir, output=Path("out.csv"))
+    with pytest.raises(ConfigError, match=r"--ray writes a folder of Parquet files.*got out\.npz"):
+        EmbedConfig(ray=model_dir, output=Path("out.npz"))
+    assert EmbedConfig(ray=model_dir).output == Path("extracted/digits.parquet")
+    with pytest.raises(ConfigError, match="device: only for --ray; got --device cuda"):
+        EmbedConfig(local=model_dir, device="cuda")
     with pytest.raises(BackendError, match="no such folder"):
         LocalBackend(tmp_path / "absent")
 

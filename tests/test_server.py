@@ -32,7 +32,7 @@ from aet.server.app import ServeConfig
 from aet.server.auth import BearerTokenInterceptor
 from aet.server.repository import MODEL_FILE, read_model_card, scan_repository, write_version
 from aet.training.checkpoint import load_checkpoint
-from aet.training.export import PixelEncoder
+from aet.training.export import ExportedEncoder, Scale
 
 WAIT = 20.0  # seconds; safety net against hangs, never a measured quantity
 STATE = pb.ModelVersionState.State
@@ -112,8 +112,10 @@ def test_embeddings_equal_onnxruntime_in_process_and_the_pytorch_encoder(
     assert (response.request_id, response.model, response.version) == ("req-7", "digits", 1)
     assert got.shape == (100, 8) and got.dtype == np.float32
     assert np.abs(got - reference(batch)).max() <= 1e-5
-    encoder = PixelEncoder(
-        load_checkpoint(digits_checkpoint).build_model(), digits_dataset.raw_max
+    encoder = ExportedEncoder(
+        load_checkpoint(digits_checkpoint).build_model(),
+        Scale(digits_dataset.raw_max),
+        with_score=False,
     ).eval()
     with torch.no_grad():
         expected = encoder(torch.from_numpy(batch)).numpy()

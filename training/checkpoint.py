@@ -38,7 +38,7 @@ class Checkpoint:
     """
 
     model_config: ModelConfig
-    image_shape: tuple[int, int, int]  # (C, H, W) of the training images
+    image_shape: tuple[int, ...]  # one training row: (C, H, W) images or (D,) vectors
     raw_max: float  # raw pixel value that maps to 1.0
     source: dict  # the data set's origin and split (training.data.Dataset.source)
     run_config: dict  # the full `aet pretrain` configuration that produced the model
@@ -47,6 +47,10 @@ class Checkpoint:
     epoch: int  # epochs completed in that stage
     metrics: dict  # per-stage loss history and, once training ends, the evaluation
     training_state: dict[str, Any] | None = None
+    # Vectors only: `FeatureStandardizer.to_dict()` fitted on the training split, and the
+    # feature names (None for images, and in checkpoints written before vectors existed).
+    standardizer: dict[str, Any] | None = None
+    feature_names: list[str] | None = None
 
     def build_model(self) -> Autoencoder:
         """The autoencoder with the saved weights, in eval mode."""
@@ -54,9 +58,7 @@ class Checkpoint:
         model.load_state_dict(self.model_state)
         return model.eval()
 
-    def require_model(
-        self, config: ModelConfig, image_shape: tuple[int, int, int], path: Path
-    ) -> None:
+    def require_model(self, config: ModelConfig, image_shape: tuple[int, ...], path: Path) -> None:
         """Raise CheckpointError unless it holds a model of `config` on `image_shape`."""
         if self.model_config != config:
             raise CheckpointError(
@@ -65,8 +67,8 @@ class Checkpoint:
             )
         if tuple(self.image_shape) != tuple(image_shape):
             raise CheckpointError(
-                f"checkpoint {path}: trained on images {tuple(self.image_shape)}; "
-                f"the data set has images {tuple(image_shape)}"
+                f"checkpoint {path}: trained on rows of shape {tuple(self.image_shape)}; "
+                f"the data set has rows of shape {tuple(image_shape)}"
             )
 
 
@@ -113,10 +115,11 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
         raise CheckpointError(f"checkpoint {path}: expected format {FORMAT!r}, got {found!r}")
     fields = {f.name for f in dataclasses.fields(Checkpoint)}
-    missing = sorted(fields - payload.keys())
+    optional = {"standardizer", "feature_names"}
+    missing = sorted(fields - optional - payload.keys())
     if missing:
         raise CheckpointError(f"checkpoint {path}: missing fields {', '.join(missing)}")
-    values = {name: payload[name] for name in fields}
+    values = {name: payload[name] for name in fields if name in payload}
     try:
         values["model_config"] = ModelConfig(**values["model_config"])
     except (TypeError, ConfigError) as exc:

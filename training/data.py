@@ -1,8 +1,11 @@
 """Data sets for pretraining: one registry of loaders, fixed seeded splits.
 
-Every loader returns images as float32 `(N, C, H, W)` in [0, 1] (raw pixel / `raw_max`) and
-int64 labels when the source has them. `load_dataset` then cuts a seeded, stratified
-train / validation / test split, identical on every machine for the same arguments.
+Image loaders return float32 `(N, C, H, W)` in [0, 1] (raw pixel / `raw_max`); vector loaders
+(csv, parquet, a 2-D npz `x`, the bundled wine and breast-cancer tables) return float32 `(N, D)`
+numeric features with their names. Both give int64 labels when the source has them.
+`load_dataset` then cuts a seeded, stratified train / validation / test split, identical on
+every machine for the same arguments, and standardises vectors per feature with statistics
+fitted on the training split only (`Dataset.standardizer`, baked into the exported graph).
 """
 
 from __future__ import annotations
@@ -14,15 +17,20 @@ import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv
+import pyarrow.parquet
 from PIL import Image, UnidentifiedImageError
-from sklearn.datasets import load_digits
+from sklearn.datasets import load_breast_cancer, load_digits, load_wine
 from sklearn.model_selection import train_test_split
 
 from aet.config import ConfigError
 from aet.errors import UserError
+from aet.training.standardize import FeatureStandardizer
 
 
 class DataError(UserError):
@@ -31,7 +39,8 @@ class DataError(UserError):
 
 @dataclass(frozen=True)
 class Split:
-    """One part of a data set: images (N, C, H, W) float32 in [0, 1], labels (N,) int64 or None."""
+    """One part of a data set: images (N, C, H, W) float32 in [0, 1] or standardised vectors
+    (N, D) float32, and labels (N,) int64 or None."""
 
     x: np.ndarray
     y: np.ndarray | None
@@ -48,15 +57,29 @@ class Dataset:
     train: Split
     val: Split
     test: Split
-    raw_max: float  # raw pixel value that maps to 1.0
-    image_shape: tuple[int, int, int]  # (C, H, W)
+    raw_max: float  # raw pixel value that maps to 1.0 (1.0 for vectors: unused)
+    image_shape: tuple[int, ...]  # one row: (C, H, W) for images, (D,) for vectors
     num_classes: int | None
     source: dict  # origin, split sizes, seed and fractions: JSON-serialisable, for model.json
+    feature_names: tuple[str, ...] | None = None  # vectors only: the D feature columns
+    standardizer: FeatureStandardizer | None = None  # vectors only: fitted on `train`
 
     @property
     def fit(self) -> Split:
         """Train + val: everything a probe may learn from ("all training labels")."""
         return _concat(self.train, self.val)
+
+    @property
+    def is_vectors(self) -> bool:
+        """True for tables of features (Gaussian model), False for images in [0, 1]."""
+        return self.standardizer is not None
+
+    def raw(self, x: np.ndarray) -> np.ndarray:
+        """Rows of a split back in the units the exported graph takes: pixels in
+        [0, raw_max], or vectors before standardisation."""
+        if self.standardizer is not None:
+            return self.standardizer.inverse_transform(x)
+        return (x * np.float32(self.raw_max)).astype(np.float32)
 
 
 def _concat(first: Split, second: Split) -> Split:
@@ -77,13 +100,38 @@ class LoadedImages:
     origin: dict  # where the data came from: a path or a library function, plus file names
     default_test_fraction: float
     official_test: Split | None = None
+    feature_names: tuple[str, ...] | None = None  # set for vectors: raw (N, D) features
+
+
+@dataclass(frozen=True)
+class TableOptions:
+    """How to read a table of features (csv, parquet, a 2-D npz `x`)."""
+
+    columns: tuple[str, ...] | None = None  # feature columns; None: every column but the label
+    label_column: str | None = None  # integer or string class labels; None: unlabelled
+    drop_missing: bool = False  # drop rows with a missing, NaN or infinite value instead of failing
+
+    @property
+    def given(self) -> list[str]:
+        """The options set away from their defaults, by flag name."""
+        named = {
+            "columns": self.columns is not None,
+            "label_column": self.label_column is not None,
+            "drop_missing": self.drop_missing,
+        }
+        return [name for name, set_ in named.items() if set_]
 
 
 class Loader(Protocol):
     """One entry of `DATASETS`: reads a data set in full, before any split."""
 
     def __call__(
-        self, path: Path | None, *, image_size: int | None, channels: int | None
+        self,
+        path: Path | None,
+        *,
+        image_size: int | None,
+        channels: int | None,
+        table: TableOptions,
     ) -> LoadedImages: ...
 
 
@@ -103,13 +151,14 @@ def _fixed_shape_only(
 
 
 def _load_digits(
-    path: Path | None, *, image_size: int | None, channels: int | None
+    path: Path | None, *, image_size: int | None, channels: int | None, table: TableOptions
 ) -> LoadedImages:
     """scikit-learn's 1,797 8x8 digits (pixel values 0..16), bundled with the library."""
     if path is not None:
         raise ConfigError(
             f"path: the digits data set is bundled with scikit-learn and takes no path; got {path}"
         )
+    _table_options_unused("digits images", table)
     _fixed_shape_only("digits", image_size, channels, (1, 8, 8))
     bunch = load_digits()
     x = (bunch.images.astype(np.float32) / np.float32(16.0))[:, None]  # (N, 1, 8, 8)
@@ -248,9 +297,10 @@ def _read_idx_part(folder: Path, part: str) -> tuple[Split, list[str]] | None:
 
 
 def _load_mnist_idx(
-    path: Path | None, *, image_size: int | None, channels: int | None
+    path: Path | None, *, image_size: int | None, channels: int | None, table: TableOptions
 ) -> LoadedImages:
     """A folder of MNIST-format IDX files; train + t10k give the official split."""
+    _table_options_unused("mnist-idx images", table)
     folder = _find_idx_folder(default_mnist_dir() if path is None else path)
     parts = {part: read for part in _IDX_PARTS if (read := _read_idx_part(folder, part))}
     splits = [split for split, _ in parts.values()]
@@ -282,24 +332,15 @@ def _require_path(name: str, path: Path | None) -> Path:
 
 
 def _npz_image_shape(path: Path, x: np.ndarray) -> tuple[int, int, int]:
-    """(C, H, W) of the images stored in array `x`: (N, H, W), (N, C, H, W) or (N, s*s)."""
-    if x.ndim == 2:
-        side = math.isqrt(x.shape[1])
-        if side * side != x.shape[1]:
-            raise DataError(
-                f"{path}: array 'x' has shape {x.shape}; a flat (N, D) array needs D "
-                f"a perfect square, got D={x.shape[1]}"
-            )
-        shape = (1, side, side)
-    elif x.ndim in (3, 4):
-        shape = (1, *x.shape[1:]) if x.ndim == 3 else x.shape[1:]
-    else:
+    """(C, H, W) of the images stored in array `x`: (N, H, W) or (N, C, H, W)."""
+    if x.ndim not in (3, 4):
         raise DataError(
-            f"{path}: array 'x' has shape {x.shape}; expected (N, H, W), (N, C, H, W) or (N, D)"
+            f"{path}: array 'x' has shape {x.shape}; expected images (N, H, W) or "
+            f"(N, C, H, W), or a table of features (N, D)"
         )
     if len(x) == 0:
         raise DataError(f"{path}: array 'x' holds no images (shape {x.shape})")
-    return shape
+    return (1, *x.shape[1:]) if x.ndim == 3 else x.shape[1:]
 
 
 def _npz_scaled(path: Path, x: np.ndarray) -> tuple[np.ndarray, float]:
@@ -340,7 +381,7 @@ def _npz_labels(path: Path, y: np.ndarray, count: int) -> np.ndarray:
             f"got {y.dtype} with shape {y.shape}"
         )
     if len(y) != count:
-        raise DataError(f"{path}: array 'y' holds {len(y)} labels, but 'x' holds {count} images")
+        raise DataError(f"{path}: array 'y' holds {len(y)} labels, but 'x' holds {count} rows")
     if y.min() < 0:
         raise DataError(
             f"{path}: array 'y' holds negative label {int(y.min())}; expected class indices >= 0"
@@ -348,8 +389,14 @@ def _npz_labels(path: Path, y: np.ndarray, count: int) -> np.ndarray:
     return y.astype(np.int64)
 
 
-def _load_npz(path: Path | None, *, image_size: int | None, channels: int | None) -> LoadedImages:
-    """A `.npz` archive with images `x` and optional integer labels `y`."""
+def _load_npz(
+    path: Path | None, *, image_size: int | None, channels: int | None, table: TableOptions
+) -> LoadedImages:
+    """A `.npz` archive with `x` and optional integer labels `y`.
+
+    `x` of shape (N, H, W) or (N, C, H, W) holds images (uint8, or float in [0, 1]); `x` of
+    shape (N, D) holds a table of D numeric features, named `x0` ... `x{D-1}`.
+    """
     path = _require_path("npz", path)
     try:
         with np.load(path, allow_pickle=False) as archive:
@@ -361,17 +408,260 @@ def _load_npz(path: Path | None, *, image_size: int | None, channels: int | None
         raise DataError(f"{path}: no such file") from exc
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
         raise DataError(f"{path}: not a readable .npz archive ({exc})") from exc
+    labels = None if y is None else _npz_labels(path, y, len(x))
+    if x.ndim == 2:
+        if table.label_column is not None:
+            raise ConfigError(
+                f"label_column: an npz archive keeps its labels in array 'y'; "
+                f"got label_column={table.label_column!r}"
+            )
+        columns = pa.table({f"x{j}": x[:, j] for j in range(x.shape[1])})
+        return _vectors(str(path), columns, table, {"path": str(path.resolve())}, labels)
+    _table_options_unused("npz images", table)
     image_shape = _npz_image_shape(path, x)
     _fixed_shape_only("npz", image_size, channels, image_shape)
     x, raw_max = _npz_scaled(path, x)
     x = x.reshape(len(x), *image_shape)
-    labels = None if y is None else _npz_labels(path, y, len(x))
     return LoadedImages(
         pool=Split(x, labels),
         raw_max=raw_max,
         origin={"path": str(path.resolve())},
         default_test_fraction=0.2,
     )
+
+
+# --- tables of numeric features (vectors) ------------------------------------------------------
+
+_SHOWN_COLUMNS = 5  # columns named in one error message before "and N more"
+
+
+def _table_options_unused(name: str, table: TableOptions) -> None:
+    """Refuse --columns / --label-column / --drop-missing for data that is not a table."""
+    if table.given:
+        raise ConfigError(
+            f"{', '.join(table.given)}: {name} are not a table of features; columns, "
+            f"label_column and drop_missing apply to csv, parquet, npz with a 2-D 'x', wine "
+            f"and breast-cancer"
+        )
+
+
+def _name_some(items: list[str]) -> str:
+    shown = "; ".join(items[:_SHOWN_COLUMNS])
+    more = len(items) - _SHOWN_COLUMNS
+    return shown + (f"; and {more} more column(s)" if more > 0 else "")
+
+
+def _not_numbers(column: pa.ChunkedArray) -> tuple[int, object]:
+    """How many values of a text column do not read as numbers, and the first of them."""
+    bad = [v for v in column.to_pylist() if v is not None and not _reads_as_number(v)]
+    return len(bad), (bad[0] if bad else None)
+
+
+def _reads_as_number(value: object) -> bool:
+    try:
+        float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def _feature_columns(source: str, table: pa.Table, options: TableOptions) -> list[str]:
+    """The feature columns to read: `options.columns`, or every column but the label."""
+    names = table.column_names
+    if options.label_column is not None and options.label_column not in names:
+        raise DataError(
+            f"{source}: label column {options.label_column!r} not found; columns: "
+            f"{', '.join(names)}"
+        )
+    if options.columns is None:
+        chosen = [n for n in names if n != options.label_column]
+    else:
+        missing = [c for c in options.columns if c not in names]
+        if missing:
+            raise DataError(
+                f"{source}: column(s) {', '.join(map(repr, missing))} not found; columns: "
+                f"{', '.join(names)}"
+            )
+        if options.label_column in options.columns:
+            raise ConfigError(
+                f"columns: the label column {options.label_column!r} cannot also be a feature"
+            )
+        chosen = list(dict.fromkeys(options.columns))
+    if not chosen:
+        raise DataError(f"{source}: no feature columns (columns: {', '.join(names)})")
+    non_numeric = []
+    for name in chosen:
+        column = table.column(name)
+        kind = column.type
+        if pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_null(kind):
+            continue  # a column with no value at all is numeric and wholly missing
+        if pa.types.is_string(kind) or pa.types.is_large_string(kind):
+            count, first = _not_numbers(column)
+            non_numeric.append(
+                f"column {name!r}: {count} of {len(column)} values are not numbers "
+                f"(first: {first!r})"
+            )
+        else:
+            non_numeric.append(f"column {name!r}: type {kind}, not numbers")
+    if non_numeric:
+        raise DataError(
+            f"{source}: non-numeric feature column(s): {_name_some(non_numeric)}; choose "
+            f"numeric columns with --columns"
+        )
+    return chosen
+
+
+def _table_labels(source: str, column: pa.ChunkedArray, name: str) -> tuple[np.ndarray, dict]:
+    """Class indices (N,) int64 from a label column (nulls become -1), plus what to record:
+    integer labels as they are, text labels numbered in sorted order (`classes`)."""
+    kind = column.type
+    if pa.types.is_integer(kind):
+        values = pc.fill_null(column, -1).to_numpy().astype(np.int64)
+        if (values[column.is_valid().to_numpy(zero_copy_only=False)] < 0).any():
+            raise DataError(
+                f"{source}: label column {name!r} holds negative labels; expected class "
+                f"indices >= 0 or class names"
+            )
+        return values, {}
+    if pa.types.is_string(kind) or pa.types.is_large_string(kind):
+        classes = sorted(set(v for v in column.to_pylist() if v is not None))
+        index = {c: i for i, c in enumerate(classes)}
+        values = np.array([index.get(v, -1) for v in column.to_pylist()], dtype=np.int64)
+        return values, {"classes": classes}
+    raise DataError(
+        f"{source}: label column {name!r} has type {kind}; expected integer class indices "
+        f"or class names"
+    )
+
+
+def _vectors(
+    source: str,
+    table: pa.Table,
+    options: TableOptions,
+    origin: dict,
+    labels: np.ndarray | None = None,
+) -> LoadedImages:
+    """Numeric feature columns of `table` as float32 (N, D), checked for missing values.
+
+    `labels` are given by sources that keep them apart from the table (npz 'y', scikit-learn
+    bunches); otherwise `options.label_column` names them. A missing (null / NaN) or infinite
+    feature, or a missing label, fails naming each column and its count, unless
+    `options.drop_missing` drops those rows (the count is recorded).
+    """
+    if table.num_rows == 0:
+        raise DataError(f"{source}: holds no rows")
+    columns = _feature_columns(source, table, options)
+    x = np.empty((table.num_rows, len(columns)), dtype=np.float32)
+    faults, bad_rows = [], np.zeros(table.num_rows, dtype=bool)
+    for j, name in enumerate(columns):
+        values = pc.cast(table.column(name), pa.float64()).to_numpy(zero_copy_only=False)
+        x[:, j] = values  # nulls arrive as NaN; values beyond float32 become infinite here
+        missing, infinite = np.isnan(x[:, j]), np.isinf(x[:, j])
+        if missing.any() or infinite.any():
+            faults.append(
+                f"column {name!r}: {int(missing.sum())} missing (null or NaN) and "
+                f"{int(infinite.sum())} infinite value(s)"
+            )
+            bad_rows |= missing | infinite
+    recorded: dict[str, Any] = {}
+    if options.label_column is not None:
+        labels, recorded = _table_labels(
+            source, table.column(options.label_column), options.label_column
+        )
+        unlabelled = labels < 0
+        if unlabelled.any():
+            faults.append(
+                f"label column {options.label_column!r}: {int(unlabelled.sum())} missing value(s)"
+            )
+            bad_rows |= unlabelled
+    if faults and not options.drop_missing:
+        raise DataError(
+            f"{source}: {_name_some(faults)}; fix the data or pass --drop-missing to drop "
+            f"those rows"
+        )
+    if bad_rows.all():
+        raise DataError(f"{source}: every one of {len(x)} rows has a missing or infinite value")
+    keep = ~bad_rows
+    return LoadedImages(
+        pool=Split(x[keep], None if labels is None else labels[keep]),
+        raw_max=1.0,
+        origin={
+            **origin,
+            "columns": columns,
+            "label_column": options.label_column,
+            **recorded,
+            "drop_missing": options.drop_missing,
+            "dropped_rows": int(bad_rows.sum()),
+        },
+        default_test_fraction=0.2,
+        feature_names=tuple(columns),
+    )
+
+
+def _load_csv(
+    path: Path | None, *, image_size: int | None, channels: int | None, table: TableOptions
+) -> LoadedImages:
+    """A CSV file with a header row: numeric feature columns and an optional label column."""
+    path = _require_path("csv", path)
+    _no_image_options("csv", image_size, channels)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    try:
+        # Empty text cells are missing values, as empty numeric cells are.
+        read = pyarrow.csv.read_csv(
+            path, convert_options=pyarrow.csv.ConvertOptions(strings_can_be_null=True)
+        )
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise DataError(f"{path}: not a readable CSV file ({exc})") from exc
+    return _vectors(str(path), read, table, {"path": str(path.resolve())})
+
+
+def _load_parquet(
+    path: Path | None, *, image_size: int | None, channels: int | None, table: TableOptions
+) -> LoadedImages:
+    """A Parquet file: numeric feature columns and an optional label column."""
+    path = _require_path("parquet", path)
+    _no_image_options("parquet", image_size, channels)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    try:
+        read = pyarrow.parquet.read_table(path)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise DataError(f"{path}: not a readable Parquet file ({exc})") from exc
+    return _vectors(str(path), read, table, {"path": str(path.resolve())})
+
+
+def _bundled_table(name: str, load) -> Loader:
+    """A loader for one of scikit-learn's bundled tables (wine, breast cancer)."""
+
+    def loader(
+        path: Path | None, *, image_size: int | None, channels: int | None, table: TableOptions
+    ) -> LoadedImages:
+        if path is not None:
+            raise ConfigError(
+                f"path: the {name} data set is bundled with scikit-learn and takes no path; "
+                f"got {path}"
+            )
+        _no_image_options(name, image_size, channels)
+        if table.label_column is not None:
+            raise ConfigError(
+                f"label_column: the {name} data set comes with its labels; "
+                f"got label_column={table.label_column!r}"
+            )
+        bunch = load()
+        columns = pa.table({f: bunch.data[:, j] for j, f in enumerate(bunch.feature_names)})
+        origin = {"origin": f"sklearn.datasets.{load.__name__}"}
+        return _vectors(name, columns, table, origin, bunch.target.astype(np.int64))
+
+    return loader
+
+
+def _no_image_options(name: str, image_size: int | None, channels: int | None) -> None:
+    if image_size is not None or channels is not None:
+        raise ConfigError(
+            f"image_size / channels: {name} holds vectors, not images; got "
+            f"image_size={image_size}, channels={channels}"
+        )
 
 
 # --- image folders (torchvision ImageFolder layout) --------------------------------------------
@@ -399,10 +689,11 @@ def _decode_image(file: Path, mode: str, size: int) -> np.ndarray:
 
 
 def _load_image_folder(
-    path: Path | None, *, image_size: int | None, channels: int | None
+    path: Path | None, *, image_size: int | None, channels: int | None, table: TableOptions
 ) -> LoadedImages:
     """`<root>/<class>/<image>` (torchvision ImageFolder): grey or RGB, resized to a square."""
     root = _require_path("image-folder", path)
+    _table_options_unused("image-folder images", table)
     size = 28 if image_size is None else image_size
     if size < 1:
         raise ConfigError(f"image_size: expected a positive number of pixels; got {size}")
@@ -451,6 +742,10 @@ DATASETS: dict[str, Loader] = {
     "mnist-idx": _load_mnist_idx,
     "npz": _load_npz,
     "image-folder": _load_image_folder,
+    "csv": _load_csv,
+    "parquet": _load_parquet,
+    "wine": _bundled_table("wine", load_wine),
+    "breast-cancer": _bundled_table("breast-cancer", load_breast_cancer),
 }
 
 
@@ -490,7 +785,7 @@ def _stratifiable(y: np.ndarray | None, n_held_out: int) -> bool:
         return False
     counts = np.bincount(y)
     counts = counts[counts > 0]
-    return counts.min() >= 2 and min(n_held_out, len(y) - n_held_out) >= len(counts)
+    return bool(counts.min() >= 2 and min(n_held_out, len(y) - n_held_out) >= len(counts))
 
 
 def _hold_out(split: Split, fraction: float, seed: int, part: str) -> tuple[Split, Split, bool]:
@@ -525,6 +820,9 @@ def load_dataset(
     image_size: int | None = None,
     limit: int | None = None,
     channels: int | None = None,
+    columns: list[str] | tuple[str, ...] | None = None,
+    label_column: str | None = None,
+    drop_missing: bool = False,
 ) -> Dataset:
     """Load data set `name` (a key of `DATASETS`) and cut its seeded train / val / test split.
 
@@ -532,7 +830,9 @@ def load_dataset(
     t10k next to train), else its default fraction (digits 0.3, others 0.2); an explicit
     fraction re-splits all the data. `val_fraction` is taken from what remains after the test
     part. `limit` keeps the first N examples of a seeded shuffle (for quick runs).
-    `image_size` and `channels` apply to image-folder (resize, grey or RGB).
+    `image_size` and `channels` apply to image-folder (resize, grey or RGB); `columns`,
+    `label_column` and `drop_missing` to tables of features (`TableOptions`), which come back
+    standardised with statistics fitted on the training split (`Dataset.standardizer`).
     """
     if name not in DATASETS:
         raise DataError(f"unknown data set {name!r}; valid data sets: {', '.join(DATASETS)}")
@@ -541,9 +841,40 @@ def load_dataset(
     _check_fraction("val_fraction", val_fraction, allow_zero=True)
     if limit is not None and limit < 1:
         raise ConfigError(f"limit: expected a positive number of examples; got {limit}")
-    loaded = DATASETS[name](
-        None if path is None else Path(path), image_size=image_size, channels=channels
+    table = TableOptions(
+        None if columns is None else tuple(columns), label_column, bool(drop_missing)
     )
+    loaded = DATASETS[name](
+        None if path is None else Path(path),
+        image_size=image_size,
+        channels=channels,
+        table=table,
+    )
+    return cut_dataset(
+        name,
+        loaded,
+        seed=seed,
+        test_fraction=test_fraction,
+        val_fraction=val_fraction,
+        limit=limit,
+    )
+
+
+def cut_dataset(
+    name: str,
+    loaded: LoadedImages,
+    *,
+    seed: int,
+    test_fraction: float | None,
+    val_fraction: float,
+    limit: int | None,
+) -> Dataset:
+    """The seeded train / val / test cut of `load_dataset`, on what a loader read.
+
+    Only the labels decide the cut, and rows are only indexed, never changed: an `x` of row
+    positions (`aet embed` plans a job this way without reading pixels) comes back cut the same
+    way as the images would.
+    """
     pool, official_test = loaded.pool, loaded.official_test
     if official_test is not None and test_fraction is not None:
         pool, official_test = _concat(pool, official_test), None
@@ -569,6 +900,10 @@ def load_dataset(
         "stratified": {"test": test_stratified, "val": val_stratified},
         "sizes": {"train": len(train), "val": len(val), "test": len(test)},
     }
+    standardizer = None
+    if loaded.feature_names is not None:
+        standardizer = FeatureStandardizer.fit(train.x)
+        train, val, test = (Split(standardizer.transform(s.x), s.y) for s in (train, val, test))
     return Dataset(
         name=name,
         train=train,
@@ -578,4 +913,6 @@ def load_dataset(
         image_shape=tuple(int(d) for d in pool.x.shape[1:]),
         num_classes=num_classes,
         source=source,
+        feature_names=loaded.feature_names,
+        standardizer=standardizer,
     )

@@ -1,10 +1,18 @@
 """`aet export`: a trained encoder -> ONNX, parity-checked, into the model repository.
 
-The graph takes `pixels` float32 (batch, C, H, W) in the data set's raw range [0, raw_max],
-scales (and, for MLP encoders, flattens) inside the graph, and returns `embedding` float32
-(batch, code_size); a VAE exports its mean. Before anything is written the graph must pass
-`onnx.checker` and agree with PyTorch to within `PARITY_TOLERANCE` on `PARITY_ROWS` inputs,
-run through onnxruntime in batches of 1 and odd sizes.
+The graph takes `pixels` float32 (batch, C, H, W) in the data set's raw range [0, raw_max]
+(scaled, and for MLP encoders flattened, inside the graph), or `features` float32 (batch, D)
+in their own units (standardised inside the graph with the training split's statistics). It
+returns `embedding` float32 (batch, code_size) (a VAE exports its mean) and
+`reconstruction_error` float32 (batch,), the novelty score: encoder and decoder run in the
+graph and each row's reconstruction is scored in the model's likelihood terms
+(`models.reconstruction_error`). Callers that want only embeddings run the graph pruned to its
+first output (`server.runtime.embedding_graph`), which costs what an encoder alone costs.
+
+Before anything is written the graph must pass `onnx.checker` and agree with PyTorch on
+`PARITY_ROWS` inputs, run through onnxruntime in batches of 1 and odd sizes (embeddings to
+within `PARITY_TOLERANCE`, scores to within the same relative tolerance). model.json then
+records the score's percentiles on the validation split (`SCORE_PERCENTILES`).
 """
 
 from __future__ import annotations
@@ -29,19 +37,30 @@ from aet.server.repository import (
     CARD_FILE,
     MODEL_FILE,
     MODEL_NAME_PATTERN,
+    SCORE_NAME,
+    SCORE_PERCENTILES,
     InputSpec,
     ModelCard,
     OutputSpec,
+    ScoreSpec,
     next_version,
     read_model_card,
     write_version,
 )
+from aet.training import models
 from aet.training.checkpoint import Checkpoint, CheckpointError, load_checkpoint
-from aet.training.data import Dataset, load_dataset
+from aet.training.data import Dataset
+from aet.training.models import Autoencoder
 from aet.training.pretrain import PretrainConfig
+from aet.training.standardize import FeatureStandardizer
 
-INPUT_NAME = "pixels"
+IMAGE_INPUT_NAME = "pixels"
+VECTOR_INPUT_NAME = "features"
 OUTPUT_NAME = "embedding"
+SCORE_MEASURES = {
+    "bce": "mean binary cross-entropy per input value (inputs scaled to [0, 1])",
+    "mse": "mean squared error per feature, in standardised units",
+}
 PARITY_ROWS = 1000
 PARITY_TOLERANCE = 1e-4
 PARITY_BATCH_SIZES = (1, 3, 17, 255)  # cycled over the parity rows: batch 1 and odd sizes
@@ -101,19 +120,45 @@ class ExportConfig:
         return self.model if self.model is not None else self.run.name
 
 
-class PixelEncoder(torch.nn.Module):
-    """What the graph computes: raw pixels (B, C, H, W) in [0, raw_max] -> (B, code_size)."""
+class Scale(torch.nn.Module):
+    """Raw pixels in [0, raw_max] -> [0, 1]."""
 
-    def __init__(self, autoencoder: torch.nn.Module, raw_max: float):
+    def __init__(self, raw_max: float):
         super().__init__()
-        self.autoencoder = autoencoder
         self.raw_max = float(raw_max)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.autoencoder.encode(pixels / self.raw_max)
+        return pixels / self.raw_max
 
 
-def to_onnx(encoder: torch.nn.Module, example: torch.Tensor, opset: int) -> onnx.ModelProto:
+class ExportedEncoder(torch.nn.Module):
+    """What the graph computes: raw rows -> preprocessing -> (embedding (B, code_size),
+    reconstruction_error (B,)); with `with_score=False` the embedding alone."""
+
+    def __init__(
+        self, autoencoder: Autoencoder, preprocess: torch.nn.Module, with_score: bool = True
+    ):
+        super().__init__()
+        self.autoencoder = autoencoder
+        self.preprocess = preprocess
+        self.with_score = with_score
+
+    @property
+    def output_names(self) -> list[str]:
+        return [OUTPUT_NAME, SCORE_NAME] if self.with_score else [OUTPUT_NAME]
+
+    def forward(self, raw: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        x = self.preprocess(raw)
+        code = self.autoencoder.encode(x)
+        if not self.with_score:
+            return code
+        output = self.autoencoder.decode(code)
+        return code, models.reconstruction_error(output, x, self.autoencoder.config.loss)
+
+
+def to_onnx(
+    encoder: ExportedEncoder, example: torch.Tensor, opset: int, input_name: str = IMAGE_INPUT_NAME
+) -> onnx.ModelProto:
     """Export `encoder` with a dynamic batch axis and check the graph with `onnx.checker`."""
     try:
         program = torch.onnx.export(
@@ -122,8 +167,8 @@ def to_onnx(encoder: torch.nn.Module, example: torch.Tensor, opset: int) -> onnx
             dynamo=True,
             opset_version=opset,
             optimize=True,
-            input_names=[INPUT_NAME],
-            output_names=[OUTPUT_NAME],
+            input_names=[input_name],
+            output_names=encoder.output_names,
             verbose=False,
             dynamic_shapes=({0: torch.export.Dim("batch")},),  # by position: any arg name
         )
@@ -143,48 +188,81 @@ def onnx_opset(model: onnx.ModelProto) -> int:
     return next(entry.version for entry in model.opset_import if entry.domain in ("", "ai.onnx"))
 
 
-def parity_pixels(dataset: Dataset, rows: int = PARITY_ROWS, seed: int = 0) -> np.ndarray:
-    """`rows` raw-range inputs: held-out rows first (test, val), then train rows.
+def parity_rows(dataset: Dataset, rows: int = PARITY_ROWS, seed: int = 0) -> np.ndarray:
+    """`rows` inputs in the graph's raw units: held-out rows first (test, val), then train rows.
 
-    A data set smaller than `rows` is topped up with seeded uniform noise in [0, raw_max].
+    A data set smaller than `rows` is topped up with seeded noise: uniform in [0, raw_max] for
+    images, standard normal in standardised units for vectors.
     """
-    images = np.concatenate([dataset.test.x, dataset.val.x, dataset.train.x])[:rows]
-    missing = rows - len(images)
+    x = np.concatenate([dataset.test.x, dataset.val.x, dataset.train.x])[:rows]
+    missing = rows - len(x)
     if missing > 0:
-        noise = np.random.default_rng(seed).random((missing, *dataset.image_shape))
-        images = np.concatenate([images, noise.astype(np.float32)])
-    return (images * np.float32(dataset.raw_max)).astype(np.float32)  # (rows, C, H, W)
+        rng = np.random.default_rng(seed)
+        shape = (missing, *dataset.image_shape)
+        noise = rng.standard_normal(shape) if dataset.is_vectors else rng.random(shape)
+        x = np.concatenate([x, noise.astype(np.float32)])
+    return dataset.raw(x)  # (rows, *row_shape)
 
 
-def max_parity_diff(onnx_bytes: bytes, encoder: torch.nn.Module, pixels: np.ndarray) -> float:
-    """Max |onnxruntime - PyTorch| over `pixels`, onnxruntime fed in `PARITY_BATCH_SIZES` chunks."""
+def onnx_session(onnx_bytes: bytes) -> onnxruntime.InferenceSession:
+    """A CPU session on the exported graph, or ExportError when onnxruntime cannot load it."""
     try:
-        session = onnxruntime.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
+        return onnxruntime.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
     except (ort_errors.Fail, ort_errors.InvalidGraph, ort_errors.InvalidProtobuf) as exc:
         raise ExportError(
             f"onnxruntime {onnxruntime.__version__} cannot load the exported graph: {exc}"
         ) from exc
+
+
+def max_parity_diffs(
+    session: onnxruntime.InferenceSession, encoder: ExportedEncoder, rows: np.ndarray
+) -> dict[str, float]:
+    """Max |onnxruntime - PyTorch| over `rows` of each output of `encoder`, the score's
+    relative to max(1, |score|); onnxruntime is fed in `PARITY_BATCH_SIZES` chunks."""
     with torch.no_grad():
-        expected = encoder(torch.from_numpy(pixels)).numpy()  # (N, code_size)
-    bad_rows = int((~np.isfinite(expected)).any(axis=1).sum())
-    if bad_rows:
+        expected = encoder(torch.from_numpy(rows))
+    if not isinstance(expected, tuple):
+        expected = (expected,)
+    expected = [t.numpy() for t in expected]  # (N, code_size) and (N,)
+    bad = np.zeros(len(rows), dtype=bool)
+    for output in expected:
+        bad |= ~np.isfinite(output.reshape(len(rows), -1)).all(axis=1)
+    if bad.any():
         raise ExportError(
-            f"the PyTorch encoder outputs NaN or Inf for {bad_rows} of "
-            f"{len(pixels)} inputs; the checkpoint's weights are unusable"
+            f"the PyTorch encoder outputs NaN or Inf for {int(bad.sum())} of "
+            f"{len(rows)} inputs; the checkpoint's weights are unusable"
         )
-    diffs, start = [], 0
+    input_name = session.get_inputs()[0].name
+    diffs: dict[str, list[float]] = {name: [] for name in encoder.output_names}
+    start = 0
     for size in itertools.cycle(PARITY_BATCH_SIZES):
-        if start >= len(pixels):
+        if start >= len(rows):
             break
-        want = expected[start : start + size]
-        (got,) = session.run([OUTPUT_NAME], {INPUT_NAME: pixels[start : start + size]})
-        if got.shape != want.shape:
-            raise ExportError(
-                f"onnxruntime output {OUTPUT_NAME!r}: expected shape {want.shape}, got {got.shape}"
-            )
-        diffs.append(np.abs(got - want).max())
+        got = session.run(encoder.output_names, {input_name: rows[start : start + size]})
+        for name, value, want in zip(encoder.output_names, got, expected, strict=True):
+            want = want[start : start + size]
+            if value.shape != want.shape:
+                raise ExportError(
+                    f"onnxruntime output {name!r}: expected shape {want.shape}, got {value.shape}"
+                )
+            scale = np.maximum(1.0, np.abs(want)) if name == SCORE_NAME else 1.0
+            diffs[name].append(float((np.abs(value - want) / scale).max()))
         start += size
-    return float(np.max(diffs))  # NaN if onnxruntime gave NaN: fails the tolerance check
+    # NaN if onnxruntime gave NaN: fails the tolerance check
+    return {name: float(np.max(values)) for name, values in diffs.items()}
+
+
+def score_percentiles(session: onnxruntime.InferenceSession, rows: np.ndarray) -> dict[str, float]:
+    """The novelty score's `SCORE_PERCENTILES` over `rows` (raw units), from the graph itself."""
+    input_name = session.get_inputs()[0].name
+    scores = np.concatenate(
+        [
+            session.run([SCORE_NAME], {input_name: rows[i : i + PARITY_BATCH_SIZES[-1]]})[0]
+            for i in range(0, len(rows), PARITY_BATCH_SIZES[-1])
+        ]
+    )
+    levels = [float(name[1:]) for name in SCORE_PERCENTILES]
+    return dict(zip(SCORE_PERCENTILES, map(float, np.percentile(scores, levels)), strict=True))
 
 
 def library_versions() -> dict[str, str]:
@@ -250,20 +328,24 @@ def training_dataset(checkpoint: Checkpoint, path: Path) -> Dataset:
             f"checkpoint {path}: its pretrain configuration is not valid for "
             f"this version of aet ({exc})"
         ) from exc
-    # The same arguments `aet pretrain` passes, so the held-out rows are the same rows.
-    return load_dataset(
-        config.dataset,
-        config.data_path,
-        seed=config.seed,
-        test_fraction=config.test_fraction,
-        val_fraction=config.val_fraction,
-        image_size=config.image_size,
-        limit=config.limit,
-    )
+    return config.load_dataset()  # the same arguments `aet pretrain` passed: the same rows
+
+
+def preprocessing_module(checkpoint: Checkpoint) -> torch.nn.Module:
+    """The graph's first step: scale pixels, or standardise vectors with the checkpoint's
+    training-split statistics."""
+    if checkpoint.standardizer is not None:
+        return FeatureStandardizer.from_dict(checkpoint.standardizer, "checkpoint").as_module()
+    return Scale(checkpoint.raw_max)
 
 
 def preprocessing_steps(checkpoint: Checkpoint) -> list[str]:
-    """What the graph does to `pixels` before the encoder's first layer, for model.json."""
+    """What the graph does to its input before the encoder's first layer, for model.json."""
+    if checkpoint.standardizer is not None:
+        return [
+            f"standardize: ({VECTOR_INPUT_NAME} - mean) / std per feature, statistics of the "
+            f"training split (model.json 'standardizer')"
+        ]
     channels, height, width = checkpoint.image_shape
     steps = [f"scale: pixels / {checkpoint.raw_max:g} -> [0, 1]"]
     if checkpoint.model_config.architecture != "conv":
@@ -278,45 +360,62 @@ def export(config: ExportConfig) -> Path:
     Returns the new version folder.
     """
     checkpoint = load_checkpoint(config.checkpoint_path)  # CheckpointError names the fault
-    encoder = PixelEncoder(checkpoint.build_model(), checkpoint.raw_max).eval()
-    pixels = parity_pixels(training_dataset(checkpoint, config.checkpoint_path))  # (rows, C, H, W)
+    vectors = checkpoint.standardizer is not None
+    encoder = ExportedEncoder(checkpoint.build_model(), preprocessing_module(checkpoint)).eval()
+    dataset = training_dataset(checkpoint, config.checkpoint_path)
     return export_encoder(
         encoder,
-        pixels,
+        parity_rows(dataset),
+        dataset.raw(dataset.val.x),
         checkpoint,
         config.repository,
         config.name,
         opset=config.opset,
-        value_range=(0.0, float(checkpoint.raw_max)),
+        input_name=VECTOR_INPUT_NAME if vectors else IMAGE_INPUT_NAME,
+        value_range=None if vectors else (0.0, float(checkpoint.raw_max)),
         preprocessing=preprocessing_steps(checkpoint),
+        feature_names=None if checkpoint.feature_names is None else tuple(checkpoint.feature_names),
+        standardizer=checkpoint.standardizer,
     )
 
 
 def export_encoder(
-    encoder: torch.nn.Module,
+    encoder: ExportedEncoder,
     inputs: np.ndarray,
+    calibration: np.ndarray,
     checkpoint: Checkpoint,
     repository: Path,
     name: str,
     *,
     opset: int,
-    value_range: tuple[float, float],
+    input_name: str,
+    value_range: tuple[float, float] | None,
     preprocessing: list[str],
+    feature_names: tuple[str, ...] | None = None,
+    standardizer: dict | None = None,
 ) -> Path:
-    """Export `encoder` (raw inputs (B, *row_shape) -> (B, code_size)) as the next version of
-    `name`, after `onnx.checker` and the parity check on `inputs` (rows, *row_shape) float32.
+    """Export `encoder` (raw inputs (B, *row_shape) -> embedding (B, code_size) and score (B,))
+    as the next version of `name`, after `onnx.checker` and the parity check on `inputs`
+    (rows, *row_shape) float32; the score's percentiles are measured on `calibration`
+    (held-out rows in the same raw units).
 
     `checkpoint` supplies the model's configuration, training data and metrics for model.json;
-    `value_range` and `preprocessing` describe what the graph takes and does to it.
+    `input_name`, `value_range` (None: any finite value), `preprocessing`, `feature_names` and
+    `standardizer` describe what the graph takes and does to it.
     """
-    model = to_onnx(encoder, torch.from_numpy(inputs[:2]), opset)
+    if len(calibration) == 0:
+        raise ExportError("score calibration: no validation rows; nothing written")
+    model = to_onnx(encoder, torch.from_numpy(inputs[:2]), opset, input_name)
     onnx_bytes = model.SerializeToString()
-    diff = max_parity_diff(onnx_bytes, encoder, inputs)
-    if not diff <= PARITY_TOLERANCE:
+    session = onnx_session(onnx_bytes)
+    diffs = max_parity_diffs(session, encoder, inputs)
+    diff, score_diff = diffs[OUTPUT_NAME], diffs[SCORE_NAME]
+    if not (diff <= PARITY_TOLERANCE and score_diff <= PARITY_TOLERANCE):
         raise ExportError(
-            f"parity check failed: max |onnxruntime - PyTorch| over {len(inputs)} "
-            f"inputs: expected <= {PARITY_TOLERANCE:g}, got {diff:.3g}; "
-            f"nothing written"
+            f"parity check failed: over {len(inputs)} inputs, max |onnxruntime - PyTorch| of "
+            f"{OUTPUT_NAME!r}: expected <= {PARITY_TOLERANCE:g}, got {diff:.3g}; of "
+            f"{SCORE_NAME!r} relative to max(1, |score|): expected <= {PARITY_TOLERANCE:g}, "
+            f"got {score_diff:.3g}; nothing written"
         )
     card = ModelCard(
         name=name,
@@ -327,10 +426,11 @@ def export_encoder(
             "training": training_recipe(checkpoint.run_config),
         },
         input=InputSpec(
-            name=INPUT_NAME,
+            name=input_name,
             shape=tuple(int(d) for d in inputs.shape[1:]),
             dtype="float32",
             value_range=value_range,
+            feature_names=feature_names,
         ),
         output=OutputSpec(
             name=OUTPUT_NAME, dtype="float32", embedding_dim=checkpoint.model_config.code_size
@@ -344,6 +444,15 @@ def export_encoder(
         parity_samples=len(inputs),
         library_versions=library_versions(),
         created=datetime.now(UTC).isoformat(timespec="seconds"),
+        score=ScoreSpec(
+            name=SCORE_NAME,
+            dtype="float32",
+            measure=SCORE_MEASURES[checkpoint.model_config.loss],
+            calibration_split="val",
+            calibration_rows=len(calibration),
+            percentiles=score_percentiles(session, calibration),
+        ),
+        standardizer=standardizer,
     )
     return write_version(repository, name, onnx_bytes, card)
 
@@ -357,11 +466,21 @@ def run(args: argparse.Namespace) -> int:
     path = export(config)
     card = read_model_card(path / CARD_FILE)
     graph = onnx.load(path / MODEL_FILE)
+    assert card.score is not None  # `export` always writes the score
+    value_range = card.input.value_range
+    units = (
+        "standardised inside"
+        if value_range is None
+        else f"in [{value_range[0]:g}, {value_range[1]:g}]"
+    )
+    percentiles = ", ".join(f"{k} {v:.4g}" for k, v in card.score.percentiles.items())
     print(
         f"exported {config.checkpoint_path} -> {path}\n"
         f"  {card.input.name} {card.input.dtype} (batch, {', '.join(map(str, card.input.shape))}) "
-        f"in [{card.input.value_range[0]:g}, {card.input.value_range[1]:g}] -> "
-        f"{card.output.name} {card.output.dtype} (batch, {card.output.embedding_dim})\n"
+        f"{units} -> "
+        f"{card.output.name} {card.output.dtype} (batch, {card.output.embedding_dim}), "
+        f"{card.score.name} (batch,)\n"
+        f"  {card.score.name} on the {card.score.calibration_rows} validation rows: {percentiles}\n"
         f"  opset {card.opset}, {len(graph.graph.node)} nodes, "
         f"{(path / MODEL_FILE).stat().st_size / 1024:.1f} KiB, sha256 {card.sha256[:16]}...\n"
         f"  parity: max |onnxruntime - PyTorch| {card.parity_max_abs_diff:.2g} "

@@ -1,6 +1,7 @@
 """Autoencoders for pretraining: MLP (optionally linear, tied or stacked), VAE and convolutional.
 
-All models take images `x` of shape (B, C, H, W), float32 in [0, 1]. `encode(x)` gives the
+All models take rows `x` of shape (B, C, H, W), float32 images in [0, 1], or (B, D)
+standardised vectors (every architecture but conv). `encode(x)` gives the
 (B, code_size) embedding (for the VAE its mean mu), `decode(z)` the decoder's output in loss
 space (logits for `bce`, pixel values for `mse`) and `reconstruct(x)` pixels in [0, 1] units.
 `objective(x_input, target, generator)` is the per-example training loss, summed over pixels
@@ -70,12 +71,12 @@ class ModelConfig:
                 f"got architecture {self.architecture!r}"
             )
 
-    def check_input(self, image_shape: tuple[int, int, int]) -> None:
+    def check_input(self, image_shape: tuple[int, ...]) -> None:
         """Reject a code at least as large as the input unless overcomplete codes are allowed."""
         n_inputs = math.prod(image_shape)
         if self.code_size >= n_inputs and not self.allow_overcomplete:
             raise ConfigError(
-                f"code_size: expected fewer than the {n_inputs} inputs of images "
+                f"code_size: expected fewer than the {n_inputs} inputs of rows "
                 f"{tuple(image_shape)} (pass --allow-overcomplete to permit it); "
                 f"got {self.code_size}"
             )
@@ -103,10 +104,27 @@ def reconstruction_loss(output: torch.Tensor, target: torch.Tensor, kind: str) -
     return per_feature.flatten(1).sum(1)
 
 
+def reconstruction_error(output: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
+    """Per-row novelty score in the model's likelihood terms: the mean over input values of the
+    binary cross-entropy (`bce`, `output` as logits) or of the squared error (`mse`).
+
+    Returns shape (B,). Unlike `reconstruction_loss` it is a mean, so it reads the same for
+    any input size, and the squared error is not halved.
+    """
+    if kind == "bce":
+        # BCE with logits in its stable form, written out so the exported graph computes it
+        # with the same operations as PyTorch (the exporter's own decomposition drifts ~1e-3);
+        # log1p(exp(-|x|)), not softplus: onnxruntime's Softplus kernel costs 5x Exp + Log.
+        per_feature = output.clamp(min=0) - output * target + torch.log1p(torch.exp(-output.abs()))
+    else:
+        per_feature = (output - target).square()
+    return per_feature.flatten(1).mean(1)
+
+
 class Autoencoder(nn.Module):
     """Base class: `encode`, `decode`, `reconstruct` and the training `objective`."""
 
-    def __init__(self, config: ModelConfig, image_shape: tuple[int, int, int]) -> None:
+    def __init__(self, config: ModelConfig, image_shape: tuple[int, ...]) -> None:
         super().__init__()
         self.config = config
         self.image_shape = tuple(image_shape)
@@ -125,6 +143,10 @@ class Autoencoder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Decoder output in loss space for input `x`: (B, C, H, W)."""
         return self.decode(self.encode(x))
+
+    def reconstruction_error(self, x: torch.Tensor) -> torch.Tensor:
+        """Novelty score (B,) of clean inputs `x`: see `reconstruction_error` (VAE: from mu)."""
+        return reconstruction_error(self(x), x, self.config.loss)
 
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         """Reconstructed pixels in [0, 1] units: (B, C, H, W)."""
@@ -164,7 +186,7 @@ class MLPAutoencoder(Autoencoder):
     `decoder_layers[k]` form the one-hidden-layer autoencoder trained in greedy stage k.
     """
 
-    def __init__(self, config: ModelConfig, image_shape: tuple[int, int, int]) -> None:
+    def __init__(self, config: ModelConfig, image_shape: tuple[int, ...]) -> None:
         super().__init__(config, image_shape)
         sizes = [self.n_inputs, *config.hidden_sizes, config.code_size]
         self.encoder_layers = _linear_layers(sizes)
@@ -233,7 +255,7 @@ class VariationalAutoencoder(MLPAutoencoder):
     The last encoder layer outputs 2 * code_size numbers: the posterior mean and log-variance.
     """
 
-    def __init__(self, config: ModelConfig, image_shape: tuple[int, int, int]) -> None:
+    def __init__(self, config: ModelConfig, image_shape: tuple[int, ...]) -> None:
         super().__init__(dataclasses.replace(config, code_size=2 * config.code_size), image_shape)
         self.config = config
         self.decoder_layers[-1] = nn.Linear(config.code_size, self.encoder_layers[-1].in_features)
@@ -259,7 +281,7 @@ class VariationalAutoencoder(MLPAutoencoder):
 class ConvAutoencoder(Autoencoder):
     """Strided 3x3 convolutions (channels = hidden_sizes) -> linear code; transposed mirror."""
 
-    def __init__(self, config: ModelConfig, image_shape: tuple[int, int, int]) -> None:
+    def __init__(self, config: ModelConfig, image_shape: tuple[int, ...]) -> None:
         super().__init__(config, image_shape)
         channels, height, width = image_shape
         act = ACTIVATIONS[config.activation]
@@ -298,9 +320,15 @@ class ConvAutoencoder(Autoencoder):
         return self.decoder(z)  # (B, C, H, W)
 
 
-def build_autoencoder(config: ModelConfig, image_shape: tuple[int, int, int]) -> Autoencoder:
-    """The autoencoder `config` describes for images of `image_shape` (C, H, W)."""
+def build_autoencoder(config: ModelConfig, image_shape: tuple[int, ...]) -> Autoencoder:
+    """The autoencoder `config` describes for rows of `image_shape`: images (C, H, W), or
+    vectors (D,) for every architecture but conv."""
     config.check_input(tuple(image_shape))
+    if config.architecture == "conv" and len(image_shape) != 3:
+        raise ConfigError(
+            f"architecture: conv needs images (C, H, W); got rows of shape "
+            f"{tuple(image_shape)}: use mlp, linear, stacked or vae"
+        )
     if config.architecture == "vae":
         return VariationalAutoencoder(config, image_shape)
     if config.architecture == "conv":

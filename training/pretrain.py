@@ -1,8 +1,8 @@
 """`aet pretrain`: train an autoencoder on a data set and evaluate its codes.
 
 Writes `runs/<name>/`: config.json, checkpoint.pt (latest, resumable), best.pt (best validation,
-with the evaluation: what `aet export` reads), metrics.json, loss_curve.png,
-reconstructions.png and latent_2d.png. The defaults are the shipped digits encoder: a stacked
+with the evaluation: what `aet export` reads), metrics.json, loss_curve.png, latent_2d.png and,
+for images, reconstructions.png. The defaults are the shipped digits encoder: a stacked
 denoising autoencoder (Gaussian noise, tied weights) with 8-dimensional codes.
 """
 
@@ -72,7 +72,27 @@ class PretrainConfig:
     dataset: str = field(default="digits", metadata={"help": "data set", "choices": list(DATASETS)})
     data_path: Path | None = field(
         default=None,
-        metadata={"help": "file or folder of the data set (mnist-idx, npz, image-folder)"},
+        metadata={
+            "help": "file or folder of the data set (mnist-idx, npz, image-folder, csv, parquet)"
+        },
+    )
+    columns: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "feature columns of a table (csv, parquet, 2-D npz: x0 x1 ...; "
+            "default: every column but the label)"
+        },
+    )
+    label_column: str | None = field(
+        default=None,
+        metadata={"help": "class label column of a csv or parquet table (default: unlabelled)"},
+    )
+    drop_missing: bool = field(
+        default=False,
+        metadata={
+            "help": "drop table rows with a missing or infinite value instead of failing "
+            "(default: fail naming each column and its count)"
+        },
     )
     test_fraction: float | None = field(
         default=None,
@@ -115,10 +135,11 @@ class PretrainConfig:
             "can, and do unless --no-tied-weights"
         },
     )
-    loss: str = field(
-        default=_MODEL.loss,
+    loss: str | None = field(
+        default=None,
         metadata={
-            "help": "bce: Bernoulli decoder, for data in [0, 1]; mse: Gaussian decoder",
+            "help": "bce: Bernoulli decoder, for images in [0, 1]; mse: Gaussian decoder, for "
+            "standardised vectors (default: bce for images, mse for vectors)",
             "choices": list(LOSSES),
         },
     )
@@ -243,16 +264,58 @@ class PretrainConfig:
     def run_dir(self) -> Path:
         return self.runs_dir / self.run_name
 
-    def model_config(self) -> ModelConfig:
+    def model_config(self, vectors: bool = False) -> ModelConfig:
+        """The model to train on images (`vectors` False) or standardised vectors.
+
+        Vectors get the Gaussian model (MSE) by default and refuse the Bernoulli one (BCE
+        needs targets in [0, 1]); the conv architecture needs images.
+        """
+        loss = self.loss or ("mse" if vectors else "bce")
+        if vectors and loss == "bce":
+            raise ConfigError(
+                "loss: bce (a Bernoulli decoder) needs data in [0, 1]; vectors are "
+                "standardised features, use mse (the default for vectors)"
+            )
+        if vectors and self.architecture == "conv":
+            raise ConfigError(
+                "architecture: conv needs images (C, H, W); got a table of features: use "
+                "mlp, linear, stacked or vae"
+            )
         return ModelConfig(
             architecture=self.architecture,
             hidden_sizes=tuple(self.hidden_sizes),
             code_size=self.code_size,
             activation=self.activation,
             tied_weights=self.tied_weights,
-            loss=self.loss,
+            loss=loss,
             allow_overcomplete=self.allow_overcomplete,
         )
+
+    def load_dataset(self) -> Dataset:
+        """The data set and split these settings name (`aet export` reloads the same rows)."""
+        dataset = load_dataset(
+            self.dataset,
+            self.data_path,
+            seed=self.seed,
+            test_fraction=self.test_fraction,
+            val_fraction=self.val_fraction,
+            image_size=self.image_size,
+            limit=self.limit,
+            columns=self.columns,
+            label_column=self.label_column,
+            drop_missing=self.drop_missing,
+        )
+        if dataset.is_vectors and self.noise == "salt-and-pepper":
+            raise ConfigError(
+                "noise: salt-and-pepper sets entries to 0 or 1, which means nothing for "
+                "standardised features; use gaussian or masking for vectors"
+            )
+        if dataset.is_vectors and self.training_config().augmentation.enabled:
+            raise ConfigError(
+                "augment_translate / augment_rotate / augment_scale: augmentation moves images; "
+                f"data set {self.dataset} holds vectors (set them to 0)"
+            )
+        return dataset
 
     def training_config(self) -> TrainingConfig:
         return TrainingConfig(
@@ -313,6 +376,9 @@ def write_figures(
 ) -> None:
     """loss_curve.png, reconstructions.png (clean, corrupted, reconstructed), latent_2d.png."""
     plot_loss_curves(history, run_dir / "loss_curve.png")
+    plot_latent_2d(encode_array(model, dataset.test.x), dataset.test.y, run_dir / "latent_2d.png")
+    if dataset.is_vectors:  # a grid of pictures needs images
+        return
     clean = torch.from_numpy(dataset.test.x[:N_RECONSTRUCTIONS])
     corruption = config.training_config().corruption()
     corrupted = clean if corruption is None else corruption(clean)
@@ -326,7 +392,6 @@ def write_figures(
         },
         run_dir / "reconstructions.png",
     )
-    plot_latent_2d(encode_array(model, dataset.test.x), dataset.test.y, run_dir / "latent_2d.png")
 
 
 def config_of(args: argparse.Namespace) -> PretrainConfig:
@@ -343,17 +408,9 @@ def run(args: argparse.Namespace) -> int:
     """Train, evaluate and write the run folder; 130 after saving when interrupted."""
     config = config_of(args)
     torch.set_num_threads(config.threads)
-    dataset = load_dataset(
-        config.dataset,
-        config.data_path,
-        seed=config.seed,
-        test_fraction=config.test_fraction,
-        val_fraction=config.val_fraction,
-        image_size=config.image_size,
-        limit=config.limit,
-    )
+    dataset = config.load_dataset()
     torch.manual_seed(config.seed)  # model initialisation, the same in every process
-    model = build_autoencoder(config.model_config(), dataset.image_shape)
+    model = build_autoencoder(config.model_config(dataset.is_vectors), dataset.image_shape)
     group = ProcessGroup.from_environment(config.device)  # several processes under torchrun
     try:
         return _train_and_report(config, dataset, model, group)

@@ -528,6 +528,12 @@ class Trainer:
             epoch=self.position.epoch,
             metrics={"stages": self.history},
             training_state=state,
+            standardizer=(
+                None if self.dataset.standardizer is None else self.dataset.standardizer.to_dict()
+            ),
+            feature_names=(
+                None if self.dataset.feature_names is None else list(self.dataset.feature_names)
+            ),
         )
 
     def save(self) -> None:

@@ -98,21 +98,25 @@ def untrained_encoder(
 
     from aet.server.repository import InputSpec, ModelCard, OutputSpec, write_version
     from aet.training.export import (
-        PixelEncoder,
+        ExportedEncoder,
+        Scale,
         library_versions,
-        max_parity_diff,
+        max_parity_diffs,
         onnx_opset,
+        onnx_session,
         to_onnx,
     )
     from aet.training.models import ModelConfig, build_autoencoder
 
     torch.manual_seed(seed)
     config = ModelConfig(hidden_sizes=hidden_sizes, code_size=code_size)
-    encoder = PixelEncoder(build_autoencoder(config, image_shape), raw_max=raw_max).eval()
+    autoencoder = build_autoencoder(config, image_shape)
+    encoder = ExportedEncoder(autoencoder, Scale(raw_max), with_score=False).eval()
     graph = to_onnx(encoder, torch.zeros(2, *image_shape), opset=20)
     onnx_bytes = graph.SerializeToString()
     pixels = np.random.default_rng(seed).uniform(0, raw_max, (64, *image_shape))
-    parity = max_parity_diff(onnx_bytes, encoder, pixels.astype(np.float32))
+    diffs = max_parity_diffs(onnx_session(onnx_bytes), encoder, pixels.astype(np.float32))
+    parity = diffs["embedding"]
     card = ModelCard(
         name=name,
         version=1,

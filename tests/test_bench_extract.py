@@ -1,0 +1,108 @@
+"""`bench/extract.py --rows 3000`: the scale figure's whole path on 3,000 rows (the MNIST test set
+tiled into uncompressed IDX files, a local and a Ray job, each in its own process, every row
+checked once), on a tiny real 28x28 encoder so that no trained MNIST model
+is needed."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from aet.clients.rows import plan_rows
+from aet.server.repository import InputSpec, ModelCard, OutputSpec, write_version
+from aet.training.data import default_mnist_dir, read_idx
+
+BENCH = Path(__file__).resolve().parents[1] / "bench" / "extract.py"
+SHAPE = (1, 28, 28)
+DIM = 4
+
+
+def tiny_mnist_encoder(root: Path) -> None:
+    """exported/mnist/1: flatten(pixels / 255) @ W, a real ONNX graph for 28x28 images."""
+    weights = np.random.default_rng(0).standard_normal((784, DIM)).astype(np.float32)
+    graph = helper.make_graph(
+        [
+            helper.make_node("Div", ["pixels", "raw_max"], ["scaled"]),
+            helper.make_node("Flatten", ["scaled"], ["flat"]),
+            helper.make_node("MatMul", ["flat", "weights"], ["embedding"]),
+        ],
+        "tiny_mnist_encoder",
+        [helper.make_tensor_value_info("pixels", TensorProto.FLOAT, ["batch", *SHAPE])],
+        [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["batch", DIM])],
+        [
+            numpy_helper.from_array(np.array(255.0, np.float32), "raw_max"),
+            numpy_helper.from_array(weights, "weights"),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+    card = ModelCard(
+        name="mnist",
+        version=1,
+        architecture="linear",
+        hyperparameters={},
+        input=InputSpec("pixels", SHAPE, "float32", (0.0, 255.0)),
+        output=OutputSpec("embedding", "float32", DIM),
+        preprocessing=["divide by 255", "flatten"],
+        dataset={"name": "mnist-idx"},
+        metrics={},
+        opset=17,
+        sha256="0" * 64,
+        parity_max_abs_diff=0.0,
+        parity_samples=1,
+        library_versions={"onnx": onnx.__version__},
+        created=datetime.now(UTC).isoformat(),
+    )
+    write_version(root, "mnist", model.SerializeToString(), card)
+
+
+@pytest.mark.skipif(not default_mnist_dir().is_dir(), reason="MNIST test set not at hand")
+def test_scale_run_reports_local_and_ray(tmp_path):
+    tiny_mnist_encoder(tmp_path / "exported")
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(BENCH),
+            "--rows=3000",
+            "--workers=1",
+            "--shard-size=1024",
+            f"--repository={tmp_path / 'exported'}",
+            f"--results={tmp_path / 'results'}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((tmp_path / "results" / "extract-scale.json").read_text())["scale"]
+    assert [(r["rows"], r["backend"].split()[0]) for r in report] == [
+        (3000, "local"),
+        (3000, "ray"),
+    ]
+    assert all(r["rows_per_second"] > 0 and r["peak_driver_rss_mb"] > 0 for r in report)
+    assert (
+        "| 3,000 | ray (1 actors, cpu) |" in (tmp_path / "results" / "extract-scale.md").read_text()
+    )
+
+
+@pytest.mark.skipif(not default_mnist_dir().is_dir(), reason="MNIST test set not at hand")
+def test_tiled_mnist_repeats_the_test_set(tmp_path):
+    spec = importlib.util.spec_from_file_location("bench_extract", BENCH)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    folder = bench.tile_mnist(None, 25_000, tmp_path / "tiled")
+    plan = plan_rows({"name": "mnist-idx", "path": str(folder), "seed": 0, "limit": None})
+    (images,) = plan.idx_files
+    assert len(plan) == 25_000 and not images.compressed
+    test_set = read_idx(default_mnist_dir() / "t10k-images-idx3-ubyte.gz")[:, None]
+    for start in (0, 10_000):
+        np.testing.assert_array_equal(images.take(np.arange(start, start + 10_000)), test_set)
+    np.testing.assert_array_equal(images.take(np.arange(20_000, 25_000)), test_set[:5_000])

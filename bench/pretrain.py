@@ -11,8 +11,7 @@ other processes: the wall-time share is reported beside it). Both keep the minim
 repeats, the usual way to see through noise. CUDA rows are added when a GPU is usable.
 
     python bench/pretrain.py [--threads 1 2] [--workers 0 1 2] [--repeats 5]
-                             [--out bench/results/pretrain.json]
-    python bench/pretrain.py --quick    # a smoke run in seconds
+    python bench/pretrain.py --quick    # a smoke run in seconds (digits, 1 thread, 0 workers)
 """
 
 from __future__ import annotations
@@ -49,10 +48,6 @@ class BenchConfig:
     workers: list[int] = field(
         default_factory=lambda: [0, 1, 2],
         metadata={"help": "DataLoader worker processes to measure"},
-    )
-    quick: bool = field(
-        default=False,
-        metadata={"help": "a smoke run: digits only, one thread count, one repeat"},
     )
     repeats: int = field(default=5, metadata={"help": "timed epochs per case (minimum is kept)"})
     batch_size: int = field(default=64, metadata={"help": "examples per step"})
@@ -187,12 +182,10 @@ def main(argv: list[str] | None = None) -> int:
     config = config_from_args(BenchConfig, parser.parse_args(argv))
     load_at_start = os.getloadavg()
     if config.quick:
-        config = dataclasses.replace(
-            config, threads=config.threads[:1], workers=config.workers[:1], repeats=1
-        )
+        config = dataclasses.replace(config, threads=[1], workers=[0], repeats=1)
     datasets = {"digits": load_dataset("digits")}
     if config.quick:
-        print("--quick: digits only")
+        print("quick: the digits case only")
     elif MNIST_DIR.is_dir():
         datasets["mnist-idx"] = load_dataset("mnist-idx", MNIST_DIR)
     else:

@@ -347,10 +347,10 @@ class RayBackend(EmbeddingBackend):
         import ray
 
         found = find_model_version(model_dir)
-        _check_score(found.card, score)  # before Ray starts
+        _check_score(found.usable_card, score)  # before Ray starts
         self.model = _identity(found)
         self._score = score
-        self._card = found.card
+        self._card = found.usable_card
         self._onnx = found.model_path.read_bytes()
         self._workers = workers
         self._plan = None
@@ -382,7 +382,8 @@ class RayBackend(EmbeddingBackend):
         import ray
 
         task = ray.remote(num_returns=2, num_cpus=1)(_plan_on_worker)
-        shape, self._plan = task.remote(dataset)
+        refs: Any = task.remote(dataset)  # num_returns=2: two ObjectRefs
+        shape, self._plan = refs
         try:
             return ray.get(shape)
         except ray.exceptions.RayTaskError as exc:
@@ -405,7 +406,11 @@ class RayBackend(EmbeddingBackend):
         ray.data.DataContext.get_current().enable_progress_bars = progress
         bounds = [{"start": start, "stop": stop} for start, stop in blocks]
         rows = ray.data.from_items(bounds, override_num_blocks=len(bounds)).map_batches(
-            _read_blocks, fn_kwargs={"plan": [self._plan]}, batch_size=1, batch_format="numpy"
+            # Ray types `fn` as taking the batch alone; fn_kwargs supplies the plan.
+            _read_blocks,  # type: ignore[arg-type]
+            fn_kwargs={"plan": [self._plan]},
+            batch_size=1,
+            batch_format="numpy",
         )
         embedded = rows.map_batches(
             EncoderActor,

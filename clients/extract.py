@@ -41,7 +41,7 @@ from aet.errors import UserError
 from aet.training.data import DATASETS, Dataset
 
 if TYPE_CHECKING:  # the backends import onnxruntime (and Ray): only when a job runs
-    from aet.clients.backends import EmbeddingBackend, ModelIdentity, PlanShape
+    from aet.clients.backends import EmbeddingBackend, ModelIdentity, PlanShape, RayBackend
 
 FORMATS = (".npz", ".parquet")
 MANIFEST = "manifest.json"
@@ -208,6 +208,12 @@ class EmbedConfig:
             )
         if self.limit is not None and self.limit < 1:
             raise ConfigError(f"limit: expected a positive number of rows; got {self.limit}")
+
+    @property
+    def output_path(self) -> Path:
+        """`output`, resolved from its default by `__post_init__`."""
+        assert self.output is not None
+        return self.output
 
     def dataset_args(self) -> dict[str, Any]:
         """The `load_dataset` arguments, as recorded in the output for `aet probe`."""
@@ -387,7 +393,7 @@ def _read_parts(folder: Path) -> EmbeddingTable:
     except (OSError, ValueError) as exc:
         raise ExtractionError(f"{folder}: unreadable Parquet files ({exc})") from exc
     found = 0 if arrow is None else len(arrow)
-    if found != manifest["rows"]:
+    if arrow is None or found != manifest["rows"]:
         raise ExtractionError(f"{folder}: expected {manifest['rows']} rows, found {found}")
     arrow = arrow.sort_by("id")
     table = _arrow_table(folder, arrow, manifest["metadata"])
@@ -682,10 +688,12 @@ def extract(
     config: EmbedConfig, backend: EmbeddingBackend, plan: RowPlan | None = None
 ) -> ExtractionSummary:
     """Run the extraction job of `config` on an open `backend`; `plan` saves planning again."""
-    output = config.output
+    output = config.output_path
     if _is_complete(output) and not config.overwrite:
         raise ExtractionError(f"{output}: already exists; pass --overwrite to replace it")
-    if backend.distributed:
+    from aet.clients.backends import RayBackend
+
+    if isinstance(backend, RayBackend):  # runs the whole job itself
         return _extract_on_ray(config, backend)
     return _extract_in_process(config, backend, plan or plan_rows(config.dataset_args()))
 
@@ -706,7 +714,7 @@ def _extract_in_process(
     """Shards of rows read here, embedded by `backend`, saved, then merged into the output."""
     from tqdm import tqdm
 
-    output = config.output
+    output = config.output_path
     check_model_fits(backend.model, plan)
     store = ShardStore(
         output.with_name(output.name + ".shards"),
@@ -738,8 +746,9 @@ def _extract_in_process(
                     f"{start}..{stop - 1}, got {len(embedded)}; finished shards are kept, "
                     f"run again to resume"
                 )
-            shards[index] = np.ascontiguousarray(embedded, dtype=np.float32)
-            store.save(index, shards[index])
+            shard = np.ascontiguousarray(embedded, dtype=np.float32)
+            shards[index] = shard
+            store.save(index, shard)
     seconds = time.perf_counter() - started
 
     finished = [shard for shard in shards if shard is not None]
@@ -759,20 +768,20 @@ def _extract_in_process(
     return ExtractionSummary(output, len(plan), pending_rows, seconds, backend.label)
 
 
-def _extract_on_ray(config: EmbedConfig, backend: EmbeddingBackend) -> ExtractionSummary:
+def _extract_on_ray(config: EmbedConfig, backend: RayBackend) -> ExtractionSummary:
     """One Ray Data pipeline: read and write on the workers, embed in the actors."""
     plan = backend.plan(config.dataset_args())  # planned on a worker; only its shape comes here
     check_model_fits(backend.model, plan)
-    folder = PartsFolder(config.output, _job_manifest(config, backend.model, plan.rows))
+    folder = PartsFolder(config.output_path, _job_manifest(config, backend.model, plan.rows))
     folder.open(overwrite=config.overwrite)
     pending = folder.pending_blocks()
     blocks = [folder.bounds(index) for index in pending]
     started = time.perf_counter()
-    backend.embed_blocks(blocks, config.batch_size, config.output, progress=config.progress)
+    backend.embed_blocks(blocks, config.batch_size, config.output_path, progress=config.progress)
     seconds = time.perf_counter() - started
     folder.finish(_metadata(config, backend))
     embedded = sum(stop - start for start, stop in blocks)
-    return ExtractionSummary(config.output, plan.rows, embedded, seconds, backend.label)
+    return ExtractionSummary(config.output_path, plan.rows, embedded, seconds, backend.label)
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:

@@ -373,9 +373,9 @@ class ProbeResults:
                 cells = " | ".join(f"{a:.3f}" for a in accuracies)
                 lines.append(f"| {features} | {CLASSIFIERS[classifier]} | {cells} |")
         lines += ["", "Settings chosen by cross-validation on each labelled subset:", ""]
-        for features, by_classifier in self.settings.items():
-            for classifier, chosen in by_classifier.items():
-                cells = "; ".join(format_settings(s) for s in chosen)
+        for features, by_tuned in self.settings.items():
+            for classifier, choices in by_tuned.items():
+                cells = "; ".join(format_settings(s) for s in choices)
                 lines.append(f"- {features}, {CLASSIFIERS[classifier]}: {cells}")
         return "\n".join(lines) + "\n"
 

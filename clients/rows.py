@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import math
 import mmap
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -112,7 +113,8 @@ def _decompressed_idx(path: str) -> np.ndarray:
 def _idx_source(path: Path | None) -> tuple[list[IdxImages], LoadedImages]:
     """The image files of an IDX folder, and its labels as a `LoadedImages` of row positions."""
     folder = _find_idx_folder(default_mnist_dir() if path is None else path)
-    files, parts = [], []
+    files: list[IdxImages] = []
+    parts: list[Split] = []
     for part in _IDX_PARTS:
         images_path, labels_path = (
             _idx_file(folder, part, "images"),
@@ -171,7 +173,7 @@ class RowPlan:
     dataset: dict[str, Any]  # load_dataset arguments: name, path, seed, fractions, limit
     positions: np.ndarray  # (N,) int64: the row's position in the source
     labels: np.ndarray  # (N,) int64, NO_LABEL when unlabelled
-    sizes: tuple[int, int, int]  # rows of train, val, test
+    sizes: tuple[int, ...]  # rows of train, val, test
     image_shape: tuple[int, ...]  # (C, H, W), or (D,) for a table of features
     raw_max: float
     idx_files: tuple[IdxImages, ...] = ()  # set for MNIST-format IDX folders
@@ -207,6 +209,8 @@ class RowPlan:
         x = np.empty((len(positions), *loaded.pool.x.shape[1:]), loaded.pool.x.dtype)
         x[in_pool] = loaded.pool.x[positions[in_pool]]
         if not in_pool.all():
+            # Positions past the pool exist only where the files define their own test set.
+            assert loaded.official_test is not None
             x[~in_pool] = loaded.official_test.x[positions[~in_pool] - pool]
         return x.astype(np.float32) if self.is_vectors else raw_pixels(x, loaded.raw_max)
 
@@ -226,6 +230,8 @@ def plan_rows(dataset: dict[str, Any]) -> RowPlan:
     name, path = dataset["name"], dataset["path"]
     if name not in DATASETS:
         raise DataError(f"unknown data set {name!r}; valid data sets: {', '.join(DATASETS)}")
+    idx_files: Sequence[IdxImages]
+    image_shape: tuple[int, ...]
     if name == "mnist-idx":
         idx_files, loaded = _idx_source(None if path is None else Path(path))
         image_shape = (1, *idx_files[0].shape[1:])

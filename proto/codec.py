@@ -13,12 +13,12 @@ import numpy as np
 from aet.proto import embedding_pb2
 
 DataType = embedding_pb2.DataType
-NUMPY_DTYPES: dict[int, np.dtype] = {
-    embedding_pb2.FLOAT32: np.dtype("<f4"),
-    embedding_pb2.UINT8: np.dtype("u1"),
-    embedding_pb2.FLOAT16: np.dtype("<f2"),
+WIRE_DTYPES: dict[np.dtype, embedding_pb2.DataType] = {
+    np.dtype("<f4"): embedding_pb2.FLOAT32,
+    np.dtype("u1"): embedding_pb2.UINT8,
+    np.dtype("<f2"): embedding_pb2.FLOAT16,
 }
-WIRE_DTYPES: dict[np.dtype, int] = {dtype: wire for wire, dtype in NUMPY_DTYPES.items()}
+NUMPY_DTYPES: dict[int, np.dtype] = {wire: dtype for dtype, wire in WIRE_DTYPES.items()}
 
 
 class TensorCodecError(ValueError):
@@ -63,7 +63,7 @@ def fill_tensor(tensor: embedding_pb2.Tensor, array: np.ndarray) -> None:
         expected = ", ".join(str(d) for d in NUMPY_DTYPES.values())
         raise TensorCodecError(f"array dtype: expected one of {expected}, got {array.dtype}")
     little = array.astype(NUMPY_DTYPES[wire_dtype], order="C", copy=False)
-    tensor.dtype = embedding_pb2.DataType.ValueType(wire_dtype)
+    tensor.dtype = wire_dtype
     tensor.shape.extend(little.shape)
     tensor.data = little.tobytes()
 

@@ -413,7 +413,7 @@ def serve(config: ServeConfig, stop: threading.Event | None = None) -> int:
     )
     credentials = (
         None
-        if config.tls_cert is None
+        if config.tls_cert is None or config.tls_key is None  # both or neither (ServeConfig)
         else tls_server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca)
     )
     endpoint = (

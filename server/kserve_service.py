@@ -394,7 +394,7 @@ class InferenceService(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
     def RepositoryIndex(self, request, context) -> pb.RepositoryIndexResponse:
         """Every version the registry knows, plus repository models that are not loaded."""
         index = pb.RepositoryIndexResponse.ModelIndex
-        entries = [
+        entries: list[pb.RepositoryIndexResponse.ModelIndex] = [
             index(name=s.name, version=str(s.version), state=INDEX_STATES[s.state], reason=s.reason)
             for s in self.registry.statuses()
         ]
@@ -407,7 +407,8 @@ class InferenceService(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
             ]
         else:
             entries = [entry for entry in entries if entry.state == "READY"]
-        return pb.RepositoryIndexResponse(models=sorted(entries, key=lambda e: (e.name, e.version)))
+        entries.sort(key=lambda e: (e.name, e.version))
+        return pb.RepositoryIndexResponse(models=entries)
 
     @maps_errors
     def RepositoryModelLoad(self, request, context) -> pb.RepositoryModelLoadResponse:

@@ -197,6 +197,8 @@ def test_recipes_are_shipped_and_flags_override_them(tmp_path):
 
     parser = argparse.ArgumentParser()
     configure_parser(parser)
+    digits = config_of(parser.parse_args(["--recipe", "digits"]))
+    assert digits.to_dict() == {**PretrainConfig().to_dict(), "recipe": "digits"}  # the defaults
     images = config_of(parser.parse_args(["--recipe", "images"]))
     assert (images.recipe, images.architecture, images.code_size) == ("images", "conv", 256)
     assert images.augment_translate > 0 and images.noise == "masking"

@@ -320,6 +320,7 @@ def test_codes_probe_within_three_points_of_standardised_raw_features(name):
     with tempfile.TemporaryDirectory() as run_dir, contextlib.redirect_stderr(io.StringIO()):
         Trainer(model, data, config.training_config(), Path(run_dir), config.to_dict()).fit()
     fit, test = data.fit, data.test
+    # The fair probe: C and standardisation chosen by CV on the training rows, for both sides.
     codes = logistic_probe(
         encode_array(model, fit.x), fit.y, encode_array(model, test.x), test.y
     ).accuracy

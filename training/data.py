@@ -172,7 +172,7 @@ def _load_digits(
 
 # --- MNIST-format IDX files (MNIST, Fashion-MNIST, KMNIST) ----------------------------------
 
-_IDX_DTYPES = {
+_IDX_DTYPES: dict[int, np.dtype] = {
     0x08: np.dtype(np.uint8),
     0x09: np.dtype(np.int8),
     0x0B: np.dtype(">i2"),
@@ -271,7 +271,9 @@ def _read_idx_part(folder: Path, part: str) -> tuple[Split, list[str]] | None:
     if images_path is None and labels_path is None:
         return None
     if images_path is None or labels_path is None:
-        present, kind = (labels_path, "images") if images_path is None else (images_path, "labels")
+        kind = "images" if images_path is None else "labels"
+        present = labels_path if images_path is None else images_path
+        assert present is not None  # the case of neither file returned above
         raise DataError(
             f"{folder}: missing file {part}-{kind}-idx{3 if kind == 'images' else 1}"
             f"-ubyte[.gz] to go with {present.name}"

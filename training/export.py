@@ -113,11 +113,17 @@ class ExportConfig:
 
     @property
     def checkpoint_path(self) -> Path:
-        return self.checkpoint if self.checkpoint is not None else self.run / "best.pt"
+        if self.checkpoint is not None:
+            return self.checkpoint
+        assert self.run is not None  # exactly one of the two (__post_init__)
+        return self.run / "best.pt"
 
     @property
     def name(self) -> str:
-        return self.model if self.model is not None else self.run.name
+        if self.model is not None:
+            return self.model
+        assert self.run is not None  # model is required with --checkpoint (__post_init__)
+        return self.run.name
 
 
 class Scale(torch.nn.Module):
@@ -177,6 +183,8 @@ def to_onnx(
             verbose=False,
             dynamic_shapes=({0: torch.export.Dim("batch")},),  # by position: any arg name
         )
+        if program is None:  # only without dynamo, which is always on here
+            raise ExportError("torch.onnx.export returned no program")
         model = program.model_proto
         # The exporter annotates each node with Python stack traces and local file paths:
         # dropping them keeps the graph small and the bytes identical across machines.

@@ -14,6 +14,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 from itertools import pairwise
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -168,6 +169,8 @@ def _linear_layers(sizes: list[int]) -> nn.ModuleList:
 class TransposedLinear(nn.Module):
     """A decoder layer sharing (transposed) the weight of an encoder `nn.Linear`: tied weights."""
 
+    encoder_layer: nn.Linear
+
     def __init__(self, encoder_layer: nn.Linear) -> None:
         super().__init__()
         # A plain attribute, not a submodule: the weight is owned (and saved) by the encoder.
@@ -192,7 +195,9 @@ class MLPAutoencoder(Autoencoder):
         self.encoder_layers = _linear_layers(sizes)
         # decoder_layers[k] maps layer k's output size back to its input size.
         if config.tied_weights:
-            self.decoder_layers = nn.ModuleList(TransposedLinear(e) for e in self.encoder_layers)
+            self.decoder_layers = nn.ModuleList(
+                TransposedLinear(cast(nn.Linear, e)) for e in self.encoder_layers
+            )
         else:
             self.decoder_layers = nn.ModuleList(nn.Linear(b, a) for a, b in pairwise(sizes))
         self.act = (
@@ -258,11 +263,13 @@ class VariationalAutoencoder(MLPAutoencoder):
     def __init__(self, config: ModelConfig, image_shape: tuple[int, ...]) -> None:
         super().__init__(dataclasses.replace(config, code_size=2 * config.code_size), image_shape)
         self.config = config
-        self.decoder_layers[-1] = nn.Linear(config.code_size, self.encoder_layers[-1].in_features)
+        last = cast(nn.Linear, self.encoder_layers[-1])
+        self.decoder_layers[-1] = nn.Linear(config.code_size, last.in_features)
 
     def posterior(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(mu, log-variance) of q(z | x), each (B, code_size)."""
-        return super().encode(x).chunk(2, dim=1)
+        mu, log_var = super().encode(x).chunk(2, dim=1)
+        return mu, log_var
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return self.posterior(x)[0]

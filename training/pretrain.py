@@ -310,6 +310,11 @@ class PretrainConfig:
                 "noise: salt-and-pepper sets entries to 0 or 1, which means nothing for "
                 "standardised features; use gaussian or masking for vectors"
             )
+        if dataset.is_vectors and self.training_config().augmentation.enabled:
+            raise ConfigError(
+                "augment_translate / augment_rotate / augment_scale: augmentation moves images; "
+                f"data set {self.dataset} holds vectors (set them to 0)"
+            )
         return dataset
 
     def training_config(self) -> TrainingConfig:

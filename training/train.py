@@ -25,6 +25,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -170,7 +171,7 @@ class _Rows(torch.utils.data.Dataset):
         return torch.from_numpy(self.data[np.asarray(indices)])
 
 
-def _whole_batch(batch: torch.Tensor) -> torch.Tensor:
+def _whole_batch(batch: Any) -> torch.Tensor:
     """DataLoader collate for `_Rows`: the gathered batch is already one tensor."""
     return batch
 
@@ -199,7 +200,20 @@ class _StageObjective(nn.Module):
         if self.layer is None:
             return self.model.objective(inputs, target, generator)
         # The first layer's stage reads images: flatten them as stage_input(0, x) does.
+        assert isinstance(self.model, MLPAutoencoder)  # greedy stages: stacked models only
         return self.model.stage_objective(self.layer, inputs.flatten(1), target.flatten(1))
+
+
+@dataclass
+class _StageRun:
+    """What one stage trains with, built once per stage (`Trainer._stage_run`)."""
+
+    stage: int  # index into the schedule
+    rows: _Rows  # the stage's training rows
+    batches: _EpochBatches  # this epoch's batches, which the loader serves
+    loader: DataLoader
+    val_data: torch.Tensor  # on the device
+    objective: nn.Module  # the stage's loss, DDP-wrapped under torchrun
 
 
 class Trainer:
@@ -238,10 +252,7 @@ class Trainer:
         )
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.precision == "fp16")
         self.position = Position()
-        self._loader_stage: int | None = None  # the stage `_loader` serves
-        self._loader: DataLoader | None = None
-        self._val_data: torch.Tensor | None = None
-        self._objective: nn.Module | None = None
+        self._run: _StageRun | None = None
         self._interrupt = _InterruptFlag()
         self.history: dict[str, dict] = {
             s.name: {"train_loss": [], "val_loss": []} for s in self.stages
@@ -264,62 +275,62 @@ class Trainer:
         return self.position.stage >= len(self.stages)
 
     def _make_optimizer(self) -> torch.optim.Adam:
-        stage = self._stage()
-        params = (
-            self.model.parameters()
-            if stage.layer is None
-            else self.model.stage_parameters(stage.layer)
-        )
+        stage, model = self._stage(), self.model
+        if stage.layer is None:
+            return torch.optim.Adam(model.parameters(), lr=self.config.learning_rate)
+        assert isinstance(model, MLPAutoencoder)  # greedy stages: stacked models only
+        params = model.stage_parameters(stage.layer)
         return torch.optim.Adam(params, lr=self.config.learning_rate)
 
     @torch.no_grad()
     def _stage_data(self, stage: Stage, x):
-        """What the stage reconstructs: the images as stored (an array, perhaps memory-mapped),
-        or for a deeper greedy layer the clean codes of the frozen layers below (a tensor)."""
+        """What the stage reconstructs: the images as stored (an array), or for a deeper greedy
+        layer the clean codes of the frozen layers below (a tensor)."""
         if stage.layer is None or stage.layer == 0:
             return x
-        self.model.eval()
+        model = self.model.eval()
+        assert isinstance(model, MLPAutoencoder)  # greedy stages: stacked models only
         codes = [
-            self.model.stage_input(
+            model.stage_input(
                 stage.layer, torch.as_tensor(x[i : i + VALIDATION_BATCH]).to(self.device)
             ).cpu()
             for i in range(0, len(x), VALIDATION_BATCH)
         ]
         return torch.cat(codes)
 
-    def _prepare_stage(self) -> None:
+    def _stage_run(self) -> _StageRun:
         """The stage's DataLoader, validation data and (DDP-wrapped) objective, once per stage."""
-        if self._loader_stage == self.position.stage:
-            return
+        if self._run is not None and self._run.stage == self.position.stage:
+            return self._run
         stage = self._stage()
         on_cuda = self.device.type == "cuda"
         workers = self.config.loader_workers
         workers = (2 if on_cuda else 0) if workers is None else workers
-        self._loader = DataLoader(
-            _Rows(self._stage_data(stage, self.dataset.train.x)),
-            batch_sampler=_EpochBatches(),
+        rows, batches = _Rows(self._stage_data(stage, self.dataset.train.x)), _EpochBatches()
+        loader = DataLoader(
+            rows,
+            batch_sampler=batches,
             collate_fn=_whole_batch,
             num_workers=workers,
             pin_memory=on_cuda,
             persistent_workers=workers > 0,
         )
-        val = self._stage_data(stage, self.dataset.val.x)
-        self._val_data = torch.as_tensor(val).to(self.device)
-        objective = _StageObjective(self.model, stage)
+        val = torch.as_tensor(self._stage_data(stage, self.dataset.val.x)).to(self.device)
+        objective: nn.Module = _StageObjective(self.model, stage)
         if self.group.distributed:
             objective = DistributedDataParallel(
                 objective,
                 device_ids=[self.device.index] if on_cuda else None,
                 find_unused_parameters=stage.layer is not None,  # frozen layers get no gradient
             )
-        self._objective = objective
-        self._loader_stage = self.position.stage
+        self._run = _StageRun(self.position.stage, rows, batches, loader, val, objective)
+        return self._run
 
-    def _epoch_batches(self) -> list[list[int]]:
-        """This process's batches of the current epoch, from the resume point on."""
+    def _epoch_batches(self, rows: _Rows) -> list[list[int]]:
+        """This process's batches of the current epoch (from its first step)."""
         pos, group = self.position, self.group
-        sampler = DistributedSampler(
-            self._loader.dataset,
+        sampler: DistributedSampler = DistributedSampler(
+            rows,
             num_replicas=group.world_size,
             rank=group.rank,
             shuffle=True,
@@ -339,8 +350,7 @@ class Trainer:
     def _validation_loss(self) -> float:
         """Mean loss of the current stage on the validation set, with the same corruption (and
         VAE samples) every epoch; rank 0's figure on every process."""
-        self._prepare_stage()
-        val_data, stage = self._val_data, self._stage()
+        val_data, stage = self._stage_run().val_data, self._stage()
         generator = torch.Generator(self.device).manual_seed(self.config.seed + 1)
         corruption = (
             None
@@ -373,13 +383,12 @@ class Trainer:
         Raises TrainingInterrupted after saving when a stop was requested mid-epoch (alone;
         under torchrun a stop waits for the end of the epoch, which all processes reach together).
         """
-        self._prepare_stage()
-        stage, pos = self._stage(), self.position
-        batches = self._epoch_batches()
+        run, stage, pos = self._stage_run(), self._stage(), self.position
+        batches = self._epoch_batches(run.rows)
         n_steps = len(batches)
         if pos.loss_sum is None:
             pos.loss_sum = torch.zeros((), device=self.device)
-        self._loader.batch_sampler.batches = batches[pos.step :]
+        run.batches.batches = batches[pos.step :]
         self.model.train()
         bar = tqdm(
             total=n_steps,
@@ -390,11 +399,11 @@ class Trainer:
             unit="step",
         )
         with bar:
-            for rows in self._loader:
+            for rows in run.loader:
                 target = self._augmented(stage, rows.to(self.device, non_blocking=True))
                 inputs = target if self.corruption is None else self.corruption(target)
                 with self._autocast():
-                    loss = self._objective(inputs, target, self.generator)
+                    loss = run.objective(inputs, target, self.generator)
                 self.optimizer.zero_grad(set_to_none=True)
                 if self.scaler.is_enabled():  # fp16: scale the loss so gradients stay finite
                     self.scaler.scale(loss).backward()
@@ -509,7 +518,7 @@ class Trainer:
         state = None
         if with_training_state:
             position = dataclasses.asdict(self.position)
-            if position["loss_sum"] is not None:
+            if self.position.loss_sum is not None:
                 position["loss_sum"] = self.position.loss_sum.cpu()
             state = {
                 **position,
@@ -574,7 +583,7 @@ class Trainer:
         self.position = Position(**state)
         if self.position.loss_sum is not None:
             self.position.loss_sum = self.position.loss_sum.to(self.device)
-        self._loader_stage = None
+        self._run = None
         if not self.finished:
             self.optimizer = self._make_optimizer()
             self.optimizer.load_state_dict(optimizer_state)

@@ -409,8 +409,9 @@ def build_head(config: HeadConfig, embeddings: EmbeddingTable | None = None) -> 
     `embeddings` (an `aet embed` table of this encoder over this data set, e.g. served ones)
     saves computing them in-process. Nothing is written unless every check passes.
     """
+    assert config.model is not None and config.name is not None  # checked by HeadConfig
     found = find_model_version(config.model)  # refuses a version whose sha256 does not match
-    card = found.card
+    card = found.usable_card
     repository = config.repository if config.repository is not None else found.path.parent.parent
     _check_target(config, found, repository)
     encoder_bytes = found.model_path.read_bytes()

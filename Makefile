@@ -38,4 +38,4 @@ typecheck: install
 	rm -rf $(MYPY_TREE) && mkdir -p $(MYPY_TREE)/aet
 	for f in aet/*.py; do ln -s $(CURDIR)/$$f $(MYPY_TREE)/aet/; done
 	for d in training server clients proto; do ln -s $(CURDIR)/$$d $(MYPY_TREE)/aet/$$d; done
-	cd $(MYPY_TREE) && $(CURDIR)/$(VENV)/bin/mypy --config-file $(CURDIR)/pyproject.toml -p aet
+	cd $(MYPY_TREE) && $(abspath $(VENV))/bin/mypy --config-file $(CURDIR)/pyproject.toml -p aet

@@ -101,6 +101,18 @@ class DemoConfig:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: expected a positive integer; got {getattr(self, name)}")
 
+    @property
+    def model_name(self) -> str:
+        """`model`, defaulted from the data set by `__post_init__`."""
+        assert self.model is not None
+        return self.model
+
+    @property
+    def output_dir(self) -> Path:
+        """`output`, defaulted from the data set by `__post_init__`."""
+        assert self.output is not None
+        return self.output
+
 
 def pretrain_and_export(config: DemoConfig) -> None:
     """`aet pretrain` into `runs/<model>`, then `aet export` into `config.repository`."""
@@ -112,7 +124,7 @@ def pretrain_and_export(config: DemoConfig) -> None:
         "--dataset",
         config.dataset,
         "--name",
-        config.model,
+        config.model_name,
         "--runs-dir",
         str(runs_dir),
         "--seed",
@@ -127,11 +139,11 @@ def pretrain_and_export(config: DemoConfig) -> None:
     export = [
         "export",
         "--run",
-        str(runs_dir / config.model),
+        str(runs_dir / config.model_name),
         "--repository",
         str(config.repository),
         "--model",
-        config.model,
+        config.model_name,
     ]
     for argv in (pretrain, export):
         print(f"$ aet {' '.join(argv)}", flush=True)
@@ -141,7 +153,7 @@ def pretrain_and_export(config: DemoConfig) -> None:
 
 def serving_repository(config: DemoConfig) -> Path:
     """A fresh repository of the demo's own, holding the encoder's latest verified version."""
-    model_dir = config.repository / config.model
+    model_dir = config.repository / config.model_name
     if not model_dir.is_dir():
         raise DemoError(
             f"{model_dir}: no such model; run `aet demo --pretrain"
@@ -149,9 +161,9 @@ def serving_repository(config: DemoConfig) -> Path:
             f"train and export one first"
         )
     found = find_model_version(model_dir)  # refuses a version whose sha256 does not match
-    root = config.output / "repository"
+    root = config.output_dir / "repository"
     shutil.rmtree(root, ignore_errors=True)
-    shutil.copytree(found.path, root / config.model / str(found.version))
+    shutil.copytree(found.path, root / config.model_name / str(found.version))
     return root
 
 
@@ -160,9 +172,10 @@ def serve_head(
 ) -> dict:
     """Fit the head on the served embeddings, export it, load it into the running server and
     classify the test split over gRPC; returns the figures for `head.json`."""
-    name = f"{config.model}-head"
-    version = build_head(HeadConfig(model=repository / config.model, name=name), table)
+    name = f"{config.model_name}-head"
+    version = build_head(HeadConfig(model=repository / config.model_name, name=name), table)
     card = read_model_card(version / CARD_FILE)
+    assert card.classifier is not None  # build_head writes classifier cards
     print(f"head: {card.classifier.head} {card.classifier.settings} -> {version}", flush=True)
     with grpc.insecure_channel(server.target) as channel:
         grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel).RepositoryModelLoad(
@@ -190,32 +203,32 @@ def run_demo(config: DemoConfig) -> int:
     if config.pretrain:
         pretrain_and_export(config)
     repository = serving_repository(config)
-    server = ServerProcess(repository, config.output / "server.log")
+    server = ServerProcess(repository, config.output_dir / "server.log")
     try:
-        server.wait_until_serving(config.model)
+        server.wait_until_serving(config.model_name)
         print(f"server: aet serve on {server.target} (log: {server.log_path})", flush=True)
         embed_config = EmbedConfig(
             dataset=config.dataset,
             data_path=config.data_path,
             seed=config.seed,
             server=server.target,
-            model=config.model,
-            output=config.output / "embeddings.npz",
+            model=config.model_name,
+            output=config.output_dir / "embeddings.npz",
             overwrite=True,
         )
-        with ServerBackend(EmbeddingClient(server.target), config.model) as backend:
+        with ServerBackend(EmbeddingClient(server.target), config.model_name) as backend:
             summary = extract(embed_config, backend)
         print(summary.line(), flush=True)
 
-        table = read_embeddings(embed_config.output)
+        table = read_embeddings(embed_config.output_path)
         probe_config = ProbeConfig(
-            embeddings=embed_config.output,
+            embeddings=embed_config.output_path,
             seed=config.seed,
             label_counts=config.label_counts,
-            output=config.output / "probe",
+            output=config.output_dir / "probe",
         )
-        results = probe(table, dataset_of(table, str(embed_config.output)), probe_config)
-        paths = write_results(results, probe_config.output)
+        results = probe(table, dataset_of(table, str(embed_config.output_path)), probe_config)
+        paths = write_results(results, probe_config.output_dir)
         print()
         print(results.markdown())
         print(f"results: {paths['markdown']}, {paths['json']}")
@@ -225,7 +238,7 @@ def run_demo(config: DemoConfig) -> int:
         exit_code = server.stop()
     print(f"server: stopped (exit code {exit_code})", flush=True)
     head["probe_test_accuracy"] = results.accuracy["embedding"]["logreg"][-1]
-    (config.output / "head.json").write_text(json.dumps(head, indent=2) + "\n")
+    (config.output_dir / "head.json").write_text(json.dumps(head, indent=2) + "\n")
     print(head_line(head, results))
     print(f"demo finished in {time.perf_counter() - started:.1f} s")
     return 0 if exit_code == 0 else 1

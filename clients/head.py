@@ -180,23 +180,31 @@ def encoder_dataset(config: HeadConfig, model_dir: Path) -> Dataset:
     dataset = load_dataset(**arguments)
     if note is not None:
         dataset.source["split_mismatch"] = note
-    if dataset.fit.y is None or dataset.test.y is None:
-        raise HeadError(f"data set {dataset.name}: has no labels; a classifier needs them")
-    missing = sorted(set(range(dataset.num_classes)) - set(np.unique(dataset.fit.y).tolist()))
+    fit_y, _, num_classes = labels_of(dataset)
+    missing = sorted(set(range(num_classes)) - set(np.unique(fit_y).tolist()))
     if missing:
         raise HeadError(
             f"data set {dataset.name}: classes {missing} have no training rows (train + val); "
-            f"expected every class of 0..{dataset.num_classes - 1}"
+            f"expected every class of 0..{num_classes - 1}"
         )
     return dataset
+
+
+def labels_of(dataset: Dataset) -> tuple[np.ndarray, np.ndarray, int]:
+    """Labels of the fit and test rows, and the number of classes; HeadError without labels."""
+    fit_y, test_y, num_classes = dataset.fit.y, dataset.test.y, dataset.num_classes
+    if fit_y is None or test_y is None or num_classes is None:
+        raise HeadError(f"data set {dataset.name}: has no labels; a classifier needs them")
+    return fit_y, test_y, num_classes
 
 
 def class_names(dataset: Dataset) -> tuple[str, ...]:
     """The data set's class names (image folders' subfolder names), else "0", "1", ..."""
     names = dataset.source.get("classes")
-    if names is not None and len(names) == dataset.num_classes:
+    num_classes = labels_of(dataset)[2]
+    if names is not None and len(names) == num_classes:
         return tuple(str(name) for name in names)
-    return tuple(str(index) for index in range(dataset.num_classes))
+    return tuple(str(index) for index in range(num_classes))
 
 
 # --- heads as torch modules ----------------------------------------------------------------------
@@ -278,13 +286,13 @@ def fit_frozen_head(
     config: HeadConfig, dataset: Dataset, fit_x: np.ndarray, test_x: np.ndarray, seed: int
 ) -> FittedHead:
     """Fit the configured head on frozen embeddings `fit_x` (the fit rows), score on `test_x`."""
-    fit_y, test_y = dataset.fit.y, dataset.test.y
+    fit_y, test_y, num_classes = labels_of(dataset)
     if config.head == "logreg":
         tuned = tune_logistic(fit_x, fit_y, seed)
         module, probabilities = logistic_module(tuned.model), tuned.model.predict_proba(test_x)
         settings = {**tuned.settings, "cv_accuracy": tuned.cv_accuracy, "cv_folds": tuned.folds}
     else:
-        mlp = fit_mlp_head(fit_x, fit_y, dataset.num_classes, config.hidden, config.steps, seed)
+        mlp = fit_mlp_head(fit_x, fit_y, num_classes, config.hidden, config.steps, seed)
         module, probabilities = mlp_module(mlp), mlp.predict_proba(test_x)
         settings = {"hidden": config.hidden, "steps": config.steps}
     accuracy = float((probabilities.argmax(1) == test_y).mean())
@@ -293,6 +301,7 @@ def fit_frozen_head(
 
 def fit_fine_tuned(config: HeadConfig, dataset: Dataset, seed: int) -> FittedHead:
     """Fine-tune the run's encoder under a linear head on every fit row."""
+    assert config.fine_tune is not None  # build_head fine-tunes only when it is given
     index = np.arange(len(dataset.fit))
     model = fine_tune(config.fine_tune, dataset, index, config.steps, seed)
     logits = torch.from_numpy(classifier_logits(model, dataset.test.x))
@@ -353,6 +362,7 @@ def check_run_is_encoder(
     config: HeadConfig, encoder: onnx.ModelProto, card: ModelCard, rows: np.ndarray
 ) -> None:
     """Refuse a `--fine-tune` run that is not the run the exported encoder came from."""
+    assert config.fine_tune is not None  # called only for --fine-tune
     checkpoint = load_checkpoint(config.fine_tune / "best.pt")
     preprocess = preprocessing_module(checkpoint)
     module = ExportedEncoder(checkpoint.build_model(), preprocess, with_score=False).eval()
@@ -502,6 +512,7 @@ def run(args: argparse.Namespace) -> int:
     config = config_from_args(HeadConfig, args)
     path = build_head(config)
     card = read_model_card(path / CARD_FILE)
+    assert card.classifier is not None  # build_head writes classifier cards
     encoder = card.classifier.encoder
     print(
         f"head {card.classifier.head} on {encoder['name']} v{encoder['version']} -> {path}\n"

@@ -22,7 +22,7 @@ import sys
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -61,7 +61,7 @@ class PredictConfig(EmbedConfig):
     @property
     def probabilities_path(self) -> Path:
         """Where the extraction job writes the probabilities before they become predictions."""
-        return self.output.with_name(f"{self.output.stem}.probabilities.npz")
+        return self.output_path.with_name(f"{self.output_path.stem}.probabilities.npz")
 
 
 @dataclass(frozen=True)
@@ -108,13 +108,13 @@ def write_predictions(path: Path, predictions: Predictions) -> None:
     if path.suffix == ".npz":
 
         def write(temporary: Path) -> None:
+            arrays: dict[str, Any] = {
+                **columns,
+                "probabilities": top.probabilities,
+                "metadata": np.array(metadata),
+            }
             with open(temporary, "wb") as handle:
-                np.savez(
-                    handle,
-                    **columns,
-                    probabilities=top.probabilities,
-                    metadata=np.array(metadata),
-                )
+                np.savez(handle, **arrays)
     else:
         import pyarrow as pa
         import pyarrow.parquet as pq
@@ -161,8 +161,10 @@ def read_predictions(path: str | Path) -> Predictions:
 
 def predict(config: PredictConfig, backend: EmbeddingBackend) -> Predictions:
     """Run the job of `config` on an open `backend` serving a classifier; write its output."""
-    if config.output.exists() and not config.overwrite:
-        raise ExtractionError(f"{config.output}: already exists; pass --overwrite to replace it")
+    if config.output_path.exists() and not config.overwrite:
+        raise ExtractionError(
+            f"{config.output_path}: already exists; pass --overwrite to replace it"
+        )
     labels = backend.model.class_labels
     if not labels:
         raise ExtractionError(
@@ -171,14 +173,14 @@ def predict(config: PredictConfig, backend: EmbeddingBackend) -> Predictions:
         )
     job = dataclasses.replace(config, output=config.probabilities_path, overwrite=True)
     extract(job, backend)
-    table = read_embeddings(job.output)
+    table = read_embeddings(job.output_path)
     table.metadata["created"] = datetime.now(UTC).isoformat()
     predictions = predictions_of(table, labels)
-    write_predictions(config.output, predictions)
-    if job.output.is_dir():  # a job's output may be a folder of parts (Ray)
-        shutil.rmtree(job.output)
+    write_predictions(config.output_path, predictions)
+    if job.output_path.is_dir():  # a job's output may be a folder of parts (Ray)
+        shutil.rmtree(job.output_path)
     else:
-        job.output.unlink()
+        job.output_path.unlink()
     return predictions
 
 

@@ -17,6 +17,7 @@ import dataclasses
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -29,6 +30,7 @@ from aet.config import ConfigError, add_config_arguments, config_from_args
 from aet.errors import UserError
 from aet.training.data import DATASETS, Dataset, load_dataset
 from aet.training.evaluate import fit_pca
+from aet.training.models import Autoencoder
 from aet.training.probes import format_settings, knn_probe, label_subset, logistic_probe
 
 CLASSIFIERS = {
@@ -148,8 +150,16 @@ class ProbeConfig:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: expected a positive integer; got {getattr(self, name)}")
         if self.output is None:
-            source = self.embeddings.stem if self.embeddings else self.model.resolve().name
+            named_by = self.embeddings or self.model  # one of the two, checked above
+            assert named_by is not None
+            source = named_by.stem if self.embeddings else named_by.resolve().name
             self.output = Path("runs") / "probe" / source
+
+    @property
+    def output_dir(self) -> Path:
+        """`output`, defaulted from the input's name by `__post_init__`."""
+        assert self.output is not None
+        return self.output
 
 
 # --- inputs ------------------------------------------------------------------------------
@@ -291,7 +301,7 @@ class EncoderClassifier(nn.Module):
     """The autoencoder's encoder under a linear head; the head's BatchNorm (no learned scale)
     standardises codes of any scale, as the frozen probes' StandardScaler does."""
 
-    def __init__(self, encoder: nn.Module, code_size: int, num_classes: int):
+    def __init__(self, encoder: Autoencoder, code_size: int, num_classes: int):
         super().__init__()
         self.encoder = encoder
         self.head = nn.Sequential(
@@ -316,10 +326,12 @@ def fine_tune(
             f"{tuple(checkpoint.image_shape)}; data set {dataset.name} has "
             f"{dataset.image_shape}"
         )
+    fit = dataset.fit
+    if fit.y is None or dataset.num_classes is None:
+        raise ProbeError(f"data set {dataset.name}: has no labels; nothing to fine-tune on")
     torch.manual_seed(seed)
     autoencoder = checkpoint.build_model()
     model = EncoderClassifier(autoencoder, autoencoder.code_size, dataset.num_classes)
-    fit = dataset.fit
     _train(model, torch.from_numpy(fit.x[index]), torch.from_numpy(fit.y[index]), steps, seed)
     return model
 
@@ -398,14 +410,14 @@ def probe(table: EmbeddingTable, dataset: Dataset, config: ProbeConfig) -> Probe
 
 def _probe(table: EmbeddingTable, dataset: Dataset, config: ProbeConfig) -> ProbeResults:
     assert config.seed is not None  # probe() fills it in from the split
-    fit_y, test_y = dataset.fit.y, dataset.test.y
-    if fit_y is None or test_y is None:
+    fit_y, test_y, num_classes = dataset.fit.y, dataset.test.y, dataset.num_classes
+    if fit_y is None or test_y is None or num_classes is None:
         raise ProbeError(f"data set {dataset.name}: has no labels; nothing to probe")
     counts = sorted({min(n, len(fit_y)) for n in config.label_counts} | {len(fit_y)})
     subsets = [label_subset(fit_y, n, config.seed) for n in counts]
     accuracy: dict[str, dict[str, list[float]]] = {}
     settings: dict[str, dict[str, list[dict]]] = {}
-    confusion = None
+    confusion: list[list[int]] = []
     for features in feature_sets(table, dataset, config.seed):
         tuned: dict[str, list] = {"logreg": [], "knn": []}
         mlp = []
@@ -420,16 +432,14 @@ def _probe(table: EmbeddingTable, dataset: Dataset, config: ProbeConfig) -> Prob
                 features.fit[index],
                 fit_y[index],
                 features.test,
-                dataset.num_classes,
+                num_classes,
                 config.hidden,
                 config.steps,
                 config.seed,
             )
             mlp.append(float((predicted == test_y).mean()))
-            if confusion is None and n == counts[-1]:  # embeddings come first; all labels
-                confusion = confusion_matrix(
-                    test_y, predicted, labels=range(dataset.num_classes)
-                ).tolist()
+            if not confusion and n == counts[-1]:  # embeddings come first; all labels
+                confusion = confusion_matrix(test_y, predicted, labels=range(num_classes)).tolist()
         accuracy[features.name] = {
             **{name: [score.accuracy for score in scores] for name, scores in tuned.items()},
             "mlp": mlp,
@@ -500,7 +510,14 @@ def write_results(results: ProbeResults, folder: Path) -> dict[str, Path]:
 TABLE_FIELDS = ("columns", "label_column", "drop_missing")  # recorded by tables of features
 
 
-def pretraining_split(config: ProbeConfig, model_dir: Path) -> tuple[dict, str | None]:
+class SplitFlags(Protocol):
+    """The flags that choose a data split (`aet probe`, `aet head`): None takes model.json's."""
+
+    data_path: Path | None
+    allow_split_mismatch: bool
+
+
+def pretraining_split(config: SplitFlags, model_dir: Path) -> tuple[dict, str | None]:
     """The `load_dataset` arguments of the model's pretraining split, from its model.json,
     with the flags given in `config`, and a note when they change the split.
 
@@ -510,8 +527,7 @@ def pretraining_split(config: ProbeConfig, model_dir: Path) -> tuple[dict, str |
     from aet.clients.backends import find_model_version
 
     found = find_model_version(model_dir)
-    assert found.card is not None  # find_model_version returns usable versions only
-    recorded = found.card.dataset
+    recorded = found.usable_card.dataset
     card_values = {
         "dataset": recorded["name"],
         "seed": recorded.get("seed", 0),
@@ -576,7 +592,7 @@ def run(args: argparse.Namespace) -> int:
     config = config_from_args(ProbeConfig, args)
     table, dataset = load_inputs(config)
     results = probe(table, dataset, config)
-    paths = write_results(results, config.output)
+    paths = write_results(results, config.output_dir)
     print(results.markdown())
     print(f"results: {paths['markdown']}, {paths['json']}")
     print(f"plots: {paths['accuracy_plot']}, {paths['confusion_plot']}")

@@ -171,6 +171,9 @@ def to_onnx(
 ) -> onnx.ModelProto:
     """Export `module` with a dynamic batch axis and check the graph with `onnx.checker`;
     `output_names` default to the module's own (`ExportedEncoder.output_names`)."""
+    if output_names is None:
+        assert isinstance(module, ExportedEncoder), "other modules must name their outputs"
+        output_names = module.output_names
     try:
         program = torch.onnx.export(
             module,
@@ -179,7 +182,7 @@ def to_onnx(
             opset_version=opset,
             optimize=True,
             input_names=[input_name],
-            output_names=output_names if output_names is not None else module.output_names,
+            output_names=output_names,
             verbose=False,
             dynamic_shapes=({0: torch.export.Dim("batch")},),  # by position: any arg name
         )

@@ -156,10 +156,16 @@ class EmbeddingBackend:
 class LocalBackend(EmbeddingBackend):
     """onnxruntime in this process, on `exported/<model>[/<version>]`."""
 
-    def __init__(self, model_dir: str | os.PathLike, threads: int = 0, score: bool = False):
+    def __init__(
+        self,
+        model_dir: str | os.PathLike,
+        threads: int = 0,
+        score: bool = False,
+        device: str = "auto",
+    ):
         found = find_model_version(model_dir)
         self.model = _identity(found)
-        self._session = _open_session(found.model_path, found.usable_card, "auto", threads, score)
+        self._session = _open_session(found.model_path, found.usable_card, device, threads, score)
         self._run = self._session.run_scored if score else self._session.run
         self.label = f"local onnxruntime ({self._session.provider})"
 
@@ -439,7 +445,7 @@ class RayBackend(EmbeddingBackend):
 def open_backend(config) -> EmbeddingBackend:
     """The backend an `EmbedConfig` asks for (`--server`, `--local` or `--ray`)."""
     if config.local is not None:
-        return LocalBackend(config.local, score=config.score)
+        return LocalBackend(config.local, score=config.score, device=config.device)
     if config.ray is not None:
         return RayBackend(
             config.ray, config.workers, config.ray_address, config.device, score=config.score

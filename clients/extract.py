@@ -126,8 +126,8 @@ class EmbedConfig:
     device: str = field(
         default="auto",
         metadata={
-            "help": "Ray: where the actors run the encoder: cuda (one GPU each), cpu, or auto "
-            "(cuda when the cluster has GPUs)",
+            "help": "--local and --ray: where the encoder runs: cuda (Ray: one GPU per actor), "
+            "cpu, or auto (cuda when a GPU is usable; the server chooses its own)",
             "choices": ["auto", "cpu", "cuda"],
         },
     )
@@ -184,8 +184,11 @@ class EmbedConfig:
             )
         if self.server is not None and not self.model:
             raise ConfigError(f"model: --server {self.server} needs --model <name>; got none")
-        if self.ray is None and self.device != "auto":
-            raise ConfigError(f"device: only for --ray; got --device {self.device}")
+        if self.server is not None and self.device != "auto":
+            raise ConfigError(
+                f"device: only for --local or --ray (the server chooses its own); "
+                f"got --device {self.device}"
+            )
         if self.server is None and (self.model or self.version):
             raise ConfigError(
                 "model, version: only for --server; --local and --ray take the "

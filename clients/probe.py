@@ -71,6 +71,13 @@ class ProbeConfig:
             "data set and split recorded in its model.json"
         },
     )
+    device: str = field(
+        default="auto",
+        metadata={
+            "help": "with --model: where the encoder runs (auto: cuda when a GPU is usable)",
+            "choices": ["auto", "cpu", "cuda"],
+        },
+    )
     dataset: str | None = field(
         default=None,
         metadata={
@@ -144,6 +151,11 @@ class ProbeConfig:
                     f"{', '.join(given)}: only with --model; --embeddings {self.embeddings} "
                     f"records the data set and split it was extracted from"
                 )
+            if self.device != "auto":
+                raise ConfigError(
+                    f"device: only with --model (--embeddings are already computed); "
+                    f"got --device {self.device}"
+                )
         if not self.label_counts or min(self.label_counts) < 1:
             raise ConfigError(f"label_counts: expected positive numbers; got {self.label_counts}")
         for name in ("hidden", "steps"):
@@ -180,12 +192,13 @@ def dataset_of(table: EmbeddingTable, source: str) -> Dataset:
     return dataset
 
 
-def embed_in_process(model_dir: Path, dataset: Dataset) -> EmbeddingTable:
-    """Every row of `dataset` through the exported encoder in `model_dir` (onnxruntime)."""
+def embed_in_process(model_dir: Path, dataset: Dataset, device: str = "auto") -> EmbeddingTable:
+    """Every row of `dataset` through the exported encoder in `model_dir` (onnxruntime on
+    `device`: auto, cpu or cuda)."""
     from aet.clients.backends import LocalBackend
 
     rows = extraction_rows(dataset)
-    with LocalBackend(model_dir) as backend:
+    with LocalBackend(model_dir, device=device) as backend:
         check_model_fits(backend.model, dataset)
         embeddings = np.concatenate(list(backend.embed_rows(rows.pixels, batch_size=1024)))
         model = asdict(backend.model)
@@ -578,7 +591,7 @@ def load_inputs(config: ProbeConfig) -> tuple[EmbeddingTable, Dataset]:
     assert config.model is not None  # ProbeConfig requires --embeddings or --model
     arguments, note = pretraining_split(config, config.model)
     dataset = load_dataset(**arguments)
-    table = embed_in_process(config.model, dataset)
+    table = embed_in_process(config.model, dataset, config.device)
     if note is not None:
         table.metadata["split_mismatch"] = note
     return table, dataset

@@ -45,7 +45,10 @@ CONCEPTS = {
         {"--repo", "--model-repository", "--repository-dir", "--exported", "--model-repo"},
         {"export", "serve", "demo"},
     ),
-    "--device": ({"--gpu", "--cuda", "--use-cuda", "--accelerator"}, {"serve", "pretrain"}),
+    "--device": (
+        {"--gpu", "--cuda", "--use-cuda", "--accelerator"},
+        {"serve", "pretrain", "embed", "probe"},
+    ),
     "--columns": ({"--features", "--feature-columns", "--cols"}, {"pretrain", "embed"}),
     "--label-column": ({"--label", "--target", "--target-column", "--y"}, {"pretrain", "embed"}),
     "--drop-missing": ({"--dropna", "--drop-na", "--skip-missing"}, {"pretrain", "embed"}),

@@ -30,6 +30,7 @@ from aet.clients.extract import (
 )
 from aet.clients.rows import plan_rows, raw_pixels
 from aet.config import ConfigError
+from aet.errors import UserError
 from aet.training.data import DataError, load_dataset
 
 LIMIT = 400  # digits rows per job: five shards of 96, quick on any backend
@@ -264,10 +265,25 @@ def test_config_and_model_folder_errors(tmp_path, model_dir):
     with pytest.raises(ConfigError, match=r"--ray writes a folder of Parquet files.*got out\.npz"):
         EmbedConfig(ray=model_dir, output=Path("out.npz"))
     assert EmbedConfig(ray=model_dir).output == Path("extracted/digits.parquet")
-    with pytest.raises(ConfigError, match="device: only for --ray; got --device cuda"):
-        EmbedConfig(local=model_dir, device="cuda")
+    with pytest.raises(ConfigError, match=r"device: only for --local or --ray .*got --device cpu"):
+        EmbedConfig(server="127.0.0.1:1", model="m", device="cpu")
     with pytest.raises(BackendError, match="no such folder"):
         LocalBackend(tmp_path / "absent")
+
+
+def test_local_backend_runs_on_the_device_asked_for(model_dir, plan):
+    with LocalBackend(model_dir, device="cpu") as backend:
+        assert backend.label == "local onnxruntime (CPUExecutionProvider)"
+        rows = plan.pixels(0, 4)
+        with LocalBackend(model_dir) as auto:  # auto: the same codes on whatever it chose
+            np.testing.assert_allclose(
+                np.concatenate(list(backend.embed_rows(rows, 4))),
+                np.concatenate(list(auto.embed_rows(rows, 4))),
+                atol=1e-5,
+            )
+    if "CUDA" not in LocalBackend(model_dir).label:  # no usable GPU: cuda is refused by name
+        with pytest.raises(UserError, match=r"device: expected a usable CUDA GPU for 'cuda'"):
+            LocalBackend(model_dir, device="cuda")
 
 
 def test_tampered_model_is_refused(tmp_path, model_dir):

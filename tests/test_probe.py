@@ -204,6 +204,8 @@ def test_a_recorded_data_path_that_is_gone_names_it_and_the_flag(tmp_path, digit
 def test_data_flags_with_embeddings_are_refused(tmp_path):
     with pytest.raises(ConfigError, match="--dataset, --limit: only with --model"):
         ProbeConfig(embeddings=tmp_path / "e.npz", dataset="digits", limit=5)
+    with pytest.raises(ConfigError, match=r"device: only with --model .*got --device cpu"):
+        ProbeConfig(embeddings=tmp_path / "e.npz", device="cpu")
 
 
 def test_cli_refusal_exits_2_and_writes_nothing(model_dir, tmp_path, capsys):

@@ -42,6 +42,7 @@ from torch import nn
 from aet.clients.backends import find_model_version
 from aet.clients.extract import EmbeddingTable, extraction_rows
 from aet.clients.probe import (
+    SPLIT_MISMATCH,
     MLPHead,
     classifier_logits,
     embed_in_process,
@@ -136,6 +137,13 @@ class HeadConfig:
     limit: int | None = field(
         default=None, metadata={"help": "keep the first N rows (default: the encoder's)"}
     )
+    label_column: str | None = field(
+        default=None,
+        metadata={
+            "help": "tables (csv, parquet, npz): the column of class labels (default: the "
+            "encoder's); labels decide the stratified split, so another one is a split change"
+        },
+    )
     allow_split_mismatch: bool = field(
         default=False,
         metadata={
@@ -177,6 +185,16 @@ def encoder_dataset(config: HeadConfig, model_dir: Path) -> Dataset:
     resolution: a flag that changes the split is refused unless `--allow-split-mismatch`,
     and then recorded in the head's card), checked to have a label for every class."""
     arguments, note = pretraining_split(config, model_dir)
+    recorded = arguments.get("label_column")
+    if config.label_column is not None and config.label_column != recorded:
+        change = f"--label-column {config.label_column} (pretraining: {recorded})"
+        if not config.allow_split_mismatch:
+            raise HeadError(
+                f"{change}: labels decide the stratified split, so the test rows would include "
+                f"rows the encoder was pretrained on; pass --allow-split-mismatch to fit anyway"
+            )
+        arguments["label_column"] = config.label_column
+        note = f"{note}, {change}" if note else f"{SPLIT_MISMATCH}: {change}"
     dataset = load_dataset(**arguments)
     if note is not None:
         dataset.source["split_mismatch"] = note

@@ -6,6 +6,7 @@ real digits encoder (`model_repository`), and reused.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import shutil
@@ -29,7 +30,7 @@ from aet.clients.predict import PredictConfig, predict, read_predictions
 from aet.clients.probe import embed_in_process, fit_mlp_head
 from aet.proto import grpc_service_pb2 as pb
 from aet.server.repository import read_model_card, scan_repository
-from aet.training.data import load_dataset
+from aet.training.data import DataError, load_dataset
 from aet.training.probes import tune_logistic
 
 ENCODER = "digits"
@@ -181,6 +182,26 @@ def test_data_set_without_labels_is_refused(tmp_path, model_repository):
     card_path.write_text(json.dumps(card))
     with pytest.raises(HeadError, match="data set npz: has no labels"):
         build_head(HeadConfig(model=tmp_path / ENCODER, name=HEAD))
+    assert _written(tmp_path) == ["digits/1"]
+
+
+def test_label_column_other_than_the_encoders_is_refused_and_an_unknown_one_named(
+    tmp_path, model_repository
+):
+    rng = np.random.default_rng(0)
+    rows = ["a,b,kind"] + [f"{a:.3f},{b:.3f},{k}" for a, b, k in rng.random((40, 3))]
+    (tmp_path / "table.csv").write_text("\n".join(rows) + "\n")
+    shutil.copytree(model_repository / ENCODER, tmp_path / ENCODER)
+    card_path = tmp_path / ENCODER / "1" / "model.json"
+    card = json.loads(card_path.read_text())
+    table = {"path": str(tmp_path / "table.csv"), "seed": 0, "label_column": "kind"}
+    card["dataset"] = {"name": "csv", **table}
+    card_path.write_text(json.dumps(card))
+    config = HeadConfig(model=tmp_path / ENCODER, name=HEAD, label_column="nope")
+    with pytest.raises(HeadError, match=r"--label-column nope \(pretraining: kind\): labels"):
+        build_head(config)
+    with pytest.raises(DataError, match="label column 'nope' not found; columns: a, b, kind"):
+        build_head(dataclasses.replace(config, allow_split_mismatch=True))
     assert _written(tmp_path) == ["digits/1"]
 
 

@@ -666,9 +666,13 @@ def _request(
 _FIELDS = ("probabilities", "indices", "scores", "labels")
 
 
-def _classification(response: embedding_pb2.ClassifyResponse, chunk: _Chunk) -> Classification:
-    """The probabilities and top classes of `response`, checked against its request."""
-    method = "Classify"
+def _response_tensor(
+    response: embedding_pb2.EmbedResponse | embedding_pb2.ClassifyResponse,
+    field: str,
+    chunk: _Chunk,
+    method: str,
+) -> np.ndarray:
+    """The tensor `field` of `response`, once its request_id is checked against `chunk`'s."""
     if response.request_id != chunk.request_id:
         raise EmbeddingError(
             grpc.StatusCode.INTERNAL,
@@ -676,9 +680,15 @@ def _classification(response: embedding_pb2.ClassifyResponse, chunk: _Chunk) -> 
             method,
         )
     try:
-        probabilities = decode_tensor(response.probabilities, "probabilities")
+        return decode_tensor(getattr(response, field), field)
     except TensorCodecError as exc:
         raise EmbeddingError(grpc.StatusCode.INTERNAL, f"response {exc}", method) from None
+
+
+def _classification(response: embedding_pb2.ClassifyResponse, chunk: _Chunk) -> Classification:
+    """The probabilities and top classes of `response`, checked against its request."""
+    method = "Classify"
+    probabilities = _response_tensor(response, "probabilities", chunk, method)
     rows = len(chunk.rows)
     if probabilities.ndim != 2 or len(probabilities) != rows or len(response.top) != rows:
         raise EmbeddingError(
@@ -697,16 +707,7 @@ def _classification(response: embedding_pb2.ClassifyResponse, chunk: _Chunk) -> 
 
 def _embeddings(response: embedding_pb2.EmbedResponse, chunk: _Chunk, method: str) -> np.ndarray:
     """The embeddings of `response`, checked against the request they answer."""
-    if response.request_id != chunk.request_id:
-        raise EmbeddingError(
-            grpc.StatusCode.INTERNAL,
-            f"response request_id: expected {chunk.request_id!r}, got {response.request_id!r}",
-            method,
-        )
-    try:
-        embeddings = decode_tensor(response.embeddings, "embeddings")
-    except TensorCodecError as exc:
-        raise EmbeddingError(grpc.StatusCode.INTERNAL, f"response {exc}", method) from None
+    embeddings = _response_tensor(response, "embeddings", chunk, method)
     if embeddings.ndim != 2 or len(embeddings) != len(chunk.rows):
         raise EmbeddingError(
             grpc.StatusCode.INTERNAL,

@@ -12,6 +12,7 @@ gRPC servers over it on 127.0.0.1 ephemeral ports.
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from collections.abc import Callable, Iterator
@@ -28,6 +29,11 @@ from aet.server.pipeline import InferencePipeline
 
 DIGITS_MODEL = "digits"
 TEST_MESSAGE_MB = 8
+
+# Ray starts its workers at niceness 15: beside other busy processes (a loaded CI machine) they
+# then get almost no CPU and the Ray tests crawl. Tests run them at the priority of the rest, set
+# before any test starts Ray so that child processes (ray start, bench scripts) inherit it.
+os.environ.setdefault("RAY_worker_niceness", "0")
 
 
 @pytest.fixture(scope="session", autouse=True)

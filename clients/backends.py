@@ -46,6 +46,8 @@ from aet.server.runtime import (
     split_scored,
 )
 
+log = logging.getLogger(__name__)
+
 
 class BackendError(UserError):
     """A backend could not start: no such model folder, no usable version, Ray failed."""
@@ -151,6 +153,33 @@ class EmbeddingBackend:
 
     def close(self) -> None:
         """Release what the backend holds (channel, Ray); the default holds nothing."""
+
+
+class RayStartTimeout(Exception):
+    """A local Ray node did not register within Ray's own startup limit."""
+
+
+def _start_local_ray(cpus: int, tries: int = 2) -> None:
+    """Start a local Ray with `cpus` CPUs. Its raylet must register within a limit Ray fixes
+    (30 s), which a busy machine can miss: then Ray starts afresh, up to `tries` times."""
+    import ray
+
+    for attempt in range(1, tries + 1):
+        try:
+            ray.init(
+                num_cpus=cpus,
+                include_dashboard=False,
+                logging_level=logging.WARNING,
+                log_to_driver=False,
+            )
+            return
+        except Exception as exc:  # Ray raises a bare Exception for this one case
+            if "timed out during startup" not in str(exc):
+                raise
+            ray.shutdown()
+            if attempt == tries:
+                raise RayStartTimeout(f"{exc} ({tries} tries)") from exc
+            log.warning("ray_start_retry", extra={"reason": str(exc)})
 
 
 class LocalBackend(EmbeddingBackend):
@@ -364,15 +393,10 @@ class RayBackend(EmbeddingBackend):
         if self._started_ray:
             try:
                 if address is None:
-                    ray.init(
-                        num_cpus=workers + 1,
-                        include_dashboard=False,
-                        logging_level=logging.WARNING,
-                        log_to_driver=False,
-                    )
+                    _start_local_ray(workers + 1)
                 else:
                     ray.init(address=address, logging_level=logging.WARNING)
-            except (ConnectionError, RuntimeError, ValueError) as exc:
+            except (ConnectionError, RuntimeError, ValueError, RayStartTimeout) as exc:
                 raise BackendError(
                     f"ray: cannot {'join ' + address if address else 'start'}: {exc}"
                 ) from exc

@@ -315,3 +315,29 @@ def test_cli_prints_a_summary_with_rows_per_second(tmp_path, model_dir, capsys):
     line = capsys.readouterr().out.strip()
     assert line.startswith(f"embedded {LIMIT} rows in ") and "rows/s, local onnxruntime" in line
     assert read_embeddings(output).embeddings.shape == (LIMIT, 8)
+
+
+def test_local_ray_that_misses_rays_startup_limit_is_started_afresh(monkeypatch):
+    """Ray gives a local raylet a fixed 30 s to register; a busy machine can miss it. Ray's own
+    failure cannot be provoked on demand, so its `init` stands in, failing as Ray does."""
+    import ray
+
+    from aet.clients.backends import RayStartTimeout, _start_local_ray
+
+    calls = []
+
+    def init(**options):
+        calls.append(options["num_cpus"])
+        if len(calls) < 3:
+            raise Exception("The current node timed out during startup. This could happen ...")
+
+    monkeypatch.setattr(ray, "init", init)
+    monkeypatch.setattr(ray, "shutdown", lambda: None)
+    _start_local_ray(2, tries=3)
+    assert calls == [2, 2, 2]
+    calls.clear()
+    with pytest.raises(RayStartTimeout, match=r"timed out during startup.*\(2 tries\)"):
+        _start_local_ray(2, tries=2)
+    monkeypatch.setattr(ray, "init", lambda **options: (_ for _ in ()).throw(Exception("other")))
+    with pytest.raises(Exception, match="^other$"):  # any other failure is not retried
+        _start_local_ray(2)

@@ -39,7 +39,7 @@ from aet.clients.backends import LocalBackend, RayBackend, ServerBackend
 from aet.clients.client import EmbeddingClient
 from aet.clients.extract import EmbedConfig, extract, read_embeddings
 from aet.clients.rows import plan_rows
-from aet.training.data import _find_idx_folder, _idx_file, default_mnist_dir, read_idx
+from aet.training.data import default_mnist_dir, find_idx_folder, idx_file, read_idx
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -150,8 +150,8 @@ def probe_tables(args: argparse.Namespace, scratch: Path) -> dict[str, str]:
 
 def tile_mnist(mnist_path: Path | None, rows: int, folder: Path) -> Path:
     """Uncompressed t10k IDX files of `rows` rows: the MNIST test set repeated; `folder`."""
-    source = _find_idx_folder(default_mnist_dir() if mnist_path is None else mnist_path)
-    images, labels = (read_idx(_idx_file(source, "t10k", kind)) for kind in ("images", "labels"))
+    source = find_idx_folder(default_mnist_dir() if mnist_path is None else mnist_path)
+    images, labels = (read_idx(idx_file(source, "t10k", kind)) for kind in ("images", "labels"))
     folder.mkdir(parents=True, exist_ok=True)
     for kind, array, magic in (("images", images, 3), ("labels", labels, 1)):
         shape = (rows, *array.shape[1:])

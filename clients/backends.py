@@ -3,7 +3,7 @@
 The in-process backends (`LocalBackend`, `ServerBackend`) offer `model` (which encoder answers)
 and `embed_rows(pixels, batch_size)`, an iterator of embeddings for consecutive row blocks in
 order; `clients.extract` feeds them shard by shard. `RayBackend` runs the whole job as one Ray
-Data pipeline instead (`distributed`): read on the workers, embed in onnxruntime actors that
+Data pipeline instead: read on the workers, embed in onnxruntime actors that
 receive the ONNX bytes and the model card (no shared filesystem needed), write on the workers.
 The local and Ray backends run the same `server.runtime.EncoderSession` the server runs, so
 all three give the same embeddings. Opened with `score=True`, every backend adds each row's
@@ -133,13 +133,12 @@ def _check_score(card: ModelCard, score: bool) -> None:
 
 
 class EmbeddingBackend:
-    """What `clients.extract.extract` runs on: `model`, `label` and `embed_rows` (or, when
-    `distributed`, `plan` and `embed_blocks`); a context manager that releases the backend's
-    resources on exit."""
+    """What `clients.extract.extract` runs on: `model`, `label` and `embed_rows` (`RayBackend`
+    runs the whole job with `plan` and `embed_blocks` instead); a context manager that releases
+    the backend's resources on exit."""
 
     label: str  # for the summary line and the output's metadata
     model: ModelIdentity
-    distributed = False  # True: the backend runs the whole job itself (Ray)
 
     def embed_rows(self, pixels: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
         """Embeddings of consecutive blocks of `pixels` (raw range), in order."""
@@ -368,8 +367,6 @@ class RayBackend(EmbeddingBackend):
     by every worker (one machine, a shared filesystem, or a URI pyarrow can write). Only a Ray
     this backend started is shut down by `close()`.
     """
-
-    distributed = True
 
     def __init__(
         self,

@@ -303,7 +303,7 @@ class EmbeddingTable:
         return self.embeddings[mask], self.labels[mask]
 
 
-def _atomic_write(path: Path, write) -> None:
+def atomic_write(path: Path, write) -> None:
     """Call `write(temporary_path)`, then rename the finished file onto `path`."""
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -354,7 +354,7 @@ def write_embeddings(path: Path, table: EmbeddingTable) -> None:
         def write(temporary: Path) -> None:
             pq.write_table(arrow, temporary)
 
-    _atomic_write(path, write)
+    atomic_write(path, write)
 
 
 def _arrow_table(path: Path, arrow, metadata: dict) -> EmbeddingTable:
@@ -492,7 +492,7 @@ class ShardStore:
                     )
             return
         self.folder.mkdir(parents=True, exist_ok=True)
-        _atomic_write(manifest_path, lambda t: t.write_text(json.dumps(self.manifest, indent=2)))
+        atomic_write(manifest_path, lambda t: t.write_text(json.dumps(self.manifest, indent=2)))
 
     @property
     def count(self) -> int:
@@ -536,7 +536,7 @@ class ShardStore:
             with open(temporary, "wb") as handle:
                 np.savez(handle, ids=ids, embeddings=embeddings)
 
-        _atomic_write(self.path(index), write)
+        atomic_write(self.path(index), write)
 
     def remove(self) -> None:
         shutil.rmtree(self.folder)
@@ -600,9 +600,7 @@ class PartsFolder:
         self._write_manifest({**self.manifest, "complete": False})
 
     def _write_manifest(self, manifest: dict[str, Any]) -> None:
-        _atomic_write(
-            self.folder / MANIFEST, lambda t: t.write_text(json.dumps(manifest, indent=2))
-        )
+        atomic_write(self.folder / MANIFEST, lambda t: t.write_text(json.dumps(manifest, indent=2)))
 
     def files(self) -> list[Path]:
         return sorted(self.folder.glob("*.parquet"))

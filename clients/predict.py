@@ -33,7 +33,7 @@ from aet.clients.extract import (
     EmbedConfig,
     EmbeddingTable,
     ExtractionError,
-    _atomic_write,
+    atomic_write,
     extract,
     read_embeddings,
 )
@@ -132,7 +132,7 @@ def write_predictions(path: Path, predictions: Predictions) -> None:
         def write(temporary: Path) -> None:
             pq.write_table(arrow, temporary)
 
-    _atomic_write(path, write)
+    atomic_write(path, write)
 
 
 def read_predictions(path: str | Path) -> Predictions:

@@ -23,16 +23,16 @@ from typing import Any
 import numpy as np
 
 from aet.training.data import (
-    _IDX_PARTS,
     DATASETS,
+    IDX_PARTS,
     DataError,
     LoadedImages,
     Split,
     TableOptions,
-    _find_idx_folder,
-    _idx_file,
     cut_dataset,
     default_mnist_dir,
+    find_idx_folder,
+    idx_file,
     read_idx,
 )
 
@@ -112,13 +112,13 @@ def _decompressed_idx(path: str) -> np.ndarray:
 
 def _idx_source(path: Path | None) -> tuple[list[IdxImages], LoadedImages]:
     """The image files of an IDX folder, and its labels as a `LoadedImages` of row positions."""
-    folder = _find_idx_folder(default_mnist_dir() if path is None else path)
+    folder = find_idx_folder(default_mnist_dir() if path is None else path)
     files: list[IdxImages] = []
     parts: list[Split] = []
-    for part in _IDX_PARTS:
+    for part in IDX_PARTS:
         images_path, labels_path = (
-            _idx_file(folder, part, "images"),
-            _idx_file(folder, part, "labels"),
+            idx_file(folder, part, "images"),
+            idx_file(folder, part, "labels"),
         )
         if images_path is None or labels_path is None:
             continue

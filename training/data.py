@@ -180,7 +180,7 @@ _IDX_DTYPES: dict[int, np.dtype] = {
     0x0D: np.dtype(">f4"),
     0x0E: np.dtype(">f8"),
 }
-_IDX_PARTS = ("train", "t10k")  # official training and test sets, in that order
+IDX_PARTS = ("train", "t10k")  # official training and test sets, in that order
 
 
 def default_mnist_dir() -> Path:
@@ -231,19 +231,17 @@ def read_idx(path: Path) -> np.ndarray:
     return np.frombuffer(data, dtype, math.prod(dims), header).reshape(dims)
 
 
-def _idx_file(folder: Path, part: str, kind: str) -> Path | None:
+def idx_file(folder: Path, part: str, kind: str) -> Path | None:
     """`<part>-<kind>-idxN-ubyte`, uncompressed or `.gz`, if present in `folder`."""
     stem = f"{part}-{kind}-idx{3 if kind == 'images' else 1}-ubyte"
     return next((folder / name for name in (stem, stem + ".gz") if (folder / name).is_file()), None)
 
 
 def _has_idx_files(folder: Path) -> bool:
-    return any(
-        _idx_file(folder, part, kind) for part in _IDX_PARTS for kind in ("images", "labels")
-    )
+    return any(idx_file(folder, part, kind) for part in IDX_PARTS for kind in ("images", "labels"))
 
 
-def _find_idx_folder(root: Path) -> Path:
+def find_idx_folder(root: Path) -> Path:
     """The one folder holding the IDX files: `root`, `root/raw` or `root/<Name>/raw`."""
     if not root.is_dir():
         raise DataError(
@@ -267,7 +265,7 @@ def _find_idx_folder(root: Path) -> Path:
 
 def _read_idx_part(folder: Path, part: str) -> tuple[Split, list[str]] | None:
     """Images and labels of one part (`train` or `t10k`), or None if neither file is there."""
-    images_path, labels_path = _idx_file(folder, part, "images"), _idx_file(folder, part, "labels")
+    images_path, labels_path = idx_file(folder, part, "images"), idx_file(folder, part, "labels")
     if images_path is None and labels_path is None:
         return None
     if images_path is None or labels_path is None:
@@ -303,8 +301,8 @@ def _load_mnist_idx(
 ) -> LoadedImages:
     """A folder of MNIST-format IDX files; train + t10k give the official split."""
     _table_options_unused("mnist-idx images", table)
-    folder = _find_idx_folder(default_mnist_dir() if path is None else path)
-    parts = {part: read for part in _IDX_PARTS if (read := _read_idx_part(folder, part))}
+    folder = find_idx_folder(default_mnist_dir() if path is None else path)
+    parts = {part: read for part in IDX_PARTS if (read := _read_idx_part(folder, part))}
     splits = [split for split, _ in parts.values()]
     shapes = {split.x.shape[1:] for split in splits}
     if len(shapes) > 1:

@@ -30,6 +30,7 @@ from aet.config import ConfigError, add_config_arguments, config_from_args
 from aet.errors import UserError
 from aet.training.data import DATASETS, Dataset, load_dataset
 from aet.training.evaluate import fit_pca
+from aet.training.mapped import Images
 from aet.training.models import Autoencoder
 from aet.training.probes import format_settings, knn_probe, label_subset, logistic_probe
 
@@ -350,7 +351,7 @@ def fine_tune(
 
 
 @torch.no_grad()
-def classifier_logits(model: nn.Module, x: np.ndarray) -> np.ndarray:
+def classifier_logits(model: nn.Module, x: Images) -> np.ndarray:
     """Logits (N, classes) of images `x` (N, C, H, W) in [0, 1], in blocks of 1,024."""
     model.eval()
     return torch.cat(

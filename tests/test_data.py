@@ -1,17 +1,24 @@
-"""Data set loaders on tiny files written here, the corrupt variants, and the seeded splits."""
+"""Data set loaders on tiny files written here, the corrupt variants, the seeded splits, and
+memory-mapped images (uncompressed IDX, stored npz) that stay on disk through training."""
 
 from __future__ import annotations
 
 import gzip
 import json
+import pickle
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from aet.config import ConfigError
 from aet.training.data import DATASETS, DataError, default_mnist_dir, load_dataset, read_idx
+from aet.training.mapped import MappedImages
+from aet.training.models import ModelConfig, build_autoencoder
+from aet.training.train import Trainer, TrainingConfig
 
 # --- helpers: tiny files in the real formats ---------------------------------------------------
 
@@ -387,3 +394,104 @@ def test_image_folder_truncated_png_names_the_file(tmp_path):
     png.write_bytes(png.read_bytes()[:60])
     with pytest.raises(DataError, match=f"{png}: "):
         load_dataset("image-folder", tmp_path, channels=1)
+
+
+# --- memory-mapped images: uncompressed IDX and stored npz stay on disk ------------------------
+
+MLP = ModelConfig(architecture="mlp", hidden_sizes=(16,), code_size=4)
+ONE_EPOCH = TrainingConfig(
+    epochs=1, batch_size=64, noise="masking", noise_level=0.25, progress=False
+)
+
+
+def npz_pair(tmp_path, x, y):
+    """The same arrays stored (mappable) and deflated (read whole)."""
+    stored, deflated = tmp_path / "stored.npz", tmp_path / "deflated.npz"
+    np.savez(stored, x=x, y=y)
+    np.savez_compressed(deflated, x=x, y=y)
+    return stored, deflated
+
+
+def assert_same_cut(mapped, loaded):
+    for name in ("train", "val", "test", "fit"):
+        a, b = getattr(mapped, name), getattr(loaded, name)
+        assert isinstance(a.x, MappedImages) and isinstance(b.x, np.ndarray)
+        np.testing.assert_array_equal(np.asarray(a.x), b.x)
+        np.testing.assert_array_equal(a.y, b.y)
+        assert a.x.shape == b.x.shape and a.x.dtype == b.x.dtype == np.float32
+
+
+def test_uncompressed_idx_files_are_mapped_and_cut_like_compressed_ones(tmp_path):
+    images, labels = numbered_images(120)
+    test_images, test_labels = numbered_images(30)
+    for compress, folder in ((False, tmp_path / "plain"), (True, tmp_path / "gz")):
+        write_idx_part(folder, "train", images, labels, compress)
+        write_idx_part(folder, "t10k", test_images, test_labels, compress)
+    mapped = load_dataset("mnist-idx", tmp_path / "plain", limit=100)
+    loaded = load_dataset("mnist-idx", tmp_path / "gz", limit=100)
+    assert_same_cut(mapped, loaded)
+    assert mapped.source["sizes"] == loaded.source["sizes"]
+
+
+@pytest.mark.parametrize("shape", [(4, 4), (2, 3, 5)])
+@pytest.mark.parametrize("dtype", [np.uint8, np.float32])
+def test_stored_npz_images_are_mapped_and_read_like_deflated_ones(tmp_path, shape, dtype):
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (90, *shape)).astype(np.uint8)
+    x = x if dtype == np.uint8 else (x / 255).astype(dtype)
+    stored, deflated = npz_pair(tmp_path, x, np.arange(90) % 3)
+    mapped, loaded = load_dataset("npz", stored), load_dataset("npz", deflated)
+    assert_same_cut(mapped, loaded)
+    assert mapped.raw_max == loaded.raw_max == (255.0 if dtype == np.uint8 else 1.0)
+    rows = mapped.train.x
+    np.testing.assert_array_equal(rows[3], loaded.train.x[3])  # one image
+    np.testing.assert_array_equal(rows[2:5, 0, 1], loaded.train.x[2:5, 0, 1])  # and within
+
+
+def test_mapped_rows_pickle_as_a_file_reference(tmp_path):
+    x = np.random.default_rng(1).integers(0, 256, (2000, 28, 28)).astype(np.uint8)
+    stored, _ = npz_pair(tmp_path, x, np.arange(2000) % 10)
+    rows = load_dataset("npz", stored).train.x
+    assert isinstance(rows, MappedImages)
+    np.asarray(rows[:3])  # the mapping is open here: it must not travel
+    payload = pickle.dumps(rows)
+    assert len(payload) < x.nbytes / 50  # row positions, not pixels
+    np.testing.assert_array_equal(pickle.loads(payload)[:], rows[:])
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_training_on_a_mapped_file_equals_training_on_it_read_whole(tmp_path, workers):
+    x = np.random.default_rng(2).integers(0, 256, (300, 6, 6)).astype(np.uint8)
+    stored, deflated = npz_pair(tmp_path, x, np.arange(300) % 3)
+    losses = []
+    for path in (stored, deflated):
+        torch.manual_seed(0)
+        data = load_dataset("npz", path)
+        model = build_autoencoder(MLP, data.image_shape)
+        config = TrainingConfig(**{**ONE_EPOCH.__dict__, "loader_workers": workers})
+        trainer = Trainer(model, data, config, tmp_path / path.stem / str(workers), {})
+        history = trainer.fit()["train"]
+        losses.append((history["train_loss"], history["val_loss"]))
+    assert losses[0] == losses[1]
+
+
+def peak_numpy_bytes(path, run_dir) -> int:
+    """Peak traced memory (numpy's arrays included) of loading `path` and one training epoch."""
+    tracemalloc.start()
+    try:
+        data = load_dataset("npz", path, val_fraction=0.05)
+        torch.manual_seed(0)
+        Trainer(build_autoencoder(MLP, data.image_shape), data, ONE_EPOCH, run_dir, {}).fit()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_a_mapped_training_set_is_never_read_whole(tmp_path):
+    x = np.random.default_rng(3).integers(0, 256, (4000, 28, 28)).astype(np.uint8)
+    stored, deflated = npz_pair(tmp_path, x, np.arange(4000) % 10)
+    as_floats = x.size * 4  # what reading the images whole costs: float32 pixels
+    # The control: read whole, the loader holds every pixel as float32 at once.
+    assert peak_numpy_bytes(deflated, tmp_path / "deflated") > as_floats
+    # Mapped: the validation rows (5 %) and one batch at a time.
+    assert peak_numpy_bytes(stored, tmp_path / "stored") < as_floats / 4

@@ -7,8 +7,11 @@ bilinear interpolation, drawn from a seeded `torch.Generator` that the checkpoin
 resumed run draws the same transforms. One draw covers one batch (one affine call per training
 step keeps the step cheap); over the epochs every image meets many different transforms.
 
-Training only: validation, evaluation and export see the images as they are. The augmented
-image is the reconstruction target, and noise (training.corruption) then corrupts the input.
+Training only: validation, evaluation and export see the images as they are. By default the
+augmented image is the reconstruction target, and noise (training.corruption) then corrupts the
+input; with `input_only` the augmentation is part of the corruption instead: the model sees the
+nudged, noisy image and must reconstruct the image as it is, which asks the code to undo the
+nudge.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ class AugmentationConfig:
     translate: float = 0.0  # largest shift, as a fraction of the image's height and width
     rotate: float = 0.0  # largest rotation in degrees, either way
     scale: float = 0.0  # largest relative change of size: 0.1 draws a scale in [0.9, 1.1]
+    input_only: bool = False  # True: a corruption (the target stays the image as it is)
 
     def __post_init__(self) -> None:
         for name, high in (("translate", 0.5), ("rotate", 180.0), ("scale", 0.5)):

@@ -15,6 +15,7 @@ import math
 import os
 import zipfile
 import zlib
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -30,6 +31,7 @@ from sklearn.model_selection import train_test_split
 
 from aet.config import ConfigError
 from aet.errors import UserError
+from aet.training.mapped import CHUNK_ROWS, Images, MappedImages, stored_npz_member
 from aet.training.standardize import FeatureStandardizer
 
 
@@ -42,7 +44,7 @@ class Split:
     """One part of a data set: images (N, C, H, W) float32 in [0, 1] or standardised vectors
     (N, D) float32, and labels (N,) int64 or None."""
 
-    x: np.ndarray
+    x: Images  # MappedImages: left on disk, read when indexed
     y: np.ndarray | None
 
     def __len__(self) -> int:
@@ -74,17 +76,22 @@ class Dataset:
         """True for tables of features (Gaussian model), False for images in [0, 1]."""
         return self.standardizer is not None
 
-    def raw(self, x: np.ndarray) -> np.ndarray:
+    def raw(self, x: Images) -> np.ndarray:
         """Rows of a split back in the units the exported graph takes: pixels in
         [0, raw_max], or vectors before standardisation."""
+        x = np.asarray(x)
         if self.standardizer is not None:
             return self.standardizer.inverse_transform(x)
         return (x * np.float32(self.raw_max)).astype(np.float32)
 
 
 def _concat(first: Split, second: Split) -> Split:
+    """`first` then `second`; rows of one mapped file stay on disk, anything else is read."""
     y = None if first.y is None else np.concatenate([first.y, second.y])
-    return Split(np.concatenate([first.x, second.x]), y)
+    if isinstance(first.x, MappedImages) and first.x.same_file(second.x):
+        assert isinstance(second.x, MappedImages)
+        return Split(first.x.joined(second.x), y)
+    return Split(np.concatenate([np.asarray(first.x), np.asarray(second.x)]), y)
 
 
 @dataclass(frozen=True)
@@ -231,6 +238,19 @@ def read_idx(path: Path) -> np.ndarray:
     return np.frombuffer(data, dtype, math.prod(dims), header).reshape(dims)
 
 
+def _mapped_idx_images(path: Path) -> np.ndarray:
+    """An IDX file as a read-only memory map when it is uncompressed, else read (`read_idx`)."""
+    with open(path, "rb") as handle:
+        head = handle.read(4)
+        if head[:2] == b"\x1f\x8b" or len(head) < 4 or head[:3] != b"\x00\x00\x08" or not head[3]:
+            return read_idx(path)  # compressed, or a header `read_idx` explains the fault of
+        dims = np.frombuffer(handle.read(4 * head[3]), ">u4")
+    header, shape = 4 + 4 * head[3], tuple(int(d) for d in dims)
+    if len(shape) != head[3] or path.stat().st_size != header + math.prod(shape):
+        return read_idx(path)  # truncated or trailing bytes: `read_idx` names the fault
+    return np.memmap(path, np.uint8, "r", header, shape)
+
+
 def idx_file(folder: Path, part: str, kind: str) -> Path | None:
     """`<part>-<kind>-idxN-ubyte`, uncompressed or `.gz`, if present in `folder`."""
     stem = f"{part}-{kind}-idx{3 if kind == 'images' else 1}-ubyte"
@@ -276,7 +296,7 @@ def _read_idx_part(folder: Path, part: str) -> tuple[Split, list[str]] | None:
             f"{folder}: missing file {part}-{kind}-idx{3 if kind == 'images' else 1}"
             f"-ubyte[.gz] to go with {present.name}"
         )
-    images, labels = read_idx(images_path), read_idx(labels_path)
+    images, labels = _mapped_idx_images(images_path), read_idx(labels_path)
     if images.dtype != np.uint8 or images.ndim != 3:
         raise DataError(
             f"{images_path}: expected uint8 images (N, H, W), magic 0x00000803; "
@@ -292,7 +312,13 @@ def _read_idx_part(folder: Path, part: str) -> tuple[Split, list[str]] | None:
             f"{labels_path}: {len(labels)} labels, but {images_path.name} holds "
             f"{len(images)} images"
         )
-    x = (images.astype(np.float32) / np.float32(255.0))[:, None]  # (N, 1, H, W)
+    if isinstance(images, np.memmap):  # left on disk: (N, 1, H, W) read when indexed
+        assert images.offset is not None
+        x: np.ndarray | MappedImages = MappedImages.whole(
+            images_path, images.offset, images.dtype, (len(images), 1, *images.shape[1:]), 255.0
+        )
+    else:
+        x = (images.astype(np.float32) / np.float32(255.0))[:, None]  # (N, 1, H, W)
     return Split(x, labels.astype(np.int64)), [images_path.name, labels_path.name]
 
 
@@ -343,35 +369,43 @@ def _npz_image_shape(path: Path, x: np.ndarray) -> tuple[int, int, int]:
     return (1, *x.shape[1:]) if x.ndim == 3 else x.shape[1:]
 
 
-def _npz_scaled(path: Path, x: np.ndarray) -> tuple[np.ndarray, float]:
-    """Array `x` as float32 in [0, 1], and its raw_max: uint8 / 255, or float checked as is."""
-    if x.dtype == np.uint8:
-        if x.size and x.max() <= 1:  # 0/1 bytes: binary images that /255 would turn into noise
+def _npz_raw_max(path: Path, dtype: np.dtype, chunks: Iterable[np.ndarray]) -> float:
+    """The raw value of array `x` that maps to 1.0 (uint8: 255, float in [0, 1]: 1), checked
+    over its values chunk by chunk."""
+    if dtype != np.uint8 and not np.issubdtype(dtype, np.floating):
+        raise DataError(
+            f"{path}: array 'x' has dtype {dtype}; expected uint8 (0..255) or float in "
+            f"[0, 1] (convert other integer types, e.g. x.astype(np.float32) / x.max())"
+        )
+    low, high, seen, not_finite, first = math.inf, -math.inf, 0, 0, ""
+    for chunk in chunks:
+        if dtype != np.uint8 and not (finite := np.isfinite(chunk)).all():
+            bad = np.argwhere(~finite)[0]
+            where = (seen + int(bad[0]), *(int(i) for i in bad[1:]))
+            first = first or f"{chunk[tuple(bad)]} at index {where}"
+            not_finite += int((~finite).sum())
+        elif chunk.size:
+            low, high = min(low, float(chunk.min())), max(high, float(chunk.max()))
+        seen += len(chunk)
+    if not_finite:
+        raise DataError(
+            f"{path}: array 'x' holds {not_finite} NaN/Inf values (first: {first}); "
+            f"expected finite values in [0, 1]"
+        )
+    if dtype == np.uint8:
+        if high <= 1:  # 0/1 bytes: binary images that /255 would turn into noise
             raise DataError(
                 f"{path}: array 'x' is uint8 with every value in {{0, 1}}; uint8 pixels are "
                 f"read as 0..255 and divided by 255. Store binary images as x * 255 (uint8) "
                 f"or as float32 in [0, 1]"
             )
-        return x.astype(np.float32) / np.float32(255.0), 255.0
-    if not np.issubdtype(x.dtype, np.floating):
-        raise DataError(
-            f"{path}: array 'x' has dtype {x.dtype}; expected uint8 (0..255) or float in "
-            f"[0, 1] (convert other integer types, e.g. x.astype(np.float32) / x.max())"
-        )
-    finite = np.isfinite(x)
-    if not finite.all():
-        where = tuple(int(i) for i in np.argwhere(~finite)[0])
-        raise DataError(
-            f"{path}: array 'x' holds {int((~finite).sum())} NaN/Inf values "
-            f"(first: {x[where]} at index {where}); expected finite values in [0, 1]"
-        )
-    low, high = float(x.min()), float(x.max())
+        return 255.0
     if low < 0 or high > 1:
         raise DataError(
             f"{path}: array 'x' has values in [{low}, {high}]; float images must lie "
             f"in [0, 1] (store 8-bit pixels as uint8)"
         )
-    return x.astype(np.float32), 1.0
+    return 1.0
 
 
 def _npz_labels(path: Path, y: np.ndarray, count: int) -> np.ndarray:
@@ -402,7 +436,12 @@ def _load_npz(
         with np.load(path, allow_pickle=False) as archive:
             if "x" not in archive.files:
                 raise DataError(f"{path}: no array 'x'; found arrays: {archive.files}")
-            x = archive["x"]
+            stored = stored_npz_member(path, "x")
+            if stored is not None and len(stored[2]) in (3, 4) and 0 not in stored[2]:
+                offset, dtype, shape = stored  # images: left on disk, read when indexed
+                x: np.ndarray = np.memmap(path, dtype, "r", offset, shape)
+            else:
+                x = archive["x"]
             y = archive["y"] if "y" in archive.files else None
     except FileNotFoundError as exc:
         raise DataError(f"{path}: no such file") from exc
@@ -420,10 +459,17 @@ def _load_npz(
     _table_options_unused("npz images", table)
     image_shape = _npz_image_shape(path, x)
     _fixed_shape_only("npz", image_size, channels, image_shape)
-    x, raw_max = _npz_scaled(path, x)
-    x = x.reshape(len(x), *image_shape)
+    pixels: np.ndarray | MappedImages
+    if isinstance(x, np.memmap):
+        assert x.offset is not None
+        chunks = (x[i : i + CHUNK_ROWS] for i in range(0, len(x), CHUNK_ROWS))
+        raw_max = _npz_raw_max(path, x.dtype, chunks)
+        pixels = MappedImages.whole(path, x.offset, x.dtype, (len(x), *image_shape), raw_max)
+    else:
+        raw_max = _npz_raw_max(path, x.dtype, [x])
+        pixels = (x.astype(np.float32) / np.float32(raw_max)).reshape(len(x), *image_shape)
     return LoadedImages(
-        pool=Split(x, labels),
+        pool=Split(pixels, labels),
         raw_max=raw_max,
         origin={"path": str(path.resolve())},
         default_test_fraction=0.2,
@@ -757,7 +803,8 @@ def _check_fraction(name: str, value: float, *, allow_zero: bool) -> None:
 
 
 def _take(split: Split, index: np.ndarray) -> Split:
-    return Split(split.x[index], None if split.y is None else split.y[index])
+    x = split.x.take(index) if isinstance(split.x, MappedImages) else split.x[index]
+    return Split(x, None if split.y is None else split.y[index])
 
 
 def _shuffled_prefix(split: Split, count: int, rng: np.random.Generator) -> Split:
@@ -902,8 +949,10 @@ def cut_dataset(
     }
     standardizer = None
     if loaded.feature_names is not None:
-        standardizer = FeatureStandardizer.fit(train.x)
-        train, val, test = (Split(standardizer.transform(s.x), s.y) for s in (train, val, test))
+        standardizer = FeatureStandardizer.fit(np.asarray(train.x))  # vectors: in memory
+        train, val, test = (
+            Split(standardizer.transform(np.asarray(s.x)), s.y) for s in (train, val, test)
+        )
     return Dataset(
         name=name,
         train=train,

@@ -13,6 +13,7 @@ import torch
 from sklearn.decomposition import PCA
 
 from aet.training.data import Dataset
+from aet.training.mapped import Images
 from aet.training.models import Autoencoder
 from aet.training.probes import PROBES, FeatureSet, format_settings, probe_features
 
@@ -21,7 +22,7 @@ DEFAULT_LABEL_COUNTS = (100, 1000, None)  # None: all training labels
 
 
 @torch.no_grad()
-def encode_array(model: Autoencoder, x: np.ndarray) -> np.ndarray:
+def encode_array(model: Autoencoder, x: Images) -> np.ndarray:
     """Codes (N, code_size) of images `x` (N, C, H, W) in [0, 1], in eval mode."""
     model.eval()
     return torch.cat(
@@ -33,7 +34,7 @@ def encode_array(model: Autoencoder, x: np.ndarray) -> np.ndarray:
 
 
 @torch.no_grad()
-def reconstruction_mse(model: Autoencoder, x: np.ndarray) -> float:
+def reconstruction_mse(model: Autoencoder, x: Images) -> float:
     """Mean squared error per pixel, in [0, 1] units, of the model's reconstruction of `x`."""
     model.eval()
     total = 0.0
@@ -43,7 +44,7 @@ def reconstruction_mse(model: Autoencoder, x: np.ndarray) -> float:
     return total / x.size
 
 
-def fit_pca(train_x: np.ndarray, n_components: int, seed: int = 0) -> PCA:
+def fit_pca(train_x: Images, n_components: int, seed: int = 0) -> PCA:
     """PCA with `n_components` (at most the pixels and images there are) on flattened images
     (N, C, H, W); `n_components_` says how many it has."""
     flat = train_x.reshape(len(train_x), -1)
@@ -51,7 +52,7 @@ def fit_pca(train_x: np.ndarray, n_components: int, seed: int = 0) -> PCA:
     return PCA(n_components=n_components, random_state=seed).fit(flat)
 
 
-def pca_reconstruction_mse(pca: PCA, x: np.ndarray) -> float:
+def pca_reconstruction_mse(pca: PCA, x: Images) -> float:
     """Mean squared error per pixel of the PCA projection of images `x`."""
     flat = x.reshape(len(x), -1)
     return float(np.mean((pca.inverse_transform(pca.transform(flat)) - flat) ** 2))

@@ -300,6 +300,7 @@ TRAINING_FIELDS = (
     "augment_translate",
     "augment_rotate",
     "augment_scale",
+    "augment_input_only",
     "epochs",
     "layer_epochs",
     "batch_size",

@@ -173,6 +173,13 @@ class PretrainConfig:
             "help": "largest random relative change of size, e.g. 0.1 for [0.9, 1.1] (0: off)"
         },
     )
+    augment_input_only: bool = field(
+        default=False,
+        metadata={
+            "help": "augment the input only and reconstruct the image as it is, so the code "
+            "must undo the nudge (default: the augmented image is also the target)"
+        },
+    )
     # optimisation
     epochs: int = field(
         default=_TRAINING.epochs,
@@ -327,7 +334,10 @@ class PretrainConfig:
             noise=self.noise,
             noise_level=self.noise_level,
             augmentation=AugmentationConfig(
-                self.augment_translate, self.augment_rotate, self.augment_scale
+                self.augment_translate,
+                self.augment_rotate,
+                self.augment_scale,
+                self.augment_input_only,
             ),
             seed=self.seed,
             log_every=self.log_every,

@@ -315,7 +315,8 @@ class Trainer:
             pin_memory=on_cuda,
             persistent_workers=workers > 0,
         )
-        val = torch.as_tensor(self._stage_data(stage, self.dataset.val.x)).to(self.device)
+        val = torch.as_tensor(np.asarray(self._stage_data(stage, self.dataset.val.x)))
+        val = val.to(self.device)
         objective: nn.Module = _StageObjective(self.model, stage)
         if self.group.distributed:
             objective = DistributedDataParallel(
@@ -376,6 +377,17 @@ class Trainer:
         images = target.view(-1, *self.dataset.image_shape)
         return self.augmentation(images).view(target.shape)
 
+    def _target_and_input(
+        self, stage: Stage, rows: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """What a training step reconstructs, and what the model sees: augmented (the target
+        too unless the augmentation is input-only) then corrupted."""
+        rows = rows.to(self.device, non_blocking=True)
+        augmented = self._augmented(stage, rows)
+        target = rows if self.config.augmentation.input_only else augmented
+        inputs = augmented if self.corruption is None else self.corruption(augmented)
+        return target, inputs
+
     def train_epoch(self) -> float:
         """Train one epoch of the current stage (the rest of it after a resume); its mean loss
         over all processes.
@@ -400,8 +412,7 @@ class Trainer:
         )
         with bar:
             for rows in run.loader:
-                target = self._augmented(stage, rows.to(self.device, non_blocking=True))
-                inputs = target if self.corruption is None else self.corruption(target)
+                target, inputs = self._target_and_input(stage, rows)
                 with self._autocast():
                     loss = run.objective(inputs, target, self.generator)
                 self.optimizer.zero_grad(set_to_none=True)

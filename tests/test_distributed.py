@@ -2,8 +2,9 @@
 
 With the same global batch, DistributedDataParallel over a DistributedSampler must follow the
 one-process run step for step: the losses after the same steps agree to 1e-4 (only the order
-of floating-point sums differs). Only rank 0 writes, and a checkpoint written by 2 processes
-refuses a resume by another number. Also: the device choice rule and mixed precision.
+of floating-point sums differs). Only rank 0 writes; a run stopped after some epochs and
+resumed under torchrun ends where the uninterrupted one does; a checkpoint written by 2
+processes refuses a resume by another number. Also: the device choice rule and mixed precision.
 """
 
 from __future__ import annotations
@@ -68,6 +69,19 @@ def test_two_gloo_processes_follow_one_process_with_the_same_global_batch(tmp_pa
         assert len(two_history[key]) == 3
         assert two_history[key] == pytest.approx(one_history[key], rel=1e-4)
     assert one_history["train_loss"][0] != pytest.approx(one_history["train_loss"][-1], rel=1e-3)
+
+    # The same run in two slices under torchrun: stopped after 2 epochs, then resumed.
+    sliced = [*PRETRAIN, "--runs-dir", str(tmp_path), "--name", "sliced"]
+    first = torchrun([*sliced, "--stop-after-epochs", "2"], nproc=2)
+    assert first.returncode == 1, first.stdout + first.stderr  # torchrun's code for "failed"
+    assert "exitcode  : 75" in first.stderr  # rank 0's: stopped, to be resumed
+    assert "stopped after this run's stop_after_epochs" in first.stdout
+    assert not (tmp_path / "sliced" / "metrics.json").exists()
+    second = torchrun([*sliced, "--resume"], nproc=2)
+    assert second.returncode == 0, second.stdout + second.stderr
+    sliced_history = json.loads((tmp_path / "sliced" / "metrics.json").read_text())
+    for key in ("train_loss", "val_loss"):
+        assert sliced_history["stages"]["train"][key] == pytest.approx(two_history[key], rel=1e-6)
 
     capsys.readouterr()
     resumed = main([*PRETRAIN, "--runs-dir", str(tmp_path), "--name", "two", "--resume"])

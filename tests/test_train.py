@@ -205,6 +205,18 @@ def test_augmentation_changes_the_training_loss_but_not_validation_data(digits, 
     assert saved["random_states"][0]["augmentation_generator"] is not None
 
 
+@pytest.mark.parametrize("input_only", [False, True])
+def test_input_only_augmentation_keeps_the_clean_image_as_the_target(digits, tmp_path, input_only):
+    moves = AugmentationConfig(0.25, 0.0, 0.0, input_only=input_only)
+    config = dataclasses.replace(QUICK, noise="none", augmentation=moves)
+    trainer = make_trainer(digits, tmp_path, config=config)
+    stage = trainer.stages[0]
+    rows = torch.from_numpy(digits.train.x[:64]).flatten(1)
+    target, inputs = trainer._target_and_input(stage, rows)
+    assert not torch.equal(inputs, rows)  # a shift of up to 2 pixels moved the batch
+    assert torch.equal(target, rows if input_only else inputs)
+
+
 def test_bf16_mixed_precision_trains_on_cpu(digits, tmp_path):
     config = dataclasses.replace(QUICK, precision="bf16", noise="none")
     trainer = make_trainer(

@@ -102,6 +102,11 @@ class ProcessGroup:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
+    def barrier(self) -> None:
+        """Wait until every process gets here (at once when alone)."""
+        if self.distributed:
+            dist.barrier()
+
     def gather(self, value: object) -> list:
         """Every process's `value`, in rank order (on every process)."""
         if not self.distributed:

@@ -39,6 +39,7 @@ from aet.training.recipes import load_recipe, recipe_names
 from aet.training.train import Trainer, TrainingConfig, TrainingInterrupted
 
 EXIT_INTERRUPTED = 130  # the shell's code for a process stopped by SIGINT
+EXIT_SLICE_ENDED = 75  # sysexits' EX_TEMPFAIL: --stop-after-epochs ended the call; resume later
 N_RECONSTRUCTIONS = 10
 _MODEL, _TRAINING = ModelConfig(), TrainingConfig()  # the defaults of the fields below
 
@@ -220,6 +221,13 @@ class PretrainConfig:
         default=None,
         metadata={"help": "DataLoader worker processes (default: 2 on CUDA, 0 on CPU)"},
     )
+    stop_after_epochs: int | None = field(
+        default=None,
+        metadata={
+            "help": "save and stop (exit 75) after this many epochs of this call, to be "
+            "continued with --resume: training in time slices (default: run to the end)"
+        },
+    )
     threads: int = field(
         default=1,
         metadata={
@@ -345,6 +353,7 @@ class PretrainConfig:
             device=self.device,
             precision=self.precision,
             loader_workers=self.loader_workers,
+            stop_after_epochs=self.stop_after_epochs,
         )
 
     def to_dict(self) -> dict:
@@ -451,6 +460,8 @@ def _train_and_report(
     except TrainingInterrupted as exc:
         if group.is_main:
             print(f"{exc}; continue with --resume")
+        if exc.slice_ended:  # rank 0 alone reports it: torchrun then exits 1 naming code 75
+            return EXIT_SLICE_ENDED if group.is_main else 0
         return EXIT_INTERRUPTED
     train_seconds = time.perf_counter() - started
     if not group.is_main:

@@ -46,11 +46,13 @@ VALIDATION_BATCH = 1024
 
 
 class TrainingInterrupted(Exception):
-    """Ctrl-C stopped training; the state at the last finished step is in `checkpoint_path`."""
+    """Ctrl-C (or the end of a `stop_after_epochs` slice) stopped training; the state at the
+    last finished step is in `checkpoint_path`."""
 
-    def __init__(self, checkpoint_path: Path) -> None:
-        super().__init__(f"interrupted; state saved to {checkpoint_path}")
-        self.checkpoint_path = checkpoint_path
+    def __init__(self, checkpoint_path: Path, *, slice_ended: bool = False) -> None:
+        why = "stopped after this run's stop_after_epochs" if slice_ended else "interrupted"
+        super().__init__(f"{why}; state saved to {checkpoint_path}")
+        self.checkpoint_path, self.slice_ended = checkpoint_path, slice_ended
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,7 @@ class TrainingConfig:
     device: str = "cpu"  # auto | cpu | cuda (training.distributed.resolve_device)
     precision: str = "fp32"  # fp32 | bf16 | fp16: autocast dtype of forward passes
     loader_workers: int | None = None  # DataLoader worker processes (None: 2 on CUDA, 0 on CPU)
+    stop_after_epochs: int | None = None  # save and stop after this many epochs of this call
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "patience", "log_every"):
@@ -81,6 +84,10 @@ class TrainingConfig:
                 raise ConfigError(f"{name}: expected a positive integer; got {getattr(self, name)}")
         if self.layer_epochs < 0:
             raise ConfigError(f"layer_epochs: expected >= 0; got {self.layer_epochs}")
+        if self.stop_after_epochs is not None and self.stop_after_epochs < 1:
+            raise ConfigError(
+                f"stop_after_epochs: expected a positive integer; got {self.stop_after_epochs}"
+            )
         if self.loader_workers is not None and self.loader_workers < 0:
             raise ConfigError(f"loader_workers: expected >= 0; got {self.loader_workers}")
         if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
@@ -254,6 +261,7 @@ class Trainer:
         self.position = Position()
         self._run: _StageRun | None = None
         self._interrupt = _InterruptFlag()
+        self._epochs_this_call = 0  # toward stop_after_epochs
         self.history: dict[str, dict] = {
             s.name: {"train_loss": [], "val_loss": []} for s in self.stages
         }
@@ -472,10 +480,11 @@ class Trainer:
         """Ask training to save and stop after the current step, as Ctrl-C does."""
         self._interrupt.requested = True
 
-    def _stop(self) -> None:
+    def _stop(self, *, slice_ended: bool = False) -> None:
         self.save()
+        self.group.barrier()  # no process leaves (and gets the others killed) before rank 0 wrote
         self._interrupt.requested = False  # this request is served; the trainer stays usable
-        raise TrainingInterrupted(self.checkpoint_path)
+        raise TrainingInterrupted(self.checkpoint_path, slice_ended=slice_ended)
 
     def _stop_requested(self) -> bool:
         """Whether any process was asked to stop (all of them then stop together)."""
@@ -489,15 +498,19 @@ class Trainer:
     def run_stage(self) -> None:
         """Train the current stage to its end (epochs or early stop), then move to the next.
 
-        Raises TrainingInterrupted after saving when Ctrl-C arrives.
+        Raises TrainingInterrupted after saving when Ctrl-C arrives, or when this call has
+        trained `stop_after_epochs` epochs.
         """
         with _catch_interrupt(self._interrupt):
             stage = self._stage()
             while not self._stage_done(stage):
                 train_loss = self.train_epoch()
                 self._end_epoch(stage, train_loss, self._validation_loss())
+                self._epochs_this_call += 1
                 if self._stop_requested():
                     self._stop()
+                if self._epochs_this_call == self.config.stop_after_epochs:
+                    self._stop(slice_ended=True)
                 self.save()
             self._next_stage()
             self.save()

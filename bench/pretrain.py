@@ -28,6 +28,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from aet.config import add_config_arguments, config_from_args
@@ -132,7 +133,7 @@ def measure(
     rss_before = peak_rss_mb()
     with tempfile.TemporaryDirectory() as run_dir:
         trainer = Trainer(model, dataset, training, Path(run_dir), run_config={})
-        x = torch.from_numpy(dataset.train.x).to(trainer.device)
+        x = torch.from_numpy(np.asarray(dataset.train.x)).to(trainer.device)
         batches = [x[i : i + config.batch_size] for i in range(0, len(x), config.batch_size)]
         trainer.train_epoch()  # warm-up: allocator, Adam state, worker start, lazy imports
         loops = [timed(trainer.train_epoch) for _ in range(config.repeats)]

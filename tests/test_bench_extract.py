@@ -17,9 +17,10 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from aet.clients.rows import plan_rows
+from aet.clients.rows import _loaded, plan_rows
 from aet.server.repository import InputSpec, ModelCard, OutputSpec, write_version
-from aet.training.data import default_mnist_dir, read_idx
+from aet.training.data import TableOptions, default_mnist_dir, read_idx
+from aet.training.mapped import MappedImages
 
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "extract.py"
 SHAPE = (1, 28, 28)
@@ -100,9 +101,10 @@ def test_tiled_mnist_repeats_the_test_set(tmp_path):
     spec.loader.exec_module(bench)
     folder = bench.tile_mnist(None, 25_000, tmp_path / "tiled")
     plan = plan_rows({"name": "mnist-idx", "path": str(folder), "seed": 0, "limit": None})
-    (images,) = plan.idx_files
-    assert len(plan) == 25_000 and not images.compressed
+    images = _loaded("mnist-idx", str(folder), TableOptions()).pool.x
+    assert len(plan) == 25_000 and isinstance(images, MappedImages)
     test_set = read_idx(default_mnist_dir() / "t10k-images-idx3-ubyte.gz")[:, None]
+    test_set = test_set.astype(np.float32) / np.float32(255)  # the loader's scaling
     for start in (0, 10_000):
-        np.testing.assert_array_equal(images.take(np.arange(start, start + 10_000)), test_set)
-    np.testing.assert_array_equal(images.take(np.arange(20_000, 25_000)), test_set[:5_000])
+        np.testing.assert_array_equal(images[start : start + 10_000], test_set)
+    np.testing.assert_array_equal(images[20_000:25_000], test_set[:5_000])

@@ -28,10 +28,11 @@ from aet.clients.extract import (
     extraction_rows,
     read_embeddings,
 )
-from aet.clients.rows import plan_rows, raw_pixels
+from aet.clients.rows import _loaded, plan_rows, raw_pixels
 from aet.config import ConfigError
 from aet.errors import UserError
-from aet.training.data import DataError, load_dataset
+from aet.training.data import DataError, TableOptions, load_dataset
+from aet.training.mapped import MappedImages
 
 LIMIT = 400  # digits rows per job: five shards of 96, quick on any backend
 
@@ -88,7 +89,7 @@ def test_plan_from_labels_gives_the_rows_of_the_data_set(cut):
 
 
 def test_plan_reads_idx_files_block_by_block(tmp_path):
-    """Uncompressed IDX files are mapped per block; the rows match the loader's."""
+    """Uncompressed IDX files are mapped; blocks of rows match the loader's."""
     images = np.random.default_rng(0).integers(0, 256, (300, 6, 6), dtype=np.uint8)
     labels = np.arange(300, dtype=np.uint8) % 10
     for kind, array, magic in (("images", images, 3), ("labels", labels, 1)):
@@ -97,7 +98,7 @@ def test_plan_reads_idx_files_block_by_block(tmp_path):
     dataset = load_dataset("mnist-idx", tmp_path, seed=1, limit=250)
     rows = extraction_rows(dataset)
     plan = plan_rows({"name": "mnist-idx", "path": str(tmp_path), "seed": 1, "limit": 250})
-    assert plan.idx_files and not plan.idx_files[0].compressed
+    assert isinstance(_loaded("mnist-idx", str(tmp_path), TableOptions()).pool.x, MappedImages)
     pixels = np.concatenate([plan.pixels(a, min(a + 64, 250)) for a in range(0, 250, 64)])
     np.testing.assert_array_equal(pixels, rows.pixels)
     np.testing.assert_array_equal(plan.labels, rows.labels)

@@ -33,7 +33,7 @@ def gaussian(
     """`x` plus isotropic Gaussian noise N(0, sigma^2) on every entry (not clipped)."""
     _check_sigma(sigma, "gaussian")
     noise = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
-    return x + sigma * noise
+    return noise.mul_(sigma).add_(x)  # x + sigma * noise, bit for bit, with one buffer
 
 
 def masking(

@@ -9,8 +9,8 @@ calls `np.asarray` and holds just the rows it asked for.
 
 from __future__ import annotations
 
-import functools
 import math
+import mmap
 import zipfile
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -30,8 +30,9 @@ class MappedImages:
     """Rows `rows` of the array (N, C, H, W) of dtype `raw_dtype` at byte `offset` of `path`,
     read as float32 in [0, 1] (raw value / `scale`).
 
-    Pickles as the file reference, so DataLoader workers and other processes map the file
-    themselves instead of receiving a copy of the pixels.
+    Each read maps the file for its own duration, so pixels read once do not stay resident in
+    this process; pickled, it is the file reference and the row positions (DataLoader workers
+    and other processes read the file themselves, not a copy of the pixels).
     """
 
     path: str
@@ -50,17 +51,6 @@ class MappedImages:
         """Every row of the array at `offset` of `path`."""
         rows = np.arange(raw_shape[0])
         return cls(str(path), offset, np.dtype(raw_dtype), raw_shape, rows, scale)
-
-    @functools.cached_property
-    def raw(self) -> np.ndarray:
-        """The whole file's array, memory-mapped read-only (raw values, not scaled)."""
-        return np.memmap(self.path, self.raw_dtype, "r", self.offset, self.raw_shape)
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if k != "raw"}  # the mapping stays here
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -100,7 +90,15 @@ class MappedImages:
         positions = self.rows[rows]
         if within:
             within = within if np.ndim(positions) == 0 else (slice(None), *within)
-        pixels = np.array(self.raw[positions][within], dtype=np.float32)
+        # Mapped for this read only: the pages leave this process's RSS when it ends.
+        with (
+            open(self.path, "rb") as handle,
+            mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped,
+        ):
+            count = math.prod(self.raw_shape)
+            whole = np.frombuffer(mapped, self.raw_dtype, count, self.offset)
+            pixels = np.array(whole.reshape(self.raw_shape)[positions][within], dtype=np.float32)
+            del whole  # no view may outlive the mapping
         if self.scale != 1.0:
             pixels /= np.float32(self.scale)
         return pixels

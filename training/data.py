@@ -243,7 +243,7 @@ def _mapped_idx_images(path: Path) -> np.ndarray:
     with open(path, "rb") as handle:
         head = handle.read(4)
         if head[:2] == b"\x1f\x8b" or len(head) < 4 or head[:3] != b"\x00\x00\x08" or not head[3]:
-            return read_idx(path)  # compressed, or a header `read_idx` explains the fault of
+            return read_idx(path)  # compressed, or a bad header whose fault `read_idx` names
         dims = np.frombuffer(handle.read(4 * head[3]), ">u4")
     header, shape = 4 + 4 * head[3], tuple(int(d) for d in dims)
     if len(shape) != head[3] or path.stat().st_size != header + math.prod(shape):

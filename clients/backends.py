@@ -155,14 +155,22 @@ class EmbeddingBackend:
 
 
 class RayStartTimeout(Exception):
-    """A local Ray node did not register within Ray's own startup limit."""
+    """A local Ray node did not start within Ray's own startup limits."""
+
+
+# Ray's startup limits that a busy machine can miss: the raylet must register within 30 s
+# (fixed in Ray; a bare Exception) and the GCS server must write its port file within
+# `RAY_gcs_server_port_wait_time_s` (default 30 s; a RuntimeError).
+_RAY_STARTUP_TIMEOUTS = ("timed out during startup", "Timed out waiting for file")
+GCS_PORT_WAIT_S = "120"  # our default for RAY_gcs_server_port_wait_time_s (a user's value wins)
 
 
 def _start_local_ray(cpus: int, tries: int = 2) -> None:
-    """Start a local Ray with `cpus` CPUs. Its raylet must register within a limit Ray fixes
-    (30 s), which a busy machine can miss: then Ray starts afresh, up to `tries` times."""
+    """Start a local Ray with `cpus` CPUs, giving its GCS server 120 s to come up. When it
+    still misses one of Ray's startup limits, Ray starts afresh, up to `tries` times."""
     import ray
 
+    os.environ.setdefault("RAY_gcs_server_port_wait_time_s", GCS_PORT_WAIT_S)
     for attempt in range(1, tries + 1):
         try:
             ray.init(
@@ -172,8 +180,8 @@ def _start_local_ray(cpus: int, tries: int = 2) -> None:
                 log_to_driver=False,
             )
             return
-        except Exception as exc:  # Ray raises a bare Exception for this one case
-            if "timed out during startup" not in str(exc):
+        except Exception as exc:  # Ray raises a bare Exception for the raylet's limit
+            if not any(timeout in str(exc) for timeout in _RAY_STARTUP_TIMEOUTS):
                 raise
             ray.shutdown()
             if attempt == tries:

@@ -22,6 +22,7 @@ import grpc
 import pytest
 import torch
 
+from aet.clients.backends import GCS_PORT_WAIT_S
 from aet.proto.embedding_pb2_grpc import EmbeddingServiceStub as EmbeddingStub
 from aet.server.app import RunningServer, ServeConfig, build_server
 from aet.server.models import ModelRegistry
@@ -34,6 +35,9 @@ TEST_MESSAGE_MB = 8
 # then get almost no CPU and the Ray tests crawl. Tests run them at the priority of the rest, set
 # before any test starts Ray so that child processes (ray start, bench scripts) inherit it.
 os.environ.setdefault("RAY_worker_niceness", "0")
+# The same for `ray start` in tests/test_ray_cluster.py: its GCS server gets the 120 s that
+# `aet embed --ray` gives a local Ray (clients/backends.py), not Ray's 30 s.
+os.environ.setdefault("RAY_gcs_server_port_wait_time_s", GCS_PORT_WAIT_S)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -5,6 +5,7 @@ an interrupted job and resume it; Ray output folders that resume at block level.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -318,24 +319,30 @@ def test_cli_prints_a_summary_with_rows_per_second(tmp_path, model_dir, capsys):
     assert read_embeddings(output).embeddings.shape == (LIMIT, 8)
 
 
-def test_local_ray_that_misses_rays_startup_limit_is_started_afresh(monkeypatch):
-    """Ray gives a local raylet a fixed 30 s to register; a busy machine can miss it. Ray's own
-    failure cannot be provoked on demand, so its `init` stands in, failing as Ray does."""
+def test_local_ray_that_misses_rays_startup_limits_is_started_afresh(monkeypatch):
+    """Ray gives a local raylet a fixed 30 s to register, and its GCS server a configurable
+    limit to write its port (we raise it to 120 s); a busy machine can miss them. Ray's own
+    failures cannot be provoked on demand, so its `init` stands in, failing as Ray does."""
     import ray
 
-    from aet.clients.backends import RayStartTimeout, _start_local_ray
+    from aet.clients.backends import GCS_PORT_WAIT_S, RayStartTimeout, _start_local_ray
 
     calls = []
 
     def init(**options):
         calls.append(options["num_cpus"])
+        if len(calls) == 1:
+            raise RuntimeError("Timed out waiting for file /tmp/ray/session_x/gcs_server_port_y")
         if len(calls) < 3:
             raise Exception("The current node timed out during startup. This could happen ...")
+
+    monkeypatch.delenv("RAY_gcs_server_port_wait_time_s", raising=False)
 
     monkeypatch.setattr(ray, "init", init)
     monkeypatch.setattr(ray, "shutdown", lambda: None)
     _start_local_ray(2, tries=3)
     assert calls == [2, 2, 2]
+    assert os.environ["RAY_gcs_server_port_wait_time_s"] == GCS_PORT_WAIT_S
     calls.clear()
     with pytest.raises(RayStartTimeout, match=r"timed out during startup.*\(2 tries\)"):
         _start_local_ray(2, tries=2)

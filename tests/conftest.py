@@ -22,7 +22,7 @@ import grpc
 import pytest
 import torch
 
-from aet.clients.backends import GCS_PORT_WAIT_S
+from aet.clients.backends import GCS_PORT_WAIT_S, LocalBackend
 from aet.proto.embedding_pb2_grpc import EmbeddingServiceStub as EmbeddingStub
 from aet.server.app import RunningServer, ServeConfig, build_server
 from aet.server.models import ModelRegistry
@@ -38,6 +38,26 @@ os.environ.setdefault("RAY_worker_niceness", "0")
 # The same for `ray start` in tests/test_ray_cluster.py: its GCS server gets the 120 s that
 # `aet embed --ray` gives a local Ray (clients/backends.py), not Ray's 30 s.
 os.environ.setdefault("RAY_gcs_server_port_wait_time_s", GCS_PORT_WAIT_S)
+
+
+class Interrupted(Exception):
+    """What `InterruptedAfter` raises in place of a Ctrl-C."""
+
+
+class InterruptedAfter(LocalBackend):
+    """The real local backend, stopped (as by Ctrl-C) after `blocks` blocks in all: for the
+    resume tests of `aet embed` and `aet predict`."""
+
+    def __init__(self, model_dir, blocks: int):
+        super().__init__(model_dir)
+        self.blocks = blocks
+
+    def embed_rows(self, pixels, batch_size):
+        for rows in super().embed_rows(pixels, batch_size):
+            if self.blocks == 0:
+                raise Interrupted
+            self.blocks -= 1
+            yield rows
 
 
 @pytest.fixture(scope="session", autouse=True)

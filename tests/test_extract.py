@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import DIGITS_MODEL
+from conftest import DIGITS_MODEL, Interrupted, InterruptedAfter
 
 from aet.cli import main
 from aet.clients.backends import (
@@ -187,28 +187,9 @@ def test_ray_actors_reserve_a_gpu_when_cuda_is_chosen():
         actor_device("tpu", cluster_gpus=0)
 
 
-class _Interrupted(Exception):
-    pass
-
-
-class _InterruptedAfter(LocalBackend):
-    """The real local backend, stopped (as by Ctrl-C) after `blocks` blocks in all."""
-
-    def __init__(self, model_dir, blocks: int):
-        super().__init__(model_dir)
-        self.blocks = blocks
-
-    def embed_rows(self, pixels, batch_size):
-        for embeddings in super().embed_rows(pixels, batch_size):
-            if self.blocks == 0:
-                raise _Interrupted
-            self.blocks -= 1
-            yield embeddings
-
-
 def test_interrupted_job_resumes_from_its_finished_shards(tmp_path, model_dir, plan, reference):
     job = config(tmp_path, "resumed.npz", local=model_dir)
-    with pytest.raises(_Interrupted), _InterruptedAfter(model_dir, blocks=7) as backend:
+    with pytest.raises(Interrupted), InterruptedAfter(model_dir, blocks=7) as backend:
         extract(job, backend, plan)  # blocks of 40, 40, 16 rows per shard: shards 0 and 1
     shards = tmp_path / "resumed.npz.shards"
     assert sorted(p.name for p in shards.glob("shard-*.npz")) == [
@@ -228,7 +209,7 @@ def test_interrupted_job_resumes_from_its_finished_shards(tmp_path, model_dir, p
 
 
 def test_unfinished_job_of_other_arguments_is_refused(tmp_path, model_dir, plan):
-    with pytest.raises(_Interrupted), _InterruptedAfter(model_dir, blocks=3) as backend:
+    with pytest.raises(Interrupted), InterruptedAfter(model_dir, blocks=3) as backend:
         extract(config(tmp_path, "job.npz", local=model_dir), backend, plan)
     other = config(tmp_path, "job.npz", local=model_dir, seed=1)
     with pytest.raises(ExtractionError, match=r"field 'dataset'.*'seed': 1.*'seed': 0"):

@@ -19,6 +19,7 @@ import numpy as np
 import onnxruntime
 import pytest
 import torch
+from conftest import Interrupted, InterruptedAfter
 from kserve_harness import kserve_stub, start_kserve_server
 
 from aet import Classifier
@@ -367,25 +368,6 @@ def test_tritonclient_classification_extension(server, head, digits_dataset, tmp
 # --- aet predict ----------------------------------------------------------------------------
 
 
-class _Interrupted(Exception):
-    pass
-
-
-class _InterruptedAfter(LocalBackend):
-    """The real local backend, stopped (as by Ctrl-C) after `blocks` blocks in all."""
-
-    def __init__(self, model_dir, blocks: int):
-        super().__init__(model_dir)
-        self.blocks = blocks
-
-    def embed_rows(self, pixels, batch_size):
-        for rows in super().embed_rows(pixels, batch_size):
-            if self.blocks == 0:
-                raise _Interrupted
-            self.blocks -= 1
-            yield rows
-
-
 def test_predict_local_resumes_and_matches_the_server(server, head, tmp_path, digits_dataset):
     local = PredictConfig(
         local=head.parent,
@@ -394,7 +376,7 @@ def test_predict_local_resumes_and_matches_the_server(server, head, tmp_path, di
         shard_size=300,
         progress=False,
     )
-    with pytest.raises(_Interrupted), _InterruptedAfter(head.parent, blocks=7) as backend:
+    with pytest.raises(Interrupted), InterruptedAfter(head.parent, blocks=7) as backend:
         predict(local, backend)
     shards = tmp_path / "local.probabilities.npz.shards"
     assert sorted(p.name for p in shards.glob("shard-*.npz")) == [

@@ -1,11 +1,12 @@
 # Two commands do everything on a fresh machine (see README.md):
 #   make demo   install into .venv, then run the whole flow on the embedded default data
 #   make test   install into .venv, run the checks (lint, format, types), then the test suite
-# `make check` runs only the checks; .pre-commit-config.yaml runs the same ones on commit.
+# `make check` runs only the checks (with the strict docs build); .pre-commit-config.yaml runs
+# the same ones on commit. `make docs` builds the docs site (mkdocs.yml) into site/.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install demo test check lint typecheck
+.PHONY: install demo test check lint typecheck docs
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -25,7 +26,7 @@ demo: install
 test: check
 	$(PY) -m pytest
 
-check: lint typecheck
+check: lint typecheck docs
 
 lint: install
 	$(VENV)/bin/ruff check .
@@ -39,3 +40,11 @@ typecheck: install
 	for f in aet/*.py; do ln -s $(CURDIR)/$$f $(MYPY_TREE)/aet/; done
 	for d in training server clients proto; do ln -s $(CURDIR)/$$d $(MYPY_TREE)/aet/$$d; done
 	cd $(MYPY_TREE) && $(abspath $(VENV))/bin/mypy --config-file $(CURDIR)/pyproject.toml -p aet
+
+# The docs site: docs/*.md and the API reference that mkdocstrings reads from the docstrings.
+# Strict: a link to a missing page or anchor, a page left out of the nav or an API reference
+# that no longer resolves fails the build (and so `make check`).
+# Not --quiet: it hides the warnings from the count that --strict fails on. NO_MKDOCS_2_WARNING
+# silences Material's banner about its end of life (May 2027; its successor is Zensical).
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict

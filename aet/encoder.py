@@ -16,9 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from aet.clients.backends import find_model_version
 from aet.errors import UserError
-from aet.server.repository import CARD_FILE
+from aet.server.repository import CARD_FILE, find_model_version
 from aet.server.runtime import EncoderSession, RuntimeOptions, resolve_providers, split_scored
 
 DEFAULT_BATCH_SIZE = 1024

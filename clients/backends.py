@@ -25,19 +25,12 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from aet.errors import UserError
-from aet.server.repository import (
-    CARD_FILE,
-    SCORE_NAME,
-    ModelCard,
-    ModelVersion,
-    latest_version,
-    scan_repository,
-)
+from aet.server.repository import SCORE_NAME, ModelCard, ModelVersion, find_model_version
 from aet.server.runtime import (
     DEVICES,
     EncoderSession,
@@ -45,6 +38,9 @@ from aet.server.runtime import (
     resolve_providers,
     split_scored,
 )
+
+if TYPE_CHECKING:
+    from aet.training.dataspec import DataSpec
 
 log = logging.getLogger(__name__)
 
@@ -64,35 +60,6 @@ class ModelIdentity:
     input_shape: tuple[int, ...]  # (C, H, W)
     max_value: float | None  # the raw pixel value the graph maps to 1.0; None for vectors
     class_labels: tuple[str, ...] = ()  # a classifier's class names by output column, else ()
-
-
-def find_model_version(path: str | os.PathLike) -> ModelVersion:
-    """The verified version at `exported/<model>/<version>`, or the latest of `exported/<model>`."""
-    path = Path(path)
-    if (path / CARD_FILE).exists():
-        root, name, wanted = path.parent.parent, path.parent.name, path.name
-    else:
-        root, name, wanted = path.parent, path.name, None
-    if not (root / name).is_dir():
-        raise BackendError(
-            f"model folder {path}: no such folder; expected "
-            f"exported/<model> or exported/<model>/<version>"
-        )
-    versions = [v for v in scan_repository(root) if v.name == name]
-    if wanted is not None:
-        found = next((v for v in versions if str(v.version) == wanted), None)
-        if found is None:
-            raise BackendError(
-                f"model folder {path}: expected a positive integer version folder, got {wanted!r}"
-            )
-        if not found.ok:
-            raise BackendError(f"model folder {path}: refused: {found.error}")
-        return found
-    found = latest_version(versions, name)
-    if found is None:
-        reasons = "; ".join(f"v{v.version}: {v.error}" for v in versions) or "no version folders"
-        raise BackendError(f"model folder {path}: no usable version ({reasons})")
-    return found
 
 
 def _identity(found: ModelVersion) -> ModelIdentity:
@@ -347,7 +314,7 @@ class PlanShape:
     is_vectors: bool  # a table of features: no raw value range
 
 
-def _plan_on_worker(dataset: dict[str, Any]):
+def _plan_on_worker(dataset: DataSpec):
     """Ray task: the job's `RowPlan`, kept in the object store, and its `PlanShape`."""
     from aet.clients.rows import plan_rows
 
@@ -412,7 +379,7 @@ class RayBackend(EmbeddingBackend):
             raise
         self.label = f"ray ({workers} actors, {self._device})"
 
-    def plan(self, dataset: dict[str, Any]) -> PlanShape:
+    def plan(self, dataset: DataSpec) -> PlanShape:
         """Plan the job's rows in a Ray task; the plan stays in the object store."""
         import ray
 

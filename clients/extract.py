@@ -31,14 +31,15 @@ import zipfile
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Self
 
 import numpy as np
 
 from aet.clients.rows import NO_LABEL, SPLITS, RowPlan, plan_rows, raw_pixels
 from aet.config import ConfigError, add_config_arguments, config_from_args
 from aet.errors import UserError
-from aet.training.data import DATASETS, Dataset
+from aet.training.data import Dataset
+from aet.training.dataspec import DataSpec, resolve_data
 
 if TYPE_CHECKING:  # the backends import onnxruntime (and Ray): only when a job runs
     from aet.clients.backends import EmbeddingBackend, ModelIdentity, PlanShape, RayBackend
@@ -58,35 +59,7 @@ class ExtractionError(UserError):
 class EmbedConfig:
     """`aet embed`: which data, which model through which backend, where the output goes."""
 
-    dataset: str = field(
-        default="digits",
-        metadata={"help": "data set of the training registry", "choices": sorted(DATASETS)},
-    )
-    data_path: Path | None = field(
-        default=None, metadata={"help": "file or folder of the data set (digits needs none)"}
-    )
-    seed: int = field(default=0, metadata={"help": "split seed; the same as at pretraining"})
-    test_fraction: float | None = field(
-        default=None,
-        metadata={"help": "held-out test fraction, as at pretraining (default: the data set's)"},
-    )
-    val_fraction: float = field(
-        default=0.1, metadata={"help": "validation fraction of the rest, as at pretraining"}
-    )
-    limit: int | None = field(
-        default=None, metadata={"help": "keep the first N rows of a seeded shuffle (quick runs)"}
-    )
-    columns: list[str] | None = field(
-        default=None,
-        metadata={"help": "feature columns of a table (csv, parquet, 2-D npz), as at pretraining"},
-    )
-    label_column: str | None = field(
-        default=None, metadata={"help": "class label column of a csv or parquet table"}
-    )
-    drop_missing: bool = field(
-        default=False,
-        metadata={"help": "drop table rows with a missing or infinite value (default: fail)"},
-    )
+    data: DataSpec = field(default_factory=DataSpec)
     score: bool = field(
         default=False,
         metadata={
@@ -197,46 +170,34 @@ class EmbedConfig:
         for name in ("workers", "batch_size", "shard_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: expected a positive integer; got {getattr(self, name)}")
-        if self.output is None:
-            suffix = ".npz" if self.ray is None else ".parquet"
-            self.output = Path("extracted") / f"{self.dataset}{suffix}"
-        if self.ray is not None and self.output.suffix != ".parquet":
+        if self.ray is not None and self.output_path.suffix != ".parquet":
             raise ConfigError(
                 f"output: --ray writes a folder of Parquet files; expected a name ending in "
                 f".parquet; got {self.output}"
             )
-        if self.output.suffix not in FORMATS:
+        if self.output_path.suffix not in FORMATS:
             raise ConfigError(
                 f"output: expected a file ending in {' or '.join(FORMATS)}; got {self.output}"
             )
-        if self.limit is not None and self.limit < 1:
-            raise ConfigError(f"limit: expected a positive number of rows; got {self.limit}")
+
+    def default_output(self) -> Path:
+        """extracted/<dataset>.npz, or with --ray extracted/<dataset>.parquet."""
+        suffix = ".npz" if self.ray is None else ".parquet"
+        return Path("extracted") / f"{self.data.name}{suffix}"
 
     @property
     def output_path(self) -> Path:
-        """`output`, resolved from its default by `__post_init__`."""
-        assert self.output is not None
-        return self.output
+        """`output`, or its default for the data set (`default_output`)."""
+        return self.default_output() if self.output is None else self.output
 
-    def dataset_args(self) -> dict[str, Any]:
-        """The `load_dataset` arguments, as recorded in the output for `aet probe`."""
-        return {
-            "name": self.dataset,
-            "path": None if self.data_path is None else str(self.data_path),
-            "seed": self.seed,
-            "test_fraction": self.test_fraction,
-            "val_fraction": self.val_fraction,
-            "limit": self.limit,
-            **{  # table options only when given: image data sets take none
-                name: value
-                for name, value in (
-                    ("columns", self.columns),
-                    ("label_column", self.label_column),
-                    ("drop_missing", self.drop_missing),
-                )
-                if value
-            },
-        }
+    def with_model_data(self) -> Self:
+        """With --local or --ray: the unset data fields (`DataSpec`) taken from the model's
+        card, so the rows have the shape and split the model was pretrained on; given ones win."""
+        model_dir = self.local or self.ray
+        if model_dir is None:
+            return self
+        data, _ = resolve_data(self.data, model_dir, allow_mismatch=True)
+        return dataclasses.replace(self, data=data)
 
 
 # --- the rows of a data set -----------------------------------------------------------------
@@ -668,7 +629,7 @@ class ExtractionSummary:
 def _job_manifest(config: EmbedConfig, model: ModelIdentity, rows: int) -> dict[str, Any]:
     """What names a job: a restarted one must match it to reuse finished shards or blocks."""
     return {
-        "dataset": config.dataset_args(),
+        "dataset": config.data.record(),
         "model": dataclasses.asdict(model),
         "rows": rows,
         "shard_size": config.shard_size,
@@ -678,7 +639,7 @@ def _job_manifest(config: EmbedConfig, model: ModelIdentity, rows: int) -> dict[
 
 def _metadata(config: EmbedConfig, backend: EmbeddingBackend) -> dict[str, Any]:
     return {
-        "dataset": config.dataset_args(),
+        "dataset": config.data.record(),
         "model": dataclasses.asdict(backend.model),
         "backend": backend.label,
         "created": datetime.now(UTC).isoformat(),
@@ -696,7 +657,7 @@ def extract(
 
     if isinstance(backend, RayBackend):  # runs the whole job itself
         return _extract_on_ray(config, backend)
-    return _extract_in_process(config, backend, plan or plan_rows(config.dataset_args()))
+    return _extract_in_process(config, backend, plan or plan_rows(config.data))
 
 
 def _is_complete(output: Path) -> bool:
@@ -771,7 +732,7 @@ def _extract_in_process(
 
 def _extract_on_ray(config: EmbedConfig, backend: RayBackend) -> ExtractionSummary:
     """One Ray Data pipeline: read and write on the workers, embed in the actors."""
-    plan = backend.plan(config.dataset_args())  # planned on a worker; only its shape comes here
+    plan = backend.plan(config.data)  # planned on a worker; only its shape comes here
     check_model_fits(backend.model, plan)
     folder = PartsFolder(config.output_path, _job_manifest(config, backend.model, plan.rows))
     folder.open(overwrite=config.overwrite)
@@ -792,13 +753,13 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from aet.clients.backends import open_backend
 
-    config = config_from_args(EmbedConfig, args)
+    config = config_from_args(EmbedConfig, args).with_model_data()
     try:
         with open_backend(config) as backend:
             summary = extract(config, backend)
     except KeyboardInterrupt:
         print(
-            f"aet embed: interrupted; finished shards are kept in {config.output}.shards, "
+            f"aet embed: interrupted; finished shards are kept in {config.output_path}.shards, "
             f"run the same command to resume",
             file=sys.stderr,
         )

@@ -39,16 +39,13 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 from torch import nn
 
-from aet.clients.backends import find_model_version
 from aet.clients.extract import EmbeddingTable, extraction_rows
 from aet.clients.probe import (
-    SPLIT_MISMATCH,
     MLPHead,
     classifier_logits,
     embed_in_process,
     fine_tune,
     fit_mlp_head,
-    pretraining_split,
 )
 from aet.config import ConfigError, add_config_arguments, config_from_args
 from aet.errors import UserError
@@ -58,11 +55,13 @@ from aet.server.repository import (
     ModelCard,
     ModelVersion,
     OutputSpec,
+    find_model_version,
     scan_repository,
     write_version,
 )
 from aet.training.checkpoint import load_checkpoint
-from aet.training.data import DATASETS, Dataset, load_dataset
+from aet.training.data import Dataset
+from aet.training.dataspec import DataSpec, resolve_data
 from aet.training.export import (
     ExportedEncoder,
     library_versions,
@@ -113,37 +112,7 @@ class HeadConfig:
             "end under a linear head instead of fitting a head on frozen embeddings"
         },
     )
-    dataset: str | None = field(
-        default=None,
-        metadata={
-            "help": "data set (default: the encoder's, from its model.json)",
-            "choices": sorted(DATASETS),
-        },
-    )
-    data_path: Path | None = field(
-        default=None,
-        metadata={"help": "data file or folder (default: the path in the encoder's model.json)"},
-    )
-    seed: int | None = field(
-        default=None,
-        metadata={"help": "split seed (default: the encoder's); also seeds the head's training"},
-    )
-    test_fraction: float | None = field(
-        default=None, metadata={"help": "test split fraction (default: the encoder's)"}
-    )
-    val_fraction: float | None = field(
-        default=None, metadata={"help": "validation split fraction (default: the encoder's)"}
-    )
-    limit: int | None = field(
-        default=None, metadata={"help": "keep the first N rows (default: the encoder's)"}
-    )
-    label_column: str | None = field(
-        default=None,
-        metadata={
-            "help": "tables (csv, parquet, npz): the column of class labels (default: the "
-            "encoder's); labels decide the stratified split, so another one is a split change"
-        },
-    )
+    data: DataSpec = field(default_factory=DataSpec)
     allow_split_mismatch: bool = field(
         default=False,
         metadata={
@@ -184,18 +153,8 @@ def encoder_dataset(config: HeadConfig, model_dir: Path) -> Dataset:
     """The data set and split of the encoder's model.json (`aet probe`'s leak-proof
     resolution: a flag that changes the split is refused unless `--allow-split-mismatch`,
     and then recorded in the head's card), checked to have a label for every class."""
-    arguments, note = pretraining_split(config, model_dir)
-    recorded = arguments.get("label_column")
-    if config.label_column is not None and config.label_column != recorded:
-        change = f"--label-column {config.label_column} (pretraining: {recorded})"
-        if not config.allow_split_mismatch:
-            raise HeadError(
-                f"{change}: labels decide the stratified split, so the test rows would include "
-                f"rows the encoder was pretrained on; pass --allow-split-mismatch to fit anyway"
-            )
-        arguments["label_column"] = config.label_column
-        note = f"{note}, {change}" if note else f"{SPLIT_MISMATCH}: {change}"
-    dataset = load_dataset(**arguments)
+    spec, note = resolve_data(config.data, model_dir, allow_mismatch=config.allow_split_mismatch)
+    dataset = spec.load()
     if note is not None:
         dataset.source["split_mismatch"] = note
     fit_y, _, num_classes = labels_of(dataset)

@@ -17,7 +17,6 @@ import dataclasses
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Protocol
 
 import numpy as np
 import torch
@@ -28,7 +27,8 @@ from torch import nn
 from aet.clients.extract import EmbeddingTable, check_model_fits, extraction_rows, read_embeddings
 from aet.config import ConfigError, add_config_arguments, config_from_args
 from aet.errors import UserError
-from aet.training.data import DATASETS, Dataset, load_dataset
+from aet.training.data import Dataset
+from aet.training.dataspec import DataSpec, resolve_data
 from aet.training.evaluate import fit_pca
 from aet.training.mapped import Images
 from aet.training.models import Autoencoder
@@ -40,14 +40,6 @@ CLASSIFIERS = {
     "mlp": "MLP head",
     "fine-tune": "linear head, encoder trained too",
 }
-
-
-# The flags that pick the rows, as `load_dataset` arguments; with --model they default to the
-# values in model.json, so the probe's test rows are the ones held out from pretraining.
-SPLIT_FIELDS = ("dataset", "seed", "test_fraction", "val_fraction", "limit")
-# What --embeddings records instead (not seed, which also seeds the heads).
-DATA_FIELDS = ("dataset", "data_path", "test_fraction", "val_fraction", "limit")
-SPLIT_MISMATCH = "split differs from pretraining"
 
 
 class ProbeError(UserError):
@@ -79,35 +71,7 @@ class ProbeConfig:
             "choices": ["auto", "cpu", "cuda"],
         },
     )
-    dataset: str | None = field(
-        default=None,
-        metadata={
-            "help": "with --model: data set (default: model.json's)",
-            "choices": sorted(DATASETS),
-        },
-    )
-    data_path: Path | None = field(
-        default=None,
-        metadata={"help": "with --model: data file or folder (default: model.json's)"},
-    )
-    seed: int | None = field(
-        default=None,
-        metadata={
-            "help": "seed of the split (with --model; default: model.json's), the label subsets "
-            "and the classifiers (default: the split's seed)"
-        },
-    )
-    test_fraction: float | None = field(
-        default=None,
-        metadata={"help": "with --model: held-out test fraction (default: model.json's)"},
-    )
-    val_fraction: float | None = field(
-        default=None, metadata={"help": "with --model: validation fraction (default: model.json's)"}
-    )
-    limit: int | None = field(
-        default=None,
-        metadata={"help": "with --model: keep N rows of a seeded shuffle (default: model.json's)"},
-    )
+    data: DataSpec = field(default_factory=DataSpec)
     allow_split_mismatch: bool = field(
         default=False,
         metadata={
@@ -142,11 +106,7 @@ class ProbeConfig:
                 f"--model; got embeddings={self.embeddings}, model={self.model}"
             )
         if self.embeddings is not None:
-            given = [
-                f"--{name.replace('_', '-')}"
-                for name in DATA_FIELDS
-                if getattr(self, name) is not None
-            ]
+            given = [f"--{name.replace('_', '-')}" for name in self.data.given() if name != "seed"]
             if given:
                 raise ConfigError(
                     f"{', '.join(given)}: only with --model; --embeddings {self.embeddings} "
@@ -180,7 +140,7 @@ class ProbeConfig:
 
 def dataset_of(table: EmbeddingTable, source: str) -> Dataset:
     """Reload the data set an extraction was made from and check it is the same rows."""
-    dataset = load_dataset(**table.metadata["dataset"])
+    dataset = DataSpec.from_record(table.metadata["dataset"]).load()
     rows = extraction_rows(dataset)
     if len(rows) != len(table.ids) or not (
         np.array_equal(rows.labels, table.labels) and np.array_equal(rows.split, table.split)
@@ -411,36 +371,34 @@ def probe(table: EmbeddingTable, dataset: Dataset, config: ProbeConfig) -> Probe
 
     Without `--seed` the heads are seeded with the split's seed.
     """
-    if config.seed is None:
-        config = dataclasses.replace(config, seed=dataset.source.get("seed", 0))
+    seed = config.data.seed
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # heads this small only lose time to thread synchronisation
     try:
-        results = _probe(table, dataset, config)
+        results = _probe(
+            table, dataset, config, dataset.source.get("seed", 0) if seed is None else seed
+        )
     finally:
         torch.set_num_threads(threads)
     return dataclasses.replace(results, split_warning=table.metadata.get("split_mismatch"))
 
 
-def _probe(table: EmbeddingTable, dataset: Dataset, config: ProbeConfig) -> ProbeResults:
-    assert config.seed is not None  # probe() fills it in from the split
+def _probe(table: EmbeddingTable, dataset: Dataset, config: ProbeConfig, seed: int) -> ProbeResults:
     fit_y, test_y, num_classes = dataset.fit.y, dataset.test.y, dataset.num_classes
     if fit_y is None or test_y is None or num_classes is None:
         raise ProbeError(f"data set {dataset.name}: has no labels; nothing to probe")
     counts = sorted({min(n, len(fit_y)) for n in config.label_counts} | {len(fit_y)})
-    subsets = [label_subset(fit_y, n, config.seed) for n in counts]
+    subsets = [label_subset(fit_y, n, seed) for n in counts]
     accuracy: dict[str, dict[str, list[float]]] = {}
     settings: dict[str, dict[str, list[dict]]] = {}
     confusion: list[list[int]] = []
-    for features in feature_sets(table, dataset, config.seed):
+    for features in feature_sets(table, dataset, seed):
         tuned: dict[str, list] = {"logreg": [], "knn": []}
         mlp = []
         for n, index in zip(counts, subsets, strict=True):
             for name, tuned_probe in (("logreg", logistic_probe), ("knn", knn_probe)):
                 tuned[name].append(
-                    tuned_probe(
-                        features.fit[index], fit_y[index], features.test, test_y, config.seed
-                    )
+                    tuned_probe(features.fit[index], fit_y[index], features.test, test_y, seed)
                 )
             predicted = mlp_probe(
                 features.fit[index],
@@ -449,7 +407,7 @@ def _probe(table: EmbeddingTable, dataset: Dataset, config: ProbeConfig) -> Prob
                 num_classes,
                 config.hidden,
                 config.steps,
-                config.seed,
+                seed,
             )
             mlp.append(float((predicted == test_y).mean()))
             if not confusion and n == counts[-1]:  # embeddings come first; all labels
@@ -463,7 +421,7 @@ def _probe(table: EmbeddingTable, dataset: Dataset, config: ProbeConfig) -> Prob
         }
     if config.fine_tune is not None:
         accuracy["embedding"]["fine-tune"] = [
-            fine_tune_probe(config.fine_tune, dataset, index, config.steps, config.seed)
+            fine_tune_probe(config.fine_tune, dataset, index, config.steps, seed)
             for index in subsets
         ]
     return ProbeResults(
@@ -521,65 +479,6 @@ def write_results(results: ProbeResults, folder: Path) -> dict[str, Path]:
     return paths
 
 
-TABLE_FIELDS = ("columns", "label_column", "drop_missing")  # recorded by tables of features
-
-
-class SplitFlags(Protocol):
-    """The flags that choose a data split (`aet probe`, `aet head`): None takes model.json's."""
-
-    data_path: Path | None
-    allow_split_mismatch: bool
-
-
-def pretraining_split(config: SplitFlags, model_dir: Path) -> tuple[dict, str | None]:
-    """The `load_dataset` arguments of the model's pretraining split, from its model.json,
-    with the flags given in `config`, and a note when they change the split.
-
-    Raises ProbeError when a given flag changes the split (unless `allow_split_mismatch`) or
-    when the recorded data path no longer exists and no `--data-path` is given.
-    """
-    from aet.clients.backends import find_model_version
-
-    found = find_model_version(model_dir)
-    recorded = found.usable_card.dataset
-    card_values = {
-        "dataset": recorded["name"],
-        "seed": recorded.get("seed", 0),
-        # "official": the data set's own test files, which load_dataset picks with None
-        "test_fraction": None
-        if recorded.get("test_fraction") in (None, "official")
-        else recorded["test_fraction"],
-        "val_fraction": recorded.get("val_fraction", 0.1),
-        "limit": recorded.get("limit"),
-    }
-    values, differences = dict(card_values), []
-    for name in SPLIT_FIELDS:
-        given = getattr(config, name)
-        if given is not None and given != card_values[name]:
-            differences.append(
-                f"--{name.replace('_', '-')} {given} (pretraining: {card_values[name]})"
-            )
-            values[name] = given
-    if differences and not config.allow_split_mismatch:
-        raise ProbeError(
-            f"{found.card_path}: {SPLIT_MISMATCH}: {', '.join(differences)}; the test rows "
-            f"would include rows the encoder was pretrained on. Leave these flags out to use "
-            f"model.json's split, or pass --allow-split-mismatch to probe anyway"
-        )
-    path = config.data_path
-    if path is None and values["dataset"] == recorded["name"] and recorded.get("path"):
-        path = Path(recorded["path"])
-        if not path.exists():
-            raise ProbeError(
-                f"{found.card_path}: records data path {path}, which no longer exists; pass "
-                f"--data-path with the data the model was pretrained on"
-            )
-    note = f"{SPLIT_MISMATCH}: {', '.join(differences)}" if differences else None
-    # a table of features: the same columns, labels and dropped rows as at pretraining
-    table = {key: recorded[key] for key in TABLE_FIELDS if key in recorded}
-    return {"name": values.pop("dataset"), "path": path, **values, **table}, note
-
-
 def load_inputs(config: ProbeConfig) -> tuple[EmbeddingTable, Dataset]:
     """The embeddings and their data set, from an extraction output or an in-process run.
 
@@ -590,8 +489,8 @@ def load_inputs(config: ProbeConfig) -> tuple[EmbeddingTable, Dataset]:
         table = read_embeddings(config.embeddings)
         return table, dataset_of(table, str(config.embeddings))
     assert config.model is not None  # ProbeConfig requires --embeddings or --model
-    arguments, note = pretraining_split(config, config.model)
-    dataset = load_dataset(**arguments)
+    spec, note = resolve_data(config.data, config.model, allow_mismatch=config.allow_split_mismatch)
+    dataset = spec.load()
     table = embed_in_process(config.model, dataset, config.device)
     if note is not None:
         table.metadata["split_mismatch"] = note

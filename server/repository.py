@@ -559,3 +559,32 @@ def latest_version(versions: Iterable[ModelVersion], name: str) -> ModelVersion 
     """The highest-numbered usable version of `name` among `versions`, or None."""
     usable = [v for v in versions if v.name == name and v.ok]
     return max(usable, key=lambda v: v.version, default=None)
+
+
+def find_model_version(path: str | os.PathLike) -> ModelVersion:
+    """The verified version at `exported/<model>/<version>`, or the latest of `exported/<model>`."""
+    path = Path(path)
+    if (path / CARD_FILE).exists():
+        root, name, wanted = path.parent.parent, path.parent.name, path.name
+    else:
+        root, name, wanted = path.parent, path.name, None
+    if not (root / name).is_dir():
+        raise RepositoryError(
+            f"model folder {path}: no such folder; expected "
+            f"exported/<model> or exported/<model>/<version>"
+        )
+    versions = [v for v in scan_repository(root) if v.name == name]
+    if wanted is not None:
+        found = next((v for v in versions if str(v.version) == wanted), None)
+        if found is None:
+            raise RepositoryError(
+                f"model folder {path}: expected a positive integer version folder, got {wanted!r}"
+            )
+        if not found.ok:
+            raise RepositoryError(f"model folder {path}: refused: {found.error}")
+        return found
+    found = latest_version(versions, name)
+    if found is None:
+        reasons = "; ".join(f"v{v.version}: {v.error}" for v in versions) or "no version folders"
+        raise RepositoryError(f"model folder {path}: no usable version ({reasons})")
+    return found

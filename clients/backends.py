@@ -5,7 +5,7 @@ and `embed_rows(pixels, batch_size)`, an iterator of embeddings for consecutive 
 order; `clients.extract` feeds them shard by shard. `RayBackend` runs the whole job as one Ray
 Data pipeline instead: read on the workers, embed in onnxruntime actors that
 receive the ONNX bytes and the model card (no shared filesystem needed), write on the workers.
-The local and Ray backends run the same `server.runtime.EncoderSession` the server runs, so
+The local and Ray backends run the same `aet.runtime.EncoderSession` the server runs, so
 all three give the same embeddings. Opened with `score=True`, every backend adds each row's
 novelty score: the in-process ones as one more last column of each block (the layout of
 `EncoderSession.run_scored`), so blocks travel and resume like embeddings and `aet embed
@@ -15,7 +15,6 @@ novelty score: the in-process ones as one more last column of each block (the la
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import os
@@ -30,8 +29,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from aet.errors import UserError
-from aet.server.repository import SCORE_NAME, ModelCard, ModelVersion, find_model_version
-from aet.server.runtime import (
+from aet.repository import SCORE_NAME, ModelCard, ModelVersion, check_sha256, find_model_version
+from aet.runtime import (
     DEVICES,
     EncoderSession,
     RuntimeOptions,
@@ -79,14 +78,9 @@ def _open_session(
     model_path: Path, card: ModelCard, device: str, threads: int, score: bool = False
 ) -> EncoderSession:
     _check_score(card, score)
-    return EncoderSession(
-        model_path,
-        card.input.name,
-        card.output.name,
-        tuple(card.input.shape),
-        resolve_providers(device),
-        RuntimeOptions(intra_op_threads=threads),
-        score_name=card.score.name if score and card.score is not None else None,
+    options = RuntimeOptions(intra_op_threads=threads)
+    return EncoderSession.from_card(
+        model_path, card, resolve_providers(device), options, score=score
     )
 
 
@@ -267,12 +261,7 @@ class EncoderActor:
     ):
         self._batch_size = batch_size
         self._score = score
-        digest = hashlib.sha256(onnx).hexdigest()
-        if digest != card.sha256:
-            raise BackendError(
-                f"model {card.name} v{card.version}: sha256 of the shipped bytes {digest}, "
-                f"card says {card.sha256}"
-            )
+        check_sha256(onnx, card, f"model {card.name} v{card.version} (shipped bytes)")
         with tempfile.TemporaryDirectory(prefix="aet-actor-") as folder:
             path = Path(folder) / "model.onnx"
             path.write_bytes(onnx)
@@ -358,7 +347,7 @@ class RayBackend(EmbeddingBackend):
         self.model = _identity(found)
         self._score = score
         self._card = found.usable_card
-        self._onnx = found.model_path.read_bytes()
+        self._onnx = found.verified_bytes()
         self._workers = workers
         self._plan = None
         self._started_ray = not ray.is_initialized()

@@ -33,7 +33,7 @@ from aet.clients.server_process import ServerProcess
 from aet.config import ConfigError, add_config_arguments, config_from_args
 from aet.errors import UserError
 from aet.proto import grpc_service_pb2, grpc_service_pb2_grpc
-from aet.server.repository import CARD_FILE, find_model_version, read_model_card
+from aet.repository import CARD_FILE, find_model_version, read_model_card
 from aet.training.dataspec import DataSpec
 
 MODEL_NAMES = {"digits": "digits", "mnist-idx": "mnist"}  # data set -> shipped model name

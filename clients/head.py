@@ -49,7 +49,7 @@ from aet.clients.probe import (
 )
 from aet.config import ConfigError, add_config_arguments, config_from_args
 from aet.errors import UserError
-from aet.server.repository import (
+from aet.repository import (
     MODEL_NAME_PATTERN,
     ClassifierSpec,
     ModelCard,
@@ -401,14 +401,7 @@ def build_head(config: HeadConfig, embeddings: EmbeddingTable | None = None) -> 
     card = found.usable_card
     repository = config.repository if config.repository is not None else found.path.parent.parent
     _check_target(config, found, repository)
-    encoder_bytes = found.model_path.read_bytes()
-    digest = hashlib.sha256(encoder_bytes).hexdigest()
-    if digest != card.sha256:  # changed since the scan
-        raise HeadError(
-            f"{found.model_path}: sha256 mismatch: model.json expects {card.sha256}, the file "
-            f"has {digest}; re-export the encoder"
-        )
-    encoder = onnx.load_from_string(encoder_bytes)
+    encoder = onnx.load_from_string(found.verified_bytes())
     dataset = encoder_dataset(config, found.path)
     seed = dataset.source["seed"]
     test_pixels = dataset.raw(dataset.test.x)  # (N_test, *input shape): what the graph takes
@@ -484,7 +477,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from aet.server.repository import CARD_FILE, read_model_card
+    from aet.repository import CARD_FILE, read_model_card
 
     config = config_from_args(HeadConfig, args)
     path = build_head(config)

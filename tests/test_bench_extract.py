@@ -18,7 +18,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from aet.clients.rows import _loaded, plan_rows
-from aet.server.repository import InputSpec, ModelCard, OutputSpec, write_version
+from aet.repository import InputSpec, ModelCard, OutputSpec, write_version
 from aet.training.data import default_mnist_dir, read_idx
 from aet.training.dataspec import DataSpec
 from aet.training.mapped import MappedImages

@@ -11,7 +11,7 @@ from PIL import Image
 
 from aet.cli import main
 from aet.config import add_config_arguments, config_from_args, config_from_mapping
-from aet.server.repository import read_model_card
+from aet.repository import read_model_card
 from aet.training.dataspec import DataSpec, SplitMismatch
 from aet.training.pretrain import PretrainConfig
 

@@ -32,7 +32,7 @@ from aet.clients.extract import (
 from aet.clients.rows import _loaded, plan_rows, raw_pixels
 from aet.config import ConfigError
 from aet.errors import UserError
-from aet.server.repository import RepositoryError
+from aet.repository import RepositoryError
 from aet.training.data import DataError, load_dataset
 from aet.training.dataspec import DataSpec
 from aet.training.mapped import MappedImages

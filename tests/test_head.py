@@ -30,7 +30,7 @@ from aet.clients.head import HeadConfig, HeadError, build_head, class_names
 from aet.clients.predict import PredictConfig, predict, read_predictions
 from aet.clients.probe import embed_in_process, fit_mlp_head
 from aet.proto import grpc_service_pb2 as pb
-from aet.server.repository import RepositoryError, read_model_card, scan_repository
+from aet.repository import RepositoryError, read_model_card, scan_repository
 from aet.training.data import DataError, load_dataset
 from aet.training.dataspec import DataSpec, SplitMismatch
 from aet.training.probes import tune_logistic

@@ -24,8 +24,8 @@ from aet.encoder import Encoder
 from aet.proto import embedding_pb2 as pb
 from aet.proto import grpc_service_pb2 as kserve_pb
 from aet.proto.codec import decode_tensor, encode_tensor
-from aet.server.repository import find_model_version, read_model_card
-from aet.server.runtime import EncoderSession, RuntimeOptions, embedding_graph
+from aet.repository import find_model_version, read_model_card
+from aet.runtime import EncoderSession, RuntimeOptions, embedding_graph
 from aet.training.data import load_dataset
 
 SHIPPED = Path(__file__).resolve().parents[1] / "exported" / "digits"

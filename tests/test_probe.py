@@ -17,7 +17,7 @@ from aet.clients.backends import LocalBackend
 from aet.clients.extract import EmbedConfig, EmbeddingTable, extract, write_embeddings
 from aet.clients.probe import ProbeConfig, ProbeError, dataset_of, load_inputs, probe, write_results
 from aet.config import ConfigError
-from aet.server.repository import read_model_card
+from aet.repository import read_model_card
 from aet.training.checkpoint import load_checkpoint, save_checkpoint
 from aet.training.data import load_dataset
 from aet.training.dataspec import DataSpec, SplitMismatch

@@ -23,7 +23,7 @@ from aet.clients.extract import read_embeddings
 from aet.config import ConfigError
 from aet.proto import embedding_pb2 as pb
 from aet.proto.codec import decode_tensor, encode_tensor
-from aet.server.repository import read_model_card
+from aet.repository import read_model_card
 from aet.server.validation import FLOAT32, RequestSpec
 from aet.training.checkpoint import load_checkpoint
 from aet.training.data import DataError, load_dataset

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from aet.errors import UserError
-from aet.server.repository import find_model_version
+from aet.repository import find_model_version
 from aet.training.data import DATASETS, Dataset, load_dataset
 
 SPLIT_MISMATCH = "split differs from pretraining"

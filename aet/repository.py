@@ -1,7 +1,10 @@
 """The model repository: `<root>/<model>/<version>/{model.onnx, model.json}`.
 
-`training.export` is the only writer (`write_version`); the server and clients read through
-`scan_repository`, which verifies every version's sha256 and reports the ones it refuses.
+The floor that training (writes), the server and the clients (read) share. Writers go through
+`write_version`: `aet export` (encoders), `aet head` (classifiers) and
+`aet.AutoencoderEmbedder.export`. Readers go through `scan_repository`, which verifies every
+version's sha256 (`check_sha256`, the one place the rule is checked) and reports the ones it
+refuses, or `find_model_version` for one model folder.
 Versions are positive integers, the highest usable one is "latest". A version folder appears
 only by an atomic rename of a finished temporary folder, so readers never see half a version.
 """
@@ -366,14 +369,22 @@ class ModelVersion:
     def card_path(self) -> Path:
         return self.path / CARD_FILE
 
+    def verified_bytes(self) -> bytes:
+        """The model's bytes, checked against the card again (a file changed since the scan
+        is refused)."""
+        data = self.model_path.read_bytes()
+        check_sha256(data, self.usable_card, str(self.model_path))
+        return data
 
-def sha256_file(path: str | os.PathLike) -> str:
-    """The hex sha256 of a file's bytes, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+
+def check_sha256(onnx_bytes: bytes, card: ModelCard, source: str) -> None:
+    """The sha256 rule, the one place it is checked: a model's bytes must hash to its card's
+    `sha256`; otherwise RepositoryError naming `source` and both digests."""
+    actual = hashlib.sha256(onnx_bytes).hexdigest()
+    if actual != card.sha256:
+        raise RepositoryError(
+            f"{source}: sha256 mismatch: card expects {card.sha256}, file has {actual}"
+        )
 
 
 def read_model_card(path: str | os.PathLike, source: str | None = None) -> ModelCard:
@@ -516,13 +527,11 @@ def _check_version(name: str, version: int, path: Path) -> ModelVersion:
             f"{card_file}: card says {card.name}/{card.version}, folder is {name}/{version}", card
         )
     try:
-        actual = sha256_file(path / MODEL_FILE)
+        check_sha256((path / MODEL_FILE).read_bytes(), card, model_file)
     except OSError as exc:
         return refused(f"cannot read {model_file}: {exc.strerror or exc}", card)
-    if actual != card.sha256:
-        return refused(
-            f"{model_file}: sha256 mismatch: card expects {card.sha256}, file has {actual}", card
-        )
+    except RepositoryError as exc:
+        return refused(str(exc), card)
     return ModelVersion(name, version, path, card, fingerprint=fingerprint)
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,7 +33,14 @@ from aet.training.dataspec import DataSpec, resolve_data
 from aet.training.evaluate import fit_pca
 from aet.training.mapped import Images
 from aet.training.models import Autoencoder
-from aet.training.probes import format_settings, knn_probe, label_subset, logistic_probe
+from aet.training.probes import (
+    PROBE_FUNCTIONS,
+    FeatureSet,
+    ProbeScore,
+    format_settings,
+    label_subset,
+    probe_features,
+)
 
 CLASSIFIERS = {
     "logreg": "logistic regression",
@@ -175,15 +183,6 @@ def embed_in_process(model_dir: Path, dataset: Dataset, device: str = "auto") ->
 # --- classifiers -----------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class FeatureSet:
-    """One representation of the fit (train + val) and test rows."""
-
-    name: str
-    fit: np.ndarray  # (N_fit, D)
-    test: np.ndarray  # (N_test, D)
-
-
 def feature_sets(table: EmbeddingTable, dataset: Dataset, seed: int) -> list[FeatureSet]:
     """The frozen embeddings, the raw pixels, and PCA codes of the embedding's size."""
     fit_x, test_x = dataset.fit.x, dataset.test.x
@@ -261,14 +260,17 @@ def mlp_probe(
     train_x: np.ndarray,
     train_y: np.ndarray,
     test_x: np.ndarray,
+    test_y: np.ndarray,
+    seed: int,
+    *,
     num_classes: int,
     hidden: int,
     steps: int,
-    seed: int,
-) -> np.ndarray:
-    """Test predictions of a one-hidden-layer MLP head on standardised frozen features."""
+) -> ProbeScore:
+    """Test accuracy of a one-hidden-layer MLP head on standardised frozen features."""
     head = fit_mlp_head(train_x, train_y, num_classes, hidden, steps, seed)
-    return head.logits(test_x).argmax(1)
+    accuracy = float((head.logits(test_x).argmax(1) == test_y).mean())
+    return ProbeScore(accuracy, {"hidden": hidden, "steps": steps}, None, 0)
 
 
 class EncoderClassifier(nn.Module):
@@ -388,42 +390,27 @@ def _probe(table: EmbeddingTable, dataset: Dataset, config: ProbeConfig, seed: i
     if fit_y is None or test_y is None or num_classes is None:
         raise ProbeError(f"data set {dataset.name}: has no labels; nothing to probe")
     counts = sorted({min(n, len(fit_y)) for n in config.label_counts} | {len(fit_y)})
-    subsets = [label_subset(fit_y, n, seed) for n in counts]
-    accuracy: dict[str, dict[str, list[float]]] = {}
-    settings: dict[str, dict[str, list[dict]]] = {}
-    confusion: list[list[int]] = []
-    for features in feature_sets(table, dataset, seed):
-        tuned: dict[str, list] = {"logreg": [], "knn": []}
-        mlp = []
-        for n, index in zip(counts, subsets, strict=True):
-            for name, tuned_probe in (("logreg", logistic_probe), ("knn", knn_probe)):
-                tuned[name].append(
-                    tuned_probe(features.fit[index], fit_y[index], features.test, test_y, seed)
-                )
-            predicted = mlp_probe(
-                features.fit[index],
-                fit_y[index],
-                features.test,
-                num_classes,
-                config.hidden,
-                config.steps,
-                seed,
-            )
-            mlp.append(float((predicted == test_y).mean()))
-            if not confusion and n == counts[-1]:  # embeddings come first; all labels
-                confusion = confusion_matrix(test_y, predicted, labels=range(num_classes)).tolist()
-        accuracy[features.name] = {
-            **{name: [score.accuracy for score in scores] for name, scores in tuned.items()},
-            "mlp": mlp,
-        }
-        settings[features.name] = {
-            name: [score.choice() for score in scores] for name, scores in tuned.items()
-        }
+    mlp = functools.partial(
+        mlp_probe, num_classes=num_classes, hidden=config.hidden, steps=config.steps
+    )
+    features = feature_sets(table, dataset, seed)
+    probed = probe_features(features, fit_y, test_y, counts, seed, {**PROBE_FUNCTIONS, "mlp": mlp})
+    accuracy = probed["accuracy"]
     if config.fine_tune is not None:
         accuracy["embedding"]["fine-tune"] = [
-            fine_tune_probe(config.fine_tune, dataset, index, config.steps, seed)
-            for index in subsets
+            fine_tune_probe(
+                config.fine_tune, dataset, label_subset(fit_y, n, seed), config.steps, seed
+            )
+            for n in counts
         ]
+    # the MLP head on the embeddings with all labels, class by class
+    head = fit_mlp_head(features[0].fit, fit_y, num_classes, config.hidden, config.steps, seed)
+    predicted = head.logits(features[0].test).argmax(1)
+    confusion = confusion_matrix(test_y, predicted, labels=range(num_classes)).tolist()
+    settings = {  # what cross-validation chose: the tuned probes only
+        name: {probe: chosen for probe, chosen in by_probe.items() if probe in PROBE_FUNCTIONS}
+        for name, by_probe in probed["settings"].items()
+    }
     return ProbeResults(
         dataset.name, table.metadata["model"], counts, accuracy, settings, confusion
     )

@@ -117,10 +117,10 @@ def test_export_writes_version_one_with_a_complete_card(exported, run_dir):
     assert card.metrics == {
         "test_reconstruction_mse": evaluation["reconstruction_mse"]["model"],
         "test_pca_reconstruction_mse": evaluation["reconstruction_mse"]["pca"],
-        "probe_accuracy_100_labels": evaluation["probe"]["logistic"]["accuracy"]["model"][0],
-        "probe_accuracy_1257_labels": evaluation["probe"]["logistic"]["accuracy"]["model"][1],
-        "knn_accuracy_100_labels": evaluation["probe"]["knn"]["accuracy"]["model"][0],
-        "knn_accuracy_1257_labels": evaluation["probe"]["knn"]["accuracy"]["model"][1],
+        "probe_accuracy_100_labels": evaluation["probe"]["accuracy"]["model"]["logreg"][0],
+        "probe_accuracy_1257_labels": evaluation["probe"]["accuracy"]["model"]["logreg"][1],
+        "knn_accuracy_100_labels": evaluation["probe"]["accuracy"]["model"]["knn"][0],
+        "knn_accuracy_1257_labels": evaluation["probe"]["accuracy"]["model"]["knn"][1],
     }
     assert card.opset == 20
     assert 0 <= card.parity_max_abs_diff <= 1e-4 and card.parity_samples == PARITY_ROWS

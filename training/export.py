@@ -328,9 +328,9 @@ def card_metrics(metrics: dict) -> dict[str, float]:
     result = {"test_reconstruction_mse": mse["model"], "test_pca_reconstruction_mse": mse["pca"]}
     probe = evaluation.get("probe")
     if probe:
-        for kind, prefix in (("logistic", "probe"), ("knn", "knn")):
+        for kind, prefix in (("logreg", "probe"), ("knn", "knn")):
             for labels, accuracy in zip(
-                probe["labels"], probe[kind]["accuracy"]["model"], strict=True
+                probe["labels"], probe["accuracy"]["model"][kind], strict=True
             ):
                 result[f"{prefix}_accuracy_{labels}_labels"] = accuracy
     return {key: float(value) for key, value in result.items()}

@@ -37,7 +37,8 @@ import numpy as np
 
 from aet.clients.backends import LocalBackend, RayBackend, ServerBackend
 from aet.clients.client import EmbeddingClient
-from aet.clients.extract import EmbedConfig, extract, read_embeddings
+from aet.clients.embeddings import read_embeddings
+from aet.clients.extract import EmbedConfig, extract
 from aet.clients.rows import plan_rows
 from aet.training.data import default_mnist_dir, find_idx_folder, idx_file, read_idx
 from aet.training.dataspec import DataSpec

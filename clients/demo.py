@@ -26,7 +26,8 @@ import grpc
 
 from aet.clients.backends import ServerBackend
 from aet.clients.client import EmbeddingClient
-from aet.clients.extract import EmbedConfig, EmbeddingTable, extract, read_embeddings
+from aet.clients.embeddings import EmbeddingTable, read_embeddings
+from aet.clients.extract import EmbedConfig, extract
 from aet.clients.head import HeadConfig, build_head
 from aet.clients.probe import ProbeConfig, ProbeResults, dataset_of, probe, write_results
 from aet.clients.server_process import ServerProcess

@@ -39,7 +39,8 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 from torch import nn
 
-from aet.clients.extract import EmbeddingTable, extraction_rows
+from aet.clients.embeddings import EmbeddingTable
+from aet.clients.extract import extraction_rows
 from aet.clients.probe import (
     MLPHead,
     classifier_logits,

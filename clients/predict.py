@@ -26,17 +26,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from aet.clients.extract import (
-    EXIT_INTERRUPTED,
-    NO_LABEL,
-    SPLITS,
-    EmbedConfig,
-    EmbeddingTable,
-    ExtractionError,
-    atomic_write,
-    extract,
-    read_embeddings,
-)
+from aet.clients.embeddings import EmbeddingTable, ExtractionError, atomic_write, read_embeddings
+from aet.clients.extract import EXIT_INTERRUPTED, NO_LABEL, SPLITS, EmbedConfig, extract
 from aet.config import add_config_arguments, config_from_args
 from aet.server.classification import Classification, classify
 

@@ -25,7 +25,8 @@ from sklearn.metrics import confusion_matrix
 from sklearn.preprocessing import StandardScaler
 from torch import nn
 
-from aet.clients.extract import EmbeddingTable, check_model_fits, extraction_rows, read_embeddings
+from aet.clients.embeddings import EmbeddingTable, read_embeddings
+from aet.clients.extract import check_model_fits, extraction_rows
 from aet.config import ConfigError, add_config_arguments, config_from_args
 from aet.errors import UserError
 from aet.training.data import Dataset

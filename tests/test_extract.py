@@ -22,13 +22,8 @@ from aet.clients.backends import (
     actor_device,
 )
 from aet.clients.client import EmbeddingClient
-from aet.clients.extract import (
-    EmbedConfig,
-    ExtractionError,
-    extract,
-    extraction_rows,
-    read_embeddings,
-)
+from aet.clients.embeddings import ExtractionError, read_embeddings
+from aet.clients.extract import EmbedConfig, extract, extraction_rows
 from aet.clients.rows import _loaded, plan_rows, raw_pixels
 from aet.config import ConfigError
 from aet.errors import UserError

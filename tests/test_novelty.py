@@ -19,7 +19,8 @@ from sklearn.metrics import roc_auc_score
 from aet.cli import main
 from aet.clients.backends import EncoderActor
 from aet.clients.client import EmbeddingClient
-from aet.clients.extract import extraction_rows, read_embeddings
+from aet.clients.embeddings import read_embeddings
+from aet.clients.extract import extraction_rows
 from aet.encoder import Encoder
 from aet.proto import embedding_pb2 as pb
 from aet.proto import grpc_service_pb2 as kserve_pb

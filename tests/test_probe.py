@@ -14,7 +14,8 @@ from PIL import Image
 
 from aet.cli import main
 from aet.clients.backends import LocalBackend
-from aet.clients.extract import EmbedConfig, EmbeddingTable, extract, write_embeddings
+from aet.clients.embeddings import EmbeddingTable, write_embeddings
+from aet.clients.extract import EmbedConfig, extract
 from aet.clients.probe import ProbeConfig, ProbeError, dataset_of, load_inputs, probe, write_results
 from aet.config import ConfigError
 from aet.repository import read_model_card

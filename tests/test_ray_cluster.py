@@ -19,7 +19,8 @@ import pytest
 from conftest import DIGITS_MODEL
 
 from aet.clients.backends import LocalBackend
-from aet.clients.extract import EmbedConfig, extract, read_embeddings
+from aet.clients.embeddings import read_embeddings
+from aet.clients.extract import EmbedConfig, extract
 from aet.clients.server_process import free_port
 from aet.training.dataspec import DataSpec
 

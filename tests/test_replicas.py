@@ -24,7 +24,8 @@ from conftest import DIGITS_MODEL
 
 from aet.clients.backends import LocalBackend, ServerBackend
 from aet.clients.client import EmbeddingClient
-from aet.clients.extract import EmbedConfig, extract, read_embeddings
+from aet.clients.embeddings import read_embeddings
+from aet.clients.extract import EmbedConfig, extract
 from aet.clients.server_process import ServerProcess, free_port
 from aet.training.dataspec import DataSpec
 

@@ -19,7 +19,7 @@ import torch
 from sklearn.datasets import load_wine
 
 from aet.cli import main
-from aet.clients.extract import read_embeddings
+from aet.clients.embeddings import read_embeddings
 from aet.config import ConfigError
 from aet.proto import embedding_pb2 as pb
 from aet.proto.codec import decode_tensor, encode_tensor

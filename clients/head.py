@@ -27,7 +27,6 @@ import hashlib
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import onnx
@@ -35,21 +34,12 @@ import onnx.utils
 import onnxruntime
 import torch
 from onnx import compose, version_converter
-from sklearn.pipeline import Pipeline
-from sklearn.preprocessing import StandardScaler
 from torch import nn
 
 from aet.clients.embeddings import EmbeddingTable
 from aet.clients.extract import extraction_rows
-from aet.clients.probe import (
-    MLPHead,
-    classifier_logits,
-    embed_in_process,
-    fine_tune,
-    fit_mlp_head,
-)
+from aet.clients.probe import embed_in_process
 from aet.config import ConfigError, add_config_arguments, config_from_args
-from aet.errors import UserError
 from aet.repository import (
     MODEL_NAME_PATTERN,
     ClassifierSpec,
@@ -70,17 +60,13 @@ from aet.training.export import (
     preprocessing_module,
     to_onnx,
 )
-from aet.training.probes import tune_logistic
+from aet.training.heads import HeadError, fit_fine_tuned, fit_frozen_head, labels_of
 
 OUTPUT_NAME = "probabilities"
 HEADS = ("logreg", "mlp")
 PARITY_TOLERANCE = 1e-5  # max |graph - fitted head| over the test rows' probabilities
 ENCODER_TOLERANCE = 1e-4  # run vs exported encoder, as `aet export`'s parity check
 MIN_OPSET = 18  # torch's ONNX exporter writes the head at the encoder's opset, at least this
-
-
-class HeadError(UserError):
-    """The head cannot be fitted or exported: no labels, a changed encoder, a name clash."""
 
 
 @dataclass
@@ -168,14 +154,6 @@ def encoder_dataset(config: HeadConfig, model_dir: Path) -> Dataset:
     return dataset
 
 
-def labels_of(dataset: Dataset) -> tuple[np.ndarray, np.ndarray, int]:
-    """Labels of the fit and test rows, and the number of classes; HeadError without labels."""
-    fit_y, test_y, num_classes = dataset.fit.y, dataset.test.y, dataset.num_classes
-    if fit_y is None or test_y is None or num_classes is None:
-        raise HeadError(f"data set {dataset.name}: has no labels; a classifier needs them")
-    return fit_y, test_y, num_classes
-
-
 def class_names(dataset: Dataset) -> tuple[str, ...]:
     """The data set's class names (image folders' subfolder names), else "0", "1", ..."""
     names = dataset.source.get("classes")
@@ -183,111 +161,6 @@ def class_names(dataset: Dataset) -> tuple[str, ...]:
     if names is not None and len(names) == num_classes:
         return tuple(str(name) for name in names)
     return tuple(str(index) for index in range(num_classes))
-
-
-# --- heads as torch modules ----------------------------------------------------------------------
-
-
-class ProbabilityHead(nn.Module):
-    """embedding (B, D) -> standardise -> `network` -> softmax: probabilities (B, classes)."""
-
-    mean: torch.Tensor  # (D,) buffers, exported as graph constants
-    scale: torch.Tensor
-
-    def __init__(self, mean: np.ndarray, scale: np.ndarray, network: nn.Module):
-        super().__init__()
-        self.register_buffer("mean", torch.as_tensor(mean, dtype=torch.float32))
-        self.register_buffer("scale", torch.as_tensor(scale, dtype=torch.float32))
-        self.network = network
-
-    def forward(self, embedding: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(self.network((embedding - self.mean) / self.scale), dim=1)
-
-
-class RawClassifier(nn.Module):
-    """A fine-tuned `EncoderClassifier` on raw rows (the encoder graph's input): the run's
-    preprocessing (scale pixels, or standardise vectors), then probabilities (B, classes)."""
-
-    def __init__(self, classifier: nn.Module, preprocess: nn.Module):
-        super().__init__()
-        self.classifier = classifier
-        self.preprocess = preprocess
-
-    def forward(self, raw: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(self.classifier(self.preprocess(raw)), dim=1)
-
-
-def _standardisation(scaler: StandardScaler | None, dim: int) -> tuple[np.ndarray, np.ndarray]:
-    if scaler is None:
-        return np.zeros(dim), np.ones(dim)
-    return scaler.mean_, scaler.scale_
-
-
-def logistic_module(pipeline: Pipeline) -> ProbabilityHead:
-    """The fitted `scale -> LogisticRegression` pipeline as a `ProbabilityHead`.
-
-    Multinomial: softmax(x W^T + b). Binary: scikit-learn's sigmoid(z) equals the softmax of
-    the logits (0, z), so the single row of weights becomes two.
-    """
-    scale, model = pipeline.named_steps["scale"], pipeline.named_steps["clf"]
-    coef, intercept = model.coef_, model.intercept_
-    if len(model.classes_) == 2:
-        coef = np.vstack([np.zeros_like(coef), coef])
-        intercept = np.concatenate([[0.0], intercept])
-    linear = nn.Linear(coef.shape[1], coef.shape[0])
-    with torch.no_grad():
-        linear.weight.copy_(torch.as_tensor(coef))
-        linear.bias.copy_(torch.as_tensor(intercept))
-    mean, std = _standardisation(None if scale == "passthrough" else scale, coef.shape[1])
-    return ProbabilityHead(mean, std, linear).eval()
-
-
-def mlp_module(head: MLPHead) -> ProbabilityHead:
-    """The probe's fitted MLP head (its scaler and network) as a `ProbabilityHead`."""
-    return ProbabilityHead(head.scaler.mean_, head.scaler.scale_, head.network).eval()
-
-
-# --- fitting ----------------------------------------------------------------------------------
-
-
-@dataclass
-class FittedHead:
-    """A head fitted on frozen embeddings (or a fine-tuned classifier) and its figures."""
-
-    module: nn.Module  # embedding -> probabilities, or pixels -> probabilities (fine-tune)
-    probabilities: np.ndarray  # (N_test, classes): the fitted model's, as `predict_proba` gives
-    test_accuracy: float
-    settings: dict[str, Any]
-
-
-def fit_frozen_head(
-    config: HeadConfig, dataset: Dataset, fit_x: np.ndarray, test_x: np.ndarray, seed: int
-) -> FittedHead:
-    """Fit the configured head on frozen embeddings `fit_x` (the fit rows), score on `test_x`."""
-    fit_y, test_y, num_classes = labels_of(dataset)
-    if config.head == "logreg":
-        tuned = tune_logistic(fit_x, fit_y, seed)
-        module, probabilities = logistic_module(tuned.model), tuned.model.predict_proba(test_x)
-        settings = {**tuned.settings, "cv_accuracy": tuned.cv_accuracy, "cv_folds": tuned.folds}
-    else:
-        mlp = fit_mlp_head(fit_x, fit_y, num_classes, config.hidden, config.steps, seed)
-        module, probabilities = mlp_module(mlp), mlp.predict_proba(test_x)
-        settings = {"hidden": config.hidden, "steps": config.steps}
-    accuracy = float((probabilities.argmax(1) == test_y).mean())
-    return FittedHead(module, probabilities, accuracy, {**settings, "seed": seed})
-
-
-def fit_fine_tuned(config: HeadConfig, dataset: Dataset, seed: int) -> FittedHead:
-    """Fine-tune the run's encoder under a linear head on every fit row."""
-    assert config.fine_tune is not None  # build_head fine-tunes only when it is given
-    index = np.arange(len(dataset.fit))
-    model = fine_tune(config.fine_tune, dataset, index, config.steps, seed)
-    logits = torch.from_numpy(classifier_logits(model, dataset.test.x))
-    probabilities = torch.softmax(logits, dim=1).numpy()
-    accuracy = float((probabilities.argmax(1) == dataset.test.y).mean())
-    settings = {"run": str(config.fine_tune), "steps": config.steps, "seed": seed}
-    preprocess = preprocessing_module(load_checkpoint(config.fine_tune / "best.pt"))
-    return FittedHead(RawClassifier(model, preprocess).eval(), probabilities, accuracy, settings)
 
 
 # --- the graph --------------------------------------------------------------------------------
@@ -408,7 +281,7 @@ def build_head(config: HeadConfig, embeddings: EmbeddingTable | None = None) -> 
     test_pixels = dataset.raw(dataset.test.x)  # (N_test, *input shape): what the graph takes
     if config.fine_tune is not None:
         check_run_is_encoder(config, encoder, card, test_pixels[:256])
-        fitted = fit_fine_tuned(config, dataset, seed)
+        fitted = fit_fine_tuned(config.fine_tune, dataset, config.steps, seed)
         example = torch.from_numpy(test_pixels[:2])
         opset = max(onnx_opset(encoder), MIN_OPSET)
         graph = to_onnx(fitted.module, example, opset, card.input.name, [OUTPUT_NAME])
@@ -419,7 +292,10 @@ def build_head(config: HeadConfig, embeddings: EmbeddingTable | None = None) -> 
             else _checked_embeddings(embeddings, card, dataset)
         )
         fit_x = np.concatenate([table.part("train")[0], table.part("val")[0]])
-        fitted = fit_frozen_head(config, dataset, fit_x, table.part("test")[0], seed)
+        test_x = table.part("test")[0]
+        fitted = fit_frozen_head(
+            config.head, dataset, fit_x, test_x, seed, config.hidden, config.steps
+        )
         graph = compose_classifier(encoder, card, fitted.module)
     served = run_graph(graph, card.input.name, OUTPUT_NAME, test_pixels)
     diff = float(np.abs(served - fitted.probabilities).max())

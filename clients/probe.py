@@ -22,8 +22,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from sklearn.metrics import confusion_matrix
-from sklearn.preprocessing import StandardScaler
-from torch import nn
 
 from aet.clients.embeddings import EmbeddingTable, read_embeddings
 from aet.clients.extract import check_model_fits, extraction_rows
@@ -32,12 +30,10 @@ from aet.errors import UserError
 from aet.training.data import Dataset
 from aet.training.dataspec import DataSpec, resolve_data
 from aet.training.evaluate import fit_pca
-from aet.training.mapped import Images
-from aet.training.models import Autoencoder
+from aet.training.heads import fine_tune_probe, fit_mlp_head, mlp_probe
 from aet.training.probes import (
     PROBE_FUNCTIONS,
     FeatureSet,
-    ProbeScore,
     format_settings,
     label_subset,
     probe_features,
@@ -198,138 +194,6 @@ def feature_sets(table: EmbeddingTable, dataset: Dataset, seed: int) -> list[Fea
             f"PCA-{pca.n_components_}", pca.transform(fit_pixels), pca.transform(test_pixels)
         ),
     ]
-
-
-def _batches(n_rows: int, steps: int, seed: int) -> list[torch.Tensor]:
-    """`steps` seeded mini-batches of row indices (128, or all rows when fewer)."""
-    generator = torch.Generator().manual_seed(seed)
-    size = min(128, n_rows)
-    return [torch.randperm(n_rows, generator=generator)[:size] for _ in range(steps)]
-
-
-def _train(
-    module: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, steps: int, seed: int
-) -> None:
-    """Adam (lr 1e-3, weight decay 1e-4) on cross-entropy over seeded mini-batches."""
-    optimizer = torch.optim.Adam(module.parameters(), lr=1e-3, weight_decay=1e-4)
-    module.train()
-    for index in _batches(len(inputs), steps, seed):
-        optimizer.zero_grad()
-        nn.functional.cross_entropy(module(inputs[index]), targets[index]).backward()
-        optimizer.step()
-    module.eval()
-
-
-@dataclass
-class MLPHead:
-    """A fitted one-hidden-layer MLP on standardised frozen features."""
-
-    scaler: StandardScaler
-    network: nn.Sequential  # Linear -> ReLU -> Dropout -> Linear: logits (N, classes)
-
-    def logits(self, x: np.ndarray) -> np.ndarray:
-        """Logits (N, classes) of features `x` (N, D), in eval mode."""
-        self.network.eval()
-        with torch.no_grad():
-            return self.network(
-                torch.from_numpy(self.scaler.transform(x).astype(np.float32))
-            ).numpy()
-
-    def predict_proba(self, x: np.ndarray) -> np.ndarray:
-        """Softmax probabilities (N, classes) of features `x` (N, D)."""
-        return torch.softmax(torch.from_numpy(self.logits(x)), dim=1).numpy()
-
-
-def fit_mlp_head(
-    train_x: np.ndarray, train_y: np.ndarray, num_classes: int, hidden: int, steps: int, seed: int
-) -> MLPHead:
-    """A one-hidden-layer MLP head trained on standardised frozen features (N, D)."""
-    torch.manual_seed(seed)
-    scaler = StandardScaler().fit(train_x)
-    network = nn.Sequential(
-        nn.Linear(train_x.shape[1], hidden),
-        nn.ReLU(),
-        nn.Dropout(0.2),
-        nn.Linear(hidden, num_classes),
-    )
-    inputs = torch.from_numpy(scaler.transform(train_x).astype(np.float32))
-    _train(network, inputs, torch.from_numpy(train_y), steps, seed)
-    return MLPHead(scaler, network)
-
-
-def mlp_probe(
-    train_x: np.ndarray,
-    train_y: np.ndarray,
-    test_x: np.ndarray,
-    test_y: np.ndarray,
-    seed: int,
-    *,
-    num_classes: int,
-    hidden: int,
-    steps: int,
-) -> ProbeScore:
-    """Test accuracy of a one-hidden-layer MLP head on standardised frozen features."""
-    head = fit_mlp_head(train_x, train_y, num_classes, hidden, steps, seed)
-    accuracy = float((head.logits(test_x).argmax(1) == test_y).mean())
-    return ProbeScore(accuracy, {"hidden": hidden, "steps": steps}, None, 0)
-
-
-class EncoderClassifier(nn.Module):
-    """The autoencoder's encoder under a linear head; the head's BatchNorm (no learned scale)
-    standardises codes of any scale, as the frozen probes' StandardScaler does."""
-
-    def __init__(self, encoder: Autoencoder, code_size: int, num_classes: int):
-        super().__init__()
-        self.encoder = encoder
-        self.head = nn.Sequential(
-            nn.BatchNorm1d(code_size, affine=False), nn.Linear(code_size, num_classes)
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits (B, classes) of images `x` (B, C, H, W) in [0, 1]."""
-        return self.head(self.encoder.encode(x))
-
-
-def fine_tune(
-    run: Path, dataset: Dataset, index: np.ndarray, steps: int, seed: int
-) -> EncoderClassifier:
-    """The run's encoder plus a linear head, all trained on rows `index` of the fit split."""
-    from aet.training.checkpoint import load_checkpoint
-
-    checkpoint = load_checkpoint(run / "best.pt")
-    if tuple(checkpoint.image_shape) != dataset.image_shape:
-        raise ProbeError(
-            f"fine_tune: {run / 'best.pt'} was trained on images "
-            f"{tuple(checkpoint.image_shape)}; data set {dataset.name} has "
-            f"{dataset.image_shape}"
-        )
-    fit = dataset.fit
-    if fit.y is None or dataset.num_classes is None:
-        raise ProbeError(f"data set {dataset.name}: has no labels; nothing to fine-tune on")
-    torch.manual_seed(seed)
-    autoencoder = checkpoint.build_model()
-    model = EncoderClassifier(autoencoder, autoencoder.code_size, dataset.num_classes)
-    _train(model, torch.from_numpy(fit.x[index]), torch.from_numpy(fit.y[index]), steps, seed)
-    return model
-
-
-@torch.no_grad()
-def classifier_logits(model: nn.Module, x: Images) -> np.ndarray:
-    """Logits (N, classes) of images `x` (N, C, H, W) in [0, 1], in blocks of 1,024."""
-    model.eval()
-    return torch.cat(
-        [model(torch.from_numpy(x[i : i + 1024])) for i in range(0, len(x), 1024)]
-    ).numpy()
-
-
-def fine_tune_probe(run: Path, dataset: Dataset, index: np.ndarray, steps: int, seed: int) -> float:
-    """Test accuracy of the run's encoder plus a linear head, all trained on rows `index`."""
-    model = fine_tune(run, dataset, index, steps, seed)
-    predictions = classifier_logits(model, dataset.test.x).argmax(1)
-    return float((predictions == dataset.test.y).mean())
-
-
-# --- the probe run ---------------------------------------------------------------------------
 
 
 @dataclass

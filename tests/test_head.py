@@ -26,13 +26,14 @@ from aet import Classifier
 from aet.cli import main
 from aet.clients.backends import LocalBackend
 from aet.clients.client import EmbeddingClient, EmbeddingError
-from aet.clients.head import HeadConfig, HeadError, build_head, class_names
+from aet.clients.head import HeadConfig, build_head, class_names
 from aet.clients.predict import PredictConfig, predict, read_predictions
-from aet.clients.probe import embed_in_process, fit_mlp_head
+from aet.clients.probe import embed_in_process
 from aet.proto import grpc_service_pb2 as pb
 from aet.repository import RepositoryError, read_model_card, scan_repository
 from aet.training.data import DataError, load_dataset
 from aet.training.dataspec import DataSpec, SplitMismatch
+from aet.training.heads import HeadError, fit_mlp_head
 from aet.training.probes import tune_logistic
 
 ENCODER = "digits"

@@ -14,8 +14,8 @@ import numpy as np
 
 from aet.encoder import DEFAULT_BATCH_SIZE, Encoder
 from aet.errors import UserError
+from aet.runtime import EncoderSession
 from aet.server.classification import Classification, classify
-from aet.server.runtime import EncoderSession
 
 
 class Classifier(Encoder):

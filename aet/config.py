@@ -1,8 +1,11 @@
 """Typed command configuration: one dataclass per command, filled from flags and a TOML file.
 
 Every field of a config dataclass becomes a flag (`code_size` -> `--code-size`). Its
-`metadata["help"]` is the help text; the default is appended. A `--config FILE.toml` flag
-supplies the same fields by name; explicit flags win over the file, the file over defaults.
+`metadata["help"]` is the help text; the default is appended. A field whose type is itself a
+dataclass (`data: DataSpec`) is a group: its fields become flags under their own names, so a
+concept declared once keeps one spelling in every command. A `--config FILE.toml` flag supplies
+the same fields by name (a group's fields flat, or as a table named after the group); explicit
+flags win over the file, the file over defaults.
 """
 
 from __future__ import annotations
@@ -41,6 +44,22 @@ def _base_type(annotation: Any) -> tuple[Any, bool]:
     return annotation, False
 
 
+def _group(annotation: Any) -> type | None:
+    """The dataclass a field's annotation names, if it is a group of fields."""
+    base, _ = _base_type(annotation)
+    return base if isinstance(base, type) and dataclasses.is_dataclass(base) else None
+
+
+def flag_names(config_cls: type) -> list[str]:
+    """The names of the flags of `config_cls`: its fields, a group's fields in its place."""
+    hints = typing.get_type_hints(config_cls)
+    names: list[str] = []
+    for field in dataclasses.fields(config_cls):
+        group = _group(hints[field.name])
+        names += [field.name] if group is None else flag_names(group)
+    return names
+
+
 def add_config_arguments(parser: argparse.ArgumentParser, config_cls: type) -> None:
     """Add one flag per field of `config_cls`, plus `--config` for a TOML file."""
     parser.add_argument(
@@ -49,8 +68,16 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_cls: type) -> N
         default=None,
         help="TOML file supplying any of these fields by name (flags win)",
     )
+    _add_fields(parser, config_cls)
+
+
+def _add_fields(parser: argparse.ArgumentParser, config_cls: type) -> None:
     hints = typing.get_type_hints(config_cls)
     for field in dataclasses.fields(config_cls):
+        group = _group(hints[field.name])
+        if group is not None:
+            _add_fields(parser, group)
+            continue
         base, _ = _base_type(hints[field.name])
         default = (
             field.default
@@ -104,19 +131,47 @@ def _coerce(config_cls: type, name: str, value: Any, hints: dict[str, Any]) -> A
 
 
 def config_from_mapping(config_cls: type[C], values: dict[str, Any]) -> C:
-    """Build `config_cls` from a mapping (dashes or underscores), rejecting unknown keys."""
+    """Build `config_cls` from a mapping (dashes or underscores), rejecting unknown keys.
+
+    A group's fields may stand flat among the others or in a table named after the group.
+    """
+    values = {key.replace("-", "_"): value for key, value in values.items()}
+    valid = set(flag_names(config_cls))
     hints = typing.get_type_hints(config_cls)
-    names = {f.name for f in dataclasses.fields(config_cls)}
     kwargs = {}
-    for key, value in values.items():
-        name = key.replace("-", "_")
-        if name not in names:
-            raise ConfigError(
-                f"unknown field {key!r} for {config_cls.__name__}; "
-                f"valid fields: {', '.join(sorted(names))}"
-            )
-        kwargs[name] = _coerce(config_cls, name, value, hints)
+    for field in dataclasses.fields(config_cls):
+        group = _group(hints[field.name])
+        if group is None:
+            if field.name in values:
+                kwargs[field.name] = _coerce(config_cls, field.name, values.pop(field.name), hints)
+            continue
+        table = values.pop(field.name, None)
+        if isinstance(table, group):
+            kwargs[field.name] = table
+            continue
+        members = {**(table or {})}
+        members.update({name: values.pop(name) for name in flag_names(group) if name in values})
+        if members:
+            kwargs[field.name] = config_from_mapping(group, members)
+    if values:
+        key = next(iter(values))
+        raise ConfigError(
+            f"unknown field {key!r} for {config_cls.__name__}; "
+            f"valid fields: {', '.join(sorted(valid))}"
+        )
     return config_cls(**kwargs)
+
+
+def flat_dict(config: DataclassInstance) -> dict[str, Any]:
+    """`config` as a JSON-ready mapping of its flag names (a group's fields in its place)."""
+    result: dict[str, Any] = {}
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            result.update(flat_dict(value))
+        else:
+            result[field.name] = str(value) if isinstance(value, Path) else value
+    return result
 
 
 def config_from_args(
@@ -131,6 +186,6 @@ def config_from_args(
             values.update(tomllib.loads(Path(config_file).read_text()))
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise ConfigError(f"cannot read config file {config_file}: {exc}") from exc
-    names = {f.name for f in dataclasses.fields(config_cls)}
+    names = set(flag_names(config_cls))
     values.update({k: v for k, v in vars(args).items() if k in names})
     return config_from_mapping(config_cls, values)

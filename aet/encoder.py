@@ -1,8 +1,8 @@
 """`aet.Encoder`: an exported encoder from the model repository, run in this process.
 
-It reads the repository as the server does (`server.repository`, sha256 verified), picks the
-execution provider as the server does (`server.runtime.resolve_providers`) and runs the same
-`server.runtime.EncoderSession`, so its embeddings are the ones `aet serve` returns.
+It reads the repository as the server does (`aet.repository`, sha256 verified), picks the
+execution provider as the server does (`aet.runtime.resolve_providers`) and runs the same
+`aet.runtime.EncoderSession`, so its embeddings are the ones `aet serve` returns.
 """
 
 from __future__ import annotations
@@ -16,10 +16,9 @@ from typing import Any
 
 import numpy as np
 
-from aet.clients.backends import find_model_version
 from aet.errors import UserError
-from aet.server.repository import CARD_FILE
-from aet.server.runtime import EncoderSession, RuntimeOptions, resolve_providers, split_scored
+from aet.repository import CARD_FILE, find_model_version
+from aet.runtime import EncoderSession, RuntimeOptions, resolve_providers, split_scored
 
 DEFAULT_BATCH_SIZE = 1024
 
@@ -123,14 +122,12 @@ class Encoder:
         found = find_model_version(path)
         card = found.card
         assert card is not None  # find_model_version returns usable versions only
-        session = EncoderSession(
+        session = EncoderSession.from_card(
             found.model_path,
-            card.input.name,
-            card.output.name,
-            tuple(card.input.shape),
+            card,
             resolve_providers(device),
             RuntimeOptions(device=device, intra_op_threads=threads),
-            score_name=None if card.score is None else card.score.name,
+            score=True,
         )
         return cls(found.path, card, session)
 

@@ -7,7 +7,6 @@ version through `training.export`, so `aet serve` and `aet.Encoder` serve it.
 
 from __future__ import annotations
 
-import math
 import tempfile
 from pathlib import Path
 
@@ -20,7 +19,8 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 
 from aet.config import ConfigError
 from aet.training.checkpoint import load_checkpoint
-from aet.training.data import Dataset, Split
+from aet.training.data import LoadedImages, Split, cut_dataset
+from aet.training.dataspec import DataSpec
 from aet.training.export import (
     DEFAULT_OPSET,
     PARITY_ROWS,
@@ -140,7 +140,7 @@ class AutoencoderEmbedder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Bas
             )
         try:
             return PretrainConfig(
-                dataset="digits",  # unused: the data come from fit's X
+                data=DataSpec(seed=self.seed, val_fraction=self.val_fraction),
                 architecture=self.architecture,
                 hidden_sizes=list(self.hidden_sizes),
                 code_size=self.code_size,
@@ -155,8 +155,6 @@ class AutoencoderEmbedder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Bas
                 batch_size=self.batch_size,
                 learning_rate=self.learning_rate,
                 patience=self.patience,
-                val_fraction=self.val_fraction,
-                seed=self.seed,
                 progress=self.progress,
             )
         except (ConfigError, TypeError) as exc:
@@ -200,33 +198,27 @@ class AutoencoderEmbedder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Bas
         except ConfigError as exc:
             raise ValueError(str(exc)) from exc
 
-        n_val = math.ceil(config.val_fraction * n_rows)
-        if n_val >= n_rows:
-            raise ValueError(
-                f"val_fraction: {n_rows} samples are too few to hold out {config.val_fraction} "
-                f"for validation and keep some for training"
-            )
-        order = np.random.default_rng(config.seed).permutation(n_rows)
-        images = features.reshape(n_rows, *image_shape)
-        val, train = np.sort(order[:n_val]), np.sort(order[n_val:])
-        dataset = Dataset(
-            name="array",
-            train=Split(np.ascontiguousarray(images[train]), None),
-            val=Split(np.ascontiguousarray(images[val]), None),
-            test=Split(images[:0], None),
+        rows_read = LoadedImages(
+            pool=Split(features.reshape(n_rows, *image_shape), None),
             raw_max=1.0,
-            image_shape=image_shape,
-            num_classes=None,
-            source={
-                "name": "array",
+            origin={
                 "origin": "aet.AutoencoderEmbedder.fit",
                 "features": n_features,
                 "standardized": self.standardizer_ is not None,
-                "seed": config.seed,
-                "val_fraction": config.val_fraction,
-                "sizes": {"train": len(train), "val": len(val), "test": 0},
             },
+            default_test_fraction=0.0,  # no test part: every row trains or validates
         )
+        try:  # the data set's seeded cut, on fit's X instead of a registered data set
+            dataset = cut_dataset(
+                "array",
+                rows_read,
+                seed=config.seed,
+                test_fraction=None,
+                val_fraction=config.val_fraction,
+                limit=None,
+            )
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from exc
         with torch.random.fork_rng(devices=[]):  # seed initialisation, leave the caller's RNG
             torch.manual_seed(config.seed)
             model = build_autoencoder(config.model_config(), image_shape)
@@ -237,7 +229,10 @@ class AutoencoderEmbedder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Bas
         self.model_ = self.checkpoint_.build_model()
         self.embedding_dim_ = self._n_features_out = config.code_size
         # held-out rows in X's units: `export` calibrates the novelty score on them
-        self.validation_rows_ = rows[val].astype(np.float32)
+        val = np.asarray(dataset.val.x)
+        self.validation_rows_ = (
+            val if self.standardizer_ is None else self.standardizer_.inverse_transform(val)
+        )
         return self
 
     def transform(self, X: ArrayLike) -> np.ndarray:

@@ -37,9 +37,11 @@ import numpy as np
 
 from aet.clients.backends import LocalBackend, RayBackend, ServerBackend
 from aet.clients.client import EmbeddingClient
-from aet.clients.extract import EmbedConfig, extract, read_embeddings
+from aet.clients.embeddings import read_embeddings
+from aet.clients.extract import EmbedConfig, extract
 from aet.clients.rows import plan_rows
 from aet.training.data import default_mnist_dir, find_idx_folder, idx_file, read_idx
+from aet.training.dataspec import DataSpec
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -73,10 +75,9 @@ def throughput(args: argparse.Namespace, scratch: Path) -> list[dict]:
 
     model_dir = args.repository / args.mnist_model
     data, path = ("digits", None) if args.quick else ("mnist-idx", args.mnist_path)
-    plan = plan_rows({"name": data, "path": path and str(path), "seed": 0, "limit": None})
+    plan = plan_rows(DataSpec(data, path))
     job = dict(
-        dataset=data,
-        data_path=path,
+        data=DataSpec(data, path),
         batch_size=args.batch_size,
         output=scratch / "throughput.parquet",
         overwrite=True,
@@ -133,7 +134,7 @@ def probe_tables(args: argparse.Namespace, scratch: Path) -> dict[str, str]:
         with LocalBackend(model_dir) as backend:
             extract(
                 EmbedConfig(
-                    dataset=data, data_path=path, local=model_dir, output=output, progress=False
+                    data=DataSpec(data, path), local=model_dir, output=output, progress=False
                 ),
                 backend,
             )
@@ -166,8 +167,7 @@ def tile_mnist(mnist_path: Path | None, rows: int, folder: Path) -> Path:
 def measure_job(args: argparse.Namespace) -> int:
     """In a child process: one `aet embed` job; prints its figures as one JSON line."""
     job = dict(
-        dataset="mnist-idx",
-        data_path=args.measure_path,
+        data=DataSpec("mnist-idx", args.measure_path),
         batch_size=args.batch_size,
         shard_size=args.shard_size,
         output=args.measure_output,

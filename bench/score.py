@@ -9,7 +9,7 @@ score (embedding + reconstruction_error: encoder and decoder in one graph):
 - tiny: the shipped digits architecture, stacked 64-256-64-8, tied weights, BCE;
 - large: 784-1000-500-250-32, tied weights, BCE, on 1x28x28.
 
-1. In-process (onnxruntime, one thread, `server.runtime.EncoderSession`): milliseconds per
+1. In-process (onnxruntime, one thread, `aet.runtime.EncoderSession`): milliseconds per
    batch of 1, 64 and 256 rows for the embedding-only graph of old, an embedding request on
    the graph with the score (which runs the graph cut down to the encoder) and a scored run.
    Targets: embedding-only on the new graph = the old graph; scored <= 1.5x embedding-only.
@@ -40,7 +40,7 @@ import torch  # noqa: E402
 from aet.clients.server_process import ServerProcess  # noqa: E402
 from aet.proto import embedding_pb2, embedding_pb2_grpc  # noqa: E402
 from aet.proto.codec import encode_tensor  # noqa: E402
-from aet.server.repository import (  # noqa: E402
+from aet.repository import (  # noqa: E402
     SCORE_NAME,
     SCORE_PERCENTILES,
     InputSpec,
@@ -49,7 +49,7 @@ from aet.server.repository import (  # noqa: E402
     ScoreSpec,
     write_version,
 )
-from aet.server.runtime import EncoderSession, RuntimeOptions  # noqa: E402
+from aet.runtime import EncoderSession, RuntimeOptions  # noqa: E402
 from aet.training.export import ExportedEncoder, Scale, library_versions, to_onnx  # noqa: E402
 from aet.training.models import ModelConfig, build_autoencoder  # noqa: E402
 

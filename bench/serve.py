@@ -54,7 +54,7 @@ from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 from aet.clients.server_process import ServerProcess  # noqa: E402
 from aet.proto import embedding_pb2, embedding_pb2_grpc  # noqa: E402
 from aet.proto.codec import encode_tensor  # noqa: E402
-from aet.server.repository import InputSpec, ModelCard, OutputSpec, write_version  # noqa: E402
+from aet.repository import InputSpec, ModelCard, OutputSpec, write_version  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "serve.json"
 SERVER_START_TIMEOUT = 120.0

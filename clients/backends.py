@@ -5,7 +5,7 @@ and `embed_rows(pixels, batch_size)`, an iterator of embeddings for consecutive 
 order; `clients.extract` feeds them shard by shard. `RayBackend` runs the whole job as one Ray
 Data pipeline instead: read on the workers, embed in onnxruntime actors that
 receive the ONNX bytes and the model card (no shared filesystem needed), write on the workers.
-The local and Ray backends run the same `server.runtime.EncoderSession` the server runs, so
+The local and Ray backends run the same `aet.runtime.EncoderSession` the server runs, so
 all three give the same embeddings. Opened with `score=True`, every backend adds each row's
 novelty score: the in-process ones as one more last column of each block (the layout of
 `EncoderSession.run_scored`), so blocks travel and resume like embeddings and `aet embed
@@ -15,7 +15,6 @@ novelty score: the in-process ones as one more last column of each block (the la
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import os
@@ -25,26 +24,22 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from aet.errors import UserError
-from aet.server.repository import (
-    CARD_FILE,
-    SCORE_NAME,
-    ModelCard,
-    ModelVersion,
-    latest_version,
-    scan_repository,
-)
-from aet.server.runtime import (
+from aet.repository import SCORE_NAME, ModelCard, ModelVersion, check_sha256, find_model_version
+from aet.runtime import (
     DEVICES,
     EncoderSession,
     RuntimeOptions,
     resolve_providers,
     split_scored,
 )
+
+if TYPE_CHECKING:
+    from aet.training.dataspec import DataSpec
 
 log = logging.getLogger(__name__)
 
@@ -66,35 +61,6 @@ class ModelIdentity:
     class_labels: tuple[str, ...] = ()  # a classifier's class names by output column, else ()
 
 
-def find_model_version(path: str | os.PathLike) -> ModelVersion:
-    """The verified version at `exported/<model>/<version>`, or the latest of `exported/<model>`."""
-    path = Path(path)
-    if (path / CARD_FILE).exists():
-        root, name, wanted = path.parent.parent, path.parent.name, path.name
-    else:
-        root, name, wanted = path.parent, path.name, None
-    if not (root / name).is_dir():
-        raise BackendError(
-            f"model folder {path}: no such folder; expected "
-            f"exported/<model> or exported/<model>/<version>"
-        )
-    versions = [v for v in scan_repository(root) if v.name == name]
-    if wanted is not None:
-        found = next((v for v in versions if str(v.version) == wanted), None)
-        if found is None:
-            raise BackendError(
-                f"model folder {path}: expected a positive integer version folder, got {wanted!r}"
-            )
-        if not found.ok:
-            raise BackendError(f"model folder {path}: refused: {found.error}")
-        return found
-    found = latest_version(versions, name)
-    if found is None:
-        reasons = "; ".join(f"v{v.version}: {v.error}" for v in versions) or "no version folders"
-        raise BackendError(f"model folder {path}: no usable version ({reasons})")
-    return found
-
-
 def _identity(found: ModelVersion) -> ModelIdentity:
     card = found.usable_card
     return ModelIdentity(
@@ -112,14 +78,9 @@ def _open_session(
     model_path: Path, card: ModelCard, device: str, threads: int, score: bool = False
 ) -> EncoderSession:
     _check_score(card, score)
-    return EncoderSession(
-        model_path,
-        card.input.name,
-        card.output.name,
-        tuple(card.input.shape),
-        resolve_providers(device),
-        RuntimeOptions(intra_op_threads=threads),
-        score_name=card.score.name if score and card.score is not None else None,
+    options = RuntimeOptions(intra_op_threads=threads)
+    return EncoderSession.from_card(
+        model_path, card, resolve_providers(device), options, score=score
     )
 
 
@@ -300,12 +261,7 @@ class EncoderActor:
     ):
         self._batch_size = batch_size
         self._score = score
-        digest = hashlib.sha256(onnx).hexdigest()
-        if digest != card.sha256:
-            raise BackendError(
-                f"model {card.name} v{card.version}: sha256 of the shipped bytes {digest}, "
-                f"card says {card.sha256}"
-            )
+        check_sha256(onnx, card, f"model {card.name} v{card.version} (shipped bytes)")
         with tempfile.TemporaryDirectory(prefix="aet-actor-") as folder:
             path = Path(folder) / "model.onnx"
             path.write_bytes(onnx)
@@ -347,7 +303,7 @@ class PlanShape:
     is_vectors: bool  # a table of features: no raw value range
 
 
-def _plan_on_worker(dataset: dict[str, Any]):
+def _plan_on_worker(dataset: DataSpec):
     """Ray task: the job's `RowPlan`, kept in the object store, and its `PlanShape`."""
     from aet.clients.rows import plan_rows
 
@@ -391,7 +347,7 @@ class RayBackend(EmbeddingBackend):
         self.model = _identity(found)
         self._score = score
         self._card = found.usable_card
-        self._onnx = found.model_path.read_bytes()
+        self._onnx = found.verified_bytes()
         self._workers = workers
         self._plan = None
         self._started_ray = not ray.is_initialized()
@@ -412,7 +368,7 @@ class RayBackend(EmbeddingBackend):
             raise
         self.label = f"ray ({workers} actors, {self._device})"
 
-    def plan(self, dataset: dict[str, Any]) -> PlanShape:
+    def plan(self, dataset: DataSpec) -> PlanShape:
         """Plan the job's rows in a Ray task; the plan stays in the object store."""
         import ray
 

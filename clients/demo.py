@@ -24,17 +24,18 @@ from pathlib import Path
 
 import grpc
 
-from aet.clients.backends import ServerBackend, find_model_version
+from aet.clients.backends import ServerBackend
 from aet.clients.client import EmbeddingClient
-from aet.clients.extract import EmbedConfig, EmbeddingTable, extract, read_embeddings
+from aet.clients.embeddings import EmbeddingTable, read_embeddings
+from aet.clients.extract import EmbedConfig, extract
 from aet.clients.head import HeadConfig, build_head
 from aet.clients.probe import ProbeConfig, ProbeResults, dataset_of, probe, write_results
 from aet.clients.server_process import ServerProcess
 from aet.config import ConfigError, add_config_arguments, config_from_args
 from aet.errors import UserError
 from aet.proto import grpc_service_pb2, grpc_service_pb2_grpc
-from aet.server.repository import CARD_FILE, read_model_card
-from aet.training.data import DATASETS
+from aet.repository import CARD_FILE, find_model_version, read_model_card
+from aet.training.dataspec import DataSpec
 
 MODEL_NAMES = {"digits": "digits", "mnist-idx": "mnist"}  # data set -> shipped model name
 
@@ -47,13 +48,7 @@ class DemoError(UserError):
 class DemoConfig:
     """`aet demo`: which data, which encoder, where results go."""
 
-    dataset: str = field(
-        default="digits",
-        metadata={"help": "data set of the training registry", "choices": sorted(DATASETS)},
-    )
-    data_path: Path | None = field(
-        default=None, metadata={"help": "data file or folder (mnist-idx: the folder of IDX files)"}
-    )
+    data: DataSpec = field(default_factory=DataSpec)
     repository: Path = field(
         default=Path("exported"), metadata={"help": "model repository the server serves"}
     )
@@ -85,18 +80,18 @@ class DemoConfig:
         default_factory=lambda: [100, 1000],
         metadata={"help": "probe label budgets; all labels are always added"},
     )
-    seed: int = field(default=0, metadata={"help": "split, label-subset and training seed"})
 
     def __post_init__(self):
+        self.data = self.data.with_defaults()
         if self.model is None:
-            if self.dataset not in MODEL_NAMES:
+            if self.data.name not in MODEL_NAMES:
                 raise ConfigError(
-                    f"model: no shipped model for data set {self.dataset!r}; pass "
+                    f"model: no shipped model for data set {self.data.name!r}; pass "
                     f"--model (shipped: {', '.join(MODEL_NAMES.values())})"
                 )
-            self.model = MODEL_NAMES[self.dataset]
+            self.model = MODEL_NAMES[self.data.name]
         if self.output is None:
-            self.output = Path("runs") / "demo" / self.dataset
+            self.output = Path("runs") / "demo" / self.data.name
         for name in ("epochs", "layer_epochs"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: expected a positive integer; got {getattr(self, name)}")
@@ -116,39 +111,20 @@ class DemoConfig:
 
 def pretrain_and_export(config: DemoConfig) -> None:
     """`aet pretrain` into `runs/<model>`, then `aet export` into `config.repository`."""
-    from aet.cli import main
+    from aet.training.export import ExportConfig, export
+    from aet.training.pretrain import PretrainConfig, pretrain
 
     runs_dir = Path("runs")
-    pretrain = [
-        "pretrain",
-        "--dataset",
-        config.dataset,
-        "--name",
-        config.model_name,
-        "--runs-dir",
-        str(runs_dir),
-        "--seed",
-        str(config.seed),
-        "--epochs",
-        str(config.epochs),
-        "--layer-epochs",
-        str(config.layer_epochs),
-    ]
-    if config.data_path is not None:
-        pretrain += ["--data-path", str(config.data_path)]
-    export = [
-        "export",
-        "--run",
-        str(runs_dir / config.model_name),
-        "--repository",
-        str(config.repository),
-        "--model",
-        config.model_name,
-    ]
-    for argv in (pretrain, export):
-        print(f"$ aet {' '.join(argv)}", flush=True)
-        if main(argv) != 0:
-            raise DemoError(f"aet {argv[0]} failed; see the messages above")
+    run = PretrainConfig(
+        data=config.data,
+        name=config.model_name,
+        runs_dir=runs_dir,
+        epochs=config.epochs,
+        layer_epochs=config.layer_epochs,
+    )
+    if pretrain(run) != 0:
+        raise DemoError("aet pretrain failed; see the messages above")
+    export(ExportConfig(run=run.run_dir, repository=config.repository, model=config.model_name))
 
 
 def serving_repository(config: DemoConfig) -> Path:
@@ -157,7 +133,7 @@ def serving_repository(config: DemoConfig) -> Path:
     if not model_dir.is_dir():
         raise DemoError(
             f"{model_dir}: no such model; run `aet demo --pretrain"
-            f"{'' if config.dataset == 'digits' else ' --dataset ' + config.dataset}` to "
+            f"{'' if config.data.name == 'digits' else ' --dataset ' + config.data.name}` to "
             f"train and export one first"
         )
     found = find_model_version(model_dir)  # refuses a version whose sha256 does not match
@@ -208,9 +184,7 @@ def run_demo(config: DemoConfig) -> int:
         server.wait_until_serving(config.model_name)
         print(f"server: aet serve on {server.target} (log: {server.log_path})", flush=True)
         embed_config = EmbedConfig(
-            dataset=config.dataset,
-            data_path=config.data_path,
-            seed=config.seed,
+            data=config.data,
             server=server.target,
             model=config.model_name,
             output=config.output_dir / "embeddings.npz",
@@ -223,7 +197,7 @@ def run_demo(config: DemoConfig) -> int:
         table = read_embeddings(embed_config.output_path)
         probe_config = ProbeConfig(
             embeddings=embed_config.output_path,
-            seed=config.seed,
+            data=DataSpec(seed=config.data.seed),
             label_counts=config.label_counts,
             output=config.output_dir / "probe",
         )

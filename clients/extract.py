@@ -5,10 +5,10 @@ All rows of train, val and test are embedded, in that order, with a `split` colu
 planned from the labels alone (`clients.rows`); the pixels are read block by block.
 
 In process (`--server`, `--local`) the job runs in shards of `shard_size` rows written to
-`<output>.shards/`: each shard is written atomically, and a restarted job validates and skips
-the finished ones (whatever backend wrote them: the backends give identical embeddings). When
-every shard is there they are merged into the output (`.npz` or `.parquet`), written
-atomically, and the shard folder is removed.
+`<output>.shards/` (`clients.shards`): each shard is written atomically, and a restarted job
+validates and skips the finished ones (whatever backend wrote them: the backends give identical
+embeddings). When every shard is there they are merged into the output (`clients.embeddings`:
+`.npz` or `.parquet`), written atomically, and the shard folder is removed.
 
 On Ray (`--ray`) the job is one Ray Data pipeline whose rows never pass through this process:
 the workers read blocks of `shard_size` rows, onnxruntime actors embed them, and the workers
@@ -21,72 +21,39 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import logging
-import os
-import shutil
 import sys
-import tempfile
 import time
-import zipfile
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Self
 
 import numpy as np
 
+from aet.clients.embeddings import (
+    FORMATS,
+    MANIFEST,
+    EmbeddingTable,
+    ExtractionError,
+    write_embeddings,
+)
 from aet.clients.rows import NO_LABEL, SPLITS, RowPlan, plan_rows, raw_pixels
+from aet.clients.shards import PartsFolder, ShardStore
 from aet.config import ConfigError, add_config_arguments, config_from_args
-from aet.errors import UserError
-from aet.training.data import DATASETS, Dataset
+from aet.training.data import Dataset
+from aet.training.dataspec import DataSpec, resolve_data
 
 if TYPE_CHECKING:  # the backends import onnxruntime (and Ray): only when a job runs
     from aet.clients.backends import EmbeddingBackend, ModelIdentity, PlanShape, RayBackend
 
-FORMATS = (".npz", ".parquet")
-MANIFEST = "manifest.json"
-SCORE_COLUMN = "reconstruction_error"  # the novelty score's array / column, with --score
-log = logging.getLogger(__name__)
 EXIT_INTERRUPTED = 130  # the shell's code for a process stopped by SIGINT
-
-
-class ExtractionError(UserError):
-    """An extraction output, shard or manifest is unreadable or belongs to another job."""
 
 
 @dataclass
 class EmbedConfig:
     """`aet embed`: which data, which model through which backend, where the output goes."""
 
-    dataset: str = field(
-        default="digits",
-        metadata={"help": "data set of the training registry", "choices": sorted(DATASETS)},
-    )
-    data_path: Path | None = field(
-        default=None, metadata={"help": "file or folder of the data set (digits needs none)"}
-    )
-    seed: int = field(default=0, metadata={"help": "split seed; the same as at pretraining"})
-    test_fraction: float | None = field(
-        default=None,
-        metadata={"help": "held-out test fraction, as at pretraining (default: the data set's)"},
-    )
-    val_fraction: float = field(
-        default=0.1, metadata={"help": "validation fraction of the rest, as at pretraining"}
-    )
-    limit: int | None = field(
-        default=None, metadata={"help": "keep the first N rows of a seeded shuffle (quick runs)"}
-    )
-    columns: list[str] | None = field(
-        default=None,
-        metadata={"help": "feature columns of a table (csv, parquet, 2-D npz), as at pretraining"},
-    )
-    label_column: str | None = field(
-        default=None, metadata={"help": "class label column of a csv or parquet table"}
-    )
-    drop_missing: bool = field(
-        default=False,
-        metadata={"help": "drop table rows with a missing or infinite value (default: fail)"},
-    )
+    data: DataSpec = field(default_factory=DataSpec)
     score: bool = field(
         default=False,
         metadata={
@@ -197,46 +164,34 @@ class EmbedConfig:
         for name in ("workers", "batch_size", "shard_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: expected a positive integer; got {getattr(self, name)}")
-        if self.output is None:
-            suffix = ".npz" if self.ray is None else ".parquet"
-            self.output = Path("extracted") / f"{self.dataset}{suffix}"
-        if self.ray is not None and self.output.suffix != ".parquet":
+        if self.ray is not None and self.output_path.suffix != ".parquet":
             raise ConfigError(
                 f"output: --ray writes a folder of Parquet files; expected a name ending in "
                 f".parquet; got {self.output}"
             )
-        if self.output.suffix not in FORMATS:
+        if self.output_path.suffix not in FORMATS:
             raise ConfigError(
                 f"output: expected a file ending in {' or '.join(FORMATS)}; got {self.output}"
             )
-        if self.limit is not None and self.limit < 1:
-            raise ConfigError(f"limit: expected a positive number of rows; got {self.limit}")
+
+    def default_output(self) -> Path:
+        """extracted/<dataset>.npz, or with --ray extracted/<dataset>.parquet."""
+        suffix = ".npz" if self.ray is None else ".parquet"
+        return Path("extracted") / f"{self.data.name}{suffix}"
 
     @property
     def output_path(self) -> Path:
-        """`output`, resolved from its default by `__post_init__`."""
-        assert self.output is not None
-        return self.output
+        """`output`, or its default for the data set (`default_output`)."""
+        return self.default_output() if self.output is None else self.output
 
-    def dataset_args(self) -> dict[str, Any]:
-        """The `load_dataset` arguments, as recorded in the output for `aet probe`."""
-        return {
-            "name": self.dataset,
-            "path": None if self.data_path is None else str(self.data_path),
-            "seed": self.seed,
-            "test_fraction": self.test_fraction,
-            "val_fraction": self.val_fraction,
-            "limit": self.limit,
-            **{  # table options only when given: image data sets take none
-                name: value
-                for name, value in (
-                    ("columns", self.columns),
-                    ("label_column", self.label_column),
-                    ("drop_missing", self.drop_missing),
-                )
-                if value
-            },
-        }
+    def with_model_data(self) -> Self:
+        """With --local or --ray: the unset data fields (`DataSpec`) taken from the model's
+        card, so the rows have the shape and split the model was pretrained on; given ones win."""
+        model_dir = self.local or self.ray
+        if model_dir is None:
+            return self
+        data, _ = resolve_data(self.data, model_dir, allow_mismatch=True)
+        return dataclasses.replace(self, data=data)
 
 
 # --- the rows of a data set -----------------------------------------------------------------
@@ -283,364 +238,6 @@ def extraction_rows(dataset: Dataset) -> ExtractionRows:
     return ExtractionRows(raw, labels, split)
 
 
-# --- the output file ------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class EmbeddingTable:
-    """An extraction output: one row per example, and the metadata that made it."""
-
-    embeddings: np.ndarray  # (N, D) float32
-    ids: np.ndarray  # (N,) int64: the row's position in train, val, test order
-    labels: np.ndarray  # (N,) int64, NO_LABEL when unlabelled
-    split: np.ndarray  # (N,) str
-    metadata: dict  # dataset (load_dataset arguments), model, backend, created
-    scores: np.ndarray | None = None  # (N,) float32 reconstruction_error, with --score
-
-    def part(self, name: str) -> tuple[np.ndarray, np.ndarray]:
-        """Embeddings and labels of one split ("train", "val", "test")."""
-        mask = self.split == name
-        return self.embeddings[mask], self.labels[mask]
-
-
-def atomic_write(path: Path, write) -> None:
-    """Call `write(temporary_path)`, then rename the finished file onto `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    try:
-        write(Path(temporary))
-        with open(temporary, "rb") as written:
-            os.fsync(written.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
-def write_embeddings(path: Path, table: EmbeddingTable) -> None:
-    """Write `table` atomically as `.npz` (arrays + JSON metadata) or `.parquet`."""
-    if path.suffix == ".npz":
-
-        def write(temporary: Path) -> None:
-            with open(temporary, "wb") as handle:
-                arrays: dict[str, Any] = {
-                    "embeddings": table.embeddings,
-                    "ids": table.ids,
-                    "labels": table.labels,
-                    "split": table.split.astype(str),
-                    "metadata": np.array(json.dumps(table.metadata)),
-                }
-                if table.scores is not None:
-                    arrays[SCORE_COLUMN] = table.scores
-                np.savez(handle, **arrays)
-    else:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        dim = table.embeddings.shape[1]
-        columns = {
-            "id": pa.array(table.ids),
-            "split": pa.array(table.split.astype(str)),
-            "label": pa.array(table.labels),
-            "embedding": pa.FixedSizeListArray.from_arrays(
-                pa.array(table.embeddings.reshape(-1)), dim
-            ),
-        }
-        if table.scores is not None:
-            columns[SCORE_COLUMN] = pa.array(table.scores)
-        arrow = pa.table(columns).replace_schema_metadata({"aet": json.dumps(table.metadata)})
-
-        def write(temporary: Path) -> None:
-            pq.write_table(arrow, temporary)
-
-    atomic_write(path, write)
-
-
-def _arrow_table(path: Path, arrow, metadata: dict) -> EmbeddingTable:
-    """The columns of an Arrow table of embeddings (id, split, label, embedding and, with
-    --score, reconstruction_error)."""
-    import pyarrow as pa
-
-    embedding = arrow.column("embedding").combine_chunks()
-    if not pa.types.is_fixed_size_list(embedding.type):
-        raise ExtractionError(
-            f"{path}: column 'embedding': expected fixed-size lists, got {embedding.type}"
-        )
-    flat = embedding.flatten().to_numpy(zero_copy_only=False)
-    return EmbeddingTable(
-        flat.reshape(len(arrow), embedding.type.list_size),
-        arrow.column("id").to_numpy(),
-        arrow.column("label").to_numpy(),
-        arrow.column("split").to_numpy(zero_copy_only=False).astype(str),
-        metadata,
-        arrow.column(SCORE_COLUMN).to_numpy() if SCORE_COLUMN in arrow.column_names else None,
-    )
-
-
-def _read_parts(folder: Path) -> EmbeddingTable:
-    """A `--ray` output folder, rows sorted by id; it must be complete and hold each row once."""
-    import pyarrow.parquet as pq
-
-    try:
-        manifest = json.loads((folder / MANIFEST).read_text())
-    except (OSError, ValueError) as exc:
-        raise ExtractionError(f"{folder}: no readable {MANIFEST}; not an aet embed output") from exc
-    if not manifest.get("complete"):
-        raise ExtractionError(
-            f"{folder}: an unfinished job; run the same aet embed command again to finish it"
-        )
-    files = sorted(folder.glob("*.parquet"))
-    try:
-        arrow = pq.ParquetDataset(files).read() if files else None
-    except (OSError, ValueError) as exc:
-        raise ExtractionError(f"{folder}: unreadable Parquet files ({exc})") from exc
-    found = 0 if arrow is None else len(arrow)
-    if arrow is None or found != manifest["rows"]:
-        raise ExtractionError(f"{folder}: expected {manifest['rows']} rows, found {found}")
-    arrow = arrow.sort_by("id")
-    table = _arrow_table(folder, arrow, manifest["metadata"])
-    if not np.array_equal(table.ids, np.arange(manifest["rows"])):
-        raise ExtractionError(f"{folder}: row ids are not 0..{manifest['rows'] - 1}, each once")
-    return table
-
-
-def read_embeddings(path: str | os.PathLike) -> EmbeddingTable:
-    """Read an `aet embed` output (`.npz` or `.parquet`); errors name the file and the fault."""
-    path = Path(path)
-    if path.suffix not in FORMATS:
-        raise ExtractionError(
-            f"{path}: expected an aet embed output ending in {' or '.join(FORMATS)}"
-        )
-    if path.is_dir():
-        return _read_parts(path)
-    try:
-        if path.suffix == ".npz":
-            with np.load(path, allow_pickle=False) as archive:
-                missing = {"embeddings", "ids", "labels", "split", "metadata"} - set(archive.files)
-                if missing:
-                    raise ExtractionError(
-                        f"{path}: missing arrays {sorted(missing)}; found {archive.files}"
-                    )
-                table = EmbeddingTable(
-                    archive["embeddings"],
-                    archive["ids"],
-                    archive["labels"],
-                    archive["split"],
-                    json.loads(str(archive["metadata"])),
-                    archive[SCORE_COLUMN] if SCORE_COLUMN in archive.files else None,
-                )
-        else:
-            import pyarrow.parquet as pq
-
-            arrow = pq.read_table(path)
-            metadata = (arrow.schema.metadata or {}).get(b"aet")
-            if metadata is None:
-                raise ExtractionError(f"{path}: no 'aet' schema metadata; not an aet embed output")
-            table = _arrow_table(path, arrow, json.loads(metadata))
-    except FileNotFoundError:
-        raise ExtractionError(f"{path}: no such file; run aet embed first") from None
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
-        raise ExtractionError(f"{path}: not a readable aet embed output ({exc})") from exc
-    rows = len(table.ids)
-    if table.embeddings.ndim != 2 or any(
-        len(a) != rows for a in (table.embeddings, table.labels, table.split)
-    ):
-        raise ExtractionError(
-            f"{path}: columns differ in length or shape: embeddings "
-            f"{table.embeddings.shape}, ids {rows}, labels {len(table.labels)}, "
-            f"split {len(table.split)}"
-        )
-    return table
-
-
-# --- resumable shards ----------------------------------------------------------------------
-
-
-class ShardStore:
-    """`<output>.shards/`: a manifest naming the job, and one `.npz` per finished shard.
-
-    A shard counts as finished only if it loads and holds the expected ids and a finite
-    float32 `(rows, embedding_dim)` array; anything else is deleted and embedded again.
-    """
-
-    def __init__(self, folder: Path, manifest: dict[str, Any]):
-        self.folder = folder
-        self.manifest = json.loads(json.dumps(manifest))  # as read back: tuples become lists
-        self.rows = manifest["rows"]
-        self.shard_size = manifest["shard_size"]
-        # with --score each row carries its score as one more column
-        self.embedding_dim = manifest["model"]["embedding_dim"] + int(manifest["score"])
-
-    def open(self) -> None:
-        """Create the folder, or check that the job it holds is this one."""
-        manifest_path = self.folder / MANIFEST
-        if manifest_path.exists():
-            try:
-                previous = json.loads(manifest_path.read_text())
-            except (OSError, ValueError) as exc:
-                raise ExtractionError(
-                    f"{manifest_path}: unreadable manifest ({exc}); delete "
-                    f"{self.folder} to start afresh"
-                ) from exc
-            for key, value in self.manifest.items():
-                if previous.get(key) != value:
-                    raise ExtractionError(
-                        f"{manifest_path}: field {key!r}: this job has {value!r}, the unfinished "
-                        f"one has {previous.get(key)!r}; finish it with the same arguments or "
-                        f"delete {self.folder}"
-                    )
-            return
-        self.folder.mkdir(parents=True, exist_ok=True)
-        atomic_write(manifest_path, lambda t: t.write_text(json.dumps(self.manifest, indent=2)))
-
-    @property
-    def count(self) -> int:
-        return -(-self.rows // self.shard_size)
-
-    def bounds(self, index: int) -> tuple[int, int]:
-        """First and one-past-last row of shard `index`."""
-        return index * self.shard_size, min((index + 1) * self.shard_size, self.rows)
-
-    def path(self, index: int) -> Path:
-        return self.folder / f"shard-{index:05d}.npz"
-
-    def load(self, index: int) -> np.ndarray | None:
-        """The embeddings of a valid finished shard, or None (an invalid file is removed)."""
-        path = self.path(index)
-        if not path.exists():
-            return None
-        start, stop = self.bounds(index)
-        try:
-            with np.load(path, allow_pickle=False) as archive:
-                ids, embeddings = archive["ids"], archive["embeddings"]
-            valid = (
-                np.array_equal(ids, np.arange(start, stop))
-                and embeddings.dtype == np.float32
-                and embeddings.shape == (stop - start, self.embedding_dim)
-                and bool(np.isfinite(embeddings).all())
-            )
-        except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError):
-            valid = False
-        if not valid:
-            path.unlink()
-            return None
-        return embeddings
-
-    def save(self, index: int, embeddings: np.ndarray) -> None:
-        """Write shard `index` atomically."""
-        start, stop = self.bounds(index)
-        ids = np.arange(start, stop, dtype=np.int64)
-
-        def write(temporary: Path) -> None:
-            with open(temporary, "wb") as handle:
-                np.savez(handle, ids=ids, embeddings=embeddings)
-
-        atomic_write(self.path(index), write)
-
-    def remove(self) -> None:
-        shutil.rmtree(self.folder)
-
-
-class PartsFolder:
-    """A `--ray` output: a folder of Parquet files written by the workers, and `manifest.json`.
-
-    The manifest names the job and says whether it is complete. Rows carry their block
-    (`id // shard_size`); a block is finished when all its rows are in readable files. A file
-    holding rows of an unfinished block is deleted (its other blocks are embedded again), so
-    that no row is written twice.
-    """
-
-    def __init__(self, folder: Path, manifest: dict[str, Any]):
-        self.folder = folder
-        self.manifest = json.loads(json.dumps(manifest))  # as read back: tuples become lists
-        self.rows = manifest["rows"]
-        self.block_rows = manifest["shard_size"]
-
-    @property
-    def count(self) -> int:
-        return -(-self.rows // self.block_rows)
-
-    def bounds(self, index: int) -> tuple[int, int]:
-        """First and one-past-last row of block `index`."""
-        return index * self.block_rows, min((index + 1) * self.block_rows, self.rows)
-
-    def open(self, overwrite: bool) -> None:
-        """Create the folder, empty a finished one (`overwrite`), or check an unfinished one."""
-        manifest_path = self.folder / MANIFEST
-        if self.folder.exists() and not self.folder.is_dir():
-            if not overwrite:
-                raise ExtractionError(f"{self.folder}: already exists; pass --overwrite")
-            self.folder.unlink()
-        if manifest_path.exists():
-            try:
-                previous = json.loads(manifest_path.read_text())
-            except (OSError, ValueError) as exc:
-                raise ExtractionError(
-                    f"{manifest_path}: unreadable manifest ({exc}); delete {self.folder} to "
-                    f"start afresh"
-                ) from exc
-            if previous.get("complete") and overwrite:
-                shutil.rmtree(self.folder)
-            else:
-                for key, value in self.manifest.items():
-                    if previous.get(key) != value:
-                        raise ExtractionError(
-                            f"{manifest_path}: field {key!r}: this job has {value!r}, the "
-                            f"unfinished one has {previous.get(key)!r}; finish it with the same "
-                            f"arguments or delete {self.folder}"
-                        )
-                return
-        elif self.folder.is_dir() and any(self.folder.iterdir()):
-            raise ExtractionError(
-                f"{self.folder}: a folder without {MANIFEST}, not an aet embed output; "
-                f"refusing to write into it"
-            )
-        self.folder.mkdir(parents=True, exist_ok=True)
-        self._write_manifest({**self.manifest, "complete": False})
-
-    def _write_manifest(self, manifest: dict[str, Any]) -> None:
-        atomic_write(self.folder / MANIFEST, lambda t: t.write_text(json.dumps(manifest, indent=2)))
-
-    def files(self) -> list[Path]:
-        return sorted(self.folder.glob("*.parquet"))
-
-    def pending_blocks(self) -> list[int]:
-        """The blocks still to embed; files that hold rows of any of them are deleted."""
-        import pyarrow.parquet as pq
-
-        expected = np.array([stop - start for start, stop in map(self.bounds, range(self.count))])
-        counts: dict[Path, np.ndarray] = {}
-        for path in self.files():
-            try:
-                ids = pq.read_table(path, columns=["id"]).column("id").to_numpy()
-                counts[path] = np.bincount(ids // self.block_rows, minlength=self.count)
-            except (OSError, ValueError, KeyError) as exc:  # a file cut short by a crash
-                log.warning("%s: unreadable (%s); its rows are embedded again", path, exc)
-                path.unlink()
-        while True:
-            total = sum(counts.values(), np.zeros(self.count, np.int64))
-            finished = total == expected
-            spoiled = [path for path, c in counts.items() if (c[~finished] > 0).any()]
-            if not spoiled:
-                return [int(i) for i in np.flatnonzero(~finished)]
-            for path in spoiled:
-                path.unlink()
-                del counts[path]
-
-    def finish(self, metadata: dict[str, Any]) -> None:
-        """Check that the files hold every row, then mark the job complete."""
-        import pyarrow.parquet as pq
-
-        written = sum(pq.read_metadata(path).num_rows for path in self.files())
-        if written != self.rows:
-            raise ExtractionError(
-                f"{self.folder}: expected {self.rows} rows in its Parquet files, found "
-                f"{written}; run the same command again to resume"
-            )
-        self._write_manifest({**self.manifest, "complete": True, "metadata": metadata})
-
-
 @dataclass(frozen=True)
 class ExtractionSummary:
     """What one `aet embed` run did."""
@@ -668,7 +265,7 @@ class ExtractionSummary:
 def _job_manifest(config: EmbedConfig, model: ModelIdentity, rows: int) -> dict[str, Any]:
     """What names a job: a restarted one must match it to reuse finished shards or blocks."""
     return {
-        "dataset": config.dataset_args(),
+        "dataset": config.data.record(),
         "model": dataclasses.asdict(model),
         "rows": rows,
         "shard_size": config.shard_size,
@@ -678,7 +275,7 @@ def _job_manifest(config: EmbedConfig, model: ModelIdentity, rows: int) -> dict[
 
 def _metadata(config: EmbedConfig, backend: EmbeddingBackend) -> dict[str, Any]:
     return {
-        "dataset": config.dataset_args(),
+        "dataset": config.data.record(),
         "model": dataclasses.asdict(backend.model),
         "backend": backend.label,
         "created": datetime.now(UTC).isoformat(),
@@ -696,7 +293,7 @@ def extract(
 
     if isinstance(backend, RayBackend):  # runs the whole job itself
         return _extract_on_ray(config, backend)
-    return _extract_in_process(config, backend, plan or plan_rows(config.dataset_args()))
+    return _extract_in_process(config, backend, plan or plan_rows(config.data))
 
 
 def _is_complete(output: Path) -> bool:
@@ -771,7 +368,7 @@ def _extract_in_process(
 
 def _extract_on_ray(config: EmbedConfig, backend: RayBackend) -> ExtractionSummary:
     """One Ray Data pipeline: read and write on the workers, embed in the actors."""
-    plan = backend.plan(config.dataset_args())  # planned on a worker; only its shape comes here
+    plan = backend.plan(config.data)  # planned on a worker; only its shape comes here
     check_model_fits(backend.model, plan)
     folder = PartsFolder(config.output_path, _job_manifest(config, backend.model, plan.rows))
     folder.open(overwrite=config.overwrite)
@@ -792,13 +389,13 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from aet.clients.backends import open_backend
 
-    config = config_from_args(EmbedConfig, args)
+    config = config_from_args(EmbedConfig, args).with_model_data()
     try:
         with open_backend(config) as backend:
             summary = extract(config, backend)
     except KeyboardInterrupt:
         print(
-            f"aet embed: interrupted; finished shards are kept in {config.output}.shards, "
+            f"aet embed: interrupted; finished shards are kept in {config.output_path}.shards, "
             f"run the same command to resume",
             file=sys.stderr,
         )

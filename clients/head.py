@@ -27,7 +27,6 @@ import hashlib
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import onnx
@@ -35,34 +34,25 @@ import onnx.utils
 import onnxruntime
 import torch
 from onnx import compose, version_converter
-from sklearn.pipeline import Pipeline
-from sklearn.preprocessing import StandardScaler
 from torch import nn
 
-from aet.clients.backends import find_model_version
-from aet.clients.extract import EmbeddingTable, extraction_rows
-from aet.clients.probe import (
-    SPLIT_MISMATCH,
-    MLPHead,
-    classifier_logits,
-    embed_in_process,
-    fine_tune,
-    fit_mlp_head,
-    pretraining_split,
-)
+from aet.clients.embeddings import EmbeddingTable
+from aet.clients.extract import extraction_rows
+from aet.clients.probe import embed_in_process
 from aet.config import ConfigError, add_config_arguments, config_from_args
-from aet.errors import UserError
-from aet.server.repository import (
+from aet.repository import (
     MODEL_NAME_PATTERN,
     ClassifierSpec,
     ModelCard,
     ModelVersion,
     OutputSpec,
+    find_model_version,
     scan_repository,
     write_version,
 )
 from aet.training.checkpoint import load_checkpoint
-from aet.training.data import DATASETS, Dataset, load_dataset
+from aet.training.data import Dataset
+from aet.training.dataspec import DataSpec, resolve_data
 from aet.training.export import (
     ExportedEncoder,
     library_versions,
@@ -70,17 +60,13 @@ from aet.training.export import (
     preprocessing_module,
     to_onnx,
 )
-from aet.training.probes import tune_logistic
+from aet.training.heads import HeadError, fit_fine_tuned, fit_frozen_head, labels_of
 
 OUTPUT_NAME = "probabilities"
 HEADS = ("logreg", "mlp")
 PARITY_TOLERANCE = 1e-5  # max |graph - fitted head| over the test rows' probabilities
 ENCODER_TOLERANCE = 1e-4  # run vs exported encoder, as `aet export`'s parity check
 MIN_OPSET = 18  # torch's ONNX exporter writes the head at the encoder's opset, at least this
-
-
-class HeadError(UserError):
-    """The head cannot be fitted or exported: no labels, a changed encoder, a name clash."""
 
 
 @dataclass
@@ -113,37 +99,7 @@ class HeadConfig:
             "end under a linear head instead of fitting a head on frozen embeddings"
         },
     )
-    dataset: str | None = field(
-        default=None,
-        metadata={
-            "help": "data set (default: the encoder's, from its model.json)",
-            "choices": sorted(DATASETS),
-        },
-    )
-    data_path: Path | None = field(
-        default=None,
-        metadata={"help": "data file or folder (default: the path in the encoder's model.json)"},
-    )
-    seed: int | None = field(
-        default=None,
-        metadata={"help": "split seed (default: the encoder's); also seeds the head's training"},
-    )
-    test_fraction: float | None = field(
-        default=None, metadata={"help": "test split fraction (default: the encoder's)"}
-    )
-    val_fraction: float | None = field(
-        default=None, metadata={"help": "validation split fraction (default: the encoder's)"}
-    )
-    limit: int | None = field(
-        default=None, metadata={"help": "keep the first N rows (default: the encoder's)"}
-    )
-    label_column: str | None = field(
-        default=None,
-        metadata={
-            "help": "tables (csv, parquet, npz): the column of class labels (default: the "
-            "encoder's); labels decide the stratified split, so another one is a split change"
-        },
-    )
+    data: DataSpec = field(default_factory=DataSpec)
     allow_split_mismatch: bool = field(
         default=False,
         metadata={
@@ -184,18 +140,8 @@ def encoder_dataset(config: HeadConfig, model_dir: Path) -> Dataset:
     """The data set and split of the encoder's model.json (`aet probe`'s leak-proof
     resolution: a flag that changes the split is refused unless `--allow-split-mismatch`,
     and then recorded in the head's card), checked to have a label for every class."""
-    arguments, note = pretraining_split(config, model_dir)
-    recorded = arguments.get("label_column")
-    if config.label_column is not None and config.label_column != recorded:
-        change = f"--label-column {config.label_column} (pretraining: {recorded})"
-        if not config.allow_split_mismatch:
-            raise HeadError(
-                f"{change}: labels decide the stratified split, so the test rows would include "
-                f"rows the encoder was pretrained on; pass --allow-split-mismatch to fit anyway"
-            )
-        arguments["label_column"] = config.label_column
-        note = f"{note}, {change}" if note else f"{SPLIT_MISMATCH}: {change}"
-    dataset = load_dataset(**arguments)
+    spec, note = resolve_data(config.data, model_dir, allow_mismatch=config.allow_split_mismatch)
+    dataset = spec.load()
     if note is not None:
         dataset.source["split_mismatch"] = note
     fit_y, _, num_classes = labels_of(dataset)
@@ -208,14 +154,6 @@ def encoder_dataset(config: HeadConfig, model_dir: Path) -> Dataset:
     return dataset
 
 
-def labels_of(dataset: Dataset) -> tuple[np.ndarray, np.ndarray, int]:
-    """Labels of the fit and test rows, and the number of classes; HeadError without labels."""
-    fit_y, test_y, num_classes = dataset.fit.y, dataset.test.y, dataset.num_classes
-    if fit_y is None or test_y is None or num_classes is None:
-        raise HeadError(f"data set {dataset.name}: has no labels; a classifier needs them")
-    return fit_y, test_y, num_classes
-
-
 def class_names(dataset: Dataset) -> tuple[str, ...]:
     """The data set's class names (image folders' subfolder names), else "0", "1", ..."""
     names = dataset.source.get("classes")
@@ -223,111 +161,6 @@ def class_names(dataset: Dataset) -> tuple[str, ...]:
     if names is not None and len(names) == num_classes:
         return tuple(str(name) for name in names)
     return tuple(str(index) for index in range(num_classes))
-
-
-# --- heads as torch modules ----------------------------------------------------------------------
-
-
-class ProbabilityHead(nn.Module):
-    """embedding (B, D) -> standardise -> `network` -> softmax: probabilities (B, classes)."""
-
-    mean: torch.Tensor  # (D,) buffers, exported as graph constants
-    scale: torch.Tensor
-
-    def __init__(self, mean: np.ndarray, scale: np.ndarray, network: nn.Module):
-        super().__init__()
-        self.register_buffer("mean", torch.as_tensor(mean, dtype=torch.float32))
-        self.register_buffer("scale", torch.as_tensor(scale, dtype=torch.float32))
-        self.network = network
-
-    def forward(self, embedding: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(self.network((embedding - self.mean) / self.scale), dim=1)
-
-
-class RawClassifier(nn.Module):
-    """A fine-tuned `EncoderClassifier` on raw rows (the encoder graph's input): the run's
-    preprocessing (scale pixels, or standardise vectors), then probabilities (B, classes)."""
-
-    def __init__(self, classifier: nn.Module, preprocess: nn.Module):
-        super().__init__()
-        self.classifier = classifier
-        self.preprocess = preprocess
-
-    def forward(self, raw: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(self.classifier(self.preprocess(raw)), dim=1)
-
-
-def _standardisation(scaler: StandardScaler | None, dim: int) -> tuple[np.ndarray, np.ndarray]:
-    if scaler is None:
-        return np.zeros(dim), np.ones(dim)
-    return scaler.mean_, scaler.scale_
-
-
-def logistic_module(pipeline: Pipeline) -> ProbabilityHead:
-    """The fitted `scale -> LogisticRegression` pipeline as a `ProbabilityHead`.
-
-    Multinomial: softmax(x W^T + b). Binary: scikit-learn's sigmoid(z) equals the softmax of
-    the logits (0, z), so the single row of weights becomes two.
-    """
-    scale, model = pipeline.named_steps["scale"], pipeline.named_steps["clf"]
-    coef, intercept = model.coef_, model.intercept_
-    if len(model.classes_) == 2:
-        coef = np.vstack([np.zeros_like(coef), coef])
-        intercept = np.concatenate([[0.0], intercept])
-    linear = nn.Linear(coef.shape[1], coef.shape[0])
-    with torch.no_grad():
-        linear.weight.copy_(torch.as_tensor(coef))
-        linear.bias.copy_(torch.as_tensor(intercept))
-    mean, std = _standardisation(None if scale == "passthrough" else scale, coef.shape[1])
-    return ProbabilityHead(mean, std, linear).eval()
-
-
-def mlp_module(head: MLPHead) -> ProbabilityHead:
-    """The probe's fitted MLP head (its scaler and network) as a `ProbabilityHead`."""
-    return ProbabilityHead(head.scaler.mean_, head.scaler.scale_, head.network).eval()
-
-
-# --- fitting ----------------------------------------------------------------------------------
-
-
-@dataclass
-class FittedHead:
-    """A head fitted on frozen embeddings (or a fine-tuned classifier) and its figures."""
-
-    module: nn.Module  # embedding -> probabilities, or pixels -> probabilities (fine-tune)
-    probabilities: np.ndarray  # (N_test, classes): the fitted model's, as `predict_proba` gives
-    test_accuracy: float
-    settings: dict[str, Any]
-
-
-def fit_frozen_head(
-    config: HeadConfig, dataset: Dataset, fit_x: np.ndarray, test_x: np.ndarray, seed: int
-) -> FittedHead:
-    """Fit the configured head on frozen embeddings `fit_x` (the fit rows), score on `test_x`."""
-    fit_y, test_y, num_classes = labels_of(dataset)
-    if config.head == "logreg":
-        tuned = tune_logistic(fit_x, fit_y, seed)
-        module, probabilities = logistic_module(tuned.model), tuned.model.predict_proba(test_x)
-        settings = {**tuned.settings, "cv_accuracy": tuned.cv_accuracy, "cv_folds": tuned.folds}
-    else:
-        mlp = fit_mlp_head(fit_x, fit_y, num_classes, config.hidden, config.steps, seed)
-        module, probabilities = mlp_module(mlp), mlp.predict_proba(test_x)
-        settings = {"hidden": config.hidden, "steps": config.steps}
-    accuracy = float((probabilities.argmax(1) == test_y).mean())
-    return FittedHead(module, probabilities, accuracy, {**settings, "seed": seed})
-
-
-def fit_fine_tuned(config: HeadConfig, dataset: Dataset, seed: int) -> FittedHead:
-    """Fine-tune the run's encoder under a linear head on every fit row."""
-    assert config.fine_tune is not None  # build_head fine-tunes only when it is given
-    index = np.arange(len(dataset.fit))
-    model = fine_tune(config.fine_tune, dataset, index, config.steps, seed)
-    logits = torch.from_numpy(classifier_logits(model, dataset.test.x))
-    probabilities = torch.softmax(logits, dim=1).numpy()
-    accuracy = float((probabilities.argmax(1) == dataset.test.y).mean())
-    settings = {"run": str(config.fine_tune), "steps": config.steps, "seed": seed}
-    preprocess = preprocessing_module(load_checkpoint(config.fine_tune / "best.pt"))
-    return FittedHead(RawClassifier(model, preprocess).eval(), probabilities, accuracy, settings)
 
 
 # --- the graph --------------------------------------------------------------------------------
@@ -442,20 +275,13 @@ def build_head(config: HeadConfig, embeddings: EmbeddingTable | None = None) -> 
     card = found.usable_card
     repository = config.repository if config.repository is not None else found.path.parent.parent
     _check_target(config, found, repository)
-    encoder_bytes = found.model_path.read_bytes()
-    digest = hashlib.sha256(encoder_bytes).hexdigest()
-    if digest != card.sha256:  # changed since the scan
-        raise HeadError(
-            f"{found.model_path}: sha256 mismatch: model.json expects {card.sha256}, the file "
-            f"has {digest}; re-export the encoder"
-        )
-    encoder = onnx.load_from_string(encoder_bytes)
+    encoder = onnx.load_from_string(found.verified_bytes())
     dataset = encoder_dataset(config, found.path)
     seed = dataset.source["seed"]
     test_pixels = dataset.raw(dataset.test.x)  # (N_test, *input shape): what the graph takes
     if config.fine_tune is not None:
         check_run_is_encoder(config, encoder, card, test_pixels[:256])
-        fitted = fit_fine_tuned(config, dataset, seed)
+        fitted = fit_fine_tuned(config.fine_tune, dataset, config.steps, seed)
         example = torch.from_numpy(test_pixels[:2])
         opset = max(onnx_opset(encoder), MIN_OPSET)
         graph = to_onnx(fitted.module, example, opset, card.input.name, [OUTPUT_NAME])
@@ -466,7 +292,10 @@ def build_head(config: HeadConfig, embeddings: EmbeddingTable | None = None) -> 
             else _checked_embeddings(embeddings, card, dataset)
         )
         fit_x = np.concatenate([table.part("train")[0], table.part("val")[0]])
-        fitted = fit_frozen_head(config, dataset, fit_x, table.part("test")[0], seed)
+        test_x = table.part("test")[0]
+        fitted = fit_frozen_head(
+            config.head, dataset, fit_x, test_x, seed, config.hidden, config.steps
+        )
         graph = compose_classifier(encoder, card, fitted.module)
     served = run_graph(graph, card.input.name, OUTPUT_NAME, test_pixels)
     diff = float(np.abs(served - fitted.probabilities).max())
@@ -525,7 +354,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from aet.server.repository import CARD_FILE, read_model_card
+    from aet.repository import CARD_FILE, read_model_card
 
     config = config_from_args(HeadConfig, args)
     path = build_head(config)

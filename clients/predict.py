@@ -26,17 +26,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from aet.clients.extract import (
-    EXIT_INTERRUPTED,
-    NO_LABEL,
-    SPLITS,
-    EmbedConfig,
-    EmbeddingTable,
-    ExtractionError,
-    atomic_write,
-    extract,
-    read_embeddings,
-)
+from aet.clients.embeddings import EmbeddingTable, ExtractionError, atomic_write, read_embeddings
+from aet.clients.extract import EXIT_INTERRUPTED, NO_LABEL, SPLITS, EmbedConfig, extract
 from aet.config import add_config_arguments, config_from_args
 from aet.server.classification import Classification, classify
 
@@ -53,10 +44,9 @@ class PredictConfig(EmbedConfig):
         metadata={"help": "output file, .npz or .parquet (default: predicted/<dataset>.npz)"},
     )
 
-    def __post_init__(self):
-        if self.output is None:
-            self.output = Path("predicted") / f"{self.dataset}.npz"
-        super().__post_init__()
+    def default_output(self) -> Path:
+        """predicted/<dataset>.npz."""
+        return Path("predicted") / f"{self.data.name}.npz"
 
     @property
     def probabilities_path(self) -> Path:
@@ -196,7 +186,7 @@ def summary(config: PredictConfig, predictions: Predictions) -> str:
     return "\n".join(
         [
             f"predicted {len(predictions.ids)} rows with {model['name']} v{model['version']} "
-            f"({predictions.metadata['backend']}); wrote {config.output}",
+            f"({predictions.metadata['backend']}); wrote {config.output_path}",
             *lines,
         ]
     )
@@ -209,7 +199,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from aet.clients.backends import open_backend
 
-    config = config_from_args(PredictConfig, args)
+    config = config_from_args(PredictConfig, args).with_model_data()
     try:
         with open_backend(config) as backend:
             predictions = predict(config, backend)

@@ -14,25 +14,30 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Protocol
 
 import numpy as np
 import torch
 from sklearn.metrics import confusion_matrix
-from sklearn.preprocessing import StandardScaler
-from torch import nn
 
-from aet.clients.extract import EmbeddingTable, check_model_fits, extraction_rows, read_embeddings
+from aet.clients.embeddings import EmbeddingTable, read_embeddings
+from aet.clients.extract import check_model_fits, extraction_rows
 from aet.config import ConfigError, add_config_arguments, config_from_args
 from aet.errors import UserError
-from aet.training.data import DATASETS, Dataset, load_dataset
+from aet.training.data import Dataset
+from aet.training.dataspec import DataSpec, resolve_data
 from aet.training.evaluate import fit_pca
-from aet.training.mapped import Images
-from aet.training.models import Autoencoder
-from aet.training.probes import format_settings, knn_probe, label_subset, logistic_probe
+from aet.training.heads import fine_tune_probe, fit_mlp_head, mlp_probe
+from aet.training.probes import (
+    PROBE_FUNCTIONS,
+    FeatureSet,
+    format_settings,
+    label_subset,
+    probe_features,
+)
 
 CLASSIFIERS = {
     "logreg": "logistic regression",
@@ -40,14 +45,6 @@ CLASSIFIERS = {
     "mlp": "MLP head",
     "fine-tune": "linear head, encoder trained too",
 }
-
-
-# The flags that pick the rows, as `load_dataset` arguments; with --model they default to the
-# values in model.json, so the probe's test rows are the ones held out from pretraining.
-SPLIT_FIELDS = ("dataset", "seed", "test_fraction", "val_fraction", "limit")
-# What --embeddings records instead (not seed, which also seeds the heads).
-DATA_FIELDS = ("dataset", "data_path", "test_fraction", "val_fraction", "limit")
-SPLIT_MISMATCH = "split differs from pretraining"
 
 
 class ProbeError(UserError):
@@ -79,35 +76,7 @@ class ProbeConfig:
             "choices": ["auto", "cpu", "cuda"],
         },
     )
-    dataset: str | None = field(
-        default=None,
-        metadata={
-            "help": "with --model: data set (default: model.json's)",
-            "choices": sorted(DATASETS),
-        },
-    )
-    data_path: Path | None = field(
-        default=None,
-        metadata={"help": "with --model: data file or folder (default: model.json's)"},
-    )
-    seed: int | None = field(
-        default=None,
-        metadata={
-            "help": "seed of the split (with --model; default: model.json's), the label subsets "
-            "and the classifiers (default: the split's seed)"
-        },
-    )
-    test_fraction: float | None = field(
-        default=None,
-        metadata={"help": "with --model: held-out test fraction (default: model.json's)"},
-    )
-    val_fraction: float | None = field(
-        default=None, metadata={"help": "with --model: validation fraction (default: model.json's)"}
-    )
-    limit: int | None = field(
-        default=None,
-        metadata={"help": "with --model: keep N rows of a seeded shuffle (default: model.json's)"},
-    )
+    data: DataSpec = field(default_factory=DataSpec)
     allow_split_mismatch: bool = field(
         default=False,
         metadata={
@@ -142,11 +111,7 @@ class ProbeConfig:
                 f"--model; got embeddings={self.embeddings}, model={self.model}"
             )
         if self.embeddings is not None:
-            given = [
-                f"--{name.replace('_', '-')}"
-                for name in DATA_FIELDS
-                if getattr(self, name) is not None
-            ]
+            given = [f"--{name.replace('_', '-')}" for name in self.data.given() if name != "seed"]
             if given:
                 raise ConfigError(
                     f"{', '.join(given)}: only with --model; --embeddings {self.embeddings} "
@@ -180,7 +145,7 @@ class ProbeConfig:
 
 def dataset_of(table: EmbeddingTable, source: str) -> Dataset:
     """Reload the data set an extraction was made from and check it is the same rows."""
-    dataset = load_dataset(**table.metadata["dataset"])
+    dataset = DataSpec.from_record(table.metadata["dataset"]).load()
     rows = extraction_rows(dataset)
     if len(rows) != len(table.ids) or not (
         np.array_equal(rows.labels, table.labels) and np.array_equal(rows.split, table.split)
@@ -215,15 +180,6 @@ def embed_in_process(model_dir: Path, dataset: Dataset, device: str = "auto") ->
 # --- classifiers -----------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class FeatureSet:
-    """One representation of the fit (train + val) and test rows."""
-
-    name: str
-    fit: np.ndarray  # (N_fit, D)
-    test: np.ndarray  # (N_test, D)
-
-
 def feature_sets(table: EmbeddingTable, dataset: Dataset, seed: int) -> list[FeatureSet]:
     """The frozen embeddings, the raw pixels, and PCA codes of the embedding's size."""
     fit_x, test_x = dataset.fit.x, dataset.test.x
@@ -238,135 +194,6 @@ def feature_sets(table: EmbeddingTable, dataset: Dataset, seed: int) -> list[Fea
             f"PCA-{pca.n_components_}", pca.transform(fit_pixels), pca.transform(test_pixels)
         ),
     ]
-
-
-def _batches(n_rows: int, steps: int, seed: int) -> list[torch.Tensor]:
-    """`steps` seeded mini-batches of row indices (128, or all rows when fewer)."""
-    generator = torch.Generator().manual_seed(seed)
-    size = min(128, n_rows)
-    return [torch.randperm(n_rows, generator=generator)[:size] for _ in range(steps)]
-
-
-def _train(
-    module: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, steps: int, seed: int
-) -> None:
-    """Adam (lr 1e-3, weight decay 1e-4) on cross-entropy over seeded mini-batches."""
-    optimizer = torch.optim.Adam(module.parameters(), lr=1e-3, weight_decay=1e-4)
-    module.train()
-    for index in _batches(len(inputs), steps, seed):
-        optimizer.zero_grad()
-        nn.functional.cross_entropy(module(inputs[index]), targets[index]).backward()
-        optimizer.step()
-    module.eval()
-
-
-@dataclass
-class MLPHead:
-    """A fitted one-hidden-layer MLP on standardised frozen features."""
-
-    scaler: StandardScaler
-    network: nn.Sequential  # Linear -> ReLU -> Dropout -> Linear: logits (N, classes)
-
-    def logits(self, x: np.ndarray) -> np.ndarray:
-        """Logits (N, classes) of features `x` (N, D), in eval mode."""
-        self.network.eval()
-        with torch.no_grad():
-            return self.network(
-                torch.from_numpy(self.scaler.transform(x).astype(np.float32))
-            ).numpy()
-
-    def predict_proba(self, x: np.ndarray) -> np.ndarray:
-        """Softmax probabilities (N, classes) of features `x` (N, D)."""
-        return torch.softmax(torch.from_numpy(self.logits(x)), dim=1).numpy()
-
-
-def fit_mlp_head(
-    train_x: np.ndarray, train_y: np.ndarray, num_classes: int, hidden: int, steps: int, seed: int
-) -> MLPHead:
-    """A one-hidden-layer MLP head trained on standardised frozen features (N, D)."""
-    torch.manual_seed(seed)
-    scaler = StandardScaler().fit(train_x)
-    network = nn.Sequential(
-        nn.Linear(train_x.shape[1], hidden),
-        nn.ReLU(),
-        nn.Dropout(0.2),
-        nn.Linear(hidden, num_classes),
-    )
-    inputs = torch.from_numpy(scaler.transform(train_x).astype(np.float32))
-    _train(network, inputs, torch.from_numpy(train_y), steps, seed)
-    return MLPHead(scaler, network)
-
-
-def mlp_probe(
-    train_x: np.ndarray,
-    train_y: np.ndarray,
-    test_x: np.ndarray,
-    num_classes: int,
-    hidden: int,
-    steps: int,
-    seed: int,
-) -> np.ndarray:
-    """Test predictions of a one-hidden-layer MLP head on standardised frozen features."""
-    head = fit_mlp_head(train_x, train_y, num_classes, hidden, steps, seed)
-    return head.logits(test_x).argmax(1)
-
-
-class EncoderClassifier(nn.Module):
-    """The autoencoder's encoder under a linear head; the head's BatchNorm (no learned scale)
-    standardises codes of any scale, as the frozen probes' StandardScaler does."""
-
-    def __init__(self, encoder: Autoencoder, code_size: int, num_classes: int):
-        super().__init__()
-        self.encoder = encoder
-        self.head = nn.Sequential(
-            nn.BatchNorm1d(code_size, affine=False), nn.Linear(code_size, num_classes)
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits (B, classes) of images `x` (B, C, H, W) in [0, 1]."""
-        return self.head(self.encoder.encode(x))
-
-
-def fine_tune(
-    run: Path, dataset: Dataset, index: np.ndarray, steps: int, seed: int
-) -> EncoderClassifier:
-    """The run's encoder plus a linear head, all trained on rows `index` of the fit split."""
-    from aet.training.checkpoint import load_checkpoint
-
-    checkpoint = load_checkpoint(run / "best.pt")
-    if tuple(checkpoint.image_shape) != dataset.image_shape:
-        raise ProbeError(
-            f"fine_tune: {run / 'best.pt'} was trained on images "
-            f"{tuple(checkpoint.image_shape)}; data set {dataset.name} has "
-            f"{dataset.image_shape}"
-        )
-    fit = dataset.fit
-    if fit.y is None or dataset.num_classes is None:
-        raise ProbeError(f"data set {dataset.name}: has no labels; nothing to fine-tune on")
-    torch.manual_seed(seed)
-    autoencoder = checkpoint.build_model()
-    model = EncoderClassifier(autoencoder, autoencoder.code_size, dataset.num_classes)
-    _train(model, torch.from_numpy(fit.x[index]), torch.from_numpy(fit.y[index]), steps, seed)
-    return model
-
-
-@torch.no_grad()
-def classifier_logits(model: nn.Module, x: Images) -> np.ndarray:
-    """Logits (N, classes) of images `x` (N, C, H, W) in [0, 1], in blocks of 1,024."""
-    model.eval()
-    return torch.cat(
-        [model(torch.from_numpy(x[i : i + 1024])) for i in range(0, len(x), 1024)]
-    ).numpy()
-
-
-def fine_tune_probe(run: Path, dataset: Dataset, index: np.ndarray, steps: int, seed: int) -> float:
-    """Test accuracy of the run's encoder plus a linear head, all trained on rows `index`."""
-    model = fine_tune(run, dataset, index, steps, seed)
-    predictions = classifier_logits(model, dataset.test.x).argmax(1)
-    return float((predictions == dataset.test.y).mean())
-
-
-# --- the probe run ---------------------------------------------------------------------------
 
 
 @dataclass
@@ -411,61 +238,44 @@ def probe(table: EmbeddingTable, dataset: Dataset, config: ProbeConfig) -> Probe
 
     Without `--seed` the heads are seeded with the split's seed.
     """
-    if config.seed is None:
-        config = dataclasses.replace(config, seed=dataset.source.get("seed", 0))
+    seed = config.data.seed
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # heads this small only lose time to thread synchronisation
     try:
-        results = _probe(table, dataset, config)
+        results = _probe(
+            table, dataset, config, dataset.source.get("seed", 0) if seed is None else seed
+        )
     finally:
         torch.set_num_threads(threads)
     return dataclasses.replace(results, split_warning=table.metadata.get("split_mismatch"))
 
 
-def _probe(table: EmbeddingTable, dataset: Dataset, config: ProbeConfig) -> ProbeResults:
-    assert config.seed is not None  # probe() fills it in from the split
+def _probe(table: EmbeddingTable, dataset: Dataset, config: ProbeConfig, seed: int) -> ProbeResults:
     fit_y, test_y, num_classes = dataset.fit.y, dataset.test.y, dataset.num_classes
     if fit_y is None or test_y is None or num_classes is None:
         raise ProbeError(f"data set {dataset.name}: has no labels; nothing to probe")
     counts = sorted({min(n, len(fit_y)) for n in config.label_counts} | {len(fit_y)})
-    subsets = [label_subset(fit_y, n, config.seed) for n in counts]
-    accuracy: dict[str, dict[str, list[float]]] = {}
-    settings: dict[str, dict[str, list[dict]]] = {}
-    confusion: list[list[int]] = []
-    for features in feature_sets(table, dataset, config.seed):
-        tuned: dict[str, list] = {"logreg": [], "knn": []}
-        mlp = []
-        for n, index in zip(counts, subsets, strict=True):
-            for name, tuned_probe in (("logreg", logistic_probe), ("knn", knn_probe)):
-                tuned[name].append(
-                    tuned_probe(
-                        features.fit[index], fit_y[index], features.test, test_y, config.seed
-                    )
-                )
-            predicted = mlp_probe(
-                features.fit[index],
-                fit_y[index],
-                features.test,
-                num_classes,
-                config.hidden,
-                config.steps,
-                config.seed,
-            )
-            mlp.append(float((predicted == test_y).mean()))
-            if not confusion and n == counts[-1]:  # embeddings come first; all labels
-                confusion = confusion_matrix(test_y, predicted, labels=range(num_classes)).tolist()
-        accuracy[features.name] = {
-            **{name: [score.accuracy for score in scores] for name, scores in tuned.items()},
-            "mlp": mlp,
-        }
-        settings[features.name] = {
-            name: [score.choice() for score in scores] for name, scores in tuned.items()
-        }
+    mlp = functools.partial(
+        mlp_probe, num_classes=num_classes, hidden=config.hidden, steps=config.steps
+    )
+    features = feature_sets(table, dataset, seed)
+    probed = probe_features(features, fit_y, test_y, counts, seed, {**PROBE_FUNCTIONS, "mlp": mlp})
+    accuracy = probed["accuracy"]
     if config.fine_tune is not None:
         accuracy["embedding"]["fine-tune"] = [
-            fine_tune_probe(config.fine_tune, dataset, index, config.steps, config.seed)
-            for index in subsets
+            fine_tune_probe(
+                config.fine_tune, dataset, label_subset(fit_y, n, seed), config.steps, seed
+            )
+            for n in counts
         ]
+    # the MLP head on the embeddings with all labels, class by class
+    head = fit_mlp_head(features[0].fit, fit_y, num_classes, config.hidden, config.steps, seed)
+    predicted = head.logits(features[0].test).argmax(1)
+    confusion = confusion_matrix(test_y, predicted, labels=range(num_classes)).tolist()
+    settings = {  # what cross-validation chose: the tuned probes only
+        name: {probe: chosen for probe, chosen in by_probe.items() if probe in PROBE_FUNCTIONS}
+        for name, by_probe in probed["settings"].items()
+    }
     return ProbeResults(
         dataset.name, table.metadata["model"], counts, accuracy, settings, confusion
     )
@@ -521,65 +331,6 @@ def write_results(results: ProbeResults, folder: Path) -> dict[str, Path]:
     return paths
 
 
-TABLE_FIELDS = ("columns", "label_column", "drop_missing")  # recorded by tables of features
-
-
-class SplitFlags(Protocol):
-    """The flags that choose a data split (`aet probe`, `aet head`): None takes model.json's."""
-
-    data_path: Path | None
-    allow_split_mismatch: bool
-
-
-def pretraining_split(config: SplitFlags, model_dir: Path) -> tuple[dict, str | None]:
-    """The `load_dataset` arguments of the model's pretraining split, from its model.json,
-    with the flags given in `config`, and a note when they change the split.
-
-    Raises ProbeError when a given flag changes the split (unless `allow_split_mismatch`) or
-    when the recorded data path no longer exists and no `--data-path` is given.
-    """
-    from aet.clients.backends import find_model_version
-
-    found = find_model_version(model_dir)
-    recorded = found.usable_card.dataset
-    card_values = {
-        "dataset": recorded["name"],
-        "seed": recorded.get("seed", 0),
-        # "official": the data set's own test files, which load_dataset picks with None
-        "test_fraction": None
-        if recorded.get("test_fraction") in (None, "official")
-        else recorded["test_fraction"],
-        "val_fraction": recorded.get("val_fraction", 0.1),
-        "limit": recorded.get("limit"),
-    }
-    values, differences = dict(card_values), []
-    for name in SPLIT_FIELDS:
-        given = getattr(config, name)
-        if given is not None and given != card_values[name]:
-            differences.append(
-                f"--{name.replace('_', '-')} {given} (pretraining: {card_values[name]})"
-            )
-            values[name] = given
-    if differences and not config.allow_split_mismatch:
-        raise ProbeError(
-            f"{found.card_path}: {SPLIT_MISMATCH}: {', '.join(differences)}; the test rows "
-            f"would include rows the encoder was pretrained on. Leave these flags out to use "
-            f"model.json's split, or pass --allow-split-mismatch to probe anyway"
-        )
-    path = config.data_path
-    if path is None and values["dataset"] == recorded["name"] and recorded.get("path"):
-        path = Path(recorded["path"])
-        if not path.exists():
-            raise ProbeError(
-                f"{found.card_path}: records data path {path}, which no longer exists; pass "
-                f"--data-path with the data the model was pretrained on"
-            )
-    note = f"{SPLIT_MISMATCH}: {', '.join(differences)}" if differences else None
-    # a table of features: the same columns, labels and dropped rows as at pretraining
-    table = {key: recorded[key] for key in TABLE_FIELDS if key in recorded}
-    return {"name": values.pop("dataset"), "path": path, **values, **table}, note
-
-
 def load_inputs(config: ProbeConfig) -> tuple[EmbeddingTable, Dataset]:
     """The embeddings and their data set, from an extraction output or an in-process run.
 
@@ -590,8 +341,8 @@ def load_inputs(config: ProbeConfig) -> tuple[EmbeddingTable, Dataset]:
         table = read_embeddings(config.embeddings)
         return table, dataset_of(table, str(config.embeddings))
     assert config.model is not None  # ProbeConfig requires --embeddings or --model
-    arguments, note = pretraining_split(config, config.model)
-    dataset = load_dataset(**arguments)
+    spec, note = resolve_data(config.data, config.model, allow_mismatch=config.allow_split_mismatch)
+    dataset = spec.load()
     table = embed_in_process(config.model, dataset, config.device)
     if note is not None:
         table.metadata["split_mismatch"] = note

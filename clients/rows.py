@@ -15,7 +15,6 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -27,6 +26,7 @@ from aet.training.data import (
     TableOptions,
     cut_dataset,
 )
+from aet.training.dataspec import DataSpec
 
 SPLITS = ("train", "val", "test")
 NO_LABEL = -1  # the label of rows from unlabelled data sets
@@ -47,21 +47,19 @@ def raw_pixels(x: np.ndarray, raw_max: float) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=1)
-def _loaded(name: str, path: str | None, table: TableOptions) -> LoadedImages:
+def _read(
+    name: str, path: Path | None, table: TableOptions, image_size: int | None
+) -> LoadedImages:
     """A whole data set through its `training.data` loader, once per process."""
-    return DATASETS[name](
-        None if path is None else Path(path), image_size=None, channels=None, table=table
-    )
+    return DATASETS[name](path, image_size=image_size, channels=None, table=table)
 
 
-def _table_options(dataset: dict[str, Any]) -> TableOptions:
-    """The table options (columns, label column, drop missing) of `load_dataset` arguments."""
-    columns = dataset.get("columns")
-    return TableOptions(
-        None if columns is None else tuple(columns),
-        dataset.get("label_column"),
-        bool(dataset.get("drop_missing", False)),
+def _loaded(spec: DataSpec) -> LoadedImages:
+    columns = spec.columns
+    table = TableOptions(
+        None if columns is None else tuple(columns), spec.label_column, bool(spec.drop_missing)
     )
+    return _read(spec.name, spec.data_path, table, spec.image_size)
 
 
 # --- the plan --------------------------------------------------------------------------------
@@ -71,7 +69,7 @@ def _table_options(dataset: dict[str, Any]) -> TableOptions:
 class RowPlan:
     """Every output row of a job: its source position and label; train, val, test in order."""
 
-    dataset: dict[str, Any]  # load_dataset arguments: name, path, seed, fractions, limit
+    dataset: DataSpec  # the data set and split
     positions: np.ndarray  # (N,) int64: the row's position in the source
     labels: np.ndarray  # (N,) int64, NO_LABEL when unlabelled
     sizes: tuple[int, ...]  # rows of train, val, test
@@ -84,7 +82,7 @@ class RowPlan:
 
     @property
     def name(self) -> str:
-        return self.dataset["name"]
+        return self.dataset.name
 
     def split_of(self, ids: np.ndarray) -> np.ndarray:
         """The split name ("train", "val", "test") of each output row id."""
@@ -94,7 +92,7 @@ class RowPlan:
         """Raw pixels (stop - start, C, H, W) of output rows [start, stop); for vectors, the
         float32 features (stop - start, D) as read (the graph standardises them)."""
         positions = self.positions[start:stop]
-        loaded = _loaded(self.dataset["name"], self.dataset["path"], _table_options(self.dataset))
+        loaded = _loaded(self.dataset)
         pool = len(loaded.pool)
         in_pool = positions < pool
         x = np.empty((len(positions), *loaded.pool.x.shape[1:]), loaded.pool.x.dtype)
@@ -116,12 +114,12 @@ class RowPlan:
         }
 
 
-def plan_rows(dataset: dict[str, Any]) -> RowPlan:
-    """The `RowPlan` of `load_dataset(**dataset)`, read from the labels only where possible."""
-    name, path = dataset["name"], dataset["path"]
-    if name not in DATASETS:
-        raise DataError(f"unknown data set {name!r}; valid data sets: {', '.join(DATASETS)}")
-    images = _loaded(name, path, _table_options(dataset))  # mapped files: no pixel read
+def plan_rows(spec: DataSpec) -> RowPlan:
+    """The `RowPlan` of `spec.load()`, read from the labels only where possible."""
+    spec = spec.with_defaults()
+    if spec.name not in DATASETS:
+        raise DataError(f"unknown data set {spec.name!r}; valid data sets: {', '.join(DATASETS)}")
+    images = _loaded(spec)  # mapped files: no pixel read
     loaded = LoadedImages(
         pool=Split(np.arange(len(images.pool)), images.pool.y),
         raw_max=images.raw_max,
@@ -134,18 +132,19 @@ def plan_rows(dataset: dict[str, Any]) -> RowPlan:
             images.official_test.y,
         ),
     )
+    assert spec.seed is not None and spec.val_fraction is not None  # with_defaults
     cut = cut_dataset(
-        name,
+        spec.name,
         loaded,
-        seed=dataset["seed"],
-        test_fraction=dataset.get("test_fraction"),
-        val_fraction=dataset.get("val_fraction", 0.1),
-        limit=dataset["limit"],
+        seed=spec.seed,
+        test_fraction=spec.test_fraction,
+        val_fraction=spec.val_fraction,
+        limit=spec.limit,
     )
     parts = [cut.train, cut.val, cut.test]
     labels = [np.full(len(p), NO_LABEL, np.int64) if p.y is None else p.y for p in parts]
     return RowPlan(
-        dataset=dict(dataset),
+        dataset=spec,
         positions=np.concatenate([p.x for p in parts]).astype(np.int64),
         labels=np.concatenate(labels),
         sizes=tuple(len(p) for p in parts),

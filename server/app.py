@@ -38,6 +38,8 @@ from aet.config import ConfigError, add_config_arguments, config_from_args
 from aet.errors import UserError
 from aet.proto import embedding_pb2, embedding_pb2_grpc
 from aet.proto.descriptors import ReflectionPools
+from aet.repository import scan_repository
+from aet.runtime import DEVICES, RuntimeOptions
 from aet.server.auth import BearerTokenInterceptor, read_tokens, tls_server_credentials
 from aet.server.embedding_service import EmbeddingService
 from aet.server.kserve_service import SERVICE_NAME as KSERVE_SERVICE
@@ -46,8 +48,6 @@ from aet.server.metrics import ServingMetrics
 from aet.server.models import BatchingOptions, ModelRegistry, ModelState
 from aet.server.pipeline import InferencePipeline
 from aet.server.reload import RepositoryReloader
-from aet.server.repository import scan_repository
-from aet.server.runtime import DEVICES, RuntimeOptions
 from aet.server.streams import CallTracker, StreamWindow
 
 log = logging.getLogger(__name__)

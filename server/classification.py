@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from aet.repository import ModelCard
 from aet.server.errors import InvalidArgument
-from aet.server.repository import ModelCard
 
 CLASSIFICATION_PARAMETER = "classification"  # Triton's output parameter: int64 class count
 

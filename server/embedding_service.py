@@ -16,12 +16,12 @@ import numpy as np
 
 from aet.proto import embedding_pb2, embedding_pb2_grpc
 from aet.proto.codec import WIRE_DTYPES, decode_tensor, fill_tensor
+from aet.repository import SCORE_NAME
 from aet.server import classification
 from aet.server.errors import excerpt, maps_errors, with_prefix
 from aet.server.metrics import RequestTiming
 from aet.server.models import LoadedModel, ModelState, VersionStatus
 from aet.server.pipeline import Inference, InferencePipeline, Outputs
-from aet.server.repository import SCORE_NAME
 from aet.server.streams import StreamWindow, answer_in_order
 from aet.server.validation import FLOAT32, check_shape, validate_inputs
 

@@ -26,13 +26,13 @@ import numpy as np
 from aet.proto import grpc_service_pb2 as pb
 from aet.proto import grpc_service_pb2_grpc, model_config_pb2
 from aet.proto.codec import decode_raw
+from aet.repository import MODEL_FILE, SCORE_NAME
 from aet.server import classification
 from aet.server.errors import InvalidArgument, Unavailable, excerpt, grpc_status, maps_errors
 from aet.server.metrics import Duration, StatisticsSnapshot
 from aet.server.models import LoadedModel, ModelState
 from aet.server.pipeline import Inference, InferencePipeline, Outputs
 from aet.server.reload import RepositoryReloader
-from aet.server.repository import MODEL_FILE, SCORE_NAME
 from aet.server.streams import StreamWindow, answer_in_order
 from aet.server.validation import check_shape, parse_version, validate_inputs
 

@@ -16,10 +16,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from aet.repository import ModelCard, ModelVersion, scan_repository
+from aet.runtime import EncoderSession, ModelLoadError, RuntimeOptions, resolve_providers
 from aet.server.batcher import BatchRecord, DynamicBatcher
 from aet.server.errors import NotFound, Unavailable, excerpt
-from aet.server.repository import ModelCard, ModelVersion, scan_repository
-from aet.server.runtime import EncoderSession, ModelLoadError, RuntimeOptions, resolve_providers
 from aet.server.validation import RequestSpec
 
 log = logging.getLogger(__name__)
@@ -136,14 +136,12 @@ class ModelRegistry:
         assert card is not None  # a usable version has its card
         row_shape = tuple(card.input.shape)
         try:
-            session = EncoderSession(
+            session = EncoderSession.from_card(
                 found.model_path,
-                card.input.name,
-                card.output.name,
-                row_shape,
+                card,
                 self.providers,
                 self.runtime,
-                score_name=None if card.score is None else card.score.name,
+                score=True,
                 label=f"{found.name}/{found.version}/{found.model_path.name}",
             )
             session.warm_up(row_shape, (1, self.batching.max_batch_size))

@@ -22,11 +22,11 @@ from typing import TypeVar
 import grpc
 import numpy as np
 
+from aet.runtime import split_scored
 from aet.server.batcher import BatchFuture
 from aet.server.errors import InvalidArgument, Unavailable, status_code
 from aet.server.metrics import UNKNOWN_MODEL, RequestTiming, ServingMetrics
 from aet.server.models import LoadedModel, ModelRegistry
-from aet.server.runtime import split_scored
 from aet.server.validation import parse_version
 
 Encoded = TypeVar("Encoded")

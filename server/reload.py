@@ -18,9 +18,9 @@ import os
 import threading
 from pathlib import Path
 
+from aet.repository import ModelVersion, RepositoryError, scan_repository
 from aet.server.errors import NotFound, Unavailable, excerpt
 from aet.server.models import ModelRegistry, ModelState
-from aet.server.repository import ModelVersion, RepositoryError, scan_repository
 
 log = logging.getLogger(__name__)
 

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from aet.repository import ModelCard
 from aet.server.errors import InvalidArgument, excerpt
-from aet.server.repository import ModelCard
 
 FLOAT32 = np.dtype("<f4")
 UINT8 = np.dtype("u1")

@@ -79,6 +79,7 @@ def digits_checkpoint(tmp_path_factory, digits_dataset) -> Path:
     Trained as `aet pretrain --architecture mlp --hidden-sizes 32 --code-size 8 --epochs 3`
     would, without its evaluation and figures (not needed here, and slow).
     """
+    from aet.training.dataspec import DataSpec
     from aet.training.models import build_autoencoder
     from aet.training.pretrain import PretrainConfig
     from aet.training.train import Trainer
@@ -89,7 +90,7 @@ def digits_checkpoint(tmp_path_factory, digits_dataset) -> Path:
         code_size=8,
         epochs=3,
         progress=False,
-        seed=0,
+        data=DataSpec(seed=0),
         name=DIGITS_MODEL,
         runs_dir=tmp_path_factory.mktemp("runs"),
     )

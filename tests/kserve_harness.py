@@ -21,6 +21,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from aet.proto import embedding_pb2, embedding_pb2_grpc, grpc_service_pb2, grpc_service_pb2_grpc
 from aet.proto.codec import encode_tensor
+from aet.repository import InputSpec, ModelCard, OutputSpec, write_version
 from aet.server.app import RunningServer, ServeConfig, ServiceBinding, build_server
 from aet.server.auth import BearerTokenInterceptor
 from aet.server.kserve_service import SERVICE_NAME, InferenceService
@@ -28,7 +29,6 @@ from aet.server.metrics import MetricsEndpoint, ServingMetrics
 from aet.server.models import ModelRegistry
 from aet.server.pipeline import InferencePipeline
 from aet.server.reload import RepositoryReloader
-from aet.server.repository import InputSpec, ModelCard, OutputSpec, write_version
 
 MODEL = "digits"
 ROW_SHAPE = (1, 8, 8)

@@ -18,7 +18,7 @@ from sklearn.utils.estimator_checks import parametrize_with_checks
 import aet
 from aet import AutoencoderEmbedder, EmbeddingClient, Encoder
 from aet.errors import UserError
-from aet.server.repository import read_model_card
+from aet.repository import read_model_card
 
 # Tiny enough that each of scikit-learn's ~47 checks (each fits at least once) takes well
 # under a second; overcomplete codes are allowed because some checks fit on one feature.

@@ -18,8 +18,9 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from aet.clients.rows import _loaded, plan_rows
-from aet.server.repository import InputSpec, ModelCard, OutputSpec, write_version
-from aet.training.data import TableOptions, default_mnist_dir, read_idx
+from aet.repository import InputSpec, ModelCard, OutputSpec, write_version
+from aet.training.data import default_mnist_dir, read_idx
+from aet.training.dataspec import DataSpec
 from aet.training.mapped import MappedImages
 
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "extract.py"
@@ -100,8 +101,9 @@ def test_tiled_mnist_repeats_the_test_set(tmp_path):
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     folder = bench.tile_mnist(None, 25_000, tmp_path / "tiled")
-    plan = plan_rows({"name": "mnist-idx", "path": str(folder), "seed": 0, "limit": None})
-    images = _loaded("mnist-idx", str(folder), TableOptions()).pool.x
+    spec = DataSpec("mnist-idx", folder)
+    plan = plan_rows(spec)
+    images = _loaded(spec).pool.x
     assert len(plan) == 25_000 and isinstance(images, MappedImages)
     test_set = read_idx(default_mnist_dir() / "t10k-images-idx3-ubyte.gz")[:, None]
     test_set = test_set.astype(np.float32) / np.float32(255)  # the loader's scaling

@@ -11,9 +11,9 @@ import sys
 import numpy as np
 from conftest import DIGITS_MODEL
 
-from aet.clients.extract import read_embeddings
+from aet.clients.embeddings import read_embeddings
 from aet.clients.probe import dataset_of
-from aet.server.repository import scan_repository
+from aet.repository import scan_repository
 from aet.training.probes import tune_logistic
 
 DEMO_SECONDS = 600  # a hung server or client fails the test instead of the whole session

@@ -1,6 +1,7 @@
 """`aet export`: ONNX graph, parity with PyTorch, model card, failures that write nothing."""
 
 import dataclasses
+import hashlib
 import json
 import os
 import subprocess
@@ -15,7 +16,7 @@ import torch
 
 from aet.cli import main
 from aet.config import ConfigError
-from aet.server.repository import ModelCard, read_model_card, scan_repository, sha256_file
+from aet.repository import ModelCard, read_model_card, scan_repository
 from aet.training import export as export_module
 from aet.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from aet.training.data import Dataset, Split
@@ -84,7 +85,7 @@ def digits_pixels(rows: int) -> np.ndarray:
 def test_export_writes_version_one_with_a_complete_card(exported, run_dir):
     assert exported.name == "1" and exported.parent.name == "tiny"
     card = read_model_card(exported / "model.json")
-    assert card.sha256 == sha256_file(exported / "model.onnx")
+    assert card.sha256 == hashlib.sha256((exported / "model.onnx").read_bytes()).hexdigest()
     checkpoint = load_checkpoint(run_dir / "best.pt")
     evaluation = checkpoint.metrics["evaluation"]
     assert (card.name, card.version, card.architecture) == ("tiny", 1, "mlp")
@@ -116,10 +117,10 @@ def test_export_writes_version_one_with_a_complete_card(exported, run_dir):
     assert card.metrics == {
         "test_reconstruction_mse": evaluation["reconstruction_mse"]["model"],
         "test_pca_reconstruction_mse": evaluation["reconstruction_mse"]["pca"],
-        "probe_accuracy_100_labels": evaluation["probe"]["logistic"]["accuracy"]["model"][0],
-        "probe_accuracy_1257_labels": evaluation["probe"]["logistic"]["accuracy"]["model"][1],
-        "knn_accuracy_100_labels": evaluation["probe"]["knn"]["accuracy"]["model"][0],
-        "knn_accuracy_1257_labels": evaluation["probe"]["knn"]["accuracy"]["model"][1],
+        "probe_accuracy_100_labels": evaluation["probe"]["accuracy"]["model"]["logreg"][0],
+        "probe_accuracy_1257_labels": evaluation["probe"]["accuracy"]["model"]["logreg"][1],
+        "knn_accuracy_100_labels": evaluation["probe"]["accuracy"]["model"]["knn"][0],
+        "knn_accuracy_1257_labels": evaluation["probe"]["accuracy"]["model"]["knn"][1],
     }
     assert card.opset == 20
     assert 0 <= card.parity_max_abs_diff <= 1e-4 and card.parity_samples == PARITY_ROWS

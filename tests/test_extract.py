@@ -22,17 +22,14 @@ from aet.clients.backends import (
     actor_device,
 )
 from aet.clients.client import EmbeddingClient
-from aet.clients.extract import (
-    EmbedConfig,
-    ExtractionError,
-    extract,
-    extraction_rows,
-    read_embeddings,
-)
+from aet.clients.embeddings import ExtractionError, read_embeddings
+from aet.clients.extract import EmbedConfig, extract, extraction_rows
 from aet.clients.rows import _loaded, plan_rows, raw_pixels
 from aet.config import ConfigError
 from aet.errors import UserError
-from aet.training.data import DataError, TableOptions, load_dataset
+from aet.repository import RepositoryError
+from aet.training.data import DataError, load_dataset
+from aet.training.dataspec import DataSpec
 from aet.training.mapped import MappedImages
 
 LIMIT = 400  # digits rows per job: five shards of 96, quick on any backend
@@ -40,8 +37,9 @@ LIMIT = 400  # digits rows per job: five shards of 96, quick on any backend
 
 def config(tmp_path, name: str, **values) -> EmbedConfig:
     values.setdefault("local", tmp_path / "unused")
+    data = DataSpec(limit=LIMIT, **values.pop("data", {}))
     return EmbedConfig(
-        limit=LIMIT, shard_size=96, batch_size=40, progress=False, output=tmp_path / name, **values
+        data=data, shard_size=96, batch_size=40, progress=False, output=tmp_path / name, **values
     )
 
 
@@ -57,7 +55,7 @@ def dataset():
 
 @pytest.fixture(scope="module")
 def plan():
-    return plan_rows({"name": "digits", "path": None, "seed": 0, "limit": LIMIT})
+    return plan_rows(DataSpec(limit=LIMIT))
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +78,7 @@ def reference(tmp_path_factory, model_dir, plan):
 def test_plan_from_labels_gives_the_rows_of_the_data_set(cut):
     dataset = load_dataset("digits", seed=3, **cut)
     rows = extraction_rows(dataset)
-    plan = plan_rows({"name": "digits", "path": None, "seed": 3, **cut})
+    plan = plan_rows(DataSpec(seed=3, **cut))
     block = plan.block(0, len(plan))
     np.testing.assert_array_equal(block["id"], np.arange(len(rows)))
     np.testing.assert_array_equal(block["pixels"], rows.pixels)
@@ -98,8 +96,9 @@ def test_plan_reads_idx_files_block_by_block(tmp_path):
         (tmp_path / f"t10k-{kind}-idx{magic}-ubyte").write_bytes(header + array.tobytes())
     dataset = load_dataset("mnist-idx", tmp_path, seed=1, limit=250)
     rows = extraction_rows(dataset)
-    plan = plan_rows({"name": "mnist-idx", "path": str(tmp_path), "seed": 1, "limit": 250})
-    assert isinstance(_loaded("mnist-idx", str(tmp_path), TableOptions()).pool.x, MappedImages)
+    spec = DataSpec("mnist-idx", tmp_path, seed=1, limit=250)
+    plan = plan_rows(spec)
+    assert isinstance(_loaded(spec).pool.x, MappedImages)
     pixels = np.concatenate([plan.pixels(a, min(a + 64, 250)) for a in range(0, 250, 64)])
     np.testing.assert_array_equal(pixels, rows.pixels)
     np.testing.assert_array_equal(plan.labels, rows.labels)
@@ -145,7 +144,7 @@ def test_server_and_ray_backends_match_local(
         on_ray = extract(config(tmp_path, "ray.parquet", local=None, ray=model_dir), backend)
         assert (tmp_path / "ray.parquet").is_dir()
         _ray_job_resumes_from_its_finished_blocks(tmp_path / "ray.parquet", model_dir, backend)
-        missing = {"name": "npz", "path": str(tmp_path / "absent.npz"), "seed": 0, "limit": None}
+        missing = DataSpec("npz", tmp_path / "absent.npz")
         with pytest.raises(DataError, match=r"absent\.npz: no such file"):
             backend.plan(missing)  # the worker's error, as the job's own
     assert served.embedded_rows == on_ray.embedded_rows == LIMIT
@@ -211,7 +210,7 @@ def test_interrupted_job_resumes_from_its_finished_shards(tmp_path, model_dir, p
 def test_unfinished_job_of_other_arguments_is_refused(tmp_path, model_dir, plan):
     with pytest.raises(Interrupted), InterruptedAfter(model_dir, blocks=3) as backend:
         extract(config(tmp_path, "job.npz", local=model_dir), backend, plan)
-    other = config(tmp_path, "job.npz", local=model_dir, seed=1)
+    other = config(tmp_path, "job.npz", local=model_dir, data={"seed": 1})
     with pytest.raises(ExtractionError, match=r"field 'dataset'.*'seed': 1.*'seed': 0"):
         with LocalBackend(model_dir) as backend:
             extract(other, backend)
@@ -228,9 +227,8 @@ def test_existing_output_needs_overwrite(tmp_path, model_dir, plan):
 def test_model_for_other_images_is_refused(tmp_path, model_dir):
     images = np.random.default_rng(0).integers(0, 256, (30, 28, 28), dtype=np.uint8)
     np.savez(tmp_path / "images.npz", x=images, y=np.arange(30) % 3)
-    job = config(
-        tmp_path, "mismatch.npz", local=model_dir, dataset="npz", data_path=tmp_path / "images.npz"
-    )
+    data = {"dataset": "npz", "data_path": tmp_path / "images.npz"}
+    job = config(tmp_path, "mismatch.npz", local=model_dir, data=data)
     with LocalBackend(model_dir) as backend:
         with pytest.raises(ExtractionError, match=r"shape \(1, 8, 8\).*up to 16.*\(1, 28, 28\)"):
             extract(job, backend)
@@ -247,10 +245,10 @@ def test_config_and_model_folder_errors(tmp_path, model_dir):
         EmbedConfig(local=model_dir, output=Path("out.csv"))
     with pytest.raises(ConfigError, match=r"--ray writes a folder of Parquet files.*got out\.npz"):
         EmbedConfig(ray=model_dir, output=Path("out.npz"))
-    assert EmbedConfig(ray=model_dir).output == Path("extracted/digits.parquet")
+    assert EmbedConfig(ray=model_dir).output_path == Path("extracted/digits.parquet")
     with pytest.raises(ConfigError, match=r"device: only for --local or --ray .*got --device cpu"):
         EmbedConfig(server="127.0.0.1:1", model="m", device="cpu")
-    with pytest.raises(BackendError, match="no such folder"):
+    with pytest.raises(RepositoryError, match="no such folder"):
         LocalBackend(tmp_path / "absent")
 
 
@@ -274,9 +272,9 @@ def test_tampered_model_is_refused(tmp_path, model_dir):
     shutil.copytree(model_dir, copy)
     with open(copy / "1" / "model.onnx", "ab") as model:
         model.write(b"tampered")
-    with pytest.raises(BackendError, match=r"digits/1: refused: .*sha256 mismatch"):
+    with pytest.raises(RepositoryError, match=r"digits/1: refused: .*sha256 mismatch"):
         LocalBackend(copy / "1")
-    with pytest.raises(BackendError, match=r"no usable version \(v1: .*sha256 mismatch"):
+    with pytest.raises(RepositoryError, match=r"no usable version \(v1: .*sha256 mismatch"):
         RayBackend(copy, workers=1)  # refused before Ray starts
 
 

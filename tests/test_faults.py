@@ -38,12 +38,12 @@ from aet.config import ConfigError
 from aet.proto import embedding_pb2, embedding_pb2_grpc
 from aet.proto import grpc_service_pb2 as pb
 from aet.proto.codec import encode_tensor
+from aet.repository import CARD_FILE, MODEL_FILE
 from aet.server.app import ServeConfig
 from aet.server.auth import TokenCheck
 from aet.server.errors import MAX_MESSAGE_CHARS
 from aet.server.metrics import ServingMetrics
 from aet.server.models import ModelState
-from aet.server.repository import CARD_FILE, MODEL_FILE
 
 WAIT = 60.0  # seconds; a safety net against hangs, never a measured quantity
 SEED = 5

@@ -24,14 +24,16 @@ from kserve_harness import kserve_stub, start_kserve_server
 
 from aet import Classifier
 from aet.cli import main
-from aet.clients.backends import BackendError, LocalBackend
+from aet.clients.backends import LocalBackend
 from aet.clients.client import EmbeddingClient, EmbeddingError
-from aet.clients.head import HeadConfig, HeadError, build_head, class_names
+from aet.clients.head import HeadConfig, build_head, class_names
 from aet.clients.predict import PredictConfig, predict, read_predictions
-from aet.clients.probe import embed_in_process, fit_mlp_head
+from aet.clients.probe import embed_in_process
 from aet.proto import grpc_service_pb2 as pb
-from aet.server.repository import read_model_card, scan_repository
+from aet.repository import RepositoryError, read_model_card, scan_repository
 from aet.training.data import DataError, load_dataset
+from aet.training.dataspec import DataSpec, SplitMismatch
+from aet.training.heads import HeadError, fit_mlp_head
 from aet.training.probes import tune_logistic
 
 ENCODER = "digits"
@@ -168,7 +170,7 @@ def test_tampered_encoder_is_refused_and_nothing_written(tmp_path, model_reposit
     shutil.copytree(model_repository / ENCODER, tmp_path / ENCODER)
     with open(tmp_path / ENCODER / "1" / "model.onnx", "ab") as handle:
         handle.write(b"\0")
-    with pytest.raises(BackendError, match="sha256 mismatch"):
+    with pytest.raises(RepositoryError, match="sha256 mismatch"):
         build_head(HeadConfig(model=tmp_path / ENCODER, name=HEAD))
     assert not (tmp_path / HEAD).exists()
 
@@ -198,8 +200,8 @@ def test_label_column_other_than_the_encoders_is_refused_and_an_unknown_one_name
     table = {"path": str(tmp_path / "table.csv"), "seed": 0, "label_column": "kind"}
     card["dataset"] = {"name": "csv", **table}
     card_path.write_text(json.dumps(card))
-    config = HeadConfig(model=tmp_path / ENCODER, name=HEAD, label_column="nope")
-    with pytest.raises(HeadError, match=r"--label-column nope \(pretraining: kind\): labels"):
+    config = HeadConfig(model=tmp_path / ENCODER, name=HEAD, data=DataSpec(label_column="nope"))
+    with pytest.raises(SplitMismatch, match=r"--label-column nope \(pretraining: kind\); the"):
         build_head(config)
     with pytest.raises(DataError, match="label column 'nope' not found; columns: a, b, kind"):
         build_head(dataclasses.replace(config, allow_split_mismatch=True))

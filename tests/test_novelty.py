@@ -17,15 +17,16 @@ from kserve_harness import add_version, kserve_request, kserve_stub, start_kserv
 from sklearn.metrics import roc_auc_score
 
 from aet.cli import main
-from aet.clients.backends import EncoderActor, find_model_version
+from aet.clients.backends import EncoderActor
 from aet.clients.client import EmbeddingClient
-from aet.clients.extract import extraction_rows, read_embeddings
+from aet.clients.embeddings import read_embeddings
+from aet.clients.extract import extraction_rows
 from aet.encoder import Encoder
 from aet.proto import embedding_pb2 as pb
 from aet.proto import grpc_service_pb2 as kserve_pb
 from aet.proto.codec import decode_tensor, encode_tensor
-from aet.server.repository import read_model_card
-from aet.server.runtime import EncoderSession, RuntimeOptions, embedding_graph
+from aet.repository import find_model_version, read_model_card
+from aet.runtime import EncoderSession, RuntimeOptions, embedding_graph
 from aet.training.data import load_dataset
 
 SHIPPED = Path(__file__).resolve().parents[1] / "exported" / "digits"

@@ -186,12 +186,13 @@ def test_ctrl_c_saves_and_exits_130_and_resume_finishes_exactly_like_an_uninterr
 
 
 def test_recipes_are_shipped_and_flags_override_them(tmp_path):
+    from aet.config import config_from_mapping
     from aet.training.pretrain import PretrainConfig, config_of, configure_parser
     from aet.training.recipes import load_recipe, recipe_names
 
     assert {"digits", "images", "images-small"} <= set(recipe_names())
     for name in recipe_names():  # every shipped recipe is a valid configuration
-        PretrainConfig(**{k.replace("-", "_"): v for k, v in load_recipe(name).items()})
+        config_from_mapping(PretrainConfig, load_recipe(name))
 
     import argparse
 

@@ -14,12 +14,14 @@ from PIL import Image
 
 from aet.cli import main
 from aet.clients.backends import LocalBackend
-from aet.clients.extract import EmbedConfig, EmbeddingTable, extract, write_embeddings
+from aet.clients.embeddings import EmbeddingTable, write_embeddings
+from aet.clients.extract import EmbedConfig, extract
 from aet.clients.probe import ProbeConfig, ProbeError, dataset_of, load_inputs, probe, write_results
 from aet.config import ConfigError
-from aet.server.repository import read_model_card
+from aet.repository import read_model_card
 from aet.training.checkpoint import load_checkpoint, save_checkpoint
 from aet.training.data import load_dataset
+from aet.training.dataspec import DataSpec, SplitMismatch
 from aet.training.export import ExportConfig, export
 
 
@@ -161,15 +163,15 @@ def test_model_probe_takes_the_split_from_model_json(model_dir):
 )
 def test_a_split_other_than_pretrainings_is_refused(model_dir, flags, difference):
     with pytest.raises(
-        ProbeError, match="split differs from pretraining: " + re.escape(difference)
+        SplitMismatch, match="split differs from pretraining: " + re.escape(difference)
     ):
-        load_inputs(ProbeConfig(model=model_dir, **flags))
+        load_inputs(ProbeConfig(model=model_dir, data=DataSpec(**flags)))
 
 
 def test_allow_split_mismatch_marks_table_and_json(model_dir, tmp_path):
     config = ProbeConfig(
         model=model_dir,
-        seed=1,
+        data=DataSpec(seed=1),
         allow_split_mismatch=True,
         label_counts=[100],
         steps=20,
@@ -194,7 +196,7 @@ def test_a_recorded_data_path_that_is_gone_names_it_and_the_flag(tmp_path, digit
     export(ExportConfig(checkpoint=tmp_path / "moved.pt", repository=tmp_path, model="moved"))
     (tmp_path / "data.npz").unlink()
     with pytest.raises(
-        ProbeError,
+        SplitMismatch,
         match=r"records data path .*data\.npz, which no longer exists; "
         r"pass --data-path",
     ):
@@ -203,7 +205,7 @@ def test_a_recorded_data_path_that_is_gone_names_it_and_the_flag(tmp_path, digit
 
 def test_data_flags_with_embeddings_are_refused(tmp_path):
     with pytest.raises(ConfigError, match="--dataset, --limit: only with --model"):
-        ProbeConfig(embeddings=tmp_path / "e.npz", dataset="digits", limit=5)
+        ProbeConfig(embeddings=tmp_path / "e.npz", data=DataSpec("digits", limit=5))
     with pytest.raises(ConfigError, match=r"device: only with --model .*got --device cpu"):
         ProbeConfig(embeddings=tmp_path / "e.npz", device="cpu")
 

@@ -19,8 +19,10 @@ import pytest
 from conftest import DIGITS_MODEL
 
 from aet.clients.backends import LocalBackend
-from aet.clients.extract import EmbedConfig, extract, read_embeddings
+from aet.clients.embeddings import read_embeddings
+from aet.clients.extract import EmbedConfig, extract
 from aet.clients.server_process import free_port
+from aet.training.dataspec import DataSpec
 
 ROWS = 300
 START_SECONDS = 180.0  # a node imports Ray and starts its processes: slow on a busy machine
@@ -139,7 +141,10 @@ def test_embed_on_a_real_ray_cluster_gives_every_row_once(tmp_path, ray_cluster,
     assert len(list(output.glob("*.parquet"))) >= 5  # written by the workers, per block
     local = tmp_path / "local.npz"
     with LocalBackend(model_dir) as backend:
-        extract(EmbedConfig(local=model_dir, limit=ROWS, output=local, progress=False), backend)
+        extract(
+            EmbedConfig(local=model_dir, data=DataSpec(limit=ROWS), output=local, progress=False),
+            backend,
+        )
     reference = read_embeddings(local)
     np.testing.assert_allclose(table.embeddings, reference.embeddings, rtol=0, atol=1e-5)
     np.testing.assert_array_equal(table.split, reference.split)

@@ -27,8 +27,8 @@ from kserve_harness import (
 )
 
 from aet.proto import grpc_service_pb2 as pb
+from aet.repository import MODEL_FILE
 from aet.server.models import ModelState
-from aet.server.repository import MODEL_FILE
 
 POLL_SECONDS = 0.2
 SEEDS = {1: 21, 2: 22, 3: 23}

@@ -24,8 +24,10 @@ from conftest import DIGITS_MODEL
 
 from aet.clients.backends import LocalBackend, ServerBackend
 from aet.clients.client import EmbeddingClient
-from aet.clients.extract import EmbedConfig, extract, read_embeddings
+from aet.clients.embeddings import read_embeddings
+from aet.clients.extract import EmbedConfig, extract
 from aet.clients.server_process import ServerProcess, free_port
+from aet.training.dataspec import DataSpec
 
 ROWS = 400
 WAIT_SECONDS = 300.0  # generous bounds on conditions that must hold; never a pass condition
@@ -103,7 +105,7 @@ def test_job_across_two_replicas_survives_losing_one(tmp_path, replicas, model_r
     job = EmbedConfig(
         server=",".join(server.target for server in servers),
         model=DIGITS_MODEL,
-        limit=ROWS,
+        data=DataSpec(limit=ROWS),
         batch_size=8,  # 50 requests: many per replica before and after the kill
         shard_size=64,
         output=tmp_path / "replicated.npz",
@@ -146,7 +148,7 @@ def test_job_across_two_replicas_survives_losing_one(tmp_path, replicas, model_r
     model_dir = model_repository / DIGITS_MODEL
     with LocalBackend(model_dir) as reference_backend:
         extract(
-            EmbedConfig(local=model_dir, limit=ROWS, output=local, progress=False),
+            EmbedConfig(local=model_dir, data=DataSpec(limit=ROWS), output=local, progress=False),
             reference_backend,
         )
     reference = read_embeddings(local)

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from aet.server import repository
-from aet.server.repository import (
+from aet import repository
+from aet.repository import (
     InputSpec,
     ModelCard,
     OutputSpec,
@@ -20,7 +20,6 @@ from aet.server.repository import (
     next_version,
     read_model_card,
     scan_repository,
-    sha256_file,
     write_version,
 )
 
@@ -59,7 +58,7 @@ def test_write_version_round_trips_card_and_stamps_version_and_sha256(tmp_path):
     assert card == dataclasses.replace(
         make_card(), sha256=hashlib.sha256(b"onnx-bytes").hexdigest()
     )
-    assert sha256_file(path / "model.onnx") == card.sha256
+    assert hashlib.sha256((path / "model.onnx").read_bytes()).hexdigest() == card.sha256
 
 
 def test_write_version_accepts_a_file_path(tmp_path):
@@ -338,7 +337,10 @@ def test_committed_default_model_is_intact_and_meets_its_targets():
     assert [v.error for v in versions] == [None] * len(versions)
     digits = latest_version(versions, "digits")
     card = digits.card
-    assert digits.version == 1 and sha256_file(digits.model_path) == card.sha256
+    assert (
+        digits.version == 1
+        and hashlib.sha256(digits.model_path.read_bytes()).hexdigest() == card.sha256
+    )
     assert digits.model_path.stat().st_size < 300_000
     assert (card.input.shape, card.input.value_range, card.output.embedding_dim) == (
         (1, 8, 8),

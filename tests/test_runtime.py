@@ -10,7 +10,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from aet.server.runtime import (
+from aet.runtime import (
     CPU_PROVIDER,
     CUDA_PROVIDER,
     DeviceError,

@@ -28,9 +28,9 @@ from aet.config import ConfigError
 from aet.proto import embedding_pb2 as pb
 from aet.proto import embedding_pb2_grpc, grpc_service_pb2, grpc_service_pb2_grpc
 from aet.proto.codec import decode_tensor, encode_tensor
+from aet.repository import MODEL_FILE, read_model_card, scan_repository, write_version
 from aet.server.app import ServeConfig
 from aet.server.auth import BearerTokenInterceptor
-from aet.server.repository import MODEL_FILE, read_model_card, scan_repository, write_version
 from aet.training.checkpoint import load_checkpoint
 from aet.training.export import ExportedEncoder, Scale
 

@@ -98,12 +98,12 @@ def test_short_digits_run_beats_pca_reconstruction_and_passes_a_probe_floor(digi
     assert mse["pca"] == pytest.approx(0.0246, abs=5e-4)  # PCA-8 on the 30 % digits test split
     assert mse["model"] < 0.8 * mse["pca"]
     assert result["probe"]["labels"] == [100, 1257]
-    logistic = result["probe"]["logistic"]
-    assert logistic["accuracy"]["model"][1] >= 0.90
+    accuracy, settings = result["probe"]["accuracy"], result["probe"]["settings"]
+    assert accuracy["model"]["logreg"][1] >= 0.90
     # Raw pixels, C and standardisation chosen by CV on the labelled rows (measured 0.967).
-    assert logistic["accuracy"]["pixels"][1] == pytest.approx(0.967, abs=0.005)
-    assert result["probe"]["knn"]["accuracy"]["pixels"][1] >= 0.97  # measured 0.983
-    assert logistic["settings"]["pixels"][0]["settings"] == {"standardise": False, "C": 10.0}
+    assert accuracy["pixels"]["logreg"][1] == pytest.approx(0.967, abs=0.005)
+    assert accuracy["pixels"]["knn"][1] >= 0.97  # measured 0.983
+    assert settings["pixels"]["logreg"][0]["settings"] == {"standardise": False, "C": 10.0}
 
 
 @pytest.mark.parametrize("config", [QUICK, AUGMENTED], ids=["noise", "noise+augmentation"])

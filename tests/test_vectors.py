@@ -19,14 +19,15 @@ import torch
 from sklearn.datasets import load_wine
 
 from aet.cli import main
-from aet.clients.extract import read_embeddings
+from aet.clients.embeddings import read_embeddings
 from aet.config import ConfigError
 from aet.proto import embedding_pb2 as pb
 from aet.proto.codec import decode_tensor, encode_tensor
-from aet.server.repository import read_model_card
+from aet.repository import read_model_card
 from aet.server.validation import FLOAT32, RequestSpec
 from aet.training.checkpoint import load_checkpoint
 from aet.training.data import DataError, load_dataset
+from aet.training.dataspec import DataSpec
 from aet.training.evaluate import encode_array
 from aet.training.models import build_autoencoder
 from aet.training.pretrain import PretrainConfig
@@ -197,17 +198,17 @@ def test_npz_table_takes_its_labels_from_y_only(wine_files):
     ],
 )
 def test_conv_and_bce_refuse_vectors_clearly(fields, message):
-    config = PretrainConfig(dataset="wine", **fields)  # both are valid for images
+    config = PretrainConfig(data=DataSpec("wine"), **fields)  # both are valid for images
     with pytest.raises(ConfigError, match=message):
         config.model_config(vectors=True)
 
 
 def test_vectors_default_to_the_gaussian_model_and_refuse_salt_and_pepper():
-    config = PretrainConfig(dataset="wine")
+    config = PretrainConfig(data=DataSpec("wine"))
     assert config.model_config(vectors=True).loss == "mse"
     assert config.model_config(vectors=False).loss == "bce"
     with pytest.raises(ConfigError, match="noise: salt-and-pepper .* use gaussian or masking"):
-        PretrainConfig(dataset="wine", noise="salt-and-pepper").load_dataset()
+        PretrainConfig(data=DataSpec("wine"), noise="salt-and-pepper").load_dataset()
 
 
 def test_pretrain_and_export_a_csv_table_through_the_cli(
@@ -306,7 +307,7 @@ def test_codes_probe_within_three_points_of_standardised_raw_features(name):
     """Real data: a logistic probe on 8-d codes of an MLP autoencoder (Gaussian model) is
     within 0.03 of one on the standardised raw features, with all training labels."""
     config = PretrainConfig(
-        dataset=name,
+        data=DataSpec(name),
         architecture="mlp",
         hidden_sizes=[32],
         code_size=8,

@@ -778,7 +778,7 @@ def _load_image_folder(
     return LoadedImages(
         pool=Split(x.astype(np.float32) / np.float32(255.0), np.asarray(labels, dtype=np.int64)),
         raw_max=255.0,
-        origin={"path": str(root.resolve()), "classes": classes},
+        origin={"path": str(root.resolve()), "classes": classes, "image_size": size},
         default_test_fraction=0.2,
     )
 

@@ -15,7 +15,7 @@ from sklearn.decomposition import PCA
 from aet.training.data import Dataset
 from aet.training.mapped import Images
 from aet.training.models import Autoencoder
-from aet.training.probes import PROBES, FeatureSet, format_settings, probe_features
+from aet.training.probes import PROBE_FUNCTIONS, FeatureSet, format_settings, probe_features
 
 BATCH_SIZE = 1024
 DEFAULT_LABEL_COUNTS = (100, 1000, None)  # None: all training labels
@@ -67,8 +67,8 @@ def evaluate_autoencoder(
     """Test reconstruction MSE beside PCA, and probe accuracies beside pixels and PCA.
 
     Returns a JSON-serialisable dict; probes are skipped when the data set has no labels.
-    `probe` holds `labels` and, per probe (`logistic`, `knn`), the accuracy and the chosen
-    settings of each feature set (`model`, `pixels`, `pca`) at each label budget.
+    `probe` holds `labels`, then `accuracy` and the chosen `settings` of each feature set
+    (`model`, `pixels`, `pca`) and probe (`logreg`, `knn`) at each label budget.
     """
     pca = fit_pca(dataset.train.x, model.code_size, seed)
     model_mse = reconstruction_mse(model, dataset.test.x)
@@ -111,17 +111,17 @@ def format_evaluation(result: dict) -> str:
     ]
     if "probe" in result:
         probe = result["probe"]
-        for kind in PROBES:
-            title = {"logistic": "logistic probe", "knn": "k-NN probe"}[kind]
+        for kind in PROBE_FUNCTIONS:
+            title = {"logreg": "logistic probe", "knn": "k-NN probe"}[kind]
             lines.append(
                 f"{title} accuracy  " + "  ".join(f"{n:>7} labels" for n in probe["labels"])
             )
-            for name, accuracies in probe[kind]["accuracy"].items():
+            for name, by_probe in probe["accuracy"].items():
                 label = f"PCA-{result['pca_components']}" if name == "pca" else name
-                chosen = "; ".join(format_settings(s) for s in probe[kind]["settings"][name])
+                chosen = "; ".join(format_settings(s) for s in probe["settings"][name][kind])
                 lines.append(
                     f"  {label:<19}"
-                    + "  ".join(f"{a:>14.3f}" for a in accuracies)
+                    + "  ".join(f"{a:>14.3f}" for a in by_probe[kind])
                     + f"   ({chosen})"
                 )
     return "\n".join(lines)

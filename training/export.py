@@ -7,7 +7,7 @@ returns `embedding` float32 (batch, code_size) (a VAE exports its mean) and
 `reconstruction_error` float32 (batch,), the novelty score: encoder and decoder run in the
 graph and each row's reconstruction is scored in the model's likelihood terms
 (`models.reconstruction_error`). Callers that want only embeddings run the graph pruned to its
-first output (`server.runtime.embedding_graph`), which costs what an encoder alone costs.
+first output (`aet.runtime.embedding_graph`), which costs what an encoder alone costs.
 
 Before anything is written the graph must pass `onnx.checker` and agree with PyTorch on
 `PARITY_ROWS` inputs, run through onnxruntime in batches of 1 and odd sizes (embeddings to
@@ -33,7 +33,7 @@ from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
 
 from aet.config import ConfigError, add_config_arguments, config_from_args, config_from_mapping
 from aet.errors import UserError
-from aet.server.repository import (
+from aet.repository import (
     CARD_FILE,
     MODEL_FILE,
     MODEL_NAME_PATTERN,
@@ -328,9 +328,9 @@ def card_metrics(metrics: dict) -> dict[str, float]:
     result = {"test_reconstruction_mse": mse["model"], "test_pca_reconstruction_mse": mse["pca"]}
     probe = evaluation.get("probe")
     if probe:
-        for kind, prefix in (("logistic", "probe"), ("knn", "knn")):
+        for kind, prefix in (("logreg", "probe"), ("knn", "knn")):
             for labels, accuracy in zip(
-                probe["labels"], probe[kind]["accuracy"]["model"], strict=True
+                probe["labels"], probe["accuracy"]["model"][kind], strict=True
             ):
                 result[f"{prefix}_accuracy_{labels}_labels"] = accuracy
     return {key: float(value) for key, value in result.items()}

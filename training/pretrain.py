@@ -9,7 +9,6 @@ denoising autoencoder (Gaussian noise, tied weights) with 8-dimensional codes.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import time
 from dataclasses import dataclass, field
@@ -17,13 +16,14 @@ from pathlib import Path
 
 import torch
 
-from aet.config import ConfigError, add_config_arguments, config_from_args
+from aet.config import ConfigError, add_config_arguments, config_from_args, flat_dict
 from aet.devices import DEVICES
 from aet.errors import UserError
 from aet.training.augmentation import AugmentationConfig
 from aet.training.checkpoint import load_checkpoint, save_checkpoint
 from aet.training.corruption import CORRUPTION_KINDS
-from aet.training.data import DATASETS, Dataset, load_dataset
+from aet.training.data import Dataset
+from aet.training.dataspec import DataSpec
 from aet.training.distributed import PRECISIONS, ProcessGroup
 from aet.training.evaluate import encode_array, evaluate_autoencoder, format_evaluation
 from aet.training.models import (
@@ -69,48 +69,7 @@ class PretrainConfig:
         default=False,
         metadata={"help": "continue the run from its checkpoint.pt (same model configuration)"},
     )
-    # data
-    dataset: str = field(default="digits", metadata={"help": "data set", "choices": list(DATASETS)})
-    data_path: Path | None = field(
-        default=None,
-        metadata={
-            "help": "file or folder of the data set (mnist-idx, npz, image-folder, csv, parquet)"
-        },
-    )
-    columns: list[str] | None = field(
-        default=None,
-        metadata={
-            "help": "feature columns of a table (csv, parquet, 2-D npz: x0 x1 ...; "
-            "default: every column but the label)"
-        },
-    )
-    label_column: str | None = field(
-        default=None,
-        metadata={"help": "class label column of a csv or parquet table (default: unlabelled)"},
-    )
-    drop_missing: bool = field(
-        default=False,
-        metadata={
-            "help": "drop table rows with a missing or infinite value instead of failing "
-            "(default: fail naming each column and its count)"
-        },
-    )
-    test_fraction: float | None = field(
-        default=None,
-        metadata={
-            "help": "held-out test fraction (default: the data set's own test files or its default)"
-        },
-    )
-    val_fraction: float = field(
-        default=0.1, metadata={"help": "validation fraction of the rest, for early stopping"}
-    )
-    limit: int | None = field(
-        default=None,
-        metadata={"help": "use only this many examples (a seeded subset, for quick runs)"},
-    )
-    image_size: int | None = field(
-        default=None, metadata={"help": "resize image-folder images to this square size"}
-    )
+    data: DataSpec = field(default_factory=DataSpec)
     # model
     architecture: str = field(
         default=_MODEL.architecture,
@@ -198,10 +157,6 @@ class PretrainConfig:
         default=_TRAINING.patience,
         metadata={"help": "stop a stage after this many epochs without a better validation loss"},
     )
-    seed: int = field(
-        default=_TRAINING.seed,
-        metadata={"help": "seed for the split, initialisation, shuffling, noise and probe subsets"},
-    )
     device: str = field(
         default="auto",
         metadata={
@@ -248,11 +203,7 @@ class PretrainConfig:
     )
 
     def __post_init__(self) -> None:
-        if self.dataset not in DATASETS:
-            raise ConfigError(
-                f"dataset: unknown data set {self.dataset!r}; valid data sets: "
-                f"{', '.join(DATASETS)}"
-            )
+        self.data = self.data.with_defaults()
         self.model_config()  # validates the model fields
         self.training_config()  # validates optimisation and noise fields
         if not 0 < self.val_fraction < 1:
@@ -272,8 +223,19 @@ class PretrainConfig:
             raise ConfigError(f"name: expected a folder name without '/'; got {self.name!r}")
 
     @property
+    def seed(self) -> int:
+        """The data's seed, which also seeds initialisation, shuffling, noise and probes."""
+        assert self.data.seed is not None  # filled in by __post_init__
+        return self.data.seed
+
+    @property
+    def val_fraction(self) -> float:
+        assert self.data.val_fraction is not None  # filled in by __post_init__
+        return self.data.val_fraction
+
+    @property
     def run_name(self) -> str:
-        return self.name or f"{self.dataset}-{self.architecture}-{self.code_size}"
+        return self.name or f"{self.data.name}-{self.architecture}-{self.code_size}"
 
     @property
     def run_dir(self) -> Path:
@@ -308,18 +270,7 @@ class PretrainConfig:
 
     def load_dataset(self) -> Dataset:
         """The data set and split these settings name (`aet export` reloads the same rows)."""
-        dataset = load_dataset(
-            self.dataset,
-            self.data_path,
-            seed=self.seed,
-            test_fraction=self.test_fraction,
-            val_fraction=self.val_fraction,
-            image_size=self.image_size,
-            limit=self.limit,
-            columns=self.columns,
-            label_column=self.label_column,
-            drop_missing=self.drop_missing,
-        )
+        dataset = self.data.load()
         if dataset.is_vectors and self.noise == "salt-and-pepper":
             raise ConfigError(
                 "noise: salt-and-pepper sets entries to 0 or 1, which means nothing for "
@@ -328,7 +279,7 @@ class PretrainConfig:
         if dataset.is_vectors and self.training_config().augmentation.enabled:
             raise ConfigError(
                 "augment_translate / augment_rotate / augment_scale: augmentation moves images; "
-                f"data set {self.dataset} holds vectors (set them to 0)"
+                f"data set {self.data.name} holds vectors (set them to 0)"
             )
         return dataset
 
@@ -357,9 +308,8 @@ class PretrainConfig:
         )
 
     def to_dict(self) -> dict:
-        return {
-            k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(self).items()
-        }
+        """The fields by flag name, as config.json and checkpoints record them."""
+        return flat_dict(self)
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -424,8 +374,13 @@ def config_of(args: argparse.Namespace) -> PretrainConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Train, evaluate and write the run folder; 130 after saving when interrupted."""
-    config = config_of(args)
+    """`aet pretrain`: the configuration of the flags, pretrained."""
+    return pretrain(config_of(args))
+
+
+def pretrain(config: PretrainConfig) -> int:
+    """Train, evaluate and write the run folder; 130 after saving when interrupted, 75 when
+    `stop_after_epochs` ended the call."""
     torch.set_num_threads(config.threads)
     dataset = config.load_dataset()
     torch.manual_seed(config.seed)  # model initialisation, the same in every process

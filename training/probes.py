@@ -36,7 +36,6 @@ LOGISTIC_C = tuple(float(c) for c in np.logspace(-4, 2, 7))  # 1e-4 ... 100, one
 KNN_K = (1, 3, 5, 9, 15, 25)
 MAX_FOLDS = 5
 LARGE_SUBSET = 2000  # above this many labels 3 folds are plenty (and 40 % cheaper than 5)
-PROBES = ("logistic", "knn")
 
 
 def label_subset(y: np.ndarray, n_labels: int | None, seed: int = 0) -> np.ndarray:
@@ -193,60 +192,47 @@ def knn_probe(
     return _score(tuned, test_x, test_y)
 
 
-PROBE_FUNCTIONS: dict[str, Callable[..., ProbeScore]] = {
-    "logistic": logistic_probe,
-    "knn": knn_probe,
-}
+Probe = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int], ProbeScore]
+PROBE_FUNCTIONS: dict[str, Probe] = {"logreg": logistic_probe, "knn": knn_probe}
 
 
 @dataclass(frozen=True)
 class FeatureSet:
-    """One representation of the labelled training rows and the test rows."""
+    """One representation of the labelled fit rows (train + val) and of the test rows."""
 
     name: str
-    train: np.ndarray  # (N_train, D)
+    fit: np.ndarray  # (N_fit, D)
     test: np.ndarray  # (N_test, D)
 
 
 def probe_features(
     features: list[FeatureSet],
-    train_y: np.ndarray,
+    fit_y: np.ndarray,
     test_y: np.ndarray,
     label_counts: list[int],
     seed: int = 0,
-    probes: tuple[str, ...] = PROBES,
+    probes: Mapping[str, Probe] = PROBE_FUNCTIONS,
 ) -> dict:
-    """Every probe on every feature set for every label budget, on shared label subsets.
+    """Every probe on every feature set for every label budget, on shared label subsets: the
+    one probe loop of `aet pretrain`'s evaluation, `aet probe` and `aet demo`.
 
-    Returns a JSON-serialisable dict: `labels` (the budgets), then per probe name
-    `{feature name: [accuracy per budget]}` and `settings` per probe, feature set and budget
-    (the chosen hyper-parameters, the CV accuracy and the number of folds).
+    Returns a JSON-serialisable dict: `labels` (the budgets), `accuracy` as
+    `{feature name: {probe name: [accuracy per budget]}}` and `settings` in the same layout
+    (`ProbeScore.choice()`: the chosen hyper-parameters, the CV accuracy, the folds).
     """
-    subsets = [label_subset(train_y, n, seed) for n in label_counts]
-    result: dict = {"labels": [len(index) for index in subsets]}
-    for probe in probes:
-        result[probe] = _probe_all(PROBE_FUNCTIONS[probe], features, train_y, test_y, subsets, seed)
-    return result
-
-
-def _probe_all(
-    probe: Callable[..., ProbeScore],
-    features: list[FeatureSet],
-    train_y: np.ndarray,
-    test_y: np.ndarray,
-    subsets: list[np.ndarray],
-    seed: int,
-) -> dict:
-    accuracy: dict[str, list[float]] = {}
-    settings: dict[str, list[dict]] = {}
+    subsets = [label_subset(fit_y, n, seed) for n in label_counts]
+    accuracy: dict[str, dict[str, list[float]]] = {}
+    settings: dict[str, dict[str, list[dict]]] = {}
     for feature in features:
-        scores = [
-            probe(feature.train[index], train_y[index], feature.test, test_y, seed)
-            for index in subsets
-        ]
-        accuracy[feature.name] = [s.accuracy for s in scores]
-        settings[feature.name] = [s.choice() for s in scores]
-    return {"accuracy": accuracy, "settings": settings}
+        accuracy[feature.name], settings[feature.name] = {}, {}
+        for name, probe in probes.items():
+            scores = [
+                probe(feature.fit[index], fit_y[index], feature.test, test_y, seed)
+                for index in subsets
+            ]
+            accuracy[feature.name][name] = [score.accuracy for score in scores]
+            settings[feature.name][name] = [score.choice() for score in scores]
+    return {"labels": [len(index) for index in subsets], "accuracy": accuracy, "settings": settings}
 
 
 def format_settings(settings: dict) -> str:

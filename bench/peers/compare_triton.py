@@ -71,7 +71,7 @@ class Measurement:
 
 def shipped_encoder(repository: Path, model: str, destination: Path) -> None:
     """Copy the latest usable version of `model` into the repository at `destination`."""
-    from aet.server.repository import latest_version, scan_repository
+    from aet.repository import latest_version, scan_repository
 
     found = latest_version(scan_repository(repository), model)
     if found is None:
@@ -96,7 +96,7 @@ def untrained_encoder(
     import numpy as np
     import torch
 
-    from aet.server.repository import InputSpec, ModelCard, OutputSpec, write_version
+    from aet.repository import InputSpec, ModelCard, OutputSpec, write_version
     from aet.training.export import (
         ExportedEncoder,
         Scale,

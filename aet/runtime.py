@@ -27,6 +27,7 @@ import onnxruntime as ort
 
 from aet.devices import DEVICES, nvidia_device_node_present, nvidia_gpu_present
 from aet.errors import UserError
+from aet.repository import ModelCard
 
 CPU_PROVIDER = "CPUExecutionProvider"
 CUDA_PROVIDER = "CUDAExecutionProvider"
@@ -154,6 +155,30 @@ class EncoderSession:
         # tensors, so each thread that runs batches (model instances) has its own.
         self._uses_binding = self.provider == CUDA_PROVIDER
         self._bindings = threading.local()
+
+    @classmethod
+    def from_card(
+        cls,
+        model_path: Path,
+        card: ModelCard,
+        providers: list[str],
+        options: RuntimeOptions,
+        *,
+        score: bool,
+        label: str | None = None,
+    ) -> EncoderSession:
+        """The session of a model as its card describes it (input, output, row shape), with
+        the novelty score when `score` and the graph has one: the one way a card is opened."""
+        return cls(
+            model_path,
+            card.input.name,
+            card.output.name,
+            tuple(card.input.shape),
+            providers,
+            options,
+            score_name=card.score.name if score and card.score is not None else None,
+            label=label,
+        )
 
     @staticmethod
     def _check_signature(

@@ -1,7 +1,10 @@
 """The model repository: `<root>/<model>/<version>/{model.onnx, model.json}`.
 
-`training.export` is the only writer (`write_version`); the server and clients read through
-`scan_repository`, which verifies every version's sha256 and reports the ones it refuses.
+The floor that training (writes), the server and the clients (read) share. Writers go through
+`write_version`: `aet export` (encoders), `aet head` (classifiers) and
+`aet.AutoencoderEmbedder.export`. Readers go through `scan_repository`, which verifies every
+version's sha256 (`check_sha256`, the one place the rule is checked) and reports the ones it
+refuses, or `find_model_version` for one model folder.
 Versions are positive integers, the highest usable one is "latest". A version folder appears
 only by an atomic rename of a finished temporary folder, so readers never see half a version.
 """
@@ -366,14 +369,22 @@ class ModelVersion:
     def card_path(self) -> Path:
         return self.path / CARD_FILE
 
+    def verified_bytes(self) -> bytes:
+        """The model's bytes, checked against the card again (a file changed since the scan
+        is refused)."""
+        data = self.model_path.read_bytes()
+        check_sha256(data, self.usable_card, str(self.model_path))
+        return data
 
-def sha256_file(path: str | os.PathLike) -> str:
-    """The hex sha256 of a file's bytes, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+
+def check_sha256(onnx_bytes: bytes, card: ModelCard, source: str) -> None:
+    """The sha256 rule, the one place it is checked: a model's bytes must hash to its card's
+    `sha256`; otherwise RepositoryError naming `source` and both digests."""
+    actual = hashlib.sha256(onnx_bytes).hexdigest()
+    if actual != card.sha256:
+        raise RepositoryError(
+            f"{source}: sha256 mismatch: card expects {card.sha256}, file has {actual}"
+        )
 
 
 def read_model_card(path: str | os.PathLike, source: str | None = None) -> ModelCard:
@@ -516,13 +527,11 @@ def _check_version(name: str, version: int, path: Path) -> ModelVersion:
             f"{card_file}: card says {card.name}/{card.version}, folder is {name}/{version}", card
         )
     try:
-        actual = sha256_file(path / MODEL_FILE)
+        check_sha256((path / MODEL_FILE).read_bytes(), card, model_file)
     except OSError as exc:
         return refused(f"cannot read {model_file}: {exc.strerror or exc}", card)
-    if actual != card.sha256:
-        return refused(
-            f"{model_file}: sha256 mismatch: card expects {card.sha256}, file has {actual}", card
-        )
+    except RepositoryError as exc:
+        return refused(str(exc), card)
     return ModelVersion(name, version, path, card, fingerprint=fingerprint)
 
 
@@ -559,3 +568,32 @@ def latest_version(versions: Iterable[ModelVersion], name: str) -> ModelVersion 
     """The highest-numbered usable version of `name` among `versions`, or None."""
     usable = [v for v in versions if v.name == name and v.ok]
     return max(usable, key=lambda v: v.version, default=None)
+
+
+def find_model_version(path: str | os.PathLike) -> ModelVersion:
+    """The verified version at `exported/<model>/<version>`, or the latest of `exported/<model>`."""
+    path = Path(path)
+    if (path / CARD_FILE).exists():
+        root, name, wanted = path.parent.parent, path.parent.name, path.name
+    else:
+        root, name, wanted = path.parent, path.name, None
+    if not (root / name).is_dir():
+        raise RepositoryError(
+            f"model folder {path}: no such folder; expected "
+            f"exported/<model> or exported/<model>/<version>"
+        )
+    versions = [v for v in scan_repository(root) if v.name == name]
+    if wanted is not None:
+        found = next((v for v in versions if str(v.version) == wanted), None)
+        if found is None:
+            raise RepositoryError(
+                f"model folder {path}: expected a positive integer version folder, got {wanted!r}"
+            )
+        if not found.ok:
+            raise RepositoryError(f"model folder {path}: refused: {found.error}")
+        return found
+    found = latest_version(versions, name)
+    if found is None:
+        reasons = "; ".join(f"v{v.version}: {v.error}" for v in versions) or "no version folders"
+        raise RepositoryError(f"model folder {path}: no usable version ({reasons})")
+    return found

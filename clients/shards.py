@@ -1,0 +1,202 @@
+"""Resumable extraction jobs: `ShardStore` (`<output>.shards/`, in process) and `PartsFolder`
+(a `--ray` output folder written by the workers); each knows which rows are done.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from aet.clients.embeddings import MANIFEST, ExtractionError, atomic_write
+
+log = logging.getLogger(__name__)
+
+
+class ShardStore:
+    """`<output>.shards/`: a manifest naming the job, and one `.npz` per finished shard.
+
+    A shard counts as finished only if it loads and holds the expected ids and a finite
+    float32 `(rows, embedding_dim)` array; anything else is deleted and embedded again.
+    """
+
+    def __init__(self, folder: Path, manifest: dict[str, Any]):
+        self.folder = folder
+        self.manifest = json.loads(json.dumps(manifest))  # as read back: tuples become lists
+        self.rows = manifest["rows"]
+        self.shard_size = manifest["shard_size"]
+        # with --score each row carries its score as one more column
+        self.embedding_dim = manifest["model"]["embedding_dim"] + int(manifest["score"])
+
+    def open(self) -> None:
+        """Create the folder, or check that the job it holds is this one."""
+        manifest_path = self.folder / MANIFEST
+        if manifest_path.exists():
+            try:
+                previous = json.loads(manifest_path.read_text())
+            except (OSError, ValueError) as exc:
+                raise ExtractionError(
+                    f"{manifest_path}: unreadable manifest ({exc}); delete "
+                    f"{self.folder} to start afresh"
+                ) from exc
+            for key, value in self.manifest.items():
+                if previous.get(key) != value:
+                    raise ExtractionError(
+                        f"{manifest_path}: field {key!r}: this job has {value!r}, the unfinished "
+                        f"one has {previous.get(key)!r}; finish it with the same arguments or "
+                        f"delete {self.folder}"
+                    )
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        atomic_write(manifest_path, lambda t: t.write_text(json.dumps(self.manifest, indent=2)))
+
+    @property
+    def count(self) -> int:
+        return -(-self.rows // self.shard_size)
+
+    def bounds(self, index: int) -> tuple[int, int]:
+        """First and one-past-last row of shard `index`."""
+        return index * self.shard_size, min((index + 1) * self.shard_size, self.rows)
+
+    def path(self, index: int) -> Path:
+        return self.folder / f"shard-{index:05d}.npz"
+
+    def load(self, index: int) -> np.ndarray | None:
+        """The embeddings of a valid finished shard, or None (an invalid file is removed)."""
+        path = self.path(index)
+        if not path.exists():
+            return None
+        start, stop = self.bounds(index)
+        try:
+            with np.load(path, allow_pickle=False) as archive:
+                ids, embeddings = archive["ids"], archive["embeddings"]
+            valid = (
+                np.array_equal(ids, np.arange(start, stop))
+                and embeddings.dtype == np.float32
+                and embeddings.shape == (stop - start, self.embedding_dim)
+                and bool(np.isfinite(embeddings).all())
+            )
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError):
+            valid = False
+        if not valid:
+            path.unlink()
+            return None
+        return embeddings
+
+    def save(self, index: int, embeddings: np.ndarray) -> None:
+        """Write shard `index` atomically."""
+        start, stop = self.bounds(index)
+        ids = np.arange(start, stop, dtype=np.int64)
+
+        def write(temporary: Path) -> None:
+            with open(temporary, "wb") as handle:
+                np.savez(handle, ids=ids, embeddings=embeddings)
+
+        atomic_write(self.path(index), write)
+
+    def remove(self) -> None:
+        shutil.rmtree(self.folder)
+
+
+class PartsFolder:
+    """A `--ray` output: a folder of Parquet files written by the workers, and `manifest.json`.
+
+    The manifest names the job and says whether it is complete. Rows carry their block
+    (`id // shard_size`); a block is finished when all its rows are in readable files. A file
+    holding rows of an unfinished block is deleted (its other blocks are embedded again), so
+    that no row is written twice.
+    """
+
+    def __init__(self, folder: Path, manifest: dict[str, Any]):
+        self.folder = folder
+        self.manifest = json.loads(json.dumps(manifest))  # as read back: tuples become lists
+        self.rows = manifest["rows"]
+        self.block_rows = manifest["shard_size"]
+
+    @property
+    def count(self) -> int:
+        return -(-self.rows // self.block_rows)
+
+    def bounds(self, index: int) -> tuple[int, int]:
+        """First and one-past-last row of block `index`."""
+        return index * self.block_rows, min((index + 1) * self.block_rows, self.rows)
+
+    def open(self, overwrite: bool) -> None:
+        """Create the folder, empty a finished one (`overwrite`), or check an unfinished one."""
+        manifest_path = self.folder / MANIFEST
+        if self.folder.exists() and not self.folder.is_dir():
+            if not overwrite:
+                raise ExtractionError(f"{self.folder}: already exists; pass --overwrite")
+            self.folder.unlink()
+        if manifest_path.exists():
+            try:
+                previous = json.loads(manifest_path.read_text())
+            except (OSError, ValueError) as exc:
+                raise ExtractionError(
+                    f"{manifest_path}: unreadable manifest ({exc}); delete {self.folder} to "
+                    f"start afresh"
+                ) from exc
+            if previous.get("complete") and overwrite:
+                shutil.rmtree(self.folder)
+            else:
+                for key, value in self.manifest.items():
+                    if previous.get(key) != value:
+                        raise ExtractionError(
+                            f"{manifest_path}: field {key!r}: this job has {value!r}, the "
+                            f"unfinished one has {previous.get(key)!r}; finish it with the same "
+                            f"arguments or delete {self.folder}"
+                        )
+                return
+        elif self.folder.is_dir() and any(self.folder.iterdir()):
+            raise ExtractionError(
+                f"{self.folder}: a folder without {MANIFEST}, not an aet embed output; "
+                f"refusing to write into it"
+            )
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._write_manifest({**self.manifest, "complete": False})
+
+    def _write_manifest(self, manifest: dict[str, Any]) -> None:
+        atomic_write(self.folder / MANIFEST, lambda t: t.write_text(json.dumps(manifest, indent=2)))
+
+    def files(self) -> list[Path]:
+        return sorted(self.folder.glob("*.parquet"))
+
+    def pending_blocks(self) -> list[int]:
+        """The blocks still to embed; files that hold rows of any of them are deleted."""
+        import pyarrow.parquet as pq
+
+        expected = np.array([stop - start for start, stop in map(self.bounds, range(self.count))])
+        counts: dict[Path, np.ndarray] = {}
+        for path in self.files():
+            try:
+                ids = pq.read_table(path, columns=["id"]).column("id").to_numpy()
+                counts[path] = np.bincount(ids // self.block_rows, minlength=self.count)
+            except (OSError, ValueError, KeyError) as exc:  # a file cut short by a crash
+                log.warning("%s: unreadable (%s); its rows are embedded again", path, exc)
+                path.unlink()
+        while True:
+            total = sum(counts.values(), np.zeros(self.count, np.int64))
+            finished = total == expected
+            spoiled = [path for path, c in counts.items() if (c[~finished] > 0).any()]
+            if not spoiled:
+                return [int(i) for i in np.flatnonzero(~finished)]
+            for path in spoiled:
+                path.unlink()
+                del counts[path]
+
+    def finish(self, metadata: dict[str, Any]) -> None:
+        """Check that the files hold every row, then mark the job complete."""
+        import pyarrow.parquet as pq
+
+        written = sum(pq.read_metadata(path).num_rows for path in self.files())
+        if written != self.rows:
+            raise ExtractionError(
+                f"{self.folder}: expected {self.rows} rows in its Parquet files, found "
+                f"{written}; run the same command again to resume"
+            )
+        self._write_manifest({**self.manifest, "complete": True, "metadata": metadata})

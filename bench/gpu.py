@@ -7,9 +7,10 @@
 Four sections, each written into RESULTS_DIR/gpu.json and gpu.md (default bench/results/):
 1. env: nvidia-smi, torch's CUDA device, onnxruntime's providers after `preload_dlls()`, versions;
 2. train: `aet pretrain --recipe images` on the MNIST split for --epochs epochs at fp32, bf16
-   and fp16 (seconds per epoch from the time each epoch's log line appears; the probe table
-   the run ends with), then one epoch under `torchrun --nproc-per-node 1` (NCCL on CUDA); the
-   fp32 run is exported (`aet export`, parity-checked) for the next two sections;
+   and fp16 (seconds per epoch from the time each epoch's log line appears; the fp32 run's
+   probe table unless --skip-probe, the others stop after their epochs), then one epoch under
+   `torchrun --nproc-per-node 1` (NCCL on CUDA); the fp32 run is exported (`aet export`,
+   parity-checked) for the next two sections;
 3. serve: `aet serve --device D` over the shipped digits encoder, a large MNIST-size MLP with
    random weights (bench/serve.py's) and the encoder just trained: the provider each session
    really uses (must be CUDAExecutionProvider on CUDA), served embeddings against CPU
@@ -34,7 +35,6 @@ import os
 import platform
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -64,13 +64,8 @@ CLIENT_PROCESSES = 8
 # -- running children -----------------------------------------------------------------------
 
 
-def run_timed(
-    command: list[str], log: Path, timeout: float, interrupt_after_epoch: int | None = None
-) -> tuple[int, float, list[tuple]]:
-    """Run `command`, its output into `log`; (exit code, seconds, [(seconds, line), ...]).
-
-    `interrupt_after_epoch` N: one SIGINT once the line of epoch N/N appears (a pretraining
-    run has then saved its checkpoint; it stops, skipping the evaluation that follows)."""
+def run_timed(command: list[str], log: Path, timeout: float) -> tuple[int, float, list[tuple]]:
+    """Run `command`, its output into `log`; (exit code, seconds, [(seconds, line), ...])."""
     started = time.perf_counter()
     lines = []
     with (
@@ -83,9 +78,6 @@ def run_timed(
         for line in child.stdout:
             lines.append((time.perf_counter() - started, line.rstrip()))
             out.write(line)
-            found = EPOCH_LINE.search(line)
-            if found and found[1] == found[2] == str(interrupt_after_epoch):
-                child.send_signal(signal.SIGINT)
         try:
             code = child.wait(timeout=max(1.0, timeout - (time.perf_counter() - started)))
         except subprocess.TimeoutExpired:
@@ -141,7 +133,7 @@ def environment(args: argparse.Namespace, scratch: Path, failures: list[str]) ->
 
 def pretrain_command(args: argparse.Namespace, runs: Path, name: str, epochs: int) -> list[str]:
     data = (
-        ["--recipe", "digits", "--dataset", "digits"]
+        ["--recipe", "digits", "--architecture", "mlp", "--dataset", "digits"]  # one stage
         if args.quick
         else ["--recipe", "images", "--dataset", "mnist-idx", "--data-path", str(args.mnist_path)]
     )
@@ -169,16 +161,18 @@ def epoch_seconds(lines: list[tuple]) -> list[float]:
 
 
 def timed_pretrain(command: list[str], log: Path, epochs: int, probe: bool) -> dict:
-    """One pretraining run: its exit code and seconds per epoch; with `probe` it runs to its
-    end and the probe table is read from metrics.json, else it is stopped after its last epoch
-    (the evaluation after it takes minutes and says nothing about the device)."""
-    code, seconds, lines = run_timed(command, log, 900, None if probe else epochs)
+    """One pretraining run: its exit code and seconds per epoch. With `probe` it runs to its
+    end and the probe table is read from metrics.json; else `--stop-after-epochs` ends it after
+    its epochs, checkpoint saved (the evaluation after them takes minutes and says nothing
+    about the device)."""
+    run = Path(command[command.index("--runs-dir") + 1]) / command[command.index("--name") + 1]
+    if not probe:
+        command = [*command, "--stop-after-epochs", str(epochs)]
+    code, seconds, lines = run_timed(command, log, 900)
     per_epoch = epoch_seconds(lines)
-    entry: dict = {"exit_code": code, "seconds": seconds, "ok": len(per_epoch) >= epochs}
-    if probe:
-        entry["ok"] &= code == 0
-    else:  # stopped by SIGINT after the last epoch: the checkpoint was saved first
-        entry["ok"] &= any("interrupted; state saved" in line for _, line in lines)
+    finished = (run / "metrics.json") if probe else (run / "checkpoint.pt")
+    entry: dict = {"exit_code": code, "seconds": seconds}
+    entry["ok"] = len(per_epoch) >= epochs and finished.exists()
     if not entry["ok"]:
         return entry | {"log_tail": tail(log)}
     entry.update(
@@ -186,8 +180,7 @@ def timed_pretrain(command: list[str], log: Path, epochs: int, probe: bool) -> d
         seconds_per_epoch=float(np.median(per_epoch[1:] or per_epoch)),
     )
     if probe:
-        run = Path(command[command.index("--runs-dir") + 1]) / command[command.index("--name") + 1]
-        accuracy = json.loads((run / "metrics.json").read_text())["evaluation"]["probe"]
+        accuracy = json.loads(finished.read_text())["evaluation"]["probe"]
         entry.update(
             probe_labels=accuracy["labels"],
             logistic_probe=accuracy["logistic"]["accuracy"]["model"],
@@ -224,7 +217,9 @@ def training(args: argparse.Namespace, scratch: Path, failures: list[str]) -> di
         failures.append(f"torchrun: {result['torchrun']['log_tail']}")
 
     trained = runs / f"{args.device}-fp32" / "best.pt"
-    if trained.exists():
+    if not trained.exists():
+        failures.append(f"export: {trained} missing")
+    else:
         print("train: export ...", flush=True)
         log = scratch / "export.log"
         command = aet("export", "--checkpoint", str(trained), "--repository", str(args.repository))
@@ -534,8 +529,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--skip-probe",
         action="store_true",
-        help="no probe after the fp32 run either (the other runs and torchrun's are always "
-        "stopped after their last epoch: the evaluation takes minutes, the same on any device)",
+        help="no probe after the fp32 run either (the other runs and torchrun's always stop "
+        "after their epochs: the evaluation takes minutes, the same on any device)",
     )
     parser.add_argument(
         "--work",

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from aet.devices import nvidia_gpu_present
+
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
 SCRIPT_TIMEOUT = 600  # seconds; a hung server or client fails the test instead of the suite
@@ -44,7 +46,8 @@ def run_quick(script: str, *args: str, cwd: Path) -> str:
 def test_every_bench_script_has_a_test():
     scripts = {p.relative_to(BENCH).as_posix() for p in BENCH.rglob("*.py")}
     # pytriton_server.py is a child that compare_triton.py starts, not a benchmark.
-    tested = {"pretrain.py", "serve.py", "extract.py", "score.py", "peers/compare_triton.py"}
+    tested = {"pretrain.py", "serve.py", "extract.py", "score.py", "gpu.py"}
+    tested |= {"peers/compare_triton.py"}
     assert scripts - {"peers/pytriton_server.py"} == tested
 
 
@@ -115,6 +118,58 @@ def test_score_quick(tmp_path):
         served = result["served_p50_ms"][name]
         assert list(served) == ["1", "64"] and all(served["1"][side] > 0 for side in sides)
     assert result["load_average"]["end"] >= 0 and "load average" in output
+
+
+def run_gpu_check(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """`bash bench/gpu.sh ARGS`, as a user starts it."""
+    command = ["bash", str(BENCH / "gpu.sh"), *args]
+    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=SCRIPT_TIMEOUT)
+
+
+@pytest.mark.skipif(nvidia_gpu_present(), reason="a GPU is here: the check would really run")
+def test_gpu_check_without_a_gpu_says_so_in_one_line(tmp_path):
+    done = run_gpu_check(str(tmp_path / "results"), cwd=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.count("\n") == 1 and "no NVIDIA GPU" in done.stdout and not done.stderr
+    assert not (tmp_path / "results").exists()
+
+
+@pytest.mark.parametrize(
+    ("flags", "named"),
+    [(["--epochs", "0"], "--epochs"), (["--sections", "serve,gpu"], "--sections")],
+)
+def test_gpu_check_refuses_bad_arguments_before_any_work(tmp_path, flags, named):
+    done = run_gpu_check(str(tmp_path / "results"), *flags, cwd=tmp_path)
+    assert done.returncode == 2 and named in done.stderr
+    assert not (tmp_path / "results").exists()
+
+
+def test_gpu_check_quick_on_cpu(tmp_path):
+    """Every section on CPU: the same code paths a GPU run takes, with the CPU provider."""
+    results = tmp_path / "results"
+    done = run_gpu_check(str(results), "--quick", "--device", "cpu", "--skip-probe", cwd=tmp_path)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    report = json.loads((results / "gpu.json").read_text())
+    assert report["failures"] == [] and report["device"] == "cpu"
+    assert "CPUExecutionProvider" in report["env"]["onnxruntime_providers"]
+    train = report["train"]
+    (run,) = train["runs"]
+    assert run["ok"] and run["seconds_per_epoch"] > 0 and "logistic_probe" not in run
+    assert train["torchrun"]["ok"] and train["export"]["exit_code"] == 0
+    serve = report["serve"]
+    assert set(serve["checks"]) == {"digits", "large", "trained"}
+    for check in serve["checks"].values():
+        assert check["provider"] == "CPUExecutionProvider"
+        assert check["max_abs_diff_vs_cpu"] <= 1e-4
+    assert len(serve["grid"]) == 2 * 2 * 2  # batch x clients x dynamic batching on / off
+    for point in serve["grid"]:
+        assert point["rows_per_s"] > 0 and point["p99_ms"] >= point["p50_ms"] > 0
+    assert all(p["rows_per_s"] > 0 for p in serve["in_process"])
+    jobs = {job["backend"]: job for job in report["extract"]["jobs"]}
+    assert set(jobs) == {"local", "ray"}
+    assert all(job["rows"] == 1797 and job["rows_per_s"] > 0 for job in jobs.values())
+    summary = (results / "gpu.md").read_text()
+    assert "## Serving" in summary and "## Failures\n\nnone" in summary
 
 
 def _perf_analyzer_installed() -> bool:

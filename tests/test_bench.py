@@ -123,7 +123,10 @@ def test_score_quick(tmp_path):
 def run_gpu_check(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     """`bash bench/gpu.sh ARGS`, as a user starts it."""
     command = ["bash", str(BENCH / "gpu.sh"), *args]
-    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=SCRIPT_TIMEOUT)
+    environment = os.environ | {"PYTHON": sys.executable}  # the script's default is python3
+    return subprocess.run(
+        command, cwd=cwd, env=environment, capture_output=True, text=True, timeout=SCRIPT_TIMEOUT
+    )
 
 
 @pytest.mark.skipif(nvidia_gpu_present(), reason="a GPU is here: the check would really run")

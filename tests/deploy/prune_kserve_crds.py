@@ -52,7 +52,9 @@ def prune(schema: dict, docs: list) -> dict:
 
 def main(checkout: Path, commit: str = "HEAD") -> None:
     manifests = [
-        doc for path in sorted(MANIFESTS.glob("*.yaml")) for doc in yaml.safe_load_all(path.read_text())
+        doc
+        for path in sorted(MANIFESTS.glob("*.yaml"))
+        for doc in yaml.safe_load_all(path.read_text())
     ]
     result = {}
     for kind, path in CRDS.items():
@@ -62,9 +64,14 @@ def main(checkout: Path, commit: str = "HEAD") -> None:
             capture_output=True,
             text=True,
         ).stdout
-        crd = next(d for d in yaml.safe_load_all(text) if d and d.get("kind") == "CustomResourceDefinition")
+        crd = next(
+            d for d in yaml.safe_load_all(text) if d and d.get("kind") == "CustomResourceDefinition"
+        )
         sha = subprocess.run(
-            ["git", "-C", str(checkout), "rev-parse", commit], check=True, capture_output=True, text=True
+            ["git", "-C", str(checkout), "rev-parse", commit],
+            check=True,
+            capture_output=True,
+            text=True,
         ).stdout.strip()
         docs = [m for m in manifests if m.get("kind") == kind]
         versions = {}
@@ -76,7 +83,9 @@ def main(checkout: Path, commit: str = "HEAD") -> None:
             "group": crd["spec"]["group"],
             "versions": versions,
         }
-    (HERE / "kserve_crd_schemas.json").write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
+    (HERE / "kserve_crd_schemas.json").write_text(
+        json.dumps(result, indent=1, sort_keys=True) + "\n"
+    )
 
 
 if __name__ == "__main__":

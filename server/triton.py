@@ -45,7 +45,7 @@ LABELS_FILE = "labels.txt"
 CLASSIFIER_OUTPUT = "probabilities"
 
 # ONNX element types -> Triton data types (the ones an exported graph can carry).
-DATA_TYPES = {
+DATA_TYPES: dict[int, mc.DataType] = {
     onnx.TensorProto.FLOAT: mc.TYPE_FP32,
     onnx.TensorProto.FLOAT16: mc.TYPE_FP16,
     onnx.TensorProto.BFLOAT16: mc.TYPE_BF16,

@@ -703,6 +703,18 @@ def test_triton_config_describes_the_graph_and_runs_at_its_shapes(kind, exported
     assert text_format.Parse(text_format.MessageToString(back), triton_pb2.ModelConfig()) == full
 
 
+def test_the_config_shown_in_the_docs_is_what_aet_triton_writes_for_digits(tmp_path):
+    docs = (ROOT / "docs" / "deploy.md").read_text()
+    shown = re.search(r"The config:\n\n```text\n(.*?)```", docs, re.S)
+    assert shown, "docs/deploy.md: the config block after 'The config:'"
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(["triton", "--model", str(SHIPPED / "digits"), "--output", str(tmp_path)]) == 0
+    written = (tmp_path / "digits" / "config.pbtxt").read_text()
+    assert text_format.Parse(shown.group(1), model_config_pb2.ModelConfig()) == text_format.Parse(
+        written, model_config_pb2.ModelConfig()
+    )
+
+
 def test_triton_refuses_a_tampered_model_and_an_existing_target(exported_models, tmp_path, capsys):
     source = tmp_path / "digits" / "1"
     shutil.copytree(exported_models["image"], source)

@@ -19,6 +19,7 @@ and round-trips through tritonclient's JSON form.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import io
 import json
@@ -406,6 +407,7 @@ def read_only_models() -> Iterator[Path]:
     shutil.rmtree(root)
 
 
+@functools.cache
 def drop_privileges() -> tuple[list[str], str | None]:
     """The command prefix that runs as uid 1000 when this test runs as root, and why not."""
     if os.geteuid() != 0:
@@ -414,6 +416,18 @@ def drop_privileges() -> tuple[list[str], str | None]:
     if setpriv is None:
         return [], "running as root and util-linux's setpriv is not installed"
     prefix = [setpriv, f"--reuid={IMAGE_UID}", f"--regid={IMAGE_UID}", "--clear-groups"]
+    # The interpreter, the package and its dependencies must be usable by uid 1000 (not so
+    # for a checkout under /root, 0700, on most systems): tried, as uid 1000.
+    tried = subprocess.run(
+        [*prefix, sys.executable, "-c", "import aet.server.app"],
+        cwd="/",
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if tried.returncode != 0:
+        reason = (tried.stderr.strip().splitlines() or ["no message"])[-1]
+        return [], f"uid {IMAGE_UID} cannot import aet.server.app here: {reason}"
     return prefix, None
 
 
@@ -582,12 +596,20 @@ def test_live_server_fits_its_memory_request_and_writes_nothing(live):
     assert all(entry.get("event") for entry in server.log)
 
 
+# Last of the live tests in this file: pytest runs a module-scoped parameter's tests in file
+# order, and this one stops that parameter's server.
 def test_sigterm_turns_health_not_serving_and_ends_within_the_grace_period(live):
     name, server = live
     server.wait_serving()
     grace = float(flag(server.container_argv, "--grace-period"))
+    stub = health_pb2_grpc.HealthStub(server.channel)
+    changes = stub.Watch(health_pb2.HealthCheckRequest(service=""), timeout=60)
+    assert next(changes).status == health_pb2.HealthCheckResponse.SERVING
     started = time.monotonic()
     server.process.send_signal(signal.SIGTERM)
+    # What readiness probes see from then on, while calls in flight may still finish.
+    assert next(changes).status == health_pb2.HealthCheckResponse.NOT_SERVING
+    changes.cancel()  # an open stream would otherwise count as a call the grace period cut
     code = server.process.wait(timeout=grace + STOP_MARGIN_S + 30)
     elapsed = time.monotonic() - started
     assert code == 0, server.log[-3:]

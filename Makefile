@@ -31,6 +31,7 @@ check: lint typecheck docs
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/hadolint Dockerfile
 
 # mypy cannot follow setuptools' package-dir mapping (training/ -> aet.training, ...), so it reads
 # the package through a tree of links laid out as installed: build/mypy/aet/{*.py,training,...}.

@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "pretrain": ("aet.training.pretrain", "pretrain an autoencoder on a data set"),
     "export": ("aet.training.export", "export a trained encoder to the ONNX model repository"),
     "serve": ("aet.server.app", "serve the model repository over gRPC"),
+    "triton": ("aet.server.triton", "write an exported model as a Triton model repository"),
     "embed": ("aet.clients.extract", "batch feature extraction (server, local onnxruntime or Ray)"),
     "probe": ("aet.clients.probe", "train classifiers on frozen embeddings"),
     "head": ("aet.clients.head", "fit a classifier on an encoder and export both as one model"),

@@ -20,7 +20,7 @@ import shutil
 import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -113,6 +113,30 @@ class ModelCard:
     score: ScoreSpec | None = None  # None for graphs exported before the score existed
     standardizer: dict[str, Any] | None = None  # vectors: FeatureStandardizer.to_dict()
     classifier: ClassifierSpec | None = None  # set for classifier heads, absent for encoders
+
+    @classmethod
+    def draft(
+        cls, name: str, architecture: str, input: InputSpec, output: OutputSpec, **fields: Any
+    ) -> ModelCard:
+        """The one card builder: a card for `write_version`, which stamps `version` and
+        `sha256`; `created` is now, and fields not given are empty (no metrics, no parity
+        samples beyond one, opset 1 unless given)."""
+        values: dict[str, Any] = {
+            "version": 1,
+            "hyperparameters": {},
+            "preprocessing": [],
+            "dataset": {},
+            "metrics": {},
+            "opset": 1,
+            "sha256": "0" * 64,
+            "parity_max_abs_diff": 0.0,
+            "parity_samples": 1,
+            "library_versions": {},
+            "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        }
+        return cls(
+            name=name, architecture=architecture, input=input, output=output, **{**values, **fields}
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON-ready mapping written to `model.json` (encoders carry no `classifier`)."""

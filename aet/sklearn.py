@@ -28,10 +28,8 @@ from aet.training.export import (
     ExportedEncoder,
     export_encoder,
 )
-from aet.training.models import build_autoencoder
 from aet.training.pretrain import PretrainConfig
 from aet.training.standardize import FeatureStandardizer
-from aet.training.train import Trainer
 
 _PRETRAIN = PretrainConfig()  # the `aet pretrain` defaults the hyper-parameters share
 TRANSFORM_BATCH = 1024
@@ -193,11 +191,6 @@ class AutoencoderEmbedder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Bas
         self.feature_range_ = (low, high if high > low else low + 1.0)
         features = self._features(rows)
         image_shape = (n_features,)  # vector rows
-        try:
-            config.model_config().check_input(image_shape)
-        except ConfigError as exc:
-            raise ValueError(str(exc)) from exc
-
         rows_read = LoadedImages(
             pool=Split(features.reshape(n_rows, *image_shape), None),
             raw_max=1.0,
@@ -208,7 +201,8 @@ class AutoencoderEmbedder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Bas
             },
             default_test_fraction=0.0,  # no test part: every row trains or validates
         )
-        try:  # the data set's seeded cut, on fit's X instead of a registered data set
+        try:  # the code size against X's width; the data sets' seeded cut, on X's rows
+            config.model_config().check_input(image_shape)
             dataset = cut_dataset(
                 "array",
                 rows_read,
@@ -219,11 +213,9 @@ class AutoencoderEmbedder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Bas
             )
         except ConfigError as exc:
             raise ValueError(str(exc)) from exc
-        with torch.random.fork_rng(devices=[]):  # seed initialisation, leave the caller's RNG
-            torch.manual_seed(config.seed)
-            model = build_autoencoder(config.model_config(), image_shape)
         with tempfile.TemporaryDirectory(prefix="aet-embedder-") as run_dir:
-            trainer = Trainer(model, dataset, config.training_config(), Path(run_dir), {})
+            with torch.random.fork_rng(devices=[]):  # seeded initialisation, not the caller's
+                trainer = config.trainer(dataset, Path(run_dir))
             self.history_ = trainer.fit()
             self.checkpoint_ = load_checkpoint(trainer.best_path)
         self.model_ = self.checkpoint_.build_model()

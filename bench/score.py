@@ -73,22 +73,16 @@ def export_pair(root: Path, name: str) -> None:
         percentiles = dict.fromkeys(SCORE_PERCENTILES, 0.0)  # uncalibrated: random weights
         score = ScoreSpec(SCORE_NAME, "float32", "bench", "none", 1, percentiles)
         score = score if with_score else None
-        card = ModelCard(
-            name=folder,
-            version=1,
-            architecture="stacked",
+        card = ModelCard.draft(
+            folder,
+            "stacked",
+            InputSpec("pixels", shape, "float32", (0.0, raw_max)),
+            OutputSpec("embedding", "float32", code),
             hyperparameters=config.to_dict(),
-            input=InputSpec("pixels", shape, "float32", (0.0, raw_max)),
-            output=OutputSpec("embedding", "float32", code),
             preprocessing=[f"scale: pixels / {raw_max:g}", "flatten"],
             dataset={"name": "none (random weights, for benchmarking)"},
-            metrics={},
             opset=20,
-            sha256="0" * 64,
-            parity_max_abs_diff=0.0,
-            parity_samples=1,
             library_versions=library_versions(),
-            created="2026-01-01T00:00:00+00:00",
             score=score,
         )
         write_version(root, folder, graph, card)

@@ -23,6 +23,7 @@ import dataclasses
 import json
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -386,19 +387,24 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser, EmbedConfig)
 
 
-def run(args: argparse.Namespace) -> int:
+def run_job(command: str, config: EmbedConfig, job: Callable, shards: Path) -> int:
+    """`aet <command>`: `job(config, backend)` on the backend of `config`, its summary printed;
+    130 when interrupted, the finished shards in `shards` kept for a resume."""
     from aet.clients.backends import open_backend
 
-    config = config_from_args(EmbedConfig, args).with_model_data()
     try:
         with open_backend(config) as backend:
-            summary = extract(config, backend)
+            print(job(config, backend))
     except KeyboardInterrupt:
         print(
-            f"aet embed: interrupted; finished shards are kept in {config.output_path}.shards, "
+            f"aet {command}: interrupted; finished shards are kept in {shards}.shards, "
             f"run the same command to resume",
             file=sys.stderr,
         )
         return EXIT_INTERRUPTED
-    print(summary.line())
     return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    config = config_from_args(EmbedConfig, args).with_model_data()
+    return run_job("embed", config, lambda c, b: extract(c, b).line(), config.output_path)

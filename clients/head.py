@@ -23,9 +23,7 @@ the test accuracy at fit time.
 from __future__ import annotations
 
 import argparse
-import hashlib
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -307,10 +305,9 @@ def build_head(config: HeadConfig, embeddings: EmbeddingTable | None = None) -> 
         )
     onnx_bytes = graph.SerializeToString()
     labels = class_names(dataset)
-    head_card = ModelCard(
-        name=config.name,
-        version=1,  # stamped by write_version
-        architecture="classifier",
+    head_card = ModelCard.draft(
+        config.name,
+        "classifier",
         hyperparameters={"head": config.kind, **fitted.settings, "encoder": card.hyperparameters},
         input=card.input,
         output=OutputSpec(name=OUTPUT_NAME, dtype="float32", embedding_dim=len(labels)),
@@ -327,11 +324,9 @@ def build_head(config: HeadConfig, embeddings: EmbeddingTable | None = None) -> 
             "test_rows": float(len(dataset.test)),
         },
         opset=onnx_opset(graph),
-        sha256=hashlib.sha256(onnx_bytes).hexdigest(),
         parity_max_abs_diff=diff,
         parity_samples=len(test_pixels),
         library_versions={**library_versions(), "scikit-learn": _version("scikit-learn")},
-        created=datetime.now(UTC).isoformat(timespec="seconds"),
         standardizer=card.standardizer,  # vectors: what the graph's first step standardises
         classifier=ClassifierSpec(
             labels=labels,

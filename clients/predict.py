@@ -18,7 +18,6 @@ import argparse
 import dataclasses
 import json
 import shutil
-import sys
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -27,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from aet.clients.embeddings import EmbeddingTable, ExtractionError, atomic_write, read_embeddings
-from aet.clients.extract import EXIT_INTERRUPTED, NO_LABEL, SPLITS, EmbedConfig, extract
+from aet.clients.extract import NO_LABEL, SPLITS, EmbedConfig, extract, run_job
 from aet.config import add_config_arguments, config_from_args
 from aet.server.classification import Classification, classify
 
@@ -197,18 +196,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from aet.clients.backends import open_backend
-
     config = config_from_args(PredictConfig, args).with_model_data()
-    try:
-        with open_backend(config) as backend:
-            predictions = predict(config, backend)
-    except KeyboardInterrupt:
-        print(
-            f"aet predict: interrupted; finished shards are kept in "
-            f"{config.probabilities_path}.shards, run the same command to resume",
-            file=sys.stderr,
-        )
-        return EXIT_INTERRUPTED
-    print(summary(config, predictions))
-    return 0
+
+    def job(config: PredictConfig, backend: EmbeddingBackend) -> str:
+        return summary(config, predict(config, backend))
+
+    return run_job("predict", config, job, config.probabilities_path)

@@ -18,7 +18,48 @@ from aet.clients.embeddings import MANIFEST, ExtractionError, atomic_write
 log = logging.getLogger(__name__)
 
 
-class ShardStore:
+class JobFolder:
+    """A folder holding one job's finished blocks of `shard_size` rows, and a manifest naming
+    the job: a restarted job must match it to reuse them."""
+
+    def __init__(self, folder: Path, manifest: dict[str, Any]):
+        self.folder = folder
+        self.manifest = json.loads(json.dumps(manifest))  # as read back: tuples become lists
+        self.rows = manifest["rows"]
+        self.block_rows = manifest["shard_size"]
+
+    @property
+    def count(self) -> int:
+        return -(-self.rows // self.block_rows)
+
+    def bounds(self, index: int) -> tuple[int, int]:
+        """First and one-past-last row of block `index`."""
+        return index * self.block_rows, min((index + 1) * self.block_rows, self.rows)
+
+    def previous_manifest(self) -> dict[str, Any] | None:
+        """The manifest already in the folder, or None."""
+        path = self.folder / MANIFEST
+        if not path.exists():
+            return None
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise ExtractionError(
+                f"{path}: unreadable manifest ({exc}); delete {self.folder} to start afresh"
+            ) from exc
+
+    def check_same_job(self, previous: dict[str, Any]) -> None:
+        """Refuse an unfinished job of other arguments, naming the first field that differs."""
+        for key, value in self.manifest.items():
+            if previous.get(key) != value:
+                raise ExtractionError(
+                    f"{self.folder / MANIFEST}: field {key!r}: this job has {value!r}, the "
+                    f"unfinished one has {previous.get(key)!r}; finish it with the same "
+                    f"arguments or delete {self.folder}"
+                )
+
+
+class ShardStore(JobFolder):
     """`<output>.shards/`: a manifest naming the job, and one `.npz` per finished shard.
 
     A shard counts as finished only if it loads and holds the expected ids and a finite
@@ -26,42 +67,19 @@ class ShardStore:
     """
 
     def __init__(self, folder: Path, manifest: dict[str, Any]):
-        self.folder = folder
-        self.manifest = json.loads(json.dumps(manifest))  # as read back: tuples become lists
-        self.rows = manifest["rows"]
-        self.shard_size = manifest["shard_size"]
+        super().__init__(folder, manifest)
         # with --score each row carries its score as one more column
         self.embedding_dim = manifest["model"]["embedding_dim"] + int(manifest["score"])
 
     def open(self) -> None:
         """Create the folder, or check that the job it holds is this one."""
-        manifest_path = self.folder / MANIFEST
-        if manifest_path.exists():
-            try:
-                previous = json.loads(manifest_path.read_text())
-            except (OSError, ValueError) as exc:
-                raise ExtractionError(
-                    f"{manifest_path}: unreadable manifest ({exc}); delete "
-                    f"{self.folder} to start afresh"
-                ) from exc
-            for key, value in self.manifest.items():
-                if previous.get(key) != value:
-                    raise ExtractionError(
-                        f"{manifest_path}: field {key!r}: this job has {value!r}, the unfinished "
-                        f"one has {previous.get(key)!r}; finish it with the same arguments or "
-                        f"delete {self.folder}"
-                    )
+        previous = self.previous_manifest()
+        if previous is not None:
+            self.check_same_job(previous)
             return
         self.folder.mkdir(parents=True, exist_ok=True)
-        atomic_write(manifest_path, lambda t: t.write_text(json.dumps(self.manifest, indent=2)))
-
-    @property
-    def count(self) -> int:
-        return -(-self.rows // self.shard_size)
-
-    def bounds(self, index: int) -> tuple[int, int]:
-        """First and one-past-last row of shard `index`."""
-        return index * self.shard_size, min((index + 1) * self.shard_size, self.rows)
+        manifest = json.dumps(self.manifest, indent=2)
+        atomic_write(self.folder / MANIFEST, lambda t: t.write_text(manifest))
 
     def path(self, index: int) -> Path:
         return self.folder / f"shard-{index:05d}.npz"
@@ -103,7 +121,7 @@ class ShardStore:
         shutil.rmtree(self.folder)
 
 
-class PartsFolder:
+class PartsFolder(JobFolder):
     """A `--ray` output: a folder of Parquet files written by the workers, and `manifest.json`.
 
     The manifest names the job and says whether it is complete. Rows carry their block
@@ -112,45 +130,18 @@ class PartsFolder:
     that no row is written twice.
     """
 
-    def __init__(self, folder: Path, manifest: dict[str, Any]):
-        self.folder = folder
-        self.manifest = json.loads(json.dumps(manifest))  # as read back: tuples become lists
-        self.rows = manifest["rows"]
-        self.block_rows = manifest["shard_size"]
-
-    @property
-    def count(self) -> int:
-        return -(-self.rows // self.block_rows)
-
-    def bounds(self, index: int) -> tuple[int, int]:
-        """First and one-past-last row of block `index`."""
-        return index * self.block_rows, min((index + 1) * self.block_rows, self.rows)
-
     def open(self, overwrite: bool) -> None:
         """Create the folder, empty a finished one (`overwrite`), or check an unfinished one."""
-        manifest_path = self.folder / MANIFEST
         if self.folder.exists() and not self.folder.is_dir():
             if not overwrite:
                 raise ExtractionError(f"{self.folder}: already exists; pass --overwrite")
             self.folder.unlink()
-        if manifest_path.exists():
-            try:
-                previous = json.loads(manifest_path.read_text())
-            except (OSError, ValueError) as exc:
-                raise ExtractionError(
-                    f"{manifest_path}: unreadable manifest ({exc}); delete {self.folder} to "
-                    f"start afresh"
-                ) from exc
+        previous = self.previous_manifest()
+        if previous is not None:
             if previous.get("complete") and overwrite:
                 shutil.rmtree(self.folder)
             else:
-                for key, value in self.manifest.items():
-                    if previous.get(key) != value:
-                        raise ExtractionError(
-                            f"{manifest_path}: field {key!r}: this job has {value!r}, the "
-                            f"unfinished one has {previous.get(key)!r}; finish it with the same "
-                            f"arguments or delete {self.folder}"
-                        )
+                self.check_same_job(previous)
                 return
         elif self.folder.is_dir() and any(self.folder.iterdir()):
             raise ExtractionError(

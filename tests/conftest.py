@@ -80,9 +80,7 @@ def digits_checkpoint(tmp_path_factory, digits_dataset) -> Path:
     would, without its evaluation and figures (not needed here, and slow).
     """
     from aet.training.dataspec import DataSpec
-    from aet.training.models import build_autoencoder
     from aet.training.pretrain import PretrainConfig
-    from aet.training.train import Trainer
 
     config = PretrainConfig(
         architecture="mlp",
@@ -94,11 +92,7 @@ def digits_checkpoint(tmp_path_factory, digits_dataset) -> Path:
         name=DIGITS_MODEL,
         runs_dir=tmp_path_factory.mktemp("runs"),
     )
-    torch.manual_seed(config.seed)
-    model = build_autoencoder(config.model_config(), digits_dataset.image_shape)
-    trainer = Trainer(
-        model, digits_dataset, config.training_config(), config.run_dir, config.to_dict()
-    )
+    trainer = config.trainer(digits_dataset, config.run_dir)
     trainer.fit()
     return trainer.best_path
 

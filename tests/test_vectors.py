@@ -29,10 +29,8 @@ from aet.training.checkpoint import load_checkpoint
 from aet.training.data import DataError, load_dataset
 from aet.training.dataspec import DataSpec
 from aet.training.evaluate import encode_array
-from aet.training.models import build_autoencoder
 from aet.training.pretrain import PretrainConfig
 from aet.training.probes import logistic_probe
-from aet.training.train import Trainer
 
 
 def wine_table() -> tuple[np.ndarray, np.ndarray, list[str]]:
@@ -316,10 +314,10 @@ def test_codes_probe_within_three_points_of_standardised_raw_features(name):
         progress=False,
     )
     data = config.load_dataset()
-    torch.manual_seed(config.seed)
-    model = build_autoencoder(config.model_config(data.is_vectors), data.image_shape)
     with tempfile.TemporaryDirectory() as run_dir, contextlib.redirect_stderr(io.StringIO()):
-        Trainer(model, data, config.training_config(), Path(run_dir), config.to_dict()).fit()
+        trainer = config.trainer(data, Path(run_dir))
+        trainer.fit()
+    model = trainer.model
     fit, test = data.fit, data.test
     # The fair probe: C and standardisation chosen by CV on the training rows, for both sides.
     codes = logistic_probe(

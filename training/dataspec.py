@@ -22,80 +22,46 @@ from aet.training.data import DATASETS, Dataset, load_dataset
 
 SPLIT_MISMATCH = "split differs from pretraining"
 # Fields a command may leave unset, and what they are then (without a model card).
-DEFAULTS: dict[str, Any] = {
-    "dataset": "digits",
-    "seed": 0,
-    "val_fraction": 0.1,
-    "drop_missing": False,
-}
+DEFAULTS: dict[str, Any] = dict(dataset="digits", seed=0, val_fraction=0.1, drop_missing=False)
 
 
 class SplitMismatch(UserError):
     """A given data flag changes the rows of the model's pretraining split, or its data is gone."""
 
 
+def _option(help_text: str, **metadata: Any) -> Any:
+    """A `DataSpec` field: unset (None) unless given; its flag's help text."""
+    return field(default=None, metadata={"help": help_text, **metadata})
+
+
 @dataclass(frozen=True)
 class DataSpec:
     """The rows a command reads: data set, reading options and seeded split."""
 
-    dataset: str | None = field(
-        default=None,
-        metadata={
-            "help": "data set (default: digits; with a model: the one model.json records)",
-            "choices": sorted(DATASETS),
-        },
+    dataset: str | None = _option(
+        "data set (default: digits; with a model: the one model.json records)",
+        choices=sorted(DATASETS),
     )
-    data_path: Path | None = field(
-        default=None,
-        metadata={
-            "help": "file or folder of the data set (mnist-idx, npz, image-folder, csv, parquet; "
-            "default: none, or model.json's)"
-        },
+    data_path: Path | None = _option(
+        "file or folder of the data set (mnist-idx, npz, image-folder, csv, parquet)"
     )
-    columns: list[str] | None = field(
-        default=None,
-        metadata={
-            "help": "feature columns of a table (csv, parquet, 2-D npz: x0 x1 ...; "
-            "default: every column but the label)"
-        },
+    columns: list[str] | None = _option(
+        "feature columns of a table (csv, parquet, 2-D npz: x0 x1 ...; "
+        "default: every column but the label)"
     )
-    label_column: str | None = field(
-        default=None,
-        metadata={"help": "class label column of a csv or parquet table (default: unlabelled)"},
+    label_column: str | None = _option("class label column of a table (default: unlabelled)")
+    drop_missing: bool | None = _option(
+        "drop table rows with a missing or infinite value (default: fail naming each column)"
     )
-    drop_missing: bool | None = field(
-        default=None,
-        metadata={
-            "help": "drop table rows with a missing or infinite value instead of failing "
-            "(default: fail naming each column and its count)"
-        },
+    image_size: int | None = _option("resize image-folder images to this square (default: 28)")
+    seed: int | None = _option(
+        "seed of the split, and of the command's training, label subsets and probes (default: 0)"
     )
-    image_size: int | None = field(
-        default=None,
-        metadata={"help": "resize image-folder images to this square size (default: 28)"},
+    test_fraction: float | None = _option(
+        "held-out test fraction (default: the data set's own test files or default fraction)"
     )
-    seed: int | None = field(
-        default=None,
-        metadata={
-            "help": "seed of the split (and of the command's training, label subsets and "
-            "probes; default: 0, or model.json's)"
-        },
-    )
-    test_fraction: float | None = field(
-        default=None,
-        metadata={
-            "help": "held-out test fraction (default: the data set's own test files or its "
-            "default fraction)"
-        },
-    )
-    val_fraction: float | None = field(
-        default=None,
-        metadata={"help": "validation fraction of the rest (default: 0.1)"},
-    )
-    limit: int | None = field(
-        default=None,
-        metadata={"help": "use only this many rows, a seeded subset for quick runs (default: all)"},
-    )
+    val_fraction: float | None = _option("validation fraction of the rest (default: 0.1)")
+    limit: int | None = _option("use only this many rows, a seeded subset (default: all)")
 
     def given(self) -> dict[str, Any]:
         """The fields set (not None), by name."""
@@ -116,25 +82,22 @@ class DataSpec:
         """The data set's name (`dataset`, or its default)."""
         return self.dataset or DEFAULTS["dataset"]
 
-    def load_arguments(self) -> dict[str, Any]:
-        """The `training.data.load_dataset` arguments of these settings (defaults filled)."""
-        spec = self.with_defaults()
-        return {
-            "name": spec.name,
-            "path": spec.data_path,
-            "seed": spec.seed,
-            "test_fraction": spec.test_fraction,
-            "val_fraction": spec.val_fraction,
-            "image_size": spec.image_size,
-            "limit": spec.limit,
-            "columns": spec.columns,
-            "label_column": spec.label_column,
-            "drop_missing": bool(spec.drop_missing),
-        }
-
     def load(self) -> Dataset:
-        """The data set and split these settings name."""
-        return load_dataset(**self.load_arguments())
+        """The data set and split these settings name (unset fields at their defaults)."""
+        spec = self.with_defaults()
+        assert spec.seed is not None and spec.val_fraction is not None  # with_defaults
+        return load_dataset(
+            spec.name,
+            spec.data_path,
+            seed=spec.seed,
+            test_fraction=spec.test_fraction,
+            val_fraction=spec.val_fraction,
+            image_size=spec.image_size,
+            limit=spec.limit,
+            columns=spec.columns,
+            label_column=spec.label_column,
+            drop_missing=bool(spec.drop_missing),
+        )
 
     def record(self) -> dict[str, Any]:
         """The settings as JSON (what an `aet embed` output and a job manifest record):

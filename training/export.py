@@ -18,10 +18,8 @@ records the score's percentiles on the validation split (`SCORE_PERCENTILES`).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import itertools
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 
@@ -43,7 +41,6 @@ from aet.repository import (
     ModelCard,
     OutputSpec,
     ScoreSpec,
-    next_version,
     read_model_card,
     write_version,
 )
@@ -434,10 +431,9 @@ def export_encoder(
             f"{SCORE_NAME!r} relative to max(1, |score|): expected <= {PARITY_TOLERANCE:g}, "
             f"got {score_diff:.3g}; nothing written"
         )
-    card = ModelCard(
-        name=name,
-        version=next_version(repository, name),
-        architecture=checkpoint.model_config.architecture,
+    card = ModelCard.draft(
+        name,
+        checkpoint.model_config.architecture,
         hyperparameters={
             **checkpoint.model_config.to_dict(),
             "training": training_recipe(checkpoint.run_config),
@@ -456,11 +452,9 @@ def export_encoder(
         dataset=checkpoint.source,
         metrics=card_metrics(checkpoint.metrics),
         opset=onnx_opset(model),
-        sha256=hashlib.sha256(onnx_bytes).hexdigest(),
         parity_max_abs_diff=diff,
         parity_samples=len(inputs),
         library_versions=library_versions(),
-        created=datetime.now(UTC).isoformat(timespec="seconds"),
         score=ScoreSpec(
             name=SCORE_NAME,
             dtype="float32",

@@ -307,6 +307,16 @@ class PretrainConfig:
             stop_after_epochs=self.stop_after_epochs,
         )
 
+    def trainer(
+        self, dataset: Dataset, run_dir: Path, group: ProcessGroup | None = None
+    ) -> Trainer:
+        """A freshly seeded model for `dataset` and the `Trainer` that trains it into
+        `run_dir`: the one assembly that `aet pretrain`, `AutoencoderEmbedder.fit` and the
+        tests' small encoders use."""
+        torch.manual_seed(self.seed)  # model initialisation, the same in every process
+        model = build_autoencoder(self.model_config(dataset.is_vectors), dataset.image_shape)
+        return Trainer(model, dataset, self.training_config(), run_dir, self.to_dict(), group)
+
     def to_dict(self) -> dict:
         """The fields by flag name, as config.json and checkpoints record them."""
         return flat_dict(self)
@@ -383,22 +393,18 @@ def pretrain(config: PretrainConfig) -> int:
     `stop_after_epochs` ended the call."""
     torch.set_num_threads(config.threads)
     dataset = config.load_dataset()
-    torch.manual_seed(config.seed)  # model initialisation, the same in every process
-    model = build_autoencoder(config.model_config(dataset.is_vectors), dataset.image_shape)
     group = ProcessGroup.from_environment(config.device)  # several processes under torchrun
     try:
-        return _train_and_report(config, dataset, model, group)
+        return _train_and_report(config, dataset, group)
     finally:
         if group.distributed:
             torch.distributed.destroy_process_group()
 
 
-def _train_and_report(
-    config: PretrainConfig, dataset: Dataset, model: Autoencoder, group: ProcessGroup
-) -> int:
+def _train_and_report(config: PretrainConfig, dataset: Dataset, group: ProcessGroup) -> int:
     """Train in every process; rank 0 alone writes the run folder, evaluates and reports."""
+    trainer = config.trainer(dataset, config.run_dir, group)  # a bad model: refused here
     run_dir = prepare_run_dir(config) if group.is_main else config.run_dir
-    trainer = Trainer(model, dataset, config.training_config(), run_dir, config.to_dict(), group)
     if config.resume:
         trainer.resume()  # checks the checkpoint holds this model before anything is written
     if group.is_main:

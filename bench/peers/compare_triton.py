@@ -42,7 +42,6 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 
@@ -117,22 +116,18 @@ def untrained_encoder(
     pixels = np.random.default_rng(seed).uniform(0, raw_max, (64, *image_shape))
     diffs = max_parity_diffs(onnx_session(onnx_bytes), encoder, pixels.astype(np.float32))
     parity = diffs["embedding"]
-    card = ModelCard(
-        name=name,
-        version=1,
-        architecture="mlp",
+    card = ModelCard.draft(
+        name,
+        "mlp",
+        InputSpec("pixels", image_shape, "float32", (0.0, raw_max)),
+        OutputSpec("embedding", "float32", code_size),
         hyperparameters=config.to_dict(),
-        input=InputSpec("pixels", image_shape, "float32", (0.0, raw_max)),
-        output=OutputSpec("embedding", "float32", code_size),
         preprocessing=[f"divide by {raw_max:g}", "flatten"],
         dataset={"name": "none (untrained, for benchmarking)"},
-        metrics={},
         opset=onnx_opset(graph),
-        sha256="0" * 64,
         parity_max_abs_diff=parity,
         parity_samples=len(pixels),
         library_versions=library_versions(),
-        created=datetime.now(UTC).isoformat(),
     )
     write_version(destination, name, onnx_bytes, card)
 

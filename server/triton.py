@@ -16,20 +16,17 @@ the batch axis (`reconstruction_error`, shape (N,)) is `dims: [1]` reshaped to `
 Triton requires. Dynamic batching, the largest batch and the queue follow `aet serve`'s
 defaults and flags of the same names.
 
-It reads `model.json` as plain JSON and the graph with `onnx`, nothing else of this package, so
-it works on any copy of a repository version.
+The version is found and its bytes checked against the card's sha256 by the repository
+(`aet.repository.find_model_version`, `ModelVersion.verified_bytes`), as for every other reader.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import onnx
 from google.protobuf import text_format
@@ -37,9 +34,8 @@ from google.protobuf import text_format
 from aet.config import ConfigError, add_config_arguments, config_from_args
 from aet.errors import UserError
 from aet.proto import model_config_pb2 as mc
+from aet.repository import CARD_FILE, MODEL_FILE, find_model_version
 
-MODEL_FILE = "model.onnx"
-CARD_FILE = "model.json"
 CONFIG_FILE = "config.pbtxt"
 LABELS_FILE = "labels.txt"
 CLASSIFIER_OUTPUT = "probabilities"
@@ -82,10 +78,6 @@ class TritonConfig:
             "help": "exported model folder (<repository>/<model>: its latest version) or one "
             "version folder (<repository>/<model>/<version>)"
         },
-    )
-    version: int | None = field(
-        default=None,
-        metadata={"help": "version to write when --model is a model folder (default: latest)"},
     )
     output: Path = field(
         default=Path("triton"),
@@ -133,46 +125,6 @@ class TritonConfig:
             raise ConfigError(
                 f"instance_kind: expected one of {', '.join(KINDS)}, got {self.instance_kind!r}"
             )
-
-
-def find_version(model: Path, version: int | None = None) -> Path:
-    """The version folder: `model` itself if it holds model.onnx, else `model/<version>` (the
-    highest integer folder when `version` is None)."""
-    if (model / MODEL_FILE).is_file():
-        if version is not None and model.name != str(version):
-            raise TritonError(f"version: {model} is version {model.name}, got --version {version}")
-        return model
-    if not model.is_dir():
-        raise TritonError(f"model: no such folder: {model}")
-    versions = sorted(
-        int(p.name) for p in model.iterdir() if p.name.isdigit() and (p / MODEL_FILE).is_file()
-    )
-    if not versions:
-        raise TritonError(f"model: {model} holds no <version>/{MODEL_FILE}")
-    if version is None:
-        version = versions[-1]
-    elif version not in versions:
-        raise TritonError(
-            f"version: expected one of {', '.join(map(str, versions))}, got {version}"
-        )
-    return model / str(version)
-
-
-def read_card(version_dir: Path) -> dict[str, Any]:
-    """model.json as plain JSON, after checking model.onnx against its sha256."""
-    try:
-        card = json.loads((version_dir / CARD_FILE).read_text())
-    except (OSError, ValueError) as exc:
-        raise TritonError(f"{version_dir / CARD_FILE}: cannot read it: {exc}") from exc
-    if not isinstance(card, dict) or not isinstance(card.get("sha256"), str):
-        raise TritonError(f"{version_dir / CARD_FILE}: expected a card with a sha256, got none")
-    digest = hashlib.sha256((version_dir / MODEL_FILE).read_bytes()).hexdigest()
-    if digest != card["sha256"]:
-        raise TritonError(
-            f"{version_dir / MODEL_FILE}: sha256 {digest} does not match model.json's "
-            f"{card['sha256']}; refusing to copy it"
-        )
-    return card
 
 
 def _tensor(value: onnx.ValueInfoProto, batched: bool) -> tuple[int, list[int], bool]:
@@ -240,28 +192,28 @@ def write_triton_model(config: TritonConfig) -> Path:
     polling the repository never sees half a model; an existing `<output>/<name>` is refused.
     """
     assert config.model is not None  # TritonConfig refuses None
-    version_dir = find_version(config.model, config.version)
-    card = read_card(version_dir)
-    name = config.name or card.get("name") or config.model.name
-    if not isinstance(name, str) or not name or "/" in name or name.startswith("."):
+    found = find_model_version(config.model)
+    onnx_bytes, card = found.verified_bytes(), found.usable_card
+    name = config.name or card.name
+    if not name or "/" in name or name.startswith("."):
         raise TritonError(f"name: expected a folder name, got {name!r}")
     target = config.output / name
     if target.exists():
         raise TritonError(f"output: {target} exists already; remove it or choose another --name")
     try:
-        graph = onnx.load(str(version_dir / MODEL_FILE), load_external_data=False).graph
+        graph = onnx.load_model_from_string(onnx_bytes).graph
     except Exception as exc:  # onnx raises DecodeError and others on a damaged file
-        raise TritonError(f"{version_dir / MODEL_FILE}: not an ONNX model: {exc}") from exc
-    classes = (card.get("classifier") or {}).get("labels")
+        raise TritonError(f"{found.model_path}: not an ONNX model: {exc}") from exc
+    classes = card.classifier.labels if card.classifier else ()
     model = triton_config(graph, name, config, labels=bool(classes))
     config.output.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=config.output))
     try:
         (staging / CONFIG_FILE).write_text(text_format.MessageToString(model))
-        copied = staging / version_dir.name
+        copied = staging / str(found.version)
         copied.mkdir()
-        for file in (MODEL_FILE, CARD_FILE):
-            shutil.copy2(version_dir / file, copied / file)
+        (copied / MODEL_FILE).write_bytes(onnx_bytes)
+        shutil.copy2(found.card_path, copied / CARD_FILE)
         if classes:
             (staging / LABELS_FILE).write_text("".join(f"{label}\n" for label in classes))
         staging.chmod(0o755)  # mkdtemp makes it private; Triton may run as another user

@@ -747,7 +747,7 @@ def test_triton_refuses_a_tampered_model_and_an_existing_target(exported_models,
     with (source / "model.onnx").open("ab") as tail:
         tail.write(b"\0")
     assert main(["triton", "--model", str(source), "--output", str(tmp_path / "u")]) == 2
-    assert "does not match model.json" in capsys.readouterr().err
+    assert "sha256 mismatch" in capsys.readouterr().err
     assert not (tmp_path / "u" / "digits").exists()
 
 

@@ -35,7 +35,9 @@ from aet.config import ConfigError, add_config_arguments, config_from_args
 from aet.errors import UserError
 from aet.proto import model_config_pb2 as mc
 from aet.repository import CARD_FILE, MODEL_FILE, find_model_version
+from aet.server.models import BatchingOptions
 
+SERVE_BATCHING = BatchingOptions()  # `aet serve`'s defaults are the Triton config's
 CONFIG_FILE = "config.pbtxt"
 LABELS_FILE = "labels.txt"
 CLASSIFIER_OUTPUT = "probabilities"
@@ -88,18 +90,20 @@ class TritonConfig:
         metadata={"help": "model name in Triton (default: the name in model.json)"},
     )
     max_batch_size: int = field(
-        default=64, metadata={"help": "Triton's max_batch_size: rows per run (0: no batching)"}
+        default=SERVE_BATCHING.max_batch_size,
+        metadata={"help": "Triton's max_batch_size: rows per run (0: no batching)"},
     )
     max_queue_delay_ms: float = field(
-        default=2.0,
+        default=SERVE_BATCHING.max_queue_delay * 1000,
         metadata={"help": "dynamic batching: longest wait for requests to join a batch"},
     )
     max_queue_size: int = field(
-        default=256,
+        default=SERVE_BATCHING.max_queue_size,
         metadata={"help": "dynamic batching: requests that may wait; beyond it Triton refuses"},
     )
     model_instances: int = field(
-        default=1, metadata={"help": "instance_group count: copies of the model that run at once"}
+        default=SERVE_BATCHING.instances,
+        metadata={"help": "instance_group count: copies of the model that run at once"},
     )
     instance_kind: str = field(
         default="auto",

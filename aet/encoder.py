@@ -16,8 +16,9 @@ from typing import Any
 
 import numpy as np
 
+from aet.conformal import P_VALUE_NAME, p_values, threshold
 from aet.errors import UserError
-from aet.repository import CARD_FILE, find_model_version
+from aet.repository import CARD_FILE, find_model_version, read_calibration
 from aet.runtime import EncoderSession, RuntimeOptions, resolve_providers, split_scored
 
 DEFAULT_BATCH_SIZE = 1024
@@ -48,6 +49,12 @@ class Encoder:
         The whole `model.json` (training data and split, metrics, preprocessing, sha256).
     provider : str
         The onnxruntime execution provider in use (``"CUDAExecutionProvider"`` or CPU).
+    alpha : float or None
+        `predict` flags rows whose conformal p-value is <= alpha (default 0.05); set
+        `contamination` instead to flag that fraction of the calibration rows' score range.
+    contamination : float or None
+    offset_ : float
+        scikit-learn's convention: ``decision_function(X) = score_samples(X) - offset_``.
 
     Examples
     --------
@@ -56,7 +63,13 @@ class Encoder:
     (1797, 8)
     """
 
-    def __init__(self, model_dir: Path, card: Any, session: EncoderSession):
+    def __init__(
+        self,
+        model_dir: Path,
+        card: Any,
+        session: EncoderSession,
+        calibration: np.ndarray | None = None,
+    ):
         self.path = model_dir
         self.name: str = card.name
         self.version: int = card.version
@@ -72,6 +85,9 @@ class Encoder:
         self.card: dict[str, Any] = card.to_dict()
         self.provider: str = session.provider
         self._session = session
+        self._calibration = calibration  # sorted validation scores (conformal p-values)
+        self.alpha: float | None = 0.05
+        self.contamination: float | None = None
         self._lock = threading.Lock()  # an onnxruntime session run with IO binding: one caller
 
     @classmethod
@@ -129,7 +145,7 @@ class Encoder:
             RuntimeOptions(device=device, intra_op_threads=threads),
             score=True,
         )
-        return cls(found.path, card, session)
+        return cls(found.path, card, session, read_calibration(found.path, card))
 
     def __repr__(self) -> str:
         return (
@@ -214,6 +230,52 @@ class Encoder:
         ndarray of shape (N,), float32
         """
         return -self.reconstruction_error(X, batch_size)
+
+    def _calibration_scores(self, output: str) -> np.ndarray:
+        if self._calibration is None:
+            raise ValueError(
+                f"{output}: model {self.name} v{self.version} has no calibration scores "
+                f"(exported before {P_VALUE_NAME} existed); export it again"
+            )
+        return self._calibration
+
+    def p_value(self, X: Any, batch_size: int = DEFAULT_BATCH_SIZE) -> np.ndarray:
+        """Conformal p-value of each row of `X`: the fraction of the validation rows' scores
+        at least as large as the row's, ``(1 + #{calibration >= score}) / (n + 1)``. For
+        normal rows ``P(p <= alpha) <= alpha``; small p-values mark unusual rows.
+
+        Returns
+        -------
+        ndarray of shape (N,), float32 in (0, 1]
+        """
+        calibration = self._calibration_scores(P_VALUE_NAME)
+        return p_values(calibration, self.reconstruction_error(X, batch_size))
+
+    @property
+    def offset_(self) -> float:
+        """``-threshold``: rows scoring above the threshold (`alpha` or `contamination`) are
+        novel, i.e. ``decision_function < 0``."""
+        calibration = self._calibration_scores("offset_")
+        return -threshold(calibration, self.alpha, self.contamination)
+
+    def decision_function(self, X: Any, batch_size: int = DEFAULT_BATCH_SIZE) -> np.ndarray:
+        """``score_samples(X) - offset_``: negative for novel rows (scikit-learn's convention).
+
+        Returns
+        -------
+        ndarray of shape (N,), float64 (-inf-free; +inf margin when nothing can be flagged)
+        """
+        offset = self.offset_
+        return self.score_samples(X, batch_size).astype(np.float64) - offset
+
+    def predict(self, X: Any, batch_size: int = DEFAULT_BATCH_SIZE) -> np.ndarray:
+        """+1 for normal rows, -1 for novel ones (``decision_function < 0``).
+
+        Returns
+        -------
+        ndarray of shape (N,), int64
+        """
+        return np.where(self.decision_function(X, batch_size) < 0, -1, 1).astype(np.int64)
 
     def _run(
         self, run: Callable[[np.ndarray], np.ndarray], X: Any, batch_size: int, width: int

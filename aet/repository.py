@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import os
 import re
@@ -23,6 +24,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from aet.errors import UserError
 
@@ -62,6 +65,7 @@ class OutputSpec:
 
 SCORE_NAME = "reconstruction_error"  # the graph output and card field of the novelty score
 SCORE_PERCENTILES = ("p50", "p90", "p99", "p99.9")
+CALIBRATION_FILE = "calibration.npy"  # the validation rows' scores, sorted (ScoreSpec)
 
 
 @dataclass(frozen=True)
@@ -75,6 +79,10 @@ class ScoreSpec:
     calibration_split: str  # the rows the percentiles were measured on, e.g. "val"
     calibration_rows: int
     percentiles: dict[str, float]  # SCORE_PERCENTILES -> value
+    # The calibration rows' scores, sorted, as float32 .npy beside the graph (conformal
+    # p-values, `read_calibration`): the file name and its sha256; None for older versions.
+    calibration_file: str | None = None
+    calibration_sha256: str | None = None
 
 
 @dataclass(frozen=True)
@@ -284,7 +292,25 @@ class _FieldReader:
             calibration_split=self.string(value, "calibration_split", prefix),
             calibration_rows=self.positive_int(value, "calibration_rows", prefix),
             percentiles={name: float(percentiles[name]) for name in SCORE_PERCENTILES},
+            calibration_file=self.calibration_file(value, "calibration_file", prefix),
+            calibration_sha256=(
+                None
+                if value.get("calibration_sha256") is None
+                else self.sha256(value, "calibration_sha256", prefix)
+            ),
         )
+
+    def calibration_file(self, data: dict, key: str, prefix: str) -> str | None:
+        value = data.get(key)
+        if value is None:
+            return None
+        if value != CALIBRATION_FILE:
+            raise self.fail(prefix + key, repr(CALIBRATION_FILE), value)
+        if data.get("calibration_sha256") is None:
+            raise RepositoryError(
+                f"{self.source}: field {prefix}calibration_sha256 is missing beside {prefix + key}"
+            )
+        return value
 
     def dataset(self, data: dict, key: str) -> dict[str, Any]:
         value = self.mapping(self.get(data, key), key)
@@ -454,9 +480,14 @@ def next_version(root: str | os.PathLike, name: str) -> int:
 
 
 def write_version(
-    root: str | os.PathLike, name: str, model: bytes | str | os.PathLike, card: ModelCard
+    root: str | os.PathLike,
+    name: str,
+    model: bytes | str | os.PathLike,
+    card: ModelCard,
+    extra_files: dict[str, bytes] | None = None,
 ) -> Path:
-    """Write `model` (ONNX bytes or a file) and its card as the next version of `name`.
+    """Write `model` (ONNX bytes or a file) and its card as the next version of `name`;
+    `extra_files` (name -> bytes, e.g. `CALIBRATION_FILE`) go into the same folder.
 
     The card's `version` and `sha256` are stamped here (next free version, digest of the bytes
     written). Files are written into a hidden temporary folder beside the versions and renamed
@@ -480,6 +511,8 @@ def write_version(
         ) from exc
     try:
         _write_file(staging / MODEL_FILE, onnx_bytes)
+        for file_name, data in (extra_files or {}).items():
+            _write_file(staging / file_name, data)
         version = next_version(root, name)
         while True:
             target = model_dir / str(version)
@@ -502,6 +535,40 @@ def write_version(
         ) from exc
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def calibration_bytes(scores: np.ndarray) -> bytes:
+    """`CALIBRATION_FILE`'s bytes: the scores as a sorted float32 .npy."""
+    buffer = io.BytesIO()
+    np.save(buffer, np.sort(np.asarray(scores, dtype=np.float32).ravel()), allow_pickle=False)
+    return buffer.getvalue()
+
+
+def read_calibration(version_dir: str | os.PathLike, card: ModelCard) -> np.ndarray | None:
+    """The sorted calibration scores of a version (None when its card has none), after
+    checking the file against the card's `score.calibration_sha256`."""
+    score = card.score
+    if score is None or score.calibration_file is None:
+        return None
+    path = Path(version_dir) / score.calibration_file
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise RepositoryError(f"cannot read calibration scores {path}: {exc.strerror or exc}") from exc
+    actual = hashlib.sha256(data).hexdigest()
+    if actual != score.calibration_sha256:
+        raise RepositoryError(
+            f"{path}: sha256 mismatch: card expects {score.calibration_sha256}, file has {actual}"
+        )
+    try:
+        scores = np.load(io.BytesIO(data), allow_pickle=False)
+    except ValueError as exc:
+        raise RepositoryError(f"{path}: not a .npy array ({exc})") from exc
+    if scores.ndim != 1 or len(scores) != score.calibration_rows:
+        raise RepositoryError(
+            f"{path}: expected {score.calibration_rows} scores, got shape {scores.shape}"
+        )
+    return np.sort(scores.astype(np.float64))
 
 
 def _read_bytes(path: Path) -> bytes:

@@ -17,6 +17,7 @@ from sklearn.base import BaseEstimator, ClassNamePrefixFeaturesOutMixin, Transfo
 from sklearn.utils import Tags
 from sklearn.utils.validation import check_is_fitted, validate_data
 
+from aet.conformal import p_values, threshold
 from aet.config import ConfigError
 from aet.training.checkpoint import load_checkpoint
 from aet.training.data import LoadedImages, Split, cut_dataset
@@ -28,6 +29,7 @@ from aet.training.export import (
     ExportedEncoder,
     export_encoder,
 )
+from aet.training.novelty import DEFAULT_NEIGHBOURS, NoveltyScore, ScoreSettings
 from aet.training.pretrain import PretrainConfig
 from aet.training.standardize import FeatureStandardizer
 
@@ -66,6 +68,16 @@ class AutoencoderEmbedder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Bas
         Seed of the validation split, initialisation, shuffling and noise.
     progress : bool
         Show training progress bars.
+    score_density : bool
+        The novelty score adds the code's k-NN distance to the training codes to the
+        reconstruction term (`training.novelty`); False: the reconstruction term alone.
+    score_neighbours : int
+        Nearest training codes the density term averages over.
+    alpha : float or None
+        `predict` flags rows whose conformal p-value (against the validation rows' scores) is
+        <= alpha; or give `contamination` (and alpha=None) to flag the scores above the
+        validation scores' (1 - contamination) quantile.
+    contamination : float or None
 
     Attributes
     ----------
@@ -77,6 +89,12 @@ class AutoencoderEmbedder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Bas
         Per-stage train and validation losses.
     model_ : torch.nn.Module
         The trained autoencoder (best validation weights), in eval mode.
+    novelty_ : training.novelty.NoveltyScore
+        The novelty score `export` puts in the graph.
+    calibration_scores_ : ndarray of shape (n_val,)
+        The validation rows' novelty scores, sorted (conformal p-values).
+    offset_ : float
+        ``decision_function(X) = score_samples(X) - offset_``.
 
     Examples
     --------
@@ -105,6 +123,10 @@ class AutoencoderEmbedder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Bas
         val_fraction: float = _PRETRAIN.val_fraction,
         seed: int = _PRETRAIN.seed,
         progress: bool = False,
+        score_density: bool = True,
+        score_neighbours: int = DEFAULT_NEIGHBOURS,
+        alpha: float | None = 0.05,
+        contamination: float | None = None,
     ):
         self.architecture = architecture
         self.hidden_sizes = hidden_sizes
@@ -123,6 +145,10 @@ class AutoencoderEmbedder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Bas
         self.val_fraction = val_fraction
         self.seed = seed
         self.progress = progress
+        self.score_density = score_density
+        self.score_neighbours = score_neighbours
+        self.alpha = alpha
+        self.contamination = contamination
 
     def __sklearn_tags__(self) -> Tags:
         tags = super().__sklearn_tags__()
@@ -218,14 +244,64 @@ class AutoencoderEmbedder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Bas
                 trainer = config.trainer(dataset, Path(run_dir))
             self.history_ = trainer.fit()
             self.checkpoint_ = load_checkpoint(trainer.best_path)
-        self.model_ = self.checkpoint_.build_model()
+        self.model_ = self.checkpoint_.build_model().eval()
+        settings = ScoreSettings(density=self.score_density, neighbours=self.score_neighbours)
+        self.novelty_ = NoveltyScore.fit(self.model_, dataset.train.x, settings, self.seed)
         self.embedding_dim_ = self._n_features_out = config.code_size
         # held-out rows in X's units: `export` calibrates the novelty score on them
         val = np.asarray(dataset.val.x)
         self.validation_rows_ = (
             val if self.standardizer_ is None else self.standardizer_.inverse_transform(val)
         )
+        self.calibration_scores_ = np.sort(self._scores(val).astype(np.float64))
         return self
+
+    def _scores(self, features: np.ndarray) -> np.ndarray:
+        """The novelty score (N,) of rows already standardised (the graph's computation)."""
+        x = torch.from_numpy(np.asarray(features, dtype=np.float32))
+        with torch.no_grad():
+            parts = [
+                self.novelty_(x[start : start + TRANSFORM_BATCH])[1]
+                for start in range(0, len(x), TRANSFORM_BATCH)
+            ]
+        return torch.cat(parts).numpy() if parts else np.zeros(0, np.float32)
+
+    def novelty_score(self, X: ArrayLike) -> np.ndarray:
+        """The novelty score of each row (higher: more unusual), as the exported graph's
+        `reconstruction_error` output computes it.
+
+        Returns
+        -------
+        ndarray of shape (n_samples,), float32
+        """
+        check_is_fitted(self, "model_")
+        rows: np.ndarray = validate_data(self, X, dtype=[np.float64, np.float32], reset=False)
+        return self._scores(self._features(rows))
+
+    def score_samples(self, X: ArrayLike) -> np.ndarray:
+        """The opposite of `novelty_score`: the lower, the more abnormal (scikit-learn's
+        novelty convention, as `IsolationForest.score_samples`)."""
+        return -self.novelty_score(X)
+
+    def p_value(self, X: ArrayLike) -> np.ndarray:
+        """Conformal p-values against the validation rows' scores:
+        ``(1 + #{calibration >= score}) / (n + 1)``, float32 (n_samples,)."""
+        check_is_fitted(self, "calibration_scores_")
+        return p_values(self.calibration_scores_, self.novelty_score(X))
+
+    @property
+    def offset_(self) -> float:
+        check_is_fitted(self, "calibration_scores_")
+        return -threshold(self.calibration_scores_, self.alpha, self.contamination)
+
+    def decision_function(self, X: ArrayLike) -> np.ndarray:
+        """``score_samples(X) - offset_``: negative for novel rows."""
+        offset = self.offset_
+        return self.score_samples(X).astype(np.float64) - offset
+
+    def predict(self, X: ArrayLike) -> np.ndarray:
+        """+1 for normal rows, -1 for novel ones (``decision_function < 0``)."""
+        return np.where(self.decision_function(X) < 0, -1, 1).astype(np.int64)
 
     def transform(self, X: ArrayLike) -> np.ndarray:
         """Embed the rows of `X` with the trained encoder.
@@ -263,7 +339,7 @@ class AutoencoderEmbedder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Bas
         standardize = (
             torch.nn.Identity() if self.standardizer_ is None else self.standardizer_.as_module()
         )
-        encoder = ExportedEncoder(self.model_, standardize).eval()
+        encoder = ExportedEncoder(self.model_, standardize, novelty=self.novelty_).eval()
         rng = np.random.default_rng(self.seed)
         shape = (PARITY_ROWS, self.n_features_in_)
         if self.standardizer_ is None:  # bce: features in [0, 1]

@@ -5,19 +5,23 @@ The graph takes `pixels` float32 (batch, C, H, W) in the data set's raw range [0
 in their own units (standardised inside the graph with the training split's statistics). It
 returns `embedding` float32 (batch, code_size) (a VAE exports its mean) and
 `reconstruction_error` float32 (batch,), the novelty score: encoder and decoder run in the
-graph and each row's reconstruction is scored in the model's likelihood terms
-(`models.reconstruction_error`). Callers that want only embeddings run the graph pruned to its
+graph and each row's reconstruction is scored in the model's likelihood terms, zero for a
+perfect reconstruction, plus by default the code's k-NN distance to the training codes kept
+in the graph (`training.novelty.NoveltyScore`). Callers that want only embeddings run the graph pruned to its
 first output (`aet.runtime.embedding_graph`), which costs what an encoder alone costs.
 
 Before anything is written the graph must pass `onnx.checker` and agree with PyTorch on
 `PARITY_ROWS` inputs, run through onnxruntime in batches of 1 and odd sizes (embeddings to
 within `PARITY_TOLERANCE`, scores to within the same relative tolerance). model.json then
-records the score's percentiles on the validation split (`SCORE_PERCENTILES`).
+records the score's percentiles on the validation split (`SCORE_PERCENTILES`), and the
+validation rows' scores themselves go beside the graph (`CALIBRATION_FILE`, its sha256 in
+model.json) for conformal p-values.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import itertools
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -32,6 +36,7 @@ from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
 from aet.config import ConfigError, add_config_arguments, config_from_args, config_from_mapping
 from aet.errors import UserError
 from aet.repository import (
+    CALIBRATION_FILE,
     CARD_FILE,
     MODEL_FILE,
     MODEL_NAME_PATTERN,
@@ -41,13 +46,14 @@ from aet.repository import (
     ModelCard,
     OutputSpec,
     ScoreSpec,
+    calibration_bytes,
     read_model_card,
     write_version,
 )
-from aet.training import models
 from aet.training.checkpoint import Checkpoint, CheckpointError, load_checkpoint
 from aet.training.data import Dataset
 from aet.training.models import Autoencoder
+from aet.training.novelty import DEFAULT_NEIGHBOURS, NoveltyScore, ScoreSettings
 from aet.training.pretrain import PretrainConfig
 from aet.training.standardize import FeatureStandardizer
 
@@ -55,9 +61,15 @@ IMAGE_INPUT_NAME = "pixels"
 VECTOR_INPUT_NAME = "features"
 OUTPUT_NAME = "embedding"
 SCORE_MEASURES = {
-    "bce": "mean binary cross-entropy per input value (inputs scaled to [0, 1])",
+    "bce": "mean KL form of the binary cross-entropy per input value (the cross-entropy minus "
+    "the input's own entropy: 0 for a perfect reconstruction; inputs scaled to [0, 1])",
     "mse": "mean squared error per feature, in standardised units",
 }
+DENSITY_MEASURE = (
+    "{reconstruction}, standardised on the training rows, plus the mean distance of the code "
+    "to its {neighbours} nearest training codes (kept in the graph), standardised likewise"
+)
+SCORE_KINDS = ("reconstruction+density", "reconstruction")
 PARITY_ROWS = 1000
 PARITY_TOLERANCE = 1e-4
 PARITY_BATCH_SIZES = (1, 3, 17, 255)  # cycled over the parity rows: batch 1 and odd sizes
@@ -90,6 +102,18 @@ class ExportConfig:
             "help": "ONNX opset: 18 (the exporter's lowest) up to what the installed onnx knows"
         },
     )
+    score: str = field(
+        default=SCORE_KINDS[0],
+        metadata={
+            "help": "the novelty score in the graph: the reconstruction term plus the code's "
+            "k-NN distance to the training codes, or the reconstruction term alone",
+            "choices": list(SCORE_KINDS),
+        },
+    )
+    score_neighbours: int = field(
+        default=DEFAULT_NEIGHBOURS,
+        metadata={"help": "nearest training codes the density term averages over"},
+    )
 
     def __post_init__(self):
         if (self.run is None) == (self.checkpoint is None):
@@ -101,6 +125,10 @@ class ExportConfig:
             raise ConfigError("model: required with --checkpoint (no run folder to name it)")
         if self.model is not None and not MODEL_NAME_PATTERN.fullmatch(self.model):
             raise ConfigError(f"model: expected {MODEL_NAME_PATTERN.pattern}; got {self.model!r}")
+        if self.score_neighbours < 1:
+            raise ConfigError(
+                f"score_neighbours: expected a positive integer; got {self.score_neighbours}"
+            )
         highest = onnx.defs.onnx_opset_version()
         if not 18 <= self.opset <= highest:
             raise ConfigError(
@@ -139,12 +167,22 @@ class ExportedEncoder(torch.nn.Module):
     reconstruction_error (B,)); with `with_score=False` the embedding alone."""
 
     def __init__(
-        self, autoencoder: Autoencoder, preprocess: torch.nn.Module, with_score: bool = True
+        self,
+        autoencoder: Autoencoder,
+        preprocess: torch.nn.Module,
+        with_score: bool = True,
+        novelty: NoveltyScore | None = None,
     ):
         super().__init__()
         self.autoencoder = autoencoder
         self.preprocess = preprocess
         self.with_score = with_score
+        # the score: `training.novelty` (default: its reconstruction term alone)
+        self.novelty = (
+            NoveltyScore.fit(autoencoder, np.zeros((0,)), ScoreSettings(density=False))
+            if novelty is None
+            else novelty
+        )
 
     @property
     def output_names(self) -> list[str]:
@@ -152,11 +190,9 @@ class ExportedEncoder(torch.nn.Module):
 
     def forward(self, raw: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         x = self.preprocess(raw)
-        code = self.autoencoder.encode(x)
         if not self.with_score:
-            return code
-        output = self.autoencoder.decode(code)
-        return code, models.reconstruction_error(output, x, self.autoencoder.config.loss)
+            return self.autoencoder.encode(x)
+        return self.novelty(x)
 
 
 def to_onnx(
@@ -265,15 +301,19 @@ def max_parity_diffs(
     return {name: float(np.max(values)) for name, values in diffs.items()}
 
 
-def score_percentiles(session: onnxruntime.InferenceSession, rows: np.ndarray) -> dict[str, float]:
-    """The novelty score's `SCORE_PERCENTILES` over `rows` (raw units), from the graph itself."""
+def graph_scores(session: onnxruntime.InferenceSession, rows: np.ndarray) -> np.ndarray:
+    """The novelty score (N,) of `rows` (raw units), from the graph itself."""
     input_name = session.get_inputs()[0].name
-    scores = np.concatenate(
+    return np.concatenate(
         [
             session.run([SCORE_NAME], {input_name: rows[i : i + PARITY_BATCH_SIZES[-1]]})[0]
             for i in range(0, len(rows), PARITY_BATCH_SIZES[-1])
         ]
     )
+
+
+def score_percentiles(scores: np.ndarray) -> dict[str, float]:
+    """The novelty score's `SCORE_PERCENTILES` over `scores`."""
     levels = [float(name[1:]) for name in SCORE_PERCENTILES]
     return dict(zip(SCORE_PERCENTILES, map(float, np.percentile(scores, levels)), strict=True))
 
@@ -375,8 +415,13 @@ def export(config: ExportConfig) -> Path:
     """
     checkpoint = load_checkpoint(config.checkpoint_path)  # CheckpointError names the fault
     vectors = checkpoint.standardizer is not None
-    encoder = ExportedEncoder(checkpoint.build_model(), preprocessing_module(checkpoint)).eval()
     dataset = training_dataset(checkpoint, config.checkpoint_path)
+    model = checkpoint.build_model().eval()
+    settings = ScoreSettings(
+        density=config.score == "reconstruction+density", neighbours=config.score_neighbours
+    )
+    novelty = NoveltyScore.fit(model, np.asarray(dataset.train.x), settings, dataset.source["seed"])
+    encoder = ExportedEncoder(model, preprocessing_module(checkpoint), novelty=novelty).eval()
     return export_encoder(
         encoder,
         parity_rows(dataset),
@@ -431,6 +476,12 @@ def export_encoder(
             f"{SCORE_NAME!r} relative to max(1, |score|): expected <= {PARITY_TOLERANCE:g}, "
             f"got {score_diff:.3g}; nothing written"
         )
+    calibration_scores = graph_scores(session, calibration)
+    novelty = encoder.novelty
+    measure = SCORE_MEASURES[checkpoint.model_config.loss]
+    if novelty.density:
+        measure = DENSITY_MEASURE.format(reconstruction=measure, neighbours=novelty.neighbours)
+    calibration_file = calibration_bytes(calibration_scores)
     card = ModelCard.draft(
         name,
         checkpoint.model_config.architecture,
@@ -458,14 +509,18 @@ def export_encoder(
         score=ScoreSpec(
             name=SCORE_NAME,
             dtype="float32",
-            measure=SCORE_MEASURES[checkpoint.model_config.loss],
+            measure=measure,
             calibration_split="val",
             calibration_rows=len(calibration),
-            percentiles=score_percentiles(session, calibration),
+            percentiles=score_percentiles(calibration_scores),
+            calibration_file=CALIBRATION_FILE,
+            calibration_sha256=hashlib.sha256(calibration_file).hexdigest(),
         ),
         standardizer=standardizer,
     )
-    return write_version(repository, name, onnx_bytes, card)
+    return write_version(
+        repository, name, onnx_bytes, card, extra_files={CALIBRATION_FILE: calibration_file}
+    )
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:

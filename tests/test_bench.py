@@ -46,7 +46,7 @@ def run_quick(script: str, *args: str, cwd: Path) -> str:
 def test_every_bench_script_has_a_test():
     scripts = {p.relative_to(BENCH).as_posix() for p in BENCH.rglob("*.py")}
     # pytriton_server.py is a child that compare_triton.py starts, not a benchmark.
-    tested = {"pretrain.py", "serve.py", "extract.py", "score.py", "gpu.py"}
+    tested = {"pretrain.py", "serve.py", "extract.py", "score.py", "gpu.py", "novelty.py"}
     tested |= {"peers/compare_triton.py"}
     assert scripts - {"peers/pytriton_server.py"} == tested
 
@@ -118,6 +118,40 @@ def test_score_quick(tmp_path):
         served = result["served_p50_ms"][name]
         assert list(served) == ["1", "64"] and all(served["1"][side] > 0 for side in sides)
     assert result["load_average"]["end"] >= 0 and "load average" in output
+
+
+def test_novelty_quick(tmp_path):
+    """Every protocol, every method scored on the same rows; the served score (KL form plus
+    code density) beats PCA's reconstruction error on the quick optdigits and wbc protocols
+    and the KL form beats the mean cross-entropy served before on MNIST."""
+    output = run_quick("novelty.py", "--threads", "1", "--output", str(tmp_path), cwd=tmp_path)
+    result = json.loads((tmp_path / "novelty-quick.json").read_text())
+    summary = result["summary"]
+    assert list(summary) == ["mnist", "optdigits", "wbc", "wine"]
+    methods = {"autoencoder", "ae-recon", "pca", "iforest", "ocsvm", "lof", "knn"}
+    for values in summary.values():
+        assert methods <= set(values) and all(0 <= v <= 1 for v in values.values())
+    assert [t["task"] for t in result["tasks"][:2]] == ["digit 0", "digit 1"]
+    assert summary["optdigits"]["autoencoder"] > summary["optdigits"]["pca"]
+    assert summary["wbc"]["autoencoder"] > summary["wbc"]["pca"]
+    assert summary["mnist"]["ae-recon"] >= summary["mnist"]["ae-bce"]
+    table = (tmp_path / "novelty-quick.md").read_text()
+    assert "| optdigits |" in table and "load average" in output
+
+
+def test_novelty_table_without_its_normal_classes_is_a_clear_error(tmp_path):
+    data = tmp_path / "rows.csv"
+    data.write_text("a,b,kind\n" + "".join(f"{i},{i % 3},{'xy'[i % 2]}\n" for i in range(20)))
+    for normal, named in (("z", "'z' is not in the data; its classes are x, y"), ("", "--normal")):
+        done = subprocess.run(
+            [sys.executable, str(BENCH / "novelty.py"), "--data-path", str(data)]
+            + ["--label-column", "kind", "--normal", normal, "--output", str(tmp_path)],
+            capture_output=True,
+            text=True,
+            timeout=SCRIPT_TIMEOUT,
+        )
+        assert done.returncode == 2 and named in done.stderr
+    assert not list(tmp_path.glob("novelty*.json"))
 
 
 def run_gpu_check(*args: str, cwd: Path) -> subprocess.CompletedProcess:

@@ -55,14 +55,14 @@ def reconstruction_term(output: torch.Tensor, target: torch.Tensor, kind: str) -
 
 
 def knn_distance(codes: torch.Tensor, reference: torch.Tensor, k: int) -> torch.Tensor:
-    """(B,) mean Euclidean distance of each code to its `k` nearest rows of `reference`."""
-    squared = (
-        codes.square().sum(1, keepdim=True)
-        - 2 * codes @ reference.T
-        + reference.square().sum(1).unsqueeze(0)
-    )
+    """(B,) mean Euclidean distance of each code to its `k` nearest rows of `reference`.
+
+    In float64: the expanded square |a|^2 - 2ab + |b|^2 loses the small distances to
+    cancellation in float32, and PyTorch and onnxruntime would then disagree."""
+    a, b = codes.double(), reference.double()
+    squared = a.square().sum(1, keepdim=True) - 2 * a @ b.T + b.square().sum(1).unsqueeze(0)
     nearest = torch.topk(squared, k, dim=1, largest=False).values
-    return nearest.clamp(min=0).sqrt().mean(1)
+    return nearest.clamp(min=0).sqrt().mean(1).float()
 
 
 class NoveltyScore(torch.nn.Module):
@@ -116,14 +116,15 @@ class NoveltyScore(torch.nn.Module):
             keep = np.random.default_rng(seed).choice(len(codes), MAX_REFERENCE_CODES, False)
             reference = codes[torch.from_numpy(np.sort(keep))]
         with torch.no_grad():  # leave-one-out on the training rows: k + 1 nearest, self dropped
+            b = reference.double()
             squared = torch.cat(
                 [
                     (
                         c.square().sum(1, keepdim=True)
-                        - 2 * c @ reference.T
-                        + reference.square().sum(1).unsqueeze(0)
+                        - 2 * c @ b.T
+                        + b.square().sum(1).unsqueeze(0)
                     )
-                    for c in codes.split(1024)
+                    for c in codes.double().split(1024)
                 ]
             )
             nearest = torch.topk(squared, min(k + 1, len(reference)), dim=1, largest=False).values

@@ -1,0 +1,137 @@
+"""The novelty score's parts (`training.novelty`), its calibration file and conformal p-values
+(`aet.conformal`), and scikit-learn's novelty conventions on `aet.Encoder` and
+`aet.AutoencoderEmbedder`.
+
+Validity is checked on real held-out normal rows: the shipped digits encoder on the digits
+test split, and an embedder fitted on breast-cancer rows."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from sklearn.datasets import load_breast_cancer
+from sklearn.model_selection import train_test_split
+
+from aet.conformal import p_values, threshold
+from aet.encoder import Encoder
+from aet.errors import UserError
+from aet.repository import CALIBRATION_FILE, read_model_card
+from aet.sklearn import AutoencoderEmbedder
+from aet.training.data import load_dataset
+from aet.training.novelty import knn_distance, reconstruction_term
+
+SHIPPED = Path(__file__).resolve().parents[1] / "exported" / "digits"
+ALPHAS = (0.01, 0.05, 0.1)
+
+
+def test_the_kl_form_is_zero_for_a_perfect_reconstruction_and_not_the_cross_entropy():
+    x = torch.rand(4, 64, generator=torch.Generator().manual_seed(0))
+    perfect = torch.logit(x.clamp(1e-6, 1 - 1e-6))  # logits that reproduce x exactly
+    assert reconstruction_term(perfect, x, "bce").abs().max() < 1e-4
+    worse = reconstruction_term(perfect + 1.0, x, "bce")
+    assert (worse > 0.05).all()
+    assert (reconstruction_term(x, x, "mse") == 0).all()
+
+
+def test_knn_distance_is_the_mean_distance_to_the_nearest_codes():
+    reference = torch.tensor([[0.0, 0.0], [3.0, 4.0], [6.0, 8.0]])
+    codes = torch.tensor([[0.0, 0.0], [3.0, 4.0]])
+    np.testing.assert_allclose(knn_distance(codes, reference, 2).numpy(), [2.5, 2.5], rtol=1e-6)
+
+
+def test_p_values_and_thresholds_agree_at_every_level():
+    calibration = np.sort(np.random.default_rng(0).normal(size=199))
+    scores = np.random.default_rng(1).normal(size=5000)
+    p = p_values(calibration, scores)
+    assert p.min() >= 1 / 200 and p.max() <= 1
+    assert p_values(calibration, [calibration[-1] + 1])[0] == pytest.approx(1 / 200)
+    assert p_values(calibration, [calibration[0] - 1])[0] == 1.0
+    for alpha in ALPHAS:
+        np.testing.assert_array_equal(scores > threshold(calibration, alpha=alpha), p <= alpha)
+    assert threshold(calibration, alpha=0.001) == np.inf  # 1 / (n + 1) > alpha: none flagged
+    assert threshold(calibration, contamination=0.1) == np.quantile(calibration, 0.9)
+    with pytest.raises(ValueError, match="exactly one of alpha or contamination"):
+        threshold(calibration)
+
+
+def held_out_fractions(p: np.ndarray) -> dict[float, float]:
+    return {alpha: float((p <= alpha).mean()) for alpha in ALPHAS}
+
+
+def test_shipped_digits_p_values_are_valid_on_held_out_digits():
+    """The digits test split (never trained on, never calibrated on): the fraction with
+    p <= alpha is at most alpha + 0.01; predict, decision_function and offset_ agree."""
+    encoder = Encoder.load(SHIPPED, threads=1)
+    pixels = load_dataset("digits").test.x * np.float32(16)  # (540, 1, 8, 8) raw 0..16
+    p = encoder.p_value(pixels)
+    for alpha, fraction in held_out_fractions(p).items():
+        assert fraction <= alpha + 0.01, (alpha, fraction)
+    encoder.alpha = 0.05
+    np.testing.assert_array_equal(encoder.predict(pixels) == -1, p <= 0.05)
+    decision = encoder.decision_function(pixels)
+    np.testing.assert_allclose(decision, encoder.score_samples(pixels) - encoder.offset_)
+    assert set(np.unique(encoder.predict(pixels))) <= {-1, 1}
+    inverted = encoder.p_value(16 - pixels)
+    assert np.median(inverted) < 0.05 < np.median(p)  # inverted digits: novel
+
+
+def test_table_p_values_are_valid_on_held_out_rows_and_served_equal_in_process(tmp_path):
+    """breast-cancer, over five seeded splits (conformal validity is a statement over the
+    draw of the calibration rows): an embedder fitted on 70 % of the rows (30 % of those
+    calibrate); of the other 30 %, pooled, the fraction with p <= alpha is at most
+    alpha + 0.01. The exported graph and its calibration file give the same p-values through
+    `aet.Encoder`."""
+    X, y = load_breast_cancer(return_X_y=True)
+    pooled = []
+    for seed in range(10):
+        fit, held = train_test_split(X, train_size=0.7, random_state=seed, stratify=y)
+        embedder = AutoencoderEmbedder(
+            hidden_sizes=(32,), code_size=8, epochs=20, layer_epochs=5, val_fraction=0.3,
+            seed=seed,
+        )
+        with contextlib.redirect_stdout(io.StringIO()):
+            embedder.fit(fit)
+        pooled.append(embedder.p_value(held))
+    for alpha, fraction in held_out_fractions(np.concatenate(pooled)).items():
+        assert fraction <= alpha + 0.01, (alpha, fraction)
+    embedder.set_params(alpha=None, contamination=0.1)
+    flagged = embedder.predict(embedder.validation_rows_) == -1
+    assert np.mean(flagged) == pytest.approx(0.1, abs=0.02)
+    path = embedder.export(tmp_path, "wbc")
+    encoder = Encoder.load(path, threads=1)
+    np.testing.assert_allclose(encoder.score_samples(held), embedder.score_samples(held), atol=1e-4)
+    np.testing.assert_array_equal(encoder.p_value(held), pooled[-1])
+
+
+def test_calibration_file_is_checked_and_old_models_say_which_output_is_missing(tmp_path):
+    shutil.copytree(SHIPPED, tmp_path / "digits")
+    version = tmp_path / "digits" / "1"
+    card = read_model_card(version / "model.json")
+    assert card.score.calibration_file == CALIBRATION_FILE
+    assert card.score.calibration_rows == card.dataset["sizes"]["val"]
+    calibration = np.load(version / CALIBRATION_FILE)
+    assert len(calibration) == card.score.calibration_rows
+    assert (np.diff(calibration) >= 0).all()
+
+    (version / CALIBRATION_FILE).write_bytes(b"not the file")
+    with pytest.raises(UserError, match="sha256 mismatch"):
+        Encoder.load(version)
+
+    data = json.loads((version / "model.json").read_text())  # as exported before p-values
+    del data["score"]["calibration_file"], data["score"]["calibration_sha256"]
+    (version / "model.json").write_text(json.dumps(data))
+    (version / CALIBRATION_FILE).unlink()
+    encoder = Encoder.load(version, threads=1)
+    pixels = np.zeros((2, 1, 8, 8), np.float32)
+    assert encoder.reconstruction_error(pixels).shape == (2,)  # the score still works
+    with pytest.raises(ValueError, match="^p_value: model digits v1 has no calibration scores"):
+        encoder.p_value(pixels)
+    with pytest.raises(ValueError, match="^offset_: "):
+        encoder.predict(pixels)

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from aet.clients.embeddings import MANIFEST, ExtractionError, atomic_write
+from aet.runtime import Outputs
 
 log = logging.getLogger(__name__)
 
@@ -63,13 +64,13 @@ class ShardStore(JobFolder):
     """`<output>.shards/`: a manifest naming the job, and one `.npz` per finished shard.
 
     A shard counts as finished only if it loads and holds the expected ids and a finite
-    float32 `(rows, embedding_dim)` array; anything else is deleted and embedded again.
+    float32 array of each output (`shapes`: name -> shape of one row); anything else is
+    deleted and embedded again.
     """
 
-    def __init__(self, folder: Path, manifest: dict[str, Any]):
+    def __init__(self, folder: Path, manifest: dict[str, Any], shapes: dict[str, tuple[int, ...]]):
         super().__init__(folder, manifest)
-        # with --score each row carries its score as one more column
-        self.embedding_dim = manifest["model"]["embedding_dim"] + int(manifest["score"])
+        self.shapes = shapes
 
     def open(self) -> None:
         """Create the folder, or check that the job it holds is this one."""
@@ -84,36 +85,37 @@ class ShardStore(JobFolder):
     def path(self, index: int) -> Path:
         return self.folder / f"shard-{index:05d}.npz"
 
-    def load(self, index: int) -> np.ndarray | None:
-        """The embeddings of a valid finished shard, or None (an invalid file is removed)."""
+    def load(self, index: int) -> Outputs | None:
+        """The outputs of a valid finished shard, or None (an invalid file is removed)."""
         path = self.path(index)
         if not path.exists():
             return None
         start, stop = self.bounds(index)
         try:
             with np.load(path, allow_pickle=False) as archive:
-                ids, embeddings = archive["ids"], archive["embeddings"]
-            valid = (
-                np.array_equal(ids, np.arange(start, stop))
-                and embeddings.dtype == np.float32
-                and embeddings.shape == (stop - start, self.embedding_dim)
-                and bool(np.isfinite(embeddings).all())
+                ids = archive["ids"]
+                outputs = {name: archive[name] for name in self.shapes}
+            valid = np.array_equal(ids, np.arange(start, stop)) and all(
+                array.dtype == np.float32
+                and array.shape == (stop - start, *self.shapes[name])
+                and bool(np.isfinite(array).all())
+                for name, array in outputs.items()
             )
         except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError):
             valid = False
         if not valid:
             path.unlink()
             return None
-        return embeddings
+        return outputs
 
-    def save(self, index: int, embeddings: np.ndarray) -> None:
+    def save(self, index: int, outputs: Outputs) -> None:
         """Write shard `index` atomically."""
         start, stop = self.bounds(index)
         ids = np.arange(start, stop, dtype=np.int64)
 
         def write(temporary: Path) -> None:
             with open(temporary, "wb") as handle:
-                np.savez(handle, ids=ids, embeddings=embeddings)
+                np.savez(handle, ids=ids, **outputs)
 
         atomic_write(self.path(index), write)
 

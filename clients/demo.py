@@ -24,6 +24,7 @@ from pathlib import Path
 
 import grpc
 
+import aet
 from aet.clients.backends import ServerBackend
 from aet.clients.client import EmbeddingClient
 from aet.clients.embeddings import EmbeddingTable, read_embeddings
@@ -37,6 +38,7 @@ from aet.proto import grpc_service_pb2, grpc_service_pb2_grpc
 from aet.repository import CARD_FILE, find_model_version, read_model_card
 from aet.training.dataspec import DataSpec
 
+DEFAULT_REPOSITORY = Path("exported")
 MODEL_NAMES = {"digits": "digits", "mnist-idx": "mnist"}  # data set -> shipped model name
 
 
@@ -50,7 +52,7 @@ class DemoConfig:
 
     data: DataSpec = field(default_factory=DataSpec)
     repository: Path = field(
-        default=Path("exported"), metadata={"help": "model repository the server serves"}
+        default=DEFAULT_REPOSITORY, metadata={"help": "model repository the server serves"}
     )
     model: str | None = field(
         default=None,
@@ -127,9 +129,22 @@ def pretrain_and_export(config: DemoConfig) -> None:
     export(ExportConfig(run=run.run_dir, repository=config.repository, model=config.model_name))
 
 
+def shipped_model_dir(name: str) -> Path | None:
+    """The copy of `exported/<name>` installed with the package: the wheel's package data
+    `aet/exported/<name>`, or the checkout's `exported/<name>` beside an editable install."""
+    package = Path(aet.__file__).resolve().parent
+    for folder in (package / "exported" / name, package.parent / "exported" / name):
+        if folder.is_dir():
+            return folder
+    return None
+
+
 def serving_repository(config: DemoConfig) -> Path:
-    """A fresh repository of the demo's own, holding the encoder's latest verified version."""
+    """A fresh repository of the demo's own, holding the encoder's latest verified version
+    (outside a checkout the shipped encoder comes from the installed package)."""
     model_dir = config.repository / config.model_name
+    if not model_dir.is_dir() and config.repository == DEFAULT_REPOSITORY:
+        model_dir = shipped_model_dir(config.model_name) or model_dir
     if not model_dir.is_dir():
         raise DemoError(
             f"{model_dir}: no such model; run `aet demo --pretrain"

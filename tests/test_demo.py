@@ -7,11 +7,14 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
+import pytest
 from conftest import DIGITS_MODEL
 
 from aet.clients.embeddings import read_embeddings
+from aet.errors import UserError
 from aet.clients.probe import dataset_of
 from aet.repository import scan_repository
 from aet.training.probes import tune_logistic
@@ -79,3 +82,22 @@ def test_demo_without_a_model_says_how_to_make_one(tmp_path):
         "exported/mnist: no such model; run `aet demo --pretrain --dataset mnist-idx`"
         in done.stderr
     )
+
+
+def test_demo_outside_a_checkout_serves_the_installed_encoder(tmp_path, monkeypatch):
+    """From a folder without exported/, the default repository falls back to the encoder
+    installed with the package (package data); another repository given does not."""
+    from aet.clients.demo import DemoConfig, serving_repository, shipped_model_dir
+
+    monkeypatch.chdir(tmp_path)
+    shipped = shipped_model_dir("digits")
+    assert shipped is not None and (shipped / "1" / "calibration.npy").is_file()
+    root = serving_repository(DemoConfig(output=tmp_path / "out"))
+    assert sorted(p.name for p in (root / "digits" / "1").iterdir()) == [
+        "calibration.npy",
+        "model.json",
+        "model.onnx",
+    ]
+    assert scan_repository(root)
+    with pytest.raises(UserError, match="elsewhere/digits: no such model"):
+        serving_repository(DemoConfig(repository=Path("elsewhere"), output=tmp_path / "o2"))

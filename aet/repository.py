@@ -554,7 +554,9 @@ def read_calibration(version_dir: str | os.PathLike, card: ModelCard) -> np.ndar
     try:
         data = path.read_bytes()
     except OSError as exc:
-        raise RepositoryError(f"cannot read calibration scores {path}: {exc.strerror or exc}") from exc
+        raise RepositoryError(
+            f"cannot read calibration scores {path}: {exc.strerror or exc}"
+        ) from exc
     actual = hashlib.sha256(data).hexdigest()
     if actual != score.calibration_sha256:
         raise RepositoryError(

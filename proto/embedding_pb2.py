@@ -24,49 +24,49 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _POOL.AddSerializedFile(b'\n\x19\x61\x65t/proto/embedding.proto\x12\x06\x61\x65t.v1\"F\n\x06Tensor\x12\x1f\n\x05\x64type\x18\x01 \x01(\x0e\x32\x10.aet.v1.DataType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"Z\n\x0c\x45mbedOptions\x12\x14\n\x0cl2_normalize\x18\x01 \x01(\x08\x12\x16\n\x0e\x66loat16_output\x18\x02 \x01(\x08\x12\x1c\n\x14reconstruction_error\x18\x03 \x01(\x08\"\x89\x01\n\x0c\x45mbedRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x1e\n\x06inputs\x18\x03 \x01(\x0b\x32\x0e.aet.v1.Tensor\x12%\n\x07options\x18\x04 \x01(\x0b\x32\x14.aet.v1.EmbedOptions\x12\x12\n\nrequest_id\x18\x05 \x01(\t\"V\n\x0cServerTiming\x12\x11\n\tdecode_us\x18\x01 \x01(\x01\x12\x10\n\x08queue_us\x18\x02 \x01(\x01\x12\x0e\n\x06run_us\x18\x03 \x01(\x01\x12\x11\n\tencode_us\x18\x04 \x01(\x01\"\xbb\x01\n\rEmbedResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x03\x12\"\n\nembeddings\x18\x04 \x01(\x0b\x32\x0e.aet.v1.Tensor\x12$\n\x06timing\x18\x05 \x01(\x0b\x32\x14.aet.v1.ServerTiming\x12,\n\x14reconstruction_error\x18\x06 \x01(\x0b\x32\x0e.aet.v1.Tensor\"t\n\x0f\x43lassifyRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x1e\n\x06inputs\x18\x03 \x01(\x0b\x32\x0e.aet.v1.Tensor\x12\r\n\x05top_k\x18\x04 \x01(\x03\x12\x12\n\nrequest_id\x18\x05 \x01(\t\"=\n\nTopClasses\x12\x0f\n\x07indices\x18\x01 \x03(\x03\x12\x0e\n\x06labels\x18\x02 \x03(\t\x12\x0e\n\x06scores\x18\x03 \x03(\x02\"\xb4\x01\n\x10\x43lassifyResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x03\x12%\n\rprobabilities\x18\x04 \x01(\x0b\x32\x0e.aet.v1.Tensor\x12\x1f\n\x03top\x18\x05 \x03(\x0b\x32\x12.aet.v1.TopClasses\x12$\n\x06timing\x18\x06 \x01(\x0b\x32\x14.aet.v1.ServerTiming\"\x13\n\x11ListModelsRequest\"\xb6\x01\n\x11ModelVersionState\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12.\n\x05state\x18\x02 \x01(\x0e\x32\x1f.aet.v1.ModelVersionState.State\x12\x0e\n\x06reason\x18\x03 \x01(\t\"P\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\x0b\n\x07LOADING\x10\x01\x12\t\n\x05READY\x10\x02\x12\x0c\n\x08\x44RAINING\x10\x03\x12\n\n\x06\x46\x41ILED\x10\x04\"a\n\x0cModelSummary\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x16\n\x0elatest_version\x18\x02 \x01(\x03\x12+\n\x08versions\x18\x03 \x03(\x0b\x32\x19.aet.v1.ModelVersionState\":\n\x12ListModelsResponse\x12$\n\x06models\x18\x01 \x03(\x0b\x32\x14.aet.v1.ModelSummary\"6\n\x14\x44\x65scribeModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\"\x9b\x01\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x1f\n\x05\x64type\x18\x03 \x01(\x0e\x32\x10.aet.v1.DataType\x12)\n\x0f\x61\x63\x63\x65pted_dtypes\x18\x04 \x03(\x0e\x32\x10.aet.v1.DataType\x12\x11\n\tmin_value\x18\x05 \x01(\x01\x12\x11\n\tmax_value\x18\x06 \x01(\x01\"\x90\x01\n\x0e\x42\x61tchingLimits\x12\x16\n\x0emax_batch_size\x18\x01 \x01(\x03\x12\x1a\n\x12max_queue_delay_ms\x18\x02 \x01(\x01\x12\x16\n\x0emax_queue_size\x18\x03 \x01(\x03\x12\x18\n\x10max_request_rows\x18\x04 \x01(\x03\x12\x18\n\x10\x64ynamic_batching\x18\x05 \x01(\x08\"\xe4\x02\n\x10ModelDescription\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12+\n\x08versions\x18\x03 \x03(\x0b\x32\x19.aet.v1.ModelVersionState\x12!\n\x05input\x18\x04 \x01(\x0b\x32\x12.aet.v1.TensorSpec\x12\"\n\x06output\x18\x05 \x01(\x0b\x32\x12.aet.v1.TensorSpec\x12\x15\n\rembedding_dim\x18\x06 \x01(\x03\x12\x1a\n\x12\x65xecution_provider\x18\x07 \x01(\t\x12(\n\x08\x62\x61tching\x18\x08 \x01(\x0b\x32\x16.aet.v1.BatchingLimits\x12\x0e\n\x06sha256\x18\t \x01(\t\x12\x17\n\x0fmodel_card_json\x18\n \x01(\t\x12!\n\x05score\x18\x0b \x01(\x0b\x32\x12.aet.v1.TensorSpec\x12\x14\n\x0c\x63lass_labels\x18\x0c \x03(\t*J\n\x08\x44\x61taType\x12\x19\n\x15\x44\x41TA_TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\t\n\x05UINT8\x10\x02\x12\x0b\n\x07\x46LOAT16\x10\x03\x32\xd5\x02\n\x10\x45mbeddingService\x12\x34\n\x05\x45mbed\x12\x14.aet.v1.EmbedRequest\x1a\x15.aet.v1.EmbedResponse\x12>\n\x0b\x45mbedStream\x12\x14.aet.v1.EmbedRequest\x1a\x15.aet.v1.EmbedResponse(\x01\x30\x01\x12\x43\n\nListModels\x12\x19.aet.v1.ListModelsRequest\x1a\x1a.aet.v1.ListModelsResponse\x12G\n\rDescribeModel\x12\x1c.aet.v1.DescribeModelRequest\x1a\x18.aet.v1.ModelDescription\x12=\n\x08\x43lassify\x12\x17.aet.v1.ClassifyRequest\x1a\x18.aet.v1.ClassifyResponseb\x06proto3')
+DESCRIPTOR = _POOL.AddSerializedFile(b'\n\x19\x61\x65t/proto/embedding.proto\x12\x06\x61\x65t.v1\"F\n\x06Tensor\x12\x1f\n\x05\x64type\x18\x01 \x01(\x0e\x32\x10.aet.v1.DataType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"k\n\x0c\x45mbedOptions\x12\x14\n\x0cl2_normalize\x18\x01 \x01(\x08\x12\x16\n\x0e\x66loat16_output\x18\x02 \x01(\x08\x12\x1c\n\x14reconstruction_error\x18\x03 \x01(\x08\x12\x0f\n\x07p_value\x18\x04 \x01(\x08\"\x89\x01\n\x0c\x45mbedRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x1e\n\x06inputs\x18\x03 \x01(\x0b\x32\x0e.aet.v1.Tensor\x12%\n\x07options\x18\x04 \x01(\x0b\x32\x14.aet.v1.EmbedOptions\x12\x12\n\nrequest_id\x18\x05 \x01(\t\"V\n\x0cServerTiming\x12\x11\n\tdecode_us\x18\x01 \x01(\x01\x12\x10\n\x08queue_us\x18\x02 \x01(\x01\x12\x0e\n\x06run_us\x18\x03 \x01(\x01\x12\x11\n\tencode_us\x18\x04 \x01(\x01\"\xdc\x01\n\rEmbedResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x03\x12\"\n\nembeddings\x18\x04 \x01(\x0b\x32\x0e.aet.v1.Tensor\x12$\n\x06timing\x18\x05 \x01(\x0b\x32\x14.aet.v1.ServerTiming\x12,\n\x14reconstruction_error\x18\x06 \x01(\x0b\x32\x0e.aet.v1.Tensor\x12\x1f\n\x07p_value\x18\x07 \x01(\x0b\x32\x0e.aet.v1.Tensor\"t\n\x0f\x43lassifyRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x1e\n\x06inputs\x18\x03 \x01(\x0b\x32\x0e.aet.v1.Tensor\x12\r\n\x05top_k\x18\x04 \x01(\x03\x12\x12\n\nrequest_id\x18\x05 \x01(\t\"=\n\nTopClasses\x12\x0f\n\x07indices\x18\x01 \x03(\x03\x12\x0e\n\x06labels\x18\x02 \x03(\t\x12\x0e\n\x06scores\x18\x03 \x03(\x02\"\xb4\x01\n\x10\x43lassifyResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x03\x12%\n\rprobabilities\x18\x04 \x01(\x0b\x32\x0e.aet.v1.Tensor\x12\x1f\n\x03top\x18\x05 \x03(\x0b\x32\x12.aet.v1.TopClasses\x12$\n\x06timing\x18\x06 \x01(\x0b\x32\x14.aet.v1.ServerTiming\"\x13\n\x11ListModelsRequest\"\xb6\x01\n\x11ModelVersionState\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12.\n\x05state\x18\x02 \x01(\x0e\x32\x1f.aet.v1.ModelVersionState.State\x12\x0e\n\x06reason\x18\x03 \x01(\t\"P\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\x0b\n\x07LOADING\x10\x01\x12\t\n\x05READY\x10\x02\x12\x0c\n\x08\x44RAINING\x10\x03\x12\n\n\x06\x46\x41ILED\x10\x04\"a\n\x0cModelSummary\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x16\n\x0elatest_version\x18\x02 \x01(\x03\x12+\n\x08versions\x18\x03 \x03(\x0b\x32\x19.aet.v1.ModelVersionState\":\n\x12ListModelsResponse\x12$\n\x06models\x18\x01 \x03(\x0b\x32\x14.aet.v1.ModelSummary\"6\n\x14\x44\x65scribeModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\"\x9b\x01\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x1f\n\x05\x64type\x18\x03 \x01(\x0e\x32\x10.aet.v1.DataType\x12)\n\x0f\x61\x63\x63\x65pted_dtypes\x18\x04 \x03(\x0e\x32\x10.aet.v1.DataType\x12\x11\n\tmin_value\x18\x05 \x01(\x01\x12\x11\n\tmax_value\x18\x06 \x01(\x01\"\x90\x01\n\x0e\x42\x61tchingLimits\x12\x16\n\x0emax_batch_size\x18\x01 \x01(\x03\x12\x1a\n\x12max_queue_delay_ms\x18\x02 \x01(\x01\x12\x16\n\x0emax_queue_size\x18\x03 \x01(\x03\x12\x18\n\x10max_request_rows\x18\x04 \x01(\x03\x12\x18\n\x10\x64ynamic_batching\x18\x05 \x01(\x08\"\xe4\x02\n\x10ModelDescription\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12+\n\x08versions\x18\x03 \x03(\x0b\x32\x19.aet.v1.ModelVersionState\x12!\n\x05input\x18\x04 \x01(\x0b\x32\x12.aet.v1.TensorSpec\x12\"\n\x06output\x18\x05 \x01(\x0b\x32\x12.aet.v1.TensorSpec\x12\x15\n\rembedding_dim\x18\x06 \x01(\x03\x12\x1a\n\x12\x65xecution_provider\x18\x07 \x01(\t\x12(\n\x08\x62\x61tching\x18\x08 \x01(\x0b\x32\x16.aet.v1.BatchingLimits\x12\x0e\n\x06sha256\x18\t \x01(\t\x12\x17\n\x0fmodel_card_json\x18\n \x01(\t\x12!\n\x05score\x18\x0b \x01(\x0b\x32\x12.aet.v1.TensorSpec\x12\x14\n\x0c\x63lass_labels\x18\x0c \x03(\t*J\n\x08\x44\x61taType\x12\x19\n\x15\x44\x41TA_TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\t\n\x05UINT8\x10\x02\x12\x0b\n\x07\x46LOAT16\x10\x03\x32\xd5\x02\n\x10\x45mbeddingService\x12\x34\n\x05\x45mbed\x12\x14.aet.v1.EmbedRequest\x1a\x15.aet.v1.EmbedResponse\x12>\n\x0b\x45mbedStream\x12\x14.aet.v1.EmbedRequest\x1a\x15.aet.v1.EmbedResponse(\x01\x30\x01\x12\x43\n\nListModels\x12\x19.aet.v1.ListModelsRequest\x1a\x1a.aet.v1.ListModelsResponse\x12G\n\rDescribeModel\x12\x1c.aet.v1.DescribeModelRequest\x1a\x18.aet.v1.ModelDescription\x12=\n\x08\x43lassify\x12\x17.aet.v1.ClassifyRequest\x1a\x18.aet.v1.ClassifyResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'aet.proto.embedding_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DATATYPE']._serialized_start=2068
-  _globals['_DATATYPE']._serialized_end=2142
+  _globals['_DATATYPE']._serialized_start=2118
+  _globals['_DATATYPE']._serialized_end=2192
   _globals['_TENSOR']._serialized_start=37
   _globals['_TENSOR']._serialized_end=107
   _globals['_EMBEDOPTIONS']._serialized_start=109
-  _globals['_EMBEDOPTIONS']._serialized_end=199
-  _globals['_EMBEDREQUEST']._serialized_start=202
-  _globals['_EMBEDREQUEST']._serialized_end=339
-  _globals['_SERVERTIMING']._serialized_start=341
-  _globals['_SERVERTIMING']._serialized_end=427
-  _globals['_EMBEDRESPONSE']._serialized_start=430
-  _globals['_EMBEDRESPONSE']._serialized_end=617
-  _globals['_CLASSIFYREQUEST']._serialized_start=619
-  _globals['_CLASSIFYREQUEST']._serialized_end=735
-  _globals['_TOPCLASSES']._serialized_start=737
-  _globals['_TOPCLASSES']._serialized_end=798
-  _globals['_CLASSIFYRESPONSE']._serialized_start=801
-  _globals['_CLASSIFYRESPONSE']._serialized_end=981
-  _globals['_LISTMODELSREQUEST']._serialized_start=983
-  _globals['_LISTMODELSREQUEST']._serialized_end=1002
-  _globals['_MODELVERSIONSTATE']._serialized_start=1005
-  _globals['_MODELVERSIONSTATE']._serialized_end=1187
-  _globals['_MODELVERSIONSTATE_STATE']._serialized_start=1107
-  _globals['_MODELVERSIONSTATE_STATE']._serialized_end=1187
-  _globals['_MODELSUMMARY']._serialized_start=1189
-  _globals['_MODELSUMMARY']._serialized_end=1286
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1288
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1346
-  _globals['_DESCRIBEMODELREQUEST']._serialized_start=1348
-  _globals['_DESCRIBEMODELREQUEST']._serialized_end=1402
-  _globals['_TENSORSPEC']._serialized_start=1405
-  _globals['_TENSORSPEC']._serialized_end=1560
-  _globals['_BATCHINGLIMITS']._serialized_start=1563
-  _globals['_BATCHINGLIMITS']._serialized_end=1707
-  _globals['_MODELDESCRIPTION']._serialized_start=1710
-  _globals['_MODELDESCRIPTION']._serialized_end=2066
-  _globals['_EMBEDDINGSERVICE']._serialized_start=2145
-  _globals['_EMBEDDINGSERVICE']._serialized_end=2486
+  _globals['_EMBEDOPTIONS']._serialized_end=216
+  _globals['_EMBEDREQUEST']._serialized_start=219
+  _globals['_EMBEDREQUEST']._serialized_end=356
+  _globals['_SERVERTIMING']._serialized_start=358
+  _globals['_SERVERTIMING']._serialized_end=444
+  _globals['_EMBEDRESPONSE']._serialized_start=447
+  _globals['_EMBEDRESPONSE']._serialized_end=667
+  _globals['_CLASSIFYREQUEST']._serialized_start=669
+  _globals['_CLASSIFYREQUEST']._serialized_end=785
+  _globals['_TOPCLASSES']._serialized_start=787
+  _globals['_TOPCLASSES']._serialized_end=848
+  _globals['_CLASSIFYRESPONSE']._serialized_start=851
+  _globals['_CLASSIFYRESPONSE']._serialized_end=1031
+  _globals['_LISTMODELSREQUEST']._serialized_start=1033
+  _globals['_LISTMODELSREQUEST']._serialized_end=1052
+  _globals['_MODELVERSIONSTATE']._serialized_start=1055
+  _globals['_MODELVERSIONSTATE']._serialized_end=1237
+  _globals['_MODELVERSIONSTATE_STATE']._serialized_start=1157
+  _globals['_MODELVERSIONSTATE_STATE']._serialized_end=1237
+  _globals['_MODELSUMMARY']._serialized_start=1239
+  _globals['_MODELSUMMARY']._serialized_end=1336
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1338
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1396
+  _globals['_DESCRIBEMODELREQUEST']._serialized_start=1398
+  _globals['_DESCRIBEMODELREQUEST']._serialized_end=1452
+  _globals['_TENSORSPEC']._serialized_start=1455
+  _globals['_TENSORSPEC']._serialized_end=1610
+  _globals['_BATCHINGLIMITS']._serialized_start=1613
+  _globals['_BATCHINGLIMITS']._serialized_end=1757
+  _globals['_MODELDESCRIPTION']._serialized_start=1760
+  _globals['_MODELDESCRIPTION']._serialized_end=2116
+  _globals['_EMBEDDINGSERVICE']._serialized_start=2195
+  _globals['_EMBEDDINGSERVICE']._serialized_end=2536
 # @@protoc_insertion_point(module_scope)

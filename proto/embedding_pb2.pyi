@@ -29,14 +29,16 @@ class Tensor(_message.Message):
     def __init__(self, dtype: _Optional[_Union[DataType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class EmbedOptions(_message.Message):
-    __slots__ = ("l2_normalize", "float16_output", "reconstruction_error")
+    __slots__ = ("l2_normalize", "float16_output", "reconstruction_error", "p_value")
     L2_NORMALIZE_FIELD_NUMBER: _ClassVar[int]
     FLOAT16_OUTPUT_FIELD_NUMBER: _ClassVar[int]
     RECONSTRUCTION_ERROR_FIELD_NUMBER: _ClassVar[int]
+    P_VALUE_FIELD_NUMBER: _ClassVar[int]
     l2_normalize: bool
     float16_output: bool
     reconstruction_error: bool
-    def __init__(self, l2_normalize: _Optional[bool] = ..., float16_output: _Optional[bool] = ..., reconstruction_error: _Optional[bool] = ...) -> None: ...
+    p_value: bool
+    def __init__(self, l2_normalize: _Optional[bool] = ..., float16_output: _Optional[bool] = ..., reconstruction_error: _Optional[bool] = ..., p_value: _Optional[bool] = ...) -> None: ...
 
 class EmbedRequest(_message.Message):
     __slots__ = ("model", "version", "inputs", "options", "request_id")
@@ -65,20 +67,22 @@ class ServerTiming(_message.Message):
     def __init__(self, decode_us: _Optional[float] = ..., queue_us: _Optional[float] = ..., run_us: _Optional[float] = ..., encode_us: _Optional[float] = ...) -> None: ...
 
 class EmbedResponse(_message.Message):
-    __slots__ = ("request_id", "model", "version", "embeddings", "timing", "reconstruction_error")
+    __slots__ = ("request_id", "model", "version", "embeddings", "timing", "reconstruction_error", "p_value")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     EMBEDDINGS_FIELD_NUMBER: _ClassVar[int]
     TIMING_FIELD_NUMBER: _ClassVar[int]
     RECONSTRUCTION_ERROR_FIELD_NUMBER: _ClassVar[int]
+    P_VALUE_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model: str
     version: int
     embeddings: Tensor
     timing: ServerTiming
     reconstruction_error: Tensor
-    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., version: _Optional[int] = ..., embeddings: _Optional[_Union[Tensor, _Mapping]] = ..., timing: _Optional[_Union[ServerTiming, _Mapping]] = ..., reconstruction_error: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    p_value: Tensor
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., version: _Optional[int] = ..., embeddings: _Optional[_Union[Tensor, _Mapping]] = ..., timing: _Optional[_Union[ServerTiming, _Mapping]] = ..., reconstruction_error: _Optional[_Union[Tensor, _Mapping]] = ..., p_value: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class ClassifyRequest(_message.Message):
     __slots__ = ("model", "version", "inputs", "top_k", "request_id")

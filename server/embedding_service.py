@@ -16,6 +16,7 @@ import numpy as np
 
 from aet.proto import embedding_pb2, embedding_pb2_grpc
 from aet.proto.codec import WIRE_DTYPES, decode_tensor, fill_tensor
+from aet.conformal import P_VALUE_NAME
 from aet.repository import SCORE_NAME
 from aet.server import classification
 from aet.server.errors import excerpt, maps_errors, with_prefix
@@ -127,9 +128,12 @@ class EmbeddingService(embedding_pb2_grpc.EmbeddingServiceServicer):
     ) -> Inference:
         """Queue the request's inputs; `check(model)` may refuse the resolved model first.
         Only an `EmbedRequest` may ask for the novelty score (a classifier has none)."""
-        wants_score = isinstance(request, embedding_pb2.EmbedRequest) and (
-            request.options.reconstruction_error
-        )
+        extra: dict[str, str] = {}
+        if isinstance(request, embedding_pb2.EmbedRequest):
+            if request.options.reconstruction_error:
+                extra[SCORE_NAME] = "options.reconstruction_error"
+            if request.options.p_value:
+                extra[P_VALUE_NAME] = "options.p_value"
 
         def decode(model: LoadedModel) -> np.ndarray:
             if check is not None:
@@ -144,7 +148,7 @@ class EmbeddingService(embedding_pb2_grpc.EmbeddingServiceServicer):
             decode,
             (context.time_remaining(),),
             lambda: not context.is_active(),
-            extra_outputs={SCORE_NAME: "options.reconstruction_error"} if wants_score else None,
+            extra_outputs=extra or None,
         )
 
     def _finish(
@@ -161,6 +165,8 @@ class EmbeddingService(embedding_pb2_grpc.EmbeddingServiceServicer):
             fill_tensor(response.embeddings, _postprocess(embeddings, request.options))
             if request.options.reconstruction_error:
                 fill_tensor(response.reconstruction_error, outputs[SCORE_NAME])
+            if request.options.p_value:
+                fill_tensor(response.p_value, outputs[P_VALUE_NAME])
             return response
 
         response, timing = self.pipeline.finish(inference, encode)

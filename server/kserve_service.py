@@ -26,6 +26,7 @@ import numpy as np
 from aet.proto import grpc_service_pb2 as pb
 from aet.proto import grpc_service_pb2_grpc, model_config_pb2
 from aet.proto.codec import decode_raw
+from aet.conformal import P_VALUE_NAME
 from aet.repository import MODEL_FILE, SCORE_NAME
 from aet.server import classification
 from aet.server.errors import InvalidArgument, Unavailable, excerpt, grpc_status, maps_errors
@@ -172,9 +173,11 @@ def request_timeout(request: pb.ModelInferRequest) -> float | None:
 
 
 def output_names(model: LoadedModel) -> list[str]:
-    """The model's outputs: the embedding, and the novelty score when its graph has one."""
+    """The model's outputs: the embedding, the novelty score when its graph has one, and the
+    score's conformal p-value when the version has calibration scores."""
     card = model.card
-    return [card.output.name] + ([] if card.score is None else [card.score.name])
+    score = [] if card.score is None else [card.score.name]
+    return [card.output.name] + score + ([] if model.calibration is None else [P_VALUE_NAME])
 
 
 def extra_outputs(request: pb.ModelInferRequest) -> dict[str, str]:
@@ -184,7 +187,7 @@ def extra_outputs(request: pb.ModelInferRequest) -> dict[str, str]:
     return {
         output.name: f"outputs[{i}].name"
         for i, output in enumerate(request.outputs)
-        if output.name == SCORE_NAME
+        if output.name in (SCORE_NAME, P_VALUE_NAME)
     }
 
 
@@ -193,6 +196,11 @@ def check_requested_outputs(request: pb.ModelInferRequest, model: LoadedModel) -
     parameter (Triton's classification extension) only for classifiers, 1 <= class_count <= K."""
     valid = output_names(model)
     for i, output in enumerate(request.outputs):
+        if output.name == P_VALUE_NAME and model.calibration is None:
+            raise InvalidArgument(
+                f"outputs[{i}].name: model {model.name!r} version {model.version} has no "
+                f"{P_VALUE_NAME} output (exported without calibration scores; export it again)"
+            )
         if output.name not in valid:
             raise InvalidArgument(
                 f"outputs[{i}].name: expected {' or '.join(map(repr, valid))}, "
@@ -294,6 +302,11 @@ class InferenceService(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
                 *(
                     [tensor(name=model.card.score.name, datatype="FP32", shape=[-1])]
                     if model.card.score is not None
+                    else []
+                ),
+                *(
+                    [tensor(name=P_VALUE_NAME, datatype="FP32", shape=[-1])]
+                    if model.calibration is not None
                     else []
                 ),
             ],

@@ -17,7 +17,15 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from aet.repository import ModelCard, ModelVersion, scan_repository
+import numpy as np
+
+from aet.repository import (
+    ModelCard,
+    ModelVersion,
+    RepositoryError,
+    read_calibration,
+    scan_repository,
+)
 from aet.runtime import EncoderSession, ModelLoadError, RuntimeOptions, resolve_providers
 from aet.server.batcher import BatchRecord, DynamicBatcher
 from aet.server.errors import NotFound, Unavailable, excerpt
@@ -70,6 +78,9 @@ class LoadedModel:
     # also want the novelty score queue apart from embedding-only ones, which so never pay
     # for the decoder.
     batcher_for: dict[tuple[str, ...], DynamicBatcher]
+    # The validation rows' novelty scores, sorted (sha256-checked `calibration.npy`): the
+    # `p_value` output is computed from the score with them; None: the version has none.
+    calibration: np.ndarray | None = None
 
     @property
     def batchers(self) -> tuple[DynamicBatcher, ...]:
@@ -147,6 +158,7 @@ class ModelRegistry:
         assert card is not None  # a usable version has its card
         row_shape = tuple(card.input.shape)
         try:
+            calibration = read_calibration(found.path, card)
             session = EncoderSession.from_card(
                 found.model_path,
                 card,
@@ -156,7 +168,7 @@ class ModelRegistry:
                 label=f"{found.name}/{found.version}/{found.model_path.name}",
             )
             session.warm_up(row_shape, (1, self.batching.max_batch_size))
-        except ModelLoadError as exc:
+        except (ModelLoadError, RepositoryError) as exc:
             log.error(
                 "model_load_failed",
                 extra={"model": found.name, "version": found.version, "reason": str(exc)},
@@ -174,6 +186,7 @@ class ModelRegistry:
                 )
                 for names in session.output_sets
             },
+            calibration,
         )
         with self._lock:
             for listener in self._batch_listeners:

@@ -22,6 +22,8 @@ from typing import TypeVar
 import grpc
 import numpy as np
 
+from aet.conformal import P_VALUE_NAME, p_values
+from aet.repository import SCORE_NAME
 from aet.runtime import Outputs
 from aet.server.batcher import BatchFuture, DynamicBatcher
 from aet.server.errors import InvalidArgument, Unavailable, status_code
@@ -43,6 +45,7 @@ class Inference:
     future: BatchFuture | None = None  # its outputs, once queued
     decoded: float = 0.0  # perf_counter() once decoded and checked
     error: Exception | None = None  # why it failed before reaching the batcher
+    p_value: bool = False  # add the conformal p-value, from the score, once the batch ran
 
 
 class InferencePipeline:
@@ -75,9 +78,10 @@ class InferencePipeline:
 
         `time_limits` are seconds from now (e.g. the call's deadline; None for none): the
         request is dropped if its batch has not started within the shortest.
-        `extra_outputs` maps each output wanted beside the embedding (the novelty score) to
-        the request field that asked for it; such requests queue on the version's batcher for
-        those outputs.
+        `extra_outputs` maps each output wanted beside the embedding (the novelty score, the
+        p-value) to the request field that asked for it; such requests queue on the version's
+        batcher for those outputs. `p_value` is computed after the batch from the score and
+        the version's calibration scores (INVALID_ARGUMENT naming the field without them).
         """
         inference = Inference(api, model_name, time.perf_counter())
         try:
@@ -86,7 +90,18 @@ class InferencePipeline:
             deadline = time.monotonic() + min(limits) if limits else None
             while inference.future is None:
                 model = inference.model = self.registry.lookup(model_name, number)
-                batcher = _batcher(model, extra_outputs or {})
+                wanted = dict(extra_outputs or {})
+                if P_VALUE_NAME in wanted:  # a post-step from the score: run the score
+                    field = wanted.pop(P_VALUE_NAME)
+                    if model.calibration is None:
+                        raise InvalidArgument(
+                            f"{field}: model {model.name!r} version {model.version} has no "
+                            f"{P_VALUE_NAME} output (exported without calibration scores; "
+                            f"export it again)"
+                        )
+                    wanted.setdefault(SCORE_NAME, field)
+                    inference.p_value = True
+                batcher = _batcher(model, wanted)
                 inputs = decode(model)
                 inference.decoded = time.perf_counter()
                 try:
@@ -116,6 +131,12 @@ class InferencePipeline:
                 raise inference.error
             assert model is not None and future is not None  # `start` sets both, or `error`
             outputs = future.result()
+            if inference.p_value:
+                assert model.calibration is not None  # `start` checked it
+                outputs = {
+                    **outputs,
+                    P_VALUE_NAME: p_values(model.calibration, outputs[SCORE_NAME]),
+                }
             answered = time.perf_counter()
             encoded = encode(model, outputs)
         except Exception as exc:

@@ -93,7 +93,11 @@ def test_table_p_values_are_valid_on_held_out_rows_and_served_equal_in_process(t
     for seed in range(10):
         fit, held = train_test_split(X, train_size=0.7, random_state=seed, stratify=y)
         embedder = AutoencoderEmbedder(
-            hidden_sizes=(32,), code_size=8, epochs=20, layer_epochs=5, val_fraction=0.3,
+            hidden_sizes=(32,),
+            code_size=8,
+            epochs=20,
+            layer_epochs=5,
+            val_fraction=0.3,
             seed=seed,
         )
         with contextlib.redirect_stdout(io.StringIO()):

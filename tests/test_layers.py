@@ -8,7 +8,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 FOLDERS = {"aet": "aet", "training": "aet.training", "server": "aet.server"}
 FOLDERS |= {"clients": "aet.clients", "proto": "aet.proto"}
-FLOOR = {"aet.config", "aet.errors", "aet.devices", "aet.repository", "aet.runtime"}
+FLOOR = {
+    "aet.config",
+    "aet.errors",
+    "aet.devices",
+    "aet.repository",
+    "aet.runtime",
+    "aet.conformal",
+}
 # What each layer may import of this package, besides the floor and itself.
 ALLOWED = {
     "floor": set(),

@@ -17,8 +17,8 @@ from sklearn.base import BaseEstimator, ClassNamePrefixFeaturesOutMixin, Transfo
 from sklearn.utils import Tags
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-from aet.conformal import p_values, threshold
 from aet.config import ConfigError
+from aet.conformal import p_values, threshold
 from aet.training.checkpoint import load_checkpoint
 from aet.training.data import LoadedImages, Split, cut_dataset
 from aet.training.dataspec import DataSpec

@@ -14,9 +14,9 @@ from collections.abc import Callable, Iterator
 import grpc
 import numpy as np
 
+from aet.conformal import P_VALUE_NAME
 from aet.proto import embedding_pb2, embedding_pb2_grpc
 from aet.proto.codec import WIRE_DTYPES, decode_tensor, fill_tensor
-from aet.conformal import P_VALUE_NAME
 from aet.repository import SCORE_NAME
 from aet.server import classification
 from aet.server.errors import excerpt, maps_errors, with_prefix

@@ -23,10 +23,10 @@ from importlib import metadata
 import grpc
 import numpy as np
 
+from aet.conformal import P_VALUE_NAME
 from aet.proto import grpc_service_pb2 as pb
 from aet.proto import grpc_service_pb2_grpc, model_config_pb2
 from aet.proto.codec import decode_raw
-from aet.conformal import P_VALUE_NAME
 from aet.repository import MODEL_FILE, SCORE_NAME
 from aet.server import classification
 from aet.server.errors import InvalidArgument, Unavailable, excerpt, grpc_status, maps_errors

@@ -14,8 +14,8 @@ import pytest
 from conftest import DIGITS_MODEL
 
 from aet.clients.embeddings import read_embeddings
-from aet.errors import UserError
 from aet.clients.probe import dataset_of
+from aet.errors import UserError
 from aet.repository import scan_repository
 from aet.training.probes import tune_logistic
 

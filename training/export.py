@@ -7,8 +7,9 @@ returns `embedding` float32 (batch, code_size) (a VAE exports its mean) and
 `reconstruction_error` float32 (batch,), the novelty score: encoder and decoder run in the
 graph and each row's reconstruction is scored in the model's likelihood terms, zero for a
 perfect reconstruction, plus by default the code's k-NN distance to the training codes kept
-in the graph (`training.novelty.NoveltyScore`). Callers that want only embeddings run the graph pruned to its
-first output (`aet.runtime.embedding_graph`), which costs what an encoder alone costs.
+in the graph (`training.novelty.NoveltyScore`). Callers that want only embeddings run the
+graph pruned to its first output (`aet.runtime.embedding_graph`), which costs what an encoder
+alone costs.
 
 Before anything is written the graph must pass `onnx.checker` and agree with PyTorch on
 `PARITY_ROWS` inputs, run through onnxruntime in batches of 1 and odd sizes (embeddings to

@@ -79,9 +79,7 @@ class NoveltyScore(torch.nn.Module):
         self.autoencoder = autoencoder
         self.neighbours = int(neighbours)
         self.density = reference is not None
-        self.register_buffer(
-            "reference", reference if reference is not None else torch.zeros(1, 1)
-        )
+        self.register_buffer("reference", reference if reference is not None else torch.zeros(1, 1))
         self.register_buffer("scales", scales)  # (2, 2): [term][mean, std]
 
     @classmethod
@@ -119,11 +117,7 @@ class NoveltyScore(torch.nn.Module):
             b = reference.double()
             squared = torch.cat(
                 [
-                    (
-                        c.square().sum(1, keepdim=True)
-                        - 2 * c @ b.T
-                        + b.square().sum(1).unsqueeze(0)
-                    )
+                    (c.square().sum(1, keepdim=True) - 2 * c @ b.T + b.square().sum(1).unsqueeze(0))
                     for c in codes.double().split(1024)
                 ]
             )

@@ -63,6 +63,7 @@ class Classifier(Encoder):
             raise ValueError(f"top_k: expected 1 to {len(self.labels)}; got {top_k}")
         return classify(self.predict_proba(X), top_k, self.labels)
 
-    def predict(self, X: Any) -> np.ndarray:
-        """(N,) str: the most probable class name of each row of `X`."""
-        return self.classify(X).predicted_labels
+    def predict(self, X: Any, batch_size: int = DEFAULT_BATCH_SIZE) -> np.ndarray:
+        """(N,) str: the most probable class name of each row of `X` (a classifier's
+        `predict` is its classes, not `Encoder.predict`'s novelty flags)."""
+        return classify(self.predict_proba(X, batch_size), 1, self.labels).predicted_labels

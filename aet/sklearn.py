@@ -246,7 +246,8 @@ class AutoencoderEmbedder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Bas
             self.checkpoint_ = load_checkpoint(trainer.best_path)
         self.model_ = self.checkpoint_.build_model().eval()
         settings = ScoreSettings(density=self.score_density, neighbours=self.score_neighbours)
-        self.novelty_ = NoveltyScore.fit(self.model_, dataset.train.x, settings, self.seed)
+        train = np.asarray(dataset.train.x)
+        self.novelty_ = NoveltyScore.fit(self.model_, train, settings, self.seed)
         self.embedding_dim_ = self._n_features_out = config.code_size
         # held-out rows in X's units: `export` calibrates the novelty score on them
         val = np.asarray(dataset.val.x)

@@ -131,6 +131,9 @@ class NoveltyScore(torch.nn.Module):
         )
         return cls(autoencoder, reference.clone(), scales, k)
 
+    reference: torch.Tensor
+    scales: torch.Tensor
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         code = self.autoencoder.encode(x)
         recon = reconstruction_term(self.autoencoder.decode(code), x, self.autoencoder.config.loss)

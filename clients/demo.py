@@ -24,7 +24,6 @@ from pathlib import Path
 
 import grpc
 
-import aet
 from aet.clients.backends import ServerBackend
 from aet.clients.client import EmbeddingClient
 from aet.clients.embeddings import EmbeddingTable, read_embeddings
@@ -131,12 +130,10 @@ def pretrain_and_export(config: DemoConfig) -> None:
 
 def shipped_model_dir(name: str) -> Path | None:
     """The copy of `exported/<name>` installed with the package: the wheel's package data
-    `aet/exported/<name>`, or the checkout's `exported/<name>` beside an editable install."""
-    package = Path(aet.__file__).resolve().parent
-    for folder in (package / "exported" / name, package.parent / "exported" / name):
-        if folder.is_dir():
-            return folder
-    return None
+    `aet/exported/<name>`, or the checkout's `exported/<name>` under an editable install."""
+    # installed: <site-packages>/aet/clients/demo.py; editable: <checkout>/clients/demo.py
+    folder = Path(__file__).resolve().parents[1] / "exported" / name
+    return folder if folder.is_dir() else None
 
 
 def serving_repository(config: DemoConfig) -> Path:

@@ -341,16 +341,18 @@ def test_committed_default_model_is_intact_and_meets_its_targets():
         digits.version == 1
         and hashlib.sha256(digits.model_path.read_bytes()).hexdigest() == card.sha256
     )
-    assert digits.model_path.stat().st_size < 300_000
+    # weights plus the training codes of the density term (1,131 x 32 float32)
+    assert digits.model_path.stat().st_size < 400_000
     assert (card.input.shape, card.input.value_range, card.output.embedding_dim) == (
         (1, 8, 8),
         (0.0, 16.0),
-        8,
+        32,
     )
-    assert card.metrics["probe_accuracy_1257_labels"] >= 0.95
-    assert (
-        card.metrics["test_reconstruction_mse"] <= 0.5 * card.metrics["test_pca_reconstruction_mse"]
-    )
+    # The images-small recipe: codes made for probes (input-only augmentation), not for
+    # reconstruction (its test MSE is above PCA-32's); the demo's table compares its probes
+    # with pixels (docs/training.md).
+    assert card.metrics["probe_accuracy_1257_labels"] >= 0.97
+    assert card.metrics["probe_accuracy_100_labels"] >= 0.92
 
     session = onnxruntime.InferenceSession(
         str(digits.model_path), providers=["CPUExecutionProvider"]

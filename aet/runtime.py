@@ -17,7 +17,7 @@ import contextlib
 import io
 import logging
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +25,7 @@ import onnx
 import onnx.utils
 import onnxruntime as ort
 
+from aet.config import ConfigError
 from aet.devices import DEVICES, nvidia_device_node_present, nvidia_gpu_present
 from aet.errors import UserError
 from aet.repository import ModelCard
@@ -48,9 +49,28 @@ class DeviceError(UserError):
 class RuntimeOptions:
     """How sessions run: device preference and onnxruntime thread pools (0 = its default)."""
 
-    device: str = "auto"
-    intra_op_threads: int = 0
-    inter_op_threads: int = 0
+    device: str = field(
+        default="auto",
+        metadata={
+            "help": "execution device: auto uses CUDA only when a GPU is really usable",
+            "choices": list(DEVICES),
+        },
+    )
+    intra_op_threads: int = field(
+        default=0,
+        metadata={"help": "onnxruntime threads inside one operator per session (0: one per core)"},
+    )
+    inter_op_threads: int = field(
+        default=0,
+        metadata={"help": "onnxruntime threads across operators per session (0: its default)"},
+    )
+
+    def __post_init__(self) -> None:
+        if self.device not in DEVICES:
+            raise ConfigError(f"device: expected one of {', '.join(DEVICES)}, got {self.device!r}")
+        for name in ("intra_op_threads", "inter_op_threads"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}: expected 0 or more, got {getattr(self, name)}")
 
 
 def choose_providers(available: list[str], cuda_usable: bool) -> list[str]:
@@ -142,7 +162,7 @@ class EncoderSession:
             else (self.embedding_outputs, (output_name, score_name))
         )
         try:
-            self._sessions = {
+            self._sessions: dict[tuple[str, ...], ort.InferenceSession] = {
                 names: ort.InferenceSession(
                     embedding_graph(model, input_name, output_name)
                     if names == self.embedding_outputs
@@ -228,7 +248,9 @@ class EncoderSession:
             )
         if not self._uses_binding:
             return dict(zip(names, session.run(names, {self.input_name: batch}), strict=True))
-        bindings = vars(self._bindings)
+        if not hasattr(self._bindings, "by_outputs"):
+            self._bindings.by_outputs = {}
+        bindings: dict[tuple[str, ...], ort.IOBinding] = self._bindings.by_outputs
         binding = bindings.get(names)
         if binding is None:
             binding = bindings[names] = session.io_binding()

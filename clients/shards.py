@@ -115,7 +115,8 @@ class ShardStore(JobFolder):
 
         def write(temporary: Path) -> None:
             with open(temporary, "wb") as handle:
-                np.savez(handle, ids=ids, **outputs)
+                arrays: dict[str, Any] = {"ids": ids, **outputs}
+                np.savez(handle, **arrays)
 
         atomic_write(self.path(index), write)
 

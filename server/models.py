@@ -14,9 +14,10 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from aet.config import ConfigError
 from aet.repository import ModelCard, ModelVersion, scan_repository
 from aet.runtime import EncoderSession, ModelLoadError, RuntimeOptions, resolve_providers
 from aet.server.batcher import BatchRecord, DynamicBatcher
@@ -38,14 +39,42 @@ class ModelState(enum.Enum):
 
 @dataclass(frozen=True)
 class BatchingOptions:
-    """Dynamic batching limits, the same for every model version."""
+    """Dynamic batching limits, the same for every model version (`aet serve`'s flags)."""
 
-    max_batch_size: int = 64  # rows per onnxruntime run
-    max_queue_delay: float = 0.002  # seconds of extra wait, only spent under load
-    max_queue_size: int = 256  # requests waiting per model version
-    max_request_rows: int = 16384  # rows one request may carry
-    dynamic_batching: bool = True  # False: every request runs on its own
-    instances: int = 1  # batches of one model version that may run at once
+    max_batch_size: int = field(
+        default=64, metadata={"help": "rows per onnxruntime run; larger requests are split"}
+    )
+    max_queue_delay_ms: float = field(
+        default=2.0,
+        metadata={"help": "longest extra wait for requests to join a batch, spent only under load"},
+    )
+    max_queue_size: int = field(
+        default=256,
+        metadata={"help": "requests that may wait per model version; beyond it RESOURCE_EXHAUSTED"},
+    )
+    max_request_rows: int = field(
+        default=16384, metadata={"help": "rows one request may carry; beyond it INVALID_ARGUMENT"}
+    )
+    dynamic_batching: bool = field(
+        default=True,
+        metadata={
+            "help": "merge concurrent requests into shared runs (off: each request runs alone)"
+        },
+    )
+    model_instances: int = field(
+        default=1,
+        metadata={
+            "help": "batches of one model version that may run at once (1 measured best on 2 cores)"
+        },
+    )
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch_size", "max_queue_size", "max_request_rows", "model_instances"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}: expected at least 1, got {getattr(self, name)}")
+        if not self.max_queue_delay_ms >= 0:
+            delay = self.max_queue_delay_ms
+            raise ConfigError(f"max_queue_delay_ms: expected 0 or more, got {delay}")
 
 
 @dataclass(frozen=True)
@@ -197,10 +226,10 @@ class ModelRegistry:
         return DynamicBatcher(
             run,
             batching.max_batch_size,
-            batching.max_queue_delay,
+            batching.max_queue_delay_ms / 1e3,
             batching.max_queue_size,
             merge_requests=batching.dynamic_batching,
-            instances=batching.instances,
+            instances=batching.model_instances,
             name=name,
         )
 

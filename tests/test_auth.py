@@ -206,8 +206,13 @@ def test_tls_files_are_checked_and_named(tmp_path, pki):
 def test_kserve_server_over_mutual_tls_with_tokens(pki, tmp_path):
     """The whole server as `aet serve` wires it: mTLS, tokens on the APIs, health open."""
     add_version(tmp_path, seed=5)
-    credentials = tls_server_credentials(pki / "server.pem", pki / "server.key", pki / "ca.pem")
-    live = start_kserve_server(tmp_path, tokens=(TOKEN,), credentials=credentials)
+    live = start_kserve_server(
+        tmp_path,
+        tokens=(TOKEN,),
+        tls_cert=pki / "server.pem",
+        tls_key=pki / "server.key",
+        tls_client_ca=pki / "ca.pem",
+    )
     try:
         channel_credentials = grpc.ssl_channel_credentials(
             root_certificates=(pki / "ca.pem").read_bytes(),

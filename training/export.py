@@ -156,7 +156,7 @@ class ExportedEncoder(torch.nn.Module):
         if not self.with_score:
             return code
         output = self.autoencoder.decode(code)
-        return code, models.reconstruction_error(output, x, self.autoencoder.config.loss)
+        return code, models.reconstruction_error(output, x, self.autoencoder.config.resolved_loss)
 
 
 def to_onnx(
@@ -458,7 +458,7 @@ def export_encoder(
         score=ScoreSpec(
             name=SCORE_NAME,
             dtype="float32",
-            measure=SCORE_MEASURES[checkpoint.model_config.loss],
+            measure=SCORE_MEASURES[checkpoint.model_config.resolved_loss],
             calibration_split="val",
             calibration_rows=len(calibration),
             percentiles=score_percentiles(session, calibration),

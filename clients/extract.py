@@ -39,7 +39,7 @@ from aet.clients.embeddings import (
     write_embeddings,
 )
 from aet.clients.rows import NO_LABEL, SPLITS, RowPlan, plan_rows, raw_pixels
-from aet.clients.shards import PartsFolder, ShardStore
+from aet.clients.shards import PartsFolder, ShardStore, input_digest
 from aet.config import ConfigError, add_config_arguments, config_from_args
 from aet.training.data import Dataset
 from aet.training.dataspec import DataSpec, resolve_data
@@ -248,6 +248,8 @@ class ExtractionSummary:
     embedded_rows: int  # rows embedded by this run (the rest came from finished shards)
     seconds: float  # embedding time of this run, loading and merging excluded
     backend: str
+    changed_rows: int = 0  # rows of finished shards embedded again: their input had changed
+    source: str = ""  # the data read (file or bundled data set), named when it changed
 
     @property
     def rows_per_second(self) -> float:
@@ -259,6 +261,12 @@ class ExtractionSummary:
             f"embedded {self.embedded_rows} rows in {self.seconds:.2f} s "
             f"({self.rows_per_second:,.0f} rows/s, {self.backend})"
             + (f", {reused} rows from finished shards" if reused else "")
+            + (
+                f", {self.changed_rows} rows embedded again: {self.source} changed since "
+                f"their shards were written"
+                if self.changed_rows
+                else ""
+            )
             + f"; wrote {self.rows} rows to {self.output}"
         )
 
@@ -272,6 +280,12 @@ def _job_manifest(config: EmbedConfig, model: ModelIdentity, rows: int) -> dict[
         "shard_size": config.shard_size,
         "score": config.score,
     }
+
+
+def _source(config: EmbedConfig) -> str:
+    """What the job reads, for messages: the data file or folder, else the data set's name."""
+    path = config.data.data_path
+    return str(path) if path is not None else f"data set {config.data.name}"
 
 
 def _metadata(config: EmbedConfig, backend: EmbeddingBackend) -> dict[str, Any]:
@@ -320,9 +334,15 @@ def _extract_in_process(
         _job_manifest(config, backend.model, len(plan)),
     )
     store.open()
-    shards = [store.load(index) for index in range(store.count)]
+    shards = [
+        store.load(index, input_digest(plan.pixels(*store.bounds(index))))
+        if store.path(index).exists()
+        else None
+        for index in range(store.count)
+    ]
     pending = [index for index, shard in enumerate(shards) if shard is None]
     pending_rows = sum(stop - start for start, stop in map(store.bounds, pending))
+    changed_rows = sum(stop - start for start, stop in map(store.bounds, store.stale))
 
     started = time.perf_counter()
     with tqdm(
@@ -334,8 +354,8 @@ def _extract_in_process(
     ) as progress:
         for index in pending:
             start, stop = store.bounds(index)
-            parts = []
-            for embeddings in backend.embed_rows(plan.pixels(start, stop), config.batch_size):
+            parts, pixels = [], plan.pixels(start, stop)
+            for embeddings in backend.embed_rows(pixels, config.batch_size):
                 parts.append(embeddings)
                 progress.update(len(embeddings))
             embedded = np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
@@ -347,7 +367,7 @@ def _extract_in_process(
                 )
             shard = np.ascontiguousarray(embedded, dtype=np.float32)
             shards[index] = shard
-            store.save(index, shard)
+            store.save(index, shard, input_digest(pixels))
     seconds = time.perf_counter() - started
 
     finished = [shard for shard in shards if shard is not None]
@@ -364,7 +384,9 @@ def _extract_in_process(
     )
     write_embeddings(output, table)
     store.remove()
-    return ExtractionSummary(output, len(plan), pending_rows, seconds, backend.label)
+    return ExtractionSummary(
+        output, len(plan), pending_rows, seconds, backend.label, changed_rows, _source(config)
+    )
 
 
 def _extract_on_ray(config: EmbedConfig, backend: RayBackend) -> ExtractionSummary:

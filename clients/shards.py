@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import shutil
@@ -62,14 +63,17 @@ class JobFolder:
 class ShardStore(JobFolder):
     """`<output>.shards/`: a manifest naming the job, and one `.npz` per finished shard.
 
-    A shard counts as finished only if it loads and holds the expected ids and a finite
-    float32 `(rows, embedding_dim)` array; anything else is deleted and embedded again.
+    A shard counts as finished only if it loads and holds the expected ids, a finite
+    float32 `(rows, embedding_dim)` array and the digest of the input rows it was made from
+    (`input_digest`) equal to that of the rows read now; anything else is deleted and embedded
+    again, so a data file changed under an unfinished job never lends it stale rows.
     """
 
     def __init__(self, folder: Path, manifest: dict[str, Any]):
         super().__init__(folder, manifest)
         # with --score each row carries its score as one more column
         self.embedding_dim = manifest["model"]["embedding_dim"] + int(manifest["score"])
+        self.stale: list[int] = []  # shards whose input rows changed since they were written
 
     def open(self) -> None:
         """Create the folder, or check that the job it holds is this one."""
@@ -84,8 +88,9 @@ class ShardStore(JobFolder):
     def path(self, index: int) -> Path:
         return self.folder / f"shard-{index:05d}.npz"
 
-    def load(self, index: int) -> np.ndarray | None:
-        """The embeddings of a valid finished shard, or None (an invalid file is removed)."""
+    def load(self, index: int, digest: str) -> np.ndarray | None:
+        """The embeddings of a valid finished shard made from input rows of `digest`, or None
+        (an invalid or stale file is removed)."""
         path = self.path(index)
         if not path.exists():
             return None
@@ -93,6 +98,7 @@ class ShardStore(JobFolder):
         try:
             with np.load(path, allow_pickle=False) as archive:
                 ids, embeddings = archive["ids"], archive["embeddings"]
+                made_from = str(archive["input_digest"])
             valid = (
                 np.array_equal(ids, np.arange(start, stop))
                 and embeddings.dtype == np.float32
@@ -101,24 +107,34 @@ class ShardStore(JobFolder):
             )
         except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError):
             valid = False
+        if valid and made_from != digest:
+            self.stale.append(index)
+            valid = False
         if not valid:
             path.unlink()
             return None
         return embeddings
 
-    def save(self, index: int, embeddings: np.ndarray) -> None:
-        """Write shard `index` atomically."""
+    def save(self, index: int, embeddings: np.ndarray, digest: str) -> None:
+        """Write shard `index`, made from input rows of `digest`, atomically."""
         start, stop = self.bounds(index)
         ids = np.arange(start, stop, dtype=np.int64)
 
         def write(temporary: Path) -> None:
             with open(temporary, "wb") as handle:
-                np.savez(handle, ids=ids, embeddings=embeddings)
+                np.savez(handle, ids=ids, embeddings=embeddings, input_digest=np.str_(digest))
 
         atomic_write(self.path(index), write)
 
     def remove(self) -> None:
         shutil.rmtree(self.folder)
+
+
+def input_digest(rows: np.ndarray) -> str:
+    """sha256 of a block of input rows (dtype, shape and bytes): what a shard was made from."""
+    digest = hashlib.sha256(f"{rows.dtype.str}{rows.shape}".encode())
+    digest.update(np.ascontiguousarray(rows).data)
+    return digest.hexdigest()
 
 
 class PartsFolder(JobFolder):

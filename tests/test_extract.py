@@ -4,6 +4,7 @@ an interrupted job and resume it; Ray output folders that resume at block level.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -24,7 +25,7 @@ from aet.clients.backends import (
 from aet.clients.client import EmbeddingClient
 from aet.clients.embeddings import ExtractionError, read_embeddings
 from aet.clients.extract import EmbedConfig, extract, extraction_rows
-from aet.clients.rows import _loaded, plan_rows, raw_pixels
+from aet.clients.rows import _loaded, _read, plan_rows, raw_pixels
 from aet.config import ConfigError
 from aet.errors import UserError
 from aet.repository import RepositoryError
@@ -328,3 +329,32 @@ def test_local_ray_that_misses_rays_startup_limits_is_started_afresh(monkeypatch
     monkeypatch.setattr(ray, "init", lambda **options: (_ for _ in ()).throw(Exception("other")))
     with pytest.raises(Exception, match="^other$"):  # any other failure is not retried
         _start_local_ray(2)
+
+
+def test_a_resumed_job_re_embeds_shards_whose_input_file_changed(tmp_path, vector_model):
+    """FAULTS.md "Resumed jobs": kill mid-job, overwrite the npz with other rows of the same
+    count, resume: the finished shards made from the old rows are embedded again, by name."""
+    rng = np.random.default_rng(1)
+    data = tmp_path / "table.npz"
+    np.savez(data, x=rng.normal(size=(300, 6)).astype(np.float32))
+    spec = {"dataset": "npz", "data_path": data, "limit": None}
+    job = EmbedConfig(
+        data=DataSpec(**spec),
+        local=vector_model,
+        shard_size=96,
+        batch_size=48,
+        progress=False,
+        output=tmp_path / "job.npz",
+    )
+    with pytest.raises(Interrupted), InterruptedAfter(vector_model, blocks=4) as backend:
+        extract(job, backend)  # shards 0 and 1 finished
+    np.savez(data, x=rng.normal(size=(300, 6)).astype(np.float32))  # other rows, same count
+    _read.cache_clear()  # the data set is read once per process: as a new process would
+    with LocalBackend(vector_model) as backend:
+        summary = extract(job, backend)
+        assert summary.changed_rows == 192
+        assert f"192 rows embedded again: {data} changed" in summary.line()
+        clean = extract(dataclasses.replace(job, output=tmp_path / "clean.npz"), backend)
+    np.testing.assert_array_equal(
+        read_embeddings(job.output).embeddings, read_embeddings(clean.output).embeddings
+    )

@@ -368,7 +368,7 @@ class ModelVersion:
     path: Path
     card: ModelCard | None = None
     error: str | None = None
-    fingerprint: tuple = ()  # (file name, size, mtime) of each file, taken before reading them
+    fingerprint: tuple = ()  # (name, size, mtime, inode) of each file, taken before reading them
 
     @property
     def ok(self) -> bool:
@@ -560,11 +560,12 @@ def _check_version(name: str, version: int, path: Path) -> ModelVersion:
 
 
 def folder_fingerprint(path: Path) -> tuple:
-    """(name, size, mtime in ns) of every file in `path`: changes when a file is added,
-    removed or rewritten, so a refused version is retried only when its folder changed."""
+    """(name, size, mtime in ns, inode) of every file in `path`: changes when a file is added,
+    removed, rewritten or replaced, so a refused version is retried, and a served one verified
+    again, only when its folder changed."""
     try:
-        entries = sorted(path.iterdir())
-        return tuple((e.name, e.stat().st_size, e.stat().st_mtime_ns) for e in entries)
+        stats = [(e.name, e.stat()) for e in sorted(path.iterdir())]
+        return tuple((name, s.st_size, s.st_mtime_ns, s.st_ino) for name, s in stats)
     except OSError:
         return ()
 

@@ -366,6 +366,39 @@ def test_unauthenticated_garbage_is_unauthenticated_not_parsed(tmp_path):
         live.stop()
 
 
+def test_unauthenticated_health_watches_cannot_take_the_stream_slots(tmp_path):
+    """Issue 24 #3/#4: `--max-streams 3` and tokens on; three Watch calls without a token are
+    refused at once, so an authenticated stream still gets a slot; per-model health needs a
+    token, overall health does not."""
+    add_version(tmp_path, SEED)
+    live = start_kserve_server(tmp_path, tokens=(TOKEN,), workers=6, max_streams=3)
+    bearer = [("authorization", f"Bearer {TOKEN}")]
+    try:
+        with grpc.insecure_channel(live.target) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            watches = [health.Watch(health_pb2.HealthCheckRequest(), timeout=WAIT) for _ in "abc"]
+            for watch in watches:
+                with pytest.raises(grpc.RpcError) as caught:
+                    next(watch)
+                assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            answers = kserve_stub(channel).ModelStreamInfer(
+                iter([kserve_request(digits_pixels(1))]), metadata=bearer, timeout=WAIT
+            )
+            assert not next(answers).error_message
+            overall = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=WAIT)
+            assert overall.status == health_pb2.HealthCheckResponse.SERVING
+            for name in (MODEL, "no-such-model"):
+                with pytest.raises(grpc.RpcError) as caught:
+                    health.Check(health_pb2.HealthCheckRequest(service=name), timeout=WAIT)
+                assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            per_model = health.Check(
+                health_pb2.HealthCheckRequest(service=MODEL), metadata=bearer, timeout=WAIT
+            )
+            assert per_model.status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        live.stop()
+
+
 def test_status_messages_are_cut_to_the_maximum():
     from aet.server.errors import InvalidArgument, grpc_status
 

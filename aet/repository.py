@@ -32,6 +32,7 @@ MODEL_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 _VERSION_PATTERN = re.compile(r"[1-9][0-9]*")
 _SHA256_PATTERN = re.compile(r"[0-9a-f]{64}")
 _TEMP_PREFIX = ".tmp-"
+TENSOR_DTYPES = ("float32",)  # what graph inputs and outputs may be (uint8 requests are cast)
 
 
 class RepositoryError(UserError):
@@ -147,11 +148,15 @@ class ModelCard:
 
     @classmethod
     def from_dict(cls, data: Any, source: str = CARD_FILE) -> ModelCard:
-        """Validate a parsed `model.json`; errors name `source` and the field."""
+        """Validate a parsed `model.json`; errors name `source` and the field. A field this
+        schema does not know is refused by name (a card from a newer writer is not read
+        half-understood)."""
         reader = _FieldReader(source)
-        card = reader.mapping(data, "")
-        inp = reader.mapping(reader.get(card, "input"), "input.")
-        out = reader.mapping(reader.get(card, "output"), "output.")
+        card = reader.known(reader.mapping(data, ""), cls, "")
+        inp = reader.known(reader.mapping(reader.get(card, "input"), "input."), InputSpec, "input.")
+        out = reader.known(
+            reader.mapping(reader.get(card, "output"), "output."), OutputSpec, "output."
+        )
         return cls(
             name=reader.model_name(card, "name"),
             version=reader.positive_int(card, "version"),
@@ -160,13 +165,13 @@ class ModelCard:
             input=InputSpec(
                 name=reader.string(inp, "name", "input."),
                 shape=reader.shape(inp, "shape", "input."),
-                dtype=reader.string(inp, "dtype", "input."),
+                dtype=reader.choice(inp, "dtype", TENSOR_DTYPES, "input."),
                 value_range=reader.value_range(inp, "value_range", "input."),
                 feature_names=reader.optional_strings(inp, "feature_names", "input."),
             ),
             output=OutputSpec(
                 name=reader.string(out, "name", "output."),
-                dtype=reader.string(out, "dtype", "output."),
+                dtype=reader.choice(out, "dtype", TENSOR_DTYPES, "output."),
                 embedding_dim=reader.positive_int(out, "embedding_dim", "output."),
             ),
             preprocessing=reader.strings(card, "preprocessing"),
@@ -210,6 +215,23 @@ class _FieldReader:
         value = self.get(data, key, prefix)
         if not isinstance(value, str) or not value:
             raise self.fail(prefix + key, "a non-empty string", value)
+        return value
+
+    def known(self, data: dict, schema: type, prefix: str) -> dict:
+        """`data`, unless it holds a key that is no field of the dataclass `schema`."""
+        fields = {f.name for f in dataclasses.fields(schema)}
+        unknown = sorted(set(data) - fields)
+        if unknown:
+            raise RepositoryError(
+                f"{self.source}: unknown field {prefix + unknown[0]!r}: expected only "
+                f"{', '.join(sorted(fields))}"
+            )
+        return data
+
+    def choice(self, data: dict, key: str, choices: tuple[str, ...], prefix: str = "") -> str:
+        value = self.get(data, key, prefix)
+        if value not in choices:
+            raise self.fail(prefix + key, f"one of {', '.join(map(repr, choices))}", value)
         return value
 
     def model_name(self, data: dict, key: str, prefix: str = "") -> str:
@@ -274,12 +296,13 @@ class _FieldReader:
         if value is None:
             return None
         prefix = key + "."
+        self.known(value, ScoreSpec, prefix)
         percentiles = self.mapping(self.get(value, "percentiles", prefix), prefix + "percentiles")
         for name in SCORE_PERCENTILES:
             self.number(percentiles, name, prefix + "percentiles.")
         return ScoreSpec(
             name=self.string(value, "name", prefix),
-            dtype=self.string(value, "dtype", prefix),
+            dtype=self.choice(value, "dtype", TENSOR_DTYPES, prefix),
             measure=self.string(value, "measure", prefix),
             calibration_split=self.string(value, "calibration_split", prefix),
             calibration_rows=self.positive_int(value, "calibration_rows", prefix),
@@ -314,7 +337,7 @@ class _FieldReader:
     def classifier(self, data: dict, key: str, output: dict) -> ClassifierSpec | None:
         if key not in data:
             return None
-        value = self.mapping(data[key], key)
+        value = self.known(self.mapping(data[key], key), ClassifierSpec, key + ".")
         labels = self.get(value, "labels", key + ".")
         if not isinstance(labels, list) or not all(isinstance(s, str) and s for s in labels):
             raise self.fail(f"{key}.labels", "a list of non-empty strings", labels)

@@ -252,6 +252,34 @@ def test_scan_missing_root_is_an_error(tmp_path):
             {"library_versions": {"onnx": 1}},
             "field 'library_versions.onnx': expected a version string",
         ),
+        # issue 24 #10: impossible values and fields the schema does not know, by name
+        (
+            {
+                "input": {
+                    "name": "pixels",
+                    "shape": [1, 8, 8],
+                    "dtype": "int64",
+                    "value_range": [0, 16],
+                }
+            },
+            "field 'input.dtype': expected one of 'float32', got 'int64'",
+        ),
+        (
+            {"output": {"name": "embedding", "dtype": "float64", "embedding_dim": 8}},
+            "field 'output.dtype': expected one of 'float32', got 'float64'",
+        ),
+        ({"licence": "MIT"}, "unknown field 'licence': expected only architecture, "),
+        (
+            {
+                "output": {
+                    "name": "embedding",
+                    "dtype": "float32",
+                    "embedding_dim": 8,
+                    "normalised": True,
+                }
+            },
+            "unknown field 'output.normalised': expected only dtype, embedding_dim, name",
+        ),
     ],
 )
 def test_invalid_card_fields_are_named(tmp_path, changes, message):

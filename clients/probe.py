@@ -27,7 +27,7 @@ from aet.clients.embeddings import EmbeddingTable, read_embeddings
 from aet.clients.extract import check_model_fits, extraction_rows
 from aet.config import ConfigError, add_config_arguments, config_from_args
 from aet.errors import UserError
-from aet.training.data import Dataset
+from aet.training.data import Dataset, require_classes
 from aet.training.dataspec import DataSpec, resolve_data
 from aet.training.evaluate import fit_pca
 from aet.training.heads import fine_tune_probe, fit_mlp_head, mlp_probe
@@ -254,6 +254,7 @@ def _probe(table: EmbeddingTable, dataset: Dataset, config: ProbeConfig, seed: i
     fit_y, test_y, num_classes = dataset.fit.y, dataset.test.y, dataset.num_classes
     if fit_y is None or test_y is None or num_classes is None:
         raise ProbeError(f"data set {dataset.name}: has no labels; nothing to probe")
+    require_classes(dataset, "a probe")
     counts = sorted({min(n, len(fit_y)) for n in config.label_counts} | {len(fit_y)})
     mlp = functools.partial(
         mlp_probe, num_classes=num_classes, hidden=config.hidden, steps=config.steps

@@ -8,6 +8,7 @@ file and renamed into place, so a crash never leaves a half-written file, and re
 from __future__ import annotations
 
 import dataclasses
+import io
 import os
 import pickle
 import tempfile
@@ -87,8 +88,15 @@ def save_checkpoint(path: str | Path, checkpoint: Checkpoint) -> None:
     except OSError as exc:
         raise CheckpointError(f"cannot write checkpoint {path}: {exc}") from exc
     try:
+        # Serialised in memory first: a full disk then fails as OSError(ENOSPC) in `write`,
+        # not as torch's "unexpected pos"; fsync before the rename, so a crash leaves the
+        # previous checkpoint, never an empty one.
+        buffer = io.BytesIO()
+        torch.save(payload, buffer)
         with os.fdopen(fd, "wb") as file:
-            torch.save(payload, file)
+            file.write(buffer.getbuffer())
+            file.flush()
+            os.fsync(file.fileno())
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)

@@ -18,7 +18,7 @@ from torch import nn
 
 from aet.errors import UserError
 from aet.training.checkpoint import load_checkpoint
-from aet.training.data import Dataset
+from aet.training.data import Dataset, require_classes
 from aet.training.export import preprocessing_module
 from aet.training.mapped import Images
 from aet.training.models import Autoencoder
@@ -34,6 +34,7 @@ def labels_of(dataset: Dataset) -> tuple[np.ndarray, np.ndarray, int]:
     fit_y, test_y, num_classes = dataset.fit.y, dataset.test.y, dataset.num_classes
     if fit_y is None or test_y is None or num_classes is None:
         raise HeadError(f"data set {dataset.name}: has no labels; a classifier needs them")
+    require_classes(dataset, "a classifier")
     return fit_y, test_y, num_classes
 
 

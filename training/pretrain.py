@@ -22,7 +22,7 @@ from aet.errors import UserError
 from aet.training.augmentation import AugmentationConfig
 from aet.training.checkpoint import load_checkpoint, save_checkpoint
 from aet.training.corruption import CORRUPTION_KINDS
-from aet.training.data import Dataset
+from aet.training.data import Dataset, require_classes
 from aet.training.dataspec import DataSpec
 from aet.training.distributed import PRECISIONS, ProcessGroup
 from aet.training.evaluate import encode_array, evaluate_autoencoder, format_evaluation
@@ -393,6 +393,7 @@ def pretrain(config: PretrainConfig) -> int:
     `stop_after_epochs` ended the call."""
     torch.set_num_threads(config.threads)
     dataset = config.load_dataset()
+    require_classes(dataset, "the evaluation's probes")  # before training, not after it
     group = ProcessGroup.from_environment(config.device)  # several processes under torchrun
     try:
         return _train_and_report(config, dataset, group)

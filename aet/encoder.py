@@ -9,16 +9,16 @@ from __future__ import annotations
 
 import math
 import os
+import tempfile
 import threading
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from aet.errors import UserError
-from aet.repository import CARD_FILE, find_model_version
-from aet.runtime import EncoderSession, RuntimeOptions, resolve_providers, split_scored
+from aet.repository import CARD_FILE, ModelCard, ModelVersion, check_sha256, find_model_version
+from aet.runtime import EncoderSession, Outputs, RuntimeOptions, resolve_providers
 
 DEFAULT_BATCH_SIZE = 1024
 
@@ -119,17 +119,34 @@ class Encoder:
                     f"found versions {found_versions or 'none'}"
                 )
             path = path / str(version)
-        found = find_model_version(path)
-        card = found.card
-        assert card is not None  # find_model_version returns usable versions only
+        return cls.open(find_model_version(path), device, threads)
+
+    @classmethod
+    def open(cls, found: ModelVersion, device: str = "auto", threads: int = 0) -> Encoder:
+        """The encoder of a scanned, usable version (`aet.repository.find_model_version`)."""
+        return cls._from_file(found.path, found.model_path, found.usable_card, device, threads)
+
+    @classmethod
+    def from_bytes(
+        cls, onnx: bytes, card: ModelCard, device: str = "auto", threads: int = 0
+    ) -> Encoder:
+        """The encoder of shipped graph bytes and their card (e.g. on a Ray worker, with no
+        model folder on its disk), checked against the card's sha256."""
+        check_sha256(onnx, card, f"model {card.name} v{card.version} (shipped bytes)")
+        with tempfile.TemporaryDirectory(prefix="aet-encoder-") as folder:
+            path = Path(folder) / "model.onnx"
+            path.write_bytes(onnx)
+            return cls._from_file(Path(folder), path, card, device, threads)
+
+    @classmethod
+    def _from_file(
+        cls, folder: Path, model_path: Path, card: ModelCard, device: str, threads: int
+    ) -> Encoder:
+        options = RuntimeOptions(device=device, intra_op_threads=threads)
         session = EncoderSession.from_card(
-            found.model_path,
-            card,
-            resolve_providers(device),
-            RuntimeOptions(device=device, intra_op_threads=threads),
-            score=True,
+            model_path, card, resolve_providers(device), options, score=True
         )
-        return cls(found.path, card, session)
+        return cls(folder, card, session)
 
     def __repr__(self) -> str:
         return (
@@ -180,7 +197,7 @@ class Encoder:
         -------
         ndarray of shape (N, embedding_dim), float32
         """
-        return self._run(self._session.run, X, batch_size, self.embedding_dim)
+        return self.run(X, batch_size=batch_size)[self._session.output_name]
 
     def reconstruction_error(self, X: Any, batch_size: int = DEFAULT_BATCH_SIZE) -> np.ndarray:
         """The novelty score of each row of `X`, as served: the reconstruction error in the
@@ -197,13 +214,7 @@ class Encoder:
         -------
         ndarray of shape (N,), float32
         """
-        if self.score_percentiles is None:
-            raise ValueError(
-                f"model {self.name} v{self.version}: its graph has no novelty score "
-                f"(exported before reconstruction_error existed); export it again"
-            )
-        packed = self._run(self._session.run_scored, X, batch_size, self.embedding_dim + 1)
-        return split_scored(packed)[1]
+        return self.run(X, score=True, batch_size=batch_size)[self.card["score"]["name"]]
 
     def score_samples(self, X: Any, batch_size: int = DEFAULT_BATCH_SIZE) -> np.ndarray:
         """scikit-learn's novelty convention: the opposite of `reconstruction_error`, so the
@@ -215,18 +226,27 @@ class Encoder:
         """
         return -self.reconstruction_error(X, batch_size)
 
-    def _run(
-        self, run: Callable[[np.ndarray], np.ndarray], X: Any, batch_size: int, width: int
-    ) -> np.ndarray:
-        """`run` over the rows of `X` in batches of `batch_size`: (N, width) float32."""
+    def run(self, X: Any, score: bool = False, batch_size: int = DEFAULT_BATCH_SIZE) -> Outputs:
+        """The graph's named outputs for the rows of `X`: the embedding (N, embedding_dim),
+        and with `score` the novelty score (N,) as `reconstruction_error`; float32."""
         if batch_size < 1:
             raise ValueError(f"batch_size: expected a positive integer; got {batch_size}")
+        if score and self.score_percentiles is None:
+            raise ValueError(
+                f"model {self.name} v{self.version}: its graph has no novelty score "
+                f"(exported before reconstruction_error existed); export it again"
+            )
+        names = self._session.output_sets[1 if score else 0]
         rows = self.rows(X)
         if len(rows) == 0:
-            return np.zeros((0, width), np.float32)
+            widths = {self._session.output_name: (self.embedding_dim,)}
+            return {name: np.zeros((0, *widths.get(name, ())), np.float32) for name in names}
         with self._lock:
             parts = [
-                run(np.ascontiguousarray(rows[start : start + batch_size]))
+                self._session.run(np.ascontiguousarray(rows[start : start + batch_size]), names)
                 for start in range(0, len(rows), batch_size)
             ]
-        return np.concatenate(parts).astype(np.float32, copy=False)
+        return {
+            name: np.concatenate([part[name] for part in parts]).astype(np.float32, copy=False)
+            for name in names
+        }

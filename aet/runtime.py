@@ -99,14 +99,13 @@ def embedding_graph(model: onnx.ModelProto, input_name: str, output_name: str) -
     )
 
 
-def split_scored(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(embeddings (rows, dim), scores (rows,)) from `EncoderSession.run_scored`'s output."""
-    return packed[:, :-1], packed[:, -1]
+Outputs = dict[str, np.ndarray]  # output name -> (rows, ...) array, e.g. {"embedding": ...}
 
 
 class EncoderSession:
-    """onnxruntime sessions for an encoder: (rows, ...) float32 -> (rows, dim) embeddings and,
-    when the graph has the score output `score_name`, (rows, dim + 1) embeddings with scores."""
+    """onnxruntime sessions for an encoder: a float32 batch (rows, ...) in, named outputs
+    out: `output_name` (rows, dim) alone, or with the score output `score_name` (rows,) when
+    the graph has it and it was asked for (`outputs`)."""
 
     def __init__(
         self,
@@ -136,24 +135,31 @@ class EncoderSession:
         self._check_signature(label, model, input_name, (output_name, score_name), row_shape)
         if embedding_dim is not None:
             self._check_output_dim(label, model, output_name, embedding_dim)
+        self.input_name = input_name
+        self.output_name = output_name
+        self.embedding_outputs: tuple[str, ...] = (output_name,)
+        # The output sets a run may ask for, each with its own session: the embedding alone
+        # from the graph cut down to the encoder, the score beside it from the whole graph.
+        self.output_sets: tuple[tuple[str, ...], ...] = (
+            (self.embedding_outputs,)
+            if score_name is None
+            else (self.embedding_outputs, (output_name, score_name))
+        )
         try:
-            self._scored_session = None
-            if score_name is not None:
-                self._scored_session = ort.InferenceSession(
-                    model.SerializeToString(), session_options, providers=providers
+            self._sessions = {
+                names: ort.InferenceSession(
+                    embedding_graph(model, input_name, output_name)
+                    if names == self.embedding_outputs
+                    else model.SerializeToString(),
+                    session_options,
+                    providers=providers,
                 )
-            self._session = ort.InferenceSession(
-                embedding_graph(model, input_name, output_name),
-                session_options,
-                providers=providers,
-            )
+                for names in self.output_sets
+            }
         except Exception as exc:  # onnx and onnxruntime raise their own error types
             reason = str(exc).replace(str(model_path), label)
             raise ModelLoadError(f"{label}: onnxruntime cannot load it: {reason}") from exc
-        self.input_name = input_name
-        self.output_name = output_name
-        self.score_name = score_name
-        self.provider = self._session.get_providers()[0]
+        self.provider = self._sessions[self.embedding_outputs].get_providers()[0]
         # IO binding pays on a GPU (outputs land straight in host memory, no extra staging);
         # on CPU the plain `run` already works on the numpy buffers. A binding holds one run's
         # tensors, so each thread that runs batches (model instances) has its own.
@@ -236,35 +242,30 @@ class EncoderSession:
                     )
                 return
 
-    def run(self, batch: np.ndarray) -> np.ndarray:
-        """Embeddings (rows, dim) of a float32 batch (rows, ...); callers may run at once."""
+    def run(self, batch: np.ndarray, outputs: tuple[str, ...] | None = None) -> Outputs:
+        """The named outputs `outputs` (one of `output_sets`; default the embedding alone) of a
+        float32 batch (rows, ...); callers may run at once."""
+        names = self.embedding_outputs if outputs is None else outputs
+        session = self._sessions.get(names)
+        if session is None:
+            raise ModelLoadError(
+                f"outputs: expected one of {list(self.output_sets)} (the graph's), got {names}"
+            )
         if not self._uses_binding:
-            return self._session.run((self.output_name,), {self.input_name: batch})[0]
-        binding = getattr(self._bindings, "binding", None)
+            return dict(zip(names, session.run(names, {self.input_name: batch}), strict=True))
+        bindings = vars(self._bindings)
+        binding = bindings.get(names)
         if binding is None:
-            binding = self._bindings.binding = self._session.io_binding()
+            binding = bindings[names] = session.io_binding()
         binding.bind_cpu_input(self.input_name, batch)
-        binding.bind_output(self.output_name, "cpu")
-        self._session.run_with_iobinding(binding)
-        return binding.copy_outputs_to_cpu()[0]
-
-    def run_scored(self, batch: np.ndarray) -> np.ndarray:
-        """Embeddings with each row's score as one more column, (rows, dim + 1), of a float32
-        batch (rows, ...) (`split_scored` takes them apart); callers may run at once.
-
-        One array, so a dynamic batcher can merge and split scored requests like any other.
-        """
-        if self._scored_session is None:
-            raise ModelLoadError("this model's graph has no score output")
-        embeddings, scores = self._scored_session.run(
-            (self.output_name, self.score_name), {self.input_name: batch}
-        )
-        return np.concatenate([embeddings, scores[:, None]], axis=1)
+        for name in names:
+            binding.bind_output(name, "cpu")
+        session.run_with_iobinding(binding)
+        return dict(zip(names, binding.copy_outputs_to_cpu(), strict=True))
 
     def warm_up(self, row_shape: tuple[int, ...], batch_sizes: tuple[int, ...]) -> None:
         """Run zeros at each batch size so allocations and kernel choices happen before serving."""
         for rows in batch_sizes:
             zeros = np.zeros((rows, *row_shape), dtype=np.float32)
-            self.run(zeros)
-            if self._scored_session is not None:
-                self.run_scored(zeros)
+            for names in self.output_sets:
+                self.run(zeros, names)

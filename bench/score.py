@@ -122,7 +122,7 @@ def in_process(root: Path, name: str, rounds: int, seconds: float) -> dict:
         sides = {
             "old_embedding": lambda b=batch: old.run(b),
             "new_embedding": lambda b=batch: new.run(b),
-            "new_scored": lambda b=batch: new.run_scored(b),
+            "new_scored": lambda b=batch: new.run(b, new.output_sets[-1]),
         }
         samples: dict[str, list[float]] = {side: [] for side in sides}
         for round_ in range(rounds):

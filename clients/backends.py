@@ -1,16 +1,15 @@
 """Where `aet embed` runs the encoder: a gRPC server, onnxruntime in-process, or Ray Data.
 
 The in-process backends (`LocalBackend`, `ServerBackend`) offer `model` (which encoder answers)
-and `embed_rows(pixels, batch_size)`, an iterator of embeddings for consecutive row blocks in
+and `embed_rows(pixels, batch_size)`, an iterator of the outputs of consecutive row blocks in
 order; `clients.extract` feeds them shard by shard. `RayBackend` runs the whole job as one Ray
 Data pipeline instead: read on the workers, embed in onnxruntime actors that
 receive the ONNX bytes and the model card (no shared filesystem needed), write on the workers.
-The local and Ray backends run the same `aet.runtime.EncoderSession` the server runs, so
-all three give the same embeddings. Opened with `score=True`, every backend adds each row's
-novelty score: the in-process ones as one more last column of each block (the layout of
-`EncoderSession.run_scored`), so blocks travel and resume like embeddings and `aet embed
---score` takes them apart when it writes the output; the Ray actors as a
-`reconstruction_error` column.
+The local backend and the Ray actors run `aet.Encoder`, on the same
+`aet.runtime.EncoderSession` the server runs, so all three give the same embeddings. Every
+block is the graph's named outputs (`{"embedding": ...}`); opened with `score=True`, each
+block also holds each row's novelty score (`reconstruction_error`), which the Ray actors
+write as a column of their own.
 """
 
 from __future__ import annotations
@@ -18,7 +17,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import tempfile
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -28,15 +26,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from aet.encoder import Encoder
 from aet.errors import UserError
-from aet.repository import SCORE_NAME, ModelCard, ModelVersion, check_sha256, find_model_version
-from aet.runtime import (
-    DEVICES,
-    EncoderSession,
-    RuntimeOptions,
-    resolve_providers,
-    split_scored,
-)
+from aet.repository import SCORE_NAME, ModelCard, ModelVersion, find_model_version
+from aet.runtime import DEVICES, Outputs
 
 if TYPE_CHECKING:
     from aet.training.dataspec import DataSpec
@@ -59,6 +52,7 @@ class ModelIdentity:
     input_shape: tuple[int, ...]  # (C, H, W)
     max_value: float | None  # the raw pixel value the graph maps to 1.0; None for vectors
     class_labels: tuple[str, ...] = ()  # a classifier's class names by output column, else ()
+    output_name: str = "embedding"  # the graph's output (a classifier's: probabilities)
 
 
 def _identity(found: ModelVersion) -> ModelIdentity:
@@ -71,16 +65,7 @@ def _identity(found: ModelVersion) -> ModelIdentity:
         tuple(card.input.shape),
         None if card.input.value_range is None else card.input.value_range[1],
         card.classifier.labels if card.classifier is not None else (),
-    )
-
-
-def _open_session(
-    model_path: Path, card: ModelCard, device: str, threads: int, score: bool = False
-) -> EncoderSession:
-    _check_score(card, score)
-    options = RuntimeOptions(intra_op_threads=threads)
-    return EncoderSession.from_card(
-        model_path, card, resolve_providers(device), options, score=score
+        card.output.name,
     )
 
 
@@ -101,8 +86,8 @@ class EmbeddingBackend:
     label: str  # for the summary line and the output's metadata
     model: ModelIdentity
 
-    def embed_rows(self, pixels: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
-        """Embeddings of consecutive blocks of `pixels` (raw range), in order."""
+    def embed_rows(self, pixels: np.ndarray, batch_size: int) -> Iterator[Outputs]:
+        """The named outputs of consecutive blocks of `pixels` (raw range), in order."""
         raise NotImplementedError
 
     def __enter__(self):
@@ -161,15 +146,16 @@ class LocalBackend(EmbeddingBackend):
         device: str = "auto",
     ):
         found = find_model_version(model_dir)
+        _check_score(found.usable_card, score)
         self.model = _identity(found)
-        self._session = _open_session(found.model_path, found.usable_card, device, threads, score)
-        self._run = self._session.run_scored if score else self._session.run
-        self.label = f"local onnxruntime ({self._session.provider})"
+        self._encoder = Encoder.open(found, device, threads)
+        self._score = score
+        self.label = f"local onnxruntime ({self._encoder.provider})"
 
-    def embed_rows(self, pixels: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
-        """Embeddings of `pixels` (uint8 or float32, raw range) in blocks of `batch_size`."""
+    def embed_rows(self, pixels: np.ndarray, batch_size: int) -> Iterator[Outputs]:
+        """The outputs of `pixels` (uint8 or float32, raw range) in blocks of `batch_size`."""
         for start in range(0, len(pixels), batch_size):
-            yield self._run(pixels[start : start + batch_size].astype(np.float32))
+            yield self._encoder.run(pixels[start : start + batch_size], self._score, batch_size)
 
 
 class ServerBackend(EmbeddingBackend):
@@ -199,13 +185,14 @@ class ServerBackend(EmbeddingBackend):
             tuple(description.input.shape),
             None if math.isinf(description.input.max_value) else description.input.max_value,
             tuple(description.class_labels),
+            description.output.name,
         )
         self.label = f"server {client.target}"
         self._in_flight = in_flight
         self._pool = ThreadPoolExecutor(in_flight, thread_name_prefix="aet-embed")
 
-    def embed_rows(self, pixels: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
-        """Embeddings of `pixels`, at most `batch_size` rows per request (fewer if the
+    def embed_rows(self, pixels: np.ndarray, batch_size: int) -> Iterator[Outputs]:
+        """The outputs of `pixels`, at most `batch_size` rows per request (fewer if the
         message limit or the server's `max_request_rows` wants), in order."""
         if len(pixels) == 0:
             return
@@ -221,12 +208,12 @@ class ServerBackend(EmbeddingBackend):
         while waiting:
             yield waiting.popleft().result()
 
-    def _embed(self, rows: np.ndarray, name: str, version: int) -> np.ndarray:
-        """One request's embeddings, with the scores as one more last column if asked."""
+    def _embed(self, rows: np.ndarray, name: str, version: int) -> Outputs:
+        """One request's embeddings, and the novelty scores if asked."""
         if not self._score:
-            return self._client.embed(rows, name, version)
+            return {self.model.output_name: self._client.embed(rows, name, version)}
         embeddings, scores = self._client.embed_with_score(rows, name, version)
-        return np.concatenate([embeddings, scores[:, None]], axis=1)
+        return {self.model.output_name: embeddings, SCORE_NAME: scores}
 
     def close(self) -> None:
         self._pool.shutdown(cancel_futures=True)
@@ -249,36 +236,22 @@ def actor_device(device: str, cluster_gpus: float) -> tuple[str, int]:
 
 
 class EncoderActor:
-    """A Ray Data `map_batches` worker: one onnxruntime session, one thread, `batch_size` rows
-    per run.
-
-    Receives the ONNX bytes and the model card, checks the bytes against the card's sha256,
-    and opens its session from a private copy: no model folder on the worker's disk.
-    """
+    """A Ray Data `map_batches` worker: one `aet.Encoder` on one thread, `batch_size` rows
+    per run, opened from the shipped ONNX bytes and model card (`Encoder.from_bytes`: no
+    model folder on the worker's disk)."""
 
     def __init__(
         self, onnx: bytes, card: ModelCard, device: str, batch_size: int, score: bool = False
     ):
         self._batch_size = batch_size
         self._score = score
-        check_sha256(onnx, card, f"model {card.name} v{card.version} (shipped bytes)")
-        with tempfile.TemporaryDirectory(prefix="aet-actor-") as folder:
-            path = Path(folder) / "model.onnx"
-            path.write_bytes(onnx)
-            self._session = _open_session(path, card, device, 1, score)
+        self._encoder = Encoder.from_bytes(onnx, card, device, threads=1)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> Any:
         import pyarrow as pa
 
-        pixels = batch["pixels"]
-        run = self._session.run_scored if self._score else self._session.run
-        outputs = np.concatenate(
-            [
-                run(pixels[start : start + self._batch_size].astype(np.float32))
-                for start in range(0, len(pixels), self._batch_size)
-            ]
-        )
-        embeddings = split_scored(outputs)[0] if self._score else outputs
+        outputs = self._encoder.run(batch["pixels"], self._score, self._batch_size)
+        embeddings = outputs[self._encoder.card["output"]["name"]]
         columns = {
             "id": batch["id"],
             "split": batch["split"].astype(str),
@@ -288,7 +261,7 @@ class EncoderActor:
             ),
         }
         if self._score:
-            columns[SCORE_NAME] = pa.array(split_scored(outputs)[1])
+            columns[SCORE_NAME] = pa.array(outputs[SCORE_NAME])
         return pa.table(columns)
 
 

@@ -41,6 +41,7 @@ from aet.clients.embeddings import (
 from aet.clients.rows import NO_LABEL, SPLITS, RowPlan, plan_rows, raw_pixels
 from aet.clients.shards import PartsFolder, ShardStore, input_digest
 from aet.config import ConfigError, add_config_arguments, config_from_args
+from aet.repository import SCORE_NAME
 from aet.training.data import Dataset
 from aet.training.dataspec import DataSpec, resolve_data
 
@@ -329,9 +330,11 @@ def _extract_in_process(
 
     output = config.output_path
     check_model_fits(backend.model, plan)
+    model = backend.model
     store = ShardStore(
         output.with_name(output.name + ".shards"),
-        _job_manifest(config, backend.model, len(plan)),
+        _job_manifest(config, model, len(plan)),
+        {model.output_name: (model.embedding_dim,), **({SCORE_NAME: ()} if config.score else {})},
     )
     store.open()
     shards = [
@@ -355,32 +358,37 @@ def _extract_in_process(
         for index in pending:
             start, stop = store.bounds(index)
             parts, pixels = [], plan.pixels(start, stop)
-            for embeddings in backend.embed_rows(pixels, config.batch_size):
-                parts.append(embeddings)
-                progress.update(len(embeddings))
-            embedded = np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
-            if len(embedded) != stop - start:
+            for outputs in backend.embed_rows(pixels, config.batch_size):
+                parts.append(outputs)
+                progress.update(len(outputs[model.output_name]))
+            shard = {
+                name: np.ascontiguousarray(
+                    np.concatenate([part[name] for part in parts]) if parts else np.zeros(0),
+                    dtype=np.float32,
+                )
+                for name in store.shapes
+            }
+            embedded = len(shard[model.output_name])
+            if embedded != stop - start:
                 raise ExtractionError(
                     f"backend {backend.label}: expected {stop - start} embeddings for rows "
-                    f"{start}..{stop - 1}, got {len(embedded)}; finished shards are kept, "
+                    f"{start}..{stop - 1}, got {embedded}; finished shards are kept, "
                     f"run again to resume"
                 )
-            shard = np.ascontiguousarray(embedded, dtype=np.float32)
             shards[index] = shard
             store.save(index, shard, input_digest(pixels))
     seconds = time.perf_counter() - started
 
     finished = [shard for shard in shards if shard is not None]
     assert len(finished) == len(shards)  # every pending shard was filled above
-    packed = np.concatenate(finished)
-    dim = backend.model.embedding_dim
+    columns = {name: np.concatenate([shard[name] for shard in finished]) for name in store.shapes}
     table = EmbeddingTable(
-        packed[:, :dim],
+        columns[model.output_name],
         np.arange(len(plan), dtype=np.int64),
         plan.labels,
         plan.split_of(np.arange(len(plan))),
         _metadata(config, backend),
-        packed[:, dim] if config.score else None,  # --score: the rows' last column
+        columns.get(SCORE_NAME),  # --score
     )
     write_embeddings(output, table)
     store.remove()

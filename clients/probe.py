@@ -166,7 +166,8 @@ def embed_in_process(model_dir: Path, dataset: Dataset, device: str = "auto") ->
     rows = extraction_rows(dataset)
     with LocalBackend(model_dir, device=device) as backend:
         check_model_fits(backend.model, dataset)
-        embeddings = np.concatenate(list(backend.embed_rows(rows.pixels, batch_size=1024)))
+        blocks = backend.embed_rows(rows.pixels, batch_size=1024)
+        embeddings = np.concatenate([block[backend.model.output_name] for block in blocks])
         model = asdict(backend.model)
     return EmbeddingTable(
         embeddings,

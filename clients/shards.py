@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from aet.clients.embeddings import MANIFEST, ExtractionError, atomic_write
+from aet.runtime import Outputs
 
 log = logging.getLogger(__name__)
 
@@ -64,15 +65,15 @@ class ShardStore(JobFolder):
     """`<output>.shards/`: a manifest naming the job, and one `.npz` per finished shard.
 
     A shard counts as finished only if it loads and holds the expected ids, a finite
-    float32 `(rows, embedding_dim)` array and the digest of the input rows it was made from
-    (`input_digest`) equal to that of the rows read now; anything else is deleted and embedded
-    again, so a data file changed under an unfinished job never lends it stale rows.
+    float32 array of each output (`shapes`: name -> shape of one row) and the digest of the
+    input rows it was made from (`input_digest`) equal to that of the rows read now; anything
+    else is deleted and embedded again, so a data file changed under an unfinished job never
+    lends it stale rows.
     """
 
-    def __init__(self, folder: Path, manifest: dict[str, Any]):
+    def __init__(self, folder: Path, manifest: dict[str, Any], shapes: dict[str, tuple[int, ...]]):
         super().__init__(folder, manifest)
-        # with --score each row carries its score as one more column
-        self.embedding_dim = manifest["model"]["embedding_dim"] + int(manifest["score"])
+        self.shapes = shapes
         self.stale: list[int] = []  # shards whose input rows changed since they were written
 
     def open(self) -> None:
@@ -88,8 +89,8 @@ class ShardStore(JobFolder):
     def path(self, index: int) -> Path:
         return self.folder / f"shard-{index:05d}.npz"
 
-    def load(self, index: int, digest: str) -> np.ndarray | None:
-        """The embeddings of a valid finished shard made from input rows of `digest`, or None
+    def load(self, index: int, digest: str) -> Outputs | None:
+        """The outputs of a valid finished shard made from input rows of `digest`, or None
         (an invalid or stale file is removed)."""
         path = self.path(index)
         if not path.exists():
@@ -97,13 +98,14 @@ class ShardStore(JobFolder):
         start, stop = self.bounds(index)
         try:
             with np.load(path, allow_pickle=False) as archive:
-                ids, embeddings = archive["ids"], archive["embeddings"]
-                made_from = str(archive["input_digest"])
-            valid = (
-                np.array_equal(ids, np.arange(start, stop))
-                and embeddings.dtype == np.float32
-                and embeddings.shape == (stop - start, self.embedding_dim)
-                and bool(np.isfinite(embeddings).all())
+                ids = archive["ids"]
+                outputs = {name: archive[name] for name in self.shapes}
+                made_from = str(archive[DIGEST_KEY])
+            valid = np.array_equal(ids, np.arange(start, stop)) and all(
+                array.dtype == np.float32
+                and array.shape == (stop - start, *self.shapes[name])
+                and bool(np.isfinite(array).all())
+                for name, array in outputs.items()
             )
         except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError):
             valid = False
@@ -113,21 +115,24 @@ class ShardStore(JobFolder):
         if not valid:
             path.unlink()
             return None
-        return embeddings
+        return outputs
 
-    def save(self, index: int, embeddings: np.ndarray, digest: str) -> None:
+    def save(self, index: int, outputs: Outputs, digest: str) -> None:
         """Write shard `index`, made from input rows of `digest`, atomically."""
         start, stop = self.bounds(index)
         ids = np.arange(start, stop, dtype=np.int64)
 
         def write(temporary: Path) -> None:
             with open(temporary, "wb") as handle:
-                np.savez(handle, ids=ids, embeddings=embeddings, input_digest=np.str_(digest))
+                np.savez(handle, ids=ids, **outputs, **{DIGEST_KEY: np.str_(digest)})
 
         atomic_write(self.path(index), write)
 
     def remove(self) -> None:
         shutil.rmtree(self.folder)
+
+
+DIGEST_KEY = "input_digest"  # the shard array holding the sha256 of its input rows
 
 
 def input_digest(rows: np.ndarray) -> str:

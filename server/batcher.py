@@ -33,15 +33,16 @@ from typing import NamedTuple
 
 import numpy as np
 
+from aet.runtime import Outputs
 from aet.server.errors import Cancelled, DeadlineExceeded, ResourceExhausted, Unavailable
 
 log = logging.getLogger(__name__)
 
-Run = Callable[[np.ndarray], np.ndarray]
+Run = Callable[[np.ndarray], Outputs]
 
 
 class BatchFuture(Future):
-    """The embeddings of one request, with where its time went once it is done."""
+    """The named outputs of one request, with where its time went once it is done."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -68,7 +69,7 @@ class BatcherStats:
 
     batches: int = 0
     rows: int = 0
-    requests: int = 0  # requests answered with embeddings
+    requests: int = 0  # requests answered with their outputs
     failed: int = 0  # requests whose run raised
     rejected_queue_full: int = 0
     dropped_deadline: int = 0
@@ -99,7 +100,7 @@ class _Request:
         self.is_cancelled = is_cancelled
         self.submitted = time.monotonic()
         self.future = BatchFuture()
-        self.output: np.ndarray | None = None  # assembled here when the request is split
+        self.output: Outputs | None = None  # assembled here when the request is split
 
 
 # (request, first row, end row) of one request's rows in a batch
@@ -109,7 +110,7 @@ _Part = tuple[_Request, int, int]
 class DynamicBatcher:
     """Merge concurrent requests into runs of at most `max_batch_size` rows.
 
-    `run` maps a (rows, ...) float32 array to (rows, dim) outputs; it is called by at most
+    `run` maps a (rows, ...) float32 array to named (rows, ...) outputs; it is called by at most
     `instances` threads at a time. `max_queue_delay` is in seconds.
     """
 
@@ -345,9 +346,10 @@ class DynamicBatcher:
                 # A fresh array each batch: `run` may keep or return views of its input.
                 batch = np.concatenate([request.inputs[first:end] for request, first, end in parts])
             outputs = self._run(batch)
-            if len(outputs) != rows:
+            wrong = {name: len(array) for name, array in outputs.items() if len(array) != rows}
+            if wrong:
                 raise RuntimeError(
-                    f"model {self.name}: run returned {len(outputs)} rows for a batch of {rows}"
+                    f"model {self.name}: run returned {wrong} rows for a batch of {rows}"
                 )
         except Exception as exc:
             if len(parts) > 1:
@@ -362,15 +364,19 @@ class DynamicBatcher:
         offset = answered = 0
         for request, first, end in parts:
             request.future.run_seconds += run_seconds
-            mine = outputs[offset : offset + end - first]
+            mine = {name: array[offset : offset + end - first] for name, array in outputs.items()}
             offset += end - first
             if first == 0 and end == request.rows:
                 request.future.set_result(mine)
                 answered += 1
                 continue
             if request.output is None:
-                request.output = np.empty((request.rows, *outputs.shape[1:]), outputs.dtype)
-            request.output[first:end] = mine
+                request.output = {
+                    name: np.empty((request.rows, *array.shape[1:]), array.dtype)
+                    for name, array in outputs.items()
+                }
+            for name, array in mine.items():
+                request.output[name][first:end] = array
             if end == request.rows:
                 request.future.set_result(request.output)
                 answered += 1

@@ -144,7 +144,7 @@ class EmbeddingService(embedding_pb2_grpc.EmbeddingServiceServicer):
             decode,
             (context.time_remaining(),),
             lambda: not context.is_active(),
-            score_field="options.reconstruction_error" if wants_score else None,
+            extra_outputs={SCORE_NAME: "options.reconstruction_error"} if wants_score else None,
         )
 
     def _finish(

@@ -177,14 +177,15 @@ def output_names(model: LoadedModel) -> list[str]:
     return [card.output.name] + ([] if card.score is None else [card.score.name])
 
 
-def score_field(request: pb.ModelInferRequest) -> str | None:
-    """`outputs[i].name` of the request's ask for the novelty score, or None if it has none.
-
-    A request that names no outputs gets the embedding alone (the score costs the decoder)."""
-    for i, output in enumerate(request.outputs):
-        if output.name == SCORE_NAME:
-            return f"outputs[{i}].name"
-    return None
+def extra_outputs(request: pb.ModelInferRequest) -> dict[str, str]:
+    """The outputs the request asks for beside the embedding (the novelty score), each with
+    the `outputs[i].name` field that asked. A request that names no outputs gets the
+    embedding alone (the score costs the decoder)."""
+    return {
+        output.name: f"outputs[{i}].name"
+        for i, output in enumerate(request.outputs)
+        if output.name == SCORE_NAME
+    }
 
 
 def check_requested_outputs(request: pb.ModelInferRequest, model: LoadedModel) -> None:
@@ -359,7 +360,7 @@ class InferenceService(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
             (context.time_remaining(), timeout),
             lambda: not context.is_active(),
             version_field="model_version",
-            score_field=score_field(request),
+            extra_outputs=extra_outputs(request),
         )
 
     def _finish(self, started: tuple[pb.ModelInferRequest, Inference]) -> pb.ModelInferResponse:

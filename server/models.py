@@ -8,6 +8,7 @@ version be loaded or unloaded while serving (hot reload). Both gRPC APIs answer 
 from __future__ import annotations
 
 import enum
+import functools
 import logging
 import os
 import threading
@@ -59,20 +60,30 @@ class VersionStatus:
 
 @dataclass(frozen=True)
 class LoadedModel:
-    """A model version that has been loaded: its card, session, batcher and request checks."""
+    """A model version that has been loaded: its card, session, batchers and request checks."""
 
     card: ModelCard
     path: Path
     session: EncoderSession
-    batcher: DynamicBatcher
     request_spec: RequestSpec
-    # Requests that also want the novelty score (`card.score`) queue here, apart from
-    # embedding-only ones, which so never pay for the decoder; None when the graph has none.
-    scorer: DynamicBatcher | None = None
+    # One batcher per output set of the session (`EncoderSession.output_sets`): requests that
+    # also want the novelty score queue apart from embedding-only ones, which so never pay
+    # for the decoder.
+    batcher_for: dict[tuple[str, ...], DynamicBatcher]
 
     @property
     def batchers(self) -> tuple[DynamicBatcher, ...]:
-        return (self.batcher,) if self.scorer is None else (self.batcher, self.scorer)
+        return tuple(self.batcher_for.values())
+
+    @property
+    def batcher(self) -> DynamicBatcher:
+        """The batcher of embedding-only requests."""
+        return self.batcher_for[self.session.embedding_outputs]
+
+    @property
+    def scorer(self) -> DynamicBatcher | None:
+        """The batcher of requests for the embedding and the novelty score (None: no score)."""
+        return next((b for names, b in self.batcher_for.items() if len(names) > 1), None)
 
     @property
     def name(self) -> str:
@@ -166,11 +177,14 @@ class ModelRegistry:
             card,
             found.path,
             session,
-            self._batcher(session.run, f"{found.name}/{found.version}"),
             RequestSpec.from_card(card, self.batching.max_request_rows),
-            None
-            if card.score is None
-            else self._batcher(session.run_scored, f"{found.name}/{found.version}/scored"),
+            {
+                names: self._batcher(
+                    functools.partial(session.run, outputs=names),
+                    "/".join((found.name, str(found.version), *names[1:])),
+                )
+                for names in session.output_sets
+            },
         )
         with self._lock:
             for listener in self._batch_listeners:

@@ -22,15 +22,14 @@ from typing import TypeVar
 import grpc
 import numpy as np
 
-from aet.runtime import split_scored
-from aet.server.batcher import BatchFuture
+from aet.runtime import Outputs
+from aet.server.batcher import BatchFuture, DynamicBatcher
 from aet.server.errors import InvalidArgument, Unavailable, status_code
 from aet.server.metrics import UNKNOWN_MODEL, RequestTiming, ServingMetrics
 from aet.server.models import LoadedModel, ModelRegistry
 from aet.server.validation import parse_version
 
 Encoded = TypeVar("Encoded")
-Outputs = dict[str, np.ndarray]  # output name -> (rows, ...) array, e.g. {"embedding": ...}
 
 
 @dataclass
@@ -44,7 +43,6 @@ class Inference:
     future: BatchFuture | None = None  # its outputs, once queued
     decoded: float = 0.0  # perf_counter() once decoded and checked
     error: Exception | None = None  # why it failed before reaching the batcher
-    scored: bool = False  # queued for the embeddings and the novelty score
 
 
 class InferencePipeline:
@@ -70,24 +68,25 @@ class InferencePipeline:
         time_limits: tuple[float | None, ...] = (),
         is_cancelled: Callable[[], bool] | None = None,
         version_field: str = "version",
-        score_field: str | None = None,
+        extra_outputs: dict[str, str] | None = None,
     ) -> Inference:
         """Resolve `model_name` and `version` (`parse_version`: 0 or "" for the latest),
         decode, check and queue the inputs. Nothing waits here.
 
         `time_limits` are seconds from now (e.g. the call's deadline; None for none): the
         request is dropped if its batch has not started within the shortest.
-        `score_field` names the request field that asked for the novelty score too (None:
-        embeddings only); such requests queue on the version's scoring batcher.
+        `extra_outputs` maps each output wanted beside the embedding (the novelty score) to
+        the request field that asked for it; such requests queue on the version's batcher for
+        those outputs.
         """
-        inference = Inference(api, model_name, time.perf_counter(), scored=score_field is not None)
+        inference = Inference(api, model_name, time.perf_counter())
         try:
             number = parse_version(version, version_field)
             limits = [limit for limit in time_limits if limit is not None]
             deadline = time.monotonic() + min(limits) if limits else None
             while inference.future is None:
                 model = inference.model = self.registry.lookup(model_name, number)
-                batcher = _batcher(model, score_field)
+                batcher = _batcher(model, extra_outputs or {})
                 inputs = decode(model)
                 inference.decoded = time.perf_counter()
                 try:
@@ -116,12 +115,7 @@ class InferencePipeline:
             if inference.error is not None:
                 raise inference.error
             assert model is not None and future is not None  # `start` sets both, or `error`
-            if inference.scored:
-                embeddings, scores = split_scored(future.result())
-                assert model.card.score is not None  # `start` queued it on the scorer
-                outputs = {model.card.output.name: embeddings, model.card.score.name: scores}
-            else:
-                outputs = {model.card.output.name: future.result()}
+            outputs = future.result()
             answered = time.perf_counter()
             encoded = encode(model, outputs)
         except Exception as exc:
@@ -155,14 +149,14 @@ class InferencePipeline:
         self.metrics.observe_request(name, version, inference.api, code, seconds, timing)
 
 
-def _batcher(model: LoadedModel, score_field: str | None):
-    """The batcher for embeddings alone, or for embeddings and the score (`score_field` set)."""
-    if score_field is None:
-        return model.batcher
-    if model.scorer is None:
+def _batcher(model: LoadedModel, extra_outputs: dict[str, str]) -> DynamicBatcher:
+    """The batcher computing the embedding and `extra_outputs` (name -> the asking field)."""
+    batcher = model.batcher_for.get((model.card.output.name, *extra_outputs))
+    if batcher is None:
+        known = {name for names in model.batcher_for for name in names}
+        name, field = next((n, f) for n, f in extra_outputs.items() if n not in known)
         raise InvalidArgument(
-            f"{score_field}: model {model.name!r} version {model.version} has no "
-            f"reconstruction_error output (exported before aet had the novelty score; export "
-            f"it again)"
+            f"{field}: model {model.name!r} version {model.version} has no {name} output "
+            f"(exported before aet had it; export it again)"
         )
-    return model.scorer
+    return batcher

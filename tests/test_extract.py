@@ -259,8 +259,8 @@ def test_local_backend_runs_on_the_device_asked_for(model_dir, plan):
         rows = plan.pixels(0, 4)
         with LocalBackend(model_dir) as auto:  # auto: the same codes on whatever it chose
             np.testing.assert_allclose(
-                np.concatenate(list(backend.embed_rows(rows, 4))),
-                np.concatenate(list(auto.embed_rows(rows, 4))),
+                np.concatenate([block["embedding"] for block in backend.embed_rows(rows, 4)]),
+                np.concatenate([block["embedding"] for block in auto.embed_rows(rows, 4)]),
                 atol=1e-5,
             )
     if "CUDA" not in LocalBackend(model_dir).label:  # no usable GPU: cuda is refused by name

@@ -212,18 +212,40 @@ class ExtractionRows:
         return len(self.pixels)
 
 
-def check_model_fits(model: ModelIdentity, dataset: Dataset | RowPlan | PlanShape) -> None:
-    """Raise `ExtractionError` unless the encoder takes the data set's rows: the same shape
-    and the same raw pixel range (vectors: none, the graph standardises them) (`dataset`:
-    anything with name, image_shape, raw_max and is_vectors)."""
+def check_model_fits(model: ModelIdentity, dataset: Dataset | RowPlan | PlanShape) -> float:
+    """The factor that takes the data set's raw pixels into the encoder's range (1.0 when
+    they match; vectors: 1.0, the graph standardises them); `ExtractionError` unless the
+    encoder takes rows of the data set's shape and kind (`dataset`: anything with name,
+    image_shape, raw_max and is_vectors). Both pixel ranges are known, [0, raw_max] and the
+    card's [0, max], so images of another range (uint8 0..255, float 0..1) are rescaled."""
     expected_max = None if dataset.is_vectors else dataset.raw_max
-    if tuple(model.input_shape) != tuple(dataset.image_shape) or model.max_value != expected_max:
+    if tuple(model.input_shape) != tuple(dataset.image_shape) or (
+        (model.max_value is None) != (expected_max is None)
+    ):
         raise ExtractionError(
             f"model {model.name} v{model.version}: expected rows of shape "
             f"{tuple(model.input_shape)} with values up to {model.max_value}; data set "
             f"{dataset.name} has shape {tuple(dataset.image_shape)} with values up to "
             f"{expected_max}"
         )
+    if model.max_value is None or expected_max is None or model.max_value == expected_max:
+        return 1.0
+    return model.max_value / expected_max
+
+
+def rescaled(pixels: np.ndarray, scale: float) -> np.ndarray:
+    """`pixels` times `scale` (float32), or unchanged when `scale` is 1."""
+    return pixels if scale == 1.0 else pixels.astype(np.float32) * np.float32(scale)
+
+
+def _range_note(model: ModelIdentity, plan: RowPlan, scale: float) -> str:
+    """What a summary says about rescaled pixels ("" when none were)."""
+    if scale == 1.0:
+        return ""
+    return (
+        f"pixels of {plan.name} rescaled from 0..{plan.raw_max:g} to the model's "
+        f"0..{model.max_value:g}"
+    )
 
 
 def extraction_rows(dataset: Dataset) -> ExtractionRows:
@@ -251,6 +273,7 @@ class ExtractionSummary:
     backend: str
     changed_rows: int = 0  # rows of finished shards embedded again: their input had changed
     source: str = ""  # the data read (file or bundled data set), named when it changed
+    note: str = ""  # e.g. that the pixels were rescaled into the model's range
 
     @property
     def rows_per_second(self) -> float:
@@ -268,6 +291,7 @@ class ExtractionSummary:
                 if self.changed_rows
                 else ""
             )
+            + (f"; {self.note}" if self.note else "")
             + f"; wrote {self.rows} rows to {self.output}"
         )
 
@@ -329,7 +353,7 @@ def _extract_in_process(
     from tqdm import tqdm
 
     output = config.output_path
-    check_model_fits(backend.model, plan)
+    scale = check_model_fits(backend.model, plan)
     model = backend.model
     store = ShardStore(
         output.with_name(output.name + ".shards"),
@@ -358,7 +382,7 @@ def _extract_in_process(
         for index in pending:
             start, stop = store.bounds(index)
             parts, pixels = [], plan.pixels(start, stop)
-            for outputs in backend.embed_rows(pixels, config.batch_size):
+            for outputs in backend.embed_rows(rescaled(pixels, scale), config.batch_size):
                 parts.append(outputs)
                 progress.update(len(outputs[model.output_name]))
             shard = {
@@ -393,14 +417,26 @@ def _extract_in_process(
     write_embeddings(output, table)
     store.remove()
     return ExtractionSummary(
-        output, len(plan), pending_rows, seconds, backend.label, changed_rows, _source(config)
+        output,
+        len(plan),
+        pending_rows,
+        seconds,
+        backend.label,
+        changed_rows,
+        _source(config),
+        _range_note(model, plan, scale),
     )
 
 
 def _extract_on_ray(config: EmbedConfig, backend: RayBackend) -> ExtractionSummary:
     """One Ray Data pipeline: read and write on the workers, embed in the actors."""
     plan = backend.plan(config.data)  # planned on a worker; only its shape comes here
-    check_model_fits(backend.model, plan)
+    if check_model_fits(backend.model, plan) != 1.0:
+        raise ExtractionError(
+            f"model {backend.model.name}: expects values up to {backend.model.max_value}, data "
+            f"set {plan.name} has values up to {plan.raw_max}; --ray does not rescale them, "
+            f"--local and --server do"
+        )
     folder = PartsFolder(config.output_path, _job_manifest(config, backend.model, plan.rows))
     folder.open(overwrite=config.overwrite)
     pending = folder.pending_blocks()

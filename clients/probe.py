@@ -24,7 +24,7 @@ import torch
 from sklearn.metrics import confusion_matrix
 
 from aet.clients.embeddings import EmbeddingTable, read_embeddings
-from aet.clients.extract import check_model_fits, extraction_rows
+from aet.clients.extract import check_model_fits, extraction_rows, rescaled
 from aet.config import ConfigError, add_config_arguments, config_from_args
 from aet.errors import UserError
 from aet.training.data import Dataset, require_classes
@@ -165,8 +165,8 @@ def embed_in_process(model_dir: Path, dataset: Dataset, device: str = "auto") ->
 
     rows = extraction_rows(dataset)
     with LocalBackend(model_dir, device=device) as backend:
-        check_model_fits(backend.model, dataset)
-        blocks = backend.embed_rows(rows.pixels, batch_size=1024)
+        scale = check_model_fits(backend.model, dataset)
+        blocks = backend.embed_rows(rescaled(rows.pixels, scale), batch_size=1024)
         embeddings = np.concatenate([block[backend.model.output_name] for block in blocks])
         model = asdict(backend.model)
     return EmbeddingTable(

@@ -358,3 +358,31 @@ def test_a_resumed_job_re_embeds_shards_whose_input_file_changed(tmp_path, vecto
     np.testing.assert_array_equal(
         read_embeddings(job.output).embeddings, read_embeddings(clean.output).embeddings
     )
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "float32"])
+def test_images_of_another_range_are_rescaled_into_the_models(tmp_path, model_dir, dtype):
+    """Issue 24 #11: the digits encoder (0..16) on an npz of uint8 0..255 or float 0..1, the
+    two forms an npz may hold: the job rescales and says so; `aet probe` does the same."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits().data.reshape(-1, 1, 8, 8)[:300]
+    x = (digits * 15).astype(np.uint8) if dtype == "uint8" else digits / 16
+    np.savez(tmp_path / "images.npz", x=x, y=np.arange(300) % 3)
+    spec = DataSpec(dataset="npz", data_path=tmp_path / "images.npz")
+    job = EmbedConfig(
+        data=spec, local=model_dir, progress=False, output=tmp_path / "out.npz"
+    ).with_model_data()
+    with LocalBackend(model_dir) as backend:
+        summary = extract(job, backend)
+        in_model_units = digits * 15 * 16 / 255 if dtype == "uint8" else digits
+        plan = plan_rows(job.data)
+        rows = in_model_units[plan.positions].astype(np.float32)
+        expected = next(iter(backend.embed_rows(rows, batch_size=len(rows))))
+    raw_max = "255" if dtype == "uint8" else "1"
+    assert f"pixels of npz rescaled from 0..{raw_max} to the model's 0..16" in summary.line()
+    np.testing.assert_allclose(
+        read_embeddings(job.output).embeddings,
+        expected[backend.model.output_name],
+        atol=1e-5,
+    )

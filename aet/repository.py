@@ -11,13 +11,13 @@ only by an atomic rename of a finished temporary folder, so readers never see ha
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import os
 import re
 import shutil
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from aet.errors import UserError
+from aet.files import remove_stale, temporary_folder
 
 MODEL_FILE = "model.onnx"
 CARD_FILE = "model.json"
@@ -493,10 +494,11 @@ def write_version(
     onnx_bytes = model if isinstance(model, bytes) else _read_bytes(Path(model))
     digest = hashlib.sha256(onnx_bytes).hexdigest()
     model_dir = Path(root) / name
+    created = not model_dir.exists()
     try:
         model_dir.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=_TEMP_PREFIX, dir=model_dir))
-        staging.chmod(0o755)  # mkdtemp's 0700 would hide the version from other readers
+        remove_stale(model_dir, _TEMP_PREFIX)  # staging folders of writers killed mid-way
+        staging = temporary_folder(model_dir, _TEMP_PREFIX)
     except OSError as exc:
         raise RepositoryError(
             f"cannot write to model repository folder {model_dir}: {exc.strerror or exc}"
@@ -520,6 +522,10 @@ def write_version(
             # Another writer took this number first (or something else sits there): move on.
             version = max(version + 1, next_version(root, name))
     except OSError as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        if created:
+            with contextlib.suppress(OSError):  # not when another writer has put a version there
+                model_dir.rmdir()
         raise RepositoryError(
             f"cannot write model version under {model_dir}: {exc.strerror or exc}"
         ) from exc

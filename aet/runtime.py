@@ -37,7 +37,7 @@ _ORT_ERROR_ONLY = 3  # onnxruntime log severity: errors and fatal only
 log = logging.getLogger(__name__)
 
 
-class ModelLoadError(Exception):
+class ModelLoadError(UserError):
     """onnxruntime could not load a model, or its graph does not match its model card."""
 
 
@@ -137,9 +137,11 @@ class EncoderSession:
         options: RuntimeOptions,
         score_name: str | None = None,
         label: str | None = None,
+        embedding_dim: int | None = None,
     ):
         """`label` names the model in errors (default: its path; the server passes
-        `<model>/<version>/model.onnx`, as errors reach clients)."""
+        `<model>/<version>/model.onnx`, as errors reach clients); `embedding_dim`, when given
+        (the card's), must match the graph's output."""
         label = str(model_path) if label is None else label
         session_options = ort.SessionOptions()
         session_options.intra_op_num_threads = options.intra_op_threads
@@ -151,6 +153,8 @@ class EncoderSession:
             reason = str(exc).replace(str(model_path), label)  # no server path in the message
             raise ModelLoadError(f"{label}: onnxruntime cannot load it: {reason}") from exc
         self._check_signature(label, model, input_name, (output_name, score_name), row_shape)
+        if embedding_dim is not None:
+            self._check_output_dim(label, model, output_name, embedding_dim)
         self.input_name = input_name
         self.output_name = output_name
         self.embedding_outputs: tuple[str, ...] = (output_name,)
@@ -204,6 +208,7 @@ class EncoderSession:
             options,
             score_name=card.score.name if score and card.score is not None else None,
             label=label,
+            embedding_dim=card.output.embedding_dim,
         )
 
     @staticmethod
@@ -236,6 +241,26 @@ class EncoderSession:
                 f"{', '.join(map(str, row_shape))}] (model card), "
                 f"got {['batch', *graph_rows]}"
             )
+
+    @staticmethod
+    def _check_output_dim(
+        label: str, model: onnx.ModelProto, output_name: str, embedding_dim: int
+    ) -> None:
+        """Refuse a graph whose output columns (declared, or inferred by onnx) are not the
+        card's `embedding_dim`; a dimension that stays symbolic cannot be checked here."""
+        for graph in (model.graph, onnx.shape_inference.infer_shapes(model).graph):
+            output = next(o for o in graph.output if o.name == output_name)
+            dims = [
+                d.dim_value if d.HasField("dim_value") else d.dim_param
+                for d in output.type.tensor_type.shape.dim
+            ]
+            if len(dims) == 2 and isinstance(dims[1], int):
+                if dims[1] != embedding_dim:
+                    raise ModelLoadError(
+                        f"{label}: output shape: expected [batch, {embedding_dim}] (model card "
+                        f"output.embedding_dim), got {['batch', *dims[1:]]}"
+                    )
+                return
 
     def run(self, batch: np.ndarray, outputs: tuple[str, ...] | None = None) -> Outputs:
         """The named outputs `outputs` (one of `output_sets`; default the embedding alone) of a

@@ -128,7 +128,7 @@ class ServeConfig:
         default=None,
         metadata={
             "help": "file of accepted bearer tokens, one per line: calls without one get "
-            "UNAUTHENTICATED (health stays open)"
+            "UNAUTHENTICATED (the overall health Check stays open)"
         },
     )
     token_env: str | None = field(

@@ -4,6 +4,8 @@ gRPC servers over it on 127.0.0.1 ephemeral ports.
 - `digits_dataset`, `digits_checkpoint`: `load_digits` splits and a small MLP autoencoder
   trained for a few epochs (seeded), saved as `best.pt`.
 - `model_repository`: a repository holding `digits/1`, written by `training.export`.
+- `vector_model`: `vectors/1`, a tiny encoder of 6 raw features exported by
+  `AutoencoderEmbedder.export`, for jobs on tables (npz, csv).
 - `embedding_server`: one server for the session over `model_repository` (read-only use).
 - `start_server(repository, interceptors=..., **config)`: a fresh `aet serve` (`build_app`)
   per test, stopped at teardown, for tests that change models or hold batches.
@@ -106,6 +108,20 @@ def model_repository(tmp_path_factory, digits_checkpoint) -> Path:
     root = tmp_path_factory.mktemp("exported")
     export(ExportConfig(checkpoint=digits_checkpoint, repository=root, model=DIGITS_MODEL))
     return root
+
+
+@pytest.fixture(scope="session")
+def vector_model(tmp_path_factory) -> Path:
+    """`vectors/1`: an encoder of 6 features (2 epochs on 120 random rows, seed 0)."""
+    import numpy as np
+
+    from aet.sklearn import AutoencoderEmbedder
+
+    x = np.random.default_rng(0).normal(size=(120, 6)).astype(np.float32)
+    embedder = AutoencoderEmbedder(
+        architecture="mlp", hidden_sizes=(4,), code_size=2, epochs=2, batch_size=32, seed=0
+    ).fit(x)
+    return embedder.export(tmp_path_factory.mktemp("exported"), "vectors")
 
 
 def serve_config_for_tests(**overrides) -> ServeConfig:

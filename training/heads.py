@@ -23,7 +23,7 @@ from aet.errors import UserError
 from aet.repository import ModelCard
 from aet.runtime import embedding_graph
 from aet.training.checkpoint import load_checkpoint
-from aet.training.data import Dataset
+from aet.training.data import Dataset, require_classes
 from aet.training.export import (
     ExportedEncoder,
     onnx_opset,
@@ -45,6 +45,7 @@ def labels_of(dataset: Dataset) -> tuple[np.ndarray, np.ndarray, int]:
     fit_y, test_y, num_classes = dataset.fit.y, dataset.test.y, dataset.num_classes
     if fit_y is None or test_y is None or num_classes is None:
         raise HeadError(f"data set {dataset.name}: has no labels; a classifier needs them")
+    require_classes(dataset, "a classifier")
     return fit_y, test_y, num_classes
 
 

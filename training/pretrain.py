@@ -20,7 +20,7 @@ import torch
 from aet.config import ConfigError, add_config_arguments, config_from_args, flat_dict
 from aet.errors import UserError
 from aet.training.checkpoint import load_checkpoint, save_checkpoint
-from aet.training.data import Dataset
+from aet.training.data import Dataset, require_classes
 from aet.training.dataspec import DataSpec
 from aet.training.distributed import ProcessGroup
 from aet.training.evaluate import encode_array, evaluate_autoencoder, format_evaluation
@@ -220,9 +220,8 @@ def pretrain(config: PretrainConfig) -> int:
     `stop_after_epochs` ended the call."""
     torch.set_num_threads(config.threads)
     dataset = config.load_dataset()
-    group = ProcessGroup.from_environment(
-        config.training.device
-    )  # several processes under torchrun
+    require_classes(dataset, "the evaluation's probes")  # before training, not after it
+    group = ProcessGroup.from_environment(config.training.device)  # several under torchrun
     try:
         return _train_and_report(config, dataset, group)
     finally:

@@ -7,6 +7,7 @@ imported only when their command runs, so `aet serve` never imports torch.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import sys
 
@@ -23,6 +24,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "predict": ("aet.clients.predict", "batch classification (server, local onnxruntime or Ray)"),
     "demo": ("aet.clients.demo", "the whole flow on the embedded default data"),
 }
+
+
+# A full or read-only disk is the user's to fix: one line, exit 2 (writers leave no half file).
+DISK_ERRORS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
 
 
 def main(argv: list[str] | None = None, commands: tuple[str, ...] | None = None) -> int:
@@ -49,6 +54,12 @@ def main(argv: list[str] | None = None, commands: tuple[str, ...] | None = None)
         return int(module.run(args) or 0)
     except UserError as exc:
         print(f"aet {argv[0]}: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        if exc.errno not in DISK_ERRORS:
+            raise
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"aet {argv[0]}: error: {where}{exc.strerror or exc}", file=sys.stderr)
         return 2
 
 

@@ -5,7 +5,8 @@ Every field of a config dataclass becomes a flag (`code_size` -> `--code-size`).
 dataclass (`data: DataSpec`) is a group: its fields become flags under their own names, so a
 concept declared once keeps one spelling in every command. A `--config FILE.toml` flag supplies
 the same fields by name (a group's fields flat, or as a table named after the group); explicit
-flags win over the file, the file over defaults.
+flags win over the file, the file over defaults. A field with `metadata["flag"] = False` is
+not configurable: its owner sets it (e.g. a group's seed taken from another group).
 """
 
 from __future__ import annotations
@@ -50,11 +51,16 @@ def _group(annotation: Any) -> type | None:
     return base if isinstance(base, type) and dataclasses.is_dataclass(base) else None
 
 
+def _fields(config_cls: type) -> list[dataclasses.Field]:
+    """The configurable fields of `config_cls` (not those with `metadata["flag"] = False`)."""
+    return [f for f in dataclasses.fields(config_cls) if f.metadata.get("flag", True)]
+
+
 def flag_names(config_cls: type) -> list[str]:
     """The names of the flags of `config_cls`: its fields, a group's fields in its place."""
     hints = typing.get_type_hints(config_cls)
     names: list[str] = []
-    for field in dataclasses.fields(config_cls):
+    for field in _fields(config_cls):
         group = _group(hints[field.name])
         names += [field.name] if group is None else flag_names(group)
     return names
@@ -73,7 +79,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_cls: type) -> N
 
 def _add_fields(parser: argparse.ArgumentParser, config_cls: type) -> None:
     hints = typing.get_type_hints(config_cls)
-    for field in dataclasses.fields(config_cls):
+    for field in _fields(config_cls):
         group = _group(hints[field.name])
         if group is not None:
             _add_fields(parser, group)
@@ -139,7 +145,7 @@ def config_from_mapping(config_cls: type[C], values: dict[str, Any]) -> C:
     valid = set(flag_names(config_cls))
     hints = typing.get_type_hints(config_cls)
     kwargs = {}
-    for field in dataclasses.fields(config_cls):
+    for field in _fields(config_cls):
         group = _group(hints[field.name])
         if group is None:
             if field.name in values:
@@ -165,7 +171,7 @@ def config_from_mapping(config_cls: type[C], values: dict[str, Any]) -> C:
 def flat_dict(config: DataclassInstance) -> dict[str, Any]:
     """`config` as a JSON-ready mapping of its flag names (a group's fields in its place)."""
     result: dict[str, Any] = {}
-    for field in dataclasses.fields(config):
+    for field in _fields(type(config)):
         value = getattr(config, field.name)
         if dataclasses.is_dataclass(value) and not isinstance(value, type):
             result.update(flat_dict(value))

@@ -11,6 +11,7 @@ only by an atomic rename of a finished temporary folder, so readers never see ha
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import io
@@ -18,7 +19,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from aet.errors import UserError
+from aet.files import remove_stale, temporary_folder
 
 MODEL_FILE = "model.onnx"
 CARD_FILE = "model.json"
@@ -35,6 +36,7 @@ MODEL_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 _VERSION_PATTERN = re.compile(r"[1-9][0-9]*")
 _SHA256_PATTERN = re.compile(r"[0-9a-f]{64}")
 _TEMP_PREFIX = ".tmp-"
+TENSOR_DTYPES = ("float32",)  # what graph inputs and outputs may be (uint8 requests are cast)
 
 
 class RepositoryError(UserError):
@@ -155,11 +157,15 @@ class ModelCard:
 
     @classmethod
     def from_dict(cls, data: Any, source: str = CARD_FILE) -> ModelCard:
-        """Validate a parsed `model.json`; errors name `source` and the field."""
+        """Validate a parsed `model.json`; errors name `source` and the field. A field this
+        schema does not know is refused by name (a card from a newer writer is not read
+        half-understood)."""
         reader = _FieldReader(source)
-        card = reader.mapping(data, "")
-        inp = reader.mapping(reader.get(card, "input"), "input.")
-        out = reader.mapping(reader.get(card, "output"), "output.")
+        card = reader.known(reader.mapping(data, ""), cls, "")
+        inp = reader.known(reader.mapping(reader.get(card, "input"), "input."), InputSpec, "input.")
+        out = reader.known(
+            reader.mapping(reader.get(card, "output"), "output."), OutputSpec, "output."
+        )
         return cls(
             name=reader.model_name(card, "name"),
             version=reader.positive_int(card, "version"),
@@ -168,13 +174,13 @@ class ModelCard:
             input=InputSpec(
                 name=reader.string(inp, "name", "input."),
                 shape=reader.shape(inp, "shape", "input."),
-                dtype=reader.string(inp, "dtype", "input."),
+                dtype=reader.choice(inp, "dtype", TENSOR_DTYPES, "input."),
                 value_range=reader.value_range(inp, "value_range", "input."),
                 feature_names=reader.optional_strings(inp, "feature_names", "input."),
             ),
             output=OutputSpec(
                 name=reader.string(out, "name", "output."),
-                dtype=reader.string(out, "dtype", "output."),
+                dtype=reader.choice(out, "dtype", TENSOR_DTYPES, "output."),
                 embedding_dim=reader.positive_int(out, "embedding_dim", "output."),
             ),
             preprocessing=reader.strings(card, "preprocessing"),
@@ -218,6 +224,23 @@ class _FieldReader:
         value = self.get(data, key, prefix)
         if not isinstance(value, str) or not value:
             raise self.fail(prefix + key, "a non-empty string", value)
+        return value
+
+    def known(self, data: dict, schema: type, prefix: str) -> dict:
+        """`data`, unless it holds a key that is no field of the dataclass `schema`."""
+        fields = {f.name for f in dataclasses.fields(schema)}
+        unknown = sorted(set(data) - fields)
+        if unknown:
+            raise RepositoryError(
+                f"{self.source}: unknown field {prefix + unknown[0]!r}: expected only "
+                f"{', '.join(sorted(fields))}"
+            )
+        return data
+
+    def choice(self, data: dict, key: str, choices: tuple[str, ...], prefix: str = "") -> str:
+        value = self.get(data, key, prefix)
+        if value not in choices:
+            raise self.fail(prefix + key, f"one of {', '.join(map(repr, choices))}", value)
         return value
 
     def model_name(self, data: dict, key: str, prefix: str = "") -> str:
@@ -282,12 +305,13 @@ class _FieldReader:
         if value is None:
             return None
         prefix = key + "."
+        self.known(value, ScoreSpec, prefix)
         percentiles = self.mapping(self.get(value, "percentiles", prefix), prefix + "percentiles")
         for name in SCORE_PERCENTILES:
             self.number(percentiles, name, prefix + "percentiles.")
         return ScoreSpec(
             name=self.string(value, "name", prefix),
-            dtype=self.string(value, "dtype", prefix),
+            dtype=self.choice(value, "dtype", TENSOR_DTYPES, prefix),
             measure=self.string(value, "measure", prefix),
             calibration_split=self.string(value, "calibration_split", prefix),
             calibration_rows=self.positive_int(value, "calibration_rows", prefix),
@@ -340,7 +364,7 @@ class _FieldReader:
     def classifier(self, data: dict, key: str, output: dict) -> ClassifierSpec | None:
         if key not in data:
             return None
-        value = self.mapping(data[key], key)
+        value = self.known(self.mapping(data[key], key), ClassifierSpec, key + ".")
         labels = self.get(value, "labels", key + ".")
         if not isinstance(labels, list) or not all(isinstance(s, str) and s for s in labels):
             raise self.fail(f"{key}.labels", "a list of non-empty strings", labels)
@@ -394,7 +418,7 @@ class ModelVersion:
     path: Path
     card: ModelCard | None = None
     error: str | None = None
-    fingerprint: tuple = ()  # (file name, size, mtime) of each file, taken before reading them
+    fingerprint: tuple = ()  # (name, size, mtime, inode) of each file, taken before reading them
 
     @property
     def ok(self) -> bool:
@@ -501,10 +525,11 @@ def write_version(
     onnx_bytes = model if isinstance(model, bytes) else _read_bytes(Path(model))
     digest = hashlib.sha256(onnx_bytes).hexdigest()
     model_dir = Path(root) / name
+    created = not model_dir.exists()
     try:
         model_dir.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=_TEMP_PREFIX, dir=model_dir))
-        staging.chmod(0o755)  # mkdtemp's 0700 would hide the version from other readers
+        remove_stale(model_dir, _TEMP_PREFIX)  # staging folders of writers killed mid-way
+        staging = temporary_folder(model_dir, _TEMP_PREFIX)
     except OSError as exc:
         raise RepositoryError(
             f"cannot write to model repository folder {model_dir}: {exc.strerror or exc}"
@@ -530,6 +555,10 @@ def write_version(
             # Another writer took this number first (or something else sits there): move on.
             version = max(version + 1, next_version(root, name))
     except OSError as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        if created:
+            with contextlib.suppress(OSError):  # not when another writer has put a version there
+                model_dir.rmdir()
         raise RepositoryError(
             f"cannot write model version under {model_dir}: {exc.strerror or exc}"
         ) from exc
@@ -629,11 +658,12 @@ def _check_version(name: str, version: int, path: Path) -> ModelVersion:
 
 
 def folder_fingerprint(path: Path) -> tuple:
-    """(name, size, mtime in ns) of every file in `path`: changes when a file is added,
-    removed or rewritten, so a refused version is retried only when its folder changed."""
+    """(name, size, mtime in ns, inode) of every file in `path`: changes when a file is added,
+    removed, rewritten or replaced, so a refused version is retried, and a served one verified
+    again, only when its folder changed."""
     try:
-        entries = sorted(path.iterdir())
-        return tuple((e.name, e.stat().st_size, e.stat().st_mtime_ns) for e in entries)
+        stats = [(e.name, e.stat()) for e in sorted(path.iterdir())]
+        return tuple((name, s.st_size, s.st_mtime_ns, s.st_ino) for name, s in stats)
     except OSError:
         return ()
 

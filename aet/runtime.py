@@ -17,7 +17,7 @@ import contextlib
 import io
 import logging
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +25,7 @@ import onnx
 import onnx.utils
 import onnxruntime as ort
 
+from aet.config import ConfigError
 from aet.devices import DEVICES, nvidia_device_node_present, nvidia_gpu_present
 from aet.errors import UserError
 from aet.repository import ModelCard
@@ -36,7 +37,7 @@ _ORT_ERROR_ONLY = 3  # onnxruntime log severity: errors and fatal only
 log = logging.getLogger(__name__)
 
 
-class ModelLoadError(Exception):
+class ModelLoadError(UserError):
     """onnxruntime could not load a model, or its graph does not match its model card."""
 
 
@@ -48,9 +49,28 @@ class DeviceError(UserError):
 class RuntimeOptions:
     """How sessions run: device preference and onnxruntime thread pools (0 = its default)."""
 
-    device: str = "auto"
-    intra_op_threads: int = 0
-    inter_op_threads: int = 0
+    device: str = field(
+        default="auto",
+        metadata={
+            "help": "execution device: auto uses CUDA only when a GPU is really usable",
+            "choices": list(DEVICES),
+        },
+    )
+    intra_op_threads: int = field(
+        default=0,
+        metadata={"help": "onnxruntime threads inside one operator per session (0: one per core)"},
+    )
+    inter_op_threads: int = field(
+        default=0,
+        metadata={"help": "onnxruntime threads across operators per session (0: its default)"},
+    )
+
+    def __post_init__(self) -> None:
+        if self.device not in DEVICES:
+            raise ConfigError(f"device: expected one of {', '.join(DEVICES)}, got {self.device!r}")
+        for name in ("intra_op_threads", "inter_op_threads"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}: expected 0 or more, got {getattr(self, name)}")
 
 
 def choose_providers(available: list[str], cuda_usable: bool) -> list[str]:
@@ -117,9 +137,11 @@ class EncoderSession:
         options: RuntimeOptions,
         score_name: str | None = None,
         label: str | None = None,
+        embedding_dim: int | None = None,
     ):
         """`label` names the model in errors (default: its path; the server passes
-        `<model>/<version>/model.onnx`, as errors reach clients)."""
+        `<model>/<version>/model.onnx`, as errors reach clients); `embedding_dim`, when given
+        (the card's), must match the graph's output."""
         label = str(model_path) if label is None else label
         session_options = ort.SessionOptions()
         session_options.intra_op_num_threads = options.intra_op_threads
@@ -131,6 +153,8 @@ class EncoderSession:
             reason = str(exc).replace(str(model_path), label)  # no server path in the message
             raise ModelLoadError(f"{label}: onnxruntime cannot load it: {reason}") from exc
         self._check_signature(label, model, input_name, (output_name, score_name), row_shape)
+        if embedding_dim is not None:
+            self._check_output_dim(label, model, output_name, embedding_dim)
         self.input_name = input_name
         self.output_name = output_name
         self.embedding_outputs: tuple[str, ...] = (output_name,)
@@ -142,7 +166,7 @@ class EncoderSession:
             else (self.embedding_outputs, (output_name, score_name))
         )
         try:
-            self._sessions = {
+            self._sessions: dict[tuple[str, ...], ort.InferenceSession] = {
                 names: ort.InferenceSession(
                     embedding_graph(model, input_name, output_name)
                     if names == self.embedding_outputs
@@ -184,6 +208,7 @@ class EncoderSession:
             options,
             score_name=card.score.name if score and card.score is not None else None,
             label=label,
+            embedding_dim=card.output.embedding_dim,
         )
 
     @staticmethod
@@ -217,6 +242,26 @@ class EncoderSession:
                 f"got {['batch', *graph_rows]}"
             )
 
+    @staticmethod
+    def _check_output_dim(
+        label: str, model: onnx.ModelProto, output_name: str, embedding_dim: int
+    ) -> None:
+        """Refuse a graph whose output columns (declared, or inferred by onnx) are not the
+        card's `embedding_dim`; a dimension that stays symbolic cannot be checked here."""
+        for graph in (model.graph, onnx.shape_inference.infer_shapes(model).graph):
+            output = next(o for o in graph.output if o.name == output_name)
+            dims = [
+                d.dim_value if d.HasField("dim_value") else d.dim_param
+                for d in output.type.tensor_type.shape.dim
+            ]
+            if len(dims) == 2 and isinstance(dims[1], int):
+                if dims[1] != embedding_dim:
+                    raise ModelLoadError(
+                        f"{label}: output shape: expected [batch, {embedding_dim}] (model card "
+                        f"output.embedding_dim), got {['batch', *dims[1:]]}"
+                    )
+                return
+
     def run(self, batch: np.ndarray, outputs: tuple[str, ...] | None = None) -> Outputs:
         """The named outputs `outputs` (one of `output_sets`; default the embedding alone) of a
         float32 batch (rows, ...); callers may run at once."""
@@ -228,7 +273,9 @@ class EncoderSession:
             )
         if not self._uses_binding:
             return dict(zip(names, session.run(names, {self.input_name: batch}), strict=True))
-        bindings = vars(self._bindings)
+        if not hasattr(self._bindings, "by_outputs"):
+            self._bindings.by_outputs = {}
+        bindings: dict[tuple[str, ...], ort.IOBinding] = self._bindings.by_outputs
         binding = bindings.get(names)
         if binding is None:
             binding = bindings[names] = session.io_binding()

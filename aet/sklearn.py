@@ -29,9 +29,11 @@ from aet.training.export import (
     ExportedEncoder,
     export_encoder,
 )
+from aet.training.models import ModelConfig
 from aet.training.novelty import DEFAULT_NEIGHBOURS, NoveltyScore, ScoreSettings
 from aet.training.pretrain import PretrainConfig
 from aet.training.standardize import FeatureStandardizer
+from aet.training.train import TrainingConfig
 
 _PRETRAIN = PretrainConfig()  # the `aet pretrain` defaults the hyper-parameters share
 TRANSFORM_BATCH = 1024
@@ -106,20 +108,20 @@ class AutoencoderEmbedder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Bas
 
     def __init__(
         self,
-        architecture: str = _PRETRAIN.architecture,
-        hidden_sizes: tuple[int, ...] = tuple(_PRETRAIN.hidden_sizes),
-        code_size: int = _PRETRAIN.code_size,
-        activation: str = _PRETRAIN.activation,
+        architecture: str = _PRETRAIN.model.architecture,
+        hidden_sizes: tuple[int, ...] = tuple(_PRETRAIN.model.hidden_sizes),
+        code_size: int = _PRETRAIN.model.code_size,
+        activation: str = _PRETRAIN.model.activation,
         tied_weights: bool | None = None,
         loss: str = "mse",
         allow_overcomplete: bool = False,
-        noise: str = _PRETRAIN.noise,
-        noise_level: float = _PRETRAIN.noise_level,
-        epochs: int = _PRETRAIN.epochs,
-        layer_epochs: int = _PRETRAIN.layer_epochs,
-        batch_size: int = _PRETRAIN.batch_size,
-        learning_rate: float = _PRETRAIN.learning_rate,
-        patience: int = _PRETRAIN.patience,
+        noise: str = _PRETRAIN.training.noise,
+        noise_level: float = _PRETRAIN.training.noise_level,
+        epochs: int = _PRETRAIN.training.epochs,
+        layer_epochs: int = _PRETRAIN.training.layer_epochs,
+        batch_size: int = _PRETRAIN.training.batch_size,
+        learning_rate: float = _PRETRAIN.training.learning_rate,
+        patience: int = _PRETRAIN.training.patience,
         val_fraction: float = _PRETRAIN.val_fraction,
         seed: int = _PRETRAIN.seed,
         progress: bool = False,
@@ -165,21 +167,25 @@ class AutoencoderEmbedder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Bas
         try:
             return PretrainConfig(
                 data=DataSpec(seed=self.seed, val_fraction=self.val_fraction),
-                architecture=self.architecture,
-                hidden_sizes=list(self.hidden_sizes),
-                code_size=self.code_size,
-                activation=self.activation,
-                tied_weights=self.tied_weights,
-                loss=self.loss,
-                allow_overcomplete=self.allow_overcomplete,
-                noise=self.noise,
-                noise_level=self.noise_level,
-                epochs=self.epochs,
-                layer_epochs=self.layer_epochs,
-                batch_size=self.batch_size,
-                learning_rate=self.learning_rate,
-                patience=self.patience,
-                progress=self.progress,
+                model=ModelConfig(
+                    architecture=self.architecture,
+                    hidden_sizes=tuple(self.hidden_sizes),
+                    code_size=self.code_size,
+                    activation=self.activation,
+                    tied_weights=self.tied_weights,
+                    loss=self.loss,
+                    allow_overcomplete=self.allow_overcomplete,
+                ),
+                training=TrainingConfig(
+                    noise=self.noise,
+                    noise_level=self.noise_level,
+                    epochs=self.epochs,
+                    layer_epochs=self.layer_epochs,
+                    batch_size=self.batch_size,
+                    learning_rate=self.learning_rate,
+                    patience=self.patience,
+                    progress=self.progress,
+                ),
             )
         except (ConfigError, TypeError) as exc:
             raise ValueError(str(exc)) from exc
@@ -207,12 +213,12 @@ class AutoencoderEmbedder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Bas
             self, X, dtype=[np.float64, np.float32], ensure_min_samples=2
         )
         n_rows, n_features = rows.shape
-        if config.loss == "bce" and (rows.min() < 0 or rows.max() > 1):
+        if config.model.loss == "bce" and (rows.min() < 0 or rows.max() > 1):
             raise ValueError(
                 f"X: loss='bce' needs features in [0, 1]; got values in "
                 f"[{rows.min():g}, {rows.max():g}] (use loss='mse', which standardises them)"
             )
-        self.standardizer_ = FeatureStandardizer.fit(rows) if config.loss == "mse" else None
+        self.standardizer_ = FeatureStandardizer.fit(rows) if config.model.loss == "mse" else None
         low, high = float(rows.min()), float(rows.max())
         self.feature_range_ = (low, high if high > low else low + 1.0)
         features = self._features(rows)
@@ -228,7 +234,7 @@ class AutoencoderEmbedder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Bas
             default_test_fraction=0.0,  # no test part: every row trains or validates
         )
         try:  # the code size against X's width; the data sets' seeded cut, on X's rows
-            config.model_config().check_input(image_shape)
+            config.model.check_input(image_shape)
             dataset = cut_dataset(
                 "array",
                 rows_read,
@@ -248,7 +254,7 @@ class AutoencoderEmbedder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Bas
         settings = ScoreSettings(density=self.score_density, neighbours=self.score_neighbours)
         train = np.asarray(dataset.train.x)
         self.novelty_ = NoveltyScore.fit(self.model_, train, settings, self.seed)
-        self.embedding_dim_ = self._n_features_out = config.code_size
+        self.embedding_dim_ = self._n_features_out = config.model.code_size
         # held-out rows in X's units: `export` calibrates the novelty score on them
         val = np.asarray(dataset.val.x)
         self.validation_rows_ = (

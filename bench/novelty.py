@@ -182,9 +182,7 @@ def tasks(args: argparse.Namespace) -> list[Task]:
         else:  # table
             if args.data_path is None:
                 raise BenchError("table: give --data-path (csv, parquet or npz)")
-            kind = {".csv": "csv", ".parquet": "parquet", ".npz": "npz"}.get(
-                args.data_path.suffix
-            )
+            kind = {".csv": "csv", ".parquet": "parquet", ".npz": "npz"}.get(args.data_path.suffix)
             if kind is None:
                 raise BenchError(
                     f"data-path: expected a .csv, .parquet or .npz file; got {args.data_path}"
@@ -220,7 +218,9 @@ def baseline_scores(method: str, train: np.ndarray, test: np.ndarray, seed: int)
     raise ValueError(method)
 
 
-def autoencoder_scores(task: Task, settings: AutoencoderSettings, seed: int) -> dict[str, np.ndarray]:
+def autoencoder_scores(
+    task: Task, settings: AutoencoderSettings, seed: int
+) -> dict[str, np.ndarray]:
     """The served score and its parts, averaged over `settings.seeds` models."""
     parts: dict[str, list[np.ndarray]] = {"autoencoder": [], "ae-recon": [], "ae-bce": []}
     for offset in range(settings.seeds):
@@ -260,7 +260,9 @@ def autoencoder_scores(task: Task, settings: AutoencoderSettings, seed: int) -> 
         with torch.no_grad():
             parts["autoencoder"].append(score(test)[1].numpy())
             parts["ae-recon"].append(recon(test)[1].numpy())
-            parts["ae-bce"].append(reconstruction_error(model(test), test, model.config.loss).numpy())
+            parts["ae-bce"].append(
+                reconstruction_error(model(test), test, model.config.resolved_loss).numpy()
+            )
     out = {name: np.mean(values, axis=0) for name, values in parts.items()}
     if not task.images:
         del out["ae-bce"]  # the same as ae-recon for a Gaussian decoder

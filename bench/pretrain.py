@@ -33,8 +33,10 @@ import torch
 
 from aet.config import add_config_arguments, config_from_args
 from aet.training.data import Dataset, default_mnist_dir, load_dataset
+from aet.training.dataspec import DataSpec
 from aet.training.distributed import cuda_usable
-from aet.training.models import ModelConfig, build_autoencoder
+from aet.training.models import ModelConfig
+from aet.training.pretrain import PretrainConfig
 from aet.training.train import Trainer, TrainingConfig
 
 MNIST_DIR = default_mnist_dir()
@@ -120,19 +122,21 @@ def measure(
     case: Case, dataset: Dataset, device: str, threads: int, workers: int, config: BenchConfig
 ) -> dict:
     torch.set_num_threads(threads)
-    torch.manual_seed(0)
-    model = build_autoencoder(case.model, dataset.image_shape)
-    training = TrainingConfig(
-        batch_size=config.batch_size,
-        noise="gaussian",
-        noise_level=0.2,
-        progress=config.progress,
-        device=device,
-        loader_workers=workers,
+    run = PretrainConfig(
+        data=DataSpec(seed=0),
+        model=case.model,
+        training=TrainingConfig(
+            batch_size=config.batch_size,
+            noise="gaussian",
+            noise_level=0.2,
+            progress=config.progress,
+            device=device,
+            loader_workers=workers,
+        ),
     )
     rss_before = peak_rss_mb()
     with tempfile.TemporaryDirectory() as run_dir:
-        trainer = Trainer(model, dataset, training, Path(run_dir), run_config={})
+        trainer = run.trainer(dataset, Path(run_dir))
         x = torch.from_numpy(np.asarray(dataset.train.x)).to(trainer.device)
         batches = [x[i : i + config.batch_size] for i in range(0, len(x), config.batch_size)]
         trainer.train_epoch()  # warm-up: allocator, Adam state, worker start, lazy imports

@@ -114,14 +114,14 @@ def pretrain_and_export(config: DemoConfig) -> None:
     """`aet pretrain` into `runs/<model>`, then `aet export` into `config.repository`."""
     from aet.training.export import ExportConfig, export
     from aet.training.pretrain import PretrainConfig, pretrain
+    from aet.training.train import TrainingConfig
 
     runs_dir = Path("runs")
     run = PretrainConfig(
         data=config.data,
         name=config.model_name,
         runs_dir=runs_dir,
-        epochs=config.epochs,
-        layer_epochs=config.layer_epochs,
+        training=TrainingConfig(epochs=config.epochs, layer_epochs=config.layer_epochs),
     )
     if pretrain(run) != 0:
         raise DemoError("aet pretrain failed; see the messages above")

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from aet.errors import UserError
+from aet.files import atomic_write
 
 FORMATS = (".npz", ".parquet")
 MANIFEST = "manifest.json"
@@ -41,21 +41,6 @@ class EmbeddingTable:
         """Embeddings and labels of one split ("train", "val", "test")."""
         mask = self.split == name
         return self.embeddings[mask], self.labels[mask]
-
-
-def atomic_write(path: Path, write) -> None:
-    """Call `write(temporary_path)`, then rename the finished file onto `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    try:
-        write(Path(temporary))
-        with open(temporary, "rb") as written:
-            os.fsync(written.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 def write_embeddings(path: Path, table: EmbeddingTable) -> None:

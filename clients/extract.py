@@ -39,7 +39,7 @@ from aet.clients.embeddings import (
     write_embeddings,
 )
 from aet.clients.rows import NO_LABEL, SPLITS, RowPlan, plan_rows, raw_pixels
-from aet.clients.shards import PartsFolder, ShardStore
+from aet.clients.shards import PartsFolder, ShardStore, input_digest
 from aet.config import ConfigError, add_config_arguments, config_from_args
 from aet.repository import SCORE_NAME
 from aet.training.data import Dataset
@@ -212,18 +212,40 @@ class ExtractionRows:
         return len(self.pixels)
 
 
-def check_model_fits(model: ModelIdentity, dataset: Dataset | RowPlan | PlanShape) -> None:
-    """Raise `ExtractionError` unless the encoder takes the data set's rows: the same shape
-    and the same raw pixel range (vectors: none, the graph standardises them) (`dataset`:
-    anything with name, image_shape, raw_max and is_vectors)."""
+def check_model_fits(model: ModelIdentity, dataset: Dataset | RowPlan | PlanShape) -> float:
+    """The factor that takes the data set's raw pixels into the encoder's range (1.0 when
+    they match; vectors: 1.0, the graph standardises them); `ExtractionError` unless the
+    encoder takes rows of the data set's shape and kind (`dataset`: anything with name,
+    image_shape, raw_max and is_vectors). Both pixel ranges are known, [0, raw_max] and the
+    card's [0, max], so images of another range (uint8 0..255, float 0..1) are rescaled."""
     expected_max = None if dataset.is_vectors else dataset.raw_max
-    if tuple(model.input_shape) != tuple(dataset.image_shape) or model.max_value != expected_max:
+    if tuple(model.input_shape) != tuple(dataset.image_shape) or (
+        (model.max_value is None) != (expected_max is None)
+    ):
         raise ExtractionError(
             f"model {model.name} v{model.version}: expected rows of shape "
             f"{tuple(model.input_shape)} with values up to {model.max_value}; data set "
             f"{dataset.name} has shape {tuple(dataset.image_shape)} with values up to "
             f"{expected_max}"
         )
+    if model.max_value is None or expected_max is None or model.max_value == expected_max:
+        return 1.0
+    return model.max_value / expected_max
+
+
+def rescaled(pixels: np.ndarray, scale: float) -> np.ndarray:
+    """`pixels` times `scale` (float32), or unchanged when `scale` is 1."""
+    return pixels if scale == 1.0 else pixels.astype(np.float32) * np.float32(scale)
+
+
+def _range_note(model: ModelIdentity, plan: RowPlan, scale: float) -> str:
+    """What a summary says about rescaled pixels ("" when none were)."""
+    if scale == 1.0:
+        return ""
+    return (
+        f"pixels of {plan.name} rescaled from 0..{plan.raw_max:g} to the model's "
+        f"0..{model.max_value:g}"
+    )
 
 
 def extraction_rows(dataset: Dataset) -> ExtractionRows:
@@ -249,6 +271,9 @@ class ExtractionSummary:
     embedded_rows: int  # rows embedded by this run (the rest came from finished shards)
     seconds: float  # embedding time of this run, loading and merging excluded
     backend: str
+    changed_rows: int = 0  # rows of finished shards embedded again: their input had changed
+    source: str = ""  # the data read (file or bundled data set), named when it changed
+    note: str = ""  # e.g. that the pixels were rescaled into the model's range
 
     @property
     def rows_per_second(self) -> float:
@@ -260,6 +285,13 @@ class ExtractionSummary:
             f"embedded {self.embedded_rows} rows in {self.seconds:.2f} s "
             f"({self.rows_per_second:,.0f} rows/s, {self.backend})"
             + (f", {reused} rows from finished shards" if reused else "")
+            + (
+                f", {self.changed_rows} rows embedded again: {self.source} changed since "
+                f"their shards were written"
+                if self.changed_rows
+                else ""
+            )
+            + (f"; {self.note}" if self.note else "")
             + f"; wrote {self.rows} rows to {self.output}"
         )
 
@@ -273,6 +305,12 @@ def _job_manifest(config: EmbedConfig, model: ModelIdentity, rows: int) -> dict[
         "shard_size": config.shard_size,
         "score": config.score,
     }
+
+
+def _source(config: EmbedConfig) -> str:
+    """What the job reads, for messages: the data file or folder, else the data set's name."""
+    path = config.data.data_path
+    return str(path) if path is not None else f"data set {config.data.name}"
 
 
 def _metadata(config: EmbedConfig, backend: EmbeddingBackend) -> dict[str, Any]:
@@ -315,7 +353,7 @@ def _extract_in_process(
     from tqdm import tqdm
 
     output = config.output_path
-    check_model_fits(backend.model, plan)
+    scale = check_model_fits(backend.model, plan)
     model = backend.model
     store = ShardStore(
         output.with_name(output.name + ".shards"),
@@ -323,9 +361,15 @@ def _extract_in_process(
         {model.output_name: (model.embedding_dim,), **({SCORE_NAME: ()} if config.score else {})},
     )
     store.open()
-    shards = [store.load(index) for index in range(store.count)]
+    shards = [
+        store.load(index, input_digest(plan.pixels(*store.bounds(index))))
+        if store.path(index).exists()
+        else None
+        for index in range(store.count)
+    ]
     pending = [index for index, shard in enumerate(shards) if shard is None]
     pending_rows = sum(stop - start for start, stop in map(store.bounds, pending))
+    changed_rows = sum(stop - start for start, stop in map(store.bounds, store.stale))
 
     started = time.perf_counter()
     with tqdm(
@@ -337,8 +381,8 @@ def _extract_in_process(
     ) as progress:
         for index in pending:
             start, stop = store.bounds(index)
-            parts = []
-            for outputs in backend.embed_rows(plan.pixels(start, stop), config.batch_size):
+            parts, pixels = [], plan.pixels(start, stop)
+            for outputs in backend.embed_rows(rescaled(pixels, scale), config.batch_size):
                 parts.append(outputs)
                 progress.update(len(outputs[model.output_name]))
             shard = {
@@ -356,7 +400,7 @@ def _extract_in_process(
                     f"run again to resume"
                 )
             shards[index] = shard
-            store.save(index, shard)
+            store.save(index, shard, input_digest(pixels))
     seconds = time.perf_counter() - started
 
     finished = [shard for shard in shards if shard is not None]
@@ -372,13 +416,27 @@ def _extract_in_process(
     )
     write_embeddings(output, table)
     store.remove()
-    return ExtractionSummary(output, len(plan), pending_rows, seconds, backend.label)
+    return ExtractionSummary(
+        output,
+        len(plan),
+        pending_rows,
+        seconds,
+        backend.label,
+        changed_rows,
+        _source(config),
+        _range_note(model, plan, scale),
+    )
 
 
 def _extract_on_ray(config: EmbedConfig, backend: RayBackend) -> ExtractionSummary:
     """One Ray Data pipeline: read and write on the workers, embed in the actors."""
     plan = backend.plan(config.data)  # planned on a worker; only its shape comes here
-    check_model_fits(backend.model, plan)
+    if check_model_fits(backend.model, plan) != 1.0:
+        raise ExtractionError(
+            f"model {backend.model.name}: expects values up to {backend.model.max_value}, data "
+            f"set {plan.name} has values up to {plan.raw_max}; --ray does not rescale them, "
+            f"--local and --server do"
+        )
     folder = PartsFolder(config.output_path, _job_manifest(config, backend.model, plan.rows))
     folder.open(overwrite=config.overwrite)
     pending = folder.pending_blocks()

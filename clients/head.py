@@ -11,13 +11,11 @@ encoder's model.json, and scored on its test rows:
 - `--fine-tune runs/<name>`: the encoder's training run is fine-tuned end to end under a linear
   head, as `aet probe --fine-tune` does (the run must be the one the encoder was exported from).
 
-The head becomes a torch module (standardisation, layers, softmax) exported with the same ONNX
-exporter as the encoders, then joined behind the encoder's own graph with `onnx.compose`: one
-graph `pixels -> probabilities`, preprocessing included. Before anything is written, the graph's
-probabilities on the test rows must match the fitted head's `predict_proba` within
-`PARITY_TOLERANCE`. The result is a model of its own in the repository (`<name>/<version>/`)
-whose model.json records the class labels, the encoder (name, version, sha256), the split and
-the test accuracy at fit time.
+The graph is `training.heads.classifier_graph`'s: one graph `pixels -> probabilities`,
+preprocessing included, whose probabilities on the test rows match the fitted head's within
+`PARITY_TOLERANCE` before anything is written. The result is a model of its own in the
+repository (`<name>/<version>/`) whose model.json records the class labels, the encoder (name,
+version, sha256), the split and the test accuracy at fit time.
 """
 
 from __future__ import annotations
@@ -28,11 +26,6 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnx.utils
-import onnxruntime
-import torch
-from onnx import compose, version_converter
-from torch import nn
 
 from aet.clients.embeddings import EmbeddingTable
 from aet.clients.extract import extraction_rows
@@ -48,23 +41,23 @@ from aet.repository import (
     scan_repository,
     write_version,
 )
-from aet.training.checkpoint import load_checkpoint
 from aet.training.data import Dataset
 from aet.training.dataspec import DataSpec, resolve_data
 from aet.training.export import (
-    ExportedEncoder,
     library_versions,
     onnx_opset,
-    preprocessing_module,
-    to_onnx,
 )
-from aet.training.heads import HeadError, fit_fine_tuned, fit_frozen_head, labels_of
+from aet.training.heads import (
+    CLASSIFIER_OUTPUT,
+    HeadError,
+    check_run_is_encoder,
+    classifier_graph,
+    fit_fine_tuned,
+    fit_frozen_head,
+    labels_of,
+)
 
-OUTPUT_NAME = "probabilities"
 HEADS = ("logreg", "mlp")
-PARITY_TOLERANCE = 1e-5  # max |graph - fitted head| over the test rows' probabilities
-ENCODER_TOLERANCE = 1e-4  # run vs exported encoder, as `aet export`'s parity check
-MIN_OPSET = 18  # torch's ONNX exporter writes the head at the encoder's opset, at least this
 
 
 @dataclass
@@ -161,72 +154,6 @@ def class_names(dataset: Dataset) -> tuple[str, ...]:
     return tuple(str(index) for index in range(num_classes))
 
 
-# --- the graph --------------------------------------------------------------------------------
-
-
-def run_graph(
-    model: onnx.ModelProto, input_name: str, output_name: str, x: np.ndarray
-) -> np.ndarray:
-    """Output `output_name` of a graph on `x`, onnxruntime on the CPU, in blocks of 1,024 rows."""
-    session = onnxruntime.InferenceSession(
-        model.SerializeToString(), providers=["CPUExecutionProvider"]
-    )
-    return np.concatenate(
-        [
-            session.run([output_name], {input_name: x[i : i + 1024]})[0]
-            for i in range(0, len(x), 1024)
-        ]
-    )
-
-
-def embedding_graph(encoder: onnx.ModelProto, card: ModelCard) -> onnx.ModelProto:
-    """The encoder's graph pruned to `input -> embedding` (a novelty score's decoder dropped)."""
-    return onnx.utils.Extractor(encoder).extract_model([card.input.name], [card.output.name])
-
-
-def compose_classifier(
-    encoder: onnx.ModelProto, card: ModelCard, head: nn.Module
-) -> onnx.ModelProto:
-    """One graph: the encoder's (pixels -> embedding) then `head` (embedding -> probabilities)."""
-    encoder = embedding_graph(encoder, card)
-    opset = max(onnx_opset(encoder), MIN_OPSET)
-    if onnx_opset(encoder) < opset:
-        encoder = version_converter.convert_version(encoder, opset)
-    example = torch.zeros(2, card.output.embedding_dim)
-    head_graph = to_onnx(head, example, opset, card.output.name, [OUTPUT_NAME])
-    head_graph.ir_version = encoder.ir_version
-    # Prefix the head's names (the exporter names nodes alike in both graphs); keep its output.
-    head_graph = compose.add_prefix(head_graph, "head/", rename_outputs=False)
-    merged = compose.merge_models(
-        encoder,
-        head_graph,
-        io_map=[(card.output.name, f"head/{card.output.name}")],
-        outputs=[OUTPUT_NAME],
-    )
-    onnx.checker.check_model(merged, full_check=True)
-    return merged
-
-
-def check_run_is_encoder(
-    config: HeadConfig, encoder: onnx.ModelProto, card: ModelCard, rows: np.ndarray
-) -> None:
-    """Refuse a `--fine-tune` run that is not the run the exported encoder came from."""
-    assert config.fine_tune is not None  # called only for --fine-tune
-    checkpoint = load_checkpoint(config.fine_tune / "best.pt")
-    preprocess = preprocessing_module(checkpoint)
-    module = ExportedEncoder(checkpoint.build_model(), preprocess, with_score=False).eval()
-    with torch.no_grad():
-        expected = module(torch.from_numpy(rows)).numpy()
-    got = run_graph(encoder, card.input.name, card.output.name, rows)
-    diff = float(np.abs(got - expected).max()) if got.shape == expected.shape else float("inf")
-    if not diff <= ENCODER_TOLERANCE:
-        raise HeadError(
-            f"fine_tune: {config.fine_tune / 'best.pt'} is not the encoder {config.model} was "
-            f"exported from (max |difference| of their embeddings {diff:.3g}, expected <= "
-            f"{ENCODER_TOLERANCE:g})"
-        )
-
-
 def _checked_embeddings(table: EmbeddingTable, card: ModelCard, dataset: Dataset) -> EmbeddingTable:
     """`table` if the encoder of `card` made it from the rows of `dataset`, else `HeadError`."""
     model = table.metadata["model"]
@@ -278,11 +205,8 @@ def build_head(config: HeadConfig, embeddings: EmbeddingTable | None = None) -> 
     seed = dataset.source["seed"]
     test_pixels = dataset.raw(dataset.test.x)  # (N_test, *input shape): what the graph takes
     if config.fine_tune is not None:
-        check_run_is_encoder(config, encoder, card, test_pixels[:256])
+        check_run_is_encoder(config.fine_tune, encoder, card, test_pixels[:256])
         fitted = fit_fine_tuned(config.fine_tune, dataset, config.steps, seed)
-        example = torch.from_numpy(test_pixels[:2])
-        opset = max(onnx_opset(encoder), MIN_OPSET)
-        graph = to_onnx(fitted.module, example, opset, card.input.name, [OUTPUT_NAME])
     else:
         table = (
             embed_in_process(found.path, dataset)  # checks that the encoder takes the data
@@ -294,15 +218,7 @@ def build_head(config: HeadConfig, embeddings: EmbeddingTable | None = None) -> 
         fitted = fit_frozen_head(
             config.head, dataset, fit_x, test_x, seed, config.hidden, config.steps
         )
-        graph = compose_classifier(encoder, card, fitted.module)
-    served = run_graph(graph, card.input.name, OUTPUT_NAME, test_pixels)
-    diff = float(np.abs(served - fitted.probabilities).max())
-    if not diff <= PARITY_TOLERANCE:
-        raise HeadError(
-            f"parity check failed: max |graph - fitted head| over {len(test_pixels)} test "
-            f"rows' probabilities: expected <= {PARITY_TOLERANCE:g}, got {diff:.3g}; "
-            f"nothing written"
-        )
+    graph, diff = classifier_graph(fitted, encoder, card, test_pixels)
     onnx_bytes = graph.SerializeToString()
     labels = class_names(dataset)
     head_card = ModelCard.draft(
@@ -310,7 +226,7 @@ def build_head(config: HeadConfig, embeddings: EmbeddingTable | None = None) -> 
         "classifier",
         hyperparameters={"head": config.kind, **fitted.settings, "encoder": card.hyperparameters},
         input=card.input,
-        output=OutputSpec(name=OUTPUT_NAME, dtype="float32", embedding_dim=len(labels)),
+        output=OutputSpec(name=CLASSIFIER_OUTPUT, dtype="float32", embedding_dim=len(labels)),
         preprocessing=[
             *card.preprocessing,
             f"encoder: {card.name} v{card.version} ({card.architecture}) -> "

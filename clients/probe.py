@@ -24,10 +24,10 @@ import torch
 from sklearn.metrics import confusion_matrix
 
 from aet.clients.embeddings import EmbeddingTable, read_embeddings
-from aet.clients.extract import check_model_fits, extraction_rows
+from aet.clients.extract import check_model_fits, extraction_rows, rescaled
 from aet.config import ConfigError, add_config_arguments, config_from_args
 from aet.errors import UserError
-from aet.training.data import Dataset
+from aet.training.data import Dataset, require_classes
 from aet.training.dataspec import DataSpec, resolve_data
 from aet.training.evaluate import fit_pca
 from aet.training.heads import fine_tune_probe, fit_mlp_head, mlp_probe
@@ -165,8 +165,8 @@ def embed_in_process(model_dir: Path, dataset: Dataset, device: str = "auto") ->
 
     rows = extraction_rows(dataset)
     with LocalBackend(model_dir, device=device) as backend:
-        check_model_fits(backend.model, dataset)
-        blocks = backend.embed_rows(rows.pixels, batch_size=1024)
+        scale = check_model_fits(backend.model, dataset)
+        blocks = backend.embed_rows(rescaled(rows.pixels, scale), batch_size=1024)
         embeddings = np.concatenate([block[backend.model.output_name] for block in blocks])
         model = asdict(backend.model)
     return EmbeddingTable(
@@ -255,6 +255,7 @@ def _probe(table: EmbeddingTable, dataset: Dataset, config: ProbeConfig, seed: i
     fit_y, test_y, num_classes = dataset.fit.y, dataset.test.y, dataset.num_classes
     if fit_y is None or test_y is None or num_classes is None:
         raise ProbeError(f"data set {dataset.name}: has no labels; nothing to probe")
+    require_classes(dataset, "a probe")
     counts = sorted({min(n, len(fit_y)) for n in config.label_counts} | {len(fit_y)})
     mlp = functools.partial(
         mlp_probe, num_classes=num_classes, hidden=config.hidden, steps=config.steps

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import shutil
@@ -63,14 +64,17 @@ class JobFolder:
 class ShardStore(JobFolder):
     """`<output>.shards/`: a manifest naming the job, and one `.npz` per finished shard.
 
-    A shard counts as finished only if it loads and holds the expected ids and a finite
-    float32 array of each output (`shapes`: name -> shape of one row); anything else is
-    deleted and embedded again.
+    A shard counts as finished only if it loads and holds the expected ids, a finite
+    float32 array of each output (`shapes`: name -> shape of one row) and the digest of the
+    input rows it was made from (`input_digest`) equal to that of the rows read now; anything
+    else is deleted and embedded again, so a data file changed under an unfinished job never
+    lends it stale rows.
     """
 
     def __init__(self, folder: Path, manifest: dict[str, Any], shapes: dict[str, tuple[int, ...]]):
         super().__init__(folder, manifest)
         self.shapes = shapes
+        self.stale: list[int] = []  # shards whose input rows changed since they were written
 
     def open(self) -> None:
         """Create the folder, or check that the job it holds is this one."""
@@ -85,8 +89,9 @@ class ShardStore(JobFolder):
     def path(self, index: int) -> Path:
         return self.folder / f"shard-{index:05d}.npz"
 
-    def load(self, index: int) -> Outputs | None:
-        """The outputs of a valid finished shard, or None (an invalid file is removed)."""
+    def load(self, index: int, digest: str) -> Outputs | None:
+        """The outputs of a valid finished shard made from input rows of `digest`, or None
+        (an invalid or stale file is removed)."""
         path = self.path(index)
         if not path.exists():
             return None
@@ -95,6 +100,7 @@ class ShardStore(JobFolder):
             with np.load(path, allow_pickle=False) as archive:
                 ids = archive["ids"]
                 outputs = {name: archive[name] for name in self.shapes}
+                made_from = str(archive[DIGEST_KEY])
             valid = np.array_equal(ids, np.arange(start, stop)) and all(
                 array.dtype == np.float32
                 and array.shape == (stop - start, *self.shapes[name])
@@ -103,24 +109,38 @@ class ShardStore(JobFolder):
             )
         except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError):
             valid = False
+        if valid and made_from != digest:
+            self.stale.append(index)
+            valid = False
         if not valid:
             path.unlink()
             return None
         return outputs
 
-    def save(self, index: int, outputs: Outputs) -> None:
-        """Write shard `index` atomically."""
+    def save(self, index: int, outputs: Outputs, digest: str) -> None:
+        """Write shard `index`, made from input rows of `digest`, atomically."""
         start, stop = self.bounds(index)
         ids = np.arange(start, stop, dtype=np.int64)
 
         def write(temporary: Path) -> None:
             with open(temporary, "wb") as handle:
-                np.savez(handle, ids=ids, **outputs)
+                arrays: dict[str, Any] = {"ids": ids, **outputs, DIGEST_KEY: np.str_(digest)}
+                np.savez(handle, **arrays)
 
         atomic_write(self.path(index), write)
 
     def remove(self) -> None:
         shutil.rmtree(self.folder)
+
+
+DIGEST_KEY = "input_digest"  # the shard array holding the sha256 of its input rows
+
+
+def input_digest(rows: np.ndarray) -> str:
+    """sha256 of a block of input rows (dtype, shape and bytes): what a shard was made from."""
+    digest = hashlib.sha256(f"{rows.dtype.str}{rows.shape}".encode())
+    digest.update(np.ascontiguousarray(rows).data)
+    return digest.hexdigest()
 
 
 class PartsFolder(JobFolder):

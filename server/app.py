@@ -3,9 +3,10 @@
 `build_server` assembles one `grpc.Server` from a `ServeConfig` and an `InferencePipeline`:
 `aet.v1.EmbeddingService`, `grpc.health.v1.Health` (overall "" and one entry per model name,
 following model state), server reflection, and any further services, interceptors and
-credentials the caller passes; streaming calls are bounded (`CallTracker`). `serve` (the
-`aet serve` command) adds the KServe v2 API, the repository reloader, Prometheus metrics,
-bearer tokens and TLS as configured, and runs until SIGTERM or SIGINT, then shuts down
+credentials the caller passes; streaming calls are bounded (`CallTracker`). `build_app` is the
+whole `aet serve` from its config: the KServe v2 API beside ours, the repository reloader,
+Prometheus metrics, bearer tokens and TLS as configured. `serve` (the command) runs it until
+SIGTERM or SIGINT, then shuts down
 gracefully: health turns NOT_SERVING, new calls are refused, calls in flight and queued
 requests get `grace_period` seconds to finish. Shutdown always ends within `grace_period` +
 `STOP_MARGIN_S`: exit 0 when every call and queued request finished, `EXIT_WORK_CUT` (3) when
@@ -39,12 +40,12 @@ from aet.errors import UserError
 from aet.proto import embedding_pb2, embedding_pb2_grpc
 from aet.proto.descriptors import ReflectionPools
 from aet.repository import scan_repository
-from aet.runtime import DEVICES, RuntimeOptions
+from aet.runtime import RuntimeOptions
 from aet.server.auth import BearerTokenInterceptor, read_tokens, tls_server_credentials
 from aet.server.embedding_service import EmbeddingService
 from aet.server.kserve_service import SERVICE_NAME as KSERVE_SERVICE
 from aet.server.kserve_service import InferenceService
-from aet.server.metrics import ServingMetrics
+from aet.server.metrics import MetricsEndpoint, ServingMetrics
 from aet.server.models import BatchingOptions, ModelRegistry, ModelState
 from aet.server.pipeline import InferencePipeline
 from aet.server.reload import RepositoryReloader
@@ -73,47 +74,8 @@ class ServeConfig:
         metadata={"help": "address to bind; 0.0.0.0 exposes the server to the network"},
     )
     port: int = field(default=8500, metadata={"help": "port to bind; 0 picks a free one (logged)"})
-    device: str = field(
-        default="auto",
-        metadata={
-            "help": "execution device: auto uses CUDA only when a GPU is really usable",
-            "choices": list(DEVICES),
-        },
-    )
-    intra_op_threads: int = field(
-        default=0,
-        metadata={"help": "onnxruntime threads inside one operator per session (0: one per core)"},
-    )
-    inter_op_threads: int = field(
-        default=0,
-        metadata={"help": "onnxruntime threads across operators per session (0: its default)"},
-    )
-    max_batch_size: int = field(
-        default=64, metadata={"help": "rows per onnxruntime run; larger requests are split"}
-    )
-    max_queue_delay_ms: float = field(
-        default=2.0,
-        metadata={"help": "longest extra wait for requests to join a batch, spent only under load"},
-    )
-    max_queue_size: int = field(
-        default=256,
-        metadata={"help": "requests that may wait per model version; beyond it RESOURCE_EXHAUSTED"},
-    )
-    max_request_rows: int = field(
-        default=16384, metadata={"help": "rows one request may carry; beyond it INVALID_ARGUMENT"}
-    )
-    dynamic_batching: bool = field(
-        default=True,
-        metadata={
-            "help": "merge concurrent requests into shared runs (off: each request runs alone)"
-        },
-    )
-    model_instances: int = field(
-        default=1,
-        metadata={
-            "help": "batches of one model version that may run at once (1 measured best on 2 cores)"
-        },
-    )
+    runtime: RuntimeOptions = field(default_factory=RuntimeOptions)
+    batching: BatchingOptions = field(default_factory=BatchingOptions)
     max_message_mb: int = field(
         default=64,
         metadata={
@@ -166,7 +128,7 @@ class ServeConfig:
         default=None,
         metadata={
             "help": "file of accepted bearer tokens, one per line: calls without one get "
-            "UNAUTHENTICATED (health stays open)"
+            "UNAUTHENTICATED (the overall health Check stays open)"
         },
     )
     token_env: str | None = field(
@@ -194,26 +156,10 @@ class ServeConfig:
             raise ConfigError("host: expected an address such as 127.0.0.1, got ''")
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"port: expected 0..65535, got {self.port}")
-        if self.device not in DEVICES:
-            raise ConfigError(f"device: expected one of {', '.join(DEVICES)}, got {self.device!r}")
-        for name in (
-            "max_batch_size",
-            "max_queue_size",
-            "max_request_rows",
-            "model_instances",
-            "max_message_mb",
-            "workers",
-            "stream_window",
-        ):
+        for name in ("max_message_mb", "workers", "stream_window"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: expected at least 1, got {getattr(self, name)}")
-        for name in (
-            "intra_op_threads",
-            "inter_op_threads",
-            "max_queue_delay_ms",
-            "grace_period",
-            "poll_repository",
-        ):
+        for name in ("grace_period", "poll_repository"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}: expected 0 or more, got {getattr(self, name)}")
         if self.max_streams is not None and not 1 <= self.max_streams < self.workers:
@@ -242,21 +188,6 @@ class ServeConfig:
                 f"tls_client_ca: needs --tls-cert and --tls-key, got only "
                 f"tls_client_ca={self.tls_client_ca}"
             )
-
-    @property
-    def runtime(self) -> RuntimeOptions:
-        return RuntimeOptions(self.device, self.intra_op_threads, self.inter_op_threads)
-
-    @property
-    def batching(self) -> BatchingOptions:
-        return BatchingOptions(
-            self.max_batch_size,
-            self.max_queue_delay_ms / 1e3,
-            self.max_queue_size,
-            self.max_request_rows,
-            self.dynamic_batching,
-            self.model_instances,
-        )
 
     @property
     def stream_slots(self) -> int:
@@ -391,17 +322,54 @@ def build_server(
     return RunningServer(server, port, health_servicer, pipeline, calls, service_names)
 
 
-def serve(config: ServeConfig, stop: threading.Event | None = None) -> int:
-    """Serve `config.repository` until `stop` is set or SIGTERM/SIGINT arrives; exit code.
+@dataclass
+class App:
+    """A built `aet serve`: the server with both APIs over one pipeline, the repository
+    reloader and, when configured, the metrics endpoint. `load` fills it, `stop` ends it."""
 
-    Both APIs (aet.v1 and KServe v2) over one pipeline, Prometheus metrics when
-    `metrics_port` is set, bearer tokens and TLS when configured, repository polling when
-    `poll_repository` is set. Returns 0 after a clean shutdown, `EXIT_WORK_CUT` when the grace
-    period cut calls or queued requests.
+    config: ServeConfig
+    running: RunningServer
+    metrics: ServingMetrics
+    reloader: RepositoryReloader
+    metrics_endpoint: MetricsEndpoint | None
+    authenticated: bool
+
+    @property
+    def registry(self) -> ModelRegistry:
+        return self.running.registry
+
+    @property
+    def target(self) -> str:
+        """`host:port` of the gRPC server."""
+        return f"{self.config.host}:{self.running.port}"
+
+    def load(self) -> None:
+        """Load the repository, then keep polling it if `poll_repository` is set."""
+        self.reloader.sync()
+        if self.config.poll_repository:
+            self.reloader.start_polling(self.config.poll_repository)
+
+    def stop(self, grace_period: float | None = None, reason: str = "stop requested") -> bool:
+        """Stop polling, stop the server gracefully (`RunningServer.stop`; default grace
+        period the config's), close the metrics endpoint; True if all work finished."""
+        self.reloader.stop_polling()
+        try:
+            grace = self.config.grace_period if grace_period is None else grace_period
+            return self.running.stop(grace, reason)
+        finally:
+            if self.metrics_endpoint is not None:
+                self.metrics_endpoint.close()
+
+
+def build_app(config: ServeConfig, interceptors: Sequence[grpc.ServerInterceptor] = ()) -> App:
+    """Assemble and start `aet serve` from `config`, its repository not loaded yet (`App.load`).
+
+    Both APIs (aet.v1 and KServe v2) are registered alike over one pipeline; bearer tokens,
+    TLS and the Prometheus endpoint as configured. `interceptors` run after authentication
+    (e.g. to observe calls).
     """
-    scan_repository(config.repository)  # a missing repository fails before anything binds
     registry = ModelRegistry(config.runtime, config.batching)
-    metrics = ServingMetrics(config.max_batch_size)
+    metrics = ServingMetrics(config.batching.max_batch_size)
     metrics.watch_registry(registry)
     pipeline = InferencePipeline(registry, metrics)
     reloader = RepositoryReloader(registry, config.repository)
@@ -427,7 +395,9 @@ def serve(config: ServeConfig, stop: threading.Event | None = None) -> int:
     )
     services = [ServiceBinding(KSERVE_SERVICE, kserve.add_to_server)]
     try:
-        running = build_server(config, pipeline, services, [auth] if auth else [], credentials)
+        running = build_server(
+            config, pipeline, services, [*([auth] if auth else []), *interceptors], credentials
+        )
     except BaseException:
         if endpoint is not None:
             endpoint.close()
@@ -445,6 +415,17 @@ def serve(config: ServeConfig, stop: threading.Event | None = None) -> int:
             "metrics_auth": config.metrics_token,
         },
     )
+    return App(config, running, metrics, reloader, endpoint, auth is not None)
+
+
+def serve(config: ServeConfig, stop: threading.Event | None = None) -> int:
+    """Serve `config.repository` until `stop` is set or SIGTERM/SIGINT arrives; exit code.
+
+    Returns 0 after a clean shutdown, `EXIT_WORK_CUT` when the grace period cut calls or
+    queued requests.
+    """
+    scan_repository(config.repository)  # a missing repository fails before anything binds
+    app = build_app(config)
     stop = stop or threading.Event()
     received: list[str] = []
 
@@ -457,27 +438,22 @@ def serve(config: ServeConfig, stop: threading.Event | None = None) -> int:
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     finished = False
     try:
-        reloader.sync()
-        if config.poll_repository:
-            reloader.start_polling(config.poll_repository)
+        app.load()
         log.info(
             "server_ready",
             extra={
-                "port": running.port,
-                "ready": [f"{m.name}/{m.version}" for m in registry],
+                "port": app.running.port,
+                "ready": [f"{m.name}/{m.version}" for m in app.registry],
                 "failed": [
                     f"{s.name}/{s.version}"
-                    for s in registry.statuses()
+                    for s in app.registry.statuses()
                     if s.state is ModelState.FAILED
                 ],
             },
         )
         stop.wait()
     finally:
-        reloader.stop_polling()
-        finished = running.stop(config.grace_period, reason=", ".join(received) or "stop requested")
-        if endpoint is not None:
-            endpoint.close()
+        finished = app.stop(reason=", ".join(received) or "stop requested")
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     return 0 if finished else EXIT_WORK_CUT

@@ -3,7 +3,9 @@
 Tokens travel in the request metadata as `authorization: Bearer <token>`. They come from a file
 (one token per line; blank lines and `#` comments ignored) and/or an environment variable, are
 compared in constant time (`hmac.compare_digest`) and never appear in a log or an error message.
-Health checks stay open so that load balancers and orchestrators can probe without a token.
+The overall health check (`Health.Check` of service "") stays open so that load balancers and
+orchestrators can probe without a token; per-model health (it tells model names apart) and
+`Health.Watch` (a stream: it would hold a slot that authenticated traffic needs) need one.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from aet.errors import UserError
 
 AUTH_METADATA_KEY = "authorization"
 BEARER_PREFIX = "bearer "
-HEALTH_SERVICE_PREFIX = "/grpc.health.v1.Health/"
+HEALTH_CHECK = "/grpc.health.v1.Health/Check"
 
 
 class SecurityConfigError(UserError):
@@ -101,21 +103,17 @@ class TokenCheck:
 class BearerTokenInterceptor(grpc.ServerInterceptor):
     """Refuse calls without a valid `authorization: Bearer <token>` with UNAUTHENTICATED.
 
-    Methods whose full name starts with one of `open_prefixes` (by default the gRPC health
-    service) pass without a token. A refused call's body is never parsed: whatever it holds,
-    the answer is UNAUTHENTICATED.
+    With `open_health` (the default) the overall health check (`Health.Check`, service "")
+    passes without a token; a check of a named service is refused after its request is read.
+    Any other refused call's body is never parsed: whatever it holds, the answer is
+    UNAUTHENTICATED.
     """
 
-    def __init__(
-        self, tokens: Iterable[str], open_prefixes: tuple[str, ...] = (HEALTH_SERVICE_PREFIX,)
-    ):
+    def __init__(self, tokens: Iterable[str], open_health: bool = True):
         self.check = TokenCheck(tokens)
-        self._open_prefixes = open_prefixes
+        self.open_health = open_health
 
     def intercept_service(self, continuation, handler_call_details):
-        method = handler_call_details.method
-        if method.startswith(self._open_prefixes):
-            return continuation(handler_call_details)
         values = [
             value
             for key, value in handler_call_details.invocation_metadata or ()
@@ -125,7 +123,29 @@ class BearerTokenInterceptor(grpc.ServerInterceptor):
         if refusal is None:
             return continuation(handler_call_details)
         handler = continuation(handler_call_details)
-        return None if handler is None else _refusing_handler(handler, refusal)
+        if handler is None:
+            return None
+        if self.open_health and handler_call_details.method == HEALTH_CHECK:
+            return _overall_health_only(handler, refusal)
+        return _refusing_handler(handler, refusal)
+
+
+def _overall_health_only(handler: grpc.RpcMethodHandler, reason: str) -> grpc.RpcMethodHandler:
+    """`Health.Check` without a token: answered for the overall service "" only."""
+
+    def check(request, context):
+        if request.service:
+            context.abort(
+                grpc.StatusCode.UNAUTHENTICATED,
+                f'{reason}; only the overall health (service "") is open without a token',
+            )
+        return handler.unary_unary(request, context)
+
+    return grpc.unary_unary_rpc_method_handler(
+        check,
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
 
 
 def _refusing_handler(handler: grpc.RpcMethodHandler, reason: str) -> grpc.RpcMethodHandler:

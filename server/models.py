@@ -14,11 +14,12 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from aet.config import ConfigError
 from aet.repository import (
     ModelCard,
     ModelVersion,
@@ -46,14 +47,42 @@ class ModelState(enum.Enum):
 
 @dataclass(frozen=True)
 class BatchingOptions:
-    """Dynamic batching limits, the same for every model version."""
+    """Dynamic batching limits, the same for every model version (`aet serve`'s flags)."""
 
-    max_batch_size: int = 64  # rows per onnxruntime run
-    max_queue_delay: float = 0.002  # seconds of extra wait, only spent under load
-    max_queue_size: int = 256  # requests waiting per model version
-    max_request_rows: int = 16384  # rows one request may carry
-    dynamic_batching: bool = True  # False: every request runs on its own
-    instances: int = 1  # batches of one model version that may run at once
+    max_batch_size: int = field(
+        default=64, metadata={"help": "rows per onnxruntime run; larger requests are split"}
+    )
+    max_queue_delay_ms: float = field(
+        default=2.0,
+        metadata={"help": "longest extra wait for requests to join a batch, spent only under load"},
+    )
+    max_queue_size: int = field(
+        default=256,
+        metadata={"help": "requests that may wait per model version; beyond it RESOURCE_EXHAUSTED"},
+    )
+    max_request_rows: int = field(
+        default=16384, metadata={"help": "rows one request may carry; beyond it INVALID_ARGUMENT"}
+    )
+    dynamic_batching: bool = field(
+        default=True,
+        metadata={
+            "help": "merge concurrent requests into shared runs (off: each request runs alone)"
+        },
+    )
+    model_instances: int = field(
+        default=1,
+        metadata={
+            "help": "batches of one model version that may run at once (1 measured best on 2 cores)"
+        },
+    )
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch_size", "max_queue_size", "max_request_rows", "model_instances"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}: expected at least 1, got {getattr(self, name)}")
+        if not self.max_queue_delay_ms >= 0:
+            delay = self.max_queue_delay_ms
+            raise ConfigError(f"max_queue_delay_ms: expected 0 or more, got {delay}")
 
 
 @dataclass(frozen=True)
@@ -128,6 +157,9 @@ class ModelRegistry:
         self._lock = threading.Lock()
         self._ready: dict[tuple[str, int], LoadedModel] = {}
         self._latest: dict[str, LoadedModel] = {}
+        # the highest version "latest" has pointed at since the last `reset_latest`: it never
+        # steps back below it by itself (a version failing or reappearing is no rollback)
+        self._latest_floor: dict[str, int] = {}
         self._statuses: dict[tuple[str, int], VersionStatus] = {}
         self._state_listeners: list[StateListener] = []
         self._batch_listeners: list[BatchListener] = []
@@ -138,10 +170,17 @@ class ModelRegistry:
         """Load every version under `root`; refused or failing ones are logged and skipped."""
         return [self.load(found) for found in scan_repository(root)]
 
-    def load(self, found: ModelVersion) -> VersionStatus:
-        """Load one scanned version: session, warm-up, batcher, then READY (or FAILED)."""
+    def load(
+        self, found: ModelVersion, replace: bool = False, drain_timeout: float | None = None
+    ) -> VersionStatus:
+        """Load one scanned version: session, warm-up, batcher, then READY (or FAILED).
+
+        With `replace`, a loaded version of the same number (whose files changed) keeps
+        serving until the new one is READY, then drains within `drain_timeout`; if the new
+        one is refused or fails, the old one stops serving too and the version is FAILED.
+        """
         key = (found.name, found.version)
-        if key in self._ready:
+        if key in self._ready and not replace:
             raise ValueError(
                 f"model {found.name} version {found.version}: already loaded; unload it first"
             )
@@ -151,8 +190,9 @@ class ModelRegistry:
                 "model_refused",
                 extra={"model": found.name, "version": found.version, "reason": reason},
             )
-            return self._set_status(VersionStatus(*key, ModelState.FAILED, reason))
-        self._set_status(VersionStatus(*key, ModelState.LOADING))
+            return self._fail(key, reason, drain_timeout)
+        if key not in self._ready:
+            self._set_status(VersionStatus(*key, ModelState.LOADING))
         started = time.perf_counter()
         card = found.card
         assert card is not None  # a usable version has its card
@@ -173,7 +213,7 @@ class ModelRegistry:
                 "model_load_failed",
                 extra={"model": found.name, "version": found.version, "reason": str(exc)},
             )
-            return self._set_status(VersionStatus(*key, ModelState.FAILED, str(exc)))
+            return self._fail(key, str(exc), drain_timeout)
         model = LoadedModel(
             card,
             found.path,
@@ -192,8 +232,11 @@ class ModelRegistry:
             for listener in self._batch_listeners:
                 for batcher in model.batchers:
                     batcher.stats.listeners.append(_bind(listener, model))
+            replaced = self._ready.get(key)
             self._ready[key] = model
             self._update_latest(found.name)
+        if replaced is not None:
+            _drain(replaced, drain_timeout)
         log.info(
             "model_ready",
             extra={
@@ -201,24 +244,39 @@ class ModelRegistry:
                 "version": found.version,
                 "provider": session.provider,
                 "load_ms": round((time.perf_counter() - started) * 1e3, 1),
+                "replaced": replaced is not None,
             },
         )
         return self._set_status(VersionStatus(*key, ModelState.READY))
+
+    def _fail(
+        self, key: tuple[str, int], reason: str, drain_timeout: float | None
+    ) -> VersionStatus:
+        """Record `key` as FAILED; a loaded version of that number stops serving and drains."""
+        with self._lock:
+            stale = self._ready.pop(key, None)
+            self._update_latest(key[0])
+        if stale is not None:
+            _drain(stale, drain_timeout)
+        return self._set_status(VersionStatus(*key, ModelState.FAILED, reason))
 
     def _batcher(self, run: Callable, name: str) -> DynamicBatcher:
         batching = self.batching
         return DynamicBatcher(
             run,
             batching.max_batch_size,
-            batching.max_queue_delay,
+            batching.max_queue_delay_ms / 1e3,
             batching.max_queue_size,
             merge_requests=batching.dynamic_batching,
-            instances=batching.instances,
+            instances=batching.model_instances,
             name=name,
         )
 
-    def unload(self, name: str, version: int, timeout: float | None = None) -> bool:
-        """Stop routing to a version, finish its queued requests, forget it.
+    def unload(
+        self, name: str, version: int, timeout: float | None = None, step_back: bool = False
+    ) -> bool:
+        """Stop routing to a version, finish its queued requests, forget it; with `step_back`
+        (an explicit load or unload) "latest" may go to an older version at once.
 
         Returns True if its queue drained within `timeout` seconds.
         """
@@ -226,15 +284,11 @@ class ModelRegistry:
             model = self._ready.pop((name, version), None)
             if model is None:
                 raise NotFound(f"model {name!r} version {version}: not loaded")
+            if step_back:
+                self._latest_floor.pop(name, None)
             self._update_latest(name)
         self._set_status(VersionStatus(name, version, ModelState.DRAINING))
-        deadline = None if timeout is None else time.monotonic() + timeout
-        drained = all(
-            [
-                batcher.close(None if deadline is None else max(0.0, deadline - time.monotonic()))
-                for batcher in model.batchers
-            ]
-        )
+        drained = _drain(model, timeout)
         with self._lock:
             self._statuses.pop((name, version), None)
         log.info("model_unloaded", extra={"model": name, "version": version, "drained": drained})
@@ -289,6 +343,11 @@ class ModelRegistry:
             key=lambda s: (s.name, s.version),
         )
 
+    def latest_version(self, name: str) -> int | None:
+        """The version "latest" of `name` points at, or None."""
+        model = self._latest.get(name)
+        return None if model is None else model.version
+
     def is_ready(self, name: str) -> bool:
         """True when `name` has a READY version."""
         return name in self._latest
@@ -322,11 +381,21 @@ class ModelRegistry:
         for listener in list(self._state_listeners):
             listener(status)
 
+    def reset_latest(self, name: str) -> None:
+        """Let "latest" of `name` go back to an older version (an explicit load or unload)."""
+        with self._lock:
+            self._latest_floor.pop(name, None)
+            self._update_latest(name)
+
     def _update_latest(self, name: str) -> None:
-        """Point "latest" at the highest READY version of `name` (lock held)."""
-        versions = [m for (n, _), m in self._ready.items() if n == name]
+        """Point "latest" at the highest READY version of `name`, never below one it has
+        pointed at since `reset_latest` (lock held)."""
+        floor = self._latest_floor.get(name, 0)
+        versions = [m for (n, v), m in self._ready.items() if n == name and v >= floor]
         if versions:
-            self._latest[name] = max(versions, key=lambda m: m.version)
+            latest = max(versions, key=lambda m: m.version)
+            self._latest[name] = latest
+            self._latest_floor[name] = latest.version
         else:
             self._latest.pop(name, None)
 
@@ -334,6 +403,12 @@ class ModelRegistry:
         statuses = self.statuses(name)
         if not statuses:
             return NotFound(f"model: expected one of {self.names()}, got {excerpt(name)}")
+        if version is None and any(s.state == ModelState.READY for s in statuses):
+            return Unavailable(
+                f"model {name!r}: latest was version {self._latest_floor.get(name)}, which is "
+                f"not READY now; older versions serve as latest only after the model is "
+                f"loaded again (RepositoryModelLoad)"
+            )
         if version is None:
             states = ", ".join(
                 f"{s.version}: {s.state.value} {s.reason}".rstrip() for s in statuses
@@ -349,6 +424,17 @@ class ModelRegistry:
             f"model {name!r} version {version}: {status.state.value}"
             + (f": {status.reason}" if status.reason else "")
         )
+
+
+def _drain(model: LoadedModel, timeout: float | None) -> bool:
+    """Close a version's batchers, finishing queued requests; True if all drained in time."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    return all(
+        [
+            batcher.close(None if deadline is None else max(0.0, deadline - time.monotonic()))
+            for batcher in model.batchers
+        ]
+    )
 
 
 def _bind(listener: BatchListener, model: LoadedModel) -> Callable[[BatchRecord], None]:

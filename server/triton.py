@@ -94,7 +94,7 @@ class TritonConfig:
         metadata={"help": "Triton's max_batch_size: rows per run (0: no batching)"},
     )
     max_queue_delay_ms: float = field(
-        default=SERVE_BATCHING.max_queue_delay * 1000,
+        default=SERVE_BATCHING.max_queue_delay_ms,
         metadata={"help": "dynamic batching: longest wait for requests to join a batch"},
     )
     max_queue_size: int = field(
@@ -102,7 +102,7 @@ class TritonConfig:
         metadata={"help": "dynamic batching: requests that may wait; beyond it Triton refuses"},
     )
     model_instances: int = field(
-        default=SERVE_BATCHING.instances,
+        default=SERVE_BATCHING.model_instances,
         metadata={"help": "instance_group count: copies of the model that run at once"},
     )
     instance_kind: str = field(

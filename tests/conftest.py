@@ -4,9 +4,11 @@ gRPC servers over it on 127.0.0.1 ephemeral ports.
 - `digits_dataset`, `digits_checkpoint`: `load_digits` splits and a small MLP autoencoder
   trained for a few epochs (seeded), saved as `best.pt`.
 - `model_repository`: a repository holding `digits/1`, written by `training.export`.
+- `vector_model`: `vectors/1`, a tiny encoder of 6 raw features exported by
+  `AutoencoderEmbedder.export`, for jobs on tables (npz, csv).
 - `embedding_server`: one server for the session over `model_repository` (read-only use).
-- `start_server(repository, services=..., interceptors=..., **config)`: a fresh server per
-  test, stopped at teardown, for tests that change models or hold batches.
+- `start_server(repository, interceptors=..., **config)`: a fresh `aet serve` (`build_app`)
+  per test, stopped at teardown, for tests that change models or hold batches.
 - `embedding_stub(server)`: an `aet.v1.EmbeddingService` stub on a server's port.
 """
 
@@ -23,10 +25,9 @@ import pytest
 import torch
 
 from aet.clients.backends import GCS_PORT_WAIT_S, LocalBackend
+from aet.config import config_from_mapping
 from aet.proto.embedding_pb2_grpc import EmbeddingServiceStub as EmbeddingStub
-from aet.server.app import RunningServer, ServeConfig, build_server
-from aet.server.models import ModelRegistry
-from aet.server.pipeline import InferencePipeline
+from aet.server.app import App, RunningServer, ServeConfig, build_app
 
 DIGITS_MODEL = "digits"
 TEST_MESSAGE_MB = 8
@@ -79,18 +80,20 @@ def digits_checkpoint(tmp_path_factory, digits_dataset) -> Path:
     Trained as `aet pretrain --architecture mlp --hidden-sizes 32 --code-size 8 --epochs 3`
     would, without its evaluation and figures (not needed here, and slow).
     """
-    from aet.training.dataspec import DataSpec
     from aet.training.pretrain import PretrainConfig
 
-    config = PretrainConfig(
-        architecture="mlp",
-        hidden_sizes=(32,),
-        code_size=8,
-        epochs=3,
-        progress=False,
-        data=DataSpec(seed=0),
-        name=DIGITS_MODEL,
-        runs_dir=tmp_path_factory.mktemp("runs"),
+    config = config_from_mapping(
+        PretrainConfig,
+        dict(
+            architecture="mlp",
+            hidden_sizes=[32],
+            code_size=8,
+            epochs=3,
+            progress=False,
+            seed=0,
+            name=DIGITS_MODEL,
+            runs_dir=tmp_path_factory.mktemp("runs"),
+        ),
     )
     trainer = config.trainer(digits_dataset, config.run_dir)
     trainer.fit()
@@ -107,8 +110,23 @@ def model_repository(tmp_path_factory, digits_checkpoint) -> Path:
     return root
 
 
+@pytest.fixture(scope="session")
+def vector_model(tmp_path_factory) -> Path:
+    """`vectors/1`: an encoder of 6 features (2 epochs on 120 random rows, seed 0)."""
+    import numpy as np
+
+    from aet.sklearn import AutoencoderEmbedder
+
+    x = np.random.default_rng(0).normal(size=(120, 6)).astype(np.float32)
+    embedder = AutoencoderEmbedder(
+        architecture="mlp", hidden_sizes=(4,), code_size=2, epochs=2, batch_size=32, seed=0
+    ).fit(x)
+    return embedder.export(tmp_path_factory.mktemp("exported"), "vectors")
+
+
 def serve_config_for_tests(**overrides) -> ServeConfig:
-    """A `ServeConfig` for tests: ephemeral port, one onnxruntime thread, small limits."""
+    """A `ServeConfig` for tests: ephemeral port, one onnxruntime thread, small limits;
+    `overrides` by flag name (e.g. `max_batch_size=8`)."""
     values = dict(
         port=0,
         intra_op_threads=1,
@@ -118,40 +136,37 @@ def serve_config_for_tests(**overrides) -> ServeConfig:
         max_message_mb=TEST_MESSAGE_MB,
         grace_period=5.0,
     )
-    return ServeConfig(**{**values, **overrides})
+    return config_from_mapping(ServeConfig, {**values, **overrides})
 
 
-def _start(
-    repository: Path, services=(), interceptors=(), credentials=None, **overrides
-) -> RunningServer:
-    config = serve_config_for_tests(repository=repository, **overrides)
-    registry = ModelRegistry(config.runtime, config.batching)
-    running = build_server(config, InferencePipeline(registry), services, interceptors, credentials)
-    registry.load_repository(repository)
-    return running
+def start_app(repository: Path, interceptors=(), **overrides) -> App:
+    """`aet serve`'s app (`build_app`) over `repository`, loaded; `overrides` by flag name."""
+    app = build_app(serve_config_for_tests(repository=repository, **overrides), interceptors)
+    app.load()
+    return app
 
 
 @pytest.fixture(scope="session")
 def embedding_server(model_repository) -> Iterator[RunningServer]:
     """One running server over `model_repository` for the whole session; do not change it."""
-    running = _start(model_repository)
-    yield running
-    running.stop(grace_period=1.0)
+    app = start_app(model_repository)
+    yield app.running
+    app.stop(grace_period=1.0)
 
 
 @pytest.fixture
 def start_server() -> Iterator[Callable[..., RunningServer]]:
-    """Start servers with `start_server(repository, **ServeConfig overrides)`; all are stopped
-    when the test ends. `services`, `interceptors` and `credentials` go to `build_server`."""
-    started: list[RunningServer] = []
+    """Start servers with `start_server(repository, interceptors=..., **ServeConfig fields)`;
+    all are stopped when the test ends."""
+    started: list[App] = []
 
     def start(repository: Path, **kwargs) -> RunningServer:
-        started.append(_start(repository, **kwargs))
-        return started[-1]
+        started.append(start_app(repository, **kwargs))
+        return started[-1].running
 
     yield start
-    for running in started:
-        running.stop(grace_period=1.0)
+    for app in started:
+        app.stop(grace_period=1.0)
 
 
 @pytest.fixture

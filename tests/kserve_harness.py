@@ -6,11 +6,10 @@ the repository reloader and, when asked, bearer tokens and TLS; wired as `aet se
 from __future__ import annotations
 
 import collections
-import dataclasses
+import tempfile
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -18,16 +17,11 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from aet.config import config_from_mapping
 from aet.proto import embedding_pb2, embedding_pb2_grpc, grpc_service_pb2, grpc_service_pb2_grpc
 from aet.proto.codec import encode_tensor
 from aet.repository import InputSpec, ModelCard, OutputSpec, write_version
-from aet.server.app import RunningServer, ServeConfig, ServiceBinding, build_server
-from aet.server.auth import BearerTokenInterceptor
-from aet.server.kserve_service import SERVICE_NAME, InferenceService
-from aet.server.metrics import MetricsEndpoint, ServingMetrics
-from aet.server.models import ModelRegistry
-from aet.server.pipeline import InferencePipeline
-from aet.server.reload import RepositoryReloader
+from aet.server.app import App, ServeConfig, build_app
 
 MODEL = "digits"
 ROW_SHAPE = (1, 8, 8)
@@ -83,66 +77,35 @@ def digits_pixels(rows: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).uniform(0, RAW_MAX, (rows, *ROW_SHAPE)).astype(np.float32)
 
 
-@dataclass
-class LiveServer:
-    """A started server with every operational part of `aet serve`."""
-
-    running: RunningServer
-    registry: ModelRegistry
-    metrics: ServingMetrics
-    reloader: RepositoryReloader
-    metrics_endpoint: MetricsEndpoint
-    config: ServeConfig
-
-    @property
-    def target(self) -> str:
-        return f"127.0.0.1:{self.running.port}"
-
-    def stop(self, grace_period: float = 5.0) -> None:
-        self.reloader.stop_polling()
-        self.running.stop(grace_period)
-        self.metrics_endpoint.close()
-
-
 def start_kserve_server(
     repository: Path,
     *,
     tokens: tuple[str, ...] = (),
-    credentials: grpc.ServerCredentials | None = None,
     poll_seconds: float = 0.0,
     **config: object,
-) -> LiveServer:
-    """Serve `repository` on a free 127.0.0.1 port, one onnxruntime thread per session."""
-    serve_config = dataclasses.replace(
-        ServeConfig(
-            repository=repository,
-            port=0,
-            intra_op_threads=1,
-            inter_op_threads=1,
-            workers=16,
-            max_streams=8,
-            grace_period=5.0,
-        ),
-        **config,
+) -> App:
+    """`aet serve`'s app (`build_app`) over `repository` on a free 127.0.0.1 port with its
+    metrics endpoint, one onnxruntime thread per session, loaded; `tokens` are accepted
+    bearer tokens, `config` further `ServeConfig` fields by flag name."""
+    token_file = None
+    if tokens:
+        token_file = Path(tempfile.mkdtemp(prefix="aet-tokens-")) / "tokens"
+        token_file.write_text("\n".join(tokens) + "\n")
+    values = dict(
+        repository=repository,
+        port=0,
+        metrics_port=0,
+        intra_op_threads=1,
+        inter_op_threads=1,
+        workers=16,
+        max_streams=8,
+        grace_period=5.0,
+        poll_repository=poll_seconds,
+        token_file=token_file,
     )
-    registry = ModelRegistry(serve_config.runtime, serve_config.batching)
-    metrics = ServingMetrics(serve_config.max_batch_size)
-    metrics.watch_registry(registry)
-    pipeline = InferencePipeline(registry, metrics)
-    reloader = RepositoryReloader(registry, repository)
-    kserve = InferenceService(pipeline, reloader, serve_config.window)
-    interceptors = [BearerTokenInterceptor(tokens)] if tokens else []
-    running = build_server(
-        serve_config,
-        pipeline,
-        [ServiceBinding(SERVICE_NAME, kserve.add_to_server)],
-        interceptors,
-        credentials,
-    )
-    reloader.sync()
-    if poll_seconds:
-        reloader.start_polling(poll_seconds)
-    return LiveServer(running, registry, metrics, reloader, metrics.serve_http(0), serve_config)
+    app = build_app(config_from_mapping(ServeConfig, {**values, **config}))
+    app.load()
+    return app
 
 
 class BatchGate:

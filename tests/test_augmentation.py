@@ -7,7 +7,7 @@ from aet.config import ConfigError
 from aet.training.augmentation import Augmentation, AugmentationConfig, build_augmentation
 from aet.training.data import load_dataset
 
-SHAKE = AugmentationConfig(translate=0.15, rotate=15.0, scale=0.1)
+SHAKE = AugmentationConfig(augment_translate=0.15, augment_rotate=15.0, augment_scale=0.1)
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +34,7 @@ def test_augmented_images_move_but_stay_images(batch):
 def test_translation_alone_shifts_content():
     image = torch.zeros(1, 1, 9, 9)
     image[0, 0, 4, 4] = 1.0
-    shifted = Augmentation(AugmentationConfig(translate=0.3), seed=1)(image)
+    shifted = Augmentation(AugmentationConfig(augment_translate=0.3), seed=1)(image)
     assert shifted.sum() == pytest.approx(1.0, abs=0.05)  # bilinear spreads, keeps mass
     assert shifted[0, 0, 4, 4] < 0.9
 
@@ -45,6 +45,6 @@ def test_zero_config_is_no_augmentation_and_bad_values_are_named():
     with pytest.raises(
         ConfigError, match=r"augment_rotate: expected a number in \[0, 180\]; got -5"
     ):
-        AugmentationConfig(rotate=-5)
+        AugmentationConfig(augment_rotate=-5)
     with pytest.raises(ConfigError, match=r"augment_translate: expected a number in \[0, 0.5\]"):
-        AugmentationConfig(translate=float("nan"))
+        AugmentationConfig(augment_translate=float("nan"))

@@ -78,6 +78,30 @@ def test_health_stays_open_without_token(token_server):
     assert reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
+def test_per_service_health_and_health_watch_need_a_token(token_server):
+    """FAULTS.md "Auth": only the overall Check is open; a named service's health would tell
+    model names apart, and an open Watch would hold a stream slot without a token."""
+    stub = health_pb2_grpc.HealthStub(token_server)
+    for call in (
+        lambda metadata: stub.Check(
+            health_pb2.HealthCheckRequest(service="digits"), metadata=metadata, timeout=10
+        ),
+        lambda metadata: next(
+            stub.Watch(health_pb2.HealthCheckRequest(), metadata=metadata, timeout=10)
+        ),
+    ):
+        with pytest.raises(grpc.RpcError) as caught:
+            call(None)
+        assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert "missing metadata 'authorization'" in caught.value.details()
+    with pytest.raises(grpc.RpcError) as caught:  # with a token: the health service answers
+        stub.Check(health_pb2.HealthCheckRequest(service="digits"), metadata=_bearer(TOKEN))
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    watched = stub.Watch(health_pb2.HealthCheckRequest(), metadata=_bearer(TOKEN), timeout=10)
+    assert next(watched).status == health_pb2.HealthCheckResponse.SERVING
+    watched.cancel()
+
+
 def test_valid_token_passes_streaming_call(token_server):
     assert "grpc.health.v1.Health" in _list_services(token_server, _bearer(TOKEN))
 
@@ -99,8 +123,8 @@ def test_bad_token_is_unauthenticated_and_never_echoed(token_server, metadata, f
     assert "wrong-token" not in caught.value.details() and TOKEN[:-1] not in caught.value.details()
 
 
-def test_unary_method_is_protected_when_not_listed_open():
-    server, port = _start([BearerTokenInterceptor([TOKEN], open_prefixes=())])
+def test_health_check_is_protected_when_health_is_not_open():
+    server, port = _start([BearerTokenInterceptor([TOKEN], open_health=False)])
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             check = channel.unary_unary(
@@ -204,10 +228,16 @@ def test_tls_files_are_checked_and_named(tmp_path, pki):
 
 
 def test_kserve_server_over_mutual_tls_with_tokens(pki, tmp_path):
-    """The whole server as `aet serve` wires it: mTLS, tokens on the APIs, health open."""
+    """The whole server as `aet serve` wires it: mTLS, tokens on the APIs and per-model health,
+    overall health open."""
     add_version(tmp_path, seed=5)
-    credentials = tls_server_credentials(pki / "server.pem", pki / "server.key", pki / "ca.pem")
-    live = start_kserve_server(tmp_path, tokens=(TOKEN,), credentials=credentials)
+    live = start_kserve_server(
+        tmp_path,
+        tokens=(TOKEN,),
+        tls_cert=pki / "server.pem",
+        tls_key=pki / "server.key",
+        tls_client_ca=pki / "ca.pem",
+    )
     try:
         channel_credentials = grpc.ssl_channel_credentials(
             root_certificates=(pki / "ca.pem").read_bytes(),
@@ -216,7 +246,7 @@ def test_kserve_server_over_mutual_tls_with_tokens(pki, tmp_path):
         )
         with grpc.secure_channel(live.target, channel_credentials) as channel:
             health_reply = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service=MODEL), timeout=10
+                health_pb2.HealthCheckRequest(service=MODEL), metadata=_bearer(TOKEN), timeout=10
             )
             stub = kserve_stub(channel)
             pixels = digits_pixels(2)

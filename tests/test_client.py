@@ -26,7 +26,7 @@ from kserve_harness import (
 
 from aet.clients.client import EmbeddingClient, EmbeddingError, RetryPolicy, channel_target
 from aet.errors import UserError
-from aet.server.auth import BearerTokenInterceptor, tls_server_credentials
+from aet.server.auth import BearerTokenInterceptor
 
 SEED = 0
 MIB = 1 << 20
@@ -288,8 +288,12 @@ def test_bearer_token(repository, start_server):
 
 
 def test_mutual_tls(repository, start_server, pki):
-    credentials = tls_server_credentials(pki / "server.pem", pki / "server.key", pki / "ca.pem")
-    server = start_server(repository, credentials=credentials)
+    server = start_server(
+        repository,
+        tls_cert=pki / "server.pem",
+        tls_key=pki / "server.key",
+        tls_client_ca=pki / "ca.pem",
+    )
     with EmbeddingClient(
         target(server),
         root_cert=pki / "ca.pem",

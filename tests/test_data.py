@@ -305,14 +305,21 @@ def test_npz_float_without_labels(tmp_path, shape, image_shape):
             {"x": np.full((3, 2, 2), 9, np.uint8), "y": np.zeros(2, np.int64)},
             "'y' holds 2 labels, but 'x' holds 3",
         ),
-        ({"x": np.full((2, 2, 2), 9, np.uint8), "y": np.zeros(2)}, "'y' must be integer labels"),
+        (
+            {"x": np.full((2, 2, 2), 9, np.uint8), "y": np.array([0.5, 1.0])},
+            "array 'y': label 0.5 is not a class index; expected integers >= 0",
+        ),
+        (
+            {"x": np.full((2, 2, 2), 9, np.uint8), "y": np.array([np.nan, 1.0])},
+            r"array 'y': 1 of 2 labels missing \(NaN\)",
+        ),
         (
             {"x": np.array([[[0, 1], [1, 0]], [[1, 0], [0, 1]]], np.uint8)},
             r"uint8 with every value in \{0, 1\}.*x \* 255 \(uint8\) or as float32",
         ),
         ({"x": np.full((2, 2, 2), 200, np.uint16)}, "dtype uint16; expected uint8"),
         ({"x": np.full((2, 2, 2), 3, np.int32)}, "dtype int32; expected uint8"),
-        ({"x": np.zeros((0, 2, 2), np.uint8)}, "holds no images"),
+        ({"x": np.zeros((0, 2, 2), np.uint8)}, r"holds no rows \(shape \(0, 2, 2\)\)"),
         ({"images": np.zeros((2, 4), np.uint8)}, r"no array 'x'; found arrays: \['images'\]"),
     ],
 )

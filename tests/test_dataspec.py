@@ -26,7 +26,7 @@ def test_group_fields_are_flags_and_flat_or_nested_toml(tmp_path):
     assert config.data == DataSpec(
         "wine", seed=3, limit=50, image_size=12, val_fraction=0.1, drop_missing=False
     )
-    assert config.epochs == 2 and config.seed == 3
+    assert config.training.epochs == 2 and config.seed == 3 == config.training.seed
     # config.json and checkpoints keep flat field names, and read back
     flat = config.to_dict()
     assert flat["dataset"] == "wine" and flat["limit"] == 50 and "data" not in flat

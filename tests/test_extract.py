@@ -4,6 +4,7 @@ an interrupted job and resume it; Ray output folders that resume at block level.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -24,7 +25,7 @@ from aet.clients.backends import (
 from aet.clients.client import EmbeddingClient
 from aet.clients.embeddings import ExtractionError, read_embeddings
 from aet.clients.extract import EmbedConfig, extract, extraction_rows
-from aet.clients.rows import _loaded, plan_rows, raw_pixels
+from aet.clients.rows import _loaded, _read, plan_rows, raw_pixels
 from aet.config import ConfigError
 from aet.errors import UserError
 from aet.repository import RepositoryError
@@ -328,3 +329,60 @@ def test_local_ray_that_misses_rays_startup_limits_is_started_afresh(monkeypatch
     monkeypatch.setattr(ray, "init", lambda **options: (_ for _ in ()).throw(Exception("other")))
     with pytest.raises(Exception, match="^other$"):  # any other failure is not retried
         _start_local_ray(2)
+
+
+def test_a_resumed_job_re_embeds_shards_whose_input_file_changed(tmp_path, vector_model):
+    """FAULTS.md "Resumed jobs": kill mid-job, overwrite the npz with other rows of the same
+    count, resume: the finished shards made from the old rows are embedded again, by name."""
+    rng = np.random.default_rng(1)
+    data = tmp_path / "table.npz"
+    np.savez(data, x=rng.normal(size=(300, 6)).astype(np.float32))
+    spec = {"dataset": "npz", "data_path": data, "limit": None}
+    job = EmbedConfig(
+        data=DataSpec(**spec),
+        local=vector_model,
+        shard_size=96,
+        batch_size=48,
+        progress=False,
+        output=tmp_path / "job.npz",
+    )
+    with pytest.raises(Interrupted), InterruptedAfter(vector_model, blocks=4) as backend:
+        extract(job, backend)  # shards 0 and 1 finished
+    np.savez(data, x=rng.normal(size=(300, 6)).astype(np.float32))  # other rows, same count
+    _read.cache_clear()  # the data set is read once per process: as a new process would
+    with LocalBackend(vector_model) as backend:
+        summary = extract(job, backend)
+        assert summary.changed_rows == 192
+        assert f"192 rows embedded again: {data} changed" in summary.line()
+        clean = extract(dataclasses.replace(job, output=tmp_path / "clean.npz"), backend)
+    np.testing.assert_array_equal(
+        read_embeddings(job.output).embeddings, read_embeddings(clean.output).embeddings
+    )
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "float32"])
+def test_images_of_another_range_are_rescaled_into_the_models(tmp_path, model_dir, dtype):
+    """Issue 24 #11: the digits encoder (0..16) on an npz of uint8 0..255 or float 0..1, the
+    two forms an npz may hold: the job rescales and says so; `aet probe` does the same."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits().data.reshape(-1, 1, 8, 8)[:300]
+    x = (digits * 15).astype(np.uint8) if dtype == "uint8" else digits / 16
+    np.savez(tmp_path / "images.npz", x=x, y=np.arange(300) % 3)
+    spec = DataSpec(dataset="npz", data_path=tmp_path / "images.npz")
+    job = EmbedConfig(
+        data=spec, local=model_dir, progress=False, output=tmp_path / "out.npz"
+    ).with_model_data()
+    with LocalBackend(model_dir) as backend:
+        summary = extract(job, backend)
+        in_model_units = digits * 15 * 16 / 255 if dtype == "uint8" else digits
+        plan = plan_rows(job.data)
+        rows = in_model_units[plan.positions].astype(np.float32)
+        expected = next(iter(backend.embed_rows(rows, batch_size=len(rows))))
+    raw_max = "255" if dtype == "uint8" else "1"
+    assert f"pixels of npz rescaled from 0..{raw_max} to the model's 0..16" in summary.line()
+    np.testing.assert_allclose(
+        read_embeddings(job.output).embeddings,
+        expected[backend.model.output_name],
+        atol=1e-5,
+    )

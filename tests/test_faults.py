@@ -35,10 +35,12 @@ from kserve_harness import (
 )
 
 from aet.config import ConfigError
+from aet.encoder import Encoder
+from aet.errors import UserError
 from aet.proto import embedding_pb2, embedding_pb2_grpc
 from aet.proto import grpc_service_pb2 as pb
 from aet.proto.codec import encode_tensor
-from aet.repository import CARD_FILE, MODEL_FILE
+from aet.repository import CARD_FILE, MODEL_FILE, InputSpec, ModelCard, OutputSpec, write_version
 from aet.server.app import ServeConfig
 from aet.server.auth import TokenCheck
 from aet.server.errors import MAX_MESSAGE_CHARS
@@ -366,6 +368,39 @@ def test_unauthenticated_garbage_is_unauthenticated_not_parsed(tmp_path):
         live.stop()
 
 
+def test_unauthenticated_health_watches_cannot_take_the_stream_slots(tmp_path):
+    """Issue 24 #3/#4: `--max-streams 3` and tokens on; three Watch calls without a token are
+    refused at once, so an authenticated stream still gets a slot; per-model health needs a
+    token, overall health does not."""
+    add_version(tmp_path, SEED)
+    live = start_kserve_server(tmp_path, tokens=(TOKEN,), workers=6, max_streams=3)
+    bearer = [("authorization", f"Bearer {TOKEN}")]
+    try:
+        with grpc.insecure_channel(live.target) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            watches = [health.Watch(health_pb2.HealthCheckRequest(), timeout=WAIT) for _ in "abc"]
+            for watch in watches:
+                with pytest.raises(grpc.RpcError) as caught:
+                    next(watch)
+                assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            answers = kserve_stub(channel).ModelStreamInfer(
+                iter([kserve_request(digits_pixels(1))]), metadata=bearer, timeout=WAIT
+            )
+            assert not next(answers).error_message
+            overall = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=WAIT)
+            assert overall.status == health_pb2.HealthCheckResponse.SERVING
+            for name in (MODEL, "no-such-model"):
+                with pytest.raises(grpc.RpcError) as caught:
+                    health.Check(health_pb2.HealthCheckRequest(service=name), timeout=WAIT)
+                assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            per_model = health.Check(
+                health_pb2.HealthCheckRequest(service=MODEL), metadata=bearer, timeout=WAIT
+            )
+            assert per_model.status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        live.stop()
+
+
 def test_status_messages_are_cut_to_the_maximum():
     from aet.server.errors import InvalidArgument, grpc_status
 
@@ -448,6 +483,31 @@ def test_a_version_copied_before_its_card_loads_once_the_card_arrives(tmp_path):
         assert [s.version for s in live.registry.statuses(MODEL)] == [1, 2]
     finally:
         live.stop()
+
+
+def test_a_card_whose_embedding_dim_is_not_the_graphs_is_refused_at_load(tmp_path):
+    """Issue 24 #6: card 16, graph 4: FAILED naming both (and `aet.Encoder` refuses it too),
+    where it was READY with metadata saying 16 and answers of 4."""
+    card = ModelCard.draft(
+        MODEL,
+        "linear",
+        InputSpec("pixels", (1, 8, 8), "float32", (0.0, 16.0)),
+        OutputSpec("embedding", "float32", 16),
+        dataset={"name": "digits"},
+    )
+    folder = write_version(tmp_path, MODEL, encoder_onnx(SEED), card)
+    live = start_kserve_server(tmp_path)
+    try:
+        (status,) = live.registry.statuses(MODEL)
+    finally:
+        live.stop()
+    assert status.state == ModelState.FAILED
+    assert (
+        "output shape: expected [batch, 16] (model card output.embedding_dim), got ['batch', 4]"
+        in status.reason
+    )
+    with pytest.raises(UserError, match=r"output shape: expected \[batch, 16\]"):
+        Encoder.load(folder)
 
 
 def test_reasons_and_messages_name_no_server_path(tmp_path):

@@ -201,13 +201,18 @@ def test_recipes_are_shipped_and_flags_override_them(tmp_path):
     digits = config_of(parser.parse_args(["--recipe", "digits"]))
     assert digits.to_dict() == {**PretrainConfig().to_dict(), "recipe": "digits"}  # the defaults
     images = config_of(parser.parse_args(["--recipe", "images"]))
-    assert (images.recipe, images.architecture, images.code_size) == ("images", "conv", 256)
-    assert images.augment_translate > 0 and images.noise == "masking"
+    model, training = images.model, images.training
+    assert (images.recipe, model.architecture, model.code_size) == ("images", "conv", 256)
+    assert training.augmentation.augment_translate > 0 and training.noise == "masking"
     override = config_of(parser.parse_args(["--recipe", "images", "--code-size", "64"]))
-    assert (override.code_size, override.hidden_sizes) == (64, images.hidden_sizes)
+    assert (override.model.code_size, override.model.hidden_sizes) == (64, model.hidden_sizes)
     (tmp_path / "run.toml").write_text('recipe = "images"\nepochs = 3\n')
     from_file = config_of(parser.parse_args(["--config", str(tmp_path / "run.toml")]))
-    assert (from_file.recipe, from_file.epochs, from_file.code_size) == ("images", 3, 256)
+    assert (from_file.recipe, from_file.training.epochs, from_file.model.code_size) == (
+        "images",
+        3,
+        256,
+    )
 
 
 def test_an_unknown_recipe_names_the_shipped_ones(tmp_path, capsys):

@@ -7,12 +7,15 @@ disappear, and whole models are unloaded and loaded again.
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import threading
 import time
 from pathlib import Path
 
 import grpc
+import numpy as np
 import pytest
 from kserve_harness import (
     MODEL,
@@ -21,13 +24,14 @@ from kserve_harness import (
     add_version,
     digits_pixels,
     encoder_onnx,
+    expected_embeddings,
     kserve_request,
     kserve_stub,
     start_kserve_server,
 )
 
 from aet.proto import grpc_service_pb2 as pb
-from aet.repository import MODEL_FILE
+from aet.repository import CARD_FILE, MODEL_FILE
 from aet.server.models import ModelState
 
 POLL_SECONDS = 0.2
@@ -75,9 +79,17 @@ def test_polling_follows_the_repository_under_load(tmp_path):
             assert "sha256 mismatch" in live.registry.statuses(MODEL)[2].reason
             traffic.wait_for_answers(version=2, count=20)
 
-            # The latest version's folder goes: it drains, version 1 takes over.
+            # The latest version's folder goes: "latest" never steps back by itself, so
+            # version 2 keeps serving (two full polls later) until a load says otherwise.
             shutil.rmtree(repository / MODEL / "2")
-            wait_until(lambda: 2 not in states(live))
+            polled = live.reloader.syncs
+            wait_until(lambda: live.reloader.syncs >= polled + 2)
+            assert states(live)[2] == ModelState.READY
+            traffic.wait_for_answers(version=2, count=20)
+            kserve_stub(channel).RepositoryModelLoad(
+                pb.RepositoryModelLoadRequest(model_name=MODEL), timeout=60
+            )
+            assert 2 not in states(live)
             traffic.wait_for_answers(version=1, count=20)
         assert traffic.failures == []
         assert traffic.answered_by[3] == 0
@@ -225,3 +237,107 @@ def test_graceful_stop_finishes_work_in_flight(tmp_path):
         gate.open()
         stopping.join()
         assert len(in_flight.result().raw_output_contents[0]) == 1000 * 16
+
+
+def answer(channel, pixels, version: str = "") -> tuple[int, np.ndarray]:
+    """The version that answered a ModelInfer for `pixels`, and its embeddings."""
+    reply = kserve_stub(channel).ModelInfer(
+        kserve_request(pixels, model_version=version), timeout=30
+    )
+    data = np.frombuffer(reply.raw_output_contents[0], "<f4").reshape(len(pixels), -1)
+    return int(reply.model_version), data
+
+
+def replace_in_place(folder: Path, seed: int, staging: Path) -> None:
+    """Swap `folder`'s model.onnx and model.json for those of another version of the same
+    number (weights of `seed`), each by an atomic rename, as a careless deploy would."""
+    other = add_version(staging, seed)
+    for name in (MODEL_FILE, CARD_FILE):
+        shutil.copy(other / name, folder / f".{name}.new")
+        os.replace(folder / f".{name}.new", folder / name)
+
+
+def test_a_served_version_whose_files_change_is_reloaded_or_failed(tmp_path, caplog):
+    """FAULTS.md "Stale data": each sync checks a READY version's files (size, mtime, inode)."""
+    repository = tmp_path / "repository"
+    folder = add_version(repository, SEEDS[1])
+    pixels = digits_pixels(3)
+    live = start_kserve_server(repository)
+    try:
+        with grpc.insecure_channel(live.target) as channel:
+            np.testing.assert_allclose(
+                answer(channel, pixels)[1], expected_embeddings(pixels, SEEDS[1]), atol=1e-5
+            )
+            # Replaced in place by other weights with their own card: verified and reloaded.
+            replace_in_place(folder, SEEDS[2], tmp_path / "other")
+            live.reloader.sync()
+            assert states(live)[1] == ModelState.READY
+            np.testing.assert_allclose(
+                answer(channel, pixels)[1], expected_embeddings(pixels, SEEDS[2]), atol=1e-5
+            )
+            assert "model_changed" in caplog.messages
+
+            # Garbage over model.onnx: FAILED with its reason, the old weights no longer served.
+            (folder / MODEL_FILE).write_bytes(b"garbage")
+            live.reloader.sync()
+            (status,) = live.registry.statuses(MODEL)
+            assert status.state == ModelState.FAILED and "sha256 mismatch" in status.reason
+            with pytest.raises(grpc.RpcError) as caught:
+                answer(channel, pixels)
+            assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+
+            # Mended, then a wrong sha256 in model.json: READY again, then FAILED again.
+            replace_in_place(folder, SEEDS[2], tmp_path / "again")
+            live.reloader.sync()
+            assert states(live)[1] == ModelState.READY
+            card = json.loads((folder / CARD_FILE).read_text())
+            (folder / CARD_FILE).write_text(json.dumps({**card, "sha256": "0" * 64}))
+            live.reloader.sync()
+            (status,) = live.registry.statuses(MODEL)
+            assert status.state == ModelState.FAILED and "sha256 mismatch" in status.reason
+    finally:
+        live.stop()
+
+
+def test_latest_never_steps_back_and_an_emptied_repository_keeps_serving(tmp_path, caplog):
+    """FAULTS.md "Stale data": versions that vanish and return, an emptied repository, a
+    failed latest version: "latest" goes back only on an explicit RepositoryModelLoad."""
+    repository = tmp_path / "repository"
+    add_version(repository, SEEDS[1])
+    add_version(repository, SEEDS[2])
+    pixels = digits_pixels(2)
+    live = start_kserve_server(repository)
+    try:
+        with grpc.insecure_channel(live.target) as channel:
+            assert answer(channel, pixels)[0] == 2
+            # A move and restore of the latest version: it keeps serving throughout.
+            (repository / MODEL / "2").rename(tmp_path / "moved")
+            live.reloader.sync()
+            assert answer(channel, pixels)[0] == 2
+            assert "model_folder_missing" in caplog.messages
+            (tmp_path / "moved").rename(repository / MODEL / "2")
+            live.reloader.sync()
+            assert answer(channel, pixels)[0] == 2
+
+            # An emptied repository changes nothing and says so.
+            (repository / MODEL).rename(tmp_path / "aside")
+            live.reloader.sync()
+            assert states(live) == {1: ModelState.READY, 2: ModelState.READY}
+            assert "repository_poll_failed" in caplog.messages
+            (tmp_path / "aside").rename(repository / MODEL)
+
+            # The latest version fails: "latest" is UNAVAILABLE, not version 1 ...
+            (repository / MODEL / "2" / MODEL_FILE).write_bytes(b"garbage")
+            live.reloader.sync()
+            with pytest.raises(grpc.RpcError) as caught:
+                answer(channel, pixels)
+            assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "latest was version 2" in caught.value.details()
+            assert answer(channel, pixels, version="1")[0] == 1
+            # ... until a load says to serve what is there.
+            kserve_stub(channel).RepositoryModelLoad(
+                pb.RepositoryModelLoadRequest(model_name=MODEL), timeout=60
+            )
+            assert answer(channel, pixels)[0] == 1
+    finally:
+        live.stop()

@@ -5,6 +5,10 @@ import hashlib
 import json
 import os
 import re
+import socket
+import stat
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -252,6 +256,34 @@ def test_scan_missing_root_is_an_error(tmp_path):
             {"library_versions": {"onnx": 1}},
             "field 'library_versions.onnx': expected a version string",
         ),
+        # issue 24 #10: impossible values and fields the schema does not know, by name
+        (
+            {
+                "input": {
+                    "name": "pixels",
+                    "shape": [1, 8, 8],
+                    "dtype": "int64",
+                    "value_range": [0, 16],
+                }
+            },
+            "field 'input.dtype': expected one of 'float32', got 'int64'",
+        ),
+        (
+            {"output": {"name": "embedding", "dtype": "float64", "embedding_dim": 8}},
+            "field 'output.dtype': expected one of 'float32', got 'float64'",
+        ),
+        ({"licence": "MIT"}, "unknown field 'licence': expected only architecture, "),
+        (
+            {
+                "output": {
+                    "name": "embedding",
+                    "dtype": "float32",
+                    "embedding_dim": 8,
+                    "normalised": True,
+                }
+            },
+            "unknown field 'output.normalised': expected only dtype, embedding_dim, name",
+        ),
     ],
 )
 def test_invalid_card_fields_are_named(tmp_path, changes, message):
@@ -362,3 +394,46 @@ def test_committed_default_model_is_intact_and_meets_its_targets():
         (embedding,) = session.run([card.output.name], {card.input.name: pixels[:batch]})
         assert embedding.shape == (batch, card.output.embedding_dim)
         assert embedding.dtype == np.float32 and np.isfinite(embedding).all()
+
+
+def test_files_honour_the_umask_and_a_failed_first_write_leaves_no_model_folder(
+    tmp_path, monkeypatch
+):
+    """Issue 24 #9: versions, outputs and checkpoints are 0644/0755 under umask 022 (not
+    mkstemp's 0600); a failed write of a model's first version leaves no empty folder."""
+    from aet.files import atomic_write
+
+    previous = os.umask(0o022)
+    try:
+        folder = write_version(tmp_path, "digits", b"model", make_card())
+        atomic_write(tmp_path / "out.npz", lambda t: t.write_bytes(b"x"))
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o755
+    assert {stat.S_IMODE(p.stat().st_mode) for p in folder.iterdir()} == {0o644}
+    assert stat.S_IMODE((tmp_path / "out.npz").stat().st_mode) == 0o644
+
+    def full_disk(path, data):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(repository, "_write_file", full_disk)
+    with pytest.raises(RepositoryError, match="No space left on device"):
+        write_version(tmp_path, "other", b"model", make_card(name="other"))
+    assert not (tmp_path / "other").exists()
+
+
+def test_staging_folders_of_dead_writers_are_removed_and_live_ones_kept(tmp_path):
+    """Issue 24 #9: a killed export's `.tmp-<host>.<pid>.<random>` goes at the next write of
+    that model; a live writer's (this process) and another host's stay."""
+    host = socket.gethostname().replace(".", "-")
+    dead_pid = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead_pid.wait()  # a writer that has ended
+    model_dir = tmp_path / "digits"
+    dead = model_dir / f".tmp-{host}.{dead_pid.pid}.0a1b2c3d"
+    live = model_dir / f".tmp-{host}.{os.getpid()}.0a1b2c3d"
+    remote = model_dir / f".tmp-elsewhere.{dead_pid.pid}.0a1b2c3d"
+    for staging in (dead, live, remote):
+        (staging / "model.onnx").parent.mkdir(parents=True)
+        (staging / "model.onnx").write_bytes(b"half")
+    write_version(tmp_path, "digits", b"model", make_card())
+    assert sorted(p.name for p in model_dir.iterdir()) == sorted(["1", live.name, remote.name])

@@ -61,9 +61,14 @@ def test_unknown_device_is_refused():
 
 
 def write_encoder(
-    path: Path, weights: np.ndarray, input_name: str = "pixels", output_name: str = "embedding"
+    path: Path,
+    weights: np.ndarray,
+    input_name: str = "pixels",
+    output_name: str = "embedding",
+    output_dim: int | str | None = None,
 ) -> Path:
-    """pixels (batch, 1, 4, 4) in [0, 16] -> flatten(pixels / 16) @ weights: a tiny encoder."""
+    """pixels (batch, 1, 4, 4) in [0, 16] -> flatten(pixels / 16) @ weights: a tiny encoder;
+    its output declared as (batch, `output_dim`), by default the weights' columns."""
     graph = helper.make_graph(
         [
             helper.make_node("Div", [input_name, "raw_max"], ["scaled"]),
@@ -74,7 +79,9 @@ def write_encoder(
         [helper.make_tensor_value_info(input_name, TensorProto.FLOAT, ["batch", *ROW_SHAPE])],
         [
             helper.make_tensor_value_info(
-                output_name, TensorProto.FLOAT, ["batch", weights.shape[1]]
+                output_name,
+                TensorProto.FLOAT,
+                ["batch", weights.shape[1] if output_dim is None else output_dim],
             )
         ],
         [
@@ -129,6 +136,23 @@ def test_graph_that_does_not_match_its_card_is_refused(
     path = write_encoder(tmp_path / "model.onnx", weights)
     with pytest.raises(ModelLoadError, match=message):
         EncoderSession(path, *names, row_shape, [CPU_PROVIDER], ONE_THREAD)
+
+
+@pytest.mark.parametrize("declared", [None, "code"])  # a fixed or a symbolic (inferred) width
+def test_graph_whose_output_is_not_the_card_embedding_dim_is_refused(tmp_path, weights, declared):
+    """FAULTS.md "Model cards": card 16, graph 3 columns: refused at load, not served."""
+    path = write_encoder(tmp_path / "model.onnx", weights, output_dim=declared)
+    with pytest.raises(
+        ModelLoadError,
+        match=r"output shape: expected \[batch, 16\] \(model card output.embedding_dim\), "
+        r"got \['batch', 3\]",
+    ):
+        EncoderSession(
+            path, "pixels", "embedding", ROW_SHAPE, [CPU_PROVIDER], ONE_THREAD, embedding_dim=16
+        )
+    EncoderSession(
+        path, "pixels", "embedding", ROW_SHAPE, [CPU_PROVIDER], ONE_THREAD, embedding_dim=3
+    )
 
 
 def test_unloadable_file_is_refused_naming_it(tmp_path):

@@ -24,7 +24,7 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from aet.config import ConfigError
+from aet.config import ConfigError, config_from_mapping
 from aet.proto import embedding_pb2 as pb
 from aet.proto import embedding_pb2_grpc, grpc_service_pb2, grpc_service_pb2_grpc
 from aet.proto.codec import decode_tensor, encode_tensor
@@ -468,10 +468,13 @@ def test_config_errors_name_the_field():
     with pytest.raises(ConfigError, match=r"^port: expected 0\.\.65535, got 70000$"):
         ServeConfig(port=70000)
     with pytest.raises(ConfigError, match=r"^max_batch_size: expected at least 1, got 0$"):
-        ServeConfig(max_batch_size=0)
+        config_from_mapping(ServeConfig, {"max_batch_size": 0})
     with pytest.raises(ConfigError, match=r"^model_instances: expected at least 1, got 0$"):
-        ServeConfig(model_instances=0)
-    assert ServeConfig(model_instances=2).batching.instances == 2
+        config_from_mapping(ServeConfig, {"model_instances": 0})
+    with pytest.raises(ConfigError, match=r"^intra_op_threads: expected 0 or more, got -1$"):
+        config_from_mapping(ServeConfig, {"intra_op_threads": -1})
+    nested = config_from_mapping(ServeConfig, {"batching": {"model_instances": 2}, "device": "cpu"})
+    assert nested.batching.model_instances == 2 and nested.runtime.device == "cpu"
 
 
 def serve_process(repository: Path, *flags: str) -> subprocess.Popen:

@@ -15,7 +15,7 @@ from aet.training.train import Trainer, TrainingConfig, TrainingInterrupted
 
 torch.set_num_threads(1)
 
-STACKED = ModelConfig(architecture="stacked", hidden_sizes=(32,), code_size=4)
+STACKED = ModelConfig(architecture="stacked", hidden_sizes=(32,), code_size=4, loss="bce")
 QUICK = TrainingConfig(
     epochs=2,
     layer_epochs=1,
@@ -207,7 +207,7 @@ def test_augmentation_changes_the_training_loss_but_not_validation_data(digits, 
 
 @pytest.mark.parametrize("input_only", [False, True])
 def test_input_only_augmentation_keeps_the_clean_image_as_the_target(digits, tmp_path, input_only):
-    moves = AugmentationConfig(0.25, 0.0, 0.0, input_only=input_only)
+    moves = AugmentationConfig(0.25, 0.0, 0.0, augment_input_only=input_only)
     config = dataclasses.replace(QUICK, noise="none", augmentation=moves)
     trainer = make_trainer(digits, tmp_path, config=config)
     stage = trainer.stages[0]

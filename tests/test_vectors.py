@@ -20,7 +20,7 @@ from sklearn.datasets import load_wine
 
 from aet.cli import main
 from aet.clients.embeddings import read_embeddings
-from aet.config import ConfigError
+from aet.config import ConfigError, config_from_mapping
 from aet.proto import embedding_pb2 as pb
 from aet.proto.codec import decode_tensor, encode_tensor
 from aet.repository import read_model_card
@@ -196,17 +196,20 @@ def test_npz_table_takes_its_labels_from_y_only(wine_files):
     ],
 )
 def test_conv_and_bce_refuse_vectors_clearly(fields, message):
-    config = PretrainConfig(data=DataSpec("wine"), **fields)  # both are valid for images
+    config = config_from_mapping(PretrainConfig, {"dataset": "wine", **fields})
+    config.model.for_data(standardized=False)  # both are valid for images
     with pytest.raises(ConfigError, match=message):
-        config.model_config(vectors=True)
+        config.model.for_data(standardized=True)
 
 
 def test_vectors_default_to_the_gaussian_model_and_refuse_salt_and_pepper():
     config = PretrainConfig(data=DataSpec("wine"))
-    assert config.model_config(vectors=True).loss == "mse"
-    assert config.model_config(vectors=False).loss == "bce"
+    assert config.model.for_data(standardized=True).loss == "mse"
+    assert config.model.for_data(standardized=False).loss == "bce"
     with pytest.raises(ConfigError, match="noise: salt-and-pepper .* use gaussian or masking"):
-        PretrainConfig(data=DataSpec("wine"), noise="salt-and-pepper").load_dataset()
+        config_from_mapping(
+            PretrainConfig, {"dataset": "wine", "noise": "salt-and-pepper"}
+        ).load_dataset()
 
 
 def test_pretrain_and_export_a_csv_table_through_the_cli(
@@ -314,14 +317,17 @@ def test_pretrain_and_export_a_csv_table_through_the_cli(
 def test_codes_probe_within_three_points_of_standardised_raw_features(name):
     """Real data: a logistic probe on 8-d codes of an MLP autoencoder (Gaussian model) is
     within 0.03 of one on the standardised raw features, with all training labels."""
-    config = PretrainConfig(
-        data=DataSpec(name),
-        architecture="mlp",
-        hidden_sizes=[32],
-        code_size=8,
-        epochs=60,
-        patience=60,
-        progress=False,
+    config = config_from_mapping(
+        PretrainConfig,
+        dict(
+            dataset=name,
+            architecture="mlp",
+            hidden_sizes=[32],
+            code_size=8,
+            epochs=60,
+            patience=60,
+            progress=False,
+        ),
     )
     data = config.load_dataset()
     with tempfile.TemporaryDirectory() as run_dir, contextlib.redirect_stderr(io.StringIO()):

@@ -28,24 +28,42 @@ from aet.config import ConfigError
 
 @dataclass(frozen=True)
 class AugmentationConfig:
-    """How far a batch may move: all zeros is no augmentation."""
+    """How far a batch may move (`aet pretrain`'s augment flags): all zeros is no augmentation."""
 
-    translate: float = 0.0  # largest shift, as a fraction of the image's height and width
-    rotate: float = 0.0  # largest rotation in degrees, either way
-    scale: float = 0.0  # largest relative change of size: 0.1 draws a scale in [0.9, 1.1]
-    input_only: bool = False  # True: a corruption (the target stays the image as it is)
+    augment_translate: float = field(
+        default=0.0,
+        metadata={"help": "largest random shift, as a fraction of the image side (0: off)"},
+    )
+    augment_rotate: float = field(
+        default=0.0, metadata={"help": "largest random rotation in degrees (0: off)"}
+    )
+    augment_scale: float = field(
+        default=0.0,
+        metadata={
+            "help": "largest random relative change of size, e.g. 0.1 for [0.9, 1.1] (0: off)"
+        },
+    )
+    augment_input_only: bool = field(
+        default=False,
+        metadata={
+            "help": "augment the input only and reconstruct the image as it is, so the code "
+            "must undo the nudge (default: the augmented image is also the target)"
+        },
+    )
 
     def __post_init__(self) -> None:
-        for name, high in (("translate", 0.5), ("rotate", 180.0), ("scale", 0.5)):
+        for name, high in (
+            ("augment_translate", 0.5),
+            ("augment_rotate", 180.0),
+            ("augment_scale", 0.5),
+        ):
             value = getattr(self, name)
             if not (math.isfinite(value) and 0 <= value <= high):
-                raise ConfigError(
-                    f"augment_{name}: expected a number in [0, {high:g}]; got {value}"
-                )
+                raise ConfigError(f"{name}: expected a number in [0, {high:g}]; got {value}")
 
     @property
     def enabled(self) -> bool:
-        return any((self.translate, self.rotate, self.scale))
+        return any((self.augment_translate, self.augment_rotate, self.augment_scale))
 
 
 @dataclass(eq=False)
@@ -65,10 +83,10 @@ class Augmentation:
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
         height, width = batch.shape[-2:]
-        dx = self._uniform(self.config.translate * width)
-        dy = self._uniform(self.config.translate * height)
-        angle = self._uniform(self.config.rotate)
-        scale = 1.0 + self._uniform(self.config.scale)
+        dx = self._uniform(self.config.augment_translate * width)
+        dy = self._uniform(self.config.augment_translate * height)
+        angle = self._uniform(self.config.augment_rotate)
+        scale = 1.0 + self._uniform(self.config.augment_scale)
         return affine(
             batch,
             angle=angle,

@@ -8,9 +8,8 @@ file and renamed into place, so a crash never leaves a half-written file, and re
 from __future__ import annotations
 
 import dataclasses
-import os
+import io
 import pickle
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ import torch
 
 from aet.config import ConfigError
 from aet.errors import UserError
+from aet.files import atomic_write
 from aet.training.models import Autoencoder, ModelConfig, build_autoencoder
 
 FORMAT = "aet-checkpoint/1"
@@ -81,18 +81,15 @@ def save_checkpoint(path: str | Path, checkpoint: Checkpoint) -> None:
         "model_config": checkpoint.model_config.to_dict(),
         "image_shape": list(checkpoint.image_shape),
     }
+    # Serialised in memory first: a full disk then fails as OSError(ENOSPC) in `write`, not
+    # as torch's "unexpected pos"; `atomic_write` fsyncs before the rename, so a crash leaves
+    # the previous checkpoint, never an empty one.
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        atomic_write(path, lambda temporary: temporary.write_bytes(buffer.getbuffer()))
     except OSError as exc:
-        raise CheckpointError(f"cannot write checkpoint {path}: {exc}") from exc
-    try:
-        with os.fdopen(fd, "wb") as file:
-            torch.save(payload, file)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+        raise CheckpointError(f"cannot write checkpoint {path}: {exc.strerror or exc}") from exc
 
 
 def load_checkpoint(path: str | Path) -> Checkpoint:

@@ -357,6 +357,17 @@ def _require_path(name: str, path: Path | None) -> Path:
     return path
 
 
+def require_classes(dataset: Dataset, purpose: str) -> None:
+    """DataError when the fit rows of a labelled `dataset` hold fewer than two classes:
+    `purpose` (probes, a classifier) could only fail, after all the work before it."""
+    y = dataset.fit.y
+    if y is not None and len(classes := np.unique(y)) < 2:
+        raise DataError(
+            f"data set {dataset.name}: the labels of its {len(y)} fit rows hold one class "
+            f"({', '.join(map(str, classes.tolist())) or 'none'}); {purpose}: at least two needed"
+        )
+
+
 def _npz_image_shape(path: Path, x: np.ndarray) -> tuple[int, int, int]:
     """(C, H, W) of the images stored in array `x`: (N, H, W) or (N, C, H, W)."""
     if x.ndim not in (3, 4):
@@ -364,8 +375,6 @@ def _npz_image_shape(path: Path, x: np.ndarray) -> tuple[int, int, int]:
             f"{path}: array 'x' has shape {x.shape}; expected images (N, H, W) or "
             f"(N, C, H, W), or a table of features (N, D)"
         )
-    if len(x) == 0:
-        raise DataError(f"{path}: array 'x' holds no images (shape {x.shape})")
     return (1, *x.shape[1:]) if x.ndim == 3 else x.shape[1:]
 
 
@@ -409,18 +418,38 @@ def _npz_raw_max(path: Path, dtype: np.dtype, chunks: Iterable[np.ndarray]) -> f
 
 
 def _npz_labels(path: Path, y: np.ndarray, count: int) -> np.ndarray:
-    if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
+    """Class indices (N,) int64 of array `y`; missing (NaN) labels of a float `y` are -1."""
+    floating = np.issubdtype(y.dtype, np.floating)
+    if y.ndim != 1 or not (np.issubdtype(y.dtype, np.integer) or floating):
         raise DataError(
             f"{path}: array 'y' must be integer labels of shape (N,); "
             f"got {y.dtype} with shape {y.shape}"
         )
     if len(y) != count:
         raise DataError(f"{path}: array 'y' holds {len(y)} labels, but 'x' holds {count} rows")
+    if floating:
+        return _class_indices(f"{path}: array 'y'", y)
     if y.min() < 0:
         raise DataError(
             f"{path}: array 'y' holds negative label {int(y.min())}; expected class indices >= 0"
         )
     return y.astype(np.int64)
+
+
+NO_CLASS = -1  # the class index of a row whose label is missing
+
+
+def _class_indices(what: str, values: np.ndarray) -> np.ndarray:
+    """Float labels as class indices, NaN (missing) as `NO_CLASS`; DataError naming the first
+    value that is no class index."""
+    present = ~np.isnan(values)
+    bad = present & ((values != np.round(values)) | (values < 0) | ~np.isfinite(values))
+    if bad.any():
+        raise DataError(
+            f"{what}: label {values[bad][0]} is not a class index; expected integers >= 0 "
+            f"(missing labels as NaN) or class names"
+        )
+    return np.where(present, values, NO_CLASS).astype(np.int64)
 
 
 def _load_npz(
@@ -447,6 +476,8 @@ def _load_npz(
         raise DataError(f"{path}: no such file") from exc
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
         raise DataError(f"{path}: not a readable .npz archive ({exc})") from exc
+    if len(x) == 0:
+        raise DataError(f"{path}: array 'x' holds no rows (shape {x.shape})")
     labels = None if y is None else _npz_labels(path, y, len(x))
     if x.ndim == 2:
         if table.label_column is not None:
@@ -457,6 +488,11 @@ def _load_npz(
         columns = pa.table({f"x{j}": x[:, j] for j in range(x.shape[1])})
         return _vectors(str(path), columns, table, {"path": str(path.resolve())}, labels)
     _table_options_unused("npz images", table)
+    if labels is not None and (unlabelled := labels == NO_CLASS).any():
+        raise DataError(
+            f"{path}: array 'y': {int(unlabelled.sum())} of {len(labels)} labels missing (NaN); "
+            f"expected a label for every image"
+        )
     image_shape = _npz_image_shape(path, x)
     _fixed_shape_only("npz", image_size, channels, image_shape)
     pixels: np.ndarray | MappedImages
@@ -574,6 +610,9 @@ def _table_labels(source: str, column: pa.ChunkedArray, name: str) -> tuple[np.n
         index = {c: i for i, c in enumerate(classes)}
         values = np.array([index.get(v, -1) for v in column.to_pylist()], dtype=np.int64)
         return values, {"classes": classes}
+    if pa.types.is_floating(kind):  # integer labels with missing ones read as NaN
+        values = pc.cast(column, pa.float64()).to_numpy(zero_copy_only=False)
+        return _class_indices(f"{source}: label column {name!r}", values), {}
     raise DataError(
         f"{source}: label column {name!r} has type {kind}; expected integer class indices "
         f"or class names"
@@ -596,6 +635,13 @@ def _vectors(
     """
     if table.num_rows == 0:
         raise DataError(f"{source}: holds no rows")
+    names = table.column_names
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise DataError(
+            f"{source}: column name(s) {_name_some([repr(n) for n in repeated])} appear more "
+            f"than once; expected each column named once"
+        )
     columns = _feature_columns(source, table, options)
     x = np.empty((table.num_rows, len(columns)), dtype=np.float32)
     faults, bad_rows = [], np.zeros(table.num_rows, dtype=bool)
@@ -614,12 +660,10 @@ def _vectors(
         labels, recorded = _table_labels(
             source, table.column(options.label_column), options.label_column
         )
-        unlabelled = labels < 0
-        if unlabelled.any():
-            faults.append(
-                f"label column {options.label_column!r}: {int(unlabelled.sum())} missing value(s)"
-            )
-            bad_rows |= unlabelled
+    if labels is not None and (unlabelled := labels == NO_CLASS).any():
+        where = "array 'y'" if options.label_column is None else f"column {options.label_column!r}"
+        faults.append(f"label {where}: {int(unlabelled.sum())} missing value(s)")
+        bad_rows |= unlabelled
     if faults and not options.drop_missing:
         raise DataError(
             f"{source}: {_name_some(faults)}; fix the data or pass --drop-missing to drop "

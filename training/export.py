@@ -479,7 +479,7 @@ def export_encoder(
         )
     calibration_scores = graph_scores(session, calibration)
     novelty = encoder.novelty
-    measure = SCORE_MEASURES[checkpoint.model_config.loss]
+    measure = SCORE_MEASURES[checkpoint.model_config.resolved_loss]
     if novelty.density:
         measure = DENSITY_MEASURE.format(reconstruction=measure, neighbours=novelty.neighbours)
     calibration_file = calibration_bytes(calibration_scores)

@@ -1,7 +1,8 @@
 """Classifiers on frozen features, and the encoder fine-tuned under one: the learning code of
 `aet probe` (the MLP head beside the fair probes of `training.probes`, and `--fine-tune`) and of
 `aet head`, which turns a fitted head into a torch module (`ProbabilityHead`: standardise,
-layers, softmax) that `training.export.to_onnx` writes, as it writes the encoders.
+layers, softmax) that `training.export.to_onnx` writes, as it writes the encoders, and joins it
+behind the encoder's graph (`classifier_graph`), checked for parity before anything is written.
 """
 
 from __future__ import annotations
@@ -11,15 +12,25 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 import torch
+from onnx import compose, version_converter
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 from torch import nn
 
 from aet.errors import UserError
+from aet.repository import ModelCard
+from aet.runtime import embedding_graph
 from aet.training.checkpoint import load_checkpoint
-from aet.training.data import Dataset
-from aet.training.export import preprocessing_module
+from aet.training.data import Dataset, require_classes
+from aet.training.export import (
+    ExportedEncoder,
+    onnx_opset,
+    onnx_session,
+    preprocessing_module,
+    to_onnx,
+)
 from aet.training.mapped import Images
 from aet.training.models import Autoencoder
 from aet.training.probes import ProbeScore, tune_logistic
@@ -34,6 +45,7 @@ def labels_of(dataset: Dataset) -> tuple[np.ndarray, np.ndarray, int]:
     fit_y, test_y, num_classes = dataset.fit.y, dataset.test.y, dataset.num_classes
     if fit_y is None or test_y is None or num_classes is None:
         raise HeadError(f"data set {dataset.name}: has no labels; a classifier needs them")
+    require_classes(dataset, "a classifier")
     return fit_y, test_y, num_classes
 
 
@@ -272,3 +284,90 @@ def fit_fine_tuned(run: Path, dataset: Dataset, steps: int, seed: int) -> Fitted
     settings = {"run": str(run), "steps": steps, "seed": seed}
     preprocess = preprocessing_module(load_checkpoint(run / "best.pt"))
     return FittedHead(RawClassifier(model, preprocess).eval(), probabilities, accuracy, settings)
+
+
+# --- the classifier graph ---------------------------------------------------------------------
+
+CLASSIFIER_OUTPUT = "probabilities"
+PARITY_TOLERANCE = 1e-5  # max |graph - fitted head| over the test rows' probabilities
+ENCODER_TOLERANCE = 1e-4  # run vs exported encoder, as `aet export`'s parity check
+MIN_OPSET = 18  # torch's ONNX exporter writes the head at the encoder's opset, at least this
+
+
+def run_graph(
+    model: onnx.ModelProto, input_name: str, output_name: str, x: np.ndarray
+) -> np.ndarray:
+    """Output `output_name` of a graph on `x`, onnxruntime on the CPU, in blocks of 1,024 rows."""
+    session = onnx_session(model.SerializeToString())
+    blocks = range(0, len(x), 1024)
+    return np.concatenate(
+        [session.run([output_name], {input_name: x[i : i + 1024]})[0] for i in blocks]
+    )
+
+
+def compose_classifier(
+    encoder: onnx.ModelProto, card: ModelCard, head: nn.Module
+) -> onnx.ModelProto:
+    """One graph: the encoder's (pixels -> embedding, a novelty score's decoder dropped) then
+    `head` (embedding -> probabilities), joined with `onnx.compose`."""
+    encoder = onnx.load_from_string(embedding_graph(encoder, card.input.name, card.output.name))
+    opset = max(onnx_opset(encoder), MIN_OPSET)
+    if onnx_opset(encoder) < opset:
+        encoder = version_converter.convert_version(encoder, opset)
+    example = torch.zeros(2, card.output.embedding_dim)
+    head_graph = to_onnx(head, example, opset, card.output.name, [CLASSIFIER_OUTPUT])
+    head_graph.ir_version = encoder.ir_version
+    # Prefix the head's names (the exporter names nodes alike in both graphs); keep its output.
+    head_graph = compose.add_prefix(head_graph, "head/", rename_outputs=False)
+    merged = compose.merge_models(
+        encoder,
+        head_graph,
+        io_map=[(card.output.name, f"head/{card.output.name}")],
+        outputs=[CLASSIFIER_OUTPUT],
+    )
+    onnx.checker.check_model(merged, full_check=True)
+    return merged
+
+
+def classifier_graph(
+    fitted: FittedHead, encoder: onnx.ModelProto, card: ModelCard, test_rows: np.ndarray
+) -> tuple[onnx.ModelProto, float]:
+    """The deployable graph of `fitted` on the encoder of `card` (rows -> probabilities) and
+    its max |graph - fitted head| over `test_rows` (raw units); `HeadError` beyond
+    `PARITY_TOLERANCE`. A fine-tuned classifier is exported whole, a frozen head joined
+    behind the encoder's own graph."""
+    if isinstance(fitted.module, RawClassifier):
+        opset = max(onnx_opset(encoder), MIN_OPSET)
+        example = torch.from_numpy(test_rows[:2])
+        graph = to_onnx(fitted.module, example, opset, card.input.name, [CLASSIFIER_OUTPUT])
+    else:
+        graph = compose_classifier(encoder, card, fitted.module)
+    served = run_graph(graph, card.input.name, CLASSIFIER_OUTPUT, test_rows)
+    diff = float(np.abs(served - fitted.probabilities).max())
+    if not diff <= PARITY_TOLERANCE:
+        raise HeadError(
+            f"parity check failed: max |graph - fitted head| over {len(test_rows)} test "
+            f"rows' probabilities: expected <= {PARITY_TOLERANCE:g}, got {diff:.3g}; "
+            f"nothing written"
+        )
+    return graph, diff
+
+
+def check_run_is_encoder(
+    run: Path, encoder: onnx.ModelProto, card: ModelCard, rows: np.ndarray
+) -> None:
+    """Refuse a training run (`--fine-tune`) that is not the run the exported encoder of
+    `card` came from: their embeddings of `rows` must agree within `ENCODER_TOLERANCE`."""
+    checkpoint = load_checkpoint(run / "best.pt")
+    preprocess = preprocessing_module(checkpoint)
+    module = ExportedEncoder(checkpoint.build_model(), preprocess, with_score=False).eval()
+    with torch.no_grad():
+        expected = module(torch.from_numpy(rows)).numpy()
+    got = run_graph(encoder, card.input.name, card.output.name, rows)
+    diff = float(np.abs(got - expected).max()) if got.shape == expected.shape else float("inf")
+    if not diff <= ENCODER_TOLERANCE:
+        raise HeadError(
+            f"fine_tune: {run / 'best.pt'} is not the encoder {card.name} v{card.version} was "
+            f"exported from (max |difference| of their embeddings {diff:.3g}, expected <= "
+            f"{ENCODER_TOLERANCE:g})"
+        )

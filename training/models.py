@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import pairwise
 from typing import cast
 
@@ -36,18 +36,47 @@ TIEABLE = ("mlp", "linear", "stacked")  # architectures built from transposable 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """What `build_autoencoder` needs; stored in every checkpoint so a model can be rebuilt.
+    """What `build_autoencoder` needs (`aet pretrain`'s model flags); stored in every
+    checkpoint, with its loss resolved, so a model can be rebuilt.
 
     The defaults are the shipped digits encoder.
     """
 
-    architecture: str = "stacked"
-    hidden_sizes: tuple[int, ...] = (256, 64)  # MLP units, or conv channels, input side first
-    code_size: int = 8
-    activation: str = "relu"  # ignored by `linear`
-    tied_weights: bool | None = None  # None: tied where the architecture allows (TIEABLE)
-    loss: str = "bce"  # bce: Bernoulli decoder (logits); mse: Gaussian decoder
-    allow_overcomplete: bool = False
+    architecture: str = field(
+        default="stacked",
+        metadata={
+            "help": "mlp: end-to-end MLP; linear: MLP without activations; stacked: greedy "
+            "layer-wise then fine-tune; vae: variational; conv: convolutional encoder",
+            "choices": list(ARCHITECTURES),
+        },
+    )
+    hidden_sizes: tuple[int, ...] = field(
+        default=(256, 64),
+        metadata={"help": "hidden layer sizes, input side first (channels for conv)"},
+    )
+    code_size: int = field(default=8, metadata={"help": "embedding dimension"})
+    activation: str = field(
+        default="relu",
+        metadata={"help": "hidden activation (not used by linear)", "choices": list(ACTIVATIONS)},
+    )
+    tied_weights: bool | None = field(
+        default=None,
+        metadata={
+            "help": "decoder reuses the transposed encoder weights; only mlp, linear and stacked "
+            "can, and do unless --no-tied-weights"
+        },
+    )
+    loss: str | None = field(
+        default=None,
+        metadata={
+            "help": "bce: Bernoulli decoder, for images in [0, 1]; mse: Gaussian decoder, for "
+            "standardised vectors (default: bce for images, mse for vectors)",
+            "choices": list(LOSSES),
+        },
+    )
+    allow_overcomplete: bool = field(
+        default=False, metadata={"help": "permit a code at least as large as the input"}
+    )
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "hidden_sizes", tuple(int(h) for h in self.hidden_sizes))
@@ -55,7 +84,8 @@ class ModelConfig:
         if self.tied_weights is None:
             object.__setattr__(self, "tied_weights", self.architecture in TIEABLE)
         _check_choice("activation", self.activation, tuple(ACTIVATIONS))
-        _check_choice("loss", self.loss, LOSSES)
+        if self.loss is not None:
+            _check_choice("loss", self.loss, LOSSES)
         if not self.hidden_sizes:
             raise ConfigError(
                 "hidden_sizes: expected at least one hidden layer size; got an empty list"
@@ -71,6 +101,29 @@ class ModelConfig:
                 f"tied_weights: supported by {', '.join(TIEABLE)}; "
                 f"got architecture {self.architecture!r}"
             )
+
+    @property
+    def resolved_loss(self) -> str:
+        """The loss of a built model (`build_autoencoder` and `for_data` resolve None)."""
+        assert self.loss is not None, "an unresolved ModelConfig"
+        return self.loss
+
+    def for_data(self, standardized: bool) -> ModelConfig:
+        """This model for images in [0, 1] (`standardized` False: Bernoulli model, BCE, by
+        default) or standardised features (the Gaussian model, MSE, by default; BCE, which
+        needs targets in [0, 1], and the conv architecture refused), its loss resolved."""
+        loss = self.loss or ("mse" if standardized else "bce")
+        if standardized and loss == "bce":
+            raise ConfigError(
+                "loss: bce (a Bernoulli decoder) needs data in [0, 1]; vectors are "
+                "standardised features, use mse (the default for vectors)"
+            )
+        if standardized and self.architecture == "conv":
+            raise ConfigError(
+                "architecture: conv needs images (C, H, W); got a table of features: use "
+                "mlp, linear, stacked or vae"
+            )
+        return dataclasses.replace(self, loss=loss)
 
     def check_input(self, image_shape: tuple[int, ...]) -> None:
         """Reject a code at least as large as the input unless overcomplete codes are allowed."""
@@ -147,18 +200,18 @@ class Autoencoder(nn.Module):
 
     def reconstruction_error(self, x: torch.Tensor) -> torch.Tensor:
         """Novelty score (B,) of clean inputs `x`: see `reconstruction_error` (VAE: from mu)."""
-        return reconstruction_error(self(x), x, self.config.loss)
+        return reconstruction_error(self(x), x, self.config.resolved_loss)
 
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         """Reconstructed pixels in [0, 1] units: (B, C, H, W)."""
         output = self(x)
-        return torch.sigmoid(output) if self.config.loss == "bce" else output
+        return torch.sigmoid(output) if self.config.resolved_loss == "bce" else output
 
     def objective(
         self, x_input: torch.Tensor, target: torch.Tensor, generator: torch.Generator | None = None
     ) -> torch.Tensor:
         """Mean over the batch of the per-example loss of reconstructing `target` from `x_input`."""
-        return reconstruction_loss(self(x_input), target, self.config.loss).mean()
+        return reconstruction_loss(self(x_input), target, self.config.resolved_loss).mean()
 
 
 def _linear_layers(sizes: list[int]) -> nn.ModuleList:
@@ -250,7 +303,7 @@ class MLPAutoencoder(Autoencoder):
         codes, which are not probabilities, so they use squared error.
         """
         output = self.decode_layer(k, self.encode_layer(k, h_input))
-        kind = self.config.loss if k == 0 else "mse"
+        kind = self.config.resolved_loss if k == 0 else "mse"
         return reconstruction_loss(output, h_target, kind).mean()
 
 
@@ -282,7 +335,7 @@ class VariationalAutoencoder(MLPAutoencoder):
         eps = torch.randn(mu.shape, generator=generator, dtype=mu.dtype, device=mu.device)
         z = mu + eps * torch.exp(0.5 * logvar)
         kl = 0.5 * (mu.square() + logvar.exp() - 1.0 - logvar).sum(1)
-        return (reconstruction_loss(self.decode(z), target, self.config.loss) + kl).mean()
+        return (reconstruction_loss(self.decode(z), target, self.config.resolved_loss) + kl).mean()
 
 
 class ConvAutoencoder(Autoencoder):
@@ -330,6 +383,8 @@ class ConvAutoencoder(Autoencoder):
 def build_autoencoder(config: ModelConfig, image_shape: tuple[int, ...]) -> Autoencoder:
     """The autoencoder `config` describes for rows of `image_shape`: images (C, H, W), or
     vectors (D,) for every architecture but conv."""
+    if config.loss is None:  # the rows' likelihood: Bernoulli for images, Gaussian for vectors
+        config = dataclasses.replace(config, loss="mse" if len(image_shape) == 1 else "bce")
     config.check_input(tuple(image_shape))
     if config.architecture == "conv" and len(image_shape) != 3:
         raise ConfigError(

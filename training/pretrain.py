@@ -9,6 +9,7 @@ denoising autoencoder (Gaussian noise, tied weights) with 8-dimensional codes.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from dataclasses import dataclass, field
@@ -17,19 +18,13 @@ from pathlib import Path
 import torch
 
 from aet.config import ConfigError, add_config_arguments, config_from_args, flat_dict
-from aet.devices import DEVICES
 from aet.errors import UserError
-from aet.training.augmentation import AugmentationConfig
 from aet.training.checkpoint import load_checkpoint, save_checkpoint
-from aet.training.corruption import CORRUPTION_KINDS
-from aet.training.data import Dataset
+from aet.training.data import Dataset, require_classes
 from aet.training.dataspec import DataSpec
-from aet.training.distributed import PRECISIONS, ProcessGroup
+from aet.training.distributed import ProcessGroup
 from aet.training.evaluate import encode_array, evaluate_autoencoder, format_evaluation
 from aet.training.models import (
-    ACTIVATIONS,
-    ARCHITECTURES,
-    LOSSES,
     Autoencoder,
     ModelConfig,
     build_autoencoder,
@@ -41,7 +36,6 @@ from aet.training.train import Trainer, TrainingConfig, TrainingInterrupted
 EXIT_INTERRUPTED = 130  # the shell's code for a process stopped by SIGINT
 EXIT_SLICE_ENDED = 75  # sysexits' EX_TEMPFAIL: --stop-after-epochs ended the call; resume later
 N_RECONSTRUCTIONS = 10
-_MODEL, _TRAINING = ModelConfig(), TrainingConfig()  # the defaults of the fields below
 
 
 @dataclass
@@ -70,119 +64,8 @@ class PretrainConfig:
         metadata={"help": "continue the run from its checkpoint.pt (same model configuration)"},
     )
     data: DataSpec = field(default_factory=DataSpec)
-    # model
-    architecture: str = field(
-        default=_MODEL.architecture,
-        metadata={
-            "help": "mlp: end-to-end MLP; linear: MLP without activations; stacked: greedy "
-            "layer-wise then fine-tune; vae: variational; conv: convolutional encoder",
-            "choices": list(ARCHITECTURES),
-        },
-    )
-    hidden_sizes: list[int] = field(
-        default_factory=lambda: list(_MODEL.hidden_sizes),
-        metadata={"help": "hidden layer sizes, input side first (channels for conv)"},
-    )
-    code_size: int = field(default=_MODEL.code_size, metadata={"help": "embedding dimension"})
-    activation: str = field(
-        default=_MODEL.activation,
-        metadata={"help": "hidden activation", "choices": list(ACTIVATIONS)},
-    )
-    tied_weights: bool | None = field(
-        default=None,
-        metadata={
-            "help": "decoder reuses the transposed encoder weights; only mlp, linear and stacked "
-            "can, and do unless --no-tied-weights"
-        },
-    )
-    loss: str | None = field(
-        default=None,
-        metadata={
-            "help": "bce: Bernoulli decoder, for images in [0, 1]; mse: Gaussian decoder, for "
-            "standardised vectors (default: bce for images, mse for vectors)",
-            "choices": list(LOSSES),
-        },
-    )
-    allow_overcomplete: bool = field(
-        default=_MODEL.allow_overcomplete,
-        metadata={"help": "permit a code at least as large as the input"},
-    )
-    # denoising
-    noise: str = field(
-        default=_TRAINING.noise,
-        metadata={"help": "input corruption during training", "choices": list(CORRUPTION_KINDS)},
-    )
-    noise_level: float = field(
-        default=_TRAINING.noise_level,
-        metadata={
-            "help": "sigma for gaussian; corrupted fraction nu in [0, 1) "
-            "for masking, salt-and-pepper"
-        },
-    )
-    # augmentation (images, training only)
-    augment_translate: float = field(
-        default=0.0,
-        metadata={"help": "largest random shift, as a fraction of the image side (0: off)"},
-    )
-    augment_rotate: float = field(
-        default=0.0, metadata={"help": "largest random rotation in degrees (0: off)"}
-    )
-    augment_scale: float = field(
-        default=0.0,
-        metadata={
-            "help": "largest random relative change of size, e.g. 0.1 for [0.9, 1.1] (0: off)"
-        },
-    )
-    augment_input_only: bool = field(
-        default=False,
-        metadata={
-            "help": "augment the input only and reconstruct the image as it is, so the code "
-            "must undo the nudge (default: the augmented image is also the target)"
-        },
-    )
-    # optimisation
-    epochs: int = field(
-        default=_TRAINING.epochs,
-        metadata={"help": "maximum end-to-end epochs (the fine-tune stage of stacked)"},
-    )
-    layer_epochs: int = field(
-        default=_TRAINING.layer_epochs,
-        metadata={"help": "maximum epochs of each greedy layer stage (stacked)"},
-    )
-    batch_size: int = field(default=_TRAINING.batch_size, metadata={"help": "examples per step"})
-    learning_rate: float = field(
-        default=_TRAINING.learning_rate, metadata={"help": "Adam learning rate"}
-    )
-    patience: int = field(
-        default=_TRAINING.patience,
-        metadata={"help": "stop a stage after this many epochs without a better validation loss"},
-    )
-    device: str = field(
-        default="auto",
-        metadata={
-            "help": "auto: CUDA when a GPU is usable (the server's rule), else CPU",
-            "choices": list(DEVICES),
-        },
-    )
-    precision: str = field(
-        default="fp32",
-        metadata={
-            "help": "autocast dtype of forward passes: bf16 (CUDA or CPU), fp16 (CUDA, with "
-            "gradient scaling)",
-            "choices": list(PRECISIONS),
-        },
-    )
-    loader_workers: int | None = field(
-        default=None,
-        metadata={"help": "DataLoader worker processes (default: 2 on CUDA, 0 on CPU)"},
-    )
-    stop_after_epochs: int | None = field(
-        default=None,
-        metadata={
-            "help": "save and stop (exit 75) after this many epochs of this call, to be "
-            "continued with --resume: training in time slices (default: run to the end)"
-        },
-    )
+    model: ModelConfig = field(default_factory=ModelConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
     threads: int = field(
         default=1,
         metadata={
@@ -190,10 +73,6 @@ class PretrainConfig:
             "above all on a busy machine"
         },
     )
-    log_every: int = field(
-        default=_TRAINING.log_every, metadata={"help": "steps between progress-bar updates"}
-    )
-    progress: bool = field(default=_TRAINING.progress, metadata={"help": "show progress bars"})
     # evaluation
     probe_labels: list[int] = field(
         default_factory=lambda: [100, 1000],
@@ -204,8 +83,7 @@ class PretrainConfig:
 
     def __post_init__(self) -> None:
         self.data = self.data.with_defaults()
-        self.model_config()  # validates the model fields
-        self.training_config()  # validates optimisation and noise fields
+        self.training = dataclasses.replace(self.training, seed=self.seed)
         if not 0 < self.val_fraction < 1:
             raise ConfigError(
                 f"val_fraction: early stopping needs a validation split, a fraction "
@@ -235,77 +113,26 @@ class PretrainConfig:
 
     @property
     def run_name(self) -> str:
-        return self.name or f"{self.data.name}-{self.architecture}-{self.code_size}"
+        return self.name or f"{self.data.name}-{self.model.architecture}-{self.model.code_size}"
 
     @property
     def run_dir(self) -> Path:
         return self.runs_dir / self.run_name
 
-    def model_config(self, vectors: bool = False) -> ModelConfig:
-        """The model to train on images (`vectors` False) or standardised vectors.
-
-        Vectors get the Gaussian model (MSE) by default and refuse the Bernoulli one (BCE
-        needs targets in [0, 1]); the conv architecture needs images.
-        """
-        loss = self.loss or ("mse" if vectors else "bce")
-        if vectors and loss == "bce":
-            raise ConfigError(
-                "loss: bce (a Bernoulli decoder) needs data in [0, 1]; vectors are "
-                "standardised features, use mse (the default for vectors)"
-            )
-        if vectors and self.architecture == "conv":
-            raise ConfigError(
-                "architecture: conv needs images (C, H, W); got a table of features: use "
-                "mlp, linear, stacked or vae"
-            )
-        return ModelConfig(
-            architecture=self.architecture,
-            hidden_sizes=tuple(self.hidden_sizes),
-            code_size=self.code_size,
-            activation=self.activation,
-            tied_weights=self.tied_weights,
-            loss=loss,
-            allow_overcomplete=self.allow_overcomplete,
-        )
-
     def load_dataset(self) -> Dataset:
         """The data set and split these settings name (`aet export` reloads the same rows)."""
         dataset = self.data.load()
-        if dataset.is_vectors and self.noise == "salt-and-pepper":
+        if dataset.is_vectors and self.training.noise == "salt-and-pepper":
             raise ConfigError(
                 "noise: salt-and-pepper sets entries to 0 or 1, which means nothing for "
                 "standardised features; use gaussian or masking for vectors"
             )
-        if dataset.is_vectors and self.training_config().augmentation.enabled:
+        if dataset.is_vectors and self.training.augmentation.enabled:
             raise ConfigError(
                 "augment_translate / augment_rotate / augment_scale: augmentation moves images; "
                 f"data set {self.data.name} holds vectors (set them to 0)"
             )
         return dataset
-
-    def training_config(self) -> TrainingConfig:
-        return TrainingConfig(
-            epochs=self.epochs,
-            layer_epochs=self.layer_epochs,
-            batch_size=self.batch_size,
-            learning_rate=self.learning_rate,
-            patience=self.patience,
-            noise=self.noise,
-            noise_level=self.noise_level,
-            augmentation=AugmentationConfig(
-                self.augment_translate,
-                self.augment_rotate,
-                self.augment_scale,
-                self.augment_input_only,
-            ),
-            seed=self.seed,
-            log_every=self.log_every,
-            progress=self.progress,
-            device=self.device,
-            precision=self.precision,
-            loader_workers=self.loader_workers,
-            stop_after_epochs=self.stop_after_epochs,
-        )
 
     def trainer(
         self, dataset: Dataset, run_dir: Path, group: ProcessGroup | None = None
@@ -314,8 +141,8 @@ class PretrainConfig:
         `run_dir`: the one assembly that `aet pretrain`, `AutoencoderEmbedder.fit` and the
         tests' small encoders use."""
         torch.manual_seed(self.seed)  # model initialisation, the same in every process
-        model = build_autoencoder(self.model_config(dataset.is_vectors), dataset.image_shape)
-        return Trainer(model, dataset, self.training_config(), run_dir, self.to_dict(), group)
+        model = build_autoencoder(self.model.for_data(dataset.is_vectors), dataset.image_shape)
+        return Trainer(model, dataset, self.training, run_dir, self.to_dict(), group)
 
     def to_dict(self) -> dict:
         """The fields by flag name, as config.json and checkpoints record them."""
@@ -359,7 +186,7 @@ def write_figures(
     if dataset.is_vectors:  # a grid of pictures needs images
         return
     clean = torch.from_numpy(dataset.test.x[:N_RECONSTRUCTIONS])
-    corruption = config.training_config().corruption()
+    corruption = config.training.corruption()
     corrupted = clean if corruption is None else corruption(clean)
     with torch.no_grad():
         reconstructed = model.eval().reconstruct(corrupted)
@@ -393,7 +220,8 @@ def pretrain(config: PretrainConfig) -> int:
     `stop_after_epochs` ended the call."""
     torch.set_num_threads(config.threads)
     dataset = config.load_dataset()
-    group = ProcessGroup.from_environment(config.device)  # several processes under torchrun
+    require_classes(dataset, "the evaluation's probes")  # before training, not after it
+    group = ProcessGroup.from_environment(config.training.device)  # several under torchrun
     try:
         return _train_and_report(config, dataset, group)
     finally:
@@ -410,9 +238,9 @@ def _train_and_report(config: PretrainConfig, dataset: Dataset, group: ProcessGr
     if group.is_main:
         write_json(run_dir / "config.json", config.to_dict())
         print(
-            f"pretraining {config.architecture} on {dataset.name} {dataset.image_shape} "
+            f"pretraining {config.model.architecture} on {dataset.name} {dataset.image_shape} "
             f"({len(dataset.train)} train / {len(dataset.val)} val / {len(dataset.test)} test) "
-            f"on {trainer.device} ({group.world_size} process(es), {config.precision}) "
+            f"on {trainer.device} ({group.world_size} process(es), {config.training.precision}) "
             f"into {run_dir}"
         )
     started = time.perf_counter()

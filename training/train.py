@@ -23,7 +23,7 @@ import signal
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,11 +35,12 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from aet.config import ConfigError
+from aet.devices import DEVICES
 from aet.training.augmentation import AugmentationConfig, build_augmentation
 from aet.training.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
-from aet.training.corruption import Corruption, build_corruption
+from aet.training.corruption import CORRUPTION_KINDS, Corruption, build_corruption
 from aet.training.data import Dataset
-from aet.training.distributed import ProcessGroup, check_precision, resolve_device
+from aet.training.distributed import PRECISIONS, ProcessGroup, check_precision, resolve_device
 from aet.training.models import Autoencoder, MLPAutoencoder
 
 VALIDATION_BATCH = 1024
@@ -57,26 +58,68 @@ class TrainingInterrupted(Exception):
 
 @dataclass(frozen=True)
 class TrainingConfig:
-    """How to train: optimiser, schedule, early stopping, corruption and logging.
+    """How to train (`aet pretrain`'s training flags): optimiser, schedule, early stopping,
+    corruption, augmentation, device and logging.
 
     The defaults train the shipped digits encoder (a stacked denoising autoencoder).
     """
 
-    epochs: int = 200  # end-to-end epochs (the fine-tune stage for stacked autoencoders)
-    layer_epochs: int = 30  # epochs of each greedy layer stage (stacked only)
-    batch_size: int = 64
-    learning_rate: float = 1e-3
-    patience: int = 30  # stop a stage after this many epochs without a better validation loss
-    noise: str = "gaussian"
-    noise_level: float = 0.2  # sigma for gaussian, fraction nu for masking / salt-and-pepper
-    augmentation: AugmentationConfig = AugmentationConfig()  # images; none by default
-    seed: int = 0
-    log_every: int = 20  # steps between progress-bar loss updates
-    progress: bool = True
-    device: str = "cpu"  # auto | cpu | cuda (training.distributed.resolve_device)
-    precision: str = "fp32"  # fp32 | bf16 | fp16: autocast dtype of forward passes
-    loader_workers: int | None = None  # DataLoader worker processes (None: 2 on CUDA, 0 on CPU)
-    stop_after_epochs: int | None = None  # save and stop after this many epochs of this call
+    epochs: int = field(
+        default=200,
+        metadata={"help": "maximum end-to-end epochs (the fine-tune stage of stacked)"},
+    )
+    layer_epochs: int = field(
+        default=30, metadata={"help": "maximum epochs of each greedy layer stage (stacked)"}
+    )
+    batch_size: int = field(default=64, metadata={"help": "examples per step"})
+    learning_rate: float = field(default=1e-3, metadata={"help": "Adam learning rate"})
+    patience: int = field(
+        default=30,
+        metadata={"help": "stop a stage after this many epochs without a better validation loss"},
+    )
+    noise: str = field(
+        default="gaussian",
+        metadata={"help": "input corruption during training", "choices": list(CORRUPTION_KINDS)},
+    )
+    noise_level: float = field(
+        default=0.2,
+        metadata={
+            "help": "sigma for gaussian; corrupted fraction nu in [0, 1) "
+            "for masking, salt-and-pepper"
+        },
+    )
+    augmentation: AugmentationConfig = field(default_factory=AugmentationConfig)  # images only
+    # Seeds initialisation-independent randomness (noise, shuffling, sampling); `aet pretrain`
+    # sets it to its data's seed, so it is not a flag of its own.
+    seed: int = field(default=0, metadata={"flag": False})
+    log_every: int = field(default=20, metadata={"help": "steps between progress-bar updates"})
+    progress: bool = field(default=True, metadata={"help": "show progress bars"})
+    device: str = field(
+        default="auto",
+        metadata={
+            "help": "auto: CUDA when a GPU is usable (the server's rule), else CPU",
+            "choices": list(DEVICES),
+        },
+    )
+    precision: str = field(
+        default="fp32",
+        metadata={
+            "help": "autocast dtype of forward passes: bf16 (CUDA or CPU), fp16 (CUDA, with "
+            "gradient scaling)",
+            "choices": list(PRECISIONS),
+        },
+    )
+    loader_workers: int | None = field(
+        default=None,
+        metadata={"help": "DataLoader worker processes (default: 2 on CUDA, 0 on CPU)"},
+    )
+    stop_after_epochs: int | None = field(
+        default=None,
+        metadata={
+            "help": "save and stop (exit 75) after this many epochs of this call, to be "
+            "continued with --resume: training in time slices (default: run to the end)"
+        },
+    )
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "patience", "log_every"):
@@ -392,7 +435,7 @@ class Trainer:
         too unless the augmentation is input-only) then corrupted."""
         rows = rows.to(self.device, non_blocking=True)
         augmented = self._augmented(stage, rows)
-        target = rows if self.config.augmentation.input_only else augmented
+        target = rows if self.config.augmentation.augment_input_only else augmented
         inputs = augmented if self.corruption is None else self.corruption(augmented)
         return target, inputs
 

@@ -103,7 +103,9 @@ class NoveltyScore(torch.nn.Module):
             recon = torch.cat(
                 [
                     reconstruction_term(
-                        autoencoder(x[i : i + 1024]), x[i : i + 1024], autoencoder.config.resolved_loss
+                        autoencoder(x[i : i + 1024]),
+                        x[i : i + 1024],
+                        autoencoder.config.resolved_loss,
                     )
                     for i in range(0, len(x), 1024)
                 ]
@@ -136,7 +138,9 @@ class NoveltyScore(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         code = self.autoencoder.encode(x)
-        recon = reconstruction_term(self.autoencoder.decode(code), x, self.autoencoder.config.resolved_loss)
+        recon = reconstruction_term(
+            self.autoencoder.decode(code), x, self.autoencoder.config.resolved_loss
+        )
         if not self.density:
             return code, recon
         density = knn_distance(code, self.reference, self.neighbours)

@@ -9,7 +9,7 @@ ROOT = Path(__file__).resolve().parent.parent
 FOLDERS = {"aet": "aet", "training": "aet.training", "server": "aet.server"}
 FOLDERS |= {"clients": "aet.clients", "proto": "aet.proto"}
 FLOOR = {"aet.config", "aet.errors", "aet.devices", "aet.repository", "aet.runtime"}
-FLOOR |= {"aet.encoder"}  # the one in-process encoder: a session opened from a card
+FLOOR |= {"aet.files", "aet.encoder"}  # atomic writes; the one in-process encoder
 FLOOR |= {"aet.conformal"}  # conformal p-values (numpy only): the server's p_value output
 # What each layer may import of this package, besides the floor and itself.
 ALLOWED = {

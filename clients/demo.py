@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import secrets
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -156,10 +157,15 @@ def serving_repository(config: DemoConfig) -> Path:
 
 
 def serve_head(
-    config: DemoConfig, server: ServerProcess, repository: Path, table: EmbeddingTable
+    config: DemoConfig,
+    server: ServerProcess,
+    admin_token: str,
+    repository: Path,
+    table: EmbeddingTable,
 ) -> dict:
-    """Fit the head on the served embeddings, export it, load it into the running server and
-    classify the test split over gRPC; returns the figures for `head.json`."""
+    """Fit the head on the served embeddings, export it, have the running server load it
+    (model control, with `admin_token`) and classify the test split over gRPC; returns the
+    figures for `head.json`."""
     name = f"{config.model_name}-head"
     version = build_head(HeadConfig(model=repository / config.model_name, name=name), table)
     card = read_model_card(version / CARD_FILE)
@@ -167,7 +173,9 @@ def serve_head(
     print(f"head: {card.classifier.head} {card.classifier.settings} -> {version}", flush=True)
     with grpc.insecure_channel(server.target) as channel:
         grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel).RepositoryModelLoad(
-            grpc_service_pb2.RepositoryModelLoadRequest(model_name=name), timeout=60
+            grpc_service_pb2.RepositoryModelLoadRequest(model_name=name),
+            timeout=60,
+            metadata=[("authorization", f"Bearer {admin_token}")],
         )
     server.wait_until_serving(name)
     dataset = dataset_of(table, "the served embeddings")
@@ -191,7 +199,16 @@ def run_demo(config: DemoConfig) -> int:
     if config.pretrain:
         pretrain_and_export(config)
     repository = serving_repository(config)
-    server = ServerProcess(repository, config.output_dir / "server.log")
+    admin_token = secrets.token_urlsafe(32)  # model control: only the demo loads its head
+    token_file = config.output_dir / "admin-token"
+    token_file.unlink(missing_ok=True)
+    token_file.touch(mode=0o600)  # readable by the owner only, before the token is in it
+    token_file.write_text(admin_token + "\n")
+    server = ServerProcess(
+        repository,
+        config.output_dir / "server.log",
+        *("--model-control", "--admin-token-file", str(token_file), "--drain-seconds", "0"),
+    )
     try:
         server.wait_until_serving(config.model_name)
         print(f"server: aet serve on {server.target} (log: {server.log_path})", flush=True)
@@ -219,7 +236,7 @@ def run_demo(config: DemoConfig) -> int:
         print(results.markdown())
         print(f"results: {paths['markdown']}, {paths['json']}")
         print(f"plots: {paths['accuracy_plot']}, {paths['confusion_plot']}", flush=True)
-        head = serve_head(config, server, repository, table)
+        head = serve_head(config, server, admin_token, repository, table)
     finally:
         exit_code = server.stop()
     print(f"server: stopped (exit code {exit_code})", flush=True)

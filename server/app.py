@@ -41,7 +41,13 @@ from aet.proto import embedding_pb2, embedding_pb2_grpc
 from aet.proto.descriptors import ReflectionPools
 from aet.repository import scan_repository
 from aet.runtime import RuntimeOptions
-from aet.server.auth import BearerTokenInterceptor, read_tokens, tls_server_credentials
+from aet.server.auth import (
+    BearerTokenInterceptor,
+    TokenCheck,
+    read_tokens,
+    tls_server_credentials,
+)
+from aet.server.control import ModelControl
 from aet.server.embedding_service import EmbeddingService
 from aet.server.kserve_service import SERVICE_NAME as KSERVE_SERVICE
 from aet.server.kserve_service import InferenceService
@@ -142,6 +148,36 @@ class ServeConfig:
             "<token>); needs --token-file or --token-env"
         },
     )
+    model_control: bool = field(
+        default=False,
+        metadata={
+            "help": "allow loading and unloading models on request (KServe "
+            "RepositoryModelLoad/Unload) to callers with an admin token (--admin-token-file); "
+            "off: refused with PERMISSION_DENIED"
+        },
+    )
+    admin_token_file: Path | None = field(
+        default=None,
+        metadata={
+            "help": "file of admin bearer tokens, one per line, for --model-control (apart "
+            "from --token-file; an admin token is accepted for inference too)"
+        },
+    )
+    drain_seconds: float = field(
+        default=5.0,
+        metadata={
+            "help": "on SIGTERM/SIGINT, seconds readiness reports not ready while calls are "
+            "still answered, so load balancers stop sending first; then new calls are "
+            "refused and --grace-period applies"
+        },
+    )
+    access_log: bool = field(
+        default=True,
+        metadata={
+            "help": "one JSON line per request on stderr: id, method, model, version, rows, "
+            "status, queue and compute ms, peer (never tensors or tokens)"
+        },
+    )
     tls_cert: Path | None = field(
         default=None, metadata={"help": "PEM certificate chain: serve TLS (needs --tls-key)"}
     )
@@ -159,7 +195,7 @@ class ServeConfig:
         for name in ("max_message_mb", "workers", "stream_window"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: expected at least 1, got {getattr(self, name)}")
-        for name in ("grace_period", "poll_repository"):
+        for name in ("grace_period", "poll_repository", "drain_seconds"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}: expected 0 or more, got {getattr(self, name)}")
         if self.max_streams is not None and not 1 <= self.max_streams < self.workers:
@@ -175,6 +211,12 @@ class ServeConfig:
             raise ConfigError(
                 "metrics_token: needs --token-file or --token-env (the tokens /metrics accepts), "
                 "got neither"
+            )
+        if self.model_control != (self.admin_token_file is not None):
+            raise ConfigError(
+                f"model_control, admin_token_file: expected both (model control for admin "
+                f"tokens) or neither, got model_control={self.model_control} and "
+                f"admin_token_file={self.admin_token_file}"
             )
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
             raise ConfigError(f"metrics_port: expected 0..65535, got {self.metrics_port}")
@@ -373,9 +415,11 @@ def build_app(config: ServeConfig, interceptors: Sequence[grpc.ServerInterceptor
     metrics.watch_registry(registry)
     pipeline = InferencePipeline(registry, metrics)
     reloader = RepositoryReloader(registry, config.repository)
-    kserve = InferenceService(pipeline, reloader, config.window)
+    admin = frozenset() if config.admin_token_file is None else read_tokens(config.admin_token_file)
+    control = ModelControl(reloader, TokenCheck(admin) if admin else None)
+    kserve = InferenceService(pipeline, control, config.window)
     auth = (
-        BearerTokenInterceptor(read_tokens(config.token_file, config.token_env))
+        BearerTokenInterceptor(read_tokens(config.token_file, config.token_env) | admin)
         if config.token_file is not None or config.token_env is not None
         else None
     )
@@ -411,6 +455,7 @@ def build_app(config: ServeConfig, interceptors: Sequence[grpc.ServerInterceptor
             "repository": str(config.repository),
             "tls": credentials is not None,
             "auth": auth is not None,
+            "model_control": control.admin is not None,
             "metrics_port": None if endpoint is None else endpoint.port,
             "metrics_auth": config.metrics_token,
         },

@@ -64,6 +64,12 @@ class Unauthenticated(ServingError):
     code = grpc.StatusCode.UNAUTHENTICATED
 
 
+class PermissionDenied(ServingError):
+    """A call the caller's token does not allow (model control without an admin token)."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
 class Unavailable(ServingError):
     """The model failed to load, is still loading or draining, or the server is shutting down."""
 

@@ -29,11 +29,12 @@ from aet.proto import grpc_service_pb2_grpc, model_config_pb2
 from aet.proto.codec import decode_raw
 from aet.repository import MODEL_FILE, SCORE_NAME
 from aet.server import classification
+from aet.server.auth import AUTH_METADATA_KEY
+from aet.server.control import ModelControl
 from aet.server.errors import InvalidArgument, Unavailable, excerpt, grpc_status, maps_errors
 from aet.server.metrics import Duration, StatisticsSnapshot
 from aet.server.models import LoadedModel, ModelState
 from aet.server.pipeline import Inference, InferencePipeline, Outputs
-from aet.server.reload import RepositoryReloader
 from aet.server.streams import StreamWindow, answer_in_order
 from aet.server.validation import check_shape, parse_version, validate_inputs
 
@@ -64,12 +65,6 @@ V2_DTYPES: dict[str, np.dtype] = {
 V2_NAMES: dict[np.dtype, str] = {dtype: name for name, dtype in V2_DTYPES.items()}
 # The typed `contents` field each accepted datatype travels in.
 CONTENTS_FIELDS = {"FP32": "fp32_contents", "UINT8": "uint_contents"}
-INDEX_STATES = {
-    ModelState.LOADING: "LOADING",
-    ModelState.READY: "READY",
-    ModelState.DRAINING: "UNLOADING",
-    ModelState.FAILED: "UNAVAILABLE",
-}
 
 
 def server_version() -> str:
@@ -243,12 +238,12 @@ class InferenceService(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
     """The v2 servicer; `build_server(services=[ServiceBinding(SERVICE_NAME, s.add_to_server)])`."""
 
     def __init__(
-        self, pipeline: InferencePipeline, reloader: RepositoryReloader, window: StreamWindow
+        self, pipeline: InferencePipeline, control: ModelControl, window: StreamWindow
     ) -> None:
         self.pipeline = pipeline
         self.registry = pipeline.registry
         self.metrics = pipeline.metrics
-        self.reloader = reloader
+        self.control = control
         self.window = window
 
     def add_to_server(self, server: grpc.Server) -> None:
@@ -407,35 +402,21 @@ class InferenceService(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
     @maps_errors
     def RepositoryIndex(self, request, context) -> pb.RepositoryIndexResponse:
         """Every version the registry knows, plus repository models that are not loaded."""
-        index = pb.RepositoryIndexResponse.ModelIndex
-        entries: list[pb.RepositoryIndexResponse.ModelIndex] = [
-            index(name=s.name, version=str(s.version), state=INDEX_STATES[s.state], reason=s.reason)
-            for s in self.registry.statuses()
-        ]
-        if not request.ready:
-            known = set(self.registry.names())
-            entries += [
-                index(name=name, state="UNAVAILABLE", reason="unloaded")
-                for name in self.reloader.model_names()
-                if name not in known
-            ]
-        else:
-            entries = [entry for entry in entries if entry.state == "READY"]
-        entries.sort(key=lambda e: (e.name, e.version))
-        return pb.RepositoryIndexResponse(models=entries)
+        entry = pb.RepositoryIndexResponse.ModelIndex
+        return pb.RepositoryIndexResponse(
+            models=[entry(**vars(e)) for e in self.control.index(request.ready)]
+        )
 
     @maps_errors
     def RepositoryModelLoad(self, request, context) -> pb.RepositoryModelLoadResponse:
-        """Load the model's new versions from the repository, unload its removed ones."""
-        _refuse_parameters(request.parameters)
-        self.reloader.load_model(request.model_name)
+        """Load the model's new versions from the repository (model control, admin token)."""
+        self.control.load(request.model_name, request.parameters, _authorization(context))
         return pb.RepositoryModelLoadResponse()
 
     @maps_errors
     def RepositoryModelUnload(self, request, context) -> pb.RepositoryModelUnloadResponse:
-        """Stop serving every version of the model once in-flight requests finish."""
-        _refuse_parameters(request.parameters)
-        self.reloader.unload_model(request.model_name)
+        """Stop serving the model once in-flight requests finish (model control, admin token)."""
+        self.control.unload(request.model_name, request.parameters, _authorization(context))
         return pb.RepositoryModelUnloadResponse()
 
     # -- helpers ----------------------------------------------------------------------------
@@ -444,14 +425,12 @@ class InferenceService(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         return [str(s.version) for s in self.registry.statuses(name) if s.state == ModelState.READY]
 
 
-def _refuse_parameters(parameters) -> None:
-    """Load/unload parameters (config overrides, unload_dependents) are not supported."""
-    if parameters:
-        key = sorted(parameters)[0]
-        raise InvalidArgument(
-            f"parameters[{excerpt(key)}]: expected none (this server loads models "
-            "as the repository holds them), got one"
-        )
+def _authorization(context: grpc.ServicerContext) -> str | None:
+    """The call's `authorization` metadata value, if any."""
+    return next(
+        (value for key, value in context.invocation_metadata() or () if key == AUTH_METADATA_KEY),
+        None,
+    )
 
 
 def model_config(model: LoadedModel) -> model_config_pb2.ModelConfig:

@@ -27,6 +27,8 @@ MODEL = "digits"
 ROW_SHAPE = (1, 8, 8)
 RAW_MAX = 16.0
 EMBEDDING_DIM = 4
+ADMIN_TOKEN = "admin-token-for-tests"
+ADMIN = [("authorization", f"Bearer {ADMIN_TOKEN}")]  # call metadata allowing model control
 
 
 def encoder_onnx(seed: int) -> bytes:
@@ -85,12 +87,15 @@ def start_kserve_server(
     **config: object,
 ) -> App:
     """`aet serve`'s app (`build_app`) over `repository` on a free 127.0.0.1 port with its
-    metrics endpoint, one onnxruntime thread per session, loaded; `tokens` are accepted
-    bearer tokens, `config` further `ServeConfig` fields by flag name."""
+    metrics endpoint, one onnxruntime thread per session and model control for `ADMIN`,
+    loaded; `tokens` are accepted bearer tokens, `config` further `ServeConfig` fields by
+    flag name."""
+    folder = Path(tempfile.mkdtemp(prefix="aet-tokens-"))
     token_file = None
     if tokens:
-        token_file = Path(tempfile.mkdtemp(prefix="aet-tokens-")) / "tokens"
+        token_file = folder / "tokens"
         token_file.write_text("\n".join(tokens) + "\n")
+    (folder / "admin").write_text(ADMIN_TOKEN + "\n")
     values = dict(
         repository=repository,
         port=0,
@@ -102,6 +107,8 @@ def start_kserve_server(
         grace_period=5.0,
         poll_repository=poll_seconds,
         token_file=token_file,
+        model_control=True,
+        admin_token_file=folder / "admin",
     )
     app = build_app(config_from_mapping(ServeConfig, {**values, **config}))
     app.load()

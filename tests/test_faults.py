@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from kserve_harness import (
+    ADMIN,
     MODEL,
     BatchGate,
     add_version,
@@ -534,7 +535,7 @@ def test_reasons_and_messages_name_no_server_path(tmp_path):
                     else stub.RepositoryModelLoad
                 )
                 with pytest.raises(grpc.RpcError) as caught:
-                    call(request, timeout=WAIT)
+                    call(request, timeout=WAIT, metadata=ADMIN)
                 texts.append(caught.value.details())
     finally:
         live.stop()

@@ -18,6 +18,7 @@ import grpc
 import numpy as np
 import pytest
 from kserve_harness import (
+    ADMIN,
     MODEL,
     BatchGate,
     SteadyTraffic,
@@ -87,7 +88,7 @@ def test_polling_follows_the_repository_under_load(tmp_path):
             assert states(live)[2] == ModelState.READY
             traffic.wait_for_answers(version=2, count=20)
             kserve_stub(channel).RepositoryModelLoad(
-                pb.RepositoryModelLoadRequest(model_name=MODEL), timeout=60
+                pb.RepositoryModelLoadRequest(model_name=MODEL), timeout=60, metadata=ADMIN
             )
             assert 2 not in states(live)
             traffic.wait_for_answers(version=1, count=20)
@@ -127,7 +128,7 @@ def test_unload_and_load_rpcs_under_load(tmp_path):
             in_flight = stub.ModelInfer.future(kserve_request(digits_pixels(1000)), timeout=60)
             gate.wait_entered()
             unloading = stub.RepositoryModelUnload.future(
-                pb.RepositoryModelUnloadRequest(model_name=MODEL), timeout=60
+                pb.RepositoryModelUnloadRequest(model_name=MODEL), timeout=60, metadata=ADMIN
             )
             wait_until(lambda: states(live).get(1) == ModelState.DRAINING)
             gate.open()
@@ -146,13 +147,15 @@ def test_unload_and_load_rpcs_under_load(tmp_path):
                 (MODEL, "UNAVAILABLE", "unloaded")
             ]
 
-            stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name=MODEL), timeout=60)
+            stub.RepositoryModelLoad(
+                pb.RepositoryModelLoadRequest(model_name=MODEL), timeout=60, metadata=ADMIN
+            )
             assert stub.ModelReady(pb.ModelReadyRequest(name=MODEL), timeout=30).ready
             with SteadyTraffic(channel, seed_of_version=dict(SEEDS)) as traffic:
                 traffic.wait_for_answers(version=1, count=10)
                 # Loading again while serving is a no-op for versions already READY.
                 stub.RepositoryModelLoad(
-                    pb.RepositoryModelLoadRequest(model_name=MODEL), timeout=60
+                    pb.RepositoryModelLoadRequest(model_name=MODEL), timeout=60, metadata=ADMIN
                 )
                 traffic.wait_for_answers(version=1, count=10)
             assert traffic.failures == []
@@ -196,7 +199,7 @@ def test_load_and_unload_refuse_what_they_cannot_do(tmp_path, request_, code, fr
                 else stub.RepositoryModelUnload
             )
             with pytest.raises(grpc.RpcError) as caught:
-                call(request_, timeout=30)
+                call(request_, timeout=30, metadata=ADMIN)
     finally:
         live.stop()
     assert caught.value.code() == code
@@ -212,7 +215,7 @@ def test_load_of_a_model_with_no_loadable_version_is_unavailable(tmp_path):
         with grpc.insecure_channel(live.target) as channel:
             with pytest.raises(grpc.RpcError) as caught:
                 kserve_stub(channel).RepositoryModelLoad(
-                    pb.RepositoryModelLoadRequest(model_name="other"), timeout=60
+                    pb.RepositoryModelLoadRequest(model_name="other"), timeout=60, metadata=ADMIN
                 )
     finally:
         live.stop()
@@ -336,7 +339,7 @@ def test_latest_never_steps_back_and_an_emptied_repository_keeps_serving(tmp_pat
             assert answer(channel, pixels, version="1")[0] == 1
             # ... until a load says to serve what is there.
             kserve_stub(channel).RepositoryModelLoad(
-                pb.RepositoryModelLoadRequest(model_name=MODEL), timeout=60
+                pb.RepositoryModelLoadRequest(model_name=MODEL), timeout=60, metadata=ADMIN
             )
             assert answer(channel, pixels)[0] == 1
     finally:

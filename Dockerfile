@@ -26,6 +26,7 @@ COPY training training
 COPY server server
 COPY clients clients
 COPY proto proto
+COPY exported/digits exported/digits
 RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels .
 
 FROM ${BASE_IMAGE} AS runtime
@@ -62,6 +63,7 @@ STOPSIGNAL SIGTERM
 HEALTHCHECK --interval=10s --timeout=5s --start-period=60s --retries=3 \
     CMD ["python3", "-c", "import sys, grpc; from grpc_health.v1 import health_pb2 as h, health_pb2_grpc as g; c = grpc.insecure_channel('127.0.0.1:8500'); sys.exit(g.HealthStub(c).Check(h.HealthCheckRequest(service=''), timeout=4).status != h.HealthCheckResponse.SERVING)"]
 ENTRYPOINT ["aet", "serve"]
-# Logs are JSON lines on stderr (aet serve always logs so). --grace-period 5: shutdown ends
-# within 5 + 2 s, inside `docker stop`'s default 10 s; Kubernetes sets its own (deployment.yaml).
-CMD ["--host", "0.0.0.0", "--port", "8500", "--metrics-port", "9100", "--repository", "/mnt/models", "--grace-period", "5"]
+# Logs are JSON lines on stderr (aet serve always logs so). --drain-seconds 2 and --grace-period
+# 5: shutdown ends within 2 + 5 + 2 s, inside `docker stop`'s default 10 s; Kubernetes sets its
+# own (deployment.yaml).
+CMD ["--host", "0.0.0.0", "--port", "8500", "--metrics-port", "9100", "--repository", "/mnt/models", "--drain-seconds", "2", "--grace-period", "5"]

@@ -37,13 +37,19 @@ class Classifier(Encoder):
     ((1797, 3), (1797, 10))
     """
 
-    def __init__(self, model_dir: Path, card: Any, session: EncoderSession):
+    def __init__(
+        self,
+        model_dir: Path,
+        card: Any,
+        session: EncoderSession,
+        calibration: np.ndarray | None = None,
+    ):
         if card.classifier is None:
             raise UserError(
                 f"model {card.name} v{card.version}: expected a classifier (aet head), got an "
                 f"encoder with output {card.output.name!r}; load it with aet.Encoder"
             )
-        super().__init__(model_dir, card, session)
+        super().__init__(model_dir, card, session, calibration)
         self.labels: tuple[str, ...] = tuple(card.classifier.labels)
 
     def __repr__(self) -> str:

@@ -139,7 +139,8 @@ def in_process(root: Path, name: str, rounds: int, seconds: float) -> dict:
 def served(root: Path, name: str, rounds: int, seconds: float) -> dict:
     log = Path(tempfile.mkdtemp(prefix="aet-bench-score-")) / "server.log"
     server = ServerProcess(root, log, "--intra-op-threads", "1", "--inter-op-threads", "1")
-    server.wait_until_serving()
+    for model in (name, f"{name}-old"):  # loaded one after the other
+        server.wait_until_serving(model)
     result = {}
     try:
         with grpc.insecure_channel(server.target) as channel:

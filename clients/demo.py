@@ -207,7 +207,7 @@ def run_demo(config: DemoConfig) -> int:
     server = ServerProcess(
         repository,
         config.output_dir / "server.log",
-        *("--model-control", "--admin-token-file", str(token_file), "--drain-seconds", "0"),
+        *("--model-control", "--admin-token-file", str(token_file)),
     )
     try:
         server.wait_until_serving(config.model_name)

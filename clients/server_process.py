@@ -33,7 +33,8 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """`aet serve --repository REPOSITORY [flags]` in a child process, its log in `log_path`."""
+    """`aet serve --repository REPOSITORY [flags]` in a child process, its log in `log_path`;
+    no drain window unless `flags` set one."""
 
     def __init__(self, repository: Path, log_path: Path, *flags: str) -> None:
         self.port = free_port()
@@ -52,6 +53,8 @@ class ServerProcess:
             "127.0.0.1",
             "--port",
             str(self.port),
+            "--drain-seconds",  # no load balancer in front: stop refusing at once
+            "0",
             *flags,
         ]
         self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT)

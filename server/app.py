@@ -6,12 +6,13 @@ following model state), server reflection, and any further services, interceptor
 credentials the caller passes; streaming calls are bounded (`CallTracker`). `build_app` is the
 whole `aet serve` from its config: the KServe v2 API beside ours, the repository reloader,
 Prometheus metrics, bearer tokens and TLS as configured. `serve` (the command) runs it until
-SIGTERM or SIGINT, then shuts down
-gracefully: health turns NOT_SERVING, new calls are refused, calls in flight and queued
-requests get `grace_period` seconds to finish. Shutdown always ends within `grace_period` +
-`STOP_MARGIN_S`: exit 0 when every call and queued request finished, `EXIT_WORK_CUT` (3) when
-the grace period ran out first; a second signal exits at once with 3. Every lifecycle event is
-one JSON log line on stderr.
+SIGTERM or SIGINT, then shuts down gracefully: for `drain_seconds` readiness fails (health
+NOT_SERVING, ServerReady false; liveness `LIVENESS_SERVICE` stays SERVING) while calls are
+still answered, then new calls are refused and calls in flight and queued requests get
+`grace_period` seconds to finish. Shutdown always ends within `drain_seconds` +
+`grace_period` + `STOP_MARGIN_S`: exit 0 when every call and queued request finished,
+`EXIT_WORK_CUT` (3) when the grace period ran out first; a second signal exits at once with 3.
+Every lifecycle event is one JSON log line on stderr.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from aet.proto.descriptors import ReflectionPools
 from aet.repository import scan_repository
 from aet.runtime import RuntimeOptions
 from aet.server.auth import (
+    LIVENESS_SERVICE,
     BearerTokenInterceptor,
     TokenCheck,
     read_tokens,
@@ -269,39 +271,56 @@ class RunningServer:
         self.pipeline = pipeline
         self.registry = pipeline.registry
         self.calls = calls
-        self.stopping = threading.Event()  # set once `stop` has begun
+        self.end_drain = threading.Event()  # set to end a drain window early (tests, signals)
+        self.refusing = threading.Event()  # set once new calls are refused (after the drain)
         self._service_names = ("", *service_names)
+        self.health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
         self.registry.add_state_listener(lambda status: self._refresh_health(status.name))
         for name in self.registry.names():
             self._refresh_health(name)
         self._refresh_health(None)
 
     def _refresh_health(self, model: str | None) -> None:
-        """Per model: SERVING with a READY version. Overall and per service: any model READY."""
+        """Per model: SERVING with a READY version. Overall and per service: any model READY.
+        Everything but liveness NOT_SERVING once the server drains toward a stop."""
         serving, not_serving = (
             health_pb2.HealthCheckResponse.SERVING,
             health_pb2.HealthCheckResponse.NOT_SERVING,
         )
-        if model is not None:
-            self.health.set(model, serving if self.registry.is_ready(model) else not_serving)
+        draining = self.pipeline.draining.is_set()
+        for name in [model] if model is not None else self.registry.names():
+            ready = self.registry.is_ready(name) and not draining
+            self.health.set(name, serving if ready else not_serving)
         overall = any(self.registry.is_ready(name) for name in self.registry.names())
         for name in self._service_names:
-            self.health.set(name, serving if overall else not_serving)
+            self.health.set(name, serving if overall and not draining else not_serving)
 
-    def stop(self, grace_period: float, reason: str = "stop requested") -> bool:
-        """Health NOT_SERVING, refuse new calls, let work finish; True if all of it did.
+    def stop(self, grace_period: float, reason: str = "stop requested", drain: float = 0.0) -> bool:
+        """Drain, then refuse new calls and let work finish; True if all of it did.
 
-        Returns within `grace_period` + `STOP_MARGIN_S` whatever the calls in flight do
-        (grpc's own stop can wait forever on a call it lost track of).
+        For `drain` seconds (or until `end_drain` is set) readiness fails (health, KServe
+        ServerReady) while calls are still answered, so that load balancers stop sending
+        before anything is refused; liveness (`LIVENESS_SERVICE`) stays SERVING. Then new
+        calls are refused and those in flight get `grace_period` seconds. Returns within
+        `drain` + `grace_period` + `STOP_MARGIN_S` whatever the calls in flight do (grpc's own
+        stop can wait forever on a call it lost track of).
         """
+        log.info(
+            "shutdown_started",
+            extra={"reason": reason, "drain_s": drain, "grace_period_s": grace_period},
+        )
+        self.pipeline.draining.set()
+        self._refresh_health(None)
+        if drain > 0 and not self.end_drain.wait(drain):
+            log.info("drain_finished", extra={"seconds": drain})
         started = time.monotonic()
-        self.stopping.set()
-        log.info("shutdown_started", extra={"reason": reason, "grace_period_s": grace_period})
         self.health.enter_graceful_shutdown()
         # Half the margin past the grace period for grpc, the rest (at least) for the batchers,
         # whose idle workers need a moment to see that they are closed.
         deadline = started + grace_period + STOP_MARGIN_S
-        stopped = self.server.stop(grace_period).wait(grace_period + STOP_MARGIN_S / 2)
+        grpc_stopped = self.server.stop(grace_period)
+        self.refusing.set()
+        stopped = grpc_stopped.wait(grace_period + STOP_MARGIN_S / 2)
         drained = self.registry.close(max(deadline - time.monotonic(), STOP_MARGIN_S / 2))
         calls_cut = self.calls.calls
         log.info(
@@ -391,13 +410,20 @@ class App:
         if self.config.poll_repository:
             self.reloader.start_polling(self.config.poll_repository)
 
-    def stop(self, grace_period: float | None = None, reason: str = "stop requested") -> bool:
-        """Stop polling, stop the server gracefully (`RunningServer.stop`; default grace
-        period the config's), close the metrics endpoint; True if all work finished."""
+    def stop(
+        self,
+        grace_period: float | None = None,
+        reason: str = "stop requested",
+        drain: float | None = None,
+    ) -> bool:
+        """Stop polling, drain and stop the server gracefully (`RunningServer.stop`; drain
+        window and grace period default to the config's), close the metrics endpoint; True
+        if all work finished."""
         self.reloader.stop_polling()
         try:
             grace = self.config.grace_period if grace_period is None else grace_period
-            return self.running.stop(grace, reason)
+            drain = self.config.drain_seconds if drain is None else drain
+            return self.running.stop(grace, reason, drain)
         finally:
             if self.metrics_endpoint is not None:
                 self.metrics_endpoint.close()

@@ -3,8 +3,9 @@
 Tokens travel in the request metadata as `authorization: Bearer <token>`. They come from a file
 (one token per line; blank lines and `#` comments ignored) and/or an environment variable, are
 compared in constant time (`hmac.compare_digest`) and never appear in a log or an error message.
-The overall health check (`Health.Check` of service "") stays open so that load balancers and
-orchestrators can probe without a token; per-model health (it tells model names apart) and
+The overall health check (`Health.Check` of service "", readiness) and liveness
+(`LIVENESS_SERVICE`) stay open so that load balancers and orchestrators can probe without a
+token; per-model health (it tells model names apart) and
 `Health.Watch` (a stream: it would hold a slot that authenticated traffic needs) need one.
 """
 
@@ -22,6 +23,8 @@ from aet.errors import UserError
 AUTH_METADATA_KEY = "authorization"
 BEARER_PREFIX = "bearer "
 HEALTH_CHECK = "/grpc.health.v1.Health/Check"
+LIVENESS_SERVICE = "aet:live"  # health entry SERVING until exit (a model name has no ':')
+OPEN_HEALTH_SERVICES = ("", LIVENESS_SERVICE)  # what probes may check without a token
 
 
 class SecurityConfigError(UserError):
@@ -131,13 +134,14 @@ class BearerTokenInterceptor(grpc.ServerInterceptor):
 
 
 def _overall_health_only(handler: grpc.RpcMethodHandler, reason: str) -> grpc.RpcMethodHandler:
-    """`Health.Check` without a token: answered for the overall service "" only."""
+    """`Health.Check` without a token: answered for the overall service "" and liveness."""
 
     def check(request, context):
-        if request.service:
+        if request.service not in OPEN_HEALTH_SERVICES:
             context.abort(
                 grpc.StatusCode.UNAUTHENTICATED,
-                f'{reason}; only the overall health (service "") is open without a token',
+                f'{reason}; only the overall health (service "") and liveness '
+                f"({LIVENESS_SERVICE!r}) are open without a token",
             )
         return handler.unary_unary(request, context)
 

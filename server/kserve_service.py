@@ -256,11 +256,8 @@ class InferenceService(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         return pb.ServerLiveResponse(live=True)
 
     def ServerReady(self, request, context) -> pb.ServerReadyResponse:
-        """Ready when every model of the repository has a READY version."""
-        names = self.registry.names()
-        return pb.ServerReadyResponse(
-            ready=bool(names) and all(self.registry.is_ready(name) for name in names)
-        )
+        """Ready when every model has a READY version and the server is not draining."""
+        return pb.ServerReadyResponse(ready=self.pipeline.server_ready())
 
     @maps_errors
     def ModelReady(self, request, context) -> pb.ModelReadyResponse:

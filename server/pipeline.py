@@ -14,6 +14,7 @@ serves, a request that asked for "latest" follows it; a pinned version cannot mo
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -57,6 +58,17 @@ class InferencePipeline:
             metrics = ServingMetrics(registry.batching.max_batch_size)
             metrics.watch_registry(registry)
         self.metrics = metrics
+        self.draining = threading.Event()  # set when the server stops: readiness fails first
+
+    def server_ready(self) -> bool:
+        """Ready for new traffic: not draining toward a stop, and every model of the
+        registry has a READY version (what KServe's ServerReady and HTTP's ready report)."""
+        names = self.registry.names()
+        return (
+            not self.draining.is_set()
+            and bool(names)
+            and all(self.registry.is_ready(name) for name in names)
+        )
 
     def lookup(self, name: str, version: int | str, version_field: str = "version") -> LoadedModel:
         """The READY version `version` of `name` (0 or "": the latest), for metadata calls."""

@@ -135,6 +135,7 @@ def serve_config_for_tests(**overrides) -> ServeConfig:
         max_streams=16,
         max_message_mb=TEST_MESSAGE_MB,
         grace_period=5.0,
+        drain_seconds=0.0,
     )
     return config_from_mapping(ServeConfig, {**values, **overrides})
 

@@ -105,6 +105,7 @@ def start_kserve_server(
         workers=16,
         max_streams=8,
         grace_period=5.0,
+        drain_seconds=0.0,
         poll_repository=poll_seconds,
         token_file=token_file,
         model_control=True,

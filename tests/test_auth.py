@@ -26,6 +26,7 @@ from kserve_harness import (
 )
 
 from aet.server.auth import (
+    LIVENESS_SERVICE,
     BearerTokenInterceptor,
     SecurityConfigError,
     read_tokens,
@@ -38,7 +39,9 @@ HEALTH_CHECK = "/grpc.health.v1.Health/Check"
 
 def _start(interceptors=(), credentials=None) -> tuple[grpc.Server, int]:
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=2), interceptors=interceptors)
-    health_pb2_grpc.add_HealthServicer_to_server(health.HealthServicer(), server)
+    servicer = health.HealthServicer()
+    servicer.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)  # as aet serve does
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
     reflection.enable_server_reflection(
         (health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
         server,
@@ -71,9 +74,10 @@ def _list_services(channel: grpc.Channel, metadata=None) -> list[str]:
     return [s.name for r in responses for s in r.list_services_response.service]
 
 
-def test_health_stays_open_without_token(token_server):
+@pytest.mark.parametrize("service", ["", LIVENESS_SERVICE])
+def test_readiness_and_liveness_stay_open_without_token(token_server, service):
     reply = health_pb2_grpc.HealthStub(token_server).Check(
-        health_pb2.HealthCheckRequest(), timeout=10
+        health_pb2.HealthCheckRequest(service=service), timeout=10
     )
     assert reply.status == health_pb2.HealthCheckResponse.SERVING
 

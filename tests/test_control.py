@@ -33,9 +33,10 @@ WAIT = 60
 INFERENCE_TOKEN = "inference-token-for-tests"
 
 
-def serves(stub) -> bool:
-    """Whether the model still answers an inference."""
-    return len(stub.ModelInfer(kserve_request(digits_pixels(2)), timeout=WAIT).outputs) == 1
+def serves(stub, metadata=None) -> bool:
+    """Whether the model still answers an inference (sent with `metadata`)."""
+    request = kserve_request(digits_pixels(2))
+    return len(stub.ModelInfer(request, timeout=WAIT, metadata=metadata).outputs) == 1
 
 
 def test_model_control_is_off_by_default_whatever_the_caller_sends(tmp_path):
@@ -77,10 +78,10 @@ def test_only_the_admin_token_loads_and_unloads(tmp_path):
             assert refusals["inference"][0] == grpc.StatusCode.PERMISSION_DENIED
             assert "needs an admin token" in refusals["inference"][1]
             assert INFERENCE_TOKEN not in refusals["inference"][1]
-            assert len(stub.ModelInfer(kserve_request(digits_pixels(2)), metadata=inference).outputs)
+            assert serves(stub, inference)
 
             # The admin token works for inference too, and an unknown parameter is named.
-            assert len(stub.ModelInfer(kserve_request(digits_pixels(2)), metadata=ADMIN).outputs)
+            assert serves(stub, ADMIN)
             with pytest.raises(grpc.RpcError) as caught:
                 stub.RepositoryModelUnload(
                     pb.RepositoryModelUnloadRequest(

@@ -157,6 +157,12 @@ def container_argvs() -> dict[str, list[str]]:
 # --- the Dockerfile ----------------------------------------------------------------------------
 
 
+def shutdown_bound(argv: list[str]) -> float:
+    """Longest a server started with `argv` takes from SIGTERM to exit."""
+    drain = float(flag(argv, "--drain-seconds"))
+    return drain + float(flag(argv, "--grace-period")) + STOP_MARGIN_S
+
+
 def test_dockerfile_runs_aet_serve_as_uid_1000_over_mnt_models():
     instructions = dockerfile_instructions()
     stages = [rest for key, rest in instructions if key == "FROM"]
@@ -172,7 +178,7 @@ def test_dockerfile_runs_aet_serve_as_uid_1000_over_mnt_models():
     exposed = set(dockerfile_value("EXPOSE").split())
     assert exposed == {flag(argv, "--port"), flag(argv, "--metrics-port")}
     # `docker stop` waits 10 s: the server's shutdown bound must fit inside it.
-    assert float(flag(argv, "--grace-period")) + STOP_MARGIN_S < DOCKER_STOP_TIMEOUT_S
+    assert shutdown_bound(argv) < DOCKER_STOP_TIMEOUT_S
     # The wheel is built in one stage and installed in the other.
     runs = [rest for key, rest in instructions if key == "RUN"]
     assert any("pip wheel" in run for run in runs) and any("/tmp/wheels/" in run for run in runs)
@@ -214,7 +220,9 @@ def test_build_stage_builds_the_wheel_from_what_dockerignore_lets_in(tmp_path):
     ).stdout.split()
     patterns = dockerignore_patterns()
     context = {path for path in tracked if dockerignore_allows(path, patterns)}
-    assert not any(p.startswith(("exported/", "tests/", "runs/", ".venv/")) for p in context)
+    assert not any(p.startswith(("tests/", "runs/", ".venv/")) for p in context)
+    shipped = [p for p in context if p.startswith("exported/")]
+    assert shipped and all(p.startswith("exported/digits/") for p in shipped)
     instructions = dockerfile_instructions()
     starts = [i for i, (key, _) in enumerate(instructions) if key == "FROM"]
     build_stage = instructions[starts[0] : starts[1]]
@@ -244,6 +252,7 @@ def test_build_stage_builds_the_wheel_from_what_dockerignore_lets_in(tmp_path):
     for needed in ("aet/cli.py", "aet/server/app.py", "aet/server/triton.py"):
         assert needed in names
     assert "aet/proto/model_config.proto" in names
+    assert any(n.startswith("aet/exported/digits/") and n.endswith("/model.onnx") for n in names)
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     assert "aet = aet.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
 
@@ -320,12 +329,10 @@ def test_deployment_is_locked_down_and_its_grace_period_covers_the_servers():
     mounts = {m["mountPath"]: m for m in container()["volumeMounts"]}
     assert flag(args, "--repository") == MODELS_MOUNT and mounts[MODELS_MOUNT]["readOnly"]
     assert "/tmp" in mounts and dockerfile_env()["HOME"] == "/tmp"  # writable beside a RO root
-    # SIGTERM comes after the preStop hook; the server then needs its grace period plus its
-    # stop margin, and all of it must end before the kubelet's SIGKILL.
-    pre_stop = container()["lifecycle"]["preStop"]["exec"]["command"]
-    assert pre_stop[0] == "sleep"
-    needed = float(pre_stop[1]) + float(flag(args, "--grace-period")) + STOP_MARGIN_S
-    assert spec["terminationGracePeriodSeconds"] > needed
+    # The drain window replaces a preStop sleep (readiness fails at once instead of after
+    # it); drain, grace period and stop margin must end before the kubelet's SIGKILL.
+    assert "lifecycle" not in container() and float(flag(args, "--drain-seconds")) > 0
+    assert spec["terminationGracePeriodSeconds"] > shutdown_bound(args)
     # One onnxruntime thread per core of the limit (0 would take every core of the node).
     threads = int(flag(args, "--intra-op-threads"))
     assert 1 <= threads <= float(container()["resources"]["limits"]["cpu"])
@@ -380,8 +387,7 @@ def test_kserve_runtime_and_inference_service_agree():
     assert port["name"] == "h2c" and str(port["containerPort"]) == flag(args, "--port")
     assert runtime["annotations"]["prometheus.kserve.io/port"] == flag(args, "--metrics-port")
     # KServe leaves terminationGracePeriodSeconds at its default.
-    needed = float(flag(args, "--grace-period")) + STOP_MARGIN_S
-    assert needed < KUBERNETES_DEFAULT_GRACE_S
+    assert shutdown_bound(args) < KUBERNETES_DEFAULT_GRACE_S
     threads = int(flag(args, "--intra-op-threads"))
     assert 1 <= threads <= float(runtime_container()["resources"]["limits"]["cpu"])
     assert runtime_container()["securityContext"]["runAsUser"] == IMAGE_UID
@@ -600,7 +606,6 @@ def test_live_server_fits_its_memory_request_and_writes_nothing(live):
 def test_sigterm_turns_health_not_serving_and_ends_within_the_grace_period(live):
     name, server = live
     server.wait_serving()
-    grace = float(flag(server.container_argv, "--grace-period"))
     stub = health_pb2_grpc.HealthStub(server.channel)
     changes = stub.Watch(health_pb2.HealthCheckRequest(service=""), timeout=60)
     assert next(changes).status == health_pb2.HealthCheckResponse.SERVING
@@ -610,7 +615,7 @@ def test_sigterm_turns_health_not_serving_and_ends_within_the_grace_period(live)
     changes.cancel()  # an open stream would otherwise count as a call the grace period cut
     # Exit 0: everything finished inside the grace period (the server exits 3 when it had to
     # cut calls); the wait's bound only keeps a hung server from hanging the suite.
-    code = server.process.wait(timeout=grace + STOP_MARGIN_S + 60)
+    code = server.process.wait(timeout=shutdown_bound(server.container_argv) + 60)
     assert code == 0, server.log[-3:]
     events = [entry["event"] for entry in server.log]
     assert "shutdown_started" in events and "shutdown_finished" in events

@@ -81,7 +81,8 @@ def serve_process(repository: Path, *flags: str) -> tuple[subprocess.Popen, queu
     """`aet serve` in a child process, and a queue of its JSON log events."""
     process = subprocess.Popen(
         [sys.executable, "-m", "aet.server", "serve", "--repository", str(repository)]
-        + ["--port", "0", "--intra-op-threads", "1", "--inter-op-threads", "1", *flags],
+        + ["--port", "0", "--intra-op-threads", "1", "--inter-op-threads", "1"]
+        + ["--drain-seconds", "0", *flags],
         stderr=subprocess.PIPE,
         text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},

@@ -17,6 +17,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from kserve_harness import (
     ADMIN,
     MODEL,
@@ -33,6 +34,7 @@ from kserve_harness import (
 
 from aet.proto import grpc_service_pb2 as pb
 from aet.repository import CARD_FILE, MODEL_FILE
+from aet.server.auth import LIVENESS_SERVICE
 from aet.server.models import ModelState
 
 POLL_SECONDS = 0.2
@@ -236,10 +238,62 @@ def test_graceful_stop_finishes_work_in_flight(tmp_path):
         gate.wait_entered()  # the request is running (held) when the stop begins
         stopping = threading.Thread(target=live.stop, kwargs={"grace_period": 30})
         stopping.start()
-        wait_until(live.running.stopping.is_set)
+        wait_until(live.running.pipeline.draining.is_set)
         gate.open()
         stopping.join()
         assert len(in_flight.result().raw_output_contents[0]) == 1000 * 16
+
+
+def test_drain_window_answers_what_arrives_while_readiness_fails(tmp_path):
+    """SIGTERM with a drain window: readiness fails first (health, ServerReady) while every
+    call sent before or during the window is answered; only then are new calls refused."""
+    add_version(tmp_path, SEEDS[1])
+    live = start_kserve_server(tmp_path, max_batch_size=1, drain_seconds=600)
+    gate = BatchGate(live.registry.lookup(MODEL))
+    finished: list[bool] = []
+    try:
+        with grpc.insecure_channel(live.target) as channel:
+            stub, health = kserve_stub(channel), health_pb2_grpc.HealthStub(channel)
+
+            def check(service: str) -> int:
+                request = health_pb2.HealthCheckRequest(service=service)
+                return health.Check(request, timeout=30).status
+
+            sent = [stub.ModelInfer.future(kserve_request(digits_pixels(1)), timeout=60)]
+            gate.wait_entered()  # held in its batch: in flight when the stop begins
+            stopping = threading.Thread(target=lambda: finished.append(live.stop(30.0)))
+            stopping.start()
+            wait_until(lambda: check("") == health_pb2.HealthCheckResponse.NOT_SERVING)
+            assert check(MODEL) == health_pb2.HealthCheckResponse.NOT_SERVING
+            assert check(LIVENESS_SERVICE) == health_pb2.HealthCheckResponse.SERVING
+            assert not stub.ServerReady(pb.ServerReadyRequest(), timeout=30).ready
+            assert stub.ServerLive(pb.ServerLiveRequest(), timeout=30).live
+            # A client that does not retry keeps sending during the window: all accepted.
+            sent += [
+                stub.ModelInfer.future(kserve_request(digits_pixels(1, seed=i)), timeout=60)
+                for i in range(10)
+            ]
+            wait_until(lambda: live.registry.lookup(MODEL).batcher.queued_requests >= 10)
+            live.running.end_drain.set()  # the window is over: new calls are refused
+            wait_until(live.running.refusing.is_set)
+            assert refused(stub)
+            gate.open()
+            answers = [future.result() for future in sent]
+            stopping.join()
+    finally:
+        gate.open()
+    assert [len(a.raw_output_contents[0]) for a in answers] == [16] * 11  # 4 FP32 each
+    assert finished == [True]
+
+
+def refused(stub) -> bool:
+    """Whether a new ModelInfer is refused (the server stopped taking calls)."""
+    try:
+        stub.ModelInfer(kserve_request(digits_pixels(1)), timeout=30)
+    except grpc.RpcError as exc:
+        assert exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
+        return True
+    return False
 
 
 def answer(channel, pixels, version: str = "") -> tuple[int, np.ndarray]:

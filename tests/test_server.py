@@ -493,6 +493,8 @@ def serve_process(repository: Path, *flags: str) -> subprocess.Popen:
             "1",
             "--inter-op-threads",
             "1",
+            "--drain-seconds",
+            "0",
             *flags,
         ],
         stderr=subprocess.PIPE,

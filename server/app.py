@@ -31,6 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -58,6 +59,10 @@ from aet.server.models import BatchingOptions, ModelRegistry, ModelState
 from aet.server.pipeline import InferencePipeline
 from aet.server.reload import RepositoryReloader
 from aet.server.streams import CallTracker, StreamWindow
+from aet.server.telemetry import RequestTelemetry, tracer_from_environment
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import Tracer
 
 log = logging.getLogger(__name__)
 
@@ -429,17 +434,23 @@ class App:
                 self.metrics_endpoint.close()
 
 
-def build_app(config: ServeConfig, interceptors: Sequence[grpc.ServerInterceptor] = ()) -> App:
+def build_app(
+    config: ServeConfig,
+    interceptors: Sequence[grpc.ServerInterceptor] = (),
+    tracer: Tracer | None = None,
+) -> App:
     """Assemble and start `aet serve` from `config`, its repository not loaded yet (`App.load`).
 
     Both APIs (aet.v1 and KServe v2) are registered alike over one pipeline; bearer tokens,
-    TLS and the Prometheus endpoint as configured. `interceptors` run after authentication
-    (e.g. to observe calls).
+    TLS and the Prometheus endpoint as configured; the access log unless turned off; spans
+    to `tracer`, by default the one the `OTEL_*` variables configure (if any).
+    `interceptors` run after authentication (e.g. to observe calls).
     """
     registry = ModelRegistry(config.runtime, config.batching)
     metrics = ServingMetrics(config.batching.max_batch_size)
     metrics.watch_registry(registry)
-    pipeline = InferencePipeline(registry, metrics)
+    tracer = tracer or tracer_from_environment()
+    pipeline = InferencePipeline(registry, metrics, RequestTelemetry(config.access_log, tracer))
     reloader = RepositoryReloader(registry, config.repository)
     admin = frozenset() if config.admin_token_file is None else read_tokens(config.admin_token_file)
     control = ModelControl(reloader, TokenCheck(admin) if admin else None)
@@ -482,6 +493,8 @@ def build_app(config: ServeConfig, interceptors: Sequence[grpc.ServerInterceptor
             "tls": credentials is not None,
             "auth": auth is not None,
             "model_control": control.admin is not None,
+            "access_log": config.access_log,
+            "tracing": tracer is not None,
             "metrics_port": None if endpoint is None else endpoint.port,
             "metrics_auth": config.metrics_token,
         },

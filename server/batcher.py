@@ -48,6 +48,7 @@ class BatchFuture(Future):
         super().__init__()
         self.queue_seconds = 0.0  # from submit until its first rows started running
         self.run_seconds = 0.0  # time of the runs that held its rows
+        self.batch_rows = 0  # rows of the batch its first rows ran in (all requests together)
 
 
 class BatchRecord(NamedTuple):
@@ -333,11 +334,12 @@ class DynamicBatcher:
         """Run one batch and hand each request its rows; isolate failures."""
         started = time.monotonic()
         waits = []
+        rows = sum(end - first for _, first, end in parts)
         for request, first, _ in parts:
             if first == 0:
                 request.future.queue_seconds = started - request.submitted
+                request.future.batch_rows = rows
                 waits.append(request.future.queue_seconds)
-        rows = sum(end - first for _, first, end in parts)
         try:
             if len(parts) == 1:
                 request, first, end = parts[0]

@@ -24,11 +24,13 @@ from aet.server.metrics import RequestTiming
 from aet.server.models import LoadedModel, ModelState, VersionStatus
 from aet.server.pipeline import Inference, InferencePipeline, Outputs
 from aet.server.streams import StreamWindow, answer_in_order
+from aet.server.telemetry import CallInfo, grpc_call, grpc_stream_id
 from aet.server.validation import FLOAT32, check_shape, validate_inputs
 
 _TINY = np.finfo(np.float32).tiny
 
 API_LABEL = "embed"  # the `api` of this service's requests in the metrics
+SERVICE = embedding_pb2.DESCRIPTOR.services_by_name["EmbeddingService"].full_name
 
 
 class EmbeddingService(embedding_pb2_grpc.EmbeddingServiceServicer):
@@ -43,7 +45,8 @@ class EmbeddingService(embedding_pb2_grpc.EmbeddingServiceServicer):
     def Embed(
         self, request: embedding_pb2.EmbedRequest, context: grpc.ServicerContext
     ) -> embedding_pb2.EmbedResponse:
-        return self._finish((request, self._start(request, context)))
+        call = grpc_call(context, f"/{SERVICE}/Embed", request.request_id)
+        return self._finish((request, self._start(request, context, call)))
 
     @maps_errors
     def EmbedStream(
@@ -58,10 +61,18 @@ class EmbeddingService(embedding_pb2_grpc.EmbeddingServiceServicer):
             except Exception as exc:
                 raise with_prefix(exc, f"request_id {excerpt(started[0].request_id)}") from exc
 
+        stream = grpc_stream_id(context)
         yield from answer_in_order(
             request_iterator,
             context,
-            lambda request: (request, self._start(request, context)),
+            lambda request: (
+                request,
+                self._start(
+                    request,
+                    context,
+                    grpc_call(context, f"/{SERVICE}/EmbedStream", request.request_id, stream),
+                ),
+            ),
             finish,
             self.window,
         )
@@ -92,7 +103,8 @@ class EmbeddingService(embedding_pb2_grpc.EmbeddingServiceServicer):
             return response
 
         top_k = request.top_k or 1
-        response, timing = self.pipeline.finish(self._start(request, context, check), encode)
+        call = grpc_call(context, f"/{SERVICE}/Classify", request.request_id)
+        response, timing = self.pipeline.finish(self._start(request, context, call, check), encode)
         _fill_timing(response.timing, timing)
         return response
 
@@ -124,6 +136,7 @@ class EmbeddingService(embedding_pb2_grpc.EmbeddingServiceServicer):
         self,
         request: embedding_pb2.EmbedRequest | embedding_pb2.ClassifyRequest,
         context: grpc.ServicerContext,
+        call: CallInfo,
         check: Callable[[LoadedModel], None] | None = None,
     ) -> Inference:
         """Queue the request's inputs; `check(model)` may refuse the resolved model first.
@@ -149,6 +162,7 @@ class EmbeddingService(embedding_pb2_grpc.EmbeddingServiceServicer):
             (context.time_remaining(),),
             lambda: not context.is_active(),
             extra_outputs=extra or None,
+            call=call,
         )
 
     def _finish(

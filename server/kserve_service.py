@@ -36,6 +36,7 @@ from aet.server.metrics import Duration, StatisticsSnapshot
 from aet.server.models import LoadedModel, ModelState
 from aet.server.pipeline import Inference, InferencePipeline, Outputs
 from aet.server.streams import StreamWindow, answer_in_order
+from aet.server.telemetry import CallInfo, grpc_call, grpc_stream_id
 from aet.server.validation import check_shape, parse_version, validate_inputs
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
@@ -315,7 +316,8 @@ class InferenceService(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
     def ModelInfer(
         self, request: pb.ModelInferRequest, context: grpc.ServicerContext
     ) -> pb.ModelInferResponse:
-        return self._finish(self._start(request, context))
+        call = grpc_call(context, f"/{SERVICE_NAME}/ModelInfer", request.id)
+        return self._finish(self._start(request, context, call))
 
     @maps_errors
     def ModelStreamInfer(
@@ -336,16 +338,21 @@ class InferenceService(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
                 )
             return pb.ModelStreamInferResponse(error_message=message, infer_response=response)
 
+        stream = grpc_stream_id(context)
         yield from answer_in_order(
             request_iterator,
             context,
-            lambda request: self._start(request, context),
+            lambda request: self._start(
+                request,
+                context,
+                grpc_call(context, f"/{SERVICE_NAME}/ModelStreamInfer", request.id, stream),
+            ),
             finish,
             self.window,
         )
 
     def _start(
-        self, request: pb.ModelInferRequest, context: grpc.ServicerContext
+        self, request: pb.ModelInferRequest, context: grpc.ServicerContext, call: CallInfo
     ) -> tuple[pb.ModelInferRequest, Inference]:
         """Check the request's parameters, then resolve, decode, check and queue it."""
 
@@ -356,7 +363,7 @@ class InferenceService(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         try:
             timeout = request_timeout(request)
         except InvalidArgument as exc:
-            return request, self.pipeline.failed(API_LABEL, request.model_name, exc)
+            return request, self.pipeline.failed(API_LABEL, request.model_name, exc, call)
         return request, self.pipeline.start(
             API_LABEL,
             request.model_name,
@@ -366,6 +373,7 @@ class InferenceService(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
             lambda: not context.is_active(),
             version_field="model_version",
             extra_outputs=extra_outputs(request),
+            call=call,
         )
 
     def _finish(self, started: tuple[pb.ModelInferRequest, Inference]) -> pb.ModelInferResponse:

@@ -30,6 +30,7 @@ from aet.server.batcher import BatchFuture, DynamicBatcher
 from aet.server.errors import InvalidArgument, Unavailable, status_code
 from aet.server.metrics import UNKNOWN_MODEL, RequestTiming, ServingMetrics
 from aet.server.models import LoadedModel, ModelRegistry
+from aet.server.telemetry import CallInfo, RequestRecord, RequestTelemetry, request_id
 from aet.server.validation import parse_version
 
 Encoded = TypeVar("Encoded")
@@ -47,17 +48,26 @@ class Inference:
     decoded: float = 0.0  # perf_counter() once decoded and checked
     error: Exception | None = None  # why it failed before reaching the batcher
     p_value: bool = False  # add the conformal p-value, from the score, once the batch ran
+    call: CallInfo | None = None  # method, request id, peer, trace context
+    rows: int = 0  # rows of its inputs, once decoded
+    answered: float | None = None  # perf_counter() once its outputs were there
 
 
 class InferencePipeline:
     """Lookup, decode and check, batch, run, encode and metrics for the models of `registry`."""
 
-    def __init__(self, registry: ModelRegistry, metrics: ServingMetrics | None = None) -> None:
+    def __init__(
+        self,
+        registry: ModelRegistry,
+        metrics: ServingMetrics | None = None,
+        telemetry: RequestTelemetry | None = None,
+    ) -> None:
         self.registry = registry
         if metrics is None:
             metrics = ServingMetrics(registry.batching.max_batch_size)
             metrics.watch_registry(registry)
         self.metrics = metrics
+        self.telemetry = telemetry or RequestTelemetry()
         self.draining = threading.Event()  # set when the server stops: readiness fails first
 
     def server_ready(self) -> bool:
@@ -84,6 +94,7 @@ class InferencePipeline:
         is_cancelled: Callable[[], bool] | None = None,
         version_field: str = "version",
         extra_outputs: dict[str, str] | None = None,
+        call: CallInfo | None = None,
     ) -> Inference:
         """Resolve `model_name` and `version` (`parse_version`: 0 or "" for the latest),
         decode, check and queue the inputs. Nothing waits here.
@@ -94,8 +105,9 @@ class InferencePipeline:
         p-value) to the request field that asked for it; such requests queue on the version's
         batcher for those outputs. `p_value` is computed after the batch from the score and
         the version's calibration scores (INVALID_ARGUMENT naming the field without them).
+        `call` says who asked (for the access log and traces; default: `api`, a new id).
         """
-        inference = Inference(api, model_name, time.perf_counter())
+        inference = Inference(api, model_name, time.perf_counter(), call=call)
         try:
             number = parse_version(version, version_field)
             limits = [limit for limit in time_limits if limit is not None]
@@ -115,7 +127,7 @@ class InferencePipeline:
                     inference.p_value = True
                 batcher = _batcher(model, wanted)
                 inputs = decode(model)
-                inference.decoded = time.perf_counter()
+                inference.decoded, inference.rows = time.perf_counter(), len(inputs)
                 try:
                     inference.future = batcher.submit(inputs, deadline, is_cancelled)
                 except Unavailable:
@@ -127,10 +139,12 @@ class InferencePipeline:
             inference.error = exc
         return inference
 
-    def failed(self, api: str, model_name: str, error: Exception) -> Inference:
+    def failed(
+        self, api: str, model_name: str, error: Exception, call: CallInfo | None = None
+    ) -> Inference:
         """A request refused before lookup (e.g. a malformed parameter); `finish` raises
         `error` and records it like any other failure."""
-        return Inference(api, model_name, time.perf_counter(), error=error)
+        return Inference(api, model_name, time.perf_counter(), error=error, call=call)
 
     def finish(
         self, inference: Inference, encode: Callable[[LoadedModel, Outputs], Encoded]
@@ -149,7 +163,7 @@ class InferencePipeline:
                     **outputs,
                     P_VALUE_NAME: p_values(model.calibration, outputs[SCORE_NAME]),
                 }
-            answered = time.perf_counter()
+            answered = inference.answered = time.perf_counter()
             encoded = encode(model, outputs)
         except Exception as exc:
             self._observe(inference, status_code(exc))
@@ -178,8 +192,27 @@ class InferencePipeline:
         else:  # unresolved: label a known model only, never an arbitrary name (cardinality)
             known = inference.model_name in self.registry.names()
             name, version = (inference.model_name if known else UNKNOWN_MODEL), ""
-        seconds = (done or time.perf_counter()) - inference.started
-        self.metrics.observe_request(name, version, inference.api, code, seconds, timing)
+        done = done or time.perf_counter()
+        self.metrics.observe_request(
+            name, version, inference.api, code, done - inference.started, timing
+        )
+        future = inference.future if timing is not None else None
+        self.telemetry.record(
+            RequestRecord(
+                inference.call or CallInfo(inference.api, request_id()),
+                name,
+                version,
+                inference.rows,
+                code,
+                inference.started,
+                inference.decoded if future is not None else None,
+                timing.queue if timing is not None else 0.0,
+                timing.run if timing is not None else 0.0,
+                future.batch_rows if future is not None else 0,
+                inference.answered,
+                done,
+            )
+        )
 
 
 def _batcher(model: LoadedModel, extra_outputs: dict[str, str]) -> DynamicBatcher:

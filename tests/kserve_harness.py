@@ -84,12 +84,13 @@ def start_kserve_server(
     *,
     tokens: tuple[str, ...] = (),
     poll_seconds: float = 0.0,
+    tracer=None,
     **config: object,
 ) -> App:
     """`aet serve`'s app (`build_app`) over `repository` on a free 127.0.0.1 port with its
     metrics endpoint, one onnxruntime thread per session and model control for `ADMIN`,
-    loaded; `tokens` are accepted bearer tokens, `config` further `ServeConfig` fields by
-    flag name."""
+    loaded; `tokens` are accepted bearer tokens, spans go to `tracer` (an OpenTelemetry
+    tracer), `config` further `ServeConfig` fields by flag name."""
     folder = Path(tempfile.mkdtemp(prefix="aet-tokens-"))
     token_file = None
     if tokens:
@@ -111,7 +112,7 @@ def start_kserve_server(
         model_control=True,
         admin_token_file=folder / "admin",
     )
-    app = build_app(config_from_mapping(ServeConfig, {**values, **config}))
+    app = build_app(config_from_mapping(ServeConfig, {**values, **config}), tracer=tracer)
     app.load()
     return app
 

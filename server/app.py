@@ -4,8 +4,9 @@
 `aet.v1.EmbeddingService`, `grpc.health.v1.Health` (overall "" and one entry per model name,
 following model state), server reflection, and any further services, interceptors and
 credentials the caller passes; streaming calls are bounded (`CallTracker`). `build_app` is the
-whole `aet serve` from its config: the KServe v2 API beside ours, the repository reloader,
-Prometheus metrics, bearer tokens and TLS as configured. `serve` (the command) runs it until
+whole `aet serve` from its config: the KServe v2 API beside ours, the same v2 API over HTTP on
+`--http-port` (`server.http`), the repository reloader, Prometheus metrics, bearer tokens and
+TLS as configured. `serve` (the command) runs it until
 SIGTERM or SIGINT, then shuts down
 gracefully: health turns NOT_SERVING, new calls are refused, calls in flight and queued
 requests get `grace_period` seconds to finish. Shutdown always ends within `grace_period` +
@@ -43,6 +44,7 @@ from aet.repository import scan_repository
 from aet.runtime import RuntimeOptions
 from aet.server.auth import BearerTokenInterceptor, read_tokens, tls_server_credentials
 from aet.server.embedding_service import EmbeddingService
+from aet.server.http import HttpEndpoint, RestApi, start_http
 from aet.server.kserve_service import SERVICE_NAME as KSERVE_SERVICE
 from aet.server.kserve_service import InferenceService
 from aet.server.metrics import MetricsEndpoint, ServingMetrics
@@ -142,6 +144,14 @@ class ServeConfig:
             "<token>); needs --token-file or --token-env"
         },
     )
+    http_port: int | None = field(
+        default=None,
+        metadata={
+            "help": "serve the KServe v2 REST API (HTTP/JSON with binary tensors) on this port "
+            "of --host, with the same TLS and tokens as gRPC (0: any free port, logged; unset: "
+            "no HTTP)"
+        },
+    )
     tls_cert: Path | None = field(
         default=None, metadata={"help": "PEM certificate chain: serve TLS (needs --tls-key)"}
     )
@@ -176,8 +186,10 @@ class ServeConfig:
                 "metrics_token: needs --token-file or --token-env (the tokens /metrics accepts), "
                 "got neither"
             )
-        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
-            raise ConfigError(f"metrics_port: expected 0..65535, got {self.metrics_port}")
+        for name in ("metrics_port", "http_port"):
+            port = getattr(self, name)
+            if port is not None and not 0 <= port <= 65535:
+                raise ConfigError(f"{name}: expected 0..65535, got {port}")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ConfigError(
                 f"tls_cert, tls_key: expected both (TLS) or neither, got "
@@ -333,6 +345,12 @@ class App:
     reloader: RepositoryReloader
     metrics_endpoint: MetricsEndpoint | None
     authenticated: bool
+    http: HttpEndpoint | None = None
+
+    @property
+    def http_port(self) -> int | None:
+        """The bound port of the KServe v2 REST API (None when `http_port` is unset)."""
+        return None if self.http is None else self.http.port
 
     @property
     def registry(self) -> ModelRegistry:
@@ -350,12 +368,20 @@ class App:
             self.reloader.start_polling(self.config.poll_repository)
 
     def stop(self, grace_period: float | None = None, reason: str = "stop requested") -> bool:
-        """Stop polling, stop the server gracefully (`RunningServer.stop`; default grace
-        period the config's), close the metrics endpoint; True if all work finished."""
+        """Stop polling, stop both front ends gracefully (`RunningServer.stop`; HTTP stops
+        accepting at once and its requests in flight get the same grace period; default the
+        config's), close the metrics endpoint; True if all work finished."""
         self.reloader.stop_polling()
+        grace = self.config.grace_period if grace_period is None else grace_period
+        started = time.monotonic()
         try:
-            grace = self.config.grace_period if grace_period is None else grace_period
-            return self.running.stop(grace, reason)
+            if self.http is not None:
+                self.http.begin_stop()
+            finished = self.running.stop(grace, reason)
+            if self.http is not None:
+                remaining = started + grace + STOP_MARGIN_S - time.monotonic()
+                finished = self.http.stop(max(remaining, STOP_MARGIN_S / 2)) and finished
+            return finished
         finally:
             if self.metrics_endpoint is not None:
                 self.metrics_endpoint.close()
@@ -379,11 +405,12 @@ def build_app(config: ServeConfig, interceptors: Sequence[grpc.ServerInterceptor
         if config.token_file is not None or config.token_env is not None
         else None
     )
-    credentials = (
+    tls_files = (
         None
         if config.tls_cert is None or config.tls_key is None  # both or neither (ServeConfig)
-        else tls_server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca)
+        else (config.tls_cert, config.tls_key, config.tls_client_ca)
     )
+    credentials = None if tls_files is None else tls_server_credentials(*tls_files)
     endpoint = (
         None
         if config.metrics_port is None
@@ -394,11 +421,23 @@ def build_app(config: ServeConfig, interceptors: Sequence[grpc.ServerInterceptor
         )
     )
     services = [ServiceBinding(KSERVE_SERVICE, kserve.add_to_server)]
+    http = None
     try:
+        if config.http_port is not None:
+            rest = RestApi(
+                pipeline,
+                reloader,
+                auth.check if auth is not None else None,
+                config.max_message_mb * MIB,
+                config.workers,
+            )
+            http = start_http(rest, config.host, config.http_port, config.grace_period, tls_files)
         running = build_server(
             config, pipeline, services, [*([auth] if auth else []), *interceptors], credentials
         )
     except BaseException:
+        if http is not None:
+            http.stop(STOP_MARGIN_S)
         if endpoint is not None:
             endpoint.close()
         raise
@@ -413,9 +452,10 @@ def build_app(config: ServeConfig, interceptors: Sequence[grpc.ServerInterceptor
             "auth": auth is not None,
             "metrics_port": None if endpoint is None else endpoint.port,
             "metrics_auth": config.metrics_token,
+            "http_port": None if http is None else http.port,
         },
     )
-    return App(config, running, metrics, reloader, endpoint, auth is not None)
+    return App(config, running, metrics, reloader, endpoint, auth is not None, http)
 
 
 def serve(config: ServeConfig, stop: threading.Event | None = None) -> int:

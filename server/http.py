@@ -587,12 +587,11 @@ class RestApi:
 
     async def infer(self, request: Request) -> Response:
         name, version = _model_path(request)
+        body, refused = b"", None
         try:
             body = await read_body(request, self.max_body_bytes)
         except Exception as exc:  # recorded like every other failed request
-            body, refused = b"", exc
-        else:
-            refused = None
+            refused = exc
         header_length = request.headers.get(HEADER_LENGTH)
         accept = request.headers.get("accept-encoding", "")
 

@@ -14,6 +14,7 @@ import gzip
 import http.client
 import json
 import shutil
+import socket
 import ssl
 import threading
 import zlib
@@ -683,3 +684,10 @@ def test_http_port_in_use_is_named(repository, app):
 
     with pytest.raises(UserError, match=f"http_port: cannot bind 127.0.0.1:{app.http_port}"):
         start_app(repository, http_port=app.http_port)
+
+
+def test_answers_leave_without_waiting_for_a_delayed_ack(app):
+    """asyncio sets TCP_NODELAY only on sockets that say they are TCP; without it each
+    keep-alive answer waited ~40 ms for the client's delayed ACK (perf_analyzer saw 44 ms)."""
+    (listening,) = app.http.server.servers[0].sockets
+    assert listening.proto == socket.IPPROTO_TCP

@@ -691,3 +691,40 @@ def test_answers_leave_without_waiting_for_a_delayed_ack(app):
     keep-alive answer waited ~40 ms for the client's delayed ACK (perf_analyzer saw 44 ms)."""
     (listening,) = app.http.server.servers[0].sockets
     assert listening.proto == socket.IPPROTO_TCP
+
+
+def test_full_queue_is_429_and_a_passed_timeout_504(repository, tmp_path):
+    """Held in a batch (deterministically, `BatchGate`): the one queue slot taken by a request
+    whose `parameters.timeout` (1 µs) passes while it waits, the next request finds the queue
+    full."""
+    shutil.copytree(repository / "linear", tmp_path / "linear")
+    live = start_app(tmp_path, http_port=0, max_queue_size=1)
+    model = live.registry.lookup("linear")
+    gate = BatchGate(model)
+    infer = "/v2/models/linear/infer"
+    answers: dict[str, tuple[int, dict, bytes]] = {}
+
+    def send(key: str, body: dict) -> None:
+        answers[key] = request(live, "POST", infer, body)
+
+    try:
+        held = threading.Thread(target=send, args=("held", json_request(PIXELS)))
+        held.start()
+        gate.wait_entered()
+        late = threading.Thread(
+            target=send, args=("late", json_request(PIXELS, parameters={"timeout": 1}))
+        )
+        late.start()
+        while model.batcher.queued_requests < 1:
+            threading.Event().wait(0.005)
+        status, _, raw = request(live, "POST", infer, json_request(PIXELS))
+        assert status == 429 and "queue" in json.loads(raw)["error"]
+        gate.open()
+        held.join(30)
+        late.join(30)
+        assert answers["held"][0] == 200
+        assert answers["late"][0] == 504, answers["late"]
+        assert "deadline" in json.loads(answers["late"][2])["error"]
+    finally:
+        gate.open()
+        live.stop(grace_period=1.0)

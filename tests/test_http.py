@@ -728,3 +728,20 @@ def test_full_queue_is_429_and_a_passed_timeout_504(repository, tmp_path):
     finally:
         gate.open()
         live.stop(grace_period=1.0)
+
+
+def test_chunked_body_over_the_limit_is_413(app):
+    """Without a Content-Length the limit holds while the body streams in."""
+    connection = http.client.HTTPConnection("127.0.0.1", app.http_port, timeout=30)
+    # The limit exactly, then one byte: all of it is sent before the server answers.
+    chunks = [b" " * 65536] * (LIMIT_MB * 16) + [b" "]
+    try:
+        connection.request(
+            "POST", "/v2/models/linear/infer", body=iter(chunks), encode_chunked=True
+        )
+        response = connection.getresponse()
+        assert response.status == 413
+        assert "body: expected at most 1048576 bytes" in json.loads(response.read())["error"]
+    finally:
+        connection.close()
+    assert request(app, "POST", "/v2/models/linear/infer", json_request(PIXELS))[0] == 200

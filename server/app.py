@@ -4,15 +4,16 @@
 `aet.v1.EmbeddingService`, `grpc.health.v1.Health` (overall "" and one entry per model name,
 following model state), server reflection, and any further services, interceptors and
 credentials the caller passes; streaming calls are bounded (`CallTracker`). `build_app` is the
-whole `aet serve` from its config: the KServe v2 API beside ours, the repository reloader,
-Prometheus metrics, bearer tokens and TLS as configured. `serve` (the command) runs it until
-SIGTERM or SIGINT, then shuts down gracefully: for `drain_seconds` readiness fails (health
-NOT_SERVING, ServerReady false; liveness `LIVENESS_SERVICE` stays SERVING) while calls are
-still answered, then new calls are refused and calls in flight and queued requests get
-`grace_period` seconds to finish. Shutdown always ends within `drain_seconds` +
-`grace_period` + `STOP_MARGIN_S`: exit 0 when every call and queued request finished,
-`EXIT_WORK_CUT` (3) when the grace period ran out first; a second signal exits at once with 3.
-Every lifecycle event is one JSON log line on stderr.
+whole `aet serve` from its config: the KServe v2 API beside ours, the same v2 API over HTTP on
+`--http-port` (`server.http`), the repository reloader, Prometheus metrics, bearer tokens and
+TLS as configured. `serve` (the command) runs it until SIGTERM or SIGINT, then shuts down
+gracefully: for `drain_seconds` readiness fails (health NOT_SERVING, ServerReady and HTTP
+ready false; liveness `LIVENESS_SERVICE` stays SERVING) while calls are still answered, then
+new calls are refused and calls in flight and queued requests get `grace_period` seconds to
+finish. Shutdown always ends within `drain_seconds` + `grace_period` + `STOP_MARGIN_S`: exit 0
+when every call and queued request finished, `EXIT_WORK_CUT` (3) when the grace period ran out
+first; a second signal exits at once with 3. Every lifecycle event is one JSON log line on
+stderr.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ from aet.server.auth import (
 )
 from aet.server.control import ModelControl
 from aet.server.embedding_service import EmbeddingService
+from aet.server.http import HttpEndpoint, RestApi, start_http
 from aet.server.kserve_service import SERVICE_NAME as KSERVE_SERVICE
 from aet.server.kserve_service import InferenceService
 from aet.server.metrics import MetricsEndpoint, ServingMetrics
@@ -185,6 +187,14 @@ class ServeConfig:
             "status, queue and compute ms, peer (never tensors or tokens)"
         },
     )
+    http_port: int | None = field(
+        default=None,
+        metadata={
+            "help": "serve the KServe v2 REST API (HTTP/JSON with binary tensors) on this port "
+            "of --host, with the same TLS and tokens as gRPC (0: any free port, logged; unset: "
+            "no HTTP)"
+        },
+    )
     tls_cert: Path | None = field(
         default=None, metadata={"help": "PEM certificate chain: serve TLS (needs --tls-key)"}
     )
@@ -225,8 +235,10 @@ class ServeConfig:
                 f"tokens) or neither, got model_control={self.model_control} and "
                 f"admin_token_file={self.admin_token_file}"
             )
-        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
-            raise ConfigError(f"metrics_port: expected 0..65535, got {self.metrics_port}")
+        for name in ("metrics_port", "http_port"):
+            port = getattr(self, name)
+            if port is not None and not 0 <= port <= 65535:
+                raise ConfigError(f"{name}: expected 0..65535, got {port}")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ConfigError(
                 f"tls_cert, tls_key: expected both (TLS) or neither, got "
@@ -300,24 +312,26 @@ class RunningServer:
         for name in self._service_names:
             self.health.set(name, serving if overall and not draining else not_serving)
 
-    def stop(self, grace_period: float, reason: str = "stop requested", drain: float = 0.0) -> bool:
-        """Drain, then refuse new calls and let work finish; True if all of it did.
-
-        For `drain` seconds (or until `end_drain` is set) readiness fails (health, KServe
-        ServerReady) while calls are still answered, so that load balancers stop sending
-        before anything is refused; liveness (`LIVENESS_SERVICE`) stays SERVING. Then new
-        calls are refused and those in flight get `grace_period` seconds. Returns within
-        `drain` + `grace_period` + `STOP_MARGIN_S` whatever the calls in flight do (grpc's own
-        stop can wait forever on a call it lost track of).
-        """
-        log.info(
-            "shutdown_started",
-            extra={"reason": reason, "drain_s": drain, "grace_period_s": grace_period},
-        )
+    def drain(self, seconds: float, reason: str = "stop requested") -> None:
+        """The first step of a stop: for `seconds` (or until `end_drain` is set) readiness
+        fails (health, KServe ServerReady, HTTP ready) while calls are still answered, so
+        that load balancers stop sending before anything is refused; liveness
+        (`LIVENESS_SERVICE`) stays SERVING."""
+        log.info("shutdown_started", extra={"reason": reason, "drain_s": seconds})
         self.pipeline.draining.set()
         self._refresh_health(None)
-        if drain > 0 and not self.end_drain.wait(drain):
-            log.info("drain_finished", extra={"seconds": drain})
+        if seconds > 0 and not self.end_drain.wait(seconds):
+            log.info("drain_finished", extra={"seconds": seconds})
+
+    def stop(self, grace_period: float, reason: str = "stop requested") -> bool:
+        """Refuse new calls and let work finish (after `drain`, if any); True if all did.
+
+        Returns within `grace_period` + `STOP_MARGIN_S` whatever the calls in flight do
+        (grpc's own stop can wait forever on a call it lost track of).
+        """
+        if not self.pipeline.draining.is_set():
+            self.drain(0.0, reason)
+        log.info("refusing_new_calls", extra={"reason": reason, "grace_period_s": grace_period})
         started = time.monotonic()
         self.health.enter_graceful_shutdown()
         # Half the margin past the grace period for grpc, the rest (at least) for the batchers,
@@ -399,6 +413,12 @@ class App:
     reloader: RepositoryReloader
     metrics_endpoint: MetricsEndpoint | None
     authenticated: bool
+    http: HttpEndpoint | None = None
+
+    @property
+    def http_port(self) -> int | None:
+        """The bound port of the KServe v2 REST API (None when `http_port` is unset)."""
+        return None if self.http is None else self.http.port
 
     @property
     def registry(self) -> ModelRegistry:
@@ -421,14 +441,23 @@ class App:
         reason: str = "stop requested",
         drain: float | None = None,
     ) -> bool:
-        """Stop polling, drain and stop the server gracefully (`RunningServer.stop`; drain
-        window and grace period default to the config's), close the metrics endpoint; True
-        if all work finished."""
+        """Stop polling, drain (`RunningServer.drain`: both front ends keep answering while
+        readiness fails), then stop both gracefully: HTTP stops accepting when gRPC does and
+        its requests in flight get the same grace period (`RunningServer.stop`); drain window
+        and grace period default to the config's. Closes the metrics endpoint; True if all
+        work finished."""
         self.reloader.stop_polling()
+        grace = self.config.grace_period if grace_period is None else grace_period
         try:
-            grace = self.config.grace_period if grace_period is None else grace_period
-            drain = self.config.drain_seconds if drain is None else drain
-            return self.running.stop(grace, reason, drain)
+            self.running.drain(self.config.drain_seconds if drain is None else drain, reason)
+            started = time.monotonic()
+            if self.http is not None:
+                self.http.begin_stop()
+            finished = self.running.stop(grace, reason)
+            if self.http is not None:
+                remaining = started + grace + STOP_MARGIN_S - time.monotonic()
+                finished = self.http.stop(max(remaining, STOP_MARGIN_S / 2)) and finished
+            return finished
         finally:
             if self.metrics_endpoint is not None:
                 self.metrics_endpoint.close()
@@ -460,11 +489,12 @@ def build_app(
         if config.token_file is not None or config.token_env is not None
         else None
     )
-    credentials = (
+    tls_files = (
         None
         if config.tls_cert is None or config.tls_key is None  # both or neither (ServeConfig)
-        else tls_server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca)
+        else (config.tls_cert, config.tls_key, config.tls_client_ca)
     )
+    credentials = None if tls_files is None else tls_server_credentials(*tls_files)
     endpoint = (
         None
         if config.metrics_port is None
@@ -475,11 +505,23 @@ def build_app(
         )
     )
     services = [ServiceBinding(KSERVE_SERVICE, kserve.add_to_server)]
+    http = None
     try:
+        if config.http_port is not None:
+            rest = RestApi(
+                pipeline,
+                control,
+                auth.check if auth is not None else None,
+                config.max_message_mb * MIB,
+                config.workers,
+            )
+            http = start_http(rest, config.host, config.http_port, config.grace_period, tls_files)
         running = build_server(
             config, pipeline, services, [*([auth] if auth else []), *interceptors], credentials
         )
     except BaseException:
+        if http is not None:
+            http.stop(STOP_MARGIN_S)
         if endpoint is not None:
             endpoint.close()
         raise
@@ -497,9 +539,10 @@ def build_app(
             "tracing": tracer is not None,
             "metrics_port": None if endpoint is None else endpoint.port,
             "metrics_auth": config.metrics_token,
+            "http_port": None if http is None else http.port,
         },
     )
-    return App(config, running, metrics, reloader, endpoint, auth is not None)
+    return App(config, running, metrics, reloader, endpoint, auth is not None, http)
 
 
 def serve(config: ServeConfig, stop: threading.Event | None = None) -> int:

@@ -1,15 +1,14 @@
 """Classifier models: top-k classes from served probabilities, for both gRPC APIs.
 
 A classifier model (its card has a `classifier` section) outputs `probabilities` (N, K). Our
-API's `Classify` answers them with the top-k classes (`classify`); the KServe v2 API answers a
-requested output with the `classification` parameter as Triton's classification extension does:
-a BYTES tensor (N, k) of "score:index:label" strings, most probable first
-(`kserve_classification`). Everything here is protocol-free except the encoding of that tensor.
+API's `Classify` answers them with the top-k classes (`classify`); the KServe v2 API (gRPC and
+HTTP) answers a requested output with the `classification` parameter as Triton's classification
+extension does: a BYTES tensor (N, k) of "score:index:label" strings, most probable first
+(`kserve_classification`). Everything here is protocol-free.
 """
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -17,8 +16,6 @@ import numpy as np
 
 from aet.repository import ModelCard
 from aet.server.errors import InvalidArgument
-
-CLASSIFICATION_PARAMETER = "classification"  # Triton's output parameter: int64 class count
 
 
 @dataclass(frozen=True)
@@ -73,34 +70,18 @@ def classify(probabilities: np.ndarray, k: int, labels: Sequence[str]) -> Classi
 # --- KServe v2 classification extension ------------------------------------------------------
 
 
-def kserve_class_count(output, index: int, card: ModelCard) -> int | None:
-    """The `classification` parameter of requested output `index` (None when absent), checked
-    against the model: only classifiers have classes, and 1 <= class_count <= K."""
-    if CLASSIFICATION_PARAMETER not in output.parameters:
-        return None
-    field = f"outputs[{index}].parameters['{CLASSIFICATION_PARAMETER}']"
+def check_class_count(k: int, field: str, card: ModelCard) -> int:
+    """A requested output's `classification` class count, checked against the model: only
+    classifiers have classes, and 1 <= class_count <= K (`InvalidArgument` naming `field`)."""
     class_labels(card, field)
-    parameter = output.parameters[CLASSIFICATION_PARAMETER]
-    if parameter.WhichOneof("parameter_choice") != "int64_param":
-        raise InvalidArgument(
-            f"{field}: expected int64_param (the class count), "
-            f"got {parameter.WhichOneof('parameter_choice') or 'no value'}"
-        )
-    return check_top_k(parameter.int64_param, card.output.embedding_dim, f"{field} (class_count)")
+    return check_top_k(k, card.output.embedding_dim, f"{field} (class_count)")
 
 
-def kserve_classification(
-    probabilities: np.ndarray, k: int, labels: Sequence[str]
-) -> tuple[list[int], bytes]:
-    """Shape and raw bytes of Triton's classification output for the top `k` classes.
-
-    Each element is "score:index:label" (score printed as C++'s `std::to_string` prints a
-    float, as Triton does); BYTES elements travel as a 4-byte little-endian length, then the
-    bytes.
-    """
+def kserve_classification(probabilities: np.ndarray, k: int, labels: Sequence[str]) -> np.ndarray:
+    """Triton's classification output for the top `k` classes: (N, k) "score:index:label"
+    strings, most probable first (score printed as C++'s `std::to_string` prints a float, as
+    Triton does)."""
     top = classify(probabilities, k, labels)
-    parts = []
-    for score, index, label in zip(top.scores.flat, top.indices.flat, top.labels.flat, strict=True):
-        element = f"{score:f}:{index}:{label}".encode()
-        parts += [struct.pack("<I", len(element)), element]
-    return list(top.indices.shape), b"".join(parts)
+    rows = zip(top.scores.flat, top.indices.flat, top.labels.flat, strict=True)
+    elements = [f"{score:f}:{index}:{label}" for score, index, label in rows]
+    return np.array(elements, dtype=object).reshape(top.indices.shape)

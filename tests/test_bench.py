@@ -227,7 +227,8 @@ def test_compare_triton_quick(tmp_path):
     output = run_quick("peers/compare_triton.py", *args, cwd=ROOT)
     result = json.loads(out.read_text())
     measured = {(m["server"], m["batch_size"], m["concurrency"]) for m in result["measurements"]}
-    expected = {("ours", b, c) for b in (1, 8) for c in (1, 4)} | {("bare", 1, 1), ("bare", 1, 4)}
+    ours = {(server, b, c) for server in ("ours", "ours-http") for b in (1, 8) for c in (1, 4)}
+    expected = ours | {("bare", 1, 1), ("bare", 1, 4)}
     if pytriton:
         expected |= {("triton", b, c) for b in (1, 8) for c in (1, 4)}
         assert result["versions"]["nvidia-pytriton"] != "not used"

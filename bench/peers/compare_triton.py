@@ -5,11 +5,13 @@ untrained 64-256-64-8 MLP of the same shape, and an untrained 784-1000-500-250-3
 built with our own model and exporter), this starts our server, the same server with dynamic
 batching off (the "bare" baseline, batch 1 only) and PyTriton serving the same model.onnx
 through onnxruntime behind Triton's dynamic batcher, and runs perf_analyzer over gRPC at each
-batch size and concurrency. The servers run side by side and take turns at each point, so that
-other load on the machine falls on all of them alike. It prints rows/s and client p50/p99 side
-by side and writes them to `bench/results/peers.json`. Every server is started and stopped
-here; every perf_analyzer run and the whole script are bounded in time. The load average and
-the library versions are printed and saved beside the table.
+batch size and concurrency; our server is also driven over its KServe v2 REST port
+(`perf_analyzer -i http`, binary tensors: "ours-http", the same process as "ours"). The servers
+run side by side and take turns at each point, so that other load on the machine falls on all of
+them alike. It prints rows/s and client p50/p99 side by side and writes them to
+`bench/results/peers.json`. Every server is started and stopped here; every perf_analyzer run
+and the whole script are bounded in time. The load average and the library versions are printed
+and saved beside the table.
 
 Setup: `make install` brings perf_analyzer (tritonclient's wheel) into the project's
 environment. PyTriton pins numpy < 2, which the project's environment does not take, so it lives
@@ -59,7 +61,7 @@ PYTRITON_CHECK = (
 class Measurement:
     """One perf_analyzer run: client-side throughput and latency percentiles."""
 
-    server: str  # "ours", "bare" (ours without dynamic batching) or "triton"
+    server: str  # "ours", "ours-http" (ours over HTTP), "bare" (ours unbatched) or "triton"
     model: str
     batch_size: int
     concurrency: int
@@ -251,7 +253,7 @@ def measure(
         "-u",
         f"127.0.0.1:{port}",
         "-i",
-        "grpc",
+        "http" if server.endswith("-http") else "grpc",
         "-b",
         str(batch_size),
         "--concurrency-range",
@@ -296,9 +298,10 @@ def side_by_side(measurements: list[Measurement]) -> str:
     by_key = {(m.model, m.batch_size, m.concurrency, m.server): m for m in measurements}
     keys = sorted({(m.model, m.batch_size, m.concurrency) for m in measurements})
     lines = [
-        "| model | batch | conc. | ours rows/s | p50 / p99 ms | triton rows/s | p50 / p99 ms"
-        " | ours / triton | bare rows/s | ours / bare |",
-        "|" + " --- |" * 10,
+        "| model | batch | conc. | ours rows/s | p50 / p99 ms | ours HTTP rows/s | p50 / p99 ms"
+        " | HTTP / gRPC | triton rows/s | p50 / p99 ms | ours / triton | bare rows/s"
+        " | ours / bare |",
+        "|" + " --- |" * 13,
     ]
 
     def cells(server, key):
@@ -309,15 +312,16 @@ def side_by_side(measurements: list[Measurement]) -> str:
             else (f"{m.rows_per_second:,.0f}", f"{m.p50_ms:.2f} / {m.p99_ms:.2f}")
         )
 
-    def ratio(key, other):
-        ours, theirs = by_key.get((*key, "ours")), by_key.get((*key, other))
+    def ratio(key, server, other):
+        ours, theirs = by_key.get((*key, server)), by_key.get((*key, other))
         return f"{ours.rows_per_second / theirs.rows_per_second:.2f}x" if ours and theirs else "-"
 
     for key in keys:
         lines.append(
             f"| {key[0]} | {key[1]} | {key[2]} | {' | '.join(cells('ours', key))} | "
-            f"{' | '.join(cells('triton', key))} | {ratio(key, 'triton')} | "
-            f"{cells('bare', key)[0]} | {ratio(key, 'bare')} |"
+            f"{' | '.join(cells('ours-http', key))} | {ratio(key, 'ours-http', 'ours')} | "
+            f"{' | '.join(cells('triton', key))} | {ratio(key, 'ours', 'triton')} | "
+            f"{cells('bare', key)[0]} | {ratio(key, 'ours', 'bare')} |"
         )
     return "\n".join(lines)
 
@@ -325,7 +329,8 @@ def side_by_side(measurements: list[Measurement]) -> str:
 def server_command(
     server: str, model: str, model_repository: Path, port: int, args: argparse.Namespace
 ) -> list[str]:
-    """The command line that serves `model` on `port`: PyTriton or our flags for `server`."""
+    """The command line that serves `model` on `port`: PyTriton or our flags for `server`
+    ("ours" serves HTTP too, on `args.http_port`)."""
     if server == "triton":
         (onnx_path,) = (model_repository / model).glob("*/model.onnx")
         return [
@@ -356,17 +361,22 @@ def server_command(
         "--grace-period",
         "5",
     ]
+    if server == "ours":
+        flags += ["--http-port", str(args.http_port)]
     return flags + (["--no-dynamic-batching"] if server == "bare" else [])
 
 
 def start(
     server: str, model: str, model_repository: Path, args: argparse.Namespace
 ) -> tuple[PyTritonProcess | ServerProcess, int]:
-    """Start `server` ("ours", "bare" or "triton") on `model`; the process and its gRPC port."""
+    """Start `server` ("ours", "bare" or "triton") on `model`; the process and its gRPC port
+    ("ours" also serves HTTP, on `args.http_port`)."""
     if server == "triton":
         port = free_port()
         command = server_command(server, model, model_repository, port, args)
         return PyTritonProcess(command, ready_timeout=180), port
+    if server == "ours":
+        args.http_port = free_port()
     flags = server_command(server, model, model_repository, 0, args)
     process = ServerProcess(model_repository, args.scratch / f"{server}-{model}.log", *flags)
     try:
@@ -454,7 +464,7 @@ def main(argv: list[str] | None = None) -> int:
     load_at_start = os.getloadavg()
     binary, env = perf_analyzer_command()
     pytriton, why_not = pytriton_version(args.pytriton_python)
-    servers = ("ours", "bare", "triton") if pytriton else ("ours", "bare")
+    servers = ("ours", "ours-http", "bare") + (("triton",) if pytriton else ())
     if not pytriton:
         print(f"PyTriton unavailable ({why_not}): measuring our server only", flush=True)
     measurements: list[Measurement] = []
@@ -476,6 +486,9 @@ def main(argv: list[str] | None = None) -> int:
             ports: dict[str, int] = {}
             try:
                 for server in servers:
+                    if server == "ours-http":  # the same process as "ours", on its HTTP port
+                        ports[server] = args.http_port
+                        continue
                     processes[server], ports[server] = start(server, model, model_repository, args)
                     print(f"{server}: {model} on port {ports[server]}", flush=True)
                 points = [(b, c) for b in args.batch_sizes for c in args.concurrency]

@@ -300,7 +300,7 @@ class RestApi:
         body = parse_json(await read_body(request, self.max_body_bytes), "body")
         ready = typed(body, "ready", bool, "ready", False)
         index = await self._blocking(lambda: self.control.index(ready))
-        return _json([{key: value for key, value in vars(e).items() if value} for e in index])
+        return _json([vars(entry) for entry in index])
 
     async def load(self, request: Request) -> Response:
         name, parameters, authorization = await self._repository_request(request)

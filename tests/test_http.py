@@ -17,6 +17,7 @@ import shutil
 import socket
 import ssl
 import threading
+import time
 import zlib
 from pathlib import Path
 
@@ -24,7 +25,7 @@ import numpy as np
 import onnx
 import pytest
 from conftest import start_app
-from kserve_harness import BatchGate, add_version, digits_pixels
+from kserve_harness import ADMIN_TOKEN, BatchGate, add_version, digits_pixels
 from onnx import TensorProto, helper, numpy_helper
 
 from aet.repository import ClassifierSpec, InputSpec, ModelCard, OutputSpec, write_version
@@ -602,25 +603,65 @@ def test_unknown_paths_and_versions_are_named(app):
 
 
 def test_repository_index_unload_and_load(repository, tmp_path):
-    shutil.copytree(repository / "linear", tmp_path / "linear")
-    live = start_app(tmp_path, http_port=0)
+    """Triton's repository extension, gated as over gRPC: model control and an admin token."""
+    shutil.copytree(repository / "linear", tmp_path / "repository" / "linear")
+    (tmp_path / "admin").write_text(ADMIN_TOKEN + "\n")
+    live = start_app(
+        tmp_path / "repository",
+        http_port=0,
+        model_control=True,
+        admin_token_file=tmp_path / "admin",
+    )
+    admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
     try:
         client = tritonclient_http.InferenceServerClient(f"127.0.0.1:{live.http_port}")
         assert client.get_model_repository_index() == [
             {"name": "linear", "version": "1", "state": "READY", "reason": ""}
         ]
-        status, _, _ = request(live, "POST", "/v2/repository/models/linear/unload", b"")
-        assert status == 200 and not client.is_model_ready("linear")
+        for headers in ({}, {"Authorization": "Bearer not-an-admin"}):
+            status, _, raw = request(
+                live, "POST", "/v2/repository/models/linear/unload", b"", headers
+            )
+            assert status == 403 and "needs an admin token" in json.loads(raw)["error"]
+        assert client.is_model_ready("linear")
+        client.unload_model("linear", headers=admin)  # sends unload_dependents: accepted
+        assert not client.is_model_ready("linear")
         assert not client.is_server_ready()
         status, _, raw = request(live, "POST", "/v2/repository/index", {"ready": True})
         assert (status, json.loads(raw)) == (200, [])
-        status, _, _ = request(live, "POST", "/v2/repository/models/linear/load", b"")
+        status, _, _ = request(live, "POST", "/v2/repository/models/linear/load", b"", admin)
         assert status == 200 and client.is_model_ready("linear")
-        status, _, raw = request(live, "POST", "/v2/repository/models/nope/load", b"")
+        status, _, raw = request(live, "POST", "/v2/repository/models/nope/load", b"", admin)
         assert status == 404 and "got 'nope'" in json.loads(raw)["error"]
         client.close()
     finally:
         live.stop(grace_period=1.0)
+
+
+def wait_for(condition, timeout: float = 60.0) -> None:
+    """Poll `condition` until it holds (it must, eventually); fail after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition never held"
+        time.sleep(0.05)
+
+
+def test_ready_fails_during_the_drain_while_infer_answers(repository):
+    live = start_app(repository, http_port=0, drain_seconds=600)
+    stopping = threading.Thread(target=live.stop, kwargs={"grace_period": 5.0})
+    try:
+        assert request(live, "GET", "/v2/health/ready")[0] == 200
+        stopping.start()
+        wait_for(lambda: request(live, "GET", "/v2/health/ready")[0] == 400)
+        assert request(live, "GET", "/v2/health/live")[0] == 200
+        status, headers, _ = request(
+            live, "POST", "/v2/models/linear/infer", json_request(PIXELS), {"x-request-id": "d-1"}
+        )
+        assert status == 200 and headers["x-request-id"] == "d-1"
+    finally:
+        live.running.end_drain.set()
+        if stopping.is_alive():
+            stopping.join()
 
 
 # --- tokens and TLS ---------------------------------------------------------------------------

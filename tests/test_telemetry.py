@@ -7,6 +7,7 @@ no tensor value or token may appear in either.
 
 from __future__ import annotations
 
+import http.client
 import json
 import logging
 
@@ -138,6 +139,44 @@ def test_ids_are_generated_echoed_and_kept_for_failures_and_streams(tmp_path, li
     assert logged["bad-1"]["status"] == "INVALID_ARGUMENT" and logged["bad-1"]["rows"] == 0
     assert logged["s-0"]["method"].endswith("EmbeddingService/EmbedStream")
     assert "s-1" in logged
+
+
+def test_an_http_request_is_logged_and_traced_the_same_way(tmp_path, lines, spans):
+    tracer, exporter = spans
+    add_version(tmp_path, SEED)
+    live = start_kserve_server(tmp_path, tracer=tracer, http_port=0)
+    pixels = digits_pixels(2)
+    body = {
+        "id": "body-id",
+        "inputs": [
+            {
+                "name": "pixels",
+                "datatype": "FP32",
+                "shape": list(pixels.shape),
+                "data": pixels.ravel().tolist(),
+            }
+        ],
+    }
+    try:
+        connection = http.client.HTTPConnection("127.0.0.1", live.http_port, timeout=WAIT)
+        connection.request(
+            "POST",
+            f"/v2/models/{MODEL}/infer",
+            json.dumps(body),
+            {"Content-Type": "application/json", "traceparent": TRACEPARENT},
+        )
+        answer = connection.getresponse()
+        answer.read()
+        connection.close()
+    finally:
+        live.stop()
+    assert answer.status == 200 and answer.getheader(REQUEST_ID_KEY) == "body-id"
+    (line,) = [json.loads(text) for text in lines if '"body-id"' in text]
+    assert line["method"] == f"POST /v2/models/{MODEL}/infer" and line["rows"] == 2
+    assert line["status"] == "OK" and line["peer"].startswith("127.0.0.1:")
+    (root,) = [s for s in exporter.get_finished_spans() if s.parent and s.parent.is_remote]
+    assert format(root.context.trace_id, "032x") == TRACE_ID
+    assert root.attributes["aet.request_id"] == "body-id"
 
 
 def test_access_log_can_be_turned_off(tmp_path, lines):

@@ -128,7 +128,7 @@ def _write_npz(temporary: Path, table: TableParts) -> None:
                             f"{field}: expected blocks of {first.dtype} {first.shape[1:]}, "
                             f"got {block.dtype} {block.shape[1:]}"
                         )
-                    member.write(block)
+                    member.write(block.data)
         with archive.open("metadata.npy", "w", force_zip64=True) as member:
             np.lib.format.write_array(member, np.array(json.dumps(table.metadata)))
 

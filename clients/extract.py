@@ -364,7 +364,10 @@ def _extract_in_process(
     pending = [
         index
         for index in range(store.count)
-        if not store.is_finished(index, input_digest(plan.pixels(*store.bounds(index))))
+        if not (
+            store.path(index).exists()  # rows are read again only for a finished shard
+            and store.is_finished(index, input_digest(plan.pixels(*store.bounds(index))))
+        )
     ]
     pending_rows = sum(stop - start for start, stop in map(store.bounds, pending))
     changed_rows = sum(stop - start for start, stop in map(store.bounds, store.stale))

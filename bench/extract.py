@@ -3,6 +3,7 @@ extraction scales with the number of rows.
 
     python bench/extract.py [--repository exported] [--mnist-path ../shared/data/mnist]
     python bench/extract.py --rows 100000,1000000 [--workers 2] [--linear-dim 256]
+        [--backends local] [--format .npz]
     python bench/extract.py --quick
 
 Without `--rows`: embeds every row of the MNIST test set (the t10k files: 10,000 images)
@@ -247,8 +248,8 @@ def measure_job(args: argparse.Namespace) -> int:
 
 
 def scale(args: argparse.Namespace, scratch: Path) -> list[dict]:
-    """One local and one Ray job per row count, each in its own process; with one row count,
-    a local job at a quarter of it too, for `local_memory`."""
+    """One local and (unless `--backends local`) one Ray job per row count, each in its own
+    process; with one row count, a local job at a quarter of it too, for `local_memory`."""
     if args.linear_dim:
         args.repository, args.mnist_model = scratch / "exported", "mnist"
         linear_mnist_encoder(args.repository, args.linear_dim)
@@ -256,7 +257,7 @@ def scale(args: argparse.Namespace, scratch: Path) -> list[dict]:
     results = []
     for rows in counts:
         folder = tile_mnist(args.mnist_path, rows, scratch / f"mnist-{rows}")
-        for backend in ("local", "ray") if rows in args.rows else ("local",):
+        for backend in args.backends.split(",") if rows in args.rows else ["local"]:
             output = scratch / f"{backend}-{rows}{'.parquet' if backend == 'ray' else args.format}"
             command = [
                 sys.executable,
@@ -400,6 +401,12 @@ def main() -> int:
         default=None,
         help="scale: embed with a linear 784 -> D encoder written on the fly instead of "
         "--repository's MNIST model",
+    )
+    parser.add_argument(
+        "--backends",
+        choices=["local,ray", "local"],
+        default="local,ray",
+        help="scale: local,ray (default) or local",
     )
     parser.add_argument(
         "--format",

@@ -7,8 +7,9 @@ planned from the labels alone (`clients.rows`); the pixels are read block by blo
 In process (`--server`, `--local`) the job runs in shards of `shard_size` rows written to
 `<output>.shards/` (`clients.shards`): each shard is written atomically, and a restarted job
 validates and skips the finished ones (whatever backend wrote them: the backends give identical
-embeddings). When every shard is there they are merged into the output (`clients.embeddings`:
-`.npz` or `.parquet`), written atomically, and the shard folder is removed.
+embeddings). When every shard is there they are streamed into the output one at a time
+(`clients.embeddings`: `.npz` or `.parquet`, written atomically), so no more than a shard is
+held in memory, and the shard folder is removed.
 
 On Ray (`--ray`) the job is one Ray Data pipeline whose rows never pass through this process:
 the workers read blocks of `shard_size` rows, onnxruntime actors embed them, and the workers

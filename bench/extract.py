@@ -2,7 +2,8 @@
 extraction scales with the number of rows.
 
     python bench/extract.py [--repository exported] [--mnist-path ../shared/data/mnist]
-    python bench/extract.py --rows 100000,1000000 [--workers 2]
+    python bench/extract.py --rows 100000,1000000 [--workers 2] [--linear-dim 256]
+        [--backends local] [--format .npz]
     python bench/extract.py --quick
 
 Without `--rows`: embeds every row of the MNIST test set (the t10k files: 10,000 images)
@@ -15,7 +16,12 @@ With `--rows`: for each row count, tiles the MNIST test set into uncompressed ID
 many rows (read memory-mapped, block by block) and runs one `aet embed` job per backend, local
 and Ray, each in a child process: rows per second of the embedding phase, seconds of the whole
 job, and the peak resident memory of the job's own process (the driver; Ray's workers are
-other processes). Writes `extract-scale.md` and `.json` (a test runs it on 3,000 rows).
+other processes). The local job's peak at the smallest and the largest row count is printed
+side by side with the size of the embeddings it wrote (one row count: the local job runs at a
+quarter of it too): the job streams its shards into the output, so its memory stays flat.
+`--linear-dim D` embeds with a linear 784 -> D encoder written on the fly in place of a
+trained MNIST model (D = 256: codes as wide as a large conv encoder's). Writes
+`extract-scale.md` and `.json` (a test runs it on 3,000 rows).
 
 `--quick` is a smoke run of the first part: the digits model and data set in place of MNIST,
 one run per backend, one Ray actor; it prints and writes nothing.
@@ -164,6 +170,44 @@ def tile_mnist(mnist_path: Path | None, rows: int, folder: Path) -> Path:
     return folder
 
 
+def linear_mnist_encoder(root: Path, dim: int) -> None:
+    """`root/mnist/1`: flatten(pixels / 255) @ W (784 x `dim`, seed 0), a real ONNX graph for
+    28x28 images that needs no training."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from aet.repository import InputSpec, ModelCard, OutputSpec, write_version
+
+    shape = (1, 28, 28)
+    weights = np.random.default_rng(0).standard_normal((784, dim)).astype(np.float32)
+    graph = helper.make_graph(
+        [
+            helper.make_node("Div", ["pixels", "raw_max"], ["scaled"]),
+            helper.make_node("Flatten", ["scaled"], ["flat"]),
+            helper.make_node("MatMul", ["flat", "weights"], ["embedding"]),
+        ],
+        "linear_mnist_encoder",
+        [helper.make_tensor_value_info("pixels", TensorProto.FLOAT, ["batch", *shape])],
+        [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["batch", dim])],
+        [
+            numpy_helper.from_array(np.array(255.0, np.float32), "raw_max"),
+            numpy_helper.from_array(weights, "weights"),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+    card = ModelCard.draft(
+        "mnist",
+        "linear",
+        InputSpec("pixels", shape, "float32", (0.0, 255.0)),
+        OutputSpec("embedding", "float32", dim),
+        preprocessing=["divide by 255", "flatten"],
+        dataset={"name": "mnist-idx"},
+        opset=17,
+        library_versions={"onnx": onnx.__version__},
+    )
+    write_version(root, "mnist", model.SerializeToString(), card)
+
+
 def measure_job(args: argparse.Namespace) -> int:
     """In a child process: one `aet embed` job; prints its figures as one JSON line."""
     job = dict(
@@ -196,6 +240,7 @@ def measure_job(args: argparse.Namespace) -> int:
                 "rows_per_second": summary.rows_per_second,
                 "job_seconds": seconds,
                 "peak_driver_rss_mb": peak_mb,
+                "embeddings_mb": summary.rows * backend.model.embedding_dim * 4 / 2**20,
             }
         )
     )
@@ -203,12 +248,17 @@ def measure_job(args: argparse.Namespace) -> int:
 
 
 def scale(args: argparse.Namespace, scratch: Path) -> list[dict]:
-    """One local and one Ray job per row count, each in its own process."""
+    """One local and (unless `--backends local`) one Ray job per row count, each in its own
+    process; with one row count, a local job at a quarter of it too, for `local_memory`."""
+    if args.linear_dim:
+        args.repository, args.mnist_model = scratch / "exported", "mnist"
+        linear_mnist_encoder(args.repository, args.linear_dim)
+    counts = args.rows if len(args.rows) > 1 else [max(1, args.rows[0] // 4), *args.rows]
     results = []
-    for rows in args.rows:
+    for rows in counts:
         folder = tile_mnist(args.mnist_path, rows, scratch / f"mnist-{rows}")
-        for backend in ("local", "ray"):
-            output = scratch / f"{backend}-{rows}.parquet"
+        for backend in args.backends.split(",") if rows in args.rows else ["local"]:
+            output = scratch / f"{backend}-{rows}{'.parquet' if backend == 'ray' else args.format}"
             command = [
                 sys.executable,
                 __file__,
@@ -239,7 +289,30 @@ def scale(args: argparse.Namespace, scratch: Path) -> list[dict]:
     return results
 
 
+def local_memory(results: list[dict]) -> dict:
+    """The local job's peak RSS at its smallest and largest row count, beside the size of the
+    embeddings it wrote: flat when the job streams its shards into the output."""
+    local = [r for r in results if r["backend"].startswith("local")]
+    small, large = min(local, key=lambda r: r["rows"]), max(local, key=lambda r: r["rows"])
+    return {
+        "rows": [small["rows"], large["rows"]],
+        "peak_rss_mb": [small["peak_driver_rss_mb"], large["peak_driver_rss_mb"]],
+        "embeddings_mb": [small["embeddings_mb"], large["embeddings_mb"]],
+    }
+
+
+def memory_line(memory: dict) -> str:
+    (small, large), (rss_small, rss_large) = memory["rows"], memory["peak_rss_mb"]
+    return (
+        f"local job peak RSS: {rss_small:,.0f} MB at {small:,} rows, {rss_large:,.0f} MB at "
+        f"{large:,} rows ({rss_large - rss_small:+,.0f} MB; the embeddings written grew by "
+        f"{memory['embeddings_mb'][1] - memory['embeddings_mb'][0]:,.0f} MB)"
+    )
+
+
 def scale_report(args: argparse.Namespace, results: list[dict]) -> None:
+    memory = local_memory(results)
+    print(memory_line(memory), flush=True)
     lines = [
         "# Extraction at scale: the MNIST test set tiled, read memory-mapped",
         "",
@@ -255,13 +328,24 @@ def scale_report(args: argparse.Namespace, results: list[dict]) -> None:
     lines += [
         "",
         f"batch size {args.batch_size}, {args.shard_size} rows per shard or block, Ray with "
-        f"{args.workers} actors (+1 CPU for reading and writing), one job per process",
+        f"{args.workers} actors (+1 CPU for reading and writing), one job per process; "
+        f"local output {args.format}"
+        + (f", a linear 784-{args.linear_dim} encoder" if args.linear_dim else ""),
+        "",
+        memory_line(memory),
         "",
     ]
     args.results.mkdir(parents=True, exist_ok=True)
     (args.results / "extract-scale.md").write_text("\n".join(lines))
     (args.results / "extract-scale.json").write_text(
-        json.dumps({"scale": results, "args": {k: str(v) for k, v in vars(args).items()}}, indent=2)
+        json.dumps(
+            {
+                "scale": results,
+                "local_memory": memory,
+                "args": {k: str(v) for k, v in vars(args).items()},
+            },
+            indent=2,
+        )
         + "\n"
     )
     print(f"wrote {args.results / 'extract-scale.md'} and {args.results / 'extract-scale.json'}")
@@ -312,6 +396,25 @@ def main() -> int:
         help="scale: rows per shard or block (default: 16384)",
     )
     parser.add_argument(
+        "--linear-dim",
+        type=int,
+        default=None,
+        help="scale: embed with a linear 784 -> D encoder written on the fly instead of "
+        "--repository's MNIST model",
+    )
+    parser.add_argument(
+        "--backends",
+        choices=["local,ray", "local"],
+        default="local,ray",
+        help="scale: local,ray (default) or local",
+    )
+    parser.add_argument(
+        "--format",
+        choices=[".parquet", ".npz"],
+        default=".parquet",
+        help="scale: the local job's output file (default: .parquet)",
+    )
+    parser.add_argument(
         "--quick",
         action="store_true",
         help="a smoke run: the digits model and data set in place of MNIST, one run per "
@@ -325,10 +428,12 @@ def main() -> int:
             hidden, type=Path if hidden != "--measure-job" else str, help=argparse.SUPPRESS
         )
     args = parser.parse_args()
+    if args.linear_dim is not None and args.linear_dim < 1:
+        parser.error(f"--linear-dim: expected a positive width, got {args.linear_dim}")
     if args.measure_job:
         return measure_job(args)
     if args.rows:
-        if not (args.repository / args.mnist_model).is_dir():
+        if not args.linear_dim and not (args.repository / args.mnist_model).is_dir():
             print(
                 f"bench/extract.py: {args.repository / args.mnist_model}: no such model",
                 file=sys.stderr,

@@ -5,9 +5,11 @@ metadata), or, from Ray, a folder of Parquet files with a manifest; written atom
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import zipfile
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,43 +45,126 @@ class EmbeddingTable:
         return self.embeddings[mask], self.labels[mask]
 
 
-def write_embeddings(path: Path, table: EmbeddingTable) -> None:
-    """Write `table` atomically as `.npz` (arrays + JSON metadata) or `.parquet`."""
-    if path.suffix == ".npz":
+@dataclass(frozen=True)
+class TableParts:
+    """An `EmbeddingTable` given block by block, to write one bigger than memory:
+    `read(start, stop, field)` gives rows [start, stop) of one of its fields (`embeddings`,
+    `ids`, `labels`, `split`, `scores`), read only when asked; `bounds` are the blocks in row
+    order."""
 
-        def write(temporary: Path) -> None:
-            with open(temporary, "wb") as handle:
-                arrays: dict[str, Any] = {
-                    "embeddings": table.embeddings,
-                    "ids": table.ids,
-                    "labels": table.labels,
-                    "split": table.split.astype(str),
-                    "metadata": np.array(json.dumps(table.metadata)),
+    metadata: dict
+    bounds: Sequence[tuple[int, int]]
+    read: Callable[[int, int, str], np.ndarray]
+    scores: bool = False  # whether it has the `scores` field (--score)
+
+    @classmethod
+    def of(cls, table: EmbeddingTable) -> TableParts:
+        """A table already in memory, as one block."""
+        return cls(
+            table.metadata,
+            [(0, len(table.ids))],
+            lambda start, stop, name: getattr(table, name)[start:stop],
+            table.scores is not None,
+        )
+
+    @property
+    def rows(self) -> int:
+        return sum(stop - start for start, stop in self.bounds)
+
+    def fields(self, names: dict[str, str]) -> dict[str, str]:
+        """`names` (field -> its name in a file) less `scores` when the table has none."""
+        return {field: name for field, name in names.items() if field != "scores" or self.scores}
+
+    def blocks(self, field: str) -> Iterator[np.ndarray]:
+        """One field, block by block; `ValueError` for a block of the wrong length."""
+        for start, stop in self.bounds:
+            block = self.read(start, stop, field)
+            if len(block) != stop - start:
+                raise ValueError(f"{field}: expected {stop - start} rows, got {len(block)}")
+            yield block
+
+
+NPZ_ARRAYS = {  # field -> array of an .npz output (and "metadata", JSON)
+    "embeddings": "embeddings",
+    "ids": "ids",
+    "labels": "labels",
+    "split": "split",
+    "scores": SCORE_COLUMN,
+}
+PARQUET_COLUMNS = {  # field -> column of a .parquet output (and the schema metadata "aet")
+    "ids": "id",
+    "split": "split",
+    "labels": "label",
+    "embeddings": "embedding",
+    "scores": SCORE_COLUMN,
+}
+
+
+def write_embeddings(path: Path, table: EmbeddingTable | TableParts) -> None:
+    """Write `table` atomically as `.npz` (arrays + JSON metadata) or `.parquet` (columns,
+    one row group per block, + schema metadata), block by block: a `TableParts` is never
+    held whole."""
+    parts = table if isinstance(table, TableParts) else TableParts.of(table)
+    write = _write_npz if path.suffix == ".npz" else _write_parquet
+    atomic_write(path, lambda temporary: write(temporary, parts))
+
+
+def _write_npz(temporary: Path, table: TableParts) -> None:
+    """The arrays `np.savez` would write (uncompressed), each streamed block by block."""
+    with zipfile.ZipFile(temporary, "w", zipfile.ZIP_STORED) as archive:
+        for field, name in table.fields(NPZ_ARRAYS).items():
+            blocks = (_as_written(field, block) for block in table.blocks(field))
+            first = next(blocks)
+            with archive.open(f"{name}.npy", "w", force_zip64=True) as member:
+                header = {
+                    "descr": np.lib.format.dtype_to_descr(first.dtype),
+                    "fortran_order": False,
+                    "shape": (table.rows, *first.shape[1:]),
                 }
-                if table.scores is not None:
-                    arrays[SCORE_COLUMN] = table.scores
-                np.savez(handle, **arrays)
-    else:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
+                np.lib.format.write_array_header_1_0(member, header)
+                for block in itertools.chain([first], blocks):
+                    if block.dtype != first.dtype or block.shape[1:] != first.shape[1:]:
+                        raise ValueError(
+                            f"{field}: expected blocks of {first.dtype} {first.shape[1:]}, "
+                            f"got {block.dtype} {block.shape[1:]}"
+                        )
+                    member.write(block.data)
+        with archive.open("metadata.npy", "w", force_zip64=True) as member:
+            np.lib.format.write_array(member, np.array(json.dumps(table.metadata)))
 
-        dim = table.embeddings.shape[1]
-        columns = {
-            "id": pa.array(table.ids),
-            "split": pa.array(table.split.astype(str)),
-            "label": pa.array(table.labels),
-            "embedding": pa.FixedSizeListArray.from_arrays(
-                pa.array(table.embeddings.reshape(-1)), dim
-            ),
-        }
-        if table.scores is not None:
-            columns[SCORE_COLUMN] = pa.array(table.scores)
-        arrow = pa.table(columns).replace_schema_metadata({"aet": json.dumps(table.metadata)})
 
-        def write(temporary: Path) -> None:
-            pq.write_table(arrow, temporary)
+def _write_parquet(temporary: Path, table: TableParts) -> None:
+    """One row group per block, the metadata in the schema as "aet"."""
+    import pyarrow.parquet as pq
 
-    atomic_write(path, write)
+    blocks = _arrow_blocks(table)
+    first = next(blocks)
+    schema = first.schema.with_metadata({"aet": json.dumps(table.metadata)})
+    with pq.ParquetWriter(temporary, schema) as writer:
+        for arrow in itertools.chain([first], blocks):
+            writer.write_table(arrow)
+
+
+def _arrow_blocks(table: TableParts) -> Iterator[Any]:
+    """The Parquet columns of each block, as Arrow tables."""
+    import pyarrow as pa
+
+    fields = table.fields(PARQUET_COLUMNS)
+    for block in zip(*(table.blocks(field) for field in fields), strict=True):
+        columns = {}
+        for field, values in zip(fields, block, strict=True):
+            values = _as_written(field, values)
+            columns[fields[field]] = (
+                pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), values.shape[1])
+                if field == "embeddings"
+                else pa.array(values)
+            )
+        yield pa.table(columns)
+
+
+def _as_written(field: str, block: np.ndarray) -> np.ndarray:
+    """A block as a file holds it: C-contiguous, split names as str."""
+    return np.ascontiguousarray(block.astype(str) if field == "split" else block)
 
 
 def _arrow_table(path: Path, arrow, metadata: dict) -> EmbeddingTable:

@@ -7,8 +7,9 @@ planned from the labels alone (`clients.rows`); the pixels are read block by blo
 In process (`--server`, `--local`) the job runs in shards of `shard_size` rows written to
 `<output>.shards/` (`clients.shards`): each shard is written atomically, and a restarted job
 validates and skips the finished ones (whatever backend wrote them: the backends give identical
-embeddings). When every shard is there they are merged into the output (`clients.embeddings`:
-`.npz` or `.parquet`), written atomically, and the shard folder is removed.
+embeddings). When every shard is there they are streamed into the output one at a time
+(`clients.embeddings`: `.npz` or `.parquet`, written atomically), so no more than a shard is
+held in memory, and the shard folder is removed.
 
 On Ray (`--ray`) the job is one Ray Data pipeline whose rows never pass through this process:
 the workers read blocks of `shard_size` rows, onnxruntime actors embed them, and the workers
@@ -34,8 +35,8 @@ import numpy as np
 from aet.clients.embeddings import (
     FORMATS,
     MANIFEST,
-    EmbeddingTable,
     ExtractionError,
+    TableParts,
     write_embeddings,
 )
 from aet.clients.rows import NO_LABEL, SPLITS, RowPlan, plan_rows, raw_pixels
@@ -361,13 +362,14 @@ def _extract_in_process(
         {model.output_name: (model.embedding_dim,), **({SCORE_NAME: ()} if config.score else {})},
     )
     store.open()
-    shards = [
-        store.load(index, input_digest(plan.pixels(*store.bounds(index))))
-        if store.path(index).exists()
-        else None
+    pending = [
+        index
         for index in range(store.count)
+        if not (
+            store.path(index).exists()  # rows are read again only for a finished shard
+            and store.is_finished(index, input_digest(plan.pixels(*store.bounds(index))))
+        )
     ]
-    pending = [index for index, shard in enumerate(shards) if shard is None]
     pending_rows = sum(stop - start for start, stop in map(store.bounds, pending))
     changed_rows = sum(stop - start for start, stop in map(store.bounds, store.stale))
 
@@ -379,7 +381,7 @@ def _extract_in_process(
         desc="embed",
         disable=not config.progress,
     ) as progress:
-        for index in pending:
+        for index in pending:  # each shard goes to its file, none stays here
             start, stop = store.bounds(index)
             parts, pixels = [], plan.pixels(start, stop)
             for outputs in backend.embed_rows(rescaled(pixels, scale), config.batch_size):
@@ -399,22 +401,10 @@ def _extract_in_process(
                     f"{start}..{stop - 1}, got {embedded}; finished shards are kept, "
                     f"run again to resume"
                 )
-            shards[index] = shard
             store.save(index, shard, input_digest(pixels))
     seconds = time.perf_counter() - started
 
-    finished = [shard for shard in shards if shard is not None]
-    assert len(finished) == len(shards)  # every pending shard was filled above
-    columns = {name: np.concatenate([shard[name] for shard in finished]) for name in store.shapes}
-    table = EmbeddingTable(
-        columns[model.output_name],
-        np.arange(len(plan), dtype=np.int64),
-        plan.labels,
-        plan.split_of(np.arange(len(plan))),
-        _metadata(config, backend),
-        columns.get(SCORE_NAME),  # --score
-    )
-    write_embeddings(output, table)
+    write_embeddings(output, _merged(store, plan, model, _metadata(config, backend)))
     store.remove()
     return ExtractionSummary(
         output,
@@ -426,6 +416,32 @@ def _extract_in_process(
         _source(config),
         _range_note(model, plan, scale),
     )
+
+
+def _merged(
+    store: ShardStore, plan: RowPlan, model: ModelIdentity, metadata: dict[str, Any]
+) -> TableParts:
+    """The output table, read shard by shard from `store` when written: embeddings (and
+    scores) from the shard files, ids, labels and splits from `plan`."""
+
+    def read(start: int, stop: int, field: str) -> np.ndarray:
+        ids = np.arange(start, stop, dtype=np.int64)
+        index = start // store.block_rows
+        match field:
+            case "embeddings":
+                return store.read(index, model.output_name)
+            case "scores":
+                return store.read(index, SCORE_NAME)
+            case "ids":
+                return ids
+            case "labels":
+                return plan.labels[start:stop]
+            case "split":
+                return plan.split_of(ids)
+        raise ValueError(f"no field {field!r} in an extraction table")
+
+    bounds = [store.bounds(index) for index in range(store.count)]
+    return TableParts(metadata, bounds, read, scores=SCORE_NAME in store.shapes)
 
 
 def _extract_on_ray(config: EmbedConfig, backend: RayBackend) -> ExtractionSummary:

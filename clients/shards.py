@@ -89,12 +89,12 @@ class ShardStore(JobFolder):
     def path(self, index: int) -> Path:
         return self.folder / f"shard-{index:05d}.npz"
 
-    def load(self, index: int, digest: str) -> Outputs | None:
-        """The outputs of a valid finished shard made from input rows of `digest`, or None
+    def is_finished(self, index: int, digest: str) -> bool:
+        """Whether shard `index` is a valid finished shard made from input rows of `digest`
         (an invalid or stale file is removed)."""
         path = self.path(index)
         if not path.exists():
-            return None
+            return False
         start, stop = self.bounds(index)
         try:
             with np.load(path, allow_pickle=False) as archive:
@@ -114,8 +114,19 @@ class ShardStore(JobFolder):
             valid = False
         if not valid:
             path.unlink()
-            return None
-        return outputs
+        return valid
+
+    def read(self, index: int, name: str) -> np.ndarray:
+        """One output (`name`) of finished shard `index`, read from its file."""
+        path = self.path(index)
+        try:
+            with np.load(path, allow_pickle=False) as archive:
+                return archive[name]
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as exc:
+            raise ExtractionError(
+                f"{path}: unreadable shard ({exc}); run the same command again to embed its "
+                f"rows again"
+            ) from exc
 
     def save(self, index: int, outputs: Outputs, digest: str) -> None:
         """Write shard `index`, made from input rows of `digest`, atomically."""

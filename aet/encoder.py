@@ -20,6 +20,7 @@ from aet.conformal import P_VALUE_NAME, p_values, threshold
 from aet.errors import UserError
 from aet.repository import (
     CARD_FILE,
+    SCORE_NAME,
     ModelCard,
     ModelVersion,
     check_sha256,
@@ -280,8 +281,7 @@ class Encoder:
         -------
         ndarray of shape (N,), float32 in (0, 1]
         """
-        calibration = self._calibration_scores(P_VALUE_NAME)
-        return p_values(calibration, self.reconstruction_error(X, batch_size))
+        return self.run(X, batch_size=batch_size, p_value=True)[P_VALUE_NAME]
 
     @property
     def offset_(self) -> float:
@@ -309,9 +309,22 @@ class Encoder:
         """
         return np.where(self.decision_function(X, batch_size) < 0, -1, 1).astype(np.int64)
 
-    def run(self, X: Any, score: bool = False, batch_size: int = DEFAULT_BATCH_SIZE) -> Outputs:
+    def run(
+        self,
+        X: Any,
+        score: bool = False,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        *,
+        p_value: bool = False,
+    ) -> Outputs:
         """The graph's named outputs for the rows of `X`: the embedding (N, embedding_dim),
-        and with `score` the novelty score (N,) as `reconstruction_error`; float32."""
+        with `score` the novelty score (N,) as `reconstruction_error`, and with `p_value` the
+        score too and its conformal p-value (N,) as `p_value` (the one computation, on the
+        version's calibration scores; `ValueError` for a version without them); float32."""
+        if p_value:
+            calibration = self._calibration_scores(P_VALUE_NAME)
+            outputs = self.run(X, True, batch_size)
+            return {**outputs, P_VALUE_NAME: p_values(calibration, outputs[SCORE_NAME])}
         if batch_size < 1:
             raise ValueError(f"batch_size: expected a positive integer; got {batch_size}")
         if score and self.score_percentiles is None:

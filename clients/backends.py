@@ -8,8 +8,9 @@ receive the ONNX bytes and the model card (no shared filesystem needed), write o
 The local backend and the Ray actors run `aet.Encoder`, on the same
 `aet.runtime.EncoderSession` the server runs, so all three give the same embeddings. Every
 block is the graph's named outputs (`{"embedding": ...}`); opened with `score=True`, each
-block also holds each row's novelty score (`reconstruction_error`), which the Ray actors
-write as a column of their own.
+block also holds each row's novelty score (`reconstruction_error`) and, when the model has
+calibration scores, its conformal p-value (`p_value`, `p_value_record`), which the Ray actors
+write as columns of their own.
 """
 
 from __future__ import annotations
@@ -26,9 +27,16 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from aet.conformal import P_VALUE_NAME
 from aet.encoder import Encoder
 from aet.errors import UserError
-from aet.repository import SCORE_NAME, ModelCard, ModelVersion, find_model_version
+from aet.repository import (
+    SCORE_NAME,
+    ModelCard,
+    ModelVersion,
+    find_model_version,
+    read_calibration,
+)
 from aet.runtime import DEVICES, Outputs
 
 if TYPE_CHECKING:
@@ -78,6 +86,33 @@ def _check_score(card: ModelCard, score: bool) -> None:
         )
 
 
+def p_value_record(card: dict[str, Any], score: bool) -> dict[str, Any] | None:
+    """What a job's `p_value` column means and is computed from (the calibration scores the
+    model card references, by file, rows, split and sha256), for the output's metadata and the
+    job's manifest; None without `score`, and for a model without calibration scores (an
+    export from before p-values), which one warning line names: its score is still written."""
+    if not score:
+        return None
+    spec = card.get("score") or {}
+    if spec.get("calibration_file") is None:
+        log.warning(
+            "model %s v%s has no calibration data (exported before p-values): writing %s "
+            "without %s; export it again for p-values",
+            card.get("name"),
+            card.get("version"),
+            SCORE_NAME,
+            P_VALUE_NAME,
+        )
+        return None
+    keys = ("calibration_file", "calibration_sha256", "calibration_rows", "calibration_split")
+    return {
+        "column": P_VALUE_NAME,
+        "definition": f"conformal p-value of {SCORE_NAME}: (1 + #{{calibration scores >= "
+        f"score}}) / (n + 1); small is unusual",
+        **{key: spec[key] for key in keys},
+    }
+
+
 class EmbeddingBackend:
     """What `clients.extract.extract` runs on: `model`, `label` and `embed_rows` (`RayBackend`
     runs the whole job with `plan` and `embed_blocks` instead); a context manager that releases
@@ -85,6 +120,7 @@ class EmbeddingBackend:
 
     label: str  # for the summary line and the output's metadata
     model: ModelIdentity
+    p_value: dict[str, Any] | None = None  # `p_value_record`: None when no p-values are made
 
     def embed_rows(self, pixels: np.ndarray, batch_size: int) -> Iterator[Outputs]:
         """The named outputs of consecutive blocks of `pixels` (raw range), in order."""
@@ -150,12 +186,14 @@ class LocalBackend(EmbeddingBackend):
         self.model = _identity(found)
         self._encoder = Encoder.open(found, device, threads)
         self._score = score
+        self.p_value = p_value_record(self._encoder.card, score)
         self.label = f"local onnxruntime ({self._encoder.provider})"
 
     def embed_rows(self, pixels: np.ndarray, batch_size: int) -> Iterator[Outputs]:
         """The outputs of `pixels` (uint8 or float32, raw range) in blocks of `batch_size`."""
         for start in range(0, len(pixels), batch_size):
-            yield self._encoder.run(pixels[start : start + batch_size], self._score, batch_size)
+            rows = pixels[start : start + batch_size]
+            yield self._encoder.run(rows, self._score, batch_size, p_value=bool(self.p_value))
 
 
 class ServerBackend(EmbeddingBackend):
@@ -164,6 +202,10 @@ class ServerBackend(EmbeddingBackend):
     Up to `in_flight` requests are outstanding at once, so that replicas balanced by the
     client's round_robin policy all work; each request is retried by the client's service
     config on UNAVAILABLE or RESOURCE_EXHAUSTED (another replica answers when one is gone).
+    With `score`, p-values are asked of the server (`EmbedOptions.p_value`) when the card it
+    describes references calibration scores: it computes them from each row's score with
+    `aet.conformal.p_values` on the calibration it loaded and checked, as `aet.Encoder` does,
+    so there is one definition and no second copy of the calibration here.
     """
 
     def __init__(
@@ -187,6 +229,7 @@ class ServerBackend(EmbeddingBackend):
             tuple(description.class_labels),
             description.output.name,
         )
+        self.p_value = p_value_record(description.card, score)
         self.label = f"server {client.target}"
         self._in_flight = in_flight
         self._pool = ThreadPoolExecutor(in_flight, thread_name_prefix="aet-embed")
@@ -209,9 +252,12 @@ class ServerBackend(EmbeddingBackend):
             yield waiting.popleft().result()
 
     def _embed(self, rows: np.ndarray, name: str, version: int) -> Outputs:
-        """One request's embeddings, and the novelty scores if asked."""
+        """One request's embeddings, and the novelty scores (and p-values) if asked."""
         if not self._score:
             return {self.model.output_name: self._client.embed(rows, name, version)}
+        if self.p_value:
+            embeddings, scores, p = self._client.embed_with_p_value(rows, name, version)
+            return {self.model.output_name: embeddings, SCORE_NAME: scores, P_VALUE_NAME: p}
         embeddings, scores = self._client.embed_with_score(rows, name, version)
         return {self.model.output_name: embeddings, SCORE_NAME: scores}
 
@@ -238,19 +284,28 @@ def actor_device(device: str, cluster_gpus: float) -> tuple[str, int]:
 class EncoderActor:
     """A Ray Data `map_batches` worker: one `aet.Encoder` on one thread, `batch_size` rows
     per run, opened from the shipped ONNX bytes and model card (`Encoder.from_bytes`: no
-    model folder on the worker's disk)."""
+    model folder on the worker's disk); with `calibration` (shipped too) it writes p-values."""
 
     def __init__(
-        self, onnx: bytes, card: ModelCard, device: str, batch_size: int, score: bool = False
+        self,
+        onnx: bytes,
+        card: ModelCard,
+        device: str,
+        batch_size: int,
+        score: bool = False,
+        calibration: np.ndarray | None = None,
     ):
         self._batch_size = batch_size
         self._score = score
-        self._encoder = Encoder.from_bytes(onnx, card, device, threads=1)
+        self._p_value = calibration is not None
+        self._encoder = Encoder.from_bytes(onnx, card, device, threads=1, calibration=calibration)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> Any:
         import pyarrow as pa
 
-        outputs = self._encoder.run(batch["pixels"], self._score, self._batch_size)
+        outputs = self._encoder.run(
+            batch["pixels"], self._score, self._batch_size, p_value=self._p_value
+        )
         embeddings = outputs[self._encoder.card["output"]["name"]]
         columns = {
             "id": batch["id"],
@@ -260,8 +315,9 @@ class EncoderActor:
                 pa.array(np.ascontiguousarray(embeddings).reshape(-1)), embeddings.shape[1]
             ),
         }
-        if self._score:
-            columns[SCORE_NAME] = pa.array(outputs[SCORE_NAME])
+        for name in (SCORE_NAME, P_VALUE_NAME):
+            if name in outputs:
+                columns[name] = pa.array(outputs[name])
         return pa.table(columns)
 
 
@@ -320,6 +376,8 @@ class RayBackend(EmbeddingBackend):
         self.model = _identity(found)
         self._score = score
         self._card = found.usable_card
+        self.p_value = p_value_record(self._card.to_dict(), score)
+        self._calibration = read_calibration(found.path, self._card) if self.p_value else None
         self._onnx = found.verified_bytes()
         self._workers = workers
         self._plan = None
@@ -384,6 +442,7 @@ class RayBackend(EmbeddingBackend):
                 "device": self._device,
                 "batch_size": batch_size,
                 "score": self._score,
+                "calibration": self._calibration,
             },
             batch_size=None,  # a whole block per call: onnxruntime runs batch_size rows at a time
             batch_format="numpy",

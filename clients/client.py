@@ -32,9 +32,11 @@ from typing import TypeVar
 import grpc
 import numpy as np
 
+from aet.conformal import P_VALUE_NAME
 from aet.errors import UserError
 from aet.proto import embedding_pb2, embedding_pb2_grpc
 from aet.proto.codec import TensorCodecError, decode_tensor, dtype_name, encode_tensor
+from aet.repository import SCORE_NAME
 from aet.server.classification import Classification
 
 DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024  # gRPC's default receive limit, on both sides
@@ -405,9 +407,46 @@ class EmbeddingClient:
         -------
         (ndarray of shape (N, embedding_dim), ndarray of shape (N,)), float32
         """
-        options = embedding_pb2.EmbedOptions(reconstruction_error=True)
-        packed = self._embed(array, model, version, options, timeout, _embeddings_and_scores)
-        return packed[:, :-1], packed[:, -1]
+        embeddings, scores = self._embed_scored(array, model, version, timeout, (SCORE_NAME,))
+        return embeddings, scores
+
+    def embed_with_p_value(
+        self,
+        array: np.ndarray,
+        model: str,
+        version: int | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """As `embed_with_score`, and each row's conformal p-value (`EmbedOptions.p_value`),
+        which the server computes from the score against the version's calibration scores
+        (`aet.conformal.p_values`); a version without them answers INVALID_ARGUMENT.
+
+        Returns
+        -------
+        (ndarray (N, embedding_dim), ndarray (N,), ndarray (N,) in (0, 1]), float32
+        """
+        embeddings, scores, p = self._embed_scored(
+            array, model, version, timeout, (SCORE_NAME, P_VALUE_NAME)
+        )
+        return embeddings, scores, p
+
+    def _embed_scored(
+        self,
+        array: np.ndarray,
+        model: str,
+        version: int | None,
+        timeout: float | None,
+        names: tuple[str, ...],
+    ) -> list[np.ndarray]:
+        """The embeddings of `array`, then each per-row output of `names` (the score, and
+        the p-value when named)."""
+        options = embedding_pb2.EmbedOptions(
+            reconstruction_error=True, p_value=P_VALUE_NAME in names
+        )
+        packed = self._embed(array, model, version, options, timeout, _with_columns(names))
+        width = packed.shape[1] - len(names)
+        return [packed[:, :width], *(packed[:, width + i] for i in range(len(names)))]
 
     def _embed(
         self,
@@ -458,7 +497,7 @@ class EmbeddingClient:
             l2_normalize=l2_normalize, float16_output=float16, reconstruction_error=with_score
         )
         chunks = self._chunks(checked(batches), model, version)
-        read = _embeddings_and_scores if with_score else _embeddings
+        read = _with_columns((SCORE_NAME,)) if with_score else _embeddings
         return self._stream(chunks, model, version, options, deadline=timeout, read=read)
 
     def classify(
@@ -718,20 +757,27 @@ def _embeddings(response: embedding_pb2.EmbedResponse, chunk: _Chunk, method: st
     return embeddings
 
 
-def _embeddings_and_scores(
-    response: embedding_pb2.EmbedResponse, chunk: _Chunk, method: str
-) -> np.ndarray:
-    """The embeddings of `response` with its scores as one more column: (rows, dim + 1)."""
-    embeddings = _embeddings(response, chunk, method)
-    try:
-        scores = decode_tensor(response.reconstruction_error, "reconstruction_error")
-    except TensorCodecError as exc:
-        raise EmbeddingError(grpc.StatusCode.INTERNAL, f"response {exc}", method) from None
-    if scores.shape != (len(embeddings),):
-        raise EmbeddingError(
-            grpc.StatusCode.INTERNAL,
-            f"response reconstruction_error.shape: expected ({len(embeddings)},), "
-            f"got {scores.shape}",
-            method,
-        )
-    return np.concatenate([embeddings.astype(np.float32), scores[:, None]], axis=1)
+def _with_columns(
+    names: tuple[str, ...],
+) -> Callable[[embedding_pb2.EmbedResponse, _Chunk, str], np.ndarray]:
+    """A reader of the embeddings of a response with its per-row tensors `names` (fields of
+    `EmbedResponse`, e.g. the score) as more columns: (rows, dim + len(names))."""
+
+    def read(response: embedding_pb2.EmbedResponse, chunk: _Chunk, method: str) -> np.ndarray:
+        embeddings = _embeddings(response, chunk, method)
+        columns = [embeddings.astype(np.float32)]
+        for name in names:
+            try:
+                column = decode_tensor(getattr(response, name), name)
+            except TensorCodecError as exc:
+                raise EmbeddingError(grpc.StatusCode.INTERNAL, f"response {exc}", method) from None
+            if column.shape != (len(embeddings),):
+                raise EmbeddingError(
+                    grpc.StatusCode.INTERNAL,
+                    f"response {name}.shape: expected ({len(embeddings)},), got {column.shape}",
+                    method,
+                )
+            columns.append(column[:, None])
+        return np.concatenate(columns, axis=1)
+
+    return read

@@ -1,6 +1,7 @@
 """The output of `aet embed`: one row per example (id, split, label, embedding and, with
-`--score`, the novelty score) as `.npz` (arrays + JSON metadata), `.parquet` (columns + schema
-metadata), or, from Ray, a folder of Parquet files with a manifest; written atomically.
+`--score`, the novelty score and, for a calibrated model, its conformal p-value) as `.npz`
+(arrays + JSON metadata), `.parquet` (columns + schema metadata), or, from Ray, a folder of
+Parquet files with a manifest; written atomically.
 """
 
 from __future__ import annotations
@@ -16,12 +17,17 @@ from typing import Any
 
 import numpy as np
 
+from aet.conformal import P_VALUE_NAME
 from aet.errors import UserError
 from aet.files import atomic_write
+from aet.repository import SCORE_NAME
 
 FORMATS = (".npz", ".parquet")
 MANIFEST = "manifest.json"
-SCORE_COLUMN = "reconstruction_error"  # the novelty score's array / column, with --score
+OPTIONAL_FIELDS = {  # field -> array / column, written when the table has it
+    "scores": SCORE_NAME,  # with --score
+    "p_values": P_VALUE_NAME,  # with --score, for a model with calibration scores
+}
 
 
 class ExtractionError(UserError):
@@ -38,6 +44,7 @@ class EmbeddingTable:
     split: np.ndarray  # (N,) str
     metadata: dict  # dataset (load_dataset arguments), model, backend, created
     scores: np.ndarray | None = None  # (N,) float32 reconstruction_error, with --score
+    p_values: np.ndarray | None = None  # (N,) float32 conformal p-values of `scores`
 
     def part(self, name: str) -> tuple[np.ndarray, np.ndarray]:
         """Embeddings and labels of one split ("train", "val", "test")."""
@@ -49,13 +56,13 @@ class EmbeddingTable:
 class TableParts:
     """An `EmbeddingTable` given block by block, to write one bigger than memory:
     `read(start, stop, field)` gives rows [start, stop) of one of its fields (`embeddings`,
-    `ids`, `labels`, `split`, `scores`), read only when asked; `bounds` are the blocks in row
-    order."""
+    `ids`, `labels`, `split`, and those of `OPTIONAL_FIELDS` in `present`), read only when
+    asked; `bounds` are the blocks in row order."""
 
     metadata: dict
     bounds: Sequence[tuple[int, int]]
     read: Callable[[int, int, str], np.ndarray]
-    scores: bool = False  # whether it has the `scores` field (--score)
+    present: frozenset[str] = frozenset()  # its fields of `OPTIONAL_FIELDS`
 
     @classmethod
     def of(cls, table: EmbeddingTable) -> TableParts:
@@ -64,7 +71,7 @@ class TableParts:
             table.metadata,
             [(0, len(table.ids))],
             lambda start, stop, name: getattr(table, name)[start:stop],
-            table.scores is not None,
+            frozenset(field for field in OPTIONAL_FIELDS if getattr(table, field) is not None),
         )
 
     @property
@@ -72,8 +79,12 @@ class TableParts:
         return sum(stop - start for start, stop in self.bounds)
 
     def fields(self, names: dict[str, str]) -> dict[str, str]:
-        """`names` (field -> its name in a file) less `scores` when the table has none."""
-        return {field: name for field, name in names.items() if field != "scores" or self.scores}
+        """`names` (field -> its name in a file) less the optional fields it does not have."""
+        return {
+            field: name
+            for field, name in names.items()
+            if field not in OPTIONAL_FIELDS or field in self.present
+        }
 
     def blocks(self, field: str) -> Iterator[np.ndarray]:
         """One field, block by block; `ValueError` for a block of the wrong length."""
@@ -89,14 +100,14 @@ NPZ_ARRAYS = {  # field -> array of an .npz output (and "metadata", JSON)
     "ids": "ids",
     "labels": "labels",
     "split": "split",
-    "scores": SCORE_COLUMN,
+    **OPTIONAL_FIELDS,
 }
 PARQUET_COLUMNS = {  # field -> column of a .parquet output (and the schema metadata "aet")
     "ids": "id",
     "split": "split",
     "labels": "label",
     "embeddings": "embedding",
-    "scores": SCORE_COLUMN,
+    **OPTIONAL_FIELDS,
 }
 
 
@@ -169,7 +180,7 @@ def _as_written(field: str, block: np.ndarray) -> np.ndarray:
 
 def _arrow_table(path: Path, arrow, metadata: dict) -> EmbeddingTable:
     """The columns of an Arrow table of embeddings (id, split, label, embedding and, with
-    --score, reconstruction_error)."""
+    --score, reconstruction_error and p_value)."""
     import pyarrow as pa
 
     embedding = arrow.column("embedding").combine_chunks()
@@ -184,7 +195,10 @@ def _arrow_table(path: Path, arrow, metadata: dict) -> EmbeddingTable:
         arrow.column("label").to_numpy(),
         arrow.column("split").to_numpy(zero_copy_only=False).astype(str),
         metadata,
-        arrow.column(SCORE_COLUMN).to_numpy() if SCORE_COLUMN in arrow.column_names else None,
+        **{
+            field: arrow.column(name).to_numpy() if name in arrow.column_names else None
+            for field, name in OPTIONAL_FIELDS.items()
+        },
     )
 
 
@@ -238,7 +252,10 @@ def read_embeddings(path: str | os.PathLike) -> EmbeddingTable:
                     archive["labels"],
                     archive["split"],
                     json.loads(str(archive["metadata"])),
-                    archive[SCORE_COLUMN] if SCORE_COLUMN in archive.files else None,
+                    **{
+                        field: archive[name] if name in archive.files else None
+                        for field, name in OPTIONAL_FIELDS.items()
+                    },
                 )
         else:
             import pyarrow.parquet as pq

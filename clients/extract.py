@@ -35,6 +35,7 @@ import numpy as np
 from aet.clients.embeddings import (
     FORMATS,
     MANIFEST,
+    OPTIONAL_FIELDS,
     ExtractionError,
     TableParts,
     write_embeddings,
@@ -42,6 +43,7 @@ from aet.clients.embeddings import (
 from aet.clients.rows import NO_LABEL, SPLITS, RowPlan, plan_rows, raw_pixels
 from aet.clients.shards import PartsFolder, ShardStore, input_digest
 from aet.config import ConfigError, add_config_arguments, config_from_args
+from aet.conformal import P_VALUE_NAME
 from aet.repository import SCORE_NAME
 from aet.training.data import Dataset
 from aet.training.dataspec import DataSpec, resolve_data
@@ -61,7 +63,8 @@ class EmbedConfig:
         default=False,
         metadata={
             "help": "also write each row's novelty score, reconstruction_error (runs the "
-            "decoder too)"
+            "decoder too), and its conformal p-value, p_value, against the model's calibration "
+            "scores (left out, with a warning, for a model exported without them)"
         },
     )
     server: str | None = field(
@@ -297,14 +300,16 @@ class ExtractionSummary:
         )
 
 
-def _job_manifest(config: EmbedConfig, model: ModelIdentity, rows: int) -> dict[str, Any]:
-    """What names a job: a restarted one must match it to reuse finished shards or blocks."""
+def _job_manifest(config: EmbedConfig, backend: EmbeddingBackend, rows: int) -> dict[str, Any]:
+    """What names a job: a restarted one must match it to reuse finished shards or blocks
+    (`p_value`: what its p-values come from, so shards with and without them never mix)."""
     return {
         "dataset": config.data.record(),
-        "model": dataclasses.asdict(model),
+        "model": dataclasses.asdict(backend.model),
         "rows": rows,
         "shard_size": config.shard_size,
         "score": config.score,
+        "p_value": backend.p_value,
     }
 
 
@@ -320,6 +325,7 @@ def _metadata(config: EmbedConfig, backend: EmbeddingBackend) -> dict[str, Any]:
         "model": dataclasses.asdict(backend.model),
         "backend": backend.label,
         "created": datetime.now(UTC).isoformat(),
+        "p_value": backend.p_value,  # what the p_value column means; None: no such column
     }
 
 
@@ -356,10 +362,13 @@ def _extract_in_process(
     output = config.output_path
     scale = check_model_fits(backend.model, plan)
     model = backend.model
+    shapes: dict[str, tuple[int, ...]] = {model.output_name: (model.embedding_dim,)}
+    if config.score:
+        shapes[SCORE_NAME] = ()
+    if backend.p_value:
+        shapes[P_VALUE_NAME] = ()
     store = ShardStore(
-        output.with_name(output.name + ".shards"),
-        _job_manifest(config, model, len(plan)),
-        {model.output_name: (model.embedding_dim,), **({SCORE_NAME: ()} if config.score else {})},
+        output.with_name(output.name + ".shards"), _job_manifest(config, backend, len(plan)), shapes
     )
     store.open()
     pending = [
@@ -422,16 +431,15 @@ def _merged(
     store: ShardStore, plan: RowPlan, model: ModelIdentity, metadata: dict[str, Any]
 ) -> TableParts:
     """The output table, read shard by shard from `store` when written: embeddings (and
-    scores) from the shard files, ids, labels and splits from `plan`."""
+    scores, p-values) from the shard files, ids, labels and splits from `plan`."""
+    outputs = {"embeddings": model.output_name, **OPTIONAL_FIELDS}
 
     def read(start: int, stop: int, field: str) -> np.ndarray:
         ids = np.arange(start, stop, dtype=np.int64)
         index = start // store.block_rows
         match field:
-            case "embeddings":
-                return store.read(index, model.output_name)
-            case "scores":
-                return store.read(index, SCORE_NAME)
+            case "embeddings" | "scores" | "p_values":
+                return store.read(index, outputs[field])
             case "ids":
                 return ids
             case "labels":
@@ -441,7 +449,8 @@ def _merged(
         raise ValueError(f"no field {field!r} in an extraction table")
 
     bounds = [store.bounds(index) for index in range(store.count)]
-    return TableParts(metadata, bounds, read, scores=SCORE_NAME in store.shapes)
+    present = frozenset(field for field, name in OPTIONAL_FIELDS.items() if name in store.shapes)
+    return TableParts(metadata, bounds, read, present)
 
 
 def _extract_on_ray(config: EmbedConfig, backend: RayBackend) -> ExtractionSummary:
@@ -453,7 +462,7 @@ def _extract_on_ray(config: EmbedConfig, backend: RayBackend) -> ExtractionSumma
             f"set {plan.name} has values up to {plan.raw_max}; --ray does not rescale them, "
             f"--local and --server do"
         )
-    folder = PartsFolder(config.output_path, _job_manifest(config, backend.model, plan.rows))
+    folder = PartsFolder(config.output_path, _job_manifest(config, backend, plan.rows))
     folder.open(overwrite=config.overwrite)
     pending = folder.pending_blocks()
     blocks = [folder.bounds(index) for index in pending]

@@ -5,7 +5,9 @@ an interrupted job and resume it; Ray output folders that resume at block level.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
+import logging
 import os
 import shutil
 import tracemalloc
@@ -28,8 +30,9 @@ from aet.clients.embeddings import ExtractionError, read_embeddings
 from aet.clients.extract import EmbedConfig, extract, extraction_rows
 from aet.clients.rows import _loaded, _read, plan_rows, raw_pixels
 from aet.config import ConfigError
+from aet.encoder import Encoder
 from aet.errors import UserError
-from aet.repository import RepositoryError
+from aet.repository import CALIBRATION_FILE, RepositoryError
 from aet.training.data import DataError, load_dataset
 from aet.training.dataspec import DataSpec
 from aet.training.mapped import MappedImages
@@ -62,10 +65,11 @@ def plan():
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, model_dir, plan):
-    """The local backend's output for the job: the embeddings every other path must match."""
+    """The local backend's output for the job, scored: the embeddings, scores and p-values
+    every other path must match."""
     folder = tmp_path_factory.mktemp("reference")
-    with LocalBackend(model_dir) as backend:
-        extract(config(folder, "local.npz", local=model_dir), backend, plan)
+    with LocalBackend(model_dir, score=True) as backend:
+        extract(config(folder, "local.npz", local=model_dir, score=True), backend, plan)
     return read_embeddings(folder / "local.npz")
 
 
@@ -140,10 +144,11 @@ def test_server_and_ray_backends_match_local(
     tmp_path, model_dir, plan, reference, embedding_server
 ):
     target = f"127.0.0.1:{embedding_server.port}"
-    with ServerBackend(EmbeddingClient(target), DIGITS_MODEL) as backend:
-        served = extract(config(tmp_path, "served.parquet"), backend, plan)
-    with RayBackend(model_dir, workers=2) as backend:
-        on_ray = extract(config(tmp_path, "ray.parquet", local=None, ray=model_dir), backend)
+    with ServerBackend(EmbeddingClient(target), DIGITS_MODEL, score=True) as backend:
+        served = extract(config(tmp_path, "served.parquet", score=True), backend, plan)
+    with RayBackend(model_dir, workers=2, score=True) as backend:
+        job = config(tmp_path, "ray.parquet", local=None, ray=model_dir, score=True)
+        on_ray = extract(job, backend)
         assert (tmp_path / "ray.parquet").is_dir()
         _ray_job_resumes_from_its_finished_blocks(tmp_path / "ray.parquet", model_dir, backend)
         missing = DataSpec("npz", tmp_path / "absent.npz")
@@ -153,9 +158,73 @@ def test_server_and_ray_backends_match_local(
     for path in (served.output, on_ray.output):
         table = read_embeddings(path)
         np.testing.assert_allclose(table.embeddings, reference.embeddings, rtol=0, atol=1e-5)
+        np.testing.assert_allclose(table.scores, reference.scores, rtol=0, atol=1e-5)
+        np.testing.assert_allclose(table.p_values, reference.p_values, rtol=0, atol=1e-6)
+        assert table.metadata["p_value"] == reference.metadata["p_value"]
         np.testing.assert_array_equal(table.labels, reference.labels)
         np.testing.assert_array_equal(table.split, reference.split)
     assert not list(tmp_path.glob("*.shards"))  # merged and cleaned up
+
+
+@pytest.mark.parametrize("suffix", [".npz", ".parquet"])
+def test_a_scored_job_writes_the_p_values_of_aet_encoder(tmp_path, model_dir, plan, suffix):
+    """`--score` writes `p_value` beside `reconstruction_error`: what `aet.Encoder.p_value`
+    gives the same rows, and metadata naming the calibration scores they come from."""
+    job = config(tmp_path, f"scored{suffix}", local=model_dir, score=True)
+    with LocalBackend(model_dir, score=True) as backend:
+        extract(job, backend, plan)
+    table = read_embeddings(job.output)
+    expected = Encoder.load(model_dir, threads=1).p_value(plan.pixels(0, LIMIT))
+    assert table.p_values.dtype == np.float32
+    np.testing.assert_allclose(table.p_values, expected, rtol=0, atol=1e-6)
+    assert (table.p_values > 0).all() and (table.p_values <= 1).all()
+    assert len(np.unique(table.p_values)) > 10  # not a constant column
+    score = json.loads((model_dir / "1" / "model.json").read_text())["score"]
+    assert table.metadata["p_value"]["column"] == "p_value"
+    assert table.metadata["p_value"]["calibration_sha256"] == score["calibration_sha256"]
+
+
+def test_a_model_without_calibration_data_writes_the_score_alone(
+    tmp_path, model_dir, plan, reference, caplog, monkeypatch
+):
+    """A version exported before p-values (no calibration file): `--score` still writes the
+    score and leaves `p_value` out, with one warning line saying why. An unfinished job that
+    has p-values is not resumed by it (the manifest's `p_value` differs): no mixed shards."""
+    old = tmp_path / "old" / DIGITS_MODEL
+    shutil.copytree(model_dir, old)
+    card = json.loads((old / "1" / "model.json").read_text())
+    del card["score"]["calibration_file"], card["score"]["calibration_sha256"]
+    (old / "1" / "model.json").write_text(json.dumps(card))
+    (old / "1" / CALIBRATION_FILE).unlink()
+    job = config(tmp_path, "job.npz", local=old, score=True)
+
+    with LocalBackend(model_dir, score=True) as backend:  # with p-values: stopped after shard 0
+        embed_rows, shards = backend.embed_rows, itertools.count()
+
+        def first_shard_only(pixels, batch_size):
+            if next(shards):
+                raise Interrupted
+            return embed_rows(pixels, batch_size)
+
+        monkeypatch.setattr(backend, "embed_rows", first_shard_only)
+        with pytest.raises(Interrupted):
+            extract(job, backend, plan)
+    with caplog.at_level(logging.WARNING, "aet.clients.backends"):
+        backend = LocalBackend(old, score=True)
+    assert [record.getMessage() for record in caplog.records] == [
+        "model digits v1 has no calibration data (exported before p-values): writing "
+        "reconstruction_error without p_value; export it again for p-values"
+    ]
+    with backend:
+        with pytest.raises(
+            ExtractionError, match=r"field 'p_value': this job has None, the unfinished one has"
+        ):
+            extract(job, backend, plan)
+        shutil.rmtree(tmp_path / "job.npz.shards")
+        extract(job, backend, plan)
+    table = read_embeddings(job.output)
+    assert table.p_values is None and table.metadata["p_value"] is None
+    np.testing.assert_allclose(table.scores, reference.scores, rtol=0, atol=1e-6)
 
 
 def _ray_job_resumes_from_its_finished_blocks(folder, model_dir, backend):
@@ -170,11 +239,13 @@ def _ray_job_resumes_from_its_finished_blocks(folder, model_dir, backend):
     with pytest.raises(ExtractionError, match="unfinished job; run the same aet embed"):
         read_embeddings(folder)
 
-    resumed = extract(config(folder.parent, folder.name, local=None, ray=model_dir), backend)
+    job = config(folder.parent, folder.name, local=None, ray=model_dir, score=True)
+    resumed = extract(job, backend)
     assert 0 < resumed.embedded_rows <= 2 * 96
     table = read_embeddings(folder)
     np.testing.assert_array_equal(table.ids, np.arange(LIMIT))
     np.testing.assert_array_equal(table.embeddings, reference.embeddings)
+    np.testing.assert_array_equal(table.p_values, reference.p_values)
 
 
 def test_ray_actors_reserve_a_gpu_when_cuda_is_chosen():

@@ -27,6 +27,7 @@ from aet.training.export import (
     PARITY_ROWS,
     VECTOR_INPUT_NAME,
     ExportedEncoder,
+    StandardizeModule,
     export_encoder,
 )
 from aet.training.models import ModelConfig
@@ -344,7 +345,9 @@ class AutoencoderEmbedder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Bas
         """
         check_is_fitted(self, "model_")
         standardize = (
-            torch.nn.Identity() if self.standardizer_ is None else self.standardizer_.as_module()
+            torch.nn.Identity()
+            if self.standardizer_ is None
+            else StandardizeModule(self.standardizer_)
         )
         encoder = ExportedEncoder(self.model_, standardize, novelty=self.novelty_).eval()
         rng = np.random.default_rng(self.seed)

@@ -48,10 +48,8 @@ import numpy as np
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
-sys.path[:0] = [str(BENCH)]
-
-import extract as extract_bench  # noqa: E402  (bench/extract.py: tiling MNIST)
-import serve as serve_bench  # noqa: E402  (bench/serve.py: the large encoder, the load clients)
+sys.path[:0] = [str(BENCH)]  # bench/extract.py and bench/serve.py, imported where used:
+# they pull in onnx, grpc and the data loaders, so bad arguments are refused before that cost
 
 from aet.devices import nvidia_gpu_present  # noqa: E402
 
@@ -236,6 +234,8 @@ def training(args: argparse.Namespace, scratch: Path, failures: list[str]) -> di
 
 def build_repository(args: argparse.Namespace) -> None:
     """The shipped digits encoder and bench/serve.py's large MLP (training adds its own)."""
+    import serve as serve_bench
+
     shutil.copytree(ROOT / "exported" / "digits", args.repository / "digits")
     serve_bench.build_repository(args.repository)  # writes "tiny" and "large"
     shutil.rmtree(args.repository / "tiny")
@@ -299,6 +299,8 @@ def served_rate(
     port: int, request, batch: int, concurrency: int, seconds: float, pool, processes: int
 ) -> dict:
     """`concurrency` callers in up to `processes` processes, each one call at a time."""
+    import serve as serve_bench
+
     processes = min(concurrency, processes)
     threads = [concurrency // processes + (i < concurrency % processes) for i in range(processes)]
     parts = [
@@ -336,6 +338,8 @@ def check_served(target: str, models: list[str], args: argparse.Namespace, failu
 
 
 def serving(args: argparse.Namespace, scratch: Path, failures: list[str]) -> dict:
+    import serve as serve_bench
+
     from aet.clients.server_process import ServerProcess
 
     models = sorted(p.name for p in args.repository.iterdir())
@@ -399,6 +403,8 @@ def extraction(args: argparse.Namespace, scratch: Path, failures: list[str]) -> 
     if args.quick:
         data = ["--dataset", "digits"]
     else:
+        import extract as extract_bench
+
         tiled = extract_bench.tile_mnist(args.mnist_path, args.rows, scratch / "tiled")
         data = ["--dataset", "mnist-idx", "--data-path", str(tiled)]
     result = {"rows": args.rows, "model": model, "jobs": []}

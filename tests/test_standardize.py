@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from aet.training.export import StandardizeModule
 from aet.training.standardize import FeatureStandardizer, StandardizerError
 
 
@@ -37,7 +38,7 @@ def test_module_matches_numpy_transform():
     x = np.random.default_rng(2).uniform(-4, 9, size=(30, 6)).astype(np.float32)
     standardizer = FeatureStandardizer.fit(x)
     with torch.no_grad():
-        got = standardizer.as_module()(torch.from_numpy(x)).numpy()
+        got = StandardizeModule(standardizer)(torch.from_numpy(x)).numpy()
     np.testing.assert_allclose(got, standardizer.transform(x), rtol=1e-6, atol=1e-6)
 
 

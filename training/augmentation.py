@@ -20,8 +20,6 @@ import math
 from dataclasses import dataclass, field
 
 import torch
-from torchvision.transforms.v2 import InterpolationMode
-from torchvision.transforms.v2.functional import affine
 
 from aet.config import ConfigError
 
@@ -82,6 +80,11 @@ class Augmentation:
         return (2 * torch.rand((), generator=self.generator).item() - 1) * bound
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        # Imported here, by runs that augment: torchvision's import takes seconds (it loads its
+        # models and ops), which every `aet` command would otherwise pay at start-up.
+        from torchvision.transforms.v2 import InterpolationMode
+        from torchvision.transforms.v2.functional import affine
+
         height, width = batch.shape[-2:]
         dx = self._uniform(self.config.augment_translate * width)
         dy = self._uniform(self.config.augment_translate * height)

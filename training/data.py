@@ -26,8 +26,6 @@ import pyarrow.compute as pc
 import pyarrow.csv
 import pyarrow.parquet
 from PIL import Image, UnidentifiedImageError
-from sklearn.datasets import load_breast_cancer, load_digits, load_wine
-from sklearn.model_selection import train_test_split
 
 from aet.config import ConfigError
 from aet.errors import UserError
@@ -167,6 +165,8 @@ def _load_digits(
         )
     _table_options_unused("digits images", table)
     _fixed_shape_only("digits", image_size, channels, (1, 8, 8))
+    from sklearn.datasets import load_digits  # here: importing scikit-learn takes seconds
+
     bunch = load_digits()
     x = (bunch.images.astype(np.float32) / np.float32(16.0))[:, None]  # (N, 1, 8, 8)
     return LoadedImages(
@@ -721,8 +721,9 @@ def _load_parquet(
     return _vectors(str(path), read, table, {"path": str(path.resolve())})
 
 
-def _bundled_table(name: str, load) -> Loader:
-    """A loader for one of scikit-learn's bundled tables (wine, breast cancer)."""
+def _bundled_table(name: str, function: str) -> Loader:
+    """A loader for one of scikit-learn's bundled tables (wine, breast cancer), read by
+    `sklearn.datasets.<function>`."""
 
     def loader(
         path: Path | None, *, image_size: int | None, channels: int | None, table: TableOptions
@@ -738,9 +739,11 @@ def _bundled_table(name: str, load) -> Loader:
                 f"label_column: the {name} data set comes with its labels; "
                 f"got label_column={table.label_column!r}"
             )
-        bunch = load()
+        import sklearn.datasets
+
+        bunch = getattr(sklearn.datasets, function)()
         columns = pa.table({f: bunch.data[:, j] for j, f in enumerate(bunch.feature_names)})
-        origin = {"origin": f"sklearn.datasets.{load.__name__}"}
+        origin = {"origin": f"sklearn.datasets.{function}"}
         return _vectors(name, columns, table, origin, bunch.target.astype(np.int64))
 
     return loader
@@ -834,8 +837,8 @@ DATASETS: dict[str, Loader] = {
     "image-folder": _load_image_folder,
     "csv": _load_csv,
     "parquet": _load_parquet,
-    "wine": _bundled_table("wine", load_wine),
-    "breast-cancer": _bundled_table("breast-cancer", load_breast_cancer),
+    "wine": _bundled_table("wine", "load_wine"),
+    "breast-cancer": _bundled_table("breast-cancer", "load_breast_cancer"),
 }
 
 
@@ -895,6 +898,8 @@ def _hold_out(split: Split, fraction: float, seed: int, part: str) -> tuple[Spli
     if n_held_out == 0:
         return split, _take(split, index[:0]), False
     stratified = _stratifiable(split.y, n_held_out)
+    from sklearn.model_selection import train_test_split
+
     kept, held_out = train_test_split(
         index, test_size=n_held_out, random_state=seed, stratify=split.y if stratified else None
     )

@@ -163,6 +163,23 @@ class Scale(torch.nn.Module):
         return pixels / self.raw_max
 
 
+class StandardizeModule(torch.nn.Module):
+    """`FeatureStandardizer`'s `(x - mean) / std` on (B, *feature_shape) tensors; the statistics
+    are buffers, so they move with `.to(device)`, go into `state_dict` and become constants of
+    an exported graph."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+
+    def __init__(self, standardizer: FeatureStandardizer) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.from_numpy(standardizer.mean.copy()))
+        self.register_buffer("std", torch.from_numpy(standardizer.std.copy()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
 class ExportedEncoder(torch.nn.Module):
     """What the graph computes: raw rows -> preprocessing -> (embedding (B, code_size),
     reconstruction_error (B,)); with `with_score=False` the embedding alone."""
@@ -390,7 +407,9 @@ def preprocessing_module(checkpoint: Checkpoint) -> torch.nn.Module:
     """The graph's first step: scale pixels, or standardise vectors with the checkpoint's
     training-split statistics."""
     if checkpoint.standardizer is not None:
-        return FeatureStandardizer.from_dict(checkpoint.standardizer, "checkpoint").as_module()
+        return StandardizeModule(
+            FeatureStandardizer.from_dict(checkpoint.standardizer, "checkpoint")
+        )
     return Scale(checkpoint.raw_max)
 
 

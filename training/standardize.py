@@ -2,8 +2,9 @@
 
 One definition for every place that needs it: `aet.AutoencoderEmbedder` standardises arbitrary
 real-valued features before its Gaussian (MSE) autoencoder sees them, and an exported graph for
-vector data bakes the same step in front of the encoder (`FeatureStandardizer.as_module`), so
-raw features go in on both paths. The statistics travel in `model.json` (`to_dict` /
+vector data bakes the same step in front of the encoder (`training.export.StandardizeModule`),
+so raw features go in on both paths. This module needs numpy only: `aet embed` reads tables
+through it without importing torch. The statistics travel in `model.json` (`to_dict` /
 `from_dict`) and in checkpoints.
 
 A feature that is constant on the training rows has std 0; it is divided by 1 instead (as
@@ -16,8 +17,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
-from torch import nn
 
 from aet.errors import UserError
 
@@ -116,23 +115,3 @@ class FeatureStandardizer:
             return cls(mean, std)
         except StandardizerError as exc:
             raise StandardizerError(f"{source}: {exc}") from exc
-
-    def as_module(self) -> StandardizeModule:
-        """The same step as a torch module, for exported graphs and in-process encoders."""
-        return StandardizeModule(self)
-
-
-class StandardizeModule(nn.Module):
-    """`(x - mean) / std` on (B, *feature_shape) tensors; the statistics are buffers, so they
-    move with `.to(device)`, go into `state_dict` and become constants of an exported graph."""
-
-    mean: torch.Tensor
-    std: torch.Tensor
-
-    def __init__(self, standardizer: FeatureStandardizer) -> None:
-        super().__init__()
-        self.register_buffer("mean", torch.from_numpy(standardizer.mean.copy()))
-        self.register_buffer("std", torch.from_numpy(standardizer.std.copy()))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.mean) / self.std

@@ -158,11 +158,11 @@ def test_ctrl_c_saves_and_exits_130_and_resume_finishes_exactly_like_an_uninterr
         str(tmp_path),
         *SMALL_RUN,
         "--epochs",
-        "40",
+        "4",
         "--batch-size",
         "16",
         "--patience",
-        "40",
+        "4",
     ]
     interrupted = pretrain("--name", "run", *flags, pause_after_first_epoch=True)
     for line in interrupted.stdout:  # parked after epoch 1, its SIGINT handler installed

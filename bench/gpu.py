@@ -179,13 +179,19 @@ def timed_pretrain(command: list[str], log: Path, epochs: int, probe: bool) -> d
         seconds_per_epoch=float(np.median(per_epoch[1:] or per_epoch)),
     )
     if probe:
-        accuracy = json.loads(finished.read_text())["evaluation"]["probe"]
-        entry.update(
-            probe_labels=accuracy["labels"],
-            logistic_probe=accuracy["logistic"]["accuracy"]["model"],
-            pixels_probe=accuracy["logistic"]["accuracy"]["pixels"],
-        )
+        entry.update(logistic_probe_figures(json.loads(finished.read_text())["evaluation"]))
     return entry
+
+
+def logistic_probe_figures(evaluation: dict) -> dict:
+    """The logistic probe's test accuracies on the codes and on the pixels, per label budget,
+    from a run's metrics.json `evaluation` (`training.evaluate.evaluate_autoencoder`)."""
+    probe = evaluation["probe"]
+    return {
+        "probe_labels": probe["labels"],
+        "logistic_probe": probe["accuracy"]["model"]["logreg"],
+        "pixels_probe": probe["accuracy"]["pixels"]["logreg"],
+    }
 
 
 def training(args: argparse.Namespace, scratch: Path, failures: list[str]) -> dict:

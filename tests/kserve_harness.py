@@ -5,7 +5,9 @@ the repository reloader and, when asked, bearer tokens and TLS; wired as `aet se
 
 from __future__ import annotations
 
+import atexit
 import collections
+import shutil
 import tempfile
 import threading
 import time
@@ -92,6 +94,7 @@ def start_kserve_server(
     loaded; `tokens` are accepted bearer tokens, spans go to `tracer` (an OpenTelemetry
     tracer), `config` further `ServeConfig` fields by flag name."""
     folder = Path(tempfile.mkdtemp(prefix="aet-tokens-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)  # the server may reread them
     token_file = None
     if tokens:
         token_file = folder / "tokens"

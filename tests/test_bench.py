@@ -19,9 +19,11 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from aet.devices import nvidia_gpu_present
+from aet.training.probes import FeatureSet, probe_features
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
@@ -213,6 +215,23 @@ def test_gpu_check_quick_on_cpu(tmp_path):
     assert job["backend"] == "local" and job["rows"] == 1797 and job["rows_per_s"] > 0
     summary = (results / "gpu.md").read_text()
     assert "## Serving" in summary and "## Failures\n\nnone" in summary
+
+
+def test_gpu_check_reads_the_probe_table_pretrain_writes():
+    """The fp32 run's probe figures come from metrics.json as `aet pretrain` writes it (the
+    quick run above skips the probe: tuning it takes minutes on CPU)."""
+    gpu = load_script("gpu.py")
+    rng = np.random.default_rng(0)
+    fit_y, test_y = np.arange(60) % 3, np.arange(30) % 3
+    features = [
+        FeatureSet(name, rng.normal(size=(60, 4)) + fit_y[:, None], rng.normal(size=(30, 4)))
+        for name in ("model", "pixels")
+    ]
+    probe = probe_features(features, fit_y, test_y, [30, 60])
+    figures = gpu.logistic_probe_figures({"probe": probe})
+    assert figures["probe_labels"] == [30, 60]
+    assert figures["logistic_probe"] == probe["accuracy"]["model"]["logreg"]
+    assert figures["pixels_probe"] == probe["accuracy"]["pixels"]["logreg"]
 
 
 def _perf_analyzer_installed() -> bool:

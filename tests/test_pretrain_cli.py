@@ -163,6 +163,7 @@ def test_ctrl_c_saves_and_exits_130_and_resume_finishes_exactly_like_an_uninterr
         "16",
         "--patience",
         "4",
+        "--no-probes",
     ]
     interrupted = pretrain("--name", "run", *flags, pause_after_first_epoch=True)
     for line in interrupted.stdout:  # parked after epoch 1, its SIGINT handler installed
@@ -182,6 +183,8 @@ def test_ctrl_c_saves_and_exits_130_and_resume_finishes_exactly_like_an_uninterr
     want = load_checkpoint(tmp_path / "reference" / "best.pt")
     got = load_checkpoint(tmp_path / "run" / "best.pt")
     assert got.metrics == want.metrics
+    assert "probe" not in got.metrics["evaluation"]  # --no-probes: reconstruction alone
+    assert got.metrics["evaluation"]["reconstruction_mse"]["model"] > 0
     assert all(torch.equal(got.model_state[k], want.model_state[k]) for k in want.model_state)
 
 

@@ -66,7 +66,8 @@ def evaluate_autoencoder(
 ) -> dict:
     """Test reconstruction MSE beside PCA, and probe accuracies beside pixels and PCA.
 
-    Returns a JSON-serialisable dict; probes are skipped when the data set has no labels.
+    Returns a JSON-serialisable dict; probes are skipped when the data set has no labels or
+    `label_counts` is empty.
     `probe` holds `labels`, then `accuracy` and the chosen `settings` of each feature set
     (`model`, `pixels`, `pca`) and probe (`logreg`, `knn`) at each label budget.
     """
@@ -85,7 +86,7 @@ def evaluate_autoencoder(
         },
     }
     fit, test = dataset.fit, dataset.test
-    if fit.y is None or test.y is None:
+    if fit.y is None or test.y is None or not label_counts:
         return result
     features = [
         FeatureSet("model", encode_array(model, fit.x), encode_array(model, test.x)),

@@ -80,6 +80,14 @@ class PretrainConfig:
             "help": "label counts for the linear probe (all training labels are always added)"
         },
     )
+    probes: bool = field(
+        default=True,
+        metadata={
+            "help": "after training, tune and score the probes (logistic, k-NN) on the codes, "
+            "pixels and PCA; --no-probes measures the reconstruction error alone (the probes' "
+            "cross-validation takes minutes on large data sets)"
+        },
+    )
 
     def __post_init__(self) -> None:
         self.data = self.data.with_defaults()
@@ -258,7 +266,7 @@ def _train_and_report(config: PretrainConfig, dataset: Dataset, group: ProcessGr
 
     best = load_checkpoint(trainer.best_path)
     model = best.build_model()
-    label_counts = (*config.probe_labels, None)
+    label_counts = (*config.probe_labels, None) if config.probes else ()
     evaluation = evaluate_autoencoder(model, dataset, label_counts, config.seed)
     print(format_evaluation(evaluation))
     best.metrics = {"stages": history, "evaluation": evaluation}

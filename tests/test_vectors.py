@@ -224,7 +224,7 @@ def test_pretrain_and_export_a_csv_table_through_the_cli(
         status = main(
             ["pretrain", *arguments, "--runs-dir", str(tmp_path / "runs"), "--name", "table"]
             + ["--architecture", "mlp", "--hidden-sizes", "8", "--code-size", "3"]
-            + ["--epochs", "3", "--no-progress", "--probe-labels", "30"]
+            + ["--epochs", "3", "--no-progress", "--no-probes"]
         )
         assert status == 0
         status = main(

@@ -24,7 +24,8 @@ trained MNIST model (D = 256: codes as wide as a large conv encoder's). Writes
 `extract-scale.md` and `.json` (a test runs it on 3,000 rows).
 
 `--quick` is a smoke run of the first part: the digits model and data set in place of MNIST,
-one run per backend, one Ray actor; it prints and writes nothing.
+one run per backend, one Ray actor, the probes at 100 and all labels (their MLP head 200
+steps); it prints and writes nothing.
 """
 
 from __future__ import annotations
@@ -130,6 +131,7 @@ def throughput(args: argparse.Namespace, scratch: Path) -> list[dict]:
 def probe_tables(args: argparse.Namespace, scratch: Path) -> dict[str, str]:
     from aet.clients.probe import ProbeConfig, dataset_of, probe  # scikit-learn: only here
 
+    quick_probe = {"label_counts": [100], "steps": 200} if args.quick else {}
     tables = {}
     for data, path, model in (
         ("digits", None, args.digits_model),
@@ -148,7 +150,7 @@ def probe_tables(args: argparse.Namespace, scratch: Path) -> dict[str, str]:
         results = probe(
             table,
             dataset_of(table, str(output)),
-            ProbeConfig(embeddings=output, output=scratch / f"probe-{data}"),
+            ProbeConfig(embeddings=output, output=scratch / f"probe-{data}", **quick_probe),
         )
         tables[data] = results.markdown()
         print(tables[data], flush=True)

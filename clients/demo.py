@@ -22,6 +22,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 
@@ -29,14 +30,15 @@ from aet.clients.backends import ServerBackend
 from aet.clients.client import EmbeddingClient
 from aet.clients.embeddings import EmbeddingTable, read_embeddings
 from aet.clients.extract import EmbedConfig, extract
-from aet.clients.head import HeadConfig, build_head
-from aet.clients.probe import ProbeConfig, ProbeResults, dataset_of, probe, write_results
 from aet.clients.server_process import ServerProcess
 from aet.config import ConfigError, add_config_arguments, config_from_args
 from aet.errors import UserError
 from aet.proto import grpc_service_pb2, grpc_service_pb2_grpc
 from aet.repository import CARD_FILE, find_model_version, read_model_card
 from aet.training.dataspec import DataSpec
+
+if TYPE_CHECKING:
+    from aet.clients.probe import ProbeResults
 
 DEFAULT_REPOSITORY = Path("exported")
 MODEL_NAMES = {"digits": "digits", "mnist-idx": "mnist"}  # data set -> shipped model name
@@ -166,6 +168,9 @@ def serve_head(
     """Fit the head on the served embeddings, export it, have the running server load it
     (model control, with `admin_token`) and classify the test split over gRPC; returns the
     figures for `head.json`."""
+    from aet.clients.head import HeadConfig, build_head  # torch, scikit-learn: only here
+    from aet.clients.probe import dataset_of
+
     name = f"{config.model_name}-head"
     version = build_head(HeadConfig(model=repository / config.model_name, name=name), table)
     card = read_model_card(version / CARD_FILE)
@@ -210,6 +215,9 @@ def run_demo(config: DemoConfig) -> int:
         *("--model-control", "--admin-token-file", str(token_file)),
     )
     try:
+        # scikit-learn and torch load while the server starts, and only once a model is there
+        from aet.clients.probe import ProbeConfig, dataset_of, probe, write_results
+
         server.wait_until_serving(config.model_name)
         print(f"server: aet serve on {server.target} (log: {server.log_path})", flush=True)
         embed_config = EmbedConfig(

@@ -5,9 +5,7 @@ the repository reloader and, when asked, bearer tokens and TLS; wired as `aet se
 
 from __future__ import annotations
 
-import atexit
 import collections
-import shutil
 import tempfile
 import threading
 import time
@@ -93,29 +91,29 @@ def start_kserve_server(
     metrics endpoint, one onnxruntime thread per session and model control for `ADMIN`,
     loaded; `tokens` are accepted bearer tokens, spans go to `tracer` (an OpenTelemetry
     tracer), `config` further `ServeConfig` fields by flag name."""
-    folder = Path(tempfile.mkdtemp(prefix="aet-tokens-"))
-    atexit.register(shutil.rmtree, folder, ignore_errors=True)  # the server may reread them
-    token_file = None
-    if tokens:
-        token_file = folder / "tokens"
-        token_file.write_text("\n".join(tokens) + "\n")
-    (folder / "admin").write_text(ADMIN_TOKEN + "\n")
-    values = dict(
-        repository=repository,
-        port=0,
-        metrics_port=0,
-        intra_op_threads=1,
-        inter_op_threads=1,
-        workers=16,
-        max_streams=8,
-        grace_period=5.0,
-        drain_seconds=0.0,
-        poll_repository=poll_seconds,
-        token_file=token_file,
-        model_control=True,
-        admin_token_file=folder / "admin",
-    )
-    app = build_app(config_from_mapping(ServeConfig, {**values, **config}), tracer=tracer)
+    with tempfile.TemporaryDirectory(prefix="aet-tokens-") as name:  # read by build_app alone
+        folder = Path(name)
+        token_file = None
+        if tokens:
+            token_file = folder / "tokens"
+            token_file.write_text("\n".join(tokens) + "\n")
+        (folder / "admin").write_text(ADMIN_TOKEN + "\n")
+        values = dict(
+            repository=repository,
+            port=0,
+            metrics_port=0,
+            intra_op_threads=1,
+            inter_op_threads=1,
+            workers=16,
+            max_streams=8,
+            grace_period=5.0,
+            drain_seconds=0.0,
+            poll_repository=poll_seconds,
+            token_file=token_file,
+            model_control=True,
+            admin_token_file=folder / "admin",
+        )
+        app = build_app(config_from_mapping(ServeConfig, {**values, **config}), tracer=tracer)
     app.load()
     return app
 

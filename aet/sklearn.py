@@ -7,6 +7,7 @@ version through `training.export`, so `aet serve` and `aet.Encoder` serve it.
 
 from __future__ import annotations
 
+import math
 import tempfile
 from pathlib import Path
 
@@ -76,6 +77,10 @@ class AutoencoderEmbedder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Bas
         reconstruction term (`training.novelty`); False: the reconstruction term alone.
     score_neighbours : int
         Nearest training codes the density term averages over.
+    image_shape : tuple (channels, height, width) or None
+        The rows are flattened images of this shape: the novelty score smooths the difference
+        between an image and its reconstruction before squaring it (`training.novelty`).
+        None: the rows are feature vectors.
     alpha : float or None
         `predict` flags rows whose conformal p-value (against the validation rows' scores) is
         <= alpha; or give `contamination` (and alpha=None) to flag the scores above the
@@ -128,6 +133,7 @@ class AutoencoderEmbedder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Bas
         progress: bool = False,
         score_density: bool = True,
         score_neighbours: int = DEFAULT_NEIGHBOURS,
+        image_shape: tuple[int, int, int] | None = None,
         alpha: float | None = 0.05,
         contamination: float | None = None,
     ):
@@ -150,6 +156,7 @@ class AutoencoderEmbedder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Bas
         self.progress = progress
         self.score_density = score_density
         self.score_neighbours = score_neighbours
+        self.image_shape = image_shape
         self.alpha = alpha
         self.contamination = contamination
 
@@ -223,7 +230,12 @@ class AutoencoderEmbedder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Bas
         low, high = float(rows.min()), float(rows.max())
         self.feature_range_ = (low, high if high > low else low + 1.0)
         features = self._features(rows)
-        image_shape = (n_features,)  # vector rows
+        image_shape = (n_features,) if self.image_shape is None else tuple(self.image_shape)
+        if math.prod(image_shape) != n_features or len(image_shape) not in (1, 3):
+            raise ValueError(
+                f"image_shape: expected (channels, height, width) whose product is X's "
+                f"{n_features} features; got {self.image_shape}"
+            )
         rows_read = LoadedImages(
             pool=Split(features.reshape(n_rows, *image_shape), None),
             raw_max=1.0,
@@ -257,7 +269,7 @@ class AutoencoderEmbedder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Bas
         self.novelty_ = NoveltyScore.fit(self.model_, train, settings, self.seed)
         self.embedding_dim_ = self._n_features_out = config.model.code_size
         # held-out rows in X's units: `export` calibrates the novelty score on them
-        val = np.asarray(dataset.val.x)
+        val = np.asarray(dataset.val.x).reshape(len(dataset.val.x), n_features)
         self.validation_rows_ = (
             val if self.standardizer_ is None else self.standardizer_.inverse_transform(val)
         )

@@ -69,11 +69,12 @@ class BenchError(UserError):
 
 @dataclass(frozen=True)
 class Rows:
-    """All rows of a data set: x (N, D) float32 (images flattened, in [0, 1]), y (N,) labels."""
+    """All rows of a data set: x (N, D) float32 (images flattened, in [0, 1]), y (N,) labels,
+    `image_shape` (C, H, W) for images, None for feature vectors."""
 
     x: np.ndarray
     y: np.ndarray
-    images: bool
+    image_shape: tuple[int, ...] | None
     classes: list[str]  # label index -> name
 
 
@@ -86,7 +87,11 @@ class Task:
     train: np.ndarray
     test: np.ndarray
     novel: np.ndarray  # (n_test,) bool
-    images: bool
+    image_shape: tuple[int, ...] | None
+
+    @property
+    def images(self) -> bool:
+        return self.image_shape is not None
 
 
 @dataclass(frozen=True)
@@ -114,9 +119,9 @@ def load_rows(
     if any(p.y is None for p in parts):
         raise BenchError(f"{name}: the rows have no labels; give --label-column")
     y = np.concatenate([np.asarray(p.y) for p in parts]).astype(np.int64)
-    images = loaded.feature_names is None
+    image_shape = tuple(loaded.pool.x.shape[1:]) if loaded.feature_names is None else None
     classes = [str(c) for c in loaded.origin.get("classes", range(int(y.max()) + 1))]
-    return Rows(x.reshape(len(x), -1), y, images, classes)
+    return Rows(x.reshape(len(x), -1), y, image_shape, classes)
 
 
 def split(rows: Rows, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -157,7 +162,7 @@ def make_task(protocol: str, name: str, rows: Rows, normal: list[int], seed: int
         rows.x[train[is_normal[train]]],
         rows.x[test],
         ~is_normal[test],
-        rows.images,
+        rows.image_shape,
     )
 
 
@@ -171,8 +176,7 @@ def tasks(args: argparse.Namespace) -> list[Task]:
             for digit in args.digits:
                 out.append(make_task("mnist", f"digit {digit}", rows, [digit], args.seed))
         elif protocol == "optdigits":
-            rows = load_rows("digits")
-            rows = Rows(rows.x, rows.y, True, rows.classes)
+            rows = load_rows("digits")  # (1, 8, 8) images
             out.append(make_task("optdigits", "0 novel", rows, list(range(1, 10)), args.seed))
         elif protocol == "wbc":
             rows = load_rows("breast-cancer")  # target 1 = benign
@@ -222,13 +226,19 @@ def autoencoder_scores(
     task: Task, settings: AutoencoderSettings, seed: int
 ) -> dict[str, np.ndarray]:
     """The served score and its parts, averaged over `settings.seeds` models."""
-    parts: dict[str, list[np.ndarray]] = {"autoencoder": [], "ae-recon": [], "ae-bce": []}
+    parts: dict[str, list[np.ndarray]] = {
+        "autoencoder": [],
+        "ae-recon": [],
+        "ae-unsmoothed": [],
+        "ae-bce": [],
+    }
     for offset in range(settings.seeds):
         if task.images:
             embedder = AutoencoderEmbedder(
                 architecture="mlp",
                 hidden_sizes=settings.hidden_images,
                 code_size=settings.code_size_images,
+                image_shape=task.image_shape,
                 loss="bce",
                 noise="none",
                 epochs=settings.epochs,
@@ -257,15 +267,17 @@ def autoencoder_scores(
             model, train, ScoreSettings(settings.density, settings.neighbours), seed
         )
         recon = NoveltyScore.fit(model, train, ScoreSettings(density=False))
+        unsmoothed = NoveltyScore.fit(model, train, ScoreSettings(density=False, smooth=False))
         with torch.no_grad():
             parts["autoencoder"].append(score(test)[1].numpy())
             parts["ae-recon"].append(recon(test)[1].numpy())
+            parts["ae-unsmoothed"].append(unsmoothed(test)[1].numpy())
             parts["ae-bce"].append(
-                reconstruction_error(model(test), test, model.config.resolved_loss).numpy()
+                reconstruction_error(model(test).flatten(1), test, model.config.resolved_loss).numpy()
             )
     out = {name: np.mean(values, axis=0) for name, values in parts.items()}
-    if not task.images:
-        del out["ae-bce"]  # the same as ae-recon for a Gaussian decoder
+    if not task.images:  # no smoothing, and the cross-entropy is the squared error
+        del out["ae-unsmoothed"], out["ae-bce"]
     return out
 
 

@@ -25,19 +25,41 @@ from aet.errors import UserError
 from aet.repository import CALIBRATION_FILE, read_model_card
 from aet.sklearn import AutoencoderEmbedder
 from aet.training.data import load_dataset
-from aet.training.novelty import knn_distance, reconstruction_term
+from aet.training.novelty import (
+    knn_distance,
+    reconstruction_term,
+    smoothing_kernel,
+    stroke_sigma,
+)
 
 SHIPPED = Path(__file__).resolve().parents[1] / "exported" / "digits"
 ALPHAS = (0.01, 0.05, 0.1)
 
 
-def test_the_kl_form_is_zero_for_a_perfect_reconstruction_and_not_the_cross_entropy():
-    x = torch.rand(4, 64, generator=torch.Generator().manual_seed(0))
-    perfect = torch.logit(x.clamp(1e-6, 1 - 1e-6))  # logits that reproduce x exactly
-    assert reconstruction_term(perfect, x, "bce").abs().max() < 1e-4
-    worse = reconstruction_term(perfect + 1.0, x, "bce")
-    assert (worse > 0.05).all()
-    assert (reconstruction_term(x, x, "mse") == 0).all()
+def test_the_smoothed_term_is_zero_for_a_perfect_reconstruction_and_forgives_a_shift():
+    """A stroke drawn one pixel to the side and a stroke missing cost the same squared error
+    pixel by pixel; smoothed (sigma 1 pixel at 28 a side), the shift costs far less."""
+    shape = (1, 28, 28)
+    image = torch.zeros(1, *shape)
+    image[..., 4:24, 10:12] = 1.0  # a vertical stroke two pixels wide
+    shifted = torch.roll(image, 1, dims=-1)
+    missing = torch.zeros_like(image)
+    kernel = smoothing_kernel(stroke_sigma(shape), 1)
+    assert stroke_sigma(shape) == 1.0 and kernel.shape == (1, 1, 7, 7)
+
+    def term(reconstruction: torch.Tensor, kernel: torch.Tensor | None) -> float:
+        return float(reconstruction_term(reconstruction, image, "mse", shape, kernel)[0])
+
+    assert term(image, kernel) == 0 and term(image, None) == 0
+    assert term(shifted, None) == pytest.approx(term(missing, None))
+    assert term(shifted, kernel) < 0.5 * term(missing, kernel)  # measured: 0.36 of it
+    logits = torch.logit(image.clamp(1e-6, 1 - 1e-6))  # bce: the decoder's mean is the sigmoid
+    assert float(reconstruction_term(logits, image, "bce", shape, kernel)[0]) < 1e-8
+    vectors = torch.rand(4, 13, generator=torch.Generator().manual_seed(0))
+    assert stroke_sigma((13,)) == 0.0
+    np.testing.assert_allclose(
+        reconstruction_term(vectors + 1, vectors, "mse", (13,)).numpy(), 1.0, rtol=1e-6
+    )
 
 
 def test_knn_distance_is_the_mean_distance_to_the_nearest_codes():

@@ -13,6 +13,7 @@ import onnx
 import onnxruntime
 import pytest
 import torch
+from scipy.ndimage import gaussian_filter
 
 from aet.cli import main
 from aet.config import ConfigError
@@ -110,7 +111,8 @@ def test_export_writes_version_one_with_a_complete_card(exported, run_dir):
         "float32",
         "val",
     )
-    assert score.measure.startswith("mean KL form of the binary cross-entropy")
+    assert score.measure.startswith("mean squared difference per pixel")
+    assert "Gaussian smoothing of the difference (sigma 0.286 pixels)" in score.measure
     assert "5 nearest training codes" in score.measure and score.calibration_rows == 126
     assert score.calibration_file == "calibration.npy" and score.calibration_sha256 is not None
     levels = list(score.percentiles.values())
@@ -154,17 +156,21 @@ def test_graph_is_small_with_a_dynamic_batch_and_matches_pytorch(exported, run_d
     scaled = torch.from_numpy(pixels / 16.0)  # the graph's input is raw pixels: the model's / 16
     with torch.no_grad():
         expected = model.encode(scaled).numpy()
-    # The score by hand (training.novelty's definition, recomputed in numpy): the mean KL
-    # form of the cross-entropy (minus the pixels' own entropy) plus the mean distance to the
-    # 5 nearest training codes, each standardised on the training rows (leave-one-out there).
+    # The score by hand (training.novelty's definition, recomputed with scipy): the mean
+    # square of the difference between pixels and reconstruction, smoothed by a Gaussian of
+    # 8 / 28 pixels (zero beyond the image, the kernel cut one pixel out), plus the mean
+    # distance to the 5 nearest training codes, each standardised on the training rows
+    # (leave-one-out there).
     train = torch.from_numpy(np.asarray(load_dataset("digits").train.x))
 
-    def kl(x: torch.Tensor) -> np.ndarray:
+    def smoothed_error(x: torch.Tensor) -> np.ndarray:
         with torch.no_grad():
-            p = torch.sigmoid(model(x).flatten(1)).double().clamp(1e-12, 1 - 1e-12).numpy()
-        t = x.flatten(1).double().numpy()
-        tc = np.clip(t, 1e-12, 1 - 1e-12)
-        return (t * np.log(tc / p) + (1 - t) * np.log((1 - tc) / (1 - p))).mean(1)
+            difference = (x - torch.sigmoid(model(x))).double().numpy()[:, 0]  # (B, 8, 8)
+        sigma = 8 / 28
+        smoothed = np.stack(
+            [gaussian_filter(d, sigma, mode="constant", truncate=1 / sigma) for d in difference]
+        )
+        return np.square(smoothed).reshape(len(x), -1).mean(1)
 
     with torch.no_grad():
         train_codes = model.encode(train).double().numpy()
@@ -172,8 +178,8 @@ def test_graph_is_small_with_a_dynamic_batch_and_matches_pytorch(exported, run_d
     density = np.sort(distances, axis=1)[:, :5].mean(1)
     own = np.sqrt(((train_codes[:, None, :] - train_codes[None]) ** 2).sum(-1))
     train_density = np.sort(own, axis=1)[:, 1:6].mean(1)
-    train_kl = kl(train)
-    expected_score = (kl(scaled) - train_kl.mean()) / train_kl.std(ddof=1) + (
+    train_error = smoothed_error(train)
+    expected_score = (smoothed_error(scaled) - train_error.mean()) / train_error.std(ddof=1) + (
         density - train_density.mean()
     ) / train_density.std(ddof=1)
     for batch in (1, 5, 35):

@@ -61,11 +61,11 @@ from aet.training.standardize import FeatureStandardizer
 IMAGE_INPUT_NAME = "pixels"
 VECTOR_INPUT_NAME = "features"
 OUTPUT_NAME = "embedding"
-SCORE_MEASURES = {
-    "bce": "mean KL form of the binary cross-entropy per input value (the cross-entropy minus "
-    "the input's own entropy: 0 for a perfect reconstruction; inputs scaled to [0, 1])",
-    "mse": "mean squared error per feature, in standardised units",
-}
+SMOOTHED_MEASURE = (
+    "mean squared difference per pixel between the preprocessed input and its reconstruction, "
+    "after a Gaussian smoothing of the difference (sigma {sigma:.3g} pixels)"
+)
+VECTOR_MEASURE = "mean squared error per feature, in standardised units"
 DENSITY_MEASURE = (
     "{reconstruction}, standardised on the training rows, plus the mean distance of the code "
     "to its {neighbours} nearest training codes (kept in the graph), standardised likewise"
@@ -498,7 +498,7 @@ def export_encoder(
         )
     calibration_scores = graph_scores(session, calibration)
     novelty = encoder.novelty
-    measure = SCORE_MEASURES[checkpoint.model_config.resolved_loss]
+    measure = SMOOTHED_MEASURE.format(sigma=novelty.sigma) if novelty.sigma else VECTOR_MEASURE
     if novelty.density:
         measure = DENSITY_MEASURE.format(reconstruction=measure, neighbours=novelty.neighbours)
     calibration_file = calibration_bytes(calibration_scores)

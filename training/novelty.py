@@ -2,11 +2,14 @@
 
 Two terms, each measured on the model's own training rows and put on one scale there:
 
-- `reconstruction`: the reconstruction error in the model's likelihood terms, with a minimum of
-  zero for a perfect reconstruction. For a Bernoulli decoder (`bce`) that is the KL form, the
-  binary cross-entropy minus the input's own entropy (the entropy is a property of the image,
-  largest for grey edge pixels, and on its own ranks novel digits *below* normal ones); for a
-  Gaussian decoder (`mse`) the squared error, whose minimum is already zero.
+- `reconstruction`: the mean squared difference between the input and its reconstruction (the
+  decoder's mean: the sigmoid of a Bernoulli decoder's logits), zero for a perfect
+  reconstruction. For images the difference is first smoothed with a Gaussian of `sigma`
+  pixels (`stroke_sigma`: 1 pixel at 28 pixels a side, in proportion otherwise), so a stroke
+  drawn a pixel to the side, which every reconstruction blurs, costs little while a stroke
+  missing or added costs all its pixels. On one-class MNIST that ranks novel digits better
+  than the unsmoothed error and than the Bernoulli likelihood's own KL form (docs/novelty.md).
+  For vectors it is the squared error in standardised units.
 - `density`: the mean Euclidean distance of the row's code to its `neighbours` nearest codes of
   the training rows, which the graph holds as a constant (at most `MAX_REFERENCE_CODES` rows,
   a seeded sample beyond that). On the training rows themselves a row's own code is left out.
@@ -22,11 +25,13 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from aet.training.models import Autoencoder
 
 DEFAULT_NEIGHBOURS = 5
 MAX_REFERENCE_CODES = 2000
+STROKE_SIDE = 28  # images of this side are smoothed with sigma 1 pixel
 _EPS = 1e-7
 
 
@@ -36,22 +41,42 @@ class ScoreSettings:
 
     density: bool = True
     neighbours: int = DEFAULT_NEIGHBOURS
+    smooth: bool = True  # images: smooth the difference (`stroke_sigma`) before squaring
 
 
-def reconstruction_term(output: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
-    """(B,) mean over input values of the KL form of the Bernoulli likelihood (`bce`: output as
-    logits, target in [0, 1]) or of the squared error (`mse`); zero for a perfect reconstruction."""
-    if kind == "bce":
-        # binary cross-entropy with logits in its stable form, minus the target's own entropy
-        cross_entropy = (
-            output.clamp(min=0) - output * target + torch.log1p(torch.exp(-output.abs()))
-        )
-        t = target.clamp(_EPS, 1 - _EPS)
-        entropy = -(target * torch.log(t) + (1 - target) * torch.log(1 - t))
-        per_feature = cross_entropy - entropy
-    else:
-        per_feature = (output - target).square()
-    return per_feature.flatten(1).mean(1)
+def stroke_sigma(image_shape: tuple[int, ...]) -> float:
+    """The smoothing's sigma in pixels for images of `image_shape` (C, H, W); 0 for vectors."""
+    if len(image_shape) != 3:
+        return 0.0
+    return max(image_shape[1:]) / STROKE_SIDE
+
+
+def smoothing_kernel(sigma: float, channels: int) -> torch.Tensor:
+    """(channels, 1, k, k) normalised Gaussian kernel, k = 2 * round(3 sigma) + 1, one per
+    channel (a depthwise convolution)."""
+    radius = max(1, round(3 * sigma))
+    offsets = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    g = torch.exp(-offsets.square() / (2 * sigma * sigma))
+    kernel = (g[:, None] * g[None, :]) / g.sum().square()
+    return kernel.float().expand(channels, 1, -1, -1).clone()
+
+
+def reconstruction_term(
+    output: torch.Tensor,
+    target: torch.Tensor,
+    kind: str,
+    image_shape: tuple[int, ...],
+    kernel: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """(B,) mean squared difference between `target` and the decoder's mean for `output` (its
+    sigmoid for `bce` logits, itself for `mse`), smoothed by the depthwise `kernel`
+    (`smoothing_kernel`) over images of `image_shape` first when one is given."""
+    mean = torch.sigmoid(output) if kind == "bce" else output
+    difference = target.flatten(1) - mean.flatten(1)
+    if kernel is not None:
+        images = difference.view(-1, *image_shape)
+        difference = F.conv2d(images, kernel, padding=kernel.shape[-1] // 2, groups=len(kernel))
+    return difference.square().flatten(1).mean(1)
 
 
 def knn_distance(codes: torch.Tensor, reference: torch.Tensor, k: int) -> torch.Tensor:
@@ -74,13 +99,19 @@ class NoveltyScore(torch.nn.Module):
         reference: torch.Tensor | None,
         scales: torch.Tensor,
         neighbours: int,
+        smooth: bool = True,
     ):
         super().__init__()
         self.autoencoder = autoencoder
         self.neighbours = int(neighbours)
         self.density = reference is not None
+        self.sigma = stroke_sigma(autoencoder.image_shape) if smooth else 0.0
         self.register_buffer("reference", reference if reference is not None else torch.zeros(1, 1))
         self.register_buffer("scales", scales)  # (2, 2): [term][mean, std]
+        self.register_buffer(
+            "kernel",
+            smoothing_kernel(self.sigma, autoencoder.image_shape[0]) if self.sigma else None,
+        )
 
     @classmethod
     def fit(
@@ -93,23 +124,15 @@ class NoveltyScore(torch.nn.Module):
         """The score for `autoencoder` (eval mode), its statistics from the preprocessed
         training rows `train` (N, ...)."""
         autoencoder = autoencoder.eval()
-        x = torch.as_tensor(np.asarray(train, dtype=np.float32))
+        identity = torch.tensor([[0.0, 1.0], [0.0, 1.0]])
+        unscaled = cls(autoencoder, None, identity, 1, settings.smooth)
         if not settings.density:
-            return cls(autoencoder, None, torch.tensor([[0.0, 1.0], [0.0, 1.0]]), 1)
+            return unscaled
+        x = torch.as_tensor(np.asarray(train, dtype=np.float32))
         if len(x) < 2:
             raise ValueError(f"novelty score: need at least 2 training rows; got {len(x)}")
         with torch.no_grad():
-            codes = torch.cat([autoencoder.encode(x[i : i + 1024]) for i in range(0, len(x), 1024)])
-            recon = torch.cat(
-                [
-                    reconstruction_term(
-                        autoencoder(x[i : i + 1024]),
-                        x[i : i + 1024],
-                        autoencoder.config.resolved_loss,
-                    )
-                    for i in range(0, len(x), 1024)
-                ]
-            )
+            codes, recon = (torch.cat(part) for part in zip(*map(unscaled, x.split(1024))))
         k = max(1, min(settings.neighbours, len(codes) - 1))
         reference = codes
         if len(codes) > MAX_REFERENCE_CODES:
@@ -131,15 +154,20 @@ class NoveltyScore(torch.nn.Module):
                 [float(density.mean()), max(float(density.std()), _EPS)],
             ]
         )
-        return cls(autoencoder, reference.clone(), scales, k)
+        return cls(autoencoder, reference.clone(), scales, k, settings.smooth)
 
     reference: torch.Tensor
     scales: torch.Tensor
+    kernel: torch.Tensor | None
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         code = self.autoencoder.encode(x)
         recon = reconstruction_term(
-            self.autoencoder.decode(code), x, self.autoencoder.config.resolved_loss
+            self.autoencoder.decode(code),
+            x,
+            self.autoencoder.config.resolved_loss,
+            self.autoencoder.image_shape,
+            self.kernel,
         )
         if not self.density:
             return code, recon

@@ -132,7 +132,9 @@ class NoveltyScore(torch.nn.Module):
         if len(x) < 2:
             raise ValueError(f"novelty score: need at least 2 training rows; got {len(x)}")
         with torch.no_grad():
-            codes, recon = (torch.cat(part) for part in zip(*map(unscaled, x.split(1024))))
+            parts = [unscaled(batch) for batch in x.split(1024)]
+        codes = torch.cat([code for code, _ in parts])
+        recon = torch.cat([term for _, term in parts])
         k = max(1, min(settings.neighbours, len(codes) - 1))
         reference = codes
         if len(codes) > MAX_REFERENCE_CODES:

@@ -83,6 +83,28 @@ def test_embedder_standardises_any_scale_and_refuses_bce_outside_unit_interval()
         AutoencoderEmbedder(**{**SMALL, "allow_overcomplete": False, "code_size": 5}).fit(X)
 
 
+def test_embedder_on_flattened_images_smooths_its_score_and_exports_it(tmp_path):
+    """image_shape (1, 8, 8) on digits rows: the score smooths (sigma 8 / 28 pixels), the
+    exported graph computes the same scores, and a shape that does not fit is refused."""
+    X = load_digits().data[:300] / 16.0
+    params = {**SMALL, "hidden_sizes": (16,), "code_size": 4, "loss": "bce"}
+    embedder = AutoencoderEmbedder(**params, image_shape=(1, 8, 8)).fit(X)
+    assert embedder.novelty_.sigma == pytest.approx(8 / 28)
+    flat = AutoencoderEmbedder(**params).fit(X)
+    assert flat.novelty_.sigma == 0 and flat.novelty_.kernel is None
+    assert not np.allclose(embedder.novelty_score(X), flat.novelty_score(X))
+    encoder = Encoder.load(embedder.export(tmp_path, "images"), threads=1)
+    assert "sigma 0.286 pixels" in encoder.card["score"]["measure"]
+    served = -encoder.score_samples(X.astype(np.float32))
+    np.testing.assert_allclose(served, embedder.novelty_score(X), rtol=1e-4, atol=1e-4)
+    with pytest.raises(
+        ValueError,
+        match=r"image_shape: expected \(channels, height, width\) "
+        r"whose product is X's 64 features; got \(1, 8, 7\)",
+    ):
+        AutoencoderEmbedder(**params, image_shape=(1, 8, 7)).fit(X)
+
+
 @pytest.fixture(scope="module")
 def exported_embedder(tmp_path_factory):
     """An embedder fitted on digits pixels (0..16, standardised) and exported as `vectors/1`."""

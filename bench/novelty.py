@@ -335,7 +335,7 @@ def markdown(results: list[dict], summary: dict, header: str) -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="digits 2 and 8, 20 epochs (smoke run)")
+    parser.add_argument("--quick", action="store_true", help="digits 2 and 8, 20 epochs (smoke)")
     parser.add_argument(
         "--protocol",
         nargs="+",

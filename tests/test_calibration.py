@@ -38,7 +38,7 @@ ALPHAS = (0.01, 0.05, 0.1)
 
 def test_the_smoothed_term_is_zero_for_a_perfect_reconstruction_and_forgives_a_shift():
     """A stroke drawn one pixel to the side and a stroke missing cost the same squared error
-    pixel by pixel; smoothed (sigma 1 pixel at 28 a side), the shift costs far less."""
+    pixel by pixel; smoothed (sigma 1 pixel at 28 a side), the shift costs less than half."""
     shape = (1, 28, 28)
     image = torch.zeros(1, *shape)
     image[..., 4:24, 10:12] = 1.0  # a vertical stroke two pixels wide

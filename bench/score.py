@@ -37,7 +37,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "proto")]  # runnable from a checkout with
 import grpc  # noqa: E402
 import torch  # noqa: E402
 
-from aet.clients.server_process import ServerProcess  # noqa: E402
+from aet.clients.server_process import temporary_server  # noqa: E402
 from aet.proto import embedding_pb2, embedding_pb2_grpc  # noqa: E402
 from aet.proto.codec import encode_tensor  # noqa: E402
 from aet.repository import (  # noqa: E402
@@ -137,12 +137,10 @@ def in_process(root: Path, name: str, rounds: int, seconds: float) -> dict:
 
 
 def served(root: Path, name: str, rounds: int, seconds: float) -> dict:
-    log = Path(tempfile.mkdtemp(prefix="aet-bench-score-")) / "server.log"
-    server = ServerProcess(root, log, "--intra-op-threads", "1", "--inter-op-threads", "1")
-    for model in (name, f"{name}-old"):  # loaded one after the other
-        server.wait_until_serving(model)
+    threads = ("--intra-op-threads", "1", "--inter-op-threads", "1")
     result = {}
-    try:
+    with temporary_server(root, "aet-bench-score-", *threads, model=name) as server:
+        server.wait_until_serving(f"{name}-old")  # loaded one after the other
         with grpc.insecure_channel(server.target) as channel:
             stub = embedding_pb2_grpc.EmbeddingServiceStub(channel)
             for rows in (1, 64):
@@ -164,8 +162,6 @@ def served(root: Path, name: str, rounds: int, seconds: float) -> dict:
                 result[rows] = {
                     side: 1e3 * float(np.median(values)) for side, values in samples.items()
                 }
-    finally:
-        server.stop()
     return result
 
 

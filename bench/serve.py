@@ -37,6 +37,7 @@ import tempfile
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from itertools import pairwise
 from pathlib import Path
@@ -51,7 +52,7 @@ import onnx  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
-from aet.clients.server_process import ServerProcess  # noqa: E402
+from aet.clients.server_process import ServerProcess, temporary_server  # noqa: E402
 from aet.proto import embedding_pb2, embedding_pb2_grpc  # noqa: E402
 from aet.proto.codec import encode_tensor  # noqa: E402
 from aet.repository import InputSpec, ModelCard, OutputSpec, write_version  # noqa: E402
@@ -190,14 +191,11 @@ def rss_bytes(pid: int) -> int:
     raise RuntimeError("VmRSS missing from /proc status")
 
 
-def start_server(repository: Path, *flags: str) -> ServerProcess:
-    """A child `aet serve` with one onnxruntime thread, SERVING when this returns."""
-    log_path = Path(tempfile.mkdtemp(prefix="aet-bench-serve-")) / "server.log"
-    server = ServerProcess(
-        repository, log_path, "--intra-op-threads", "1", "--inter-op-threads", "1", *flags
-    )
-    server.wait_until_serving()
-    return server
+def start_server(repository: Path, *flags: str) -> AbstractContextManager[ServerProcess]:
+    """A child `aet serve` with one onnxruntime thread, SERVING when the block starts; its log
+    folder in /tmp is kept only if the block fails."""
+    threads = ("--intra-op-threads", "1", "--inter-op-threads", "1")
+    return temporary_server(repository, "aet-bench-serve-", *threads, *flags)
 
 
 class _BareEmbedding(embedding_pb2_grpc.EmbeddingServiceServicer):

@@ -1,15 +1,20 @@
 """`aet serve` as a child process on a free 127.0.0.1 port: started, awaited, stopped gracefully.
 
-Used by `aet demo` and by `bench/serve.py`, which both need a real server in its own process.
+Used by `aet demo` and by `bench/serve.py` and `bench/score.py`, which need a real server in
+its own process.
 """
 
 from __future__ import annotations
 
+import contextlib
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -102,3 +107,17 @@ class ServerProcess:
                 self.process.wait()
         self._log.close()
         return self.process.returncode
+
+
+@contextlib.contextmanager
+def temporary_server(
+    repository: Path, prefix: str, *flags: str, model: str = ""
+) -> Iterator[ServerProcess]:
+    """A `ServerProcess` SERVING `model` ("" = the whole server), its log in a fresh temporary
+    folder named `prefix`...; stopped when the block ends. The folder is removed when the block
+    ends without an error and kept otherwise, since its log says why."""
+    folder = Path(tempfile.mkdtemp(prefix=prefix))
+    with ServerProcess(repository, folder / "server.log", *flags) as server:
+        server.wait_until_serving(model)
+        yield server
+    shutil.rmtree(folder, ignore_errors=True)

@@ -16,6 +16,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 from importlib import metadata
 from pathlib import Path
 
@@ -269,3 +270,22 @@ def test_compare_triton_quick(tmp_path):
     assert len(result["load_average_at_start"]) == len(result["load_average_at_end"]) == 3
     assert {"python", "grpcio", "onnxruntime", "tritonclient"} <= set(result["versions"])
     assert "| digits | 1 | 1 |" in result["table"] and "load average" in output
+
+
+def test_bench_servers_leave_their_log_folder_only_when_the_block_fails(
+    tmp_path, monkeypatch, model_repository
+):
+    """bench/serve.py and bench/score.py start servers through `temporary_server`: its log
+    folder in the temporary directory goes when the block ends well and stays, log and all,
+    when it fails."""
+    from aet.clients.server_process import temporary_server
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    with temporary_server(model_repository, "passed-") as server:
+        assert server.log_path.parent.parent == tmp_path and server.log_path.exists()
+    assert not list(tmp_path.glob("passed-*"))
+    with pytest.raises(RuntimeError, match="the block failed"):
+        with temporary_server(model_repository, "failed-"):
+            raise RuntimeError("the block failed")
+    (kept,) = tmp_path.glob("failed-*")
+    assert '"event": "server_started"' in (kept / "server.log").read_text()

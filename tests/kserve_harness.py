@@ -15,13 +15,13 @@ from pathlib import Path
 import grpc
 import numpy as np
 import onnx
+from conftest import serve_config_for_tests
 from onnx import TensorProto, helper, numpy_helper
 
-from aet.config import config_from_mapping
 from aet.proto import embedding_pb2, embedding_pb2_grpc, grpc_service_pb2, grpc_service_pb2_grpc
 from aet.proto.codec import encode_tensor
 from aet.repository import InputSpec, ModelCard, OutputSpec, write_version
-from aet.server.app import App, ServeConfig, build_app
+from aet.server.app import App, build_app
 
 MODEL = "digits"
 ROW_SHAPE = (1, 8, 8)
@@ -100,20 +100,15 @@ def start_kserve_server(
         (folder / "admin").write_text(ADMIN_TOKEN + "\n")
         values = dict(
             repository=repository,
-            port=0,
             metrics_port=0,
-            intra_op_threads=1,
-            inter_op_threads=1,
             workers=16,
             max_streams=8,
-            grace_period=5.0,
-            drain_seconds=0.0,
             poll_repository=poll_seconds,
             token_file=token_file,
             model_control=True,
             admin_token_file=folder / "admin",
         )
-        app = build_app(config_from_mapping(ServeConfig, {**values, **config}), tracer=tracer)
+        app = build_app(serve_config_for_tests(**{**values, **config}), tracer=tracer)
     app.load()
     return app
 

@@ -88,30 +88,22 @@ def held_out_fractions(p: np.ndarray) -> dict[float, float]:
 
 
 def test_shipped_digits_p_values_are_valid_on_held_out_digits():
-    """Conformal validity is a statement over the draw of the calibration rows. The shipped
-    calibration (the 126 validation digits) on the 540 test digits (never trained on, never
-    calibrated on): at alpha 0.05 and 0.1 at most alpha + 0.01 flagged. At alpha 0.01 one draw
-    of 126 calibration rows says little (p <= 0.01 means above all 126; measured: 11 of the 540
-    test digits, 0.020), so all three levels are checked over 50 seeded redraws of 126
-    calibration rows from the 666 held-out digits, pooled: at most alpha + 0.01 (measured:
-    0.008 / 0.047 / 0.093). predict, decision_function and offset_ agree."""
+    """The shipped calibration file holds the graph's scores of the 126 validation digits
+    (a graph re-exported without it would fail here). On the 540 test digits (never trained
+    on, never calibrated on) at most alpha + 0.01 are flagged at alpha 0.05 and 0.1. Not
+    asserted at alpha 0.01: p <= 0.01 means above all 126 calibration scores, and this draw
+    puts 11 of the 540 test digits there (0.020, the bound is 0.020; about 4 are expected,
+    and with 126 rows the fraction above their maximum varies between draws by as much as
+    its mean). predict, decision_function and offset_ agree."""
     encoder = Encoder.load(SHIPPED, threads=1)
     digits = load_dataset("digits")
+    validation = -encoder.score_samples(digits.val.x * np.float32(16))
+    stored = np.load(SHIPPED / "1" / CALIBRATION_FILE)
+    np.testing.assert_allclose(stored, np.sort(validation), rtol=1e-5, atol=1e-5)
     pixels = digits.test.x * np.float32(16)  # (540, 1, 8, 8) raw 0..16
     p = encoder.p_value(pixels)
-    shipped = held_out_fractions(p)
-    assert shipped[0.05] <= 0.06 and shipped[0.1] <= 0.11, shipped
-    held_out = -encoder.score_samples(np.concatenate([pixels, digits.val.x * np.float32(16)]))
-    calibration_rows = encoder.card["score"]["calibration_rows"]
-    assert calibration_rows == len(digits.val.x) == 126
-    rng = np.random.default_rng(0)
-    pooled = []
-    for _ in range(50):
-        order = rng.permutation(len(held_out))
-        calibration = np.sort(held_out[order[:calibration_rows]])
-        pooled.append(p_values(calibration, held_out[order[calibration_rows:]]))
-    for alpha, fraction in held_out_fractions(np.concatenate(pooled)).items():
-        assert fraction <= alpha + 0.01, (alpha, fraction)
+    fractions = held_out_fractions(p)
+    assert fractions[0.05] <= 0.06 and fractions[0.1] <= 0.11, fractions
     encoder.alpha = 0.05
     np.testing.assert_array_equal(encoder.predict(pixels) == -1, p <= 0.05)
     decision = encoder.decision_function(pixels)

@@ -55,8 +55,8 @@ def auroc(clean: np.ndarray, unusual: np.ndarray) -> float:
 def test_shipped_digits_score_separates_noisy_and_inverted_digits(shipped):
     """Real data: the shipped encoder's score tells the digits test split from the same digits
     with 30 % salt-and-pepper noise and from inverted digits (AUROC >= 0.95); the stored p99
-    (of 126 validation rows, itself uncertain) flags at most 3 % of the clean test rows, the
-    conformal p-value at 0.05 at most 6 % (its validity: tests/test_calibration.py)."""
+    (of 126 validation rows, itself uncertain) flags at most 3 % of the clean test rows (the
+    p-values' validity: tests/test_calibration.py)."""
     test = load_dataset("digits").test.x  # (540, 1, 8, 8) in [0, 1]: never trained on
     raw = lambda x: (x * 16.0).astype(np.float32)  # noqa: E731  the graph takes 0..16
     clean = shipped.reconstruction_error(raw(test))
@@ -64,7 +64,6 @@ def test_shipped_digits_score_separates_noisy_and_inverted_digits(shipped):
     inverted = shipped.reconstruction_error(raw(1.0 - test))
     assert auroc(clean, noisy) >= 0.95 and auroc(clean, inverted) >= 0.95
     assert (clean > shipped.score_percentiles["p99"]).mean() <= 0.03
-    assert (shipped.p_value(raw(test)) <= 0.05).mean() <= 0.06
     np.testing.assert_array_equal(shipped.score_samples(raw(test)), -clean)  # sklearn's sign
 
 

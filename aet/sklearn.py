@@ -73,10 +73,10 @@ class AutoencoderEmbedder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Bas
     progress : bool
         Show training progress bars.
     score_density : bool
-        The novelty score adds the code's k-NN distance to the training codes to the
-        reconstruction term (`training.novelty`); False: the reconstruction term alone.
+        The novelty score adds the code's local outlier factor among the training codes to
+        the reconstruction term (`training.novelty`); False: the reconstruction term alone.
     score_neighbours : int
-        Nearest training codes the density term averages over.
+        Neighbours of the density term's local outlier factor.
     image_shape : tuple (channels, height, width) or None
         The rows are flattened images of this shape: the novelty score smooths the difference
         between an image and its reconstruction before squaring it (`training.novelty`).

@@ -370,7 +370,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--no-density", action="store_true", help="served score without the code density term"
     )
-    parser.add_argument("--neighbours", type=int, default=5, help="code k-NN neighbours")
+    parser.add_argument(
+        "--neighbours", type=int, default=5, help="neighbours of the code's local outlier factor"
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--output", type=Path, default=RESULTS, help=f"folder ({RESULTS})")
     args = parser.parse_args(argv)

@@ -18,6 +18,7 @@ import pytest
 import torch
 from sklearn.datasets import load_breast_cancer
 from sklearn.model_selection import train_test_split
+from sklearn.neighbors import LocalOutlierFactor
 
 from aet.conformal import p_values, threshold
 from aet.encoder import Encoder
@@ -26,9 +27,12 @@ from aet.repository import CALIBRATION_FILE, read_model_card
 from aet.sklearn import AutoencoderEmbedder
 from aet.training.data import load_dataset
 from aet.training.novelty import (
-    knn_distance,
+    local_outlier_factor,
+    nearest,
     reconstruction_term,
+    reference_neighbourhoods,
     smoothing_kernel,
+    squared_distances,
     stroke_sigma,
 )
 
@@ -62,10 +66,23 @@ def test_the_smoothed_term_is_zero_for_a_perfect_reconstruction_and_forgives_a_s
     )
 
 
-def test_knn_distance_is_the_mean_distance_to_the_nearest_codes():
-    reference = torch.tensor([[0.0, 0.0], [3.0, 4.0], [6.0, 8.0]])
-    codes = torch.tensor([[0.0, 0.0], [3.0, 4.0]])
-    np.testing.assert_allclose(knn_distance(codes, reference, 2).numpy(), [2.5, 2.5], rtol=1e-6)
+def test_the_density_term_is_scikit_learns_local_outlier_factor():
+    """Two clusters of different spreads: the factor is scikit-learn's, about 1 inside either
+    cluster, and it judges a distance by the cluster's spread: 0.6 off the wide cluster's
+    centre is inside it, 0.6 off the tight one's is far outside."""
+    rng = np.random.default_rng(0)
+    reference = np.concatenate([rng.normal(0, 1, (100, 4)), rng.normal(5, 0.1, (50, 4))])
+    queries = np.concatenate([rng.normal(0, 1, (5, 4)), rng.normal(5, 0.1, (5, 4))])
+    queries = np.concatenate([queries, [[0.6, 0, 0, 0], [5.6, 5, 5, 5]]])
+    k_distance, density = reference_neighbourhoods(torch.from_numpy(reference), 5)
+    distances, index = nearest(
+        squared_distances(torch.from_numpy(queries), torch.from_numpy(reference)), 5
+    )
+    ours = local_outlier_factor(distances, index, k_distance, density).numpy()
+    sklearn = LocalOutlierFactor(n_neighbors=5, novelty=True).fit(reference)
+    np.testing.assert_allclose(ours, -sklearn.score_samples(queries), rtol=1e-6)
+    np.testing.assert_allclose(density.numpy(), sklearn._lrd, rtol=1e-6)
+    assert np.median(ours[:10]) < 1.2 and ours[10] < 1.2 and ours[11] > 3
 
 
 def test_p_values_and_thresholds_agree_at_every_level():
@@ -90,11 +107,11 @@ def held_out_fractions(p: np.ndarray) -> dict[float, float]:
 def test_shipped_digits_p_values_are_valid_on_held_out_digits():
     """The shipped calibration file holds the graph's scores of the 126 validation digits
     (a graph re-exported without it would fail here). On the 540 test digits (never trained
-    on, never calibrated on) at most alpha + 0.01 are flagged at alpha 0.05 and 0.1. Not
-    asserted at alpha 0.01: p <= 0.01 means above all 126 calibration scores, and this draw
-    puts 11 of the 540 test digits there (0.020, the bound is 0.020; about 4 are expected,
-    and with 126 rows the fraction above their maximum varies between draws by as much as
-    its mean). predict, decision_function and offset_ agree."""
+    on, never calibrated on) at most alpha + 0.01 are flagged at alpha 0.01, 0.05 and 0.1
+    (measured 0.013 / 0.039 / 0.067). At alpha 0.01 that is the digits above all 126
+    calibration scores, a fraction that varies between draws of the calibration rows by about
+    as much as its mean (0.008): a re-export must re-measure it. predict, decision_function
+    and offset_ agree."""
     encoder = Encoder.load(SHIPPED, threads=1)
     digits = load_dataset("digits")
     validation = -encoder.score_samples(digits.val.x * np.float32(16))
@@ -103,7 +120,7 @@ def test_shipped_digits_p_values_are_valid_on_held_out_digits():
     pixels = digits.test.x * np.float32(16)  # (540, 1, 8, 8) raw 0..16
     p = encoder.p_value(pixels)
     fractions = held_out_fractions(p)
-    assert fractions[0.05] <= 0.06 and fractions[0.1] <= 0.11, fractions
+    assert all(fraction <= alpha + 0.01 for alpha, fraction in fractions.items()), fractions
     encoder.alpha = 0.05
     np.testing.assert_array_equal(encoder.predict(pixels) == -1, p <= 0.05)
     decision = encoder.decision_function(pixels)

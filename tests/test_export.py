@@ -14,6 +14,7 @@ import onnxruntime
 import pytest
 import torch
 from scipy.ndimage import gaussian_filter
+from sklearn.neighbors import LocalOutlierFactor
 
 from aet.cli import main
 from aet.config import ConfigError
@@ -113,7 +114,10 @@ def test_export_writes_version_one_with_a_complete_card(exported, run_dir):
     )
     assert score.measure.startswith("mean squared difference per pixel")
     assert "Gaussian smoothing of the difference (sigma 0.286 pixels)" in score.measure
-    assert "5 nearest training codes" in score.measure and score.calibration_rows == 126
+    assert "local outlier factor of the code among the training codes (5 neighbours" in (
+        score.measure
+    )
+    assert score.calibration_rows == 126
     assert score.calibration_file == "calibration.npy" and score.calibration_sha256 is not None
     levels = list(score.percentiles.values())
     assert list(score.percentiles) == ["p50", "p90", "p99", "p99.9"] and levels == sorted(levels)
@@ -158,9 +162,9 @@ def test_graph_is_small_with_a_dynamic_batch_and_matches_pytorch(exported, run_d
         expected = model.encode(scaled).numpy()
     # The score by hand (training.novelty's definition, recomputed with scipy): the mean
     # square of the difference between pixels and reconstruction, smoothed by a Gaussian of
-    # 8 / 28 pixels (zero beyond the image, the kernel cut one pixel out), plus the mean
-    # distance to the 5 nearest training codes, each standardised on the training rows
-    # (leave-one-out there).
+    # 8 / 28 pixels (zero beyond the image, the kernel cut one pixel out), plus scikit-learn's
+    # local outlier factor of the code among the training codes (5 neighbours), each
+    # standardised on the training rows (leave-one-out there).
     train = torch.from_numpy(np.asarray(load_dataset("digits").train.x))
 
     def smoothed_error(x: torch.Tensor) -> np.ndarray:
@@ -174,10 +178,8 @@ def test_graph_is_small_with_a_dynamic_batch_and_matches_pytorch(exported, run_d
 
     with torch.no_grad():
         train_codes = model.encode(train).double().numpy()
-    distances = np.sqrt(((expected[:, None, :] - train_codes[None]) ** 2).sum(-1))
-    density = np.sort(distances, axis=1)[:, :5].mean(1)
-    own = np.sqrt(((train_codes[:, None, :] - train_codes[None]) ** 2).sum(-1))
-    train_density = np.sort(own, axis=1)[:, 1:6].mean(1)
+    factor = LocalOutlierFactor(n_neighbors=5, novelty=True).fit(train_codes)
+    density, train_density = -factor.score_samples(expected), -factor.negative_outlier_factor_
     train_error = smoothed_error(train)
     expected_score = (smoothed_error(scaled) - train_error.mean()) / train_error.std(ddof=1) + (
         density - train_density.mean()

@@ -6,8 +6,8 @@ in their own units (standardised inside the graph with the training split's stat
 returns `embedding` float32 (batch, code_size) (a VAE exports its mean) and
 `reconstruction_error` float32 (batch,), the novelty score: encoder and decoder run in the
 graph and each row's reconstruction is scored in the model's likelihood terms, zero for a
-perfect reconstruction, plus by default the code's k-NN distance to the training codes kept
-in the graph (`training.novelty.NoveltyScore`). Callers that want only embeddings run the
+perfect reconstruction, plus by default the code's local outlier factor among the training
+codes kept in the graph (`training.novelty.NoveltyScore`). Callers that want only embeddings run the
 graph pruned to its first output (`aet.runtime.embedding_graph`), which costs what an encoder
 alone costs.
 
@@ -67,8 +67,9 @@ SMOOTHED_MEASURE = (
 )
 VECTOR_MEASURE = "mean squared error per feature, in standardised units"
 DENSITY_MEASURE = (
-    "{reconstruction}, standardised on the training rows, plus the mean distance of the code "
-    "to its {neighbours} nearest training codes (kept in the graph), standardised likewise"
+    "{reconstruction}, standardised on the training rows, plus the local outlier factor of the "
+    "code among the training codes ({neighbours} neighbours; the codes kept in the graph), "
+    "standardised likewise"
 )
 SCORE_KINDS = ("reconstruction+density", "reconstruction")
 PARITY_ROWS = 1000
@@ -107,13 +108,13 @@ class ExportConfig:
         default=SCORE_KINDS[0],
         metadata={
             "help": "the novelty score in the graph: the reconstruction term plus the code's "
-            "k-NN distance to the training codes, or the reconstruction term alone",
+            "local outlier factor among the training codes, or the reconstruction term alone",
             "choices": list(SCORE_KINDS),
         },
     )
     score_neighbours: int = field(
         default=DEFAULT_NEIGHBOURS,
-        metadata={"help": "nearest training codes the density term averages over"},
+        metadata={"help": "neighbours of the density term's local outlier factor"},
     )
 
     def __post_init__(self):

@@ -10,9 +10,13 @@ Two terms, each measured on the model's own training rows and put on one scale t
   missing or added costs all its pixels. On one-class MNIST that ranks novel digits better
   than the unsmoothed error and than the Bernoulli likelihood's own KL form (docs/novelty.md).
   For vectors it is the squared error in standardised units.
-- `density`: the mean Euclidean distance of the row's code to its `neighbours` nearest codes of
-  the training rows, which the graph holds as a constant (at most `MAX_REFERENCE_CODES` rows,
-  a seeded sample beyond that). On the training rows themselves a row's own code is left out.
+- `density`: the local outlier factor (Breunig et al. 2000, scikit-learn's
+  `LocalOutlierFactor`) of the row's code among the codes of the training rows, which the
+  graph holds as constants with each one's k-distance and local reachability density (at most
+  `MAX_REFERENCE_CODES` rows, a seeded sample beyond that): the mean density of the code's
+  `neighbours` nearest training codes over its own, about 1 inside a cluster of training codes
+  and larger away from one. Unlike a plain distance it adapts to clusters of different
+  spreads. On the training rows themselves a row's own code is left out.
 
 The score is the sum of the two terms, each standardised by its mean and standard deviation on
 the training rows (a row scoring like an average training row scores about 0; higher is more
@@ -33,6 +37,7 @@ DEFAULT_NEIGHBOURS = 5
 MAX_REFERENCE_CODES = 2000
 STROKE_SIDE = 28  # images of this side are smoothed with sigma 1 pixel
 _EPS = 1e-7
+_LOF_EPS = 1e-10  # scikit-learn's: duplicate codes give a large, finite density
 
 
 @dataclass(frozen=True)
@@ -79,15 +84,42 @@ def reconstruction_term(
     return difference.square().flatten(1).mean(1)
 
 
-def knn_distance(codes: torch.Tensor, reference: torch.Tensor, k: int) -> torch.Tensor:
-    """(B,) mean Euclidean distance of each code to its `k` nearest rows of `reference`.
+def squared_distances(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(A, B) squared Euclidean distances between the rows of `a` and `b`, in float64: the
+    expanded |a|^2 - 2ab + |b|^2 loses the small distances to cancellation in float32, and
+    PyTorch and onnxruntime would then disagree."""
+    a, b = a.double(), b.double()
+    return a.square().sum(1, keepdim=True) - 2 * a @ b.T + b.square().sum(1).unsqueeze(0)
 
-    In float64: the expanded square |a|^2 - 2ab + |b|^2 loses the small distances to
-    cancellation in float32, and PyTorch and onnxruntime would then disagree."""
-    a, b = codes.double(), reference.double()
-    squared = a.square().sum(1, keepdim=True) - 2 * a @ b.T + b.square().sum(1).unsqueeze(0)
-    nearest = torch.topk(squared, k, dim=1, largest=False).values
-    return nearest.clamp(min=0).sqrt().mean(1).float()
+
+def nearest(squared: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The `k` smallest of each row of `squared` distances: (distances (A, k), indices (A, k))."""
+    values, index = torch.topk(squared, k, dim=1, largest=False)
+    return values.clamp(min=0).sqrt(), index
+
+
+def local_outlier_factor(
+    distances: torch.Tensor,
+    index: torch.Tensor,
+    k_distance: torch.Tensor,
+    density: torch.Tensor,
+) -> torch.Tensor:
+    """(A,) local outlier factors of rows whose nearest reference rows are at `distances`
+    (A, k), rows `index` (A, k) of the references, given each reference's `k_distance` and
+    local reachability `density` (R,) (`reference_neighbourhoods`)."""
+    reach = torch.maximum(distances, k_distance[index])
+    return density[index].mean(1) * (reach.mean(1) + _LOF_EPS)
+
+
+def reference_neighbourhoods(reference: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each reference row's k-distance and local reachability density among the other
+    reference rows, (R,) each in float64."""
+    squared = squared_distances(reference, reference)
+    squared.fill_diagonal_(torch.inf)  # a row is not its own neighbour
+    distances, index = nearest(squared, k)
+    k_distance = distances[:, -1]
+    reach = torch.maximum(distances, k_distance[index])
+    return k_distance, 1.0 / (reach.mean(1) + _LOF_EPS)
 
 
 class NoveltyScore(torch.nn.Module):
@@ -107,6 +139,13 @@ class NoveltyScore(torch.nn.Module):
         self.density = reference is not None
         self.sigma = stroke_sigma(autoencoder.image_shape) if smooth else 0.0
         self.register_buffer("reference", reference if reference is not None else torch.zeros(1, 1))
+        k_distance, local_density = (
+            reference_neighbourhoods(reference, self.neighbours)
+            if reference is not None
+            else (torch.zeros(1), torch.zeros(1))
+        )
+        self.register_buffer("k_distance", k_distance)
+        self.register_buffer("local_density", local_density)
         self.register_buffer("scales", scales)  # (2, 2): [term][mean, std]
         self.register_buffer(
             "kernel",
@@ -135,32 +174,44 @@ class NoveltyScore(torch.nn.Module):
             parts = [unscaled(batch) for batch in x.split(1024)]
         codes = torch.cat([code for code, _ in parts])
         recon = torch.cat([term for _, term in parts])
-        k = max(1, min(settings.neighbours, len(codes) - 1))
-        reference = codes
+        keep = np.arange(len(codes))
         if len(codes) > MAX_REFERENCE_CODES:
-            keep = np.random.default_rng(seed).choice(len(codes), MAX_REFERENCE_CODES, False)
-            reference = codes[torch.from_numpy(np.sort(keep))]
-        with torch.no_grad():  # leave-one-out on the training rows: k + 1 nearest, self dropped
-            b = reference.double()
-            squared = torch.cat(
+            keep = np.sort(
+                np.random.default_rng(seed).choice(len(codes), MAX_REFERENCE_CODES, False)
+            )
+        reference = codes[torch.from_numpy(keep)].clone()
+        k = max(1, min(settings.neighbours, len(reference) - 1))
+        scorer = cls(autoencoder, reference, identity, k, settings.smooth)
+        own = torch.full((len(codes),), -1)  # each training row's place among the references
+        own[torch.from_numpy(keep)] = torch.arange(len(keep))
+        with torch.no_grad():  # leave-one-out on the training rows that are references
+            factors = []
+            for rows, places in zip(codes.split(1024), own.split(1024), strict=True):
+                squared = squared_distances(rows, reference)
+                member = torch.nonzero(places >= 0).squeeze(1)
+                squared[member, places[member]] = torch.inf
+                factors.append(scorer.outlier_factor(squared))
+            density = torch.cat(factors)
+        scorer.scales.copy_(
+            torch.tensor(
                 [
-                    (c.square().sum(1, keepdim=True) - 2 * c @ b.T + b.square().sum(1).unsqueeze(0))
-                    for c in codes.double().split(1024)
+                    [float(recon.mean()), max(float(recon.std()), _EPS)],
+                    [float(density.mean()), max(float(density.std()), _EPS)],
                 ]
             )
-            nearest = torch.topk(squared, min(k + 1, len(reference)), dim=1, largest=False).values
-            density = nearest[:, 1:].clamp(min=0).sqrt().mean(1)
-        scales = torch.tensor(
-            [
-                [float(recon.mean()), max(float(recon.std()), _EPS)],
-                [float(density.mean()), max(float(density.std()), _EPS)],
-            ]
         )
-        return cls(autoencoder, reference.clone(), scales, k, settings.smooth)
+        return scorer
 
     reference: torch.Tensor
+    k_distance: torch.Tensor
+    local_density: torch.Tensor
     scales: torch.Tensor
     kernel: torch.Tensor | None
+
+    def outlier_factor(self, squared: torch.Tensor) -> torch.Tensor:
+        """(B,) local outlier factors of codes at `squared` distances (B, R) to the references."""
+        distances, index = nearest(squared, self.neighbours)
+        return local_outlier_factor(distances, index, self.k_distance, self.local_density).float()
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         code = self.autoencoder.encode(x)
@@ -173,7 +224,7 @@ class NoveltyScore(torch.nn.Module):
         )
         if not self.density:
             return code, recon
-        density = knn_distance(code, self.reference, self.neighbours)
+        density = self.outlier_factor(squared_distances(code, self.reference))
         score = (recon - self.scales[0, 0]) / self.scales[0, 1] + (
             density - self.scales[1, 0]
         ) / self.scales[1, 1]

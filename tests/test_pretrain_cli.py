@@ -126,6 +126,10 @@ def test_pretrain_one_epoch_writes_the_run_folder(tmp_path):
         (["--code-size", "64"], "code_size: expected fewer than the 64 inputs"),
         (["--epochs", "0"], "epochs: expected a positive integer; got 0"),
         (["--probe-labels", "0"], "probe_labels: expected positive label counts; got [0]"),
+        (
+            ["--no-probes", "--probe-labels", "50"],
+            "probe_labels: --probe-labels 50 was given with --no-probes",
+        ),
     ],
 )
 def test_invalid_hyper_parameters_are_rejected_before_training(tmp_path, capsys, flags, message):

@@ -210,7 +210,12 @@ def write_figures(
 
 def config_of(args: argparse.Namespace) -> PretrainConfig:
     """Defaults, then the recipe (`--recipe`, or a `recipe` field of `--config`), the config
-    file and the flags."""
+    file and the flags. `--probe-labels` with `--no-probes` is an error, not ignored."""
+    if getattr(args, "probes", True) is False and hasattr(args, "probe_labels"):
+        raise ConfigError(
+            f"probe_labels: --probe-labels {' '.join(map(str, args.probe_labels))} was given "
+            "with --no-probes, which skips the probes; drop one of the two"
+        )
     recipe = getattr(args, "recipe", None)
     if recipe is None and getattr(args, "config", None) is not None:
         recipe = config_from_args(PretrainConfig, argparse.Namespace(config=args.config)).recipe

@@ -25,8 +25,12 @@ from aet.encoder import Encoder
 from aet.errors import UserError
 from aet.repository import CALIBRATION_FILE, read_model_card
 from aet.sklearn import AutoencoderEmbedder
+from aet.training import novelty
 from aet.training.data import load_dataset
+from aet.training.models import ModelConfig, build_autoencoder
 from aet.training.novelty import (
+    NoveltyScore,
+    ScoreSettings,
     local_outlier_factor,
     nearest,
     reconstruction_term,
@@ -83,6 +87,31 @@ def test_the_density_term_is_scikit_learns_local_outlier_factor():
     np.testing.assert_allclose(ours, -sklearn.score_samples(queries), rtol=1e-6)
     np.testing.assert_allclose(density.numpy(), sklearn._lrd, rtol=1e-6)
     assert np.median(ours[:10]) < 1.2 and ours[10] < 1.2 and ours[11] > 3
+
+
+def test_a_large_training_set_keeps_a_seeded_sample_of_codes_and_scales_by_all_rows(
+    monkeypatch,
+):
+    """Beyond MAX_REFERENCE_CODES training rows the graph keeps a seeded sample of codes; the
+    density term's scale comes from every training row: a sampled row's factor leaves itself
+    out, the others' are plain queries (both scikit-learn's)."""
+    monkeypatch.setattr(novelty, "MAX_REFERENCE_CODES", 40)
+    torch.manual_seed(0)
+    model = build_autoencoder(
+        ModelConfig(architecture="mlp", hidden_sizes=(8,), code_size=3, loss="mse"), (6,)
+    )
+    rows = np.random.default_rng(0).normal(size=(100, 6)).astype(np.float32)
+    score = NoveltyScore.fit(model, rows, ScoreSettings(neighbours=5), seed=3)
+    with torch.no_grad():
+        codes = model.eval().encode(torch.from_numpy(rows)).double().numpy()
+    keep = np.sort(np.random.default_rng(3).choice(100, 40, False))
+    np.testing.assert_allclose(score.reference.numpy(), codes[keep], rtol=1e-6)
+    factor = LocalOutlierFactor(n_neighbors=5, novelty=True).fit(codes[keep])
+    expected = -factor.score_samples(codes)
+    expected[keep] = -factor.negative_outlier_factor_
+    np.testing.assert_allclose(
+        score.scales[1].numpy(), [expected.mean(), expected.std(ddof=1)], rtol=1e-4
+    )
 
 
 def test_p_values_and_thresholds_agree_at_every_level():

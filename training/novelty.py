@@ -181,7 +181,7 @@ class NoveltyScore(torch.nn.Module):
             )
         reference = codes[torch.from_numpy(keep)].clone()
         k = max(1, min(settings.neighbours, len(reference) - 1))
-        scorer = cls(autoencoder, reference, identity, k, settings.smooth)
+        scorer = cls(autoencoder, reference, identity.clone(), k, settings.smooth)
         own = torch.full((len(codes),), -1)  # each training row's place among the references
         own[torch.from_numpy(keep)] = torch.arange(len(keep))
         with torch.no_grad():  # leave-one-out on the training rows that are references

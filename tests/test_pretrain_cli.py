@@ -27,8 +27,6 @@ SMALL_RUN = [
     "masking",
     "--noise-level",
     "0.2",
-    "--probe-labels",
-    "100",
     "--no-progress",
 ]
 

@@ -107,6 +107,17 @@ class ProcessGroup:
         if self.distributed:
             dist.barrier()
 
+    def leave(self, *, together: bool = True) -> None:
+        """Leave torchrun's group (once; later calls do nothing). `together`, the normal end:
+        after a barrier, so that every process destroys the group at the same point, as torch
+        requires (a process that left early has aborted under gloo). Not together, after a
+        failure: at once, as the others may be waiting in another collective."""
+        if not (self.distributed and dist.is_initialized()):
+            return
+        if together:
+            dist.barrier()
+        dist.destroy_process_group()
+
     def gather(self, value: object) -> list:
         """Every process's `value`, in rank order (on every process)."""
         if not self.distributed:

@@ -238,8 +238,7 @@ def pretrain(config: PretrainConfig) -> int:
     try:
         return _train_and_report(config, dataset, group)
     finally:
-        if group.distributed:
-            torch.distributed.destroy_process_group()
+        group.leave(together=False)  # after a failure; the normal ends left together already
 
 
 def _train_and_report(config: PretrainConfig, dataset: Dataset, group: ProcessGroup) -> int:
@@ -260,12 +259,14 @@ def _train_and_report(config: PretrainConfig, dataset: Dataset, group: ProcessGr
     try:
         history = trainer.fit()
     except TrainingInterrupted as exc:
+        group.leave()
         if group.is_main:
             print(f"{exc}; continue with --resume")
         if exc.slice_ended:  # rank 0 alone reports it: torchrun then exits 1 naming code 75
             return EXIT_SLICE_ENDED if group.is_main else 0
         return EXIT_INTERRUPTED
     train_seconds = time.perf_counter() - started
+    group.leave()  # the last collective: rank 0 evaluates and writes alone after it
     if not group.is_main:
         return 0
 

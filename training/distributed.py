@@ -115,7 +115,7 @@ class ProcessGroup:
         if not (self.distributed and dist.is_initialized()):
             return
         if together:
-            dist.barrier()
+            self.barrier()
         dist.destroy_process_group()
 
     def gather(self, value: object) -> list:

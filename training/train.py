@@ -524,8 +524,7 @@ class Trainer:
         self._interrupt.requested = True
 
     def _stop(self, *, slice_ended: bool = False) -> None:
-        self.save()
-        self.group.barrier()  # no process leaves (and gets the others killed) before rank 0 wrote
+        self.save()  # the caller's `ProcessGroup.leave` keeps every process until rank 0 wrote
         self._interrupt.requested = False  # this request is served; the trainer stays usable
         raise TrainingInterrupted(self.checkpoint_path, slice_ended=slice_ended)
 

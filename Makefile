@@ -1,21 +1,26 @@
 # Two commands do everything on a fresh machine (see README.md):
 #   make demo   install into .venv, then run the whole flow on the embedded default data
 #   make test   install into .venv, run the checks (lint, format, types), then the test suite
+#   make lock   re-resolve pyproject.toml's ranges in a scratch venv into constraints.txt
 # `make check` runs only the checks (with the strict docs build); .pre-commit-config.yaml runs
 # the same ones on commit. `make docs` builds the docs site (mkdocs.yml) into site/.
 VENV ?= .venv
 PY := $(VENV)/bin/python
+# Every package at the version the suite last passed with (`make lock` writes it), so that a
+# release upstream cannot change what `make test` installs; pyproject.toml keeps the ranges.
+CONSTRAINTS ?= constraints.txt
+PIP_INSTALL := $(PY) -m pip install --quiet $(if $(CONSTRAINTS),--constraint $(CONSTRAINTS))
 
-.PHONY: install demo test check lint typecheck docs
+.PHONY: install demo test check lint typecheck docs lock
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip setuptools wheel
-	$(PY) -m pip install --quiet -e ".[test]"
+	$(PIP_INSTALL) -e ".[test]"
 	# tritonclient 2.51 pins numpy<2 and protobuf<5 in its metadata but runs with ours; its
 	# perf_analyzer binary needs libb64 (Debian) and CUDA 12's runtime library to start.
-	$(PY) -m pip install --quiet --no-deps tritonclient==2.51.0 python-rapidjson nvidia-cuda-runtime-cu12
+	$(PIP_INSTALL) --no-deps tritonclient==2.51.0 python-rapidjson nvidia-cuda-runtime-cu12
 	-if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && ! ldconfig -p | grep -q libb64.so.0d; then \
 		apt-get install -y -qq libb64-0d >/dev/null || (apt-get update -qq && apt-get install -y -qq libb64-0d >/dev/null); fi
 	touch $@
@@ -49,3 +54,12 @@ typecheck: install
 # silences Material's banner about its end of life (May 2027; its successor is Zensical).
 docs: install
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
+
+# The newest versions pyproject.toml allows, installed without constraints into a scratch venv,
+# frozen into constraints.txt (then run `make test` before committing it).
+LOCK_VENV := build/lock-venv
+lock:
+	rm -rf $(LOCK_VENV)
+	$(MAKE) install VENV=$(LOCK_VENV) CONSTRAINTS=
+	printf '# Written by `make lock`: the versions `make install` installs.\n' > constraints.txt
+	$(LOCK_VENV)/bin/python -m pip freeze --exclude-editable >> constraints.txt

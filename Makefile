@@ -1,9 +1,9 @@
 # Two commands do everything on a fresh machine (see README.md):
 #   make demo   install into .venv, then run the whole flow on the embedded default data
 #   make test   install into .venv, run the checks (lint, format, types), then the test suite
-#   make lock   re-resolve pyproject.toml's ranges in a scratch venv into constraints.txt
 # `make check` runs only the checks (with the strict docs build); .pre-commit-config.yaml runs
-# the same ones on commit. `make docs` builds the docs site (mkdocs.yml) into site/.
+# the same ones on commit. `make docs` builds the docs site (mkdocs.yml) into site/. `make lock`
+# re-resolves pyproject.toml's ranges in a scratch venv into constraints.txt.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # Every package at the version the suite last passed with (`make lock` writes it), so that a

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import re
+import tomllib
+from pathlib import Path
 
 import numpy as np
 import pytest
 from grpc_tools import grpc_version
+from packaging.requirements import Requirement
 
 from aet.proto import embedding_pb2, embedding_pb2_grpc
 from aet.proto.codec import TensorCodecError, decode_raw, decode_tensor, encode_tensor
@@ -31,6 +34,23 @@ def test_committed_stubs_match_the_proto_files(tmp_path):
         f"them. Installed grpcio-tools: {grpc_version.VERSION}; committed stubs were generated "
         f"by grpcio-tools {committed_by}"
     )
+
+
+def test_pyproject_pins_the_generator_of_the_stubs_and_requires_what_they_import_under():
+    project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]
+    listed = project["dependencies"] + project["optional-dependencies"]["test"]
+    requirements = {r.name: r.specifier for r in map(Requirement, listed)}
+    stub = (PACKAGE_DIR / "embedding_pb2_grpc.py").read_text()
+    grpc_generated = re.search(r"GRPC_GENERATED_VERSION = '([^']+)'", stub).group(1)
+    gencode = re.search(
+        r"ValidateProtobufRuntimeVersion\(\s*\S+,\s*(\d+),\s*(\d+),\s*(\d+),",
+        (PACKAGE_DIR / "embedding_pb2.py").read_text(),
+    )
+    protobuf_generated = ".".join(gencode.groups())
+    assert str(requirements["grpcio-tools"]) == f"=={grpc_generated}"
+    # The stubs raise at import under an older runtime: the floors are exactly theirs.
+    assert f">={grpc_generated}" in str(requirements["grpcio"]).split(",")
+    assert f">={protobuf_generated}" in str(requirements["protobuf"]).split(",")
 
 
 def test_embedding_service_has_its_five_methods():

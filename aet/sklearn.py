@@ -73,10 +73,12 @@ class AutoencoderEmbedder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Bas
     progress : bool
         Show training progress bars.
     score_density : bool
-        The novelty score adds the code's local outlier factor among the training codes to
-        the reconstruction term (`training.novelty`); False: the reconstruction term alone.
+        The novelty score adds a density term of the code to the reconstruction term
+        (`training.novelty`: for feature vectors the code's Mahalanobis distance from the
+        training codes, for images its local outlier factor among them); False: the
+        reconstruction term alone.
     score_neighbours : int
-        Neighbours of the density term's local outlier factor.
+        Neighbours of the density term's local outlier factor (images).
     image_shape : tuple (channels, height, width) or None
         The rows are flattened images of this shape: the novelty score smooths the difference
         between an image and its reconstruction before squaring it (`training.novelty`).

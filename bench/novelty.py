@@ -371,7 +371,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--no-density", action="store_true", help="served score without the code density term"
     )
     parser.add_argument(
-        "--neighbours", type=int, default=5, help="neighbours of the code's local outlier factor"
+        "--neighbours",
+        type=int,
+        default=5,
+        help="neighbours of the code's local outlier factor (images)",
     )
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--output", type=Path, default=RESULTS, help=f"folder ({RESULTS})")

@@ -29,6 +29,8 @@ from aet.training import novelty
 from aet.training.data import load_dataset
 from aet.training.models import ModelConfig, build_autoencoder
 from aet.training.novelty import (
+    CodeMahalanobis,
+    CodeOutlierFactor,
     NoveltyScore,
     ScoreSettings,
     local_outlier_factor,
@@ -97,21 +99,77 @@ def test_a_large_training_set_keeps_a_seeded_sample_of_codes_and_scales_by_all_r
     out, the others' are plain queries (both scikit-learn's)."""
     monkeypatch.setattr(novelty, "MAX_REFERENCE_CODES", 40)
     torch.manual_seed(0)
-    model = build_autoencoder(
-        ModelConfig(architecture="mlp", hidden_sizes=(8,), code_size=3, loss="mse"), (6,)
+    model = build_autoencoder(  # images (2 x 3 pixels): the density term is the factor
+        ModelConfig(architecture="mlp", hidden_sizes=(8,), code_size=3, loss="bce"), (1, 2, 3)
     )
-    rows = np.random.default_rng(0).normal(size=(100, 6)).astype(np.float32)
+    rows = np.random.default_rng(0).uniform(size=(100, 1, 2, 3)).astype(np.float32)
     score = NoveltyScore.fit(model, rows, ScoreSettings(neighbours=5), seed=3)
     with torch.no_grad():
         codes = model.eval().encode(torch.from_numpy(rows)).double().numpy()
     keep = np.sort(np.random.default_rng(3).choice(100, 40, False))
-    np.testing.assert_allclose(score.reference.numpy(), codes[keep], rtol=1e-6)
+    assert isinstance(score.density, CodeOutlierFactor)
+    np.testing.assert_allclose(score.density.reference.numpy(), codes[keep], rtol=1e-6)
     factor = LocalOutlierFactor(n_neighbors=5, novelty=True).fit(codes[keep])
     expected = -factor.score_samples(codes)
     expected[keep] = -factor.negative_outlier_factor_
     np.testing.assert_allclose(
         score.scales[1].numpy(), [expected.mean(), expected.std(ddof=1)], rtol=1e-4
     )
+
+
+def test_a_vector_score_is_the_gaussian_likelihoods_two_halves_each_standardised():
+    """For feature vectors the reconstruction term divides each feature's difference by that
+    feature's residual spread on the training rows, and the density term is the code's squared
+    Mahalanobis distance from the training codes (numpy by hand here)."""
+    torch.manual_seed(0)
+    model = build_autoencoder(
+        ModelConfig(architecture="mlp", hidden_sizes=(8,), code_size=2, loss="mse"), (5,)
+    ).eval()
+    rng = np.random.default_rng(0)
+    rows = rng.normal(size=(200, 5)).astype(np.float32)
+    queries = rng.normal(size=(20, 5)).astype(np.float32)
+    score = NoveltyScore.fit(model, rows, ScoreSettings(), seed=0)
+    assert isinstance(score.density, CodeMahalanobis)
+    assert "Mahalanobis" in score.measure and "residual standard deviation" in score.measure
+
+    def parts(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        with torch.no_grad():
+            residual = (x - model(torch.from_numpy(x)).numpy()).astype(np.float64)
+            codes = model.encode(torch.from_numpy(x)).double().numpy()
+        return residual, codes
+
+    train_residual, train_codes = parts(rows)
+    spread = train_residual.std(0, ddof=1)
+    inverse = np.linalg.inv(np.cov(train_codes.T))
+
+    def terms(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        residual, codes = parts(x)
+        centred = codes - train_codes.mean(0)
+        return np.square(residual / spread).mean(1), np.einsum(
+            "ij,jk,ik->i", centred, inverse, centred
+        )
+
+    (train_recon, train_density), (recon, density) = terms(rows), terms(queries)
+    expected = (recon - train_recon.mean()) / train_recon.std(ddof=1) + (
+        density - train_density.mean()
+    ) / train_density.std(ddof=1)
+    with torch.no_grad():
+        served = score(torch.from_numpy(queries))[1].numpy()
+    np.testing.assert_allclose(served, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_two_training_rows_give_a_finite_vector_score():
+    """Two rows give a rank-one covariance of the codes: its floored eigenvalues keep the
+    Mahalanobis distance finite (and large off the line through the two codes)."""
+    torch.manual_seed(0)
+    model = build_autoencoder(
+        ModelConfig(architecture="mlp", hidden_sizes=(8,), code_size=3, loss="mse"), (6,)
+    )
+    rows = np.random.default_rng(0).normal(size=(2, 6)).astype(np.float32)
+    score = NoveltyScore.fit(model, rows, ScoreSettings(), seed=0)
+    queries = torch.from_numpy(np.random.default_rng(1).normal(size=(4, 6)).astype(np.float32))
+    with torch.no_grad():
+        assert torch.isfinite(score(queries)[1]).all()
 
 
 def test_p_values_and_thresholds_agree_at_every_level():
@@ -160,7 +218,7 @@ def test_shipped_digits_p_values_are_valid_on_held_out_digits():
 
 
 def test_table_p_values_are_valid_on_held_out_rows_and_served_equal_in_process(tmp_path):
-    """breast-cancer, over five seeded splits (conformal validity is a statement over the
+    """breast-cancer, over ten seeded splits (conformal validity is a statement over the
     draw of the calibration rows): an embedder fitted on 70 % of the rows (30 % of those
     calibrate); of the other 30 %, pooled, the fraction with p <= alpha is at most
     alpha + 0.01. The exported graph and its calibration file give the same p-values through

@@ -17,7 +17,6 @@ import pyarrow.parquet
 import pytest
 import torch
 from sklearn.datasets import load_wine
-from sklearn.neighbors import LocalOutlierFactor
 
 from aet.cli import main
 from aet.clients.embeddings import read_embeddings
@@ -217,7 +216,8 @@ def test_pretrain_and_export_a_csv_table_through_the_cli(
     wine_files, tmp_path, start_server, embedding_stub
 ):
     """`aet pretrain --dataset csv` then `aet export`: the graph takes raw features, standardises
-    inside, and its score is the mean squared error in standardised units."""
+    inside, and its score is the squared error weighed by each feature's residual spread plus
+    the code's Mahalanobis distance from the training codes."""
     quiet = contextlib.redirect_stdout(io.StringIO())
     arguments = ["--dataset", "csv", "--data-path", str(wine_files["csv"])]
     arguments += ["--label-column", "cultivar", "--columns", *wine_table()[2][:6]]
@@ -240,7 +240,11 @@ def test_pretrain_and_export_a_csv_table_through_the_cli(
     assert card.input.feature_names == tuple(wine_table()[2][:6])
     assert card.hyperparameters["loss"] == "mse" and card.standardizer["shape"] == [6]
     assert card.preprocessing[0].startswith("standardize: (features - mean) / std")
-    assert card.score.measure.startswith("mean squared error per feature, in standardised units")
+    assert card.score.measure.startswith(
+        "mean squared error per feature in standardised units, each feature's divided by its "
+        "residual standard deviation on the training rows"
+    )
+    assert "squared Mahalanobis distance of the code" in card.score.measure
     assert json.loads((version / "model.json").read_text())["input"]["value_range"] is None
     assert RequestSpec.from_card(card, 10).accepted_dtypes == (FLOAT32,)
 
@@ -256,16 +260,24 @@ def test_pretrain_and_export_a_csv_table_through_the_cli(
     with torch.no_grad():
         standardised = torch.from_numpy(data.test.x)
         expected = autoencoder.encode(standardised).numpy()
-        squared = (autoencoder(standardised) - standardised).square().mean(1).numpy()
+        residual = (standardised - autoencoder(standardised)).double().numpy()
         train = torch.from_numpy(data.train.x)
-        train_squared = (autoencoder(train) - train).square().mean(1).double().numpy()
+        train_residual = (train - autoencoder(train)).double().numpy()
         train_codes = autoencoder.encode(train).double().numpy()
     np.testing.assert_allclose(embedding, expected, atol=1e-4)
-    # the score by hand: squared error plus scikit-learn's local outlier factor of the code
-    # among the training codes (5 neighbours), each standardised on the training rows
-    # (leave-one-out there)
-    factor = LocalOutlierFactor(n_neighbors=5, novelty=True).fit(train_codes)
-    density, own = -factor.score_samples(expected), -factor.negative_outlier_factor_
+    # the score by hand: the squared error with each feature's divided by its residual spread
+    # on the training rows, plus the code's squared Mahalanobis distance from the training
+    # codes, each standardised on the training rows
+    spread = train_residual.std(0, ddof=1)
+    inverse = np.linalg.inv(np.cov(train_codes.T))
+
+    def mahalanobis(codes: np.ndarray) -> np.ndarray:
+        centred = codes - train_codes.mean(0)
+        return np.einsum("ij,jk,ik->i", centred, inverse, centred)
+
+    squared = np.square(residual / spread).mean(1)
+    train_squared = np.square(train_residual / spread).mean(1)
+    density, own = mahalanobis(expected.astype(np.float64)), mahalanobis(train_codes)
     by_hand = (squared - train_squared.mean()) / train_squared.std(ddof=1) + (
         density - own.mean()
     ) / own.std(ddof=1)

@@ -6,10 +6,9 @@ in their own units (standardised inside the graph with the training split's stat
 returns `embedding` float32 (batch, code_size) (a VAE exports its mean) and
 `reconstruction_error` float32 (batch,), the novelty score: encoder and decoder run in the
 graph and each row's reconstruction is scored in the model's likelihood terms, zero for a
-perfect reconstruction, plus by default the code's local outlier factor among the training
-codes kept in the graph (`training.novelty.NoveltyScore`). Callers that want only embeddings run the
-graph pruned to its first output (`aet.runtime.embedding_graph`), which costs what an encoder
-alone costs.
+perfect reconstruction, plus by default a density term of the code
+(`training.novelty.NoveltyScore`). Callers that want only embeddings run the graph pruned to
+its first output (`aet.runtime.embedding_graph`), which costs what an encoder alone costs.
 
 Before anything is written the graph must pass `onnx.checker` and agree with PyTorch on
 `PARITY_ROWS` inputs, run through onnxruntime in batches of 1 and odd sizes (embeddings to
@@ -61,16 +60,6 @@ from aet.training.standardize import FeatureStandardizer
 IMAGE_INPUT_NAME = "pixels"
 VECTOR_INPUT_NAME = "features"
 OUTPUT_NAME = "embedding"
-SMOOTHED_MEASURE = (
-    "mean squared difference per pixel between the preprocessed input and its reconstruction, "
-    "after a Gaussian smoothing of the difference (sigma {sigma:.3g} pixels)"
-)
-VECTOR_MEASURE = "mean squared error per feature, in standardised units"
-DENSITY_MEASURE = (
-    "{reconstruction}, standardised on the training rows, plus the local outlier factor of the "
-    "code among the training codes ({neighbours} neighbours; the codes kept in the graph), "
-    "standardised likewise"
-)
 SCORE_KINDS = ("reconstruction+density", "reconstruction")
 PARITY_ROWS = 1000
 PARITY_TOLERANCE = 1e-4
@@ -108,13 +97,14 @@ class ExportConfig:
         default=SCORE_KINDS[0],
         metadata={
             "help": "the novelty score in the graph: the reconstruction term plus the code's "
-            "local outlier factor among the training codes, or the reconstruction term alone",
+            "density term (images: its local outlier factor among the training codes; "
+            "vectors: its Mahalanobis distance from them), or the reconstruction term alone",
             "choices": list(SCORE_KINDS),
         },
     )
     score_neighbours: int = field(
         default=DEFAULT_NEIGHBOURS,
-        metadata={"help": "neighbours of the density term's local outlier factor"},
+        metadata={"help": "neighbours of the density term's local outlier factor (images)"},
     )
 
     def __post_init__(self):
@@ -498,10 +488,7 @@ def export_encoder(
             f"got {score_diff:.3g}; nothing written"
         )
     calibration_scores = graph_scores(session, calibration)
-    novelty = encoder.novelty
-    measure = SMOOTHED_MEASURE.format(sigma=novelty.sigma) if novelty.sigma else VECTOR_MEASURE
-    if novelty.density:
-        measure = DENSITY_MEASURE.format(reconstruction=measure, neighbours=novelty.neighbours)
+    measure = encoder.novelty.measure
     calibration_file = calibration_bytes(calibration_scores)
     card = ModelCard.draft(
         name,

@@ -9,18 +9,23 @@ Two terms, each measured on the model's own training rows and put on one scale t
   drawn a pixel to the side, which every reconstruction blurs, costs little while a stroke
   missing or added costs all its pixels. On one-class MNIST that ranks novel digits better
   than the unsmoothed error and than the Bernoulli likelihood's own KL form (docs/novelty.md).
-  For vectors it is the squared error in standardised units.
-- `density`: the local outlier factor (Breunig et al. 2000, scikit-learn's
-  `LocalOutlierFactor`) of the row's code among the codes of the training rows, which the
-  graph holds as constants with each one's k-distance and local reachability density (at most
-  `MAX_REFERENCE_CODES` rows, a seeded sample beyond that): the mean density of the code's
-  `neighbours` nearest training codes over its own, about 1 inside a cluster of training codes
-  and larger away from one. Unlike a plain distance it adapts to clusters of different
-  spreads. On the training rows themselves a row's own code is left out.
+  For vectors (standardised features, a Gaussian output model) each feature's difference is
+  divided by that feature's residual standard deviation on the training rows: the Gaussian
+  likelihood with one variance per feature, so a feature the model reconstructs closely
+  counts its misses for more than one it barely models.
+- `density`: how unusual the row's code is among the codes of the training rows. For images,
+  the local outlier factor (Breunig et al. 2000, scikit-learn's `LocalOutlierFactor`,
+  `CodeOutlierFactor`): the graph holds the training codes (at most `MAX_REFERENCE_CODES`, a
+  seeded sample beyond that) with each one's k-distance and local reachability density; it
+  adapts to clusters of different spreads (the variants of a digit). For vectors, the squared
+  Mahalanobis distance from the training codes' mean under their covariance
+  (`CodeMahalanobis`): a Gaussian density of the code, the likelihood's other half, which a
+  few hundred rows estimate far more steadily than a local outlier factor (docs/novelty.md).
 
 The score is the sum of the two terms, each standardised by its mean and standard deviation on
 the training rows (a row scoring like an average training row scores about 0; higher is more
-unusual). With `density=False` the score is the reconstruction term as it is (no scaling).
+unusual; a training row's local outlier factor leaves its own code out). With `density=False`
+the score is the reconstruction term as it is (unscaled, and unweighted for vectors).
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ DEFAULT_NEIGHBOURS = 5
 MAX_REFERENCE_CODES = 2000
 STROKE_SIDE = 28  # images of this side are smoothed with sigma 1 pixel
 _EPS = 1e-7
+RESIDUAL_FLOOR = 1e-3  # vectors: a feature's residual spread, in standardised units
 _LOF_EPS = 1e-10  # scikit-learn's: duplicate codes give a large, finite density
 
 
@@ -45,7 +51,7 @@ class ScoreSettings:
     """How `NoveltyScore` combines its terms; recorded in model.json."""
 
     density: bool = True
-    neighbours: int = DEFAULT_NEIGHBOURS
+    neighbours: int = DEFAULT_NEIGHBOURS  # images: the local outlier factor's
     smooth: bool = True  # images: smooth the difference (`stroke_sigma`) before squaring
 
 
@@ -72,16 +78,27 @@ def reconstruction_term(
     kind: str,
     image_shape: tuple[int, ...],
     kernel: torch.Tensor | None = None,
+    scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """(B,) mean squared difference between `target` and the decoder's mean for `output` (its
     sigmoid for `bce` logits, itself for `mse`), smoothed by the depthwise `kernel`
-    (`smoothing_kernel`) over images of `image_shape` first when one is given."""
-    mean = torch.sigmoid(output) if kind == "bce" else output
-    difference = target.flatten(1) - mean.flatten(1)
+    (`smoothing_kernel`) over images of `image_shape` first when one is given, or divided by a
+    per-feature `scale` (D,) when one is given."""
+    difference = reconstruction_difference(output, target, kind)
     if kernel is not None:
         images = difference.view(-1, *image_shape)
         difference = F.conv2d(images, kernel, padding=kernel.shape[-1] // 2, groups=len(kernel))
+    if scale is not None:
+        difference = difference / scale
     return difference.square().flatten(1).mean(1)
+
+
+def reconstruction_difference(
+    output: torch.Tensor, target: torch.Tensor, kind: str
+) -> torch.Tensor:
+    """(B, D) `target` minus the decoder's mean for `output`, flattened."""
+    mean = torch.sigmoid(output) if kind == "bce" else output
+    return target.flatten(1) - mean.flatten(1)
 
 
 def squared_distances(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -122,31 +139,113 @@ def reference_neighbourhoods(reference: torch.Tensor, k: int) -> tuple[torch.Ten
     return k_distance, 1.0 / (reach.mean(1) + _LOF_EPS)
 
 
+class CodeOutlierFactor(torch.nn.Module):
+    """Codes (B, C) -> (B,) their local outlier factors among reference codes (R, C), kept with
+    each one's k-distance and local reachability density."""
+
+    def __init__(self, reference: torch.Tensor, neighbours: int):
+        super().__init__()
+        self.neighbours = int(neighbours)
+        k_distance, local_density = reference_neighbourhoods(reference, self.neighbours)
+        self.register_buffer("reference", reference)
+        self.register_buffer("k_distance", k_distance)
+        self.register_buffer("local_density", local_density)
+
+    reference: torch.Tensor
+    k_distance: torch.Tensor
+    local_density: torch.Tensor
+
+    @property
+    def measure(self) -> str:
+        return (
+            f"the local outlier factor of the code among the training codes "
+            f"({self.neighbours} neighbours; the codes kept in the graph)"
+        )
+
+    def outlier_factor(self, squared: torch.Tensor) -> torch.Tensor:
+        """(B,) local outlier factors of codes at `squared` distances (B, R) to the references."""
+        distances, index = nearest(squared, self.neighbours)
+        return local_outlier_factor(distances, index, self.k_distance, self.local_density).float()
+
+    def forward(self, code: torch.Tensor) -> torch.Tensor:
+        return self.outlier_factor(squared_distances(code, self.reference))
+
+    @classmethod
+    def of_training(
+        cls, codes: torch.Tensor, neighbours: int, seed: int
+    ) -> tuple[CodeOutlierFactor, torch.Tensor]:
+        """The factor over the training `codes` (N, C) (at most `MAX_REFERENCE_CODES` of them,
+        a sample seeded by `seed` beyond that), and the (N,) factors of those codes themselves,
+        each leaving its own code out where it is a reference."""
+        keep = torch.arange(len(codes))
+        if len(codes) > MAX_REFERENCE_CODES:
+            chosen = np.random.default_rng(seed).choice(len(codes), MAX_REFERENCE_CODES, False)
+            keep = torch.from_numpy(np.sort(chosen))
+        factor = cls(codes[keep].clone(), max(1, min(neighbours, len(keep) - 1)))
+        places = torch.full((len(codes),), -1)  # each row's place among the references
+        places[keep] = torch.arange(len(keep))
+        return factor, factor.leaving_out(codes, places)
+
+    def leaving_out(self, codes: torch.Tensor, places: torch.Tensor) -> torch.Tensor:
+        """(N,) the factors of `codes`, each leaving out the reference at its place in
+        `places` (-1: none)."""
+        factors = []
+        for rows, own in zip(codes.split(1024), places.split(1024), strict=True):
+            squared = squared_distances(rows, self.reference)
+            member = torch.nonzero(own >= 0).squeeze(1)
+            squared[member, own[member]] = torch.inf
+            factors.append(self.outlier_factor(squared))
+        return torch.cat(factors)
+
+
+class CodeMahalanobis(torch.nn.Module):
+    """Codes (B, C) -> (B,) their squared Mahalanobis distances from the mean of the training
+    codes under their covariance (its eigenvalues floored at `EIGEN_FLOOR` of their mean, so
+    two rows or a code dimension the rows never use still give a finite distance)."""
+
+    EIGEN_FLOOR = 1e-6
+
+    def __init__(self, codes: torch.Tensor):
+        super().__init__()
+        codes = codes.double()
+        mean = codes.mean(0)
+        centred = codes - mean
+        covariance = centred.T @ centred / max(len(codes) - 1, 1)
+        eigenvalues, eigenvectors = torch.linalg.eigh(covariance)
+        floor = self.EIGEN_FLOOR * max(float(eigenvalues.clamp(min=0).mean()), _EPS)
+        whitening = eigenvectors / eigenvalues.clamp(min=floor).sqrt()
+        self.register_buffer("mean", mean.float())
+        self.register_buffer("whitening", whitening.float())  # (C, C): whitened = centred @ it
+
+    mean: torch.Tensor
+    whitening: torch.Tensor
+
+    measure = (
+        "the squared Mahalanobis distance of the code from the training codes' mean under "
+        "their covariance"
+    )
+
+    def forward(self, code: torch.Tensor) -> torch.Tensor:
+        return ((code - self.mean) @ self.whitening).square().sum(1)
+
+
 class NoveltyScore(torch.nn.Module):
     """Preprocessed rows -> (codes (B, code_size), novelty score (B,)), see the module doc."""
 
     def __init__(
         self,
         autoencoder: Autoencoder,
-        reference: torch.Tensor | None,
+        density: CodeOutlierFactor | CodeMahalanobis | None,
         scales: torch.Tensor,
-        neighbours: int,
         smooth: bool = True,
+        residual_scale: torch.Tensor | None = None,
     ):
         super().__init__()
         self.autoencoder = autoencoder
-        self.neighbours = int(neighbours)
-        self.density = reference is not None
+        self.density = density
         self.sigma = stroke_sigma(autoencoder.image_shape) if smooth else 0.0
-        self.register_buffer("reference", reference if reference is not None else torch.zeros(1, 1))
-        k_distance, local_density = (
-            reference_neighbourhoods(reference, self.neighbours)
-            if reference is not None
-            else (torch.zeros(1), torch.zeros(1))
-        )
-        self.register_buffer("k_distance", k_distance)
-        self.register_buffer("local_density", local_density)
         self.register_buffer("scales", scales)  # (2, 2): [term][mean, std]
+        self.register_buffer("residual_scale", residual_scale)  # (D,) vectors, or None
         self.register_buffer(
             "kernel",
             smoothing_kernel(self.sigma, autoencoder.image_shape[0]) if self.sigma else None,
@@ -164,68 +263,90 @@ class NoveltyScore(torch.nn.Module):
         training rows `train` (N, ...)."""
         autoencoder = autoencoder.eval()
         identity = torch.tensor([[0.0, 1.0], [0.0, 1.0]])
-        unscaled = cls(autoencoder, None, identity, 1, settings.smooth)
         if not settings.density:
-            return unscaled
+            return cls(autoencoder, None, identity, settings.smooth)
         x = torch.as_tensor(np.asarray(train, dtype=np.float32))
         if len(x) < 2:
             raise ValueError(f"novelty score: need at least 2 training rows; got {len(x)}")
+        kind = autoencoder.config.resolved_loss
         with torch.no_grad():
-            parts = [unscaled(batch) for batch in x.split(1024)]
-        codes = torch.cat([code for code, _ in parts])
-        recon = torch.cat([term for _, term in parts])
-        keep = np.arange(len(codes))
-        if len(codes) > MAX_REFERENCE_CODES:
-            keep = np.sort(
-                np.random.default_rng(seed).choice(len(codes), MAX_REFERENCE_CODES, False)
+            codes = torch.cat([autoencoder.encode(batch) for batch in x.split(1024)])
+            residual_scale = None
+            if len(autoencoder.image_shape) == 1:  # vectors: one residual spread per feature
+                differences = torch.cat(
+                    [
+                        reconstruction_difference(autoencoder.decode(code), batch, kind)
+                        for code, batch in zip(codes.split(1024), x.split(1024), strict=True)
+                    ]
+                )
+                residual_scale = differences.std(0).clamp(min=RESIDUAL_FLOOR)
+                density: CodeOutlierFactor | CodeMahalanobis = CodeMahalanobis(codes)
+                training_density = density(codes)
+            else:
+                density, training_density = CodeOutlierFactor.of_training(
+                    codes, settings.neighbours, seed
+                )
+            scorer = cls(autoencoder, density, identity.clone(), settings.smooth, residual_scale)
+            recon = torch.cat(
+                [
+                    scorer.reconstruction(batch, code)
+                    for batch, code in zip(x.split(1024), codes.split(1024), strict=True)
+                ]
             )
-        reference = codes[torch.from_numpy(keep)].clone()
-        k = max(1, min(settings.neighbours, len(reference) - 1))
-        scorer = cls(autoencoder, reference, identity.clone(), k, settings.smooth)
-        own = torch.full((len(codes),), -1)  # each training row's place among the references
-        own[torch.from_numpy(keep)] = torch.arange(len(keep))
-        with torch.no_grad():  # leave-one-out on the training rows that are references
-            factors = []
-            for rows, places in zip(codes.split(1024), own.split(1024), strict=True):
-                squared = squared_distances(rows, reference)
-                member = torch.nonzero(places >= 0).squeeze(1)
-                squared[member, places[member]] = torch.inf
-                factors.append(scorer.outlier_factor(squared))
-            density = torch.cat(factors)
         scorer.scales.copy_(
             torch.tensor(
                 [
                     [float(recon.mean()), max(float(recon.std()), _EPS)],
-                    [float(density.mean()), max(float(density.std()), _EPS)],
+                    [float(training_density.mean()), max(float(training_density.std()), _EPS)],
                 ]
             )
         )
         return scorer
 
-    reference: torch.Tensor
-    k_distance: torch.Tensor
-    local_density: torch.Tensor
     scales: torch.Tensor
+    residual_scale: torch.Tensor | None
     kernel: torch.Tensor | None
 
-    def outlier_factor(self, squared: torch.Tensor) -> torch.Tensor:
-        """(B,) local outlier factors of codes at `squared` distances (B, R) to the references."""
-        distances, index = nearest(squared, self.neighbours)
-        return local_outlier_factor(distances, index, self.k_distance, self.local_density).float()
+    @property
+    def measure(self) -> str:
+        """What the score is, in words (model.json's `score.measure`)."""
+        if self.sigma:
+            recon = (
+                "mean squared difference per pixel between the preprocessed input and its "
+                f"reconstruction, after a Gaussian smoothing of the difference (sigma "
+                f"{self.sigma:.3g} pixels)"
+            )
+        elif self.residual_scale is not None:
+            recon = (
+                "mean squared error per feature in standardised units, each feature's divided "
+                "by its residual standard deviation on the training rows"
+            )
+        else:
+            recon = "mean squared error per feature, in standardised units"
+        if self.density is None:
+            return recon
+        return (
+            f"{recon}, standardised on the training rows, plus {self.density.measure}, "
+            "standardised likewise"
+        )
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        code = self.autoencoder.encode(x)
-        recon = reconstruction_term(
+    def reconstruction(self, x: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
+        """(B,) the reconstruction term of rows `x` whose codes are `code`."""
+        return reconstruction_term(
             self.autoencoder.decode(code),
             x,
             self.autoencoder.config.resolved_loss,
             self.autoencoder.image_shape,
             self.kernel,
+            self.residual_scale,
         )
-        if not self.density:
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        code = self.autoencoder.encode(x)
+        recon = self.reconstruction(x, code)
+        if self.density is None:
             return code, recon
-        density = self.outlier_factor(squared_distances(code, self.reference))
         score = (recon - self.scales[0, 0]) / self.scales[0, 1] + (
-            density - self.scales[1, 0]
+            self.density(code) - self.scales[1, 0]
         ) / self.scales[1, 1]
         return code, score

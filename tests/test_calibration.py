@@ -160,7 +160,7 @@ def test_a_vector_score_is_the_gaussian_likelihoods_two_halves_each_standardised
 
 def test_two_training_rows_give_a_finite_vector_score():
     """Two rows give a rank-one covariance of the codes: its floored eigenvalues keep the
-    Mahalanobis distance finite (and large off the line through the two codes)."""
+    Mahalanobis distance finite."""
     torch.manual_seed(0)
     model = build_autoencoder(
         ModelConfig(architecture="mlp", hidden_sizes=(8,), code_size=3, loss="mse"), (6,)

@@ -55,9 +55,14 @@ class ScoreSettings:
     smooth: bool = True  # images: smooth the difference (`stroke_sigma`) before squaring
 
 
+def is_image(shape: tuple[int, ...]) -> bool:
+    """Whether rows of `shape` are images (C, H, W) rather than feature vectors (D,)."""
+    return len(shape) == 3
+
+
 def stroke_sigma(image_shape: tuple[int, ...]) -> float:
     """The smoothing's sigma in pixels for images of `image_shape` (C, H, W); 0 for vectors."""
-    if len(image_shape) != 3:
+    if not is_image(image_shape):
         return 0.0
     return max(image_shape[1:]) / STROKE_SIDE
 
@@ -272,7 +277,7 @@ class NoveltyScore(torch.nn.Module):
         with torch.no_grad():
             codes = torch.cat([autoencoder.encode(batch) for batch in x.split(1024)])
             residual_scale = None
-            if len(autoencoder.image_shape) == 1:  # vectors: one residual spread per feature
+            if not is_image(autoencoder.image_shape):  # vectors: a residual spread per feature
                 differences = torch.cat(
                     [
                         reconstruction_difference(autoencoder.decode(code), batch, kind)

@@ -17,8 +17,9 @@ on the same normal rows of the 70 % and scored on the same 30 %, AUROC of "novel
 Methods: `autoencoder` is the score the exported graph serves (`training.novelty.NoveltyScore`,
 the module `aet export` writes, parity-checked against onnxruntime there) of an autoencoder
 trained as `aet pretrain --recipe novelty` trains one (images) or an MLP sized by the table's
-width (tables); `ae-recon` its reconstruction term alone; for images `ae-unsmoothed` that term
-without its smoothing and `ae-bce` the mean binary cross-entropy served first.
+width D (tables: hidden 2 D and D, ELU, code D / 4); `ae-recon` its reconstruction term alone;
+for images `ae-unsmoothed` that term without its smoothing and `ae-bce` the mean binary
+cross-entropy served first.
 Baselines (scikit-learn, set without test labels): PCA reconstruction error (components
 explaining 90 % of the variance of the normal training rows), IsolationForest (200 trees),
 OneClassSVM (gamma "scale", nu 0.1), LocalOutlierFactor(novelty=True) (20 neighbours), and the
@@ -250,8 +251,9 @@ def autoencoder_scores(
             width = task.train.shape[1]
             embedder = AutoencoderEmbedder(
                 architecture="mlp",
-                hidden_sizes=(max(8, 2 * width),),
+                hidden_sizes=(max(8, 2 * width), max(4, width)),
                 code_size=max(2, width // 4),
+                activation="elu",
                 loss="mse",
                 noise="none",
                 epochs=settings.table_epochs,

@@ -69,6 +69,23 @@ TABLE_EPOCHS = 120
 TRAIN_FRACTION = 0.7
 
 
+def table_autoencoder(width: int, epochs: int) -> dict[str, object]:
+    """The table autoencoder's hyper-parameters (`AutoencoderEmbedder` names) for `width`
+    features: hidden 2 D and D with ELU, code D / 4, no noise (docs/vectors.md gives them as
+    `aet pretrain` flags, and a test holds the two together)."""
+    return {
+        "architecture": "mlp",
+        "hidden_sizes": (max(8, 2 * width), max(4, width)),
+        "code_size": max(2, width // 4),
+        "activation": "elu",
+        "loss": "mse",
+        "noise": "none",
+        "epochs": epochs,
+        "patience": max(5, epochs // 4),
+        "batch_size": 32,
+    }
+
+
 class BenchError(UserError):
     """A protocol cannot be built from the data given."""
 
@@ -104,7 +121,7 @@ class Task:
 class AutoencoderSettings:
     """The autoencoder fitted per task: for images the `novelty` recipe's hyper-parameters
     (`AutoencoderEmbedder` names) with `image_epochs` and `code_size` in place of its own;
-    for tables an MLP sized by the table's width, `table_epochs` long."""
+    for tables `table_autoencoder` of the table's width, `table_epochs` long."""
 
     image_epochs: int
     table_epochs: int
@@ -248,17 +265,8 @@ def autoencoder_scores(
                 **recipe, image_shape=task.image_shape, seed=seed + offset
             )
         else:
-            width = task.train.shape[1]
             embedder = AutoencoderEmbedder(
-                architecture="mlp",
-                hidden_sizes=(max(8, 2 * width), max(4, width)),
-                code_size=max(2, width // 4),
-                activation="elu",
-                loss="mse",
-                noise="none",
-                epochs=settings.table_epochs,
-                patience=max(5, settings.table_epochs // 4),
-                batch_size=32,
+                **table_autoencoder(task.train.shape[1], settings.table_epochs),
                 seed=seed + offset,
             )
         with contextlib.redirect_stdout(io.StringIO()):  # the trainer's epoch lines

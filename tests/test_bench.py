@@ -10,6 +10,7 @@ virtualenv with nvidia-pytriton (see the script's docstring); otherwise our serv
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 import os
@@ -22,8 +23,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from sklearn.datasets import load_wine
 
 from aet.devices import nvidia_gpu_present
+from aet.training.pretrain import config_of, configure_parser
 from aet.training.probes import FeatureSet, probe_features
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -289,3 +292,23 @@ def test_bench_servers_leave_their_log_folder_only_when_the_block_fails(
             raise RuntimeError("the block failed")
     (kept,) = tmp_path.glob("failed-*")
     assert '"event": "server_started"' in (kept / "server.log").read_text()
+
+
+def test_the_documented_table_novelty_command_trains_the_benchs_table_autoencoder():
+    """docs/vectors.md's `aet pretrain` command for a table's novelty score sets what the
+    bench measures for that table's width (wine, 13 features): the two cannot drift apart."""
+    novelty = load_script("novelty.py")
+    text = (ROOT / "docs" / "vectors.md").read_text(encoding="utf-8")
+    block = re.search(
+        r"```bash\n(aet pretrain --dataset wine .*?--name wine-novelty)\n```", text, re.S
+    )
+    assert block is not None, "docs/vectors.md lost its table novelty command"
+    argv = block.group(1).replace("\\\n", " ").split()[2:]
+    parser = argparse.ArgumentParser(allow_abbrev=False)
+    configure_parser(parser)
+    config = config_of(parser.parse_args(argv))
+    width = load_wine().data.shape[1]
+    for name, value in novelty.table_autoencoder(width, novelty.TABLE_EPOCHS).items():
+        section = config.model if hasattr(config.model, name) else config.training
+        given = getattr(section, name)
+        assert (tuple(given) if isinstance(given, list) else given) == value, name

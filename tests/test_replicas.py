@@ -5,8 +5,10 @@ failed to the live one, and the output holds every row exactly once, with the lo
 embeddings.
 
 The kill is gated on observable conditions, not on time: the job pauses once both replicas'
-metrics count answered requests; the test freezes one replica (SIGSTOP) and lets the job go on
-until a request sits unread in that replica's socket (/proc/net/tcp), then kills it."""
+metrics count answered requests, and the test waits until the requests already sent are
+answered (one that a replica has read when it is frozen would hold the job, which takes results
+in order, until its deadline); it freezes one replica (SIGSTOP), lets the job go on until a
+request sits unread in that replica's socket (/proc/net/tcp), then kills it."""
 
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import signal
 import threading
 import time
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -66,12 +69,39 @@ def wait_for(condition, what: str) -> None:
         time.sleep(0.05)
 
 
+class CountingPool(ThreadPoolExecutor):
+    """A thread pool that counts the tasks submitted to it and not yet finished."""
+
+    def __init__(self, workers: int):
+        super().__init__(workers, thread_name_prefix="aet-embed")
+        self._lock = threading.Lock()
+        self._unfinished = 0
+
+    def submit(self, fn, /, *args, **kwargs):
+        with self._lock:
+            self._unfinished += 1
+        future = super().submit(fn, *args, **kwargs)
+        future.add_done_callback(self._finished)
+        return future
+
+    def _finished(self, _future) -> None:
+        with self._lock:
+            self._unfinished -= 1
+
+    def unfinished(self) -> int:
+        with self._lock:
+            return self._unfinished
+
+
 class PausingBackend(ServerBackend):
     """The real server backend; pauses the job once every replica has answered a request,
-    until `resume` is set."""
+    until `resume` is set. Its requests go through a `CountingPool`, so the test can tell
+    when every request sent has been answered."""
 
     def __init__(self, client, metrics_ports: list[int]):
         super().__init__(client, DIGITS_MODEL)
+        self._pool.shutdown()
+        self._pool = self.requests = CountingPool(self._in_flight)
         self.metrics_ports = metrics_ports
         self.paused = threading.Event()
         self.resume = threading.Event()
@@ -128,6 +158,7 @@ def test_job_across_two_replicas_survives_losing_one(tmp_path, replicas, model_r
         worker.start()
         assert backend.paused.wait(WAIT_SECONDS)
         assert "summary" not in outcome and "error" not in outcome, "job ended before the kill"
+        wait_for(lambda: backend.requests.unfinished() == 0, "the paused job's requests")
         before = [answered_requests(port) for port in metrics_ports]
         assert all(count > 0 for count in before)  # both replicas served traffic
 

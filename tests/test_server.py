@@ -331,18 +331,26 @@ def test_request_whose_deadline_passes_in_the_queue_is_dropped(
 
 
 def test_request_cancelled_by_its_client_is_dropped(
-    model_repository, start_server, embedding_stub, pixels
+    model_repository, start_server, embedding_stub, pixels, monkeypatch
 ):
     running = start_server(model_repository)
     stub = embedding_stub(running)
     model = running.registry.lookup("digits")
+    caller_gone = []  # the server's own test of each submitted request's call
+    submit = model.batcher.submit
+
+    def recording_submit(inputs, deadline=None, is_cancelled=None):
+        caller_gone.append(is_cancelled)
+        return submit(inputs, deadline, is_cancelled)
+
+    monkeypatch.setattr(model.batcher, "submit", recording_submit)
     release = hold_first_batch(model, until=lambda: False)
     busy = stub.Embed.future(embed_request(pixels[:1]), timeout=WAIT)
     wait_for(lambda: model.batcher.stats.batches == 1)
     gone = stub.Embed.future(embed_request(pixels[:3]), timeout=WAIT)
     wait_for(lambda: model.batcher.queued_requests == 1)
     assert gone.cancel()
-    time.sleep(1.0)  # the cancellation crosses loopback to the server (milliseconds, normally)
+    wait_for(caller_gone[1])  # the cancellation has crossed loopback to the server
     release.set()
     busy.result()
     wait_for(lambda: model.batcher.stats.dropped_cancelled == 1)

@@ -45,7 +45,8 @@ class AutoencoderEmbedder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Bas
     """Pretrain an autoencoder on feature rows and embed rows with its encoder.
 
     The hyper-parameters are those of `aet pretrain` (same names, with underscores). With
-    ``loss="mse"`` (the default, a Gaussian decoder) the features are standardised with the
+    ``loss="mse"`` (the default, a Gaussian decoder) or ``loss="gaussian"`` (a Gaussian decoder
+    that also predicts each feature's variance) the features are standardised with the
     mean and standard deviation learned in `fit`, so any finite real-valued data works; with
     ``loss="bce"`` (a Bernoulli decoder) the features are used as they are and must lie in
     [0, 1]. A seeded `val_fraction` of the rows is held out for early stopping.
@@ -60,7 +61,7 @@ class AutoencoderEmbedder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Bas
     activation : {"relu", "tanh", "sigmoid", "gelu", "elu"}
     tied_weights : bool or None
         Decoder reuses the transposed encoder weights (None: where the architecture can).
-    loss : {"mse", "bce"}
+    loss : {"mse", "gaussian", "bce"}
     allow_overcomplete : bool
         Permit ``code_size >= n_features``.
     noise : {"none", "gaussian", "masking", "salt-and-pepper"}
@@ -228,7 +229,8 @@ class AutoencoderEmbedder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Bas
                 f"X: loss='bce' needs features in [0, 1]; got values in "
                 f"[{rows.min():g}, {rows.max():g}] (use loss='mse', which standardises them)"
             )
-        self.standardizer_ = FeatureStandardizer.fit(rows) if config.model.loss == "mse" else None
+        gaussian = config.model.loss != "bce"
+        self.standardizer_ = FeatureStandardizer.fit(rows) if gaussian else None
         low, high = float(rows.min()), float(rows.max())
         self.feature_range_ = (low, high if high > low else low + 1.0)
         features = self._features(rows)

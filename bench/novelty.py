@@ -17,7 +17,8 @@ on the same normal rows of the 70 % and scored on the same 30 %, AUROC of "novel
 Methods: `autoencoder` is the score the exported graph serves (`training.novelty.NoveltyScore`,
 the module `aet export` writes, parity-checked against onnxruntime there) of an autoencoder
 trained as `aet pretrain --recipe novelty` trains one (images) or an MLP sized by the table's
-width D (tables: hidden 2 D and D, ELU, code D / 4); `ae-recon` its reconstruction term alone;
+width D (tables: hidden 2 D and D, ELU, code D / 4, trained by the `gaussian` loss: a
+decoder that also predicts each value's variance); `ae-recon` its reconstruction term alone;
 for images `ae-unsmoothed` that term without its smoothing and `ae-bce` the mean binary
 cross-entropy served first.
 Baselines (scikit-learn, set without test labels): PCA reconstruction error (components
@@ -71,14 +72,15 @@ TRAIN_FRACTION = 0.7
 
 def table_autoencoder(width: int, epochs: int) -> dict[str, object]:
     """The table autoencoder's hyper-parameters (`AutoencoderEmbedder` names) for `width`
-    features: hidden 2 D and D with ELU, code D / 4, no noise (docs/vectors.md gives them as
-    `aet pretrain` flags, and a test holds the two together)."""
+    features: hidden 2 D and D with ELU, code D / 4, no noise, and the `gaussian` loss (a
+    decoder that also predicts each value's variance; the score reads its mean).
+    docs/vectors.md gives them as `aet pretrain` flags, and a test holds the two together."""
     return {
         "architecture": "mlp",
         "hidden_sizes": (max(8, 2 * width), max(4, width)),
         "code_size": max(2, width // 4),
         "activation": "elu",
-        "loss": "mse",
+        "loss": "gaussian",
         "noise": "none",
         "epochs": epochs,
         "patience": max(5, epochs // 4),

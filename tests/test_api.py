@@ -66,15 +66,17 @@ def test_digits_pipeline_cross_validates_above_the_floor():
     assert scores.mean() >= 0.85, scores
 
 
-def test_embedder_standardises_any_scale_and_refuses_bce_outside_unit_interval():
+@pytest.mark.parametrize("loss", ["mse", "gaussian"])
+def test_embedder_standardises_any_scale_and_refuses_bce_outside_unit_interval(loss):
     rng = np.random.default_rng(0)
     X = rng.normal(-300.0, 50.0, size=(60, 5))
-    embedder = AutoencoderEmbedder(**SMALL).fit(X)
+    embedder = AutoencoderEmbedder(**{**SMALL, "loss": loss}).fit(X)
     assert embedder.n_features_in_ == 5 and embedder.embedding_dim_ == 2
     np.testing.assert_allclose(embedder.standardizer_.mean, X.mean(axis=0), rtol=1e-5)
     assert set(embedder.history_) == {"train"}
     codes = embedder.transform(X)
     assert codes.dtype == np.float32 and codes.shape == (60, 2) and np.isfinite(codes).all()
+    assert (embedder.model_.log_variance is not None) == (loss == "gaussian")
     with pytest.raises(ValueError, match=r"loss='bce' needs features in \[0, 1\]"):
         AutoencoderEmbedder(**{**SMALL, "loss": "bce"}).fit(X)
     with pytest.raises(ValueError, match="architecture: 'conv' needs images"):

@@ -1,5 +1,7 @@
 """Autoencoder architectures: shapes, tied weights, linearity, the VAE objective, config errors."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -98,6 +100,63 @@ def test_reconstruction_losses_match_their_likelihoods():
     torch.testing.assert_close(
         reconstruction_loss(logits, target, "mse"), torch.tensor([0.5 * (1 + 4 + 2.25)])
     )
+    log_variance = torch.tensor([[0.0, math.log(4.0), -1.0]])
+    gaussian = 0.5 * (1 / 1 + math.log(1) + 4 / 4 + math.log(4) + 2.25 * math.e - 1.0)
+    torch.testing.assert_close(
+        reconstruction_loss(logits, target, "gaussian", log_variance), torch.tensor([gaussian])
+    )
+    torch.testing.assert_close(  # unit variances: the mse loss
+        reconstruction_loss(logits, target, "gaussian", torch.zeros(1, 3)),
+        reconstruction_loss(logits, target, "mse"),
+    )
+
+
+@pytest.mark.parametrize("architecture", ["mlp", "stacked"])
+def test_a_gaussian_decoder_learns_each_features_variance_and_decodes_its_mean(architecture):
+    """Two standardised features share one signal, which a 1-d code holds; around it feature 0
+    has little noise and feature 1 much: trained by the gaussian loss, the variance layer
+    tells them apart, while `decode` (what is exported) stays the mean alone."""
+    torch.manual_seed(0)
+    config = ModelConfig(
+        architecture=architecture,
+        hidden_sizes=(16,),
+        code_size=1,
+        activation="elu",
+        loss="gaussian",
+    )
+    model = build_autoencoder(config, (2,))
+    if architecture == "stacked":  # greedy stage 0 trains the variance layer too
+        stage = {id(p) for p in model.stage_parameters(0)}
+        assert {id(p) for p in model.log_variance.parameters()} <= stage
+        assert not stage & {id(p) for p in model.stage_parameters(1)}
+    x = torch.randn(512, 1) + torch.randn(512, 2) * torch.tensor([0.05, 1.0])
+    x = (x - x.mean(0)) / x.std(0)
+    optimiser = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(1000):
+        optimiser.zero_grad()
+        model.objective(x, x).backward()
+        optimiser.step()
+    with torch.no_grad():
+        z = model.encode(x)
+        mean, log_variance = model.decode(z), model.log_variance(model.decoder_input(z))
+        by_hand = reconstruction_loss(mean, x, "gaussian", log_variance.clamp(-8, 8)).mean()
+        torch.testing.assert_close(model.objective(x, x), by_hand)
+    assert mean.shape == (512, 2)
+    residual = (mean - x).square().mean(0).log()
+    assert residual[1] - residual[0] > math.log(100)  # the code holds feature 0's signal
+    assert log_variance.mean(0)[1] - log_variance.mean(0)[0] > math.log(100)
+
+
+def test_a_gaussian_vae_decodes_its_mean_and_samples_its_objective():
+    model = build_autoencoder(
+        ModelConfig(architecture="vae", hidden_sizes=(16,), code_size=2, loss="gaussian"), (5,)
+    )
+    x = torch.randn(4, 5)
+    assert model.decode(model.encode(x)).shape == (4, 5)
+    assert model.log_variance.out_features == 5
+    first = model.objective(x, x, torch.Generator().manual_seed(1))
+    assert torch.isfinite(first)
+    assert first != model.objective(x, x, torch.Generator().manual_seed(2))
 
 
 def test_conv_decoder_restores_odd_image_sizes():
@@ -114,7 +173,11 @@ def test_conv_decoder_restores_odd_image_sizes():
     [
         ({"architecture": "rbm"}, "valid: mlp, linear, stacked, vae, conv"),
         ({"activation": "swish"}, "valid: relu, tanh, sigmoid, gelu, elu"),
-        ({"loss": "l1"}, "valid: bce, mse"),
+        ({"loss": "l1"}, "valid: bce, mse, gaussian"),
+        (
+            {"architecture": "conv", "loss": "gaussian", "tied_weights": False},
+            "loss: gaussian .* needs architecture mlp, linear, stacked or vae; got conv",
+        ),
         (
             {"hidden_sizes": ()},
             "hidden_sizes: expected at least one hidden layer size; got an empty",

@@ -215,9 +215,10 @@ def test_vectors_default_to_the_gaussian_model_and_refuse_salt_and_pepper():
 def test_pretrain_and_export_a_csv_table_through_the_cli(
     wine_files, tmp_path, start_server, embedding_stub
 ):
-    """`aet pretrain --dataset csv` then `aet export`: the graph takes raw features, standardises
-    inside, and its score is the squared error weighed by each feature's residual spread plus
-    the code's Mahalanobis distance from the training codes."""
+    """`aet pretrain --dataset csv --loss gaussian` then `aet export`: the graph takes raw
+    features, standardises inside, and its score is the squared error of the decoder's mean
+    weighed by each feature's residual spread plus the code's Mahalanobis distance from the
+    training codes (the variance layer trains the model and stays out of the graph)."""
     quiet = contextlib.redirect_stdout(io.StringIO())
     arguments = ["--dataset", "csv", "--data-path", str(wine_files["csv"])]
     arguments += ["--label-column", "cultivar", "--columns", *wine_table()[2][:6]]
@@ -225,6 +226,7 @@ def test_pretrain_and_export_a_csv_table_through_the_cli(
         status = main(
             ["pretrain", *arguments, "--runs-dir", str(tmp_path / "runs"), "--name", "table"]
             + ["--architecture", "mlp", "--hidden-sizes", "8", "--code-size", "3"]
+            + ["--activation", "elu", "--loss", "gaussian"]
             + ["--epochs", "3", "--no-progress", "--no-probes"]
         )
         assert status == 0
@@ -238,7 +240,7 @@ def test_pretrain_and_export_a_csv_table_through_the_cli(
     card = read_model_card(version / "model.json")
     assert (card.input.name, card.input.shape, card.input.value_range) == ("features", (6,), None)
     assert card.input.feature_names == tuple(wine_table()[2][:6])
-    assert card.hyperparameters["loss"] == "mse" and card.standardizer["shape"] == [6]
+    assert card.hyperparameters["loss"] == "gaussian" and card.standardizer["shape"] == [6]
     assert card.preprocessing[0].startswith("standardize: (features - mean) / std")
     assert card.score.measure.startswith(
         "mean squared error per feature in standardised units, each feature's divided by its "
@@ -252,6 +254,7 @@ def test_pretrain_and_export_a_csv_table_through_the_cli(
         "csv", wine_files["csv"], label_column="cultivar", columns=wine_table()[2][:6]
     )
     autoencoder = load_checkpoint(run_dir / "best.pt").build_model()
+    assert autoencoder.log_variance is not None  # it trained the model; the graph is the mean
     session = onnxruntime.InferenceSession(
         str(version / "model.onnx"), providers=["CPUExecutionProvider"]
     )

@@ -3,7 +3,8 @@
 All models take rows `x` of shape (B, C, H, W), float32 images in [0, 1], or (B, D)
 standardised vectors (every architecture but conv). `encode(x)` gives the
 (B, code_size) embedding (for the VAE its mean mu), `decode(z)` the decoder's output in loss
-space (logits for `bce`, pixel values for `mse`) and `reconstruct(x)` pixels in [0, 1] units.
+space (logits for `bce`, pixel values for `mse` and the Gaussian mean for `gaussian`) and
+`reconstruct(x)` pixels in [0, 1] units.
 `objective(x_input, target, generator)` is the per-example training loss, summed over pixels
 and averaged over the batch (for the VAE the negative ELBO).
 """
@@ -30,7 +31,8 @@ ACTIVATIONS: dict[str, type[nn.Module]] = {
     "gelu": nn.GELU,
     "elu": nn.ELU,
 }
-LOSSES = ("bce", "mse")
+LOSSES = ("bce", "mse", "gaussian")
+LOG_VARIANCE_BOUND = 8.0  # `gaussian`: the predicted log-variances are clamped to +-8
 TIEABLE = ("mlp", "linear", "stacked")  # architectures built from transposable Linear layers
 
 
@@ -69,8 +71,10 @@ class ModelConfig:
     loss: str | None = field(
         default=None,
         metadata={
-            "help": "bce: Bernoulli decoder, for images in [0, 1]; mse: Gaussian decoder, for "
-            "standardised vectors (default: bce for images, mse for vectors)",
+            "help": "bce: Bernoulli decoder, for images in [0, 1]; mse: Gaussian decoder of "
+            "unit variance, for standardised vectors; gaussian: Gaussian decoder that also "
+            "predicts each value's variance (mlp, linear, stacked and vae) "
+            "(default: bce for images, mse for vectors)",
             "choices": list(LOSSES),
         },
     )
@@ -96,6 +100,11 @@ class ModelConfig:
             )
         if self.code_size < 1:
             raise ConfigError(f"code_size: expected a positive size; got {self.code_size}")
+        if self.loss == "gaussian" and self.architecture == "conv":
+            raise ConfigError(
+                "loss: gaussian (a decoder predicting variances) needs architecture mlp, "
+                "linear, stacked or vae; got conv"
+            )
         if self.tied_weights and self.architecture not in TIEABLE:
             raise ConfigError(
                 f"tied_weights: supported by {', '.join(TIEABLE)}; "
@@ -144,15 +153,25 @@ def _check_choice(name: str, value: str, valid: tuple[str, ...]) -> None:
         raise ConfigError(f"{name}: unknown {name} {value!r}; valid: {', '.join(valid)}")
 
 
-def reconstruction_loss(output: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
+def reconstruction_loss(
+    output: torch.Tensor,
+    target: torch.Tensor,
+    kind: str,
+    log_variance: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Per-example negative log-likelihood (up to a constant), summed over features.
 
     `bce` treats `output` as Bernoulli logits (BCE-with-logits is the numerically stable form
-    of a sigmoid decoder); `mse` as the mean of a unit-variance Gaussian (half squared error).
-    Returns shape (B,).
+    of a sigmoid decoder); `mse` as the mean of a unit-variance Gaussian (half squared error);
+    `gaussian` as the mean of a Gaussian whose `log_variance` (same shape) the decoder
+    predicts. Returns shape (B,).
     """
     if kind == "bce":
         per_feature = F.binary_cross_entropy_with_logits(output, target, reduction="none")
+    elif kind == "gaussian":
+        if log_variance is None:
+            raise ValueError("reconstruction_loss: the gaussian loss needs the log-variances")
+        per_feature = 0.5 * ((output - target).square() * torch.exp(-log_variance) + log_variance)
     else:
         per_feature = 0.5 * (output - target).square()
     return per_feature.flatten(1).sum(1)
@@ -207,11 +226,15 @@ class Autoencoder(nn.Module):
         output = self(x)
         return torch.sigmoid(output) if self.config.resolved_loss == "bce" else output
 
+    def negative_log_likelihood(self, z: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """(B,) the decoder's `reconstruction_loss` of `target` given codes `z`."""
+        return reconstruction_loss(self.decode(z), target, self.config.resolved_loss)
+
     def objective(
         self, x_input: torch.Tensor, target: torch.Tensor, generator: torch.Generator | None = None
     ) -> torch.Tensor:
         """Mean over the batch of the per-example loss of reconstructing `target` from `x_input`."""
-        return reconstruction_loss(self(x_input), target, self.config.resolved_loss).mean()
+        return self.negative_log_likelihood(self.encode(x_input), target).mean()
 
 
 def _linear_layers(sizes: list[int]) -> nn.ModuleList:
@@ -239,7 +262,10 @@ class MLPAutoencoder(Autoencoder):
 
     Hidden layers use the activation (none for `linear`); the code and the decoder's output
     layer are linear. Layer k of the encoder (`encoder_layers[k]`) and its mirror
-    `decoder_layers[k]` form the one-hidden-layer autoencoder trained in greedy stage k.
+    `decoder_layers[k]` form the one-hidden-layer autoencoder trained in greedy stage k. With
+    the `gaussian` loss a second linear output layer, `log_variance`, reads what the output
+    layer reads and predicts each value's log-variance; only training uses it (`decode` is
+    the mean, and the exported graph holds no variance).
     """
 
     def __init__(self, config: ModelConfig, image_shape: tuple[int, ...]) -> None:
@@ -256,6 +282,7 @@ class MLPAutoencoder(Autoencoder):
         self.act = (
             nn.Identity() if config.architecture == "linear" else ACTIVATIONS[config.activation]()
         )
+        self.log_variance = nn.Linear(sizes[1], sizes[0]) if config.loss == "gaussian" else None
 
     @property
     def n_layers(self) -> int:
@@ -277,11 +304,27 @@ class MLPAutoencoder(Autoencoder):
             h = self.encode_layer(k, h)
         return h  # (B, code_size)
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
+    def decoder_input(self, z: torch.Tensor) -> torch.Tensor:
+        """What the decoder's output layer reads for codes `z`: (B, size of layer 1)."""
         h = z
-        for k in reversed(range(self.n_layers)):
+        for k in reversed(range(1, self.n_layers)):
             h = self.decode_layer(k, h)
-        return h.view(-1, *self.image_shape)
+        return h
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return self.decode_layer(0, self.decoder_input(z)).view(-1, *self.image_shape)
+
+    def output_loss(self, h: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """(B,) `reconstruction_loss` of `target` from what the output layer reads, `h`."""
+        log_variance = None
+        if self.log_variance is not None:
+            bound = LOG_VARIANCE_BOUND
+            log_variance = self.log_variance(h).clamp(-bound, bound).view_as(target)
+        output = self.decode_layer(0, h).view_as(target)
+        return reconstruction_loss(output, target, self.config.resolved_loss, log_variance)
+
+    def negative_log_likelihood(self, z: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return self.output_loss(self.decoder_input(z), target)
 
     def stage_input(self, k: int, x: torch.Tensor) -> torch.Tensor:
         """The clean code layer k reads (the flattened pixels for k = 0): (B, size_k)."""
@@ -291,20 +334,26 @@ class MLPAutoencoder(Autoencoder):
         return h
 
     def stage_parameters(self, k: int) -> list[nn.Parameter]:
-        """The parameters greedy stage k trains: encoder layer k and its decoder mirror."""
-        return [*self.encoder_layers[k].parameters(), *self.decoder_layers[k].parameters()]
+        """The parameters greedy stage k trains: encoder layer k and its decoder mirror (and
+        for k = 0 the `gaussian` loss's variance layer)."""
+        layers = [self.encoder_layers[k], self.decoder_layers[k]]
+        if k == 0 and self.log_variance is not None:
+            layers.append(self.log_variance)
+        return [parameter for layer in layers for parameter in layer.parameters()]
 
     def stage_objective(
         self, k: int, h_input: torch.Tensor, h_target: torch.Tensor
     ) -> torch.Tensor:
         """Loss of the one-layer autoencoder k reconstructing `h_target` from `h_input`.
 
-        Stage 0 reconstructs pixels with the model's loss; deeper stages reconstruct hidden
-        codes, which are not probabilities, so they use squared error.
+        Stage 0 reconstructs pixels with the model's loss (with the `gaussian` loss its
+        variance layer trains with it); deeper stages reconstruct hidden codes, which are not
+        probabilities, so they use squared error.
         """
-        output = self.decode_layer(k, self.encode_layer(k, h_input))
-        kind = self.config.resolved_loss if k == 0 else "mse"
-        return reconstruction_loss(output, h_target, kind).mean()
+        h = self.encode_layer(k, h_input)
+        if k == 0:
+            return self.output_loss(h, h_target).mean()
+        return reconstruction_loss(self.decode_layer(k, h), h_target, "mse").mean()
 
 
 class VariationalAutoencoder(MLPAutoencoder):
@@ -335,7 +384,7 @@ class VariationalAutoencoder(MLPAutoencoder):
         eps = torch.randn(mu.shape, generator=generator, dtype=mu.dtype, device=mu.device)
         z = mu + eps * torch.exp(0.5 * logvar)
         kl = 0.5 * (mu.square() + logvar.exp() - 1.0 - logvar).sum(1)
-        return (reconstruction_loss(self.decode(z), target, self.config.resolved_loss) + kl).mean()
+        return (self.negative_log_likelihood(z, target) + kl).mean()
 
 
 class ConvAutoencoder(Autoencoder):

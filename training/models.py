@@ -318,8 +318,8 @@ class MLPAutoencoder(Autoencoder):
         """(B,) `reconstruction_loss` of `target` from what the output layer reads, `h`."""
         log_variance = None
         if self.log_variance is not None:
-            bound = LOG_VARIANCE_BOUND
-            log_variance = self.log_variance(h).clamp(-bound, bound).view_as(target)
+            log_variance = self.log_variance(h).clamp(-LOG_VARIANCE_BOUND, LOG_VARIANCE_BOUND)
+            log_variance = log_variance.view_as(target)
         output = self.decode_layer(0, h).view_as(target)
         return reconstruction_loss(output, target, self.config.resolved_loss, log_variance)
 

@@ -229,8 +229,8 @@ class AutoencoderEmbedder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Bas
                 f"X: loss='bce' needs features in [0, 1]; got values in "
                 f"[{rows.min():g}, {rows.max():g}] (use loss='mse', which standardises them)"
             )
-        gaussian = config.model.loss != "bce"
-        self.standardizer_ = FeatureStandardizer.fit(rows) if gaussian else None
+        standardise = config.model.loss != "bce"  # the Gaussian decoders, mse and gaussian
+        self.standardizer_ = FeatureStandardizer.fit(rows) if standardise else None
         low, high = float(rows.min()), float(rows.max())
         self.feature_range_ = (low, high if high > low else low + 1.0)
         features = self._features(rows)

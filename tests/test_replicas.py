@@ -18,7 +18,7 @@ import signal
 import threading
 import time
 import urllib.request
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -69,42 +69,34 @@ def wait_for(condition, what: str) -> None:
         time.sleep(0.05)
 
 
-class CountingPool(ThreadPoolExecutor):
-    """A thread pool that counts the tasks submitted to it and not yet finished."""
+class RecordingPool(ThreadPoolExecutor):
+    """A thread pool that keeps the future of every task submitted to it."""
 
     def __init__(self, workers: int):
         super().__init__(workers, thread_name_prefix="aet-embed")
-        self._lock = threading.Lock()
-        self._unfinished = 0
+        self.futures: list[Future] = []
 
     def submit(self, fn, /, *args, **kwargs):
-        with self._lock:
-            self._unfinished += 1
         future = super().submit(fn, *args, **kwargs)
-        future.add_done_callback(self._finished)
+        self.futures.append(future)
         return future
-
-    def _finished(self, _future) -> None:
-        with self._lock:
-            self._unfinished -= 1
-
-    def unfinished(self) -> int:
-        with self._lock:
-            return self._unfinished
 
 
 class PausingBackend(ServerBackend):
     """The real server backend; pauses the job once every replica has answered a request,
-    until `resume` is set. Its requests go through a `CountingPool`, so the test can tell
-    when every request sent has been answered."""
+    until `resume` is set. Its requests go through a `RecordingPool` (`unanswered`)."""
 
     def __init__(self, client, metrics_ports: list[int]):
         super().__init__(client, DIGITS_MODEL)
         self._pool.shutdown()
-        self._pool = self.requests = CountingPool(self._in_flight)
+        self._pool = RecordingPool(self._in_flight)
         self.metrics_ports = metrics_ports
         self.paused = threading.Event()
         self.resume = threading.Event()
+
+    def unanswered(self) -> int:
+        """Requests sent and not yet answered (or failed)."""
+        return sum(not future.done() for future in self._pool.futures)
 
     def embed_rows(self, pixels, batch_size):
         for embeddings in super().embed_rows(pixels, batch_size):
@@ -158,7 +150,7 @@ def test_job_across_two_replicas_survives_losing_one(tmp_path, replicas, model_r
         worker.start()
         assert backend.paused.wait(WAIT_SECONDS)
         assert "summary" not in outcome and "error" not in outcome, "job ended before the kill"
-        wait_for(lambda: backend.requests.unfinished() == 0, "the paused job's requests")
+        wait_for(lambda: backend.unanswered() == 0, "the paused job's requests")
         before = [answered_requests(port) for port in metrics_ports]
         assert all(count > 0 for count in before)  # both replicas served traffic
 

@@ -162,18 +162,16 @@ def reconstruction_loss(
     """Per-example negative log-likelihood (up to a constant), summed over features.
 
     `bce` treats `output` as Bernoulli logits (BCE-with-logits is the numerically stable form
-    of a sigmoid decoder); `mse` as the mean of a unit-variance Gaussian (half squared error);
-    `gaussian` as the mean of a Gaussian whose `log_variance` (same shape) the decoder
-    predicts. Returns shape (B,).
+    of a sigmoid decoder); `mse` and `gaussian` as the mean of a Gaussian, of unit variance
+    (half squared error) unless the decoder's `log_variance` (same shape) is given, as the
+    `gaussian` loss's variance layer gives it. Returns shape (B,).
     """
     if kind == "bce":
         per_feature = F.binary_cross_entropy_with_logits(output, target, reduction="none")
-    elif kind == "gaussian":
-        if log_variance is None:
-            raise ValueError("reconstruction_loss: the gaussian loss needs the log-variances")
-        per_feature = 0.5 * ((output - target).square() * torch.exp(-log_variance) + log_variance)
-    else:
+    elif log_variance is None:
         per_feature = 0.5 * (output - target).square()
+    else:
+        per_feature = 0.5 * ((output - target).square() * torch.exp(-log_variance) + log_variance)
     return per_feature.flatten(1).sum(1)
 
 

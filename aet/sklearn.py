@@ -31,8 +31,8 @@ from aet.training.export import (
     StandardizeModule,
     export_encoder,
 )
-from aet.training.models import ModelConfig
-from aet.training.novelty import DEFAULT_NEIGHBOURS, NoveltyScore, ScoreSettings
+from aet.training.models import ModelConfig, build_autoencoder
+from aet.training.novelty import DEFAULT_NEIGHBOURS, NoveltyScore, ScoreSettings, check_layer
 from aet.training.pretrain import PretrainConfig
 from aet.training.standardize import FeatureStandardizer
 from aet.training.train import TrainingConfig
@@ -80,6 +80,9 @@ class AutoencoderEmbedder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Bas
         reconstruction term alone.
     score_neighbours : int
         Neighbours of the density term's local outlier factor (images).
+    score_layer : {"code", "hidden"}
+        What the density term measures: the code, or the encoder's first hidden layer (fully
+        connected encoders; the `novelty-small` recipe's choice for small images).
     image_shape : tuple (channels, height, width) or None
         The rows are flattened images of this shape: the novelty score smooths the difference
         between an image and its reconstruction before squaring it (`training.novelty`).
@@ -136,6 +139,7 @@ class AutoencoderEmbedder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Bas
         progress: bool = False,
         score_density: bool = True,
         score_neighbours: int = DEFAULT_NEIGHBOURS,
+        score_layer: str = "code",
         image_shape: tuple[int, int, int] | None = None,
         alpha: float | None = 0.05,
         contamination: float | None = None,
@@ -159,6 +163,7 @@ class AutoencoderEmbedder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Bas
         self.progress = progress
         self.score_density = score_density
         self.score_neighbours = score_neighbours
+        self.score_layer = score_layer
         self.image_shape = image_shape
         self.alpha = alpha
         self.contamination = contamination
@@ -252,6 +257,7 @@ class AutoencoderEmbedder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Bas
         )
         try:  # the code size against X's width; the data sets' seeded cut, on X's rows
             config.model.check_input(image_shape)
+            check_layer(build_autoencoder(config.model, image_shape), self.score_layer)
             dataset = cut_dataset(
                 "array",
                 rows_read,
@@ -268,7 +274,9 @@ class AutoencoderEmbedder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Bas
             self.history_ = trainer.fit()
             self.checkpoint_ = load_checkpoint(trainer.best_path)
         self.model_ = self.checkpoint_.build_model().eval()
-        settings = ScoreSettings(density=self.score_density, neighbours=self.score_neighbours)
+        settings = ScoreSettings(
+            density=self.score_density, neighbours=self.score_neighbours, layer=self.score_layer
+        )
         train = np.asarray(dataset.train.x)
         self.novelty_ = NoveltyScore.fit(self.model_, train, settings, self.seed)
         self.embedding_dim_ = self._n_features_out = config.model.code_size

@@ -29,8 +29,8 @@ from aet.training import novelty
 from aet.training.data import load_dataset
 from aet.training.models import ModelConfig, build_autoencoder
 from aet.training.novelty import (
-    CodeMahalanobis,
-    CodeOutlierFactor,
+    MahalanobisDistance,
+    OutlierFactor,
     NoveltyScore,
     ScoreSettings,
     local_outlier_factor,
@@ -94,10 +94,10 @@ def test_the_density_term_is_scikit_learns_local_outlier_factor():
 def test_a_large_training_set_keeps_a_seeded_sample_of_codes_and_scales_by_all_rows(
     monkeypatch,
 ):
-    """Beyond MAX_REFERENCE_CODES training rows the graph keeps a seeded sample of codes; the
+    """Beyond MAX_REFERENCE_ROWS training rows the graph keeps a seeded sample of codes; the
     density term's scale comes from every training row: a sampled row's factor leaves itself
     out, the others' are plain queries (both scikit-learn's)."""
-    monkeypatch.setattr(novelty, "MAX_REFERENCE_CODES", 40)
+    monkeypatch.setattr(novelty, "MAX_REFERENCE_ROWS", 40)
     torch.manual_seed(0)
     model = build_autoencoder(  # images (2 x 3 pixels): the density term is the factor
         ModelConfig(architecture="mlp", hidden_sizes=(8,), code_size=3, loss="bce"), (1, 2, 3)
@@ -107,7 +107,7 @@ def test_a_large_training_set_keeps_a_seeded_sample_of_codes_and_scales_by_all_r
     with torch.no_grad():
         codes = model.eval().encode(torch.from_numpy(rows)).double().numpy()
     keep = np.sort(np.random.default_rng(3).choice(100, 40, False))
-    assert isinstance(score.density, CodeOutlierFactor)
+    assert isinstance(score.density, OutlierFactor)
     np.testing.assert_allclose(score.density.reference.numpy(), codes[keep], rtol=1e-6)
     factor = LocalOutlierFactor(n_neighbors=5, novelty=True).fit(codes[keep])
     expected = -factor.score_samples(codes)
@@ -115,6 +115,61 @@ def test_a_large_training_set_keeps_a_seeded_sample_of_codes_and_scales_by_all_r
     np.testing.assert_allclose(
         score.scales[1].numpy(), [expected.mean(), expected.std(ddof=1)], rtol=1e-4
     )
+
+
+def test_the_density_term_can_read_the_encoders_first_hidden_layer():
+    """With layer="hidden" the density term is scikit-learn's local outlier factor of the
+    first hidden layer's activations (ReLU(W x + b), numpy by hand) among the training rows'
+    (each training row leaving itself out), and the score sums it with the reconstruction term
+    as it does the code's."""
+    torch.manual_seed(0)
+    model = build_autoencoder(
+        ModelConfig(architecture="mlp", hidden_sizes=(16,), code_size=2, loss="bce"), (1, 3, 3)
+    ).eval()
+    rng = np.random.default_rng(0)
+    rows = rng.uniform(size=(60, 1, 3, 3)).astype(np.float32)
+    queries = rng.uniform(size=(7, 1, 3, 3)).astype(np.float32)
+    score = NoveltyScore.fit(model, rows, ScoreSettings(neighbours=4, layer="hidden"), seed=0)
+    assert isinstance(score.density, OutlierFactor) and score.density.reference.shape == (60, 16)
+    assert "local outlier factor of the encoder's first hidden layer among the training rows'" in (
+        score.measure
+    )
+    layer = model.encoder_layers[0]
+    weight, bias = layer.weight.detach().double().numpy(), layer.bias.detach().double().numpy()
+
+    def hidden(x: np.ndarray) -> np.ndarray:
+        return np.maximum(x.reshape(len(x), -1) @ weight.T + bias, 0)
+
+    factor = LocalOutlierFactor(n_neighbors=4, novelty=True).fit(hidden(rows))
+    training = -factor.negative_outlier_factor_
+    np.testing.assert_allclose(
+        score.scales[1].numpy(), [training.mean(), training.std(ddof=1)], rtol=1e-4
+    )
+    with torch.no_grad():
+        x = torch.from_numpy(queries)
+        recon = score.reconstruction(x, model.encode(x)).numpy()
+        served = score(x)[1].numpy()
+    (r_mean, r_std), (d_mean, d_std) = score.scales.numpy()
+    expected = (recon - r_mean) / r_std + (-factor.score_samples(hidden(queries)) - d_mean) / d_std
+    np.testing.assert_allclose(served, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_the_density_term_reads_a_hidden_layer_of_fully_connected_encoders_only():
+    """layer="hidden" needs a fully connected encoder: a ConfigError naming the setting and the
+    architecture; an unknown layer is refused by the score and by the embedder before it
+    trains."""
+    conv = build_autoencoder(
+        ModelConfig(architecture="conv", hidden_sizes=(4,), code_size=2, loss="bce"), (1, 8, 8)
+    )
+    rows = np.zeros((4, 1, 8, 8), np.float32)
+    with pytest.raises(UserError, match="score_layer: 'hidden' .* got architecture 'conv'"):
+        NoveltyScore.fit(conv, rows, ScoreSettings(layer="hidden"))
+    with pytest.raises(UserError, match="score_layer: expected one of code, hidden; got 'deep'"):
+        NoveltyScore.fit(conv, rows, ScoreSettings(layer="deep"))
+    embedder = AutoencoderEmbedder(hidden_sizes=(4,), code_size=2, score_layer="deep")
+    with pytest.raises(ValueError, match="score_layer: expected one of code, hidden; got 'deep'"):
+        embedder.fit(rows.reshape(4, 64))
+    assert not hasattr(embedder, "history_")  # refused before training
 
 
 def test_a_vector_score_is_the_gaussian_likelihoods_two_halves_each_standardised():
@@ -129,7 +184,7 @@ def test_a_vector_score_is_the_gaussian_likelihoods_two_halves_each_standardised
     rows = rng.normal(size=(200, 5)).astype(np.float32)
     queries = rng.normal(size=(20, 5)).astype(np.float32)
     score = NoveltyScore.fit(model, rows, ScoreSettings(), seed=0)
-    assert isinstance(score.density, CodeMahalanobis)
+    assert isinstance(score.density, MahalanobisDistance)
     assert "Mahalanobis" in score.measure and "residual standard deviation" in score.measure
 
     def parts(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -192,6 +192,28 @@ def test_graph_is_small_with_a_dynamic_batch_and_matches_pytorch(exported, run_d
         np.testing.assert_allclose(score, expected_score[:batch], rtol=1e-3, atol=1e-3)
 
 
+def test_a_score_on_the_first_hidden_layer_exports_with_parity(exported, run_dir, tmp_path):
+    """`--score-layer hidden`: the graph keeps the training rows' first hidden layers (16
+    units here) for the density term; export's parity check passes, model.json says what the
+    term measures, and the embedding is the code-layer version's while the score is not."""
+    version = export(
+        ExportConfig(run=run_dir, repository=tmp_path / "exported", score_layer="hidden")
+    )
+    score = read_model_card(version / "model.json").score
+    assert "local outlier factor of the encoder's first hidden layer among the training rows'" in (
+        score.measure
+    )
+    pixels = digits_pixels(9)
+    outputs = [
+        onnxruntime.InferenceSession(
+            str(folder / "model.onnx"), providers=["CPUExecutionProvider"]
+        ).run(None, {"pixels": pixels})
+        for folder in (version, exported)
+    ]
+    np.testing.assert_allclose(outputs[0][0], outputs[1][0], atol=1e-6)
+    assert np.isfinite(outputs[0][1]).all() and not np.allclose(outputs[0][1], outputs[1][1])
+
+
 @pytest.mark.parametrize("architecture, hidden_sizes", [("vae", (16,)), ("conv", (4, 8))])
 def test_vae_and_conv_encoders_export_with_parity(architecture, hidden_sizes):
     torch.manual_seed(0)

@@ -53,7 +53,7 @@ from aet.repository import (
 from aet.training.checkpoint import Checkpoint, CheckpointError, load_checkpoint
 from aet.training.data import Dataset
 from aet.training.models import Autoencoder
-from aet.training.novelty import DEFAULT_NEIGHBOURS, NoveltyScore, ScoreSettings
+from aet.training.novelty import DEFAULT_NEIGHBOURS, DENSITY_LAYERS, NoveltyScore, ScoreSettings
 from aet.training.pretrain import PretrainConfig
 from aet.training.standardize import FeatureStandardizer
 
@@ -105,6 +105,14 @@ class ExportConfig:
     score_neighbours: int = field(
         default=DEFAULT_NEIGHBOURS,
         metadata={"help": "neighbours of the density term's local outlier factor (images)"},
+    )
+    score_layer: str = field(
+        default="code",
+        metadata={
+            "help": "what the density term measures: the code, or the encoder's first hidden "
+            "layer (fully connected encoders; the `novelty-small` recipe's, docs/novelty.md)",
+            "choices": list(DENSITY_LAYERS),
+        },
     )
 
     def __post_init__(self):
@@ -429,7 +437,9 @@ def export(config: ExportConfig) -> Path:
     dataset = training_dataset(checkpoint, config.checkpoint_path)
     model = checkpoint.build_model().eval()
     settings = ScoreSettings(
-        density=config.score == "reconstruction+density", neighbours=config.score_neighbours
+        density=config.score == "reconstruction+density",
+        neighbours=config.score_neighbours,
+        layer=config.score_layer,
     )
     novelty = NoveltyScore.fit(model, np.asarray(dataset.train.x), settings, dataset.source["seed"])
     encoder = ExportedEncoder(model, preprocessing_module(checkpoint), novelty=novelty).eval()

@@ -13,14 +13,17 @@ Two terms, each measured on the model's own training rows and put on one scale t
   divided by that feature's residual standard deviation on the training rows: the Gaussian
   likelihood with one variance per feature, so a feature the model reconstructs closely
   counts its misses for more than one it barely models.
-- `density`: how unusual the row's code is among the codes of the training rows. For images,
-  the local outlier factor (Breunig et al. 2000, scikit-learn's `LocalOutlierFactor`,
-  `CodeOutlierFactor`): the graph holds the training codes (at most `MAX_REFERENCE_CODES`, a
-  seeded sample beyond that) with each one's k-distance and local reachability density; it
-  adapts to clusters of different spreads (the variants of a digit). For vectors, the squared
-  Mahalanobis distance from the training codes' mean under their covariance
-  (`CodeMahalanobis`): a Gaussian density of the code, the likelihood's other half, which a
-  few hundred rows estimate far more steadily than a local outlier factor (docs/novelty.md).
+- `density`: how unusual the row's code is among the codes of the training rows (or, with
+  `layer="hidden"`, its activations in the encoder's first hidden layer among theirs: on 8x8
+  digits with a small code that layer keeps what sets a novel digit apart, docs/novelty.md).
+  For images, the local outlier factor (Breunig et al. 2000, scikit-learn's
+  `LocalOutlierFactor`, `OutlierFactor`): the graph holds the training rows' features (at most
+  `MAX_REFERENCE_ROWS`, a seeded sample beyond that) with each one's k-distance and local
+  reachability density; it adapts to clusters of different spreads (the variants of a digit).
+  For vectors, the squared Mahalanobis distance from the training features' mean under their
+  covariance (`MahalanobisDistance`): a Gaussian density of the code, the likelihood's other
+  half, which a few hundred rows estimate far more steadily than a local outlier factor
+  (docs/novelty.md).
 
 The score is the sum of the two terms, each standardised by its mean and standard deviation on
 the training rows (a row scoring like an average training row scores about 0; higher is more
@@ -31,19 +34,26 @@ the score is the reconstruction term as it is (unscaled, and unweighted for vect
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from aet.training.models import Autoencoder
+from aet.config import ConfigError
+from aet.training.models import Autoencoder, MLPAutoencoder
 
 DEFAULT_NEIGHBOURS = 5
-MAX_REFERENCE_CODES = 2000
+MAX_REFERENCE_ROWS = 2000
 STROKE_SIDE = 28  # images of this side are smoothed with sigma 1 pixel
 _EPS = 1e-7
 RESIDUAL_FLOOR = 1e-3  # vectors: a feature's residual spread, in standardised units
 _LOF_EPS = 1e-10  # scikit-learn's: duplicate codes give a large, finite density
+# What the density term measures, and how model.json names it: (one row's, the training rows').
+DENSITY_LAYERS = {
+    "code": ("code", "training codes"),
+    "hidden": ("encoder's first hidden layer", "training rows' first hidden layers"),
+}
 
 
 @dataclass(frozen=True)
@@ -53,6 +63,7 @@ class ScoreSettings:
     density: bool = True
     neighbours: int = DEFAULT_NEIGHBOURS  # images: the local outlier factor's
     smooth: bool = True  # images: smooth the difference (`stroke_sigma`) before squaring
+    layer: str = "code"  # the density term's features: a `DENSITY_LAYERS` key
 
 
 def is_image(shape: tuple[int, ...]) -> bool:
@@ -144,13 +155,36 @@ def reference_neighbourhoods(reference: torch.Tensor, k: int) -> tuple[torch.Ten
     return k_distance, 1.0 / (reach.mean(1) + _LOF_EPS)
 
 
-class CodeOutlierFactor(torch.nn.Module):
-    """Codes (B, C) -> (B,) their local outlier factors among reference codes (R, C), kept with
-    each one's k-distance and local reachability density."""
+def check_layer(autoencoder: Autoencoder, layer: str) -> None:
+    """A ConfigError unless the density term can read `layer` of `autoencoder`."""
+    if layer not in DENSITY_LAYERS:
+        raise ConfigError(f"score_layer: expected one of {', '.join(DENSITY_LAYERS)}; got {layer!r}")
+    if layer == "hidden" and not isinstance(autoencoder, MLPAutoencoder):
+        raise ConfigError(
+            "score_layer: 'hidden' reads the first hidden layer of a fully connected encoder "
+            f"(mlp, linear, stacked, vae); got architecture {autoencoder.config.architecture!r}"
+        )
 
-    def __init__(self, reference: torch.Tensor, neighbours: int):
+
+def density_features(
+    autoencoder: Autoencoder, layer: str, x: torch.Tensor, code: torch.Tensor
+) -> torch.Tensor:
+    """(B, C) what the density term measures of rows `x` whose codes are `code`: the code
+    itself, or the encoder's first hidden layer (`check_layer`)."""
+    if layer == "code":
+        return code
+    return cast(MLPAutoencoder, autoencoder).encode_layer(0, x.flatten(1))
+
+
+class OutlierFactor(torch.nn.Module):
+    """Features (B, C) -> (B,) their local outlier factors among reference rows (R, C), kept
+    with each one's k-distance and local reachability density; `layer` names the features (a
+    `DENSITY_LAYERS` key)."""
+
+    def __init__(self, reference: torch.Tensor, neighbours: int, layer: str = "code"):
         super().__init__()
         self.neighbours = int(neighbours)
+        self.layer = layer
         k_distance, local_density = reference_neighbourhoods(reference, self.neighbours)
         self.register_buffer("reference", reference)
         self.register_buffer("k_distance", k_distance)
@@ -162,9 +196,10 @@ class CodeOutlierFactor(torch.nn.Module):
 
     @property
     def measure(self) -> str:
+        one, training = DENSITY_LAYERS[self.layer]
         return (
-            f"the local outlier factor of the code among the training codes "
-            f"({self.neighbours} neighbours; the codes kept in the graph)"
+            f"the local outlier factor of the {one} among the {training} "
+            f"({self.neighbours} neighbours; kept in the graph)"
         )
 
     def outlier_factor(self, squared: torch.Tensor) -> torch.Tensor:
@@ -177,16 +212,16 @@ class CodeOutlierFactor(torch.nn.Module):
 
     @classmethod
     def of_training(
-        cls, codes: torch.Tensor, neighbours: int, seed: int
-    ) -> tuple[CodeOutlierFactor, torch.Tensor]:
-        """The factor over the training `codes` (N, C) (at most `MAX_REFERENCE_CODES` of them,
-        a sample seeded by `seed` beyond that), and the (N,) factors of those codes themselves,
-        each leaving its own code out where it is a reference."""
+        cls, codes: torch.Tensor, neighbours: int, seed: int, layer: str = "code"
+    ) -> tuple[OutlierFactor, torch.Tensor]:
+        """The factor over the training rows' features `codes` (N, C) (at most
+        `MAX_REFERENCE_ROWS` of them, a sample seeded by `seed` beyond that), and the (N,)
+        factors of those rows themselves, each leaving its own out where it is a reference."""
         keep = torch.arange(len(codes))
-        if len(codes) > MAX_REFERENCE_CODES:
-            chosen = np.random.default_rng(seed).choice(len(codes), MAX_REFERENCE_CODES, False)
+        if len(codes) > MAX_REFERENCE_ROWS:
+            chosen = np.random.default_rng(seed).choice(len(codes), MAX_REFERENCE_ROWS, False)
             keep = torch.from_numpy(np.sort(chosen))
-        factor = cls(codes[keep].clone(), max(1, min(neighbours, len(keep) - 1)))
+        factor = cls(codes[keep].clone(), max(1, min(neighbours, len(keep) - 1)), layer)
         places = torch.full((len(codes),), -1)  # each row's place among the references
         places[keep] = torch.arange(len(keep))
         return factor, factor.leaving_out(codes, places)
@@ -203,15 +238,17 @@ class CodeOutlierFactor(torch.nn.Module):
         return torch.cat(factors)
 
 
-class CodeMahalanobis(torch.nn.Module):
-    """Codes (B, C) -> (B,) their squared Mahalanobis distances from the mean of the training
-    codes under their covariance (its eigenvalues floored at `EIGEN_FLOOR` of their mean, so
-    two rows or a code dimension the rows never use still give a finite distance)."""
+class MahalanobisDistance(torch.nn.Module):
+    """Features (B, C) -> (B,) their squared Mahalanobis distances from the mean of the
+    training rows' under their covariance (its eigenvalues floored at `EIGEN_FLOOR` of their
+    mean, so two rows or a dimension the rows never use still give a finite distance); `layer`
+    names the features (a `DENSITY_LAYERS` key)."""
 
     EIGEN_FLOOR = 1e-6
 
-    def __init__(self, codes: torch.Tensor):
+    def __init__(self, codes: torch.Tensor, layer: str = "code"):
         super().__init__()
+        self.layer = layer
         codes = codes.double()
         mean = codes.mean(0)
         centred = codes - mean
@@ -225,10 +262,13 @@ class CodeMahalanobis(torch.nn.Module):
     mean: torch.Tensor
     whitening: torch.Tensor
 
-    measure = (
-        "the squared Mahalanobis distance of the code from the training codes' mean under "
-        "their covariance"
-    )
+    @property
+    def measure(self) -> str:
+        one, training = DENSITY_LAYERS[self.layer]
+        return (
+            f"the squared Mahalanobis distance of the {one} from the {training}' mean under "
+            "their covariance"
+        )
 
     def forward(self, code: torch.Tensor) -> torch.Tensor:
         return ((code - self.mean) @ self.whitening).square().sum(1)
@@ -240,7 +280,7 @@ class NoveltyScore(torch.nn.Module):
     def __init__(
         self,
         autoencoder: Autoencoder,
-        density: CodeOutlierFactor | CodeMahalanobis | None,
+        density: OutlierFactor | MahalanobisDistance | None,
         scales: torch.Tensor,
         smooth: bool = True,
         residual_scale: torch.Tensor | None = None,
@@ -273,9 +313,16 @@ class NoveltyScore(torch.nn.Module):
         x = torch.as_tensor(np.asarray(train, dtype=np.float32))
         if len(x) < 2:
             raise ValueError(f"novelty score: need at least 2 training rows; got {len(x)}")
+        check_layer(autoencoder, settings.layer)
         kind = autoencoder.config.resolved_loss
         with torch.no_grad():
             codes = torch.cat([autoencoder.encode(batch) for batch in x.split(1024)])
+            features = torch.cat(
+                [
+                    density_features(autoencoder, settings.layer, batch, code)
+                    for batch, code in zip(x.split(1024), codes.split(1024), strict=True)
+                ]
+            )
             residual_scale = None
             if not is_image(autoencoder.image_shape):  # vectors: a residual spread per feature
                 differences = torch.cat(
@@ -285,11 +332,13 @@ class NoveltyScore(torch.nn.Module):
                     ]
                 )
                 residual_scale = differences.std(0).clamp(min=RESIDUAL_FLOOR)
-                density: CodeOutlierFactor | CodeMahalanobis = CodeMahalanobis(codes)
-                training_density = density(codes)
+                density: OutlierFactor | MahalanobisDistance = MahalanobisDistance(
+                    features, settings.layer
+                )
+                training_density = density(features)
             else:
-                density, training_density = CodeOutlierFactor.of_training(
-                    codes, settings.neighbours, seed
+                density, training_density = OutlierFactor.of_training(
+                    features, settings.neighbours, seed, settings.layer
                 )
             scorer = cls(autoencoder, density, identity.clone(), settings.smooth, residual_scale)
             recon = torch.cat(
@@ -351,7 +400,8 @@ class NoveltyScore(torch.nn.Module):
         recon = self.reconstruction(x, code)
         if self.density is None:
             return code, recon
+        features = density_features(self.autoencoder, self.density.layer, x, code)
         score = (recon - self.scales[0, 0]) / self.scales[0, 1] + (
-            self.density(code) - self.scales[1, 0]
+            self.density(features) - self.scales[1, 0]
         ) / self.scales[1, 1]
         return code, score

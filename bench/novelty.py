@@ -59,7 +59,7 @@ from aet.errors import UserError  # noqa: E402
 from aet.sklearn import AutoencoderEmbedder  # noqa: E402
 from aet.training.data import DATASETS, TableOptions, default_mnist_dir  # noqa: E402
 from aet.training.models import reconstruction_error  # noqa: E402
-from aet.training.novelty import NoveltyScore, ScoreSettings  # noqa: E402
+from aet.training.novelty import DENSITY_LAYERS, NoveltyScore, ScoreSettings  # noqa: E402
 from aet.training.recipes import load_recipe  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
@@ -134,6 +134,7 @@ class AutoencoderSettings:
     seeds: int = 1
     density: bool = True
     neighbours: int = 5
+    layer: str | None = None  # images: the density term's layer, None: the protocol's
 
 
 def load_rows(
@@ -266,6 +267,7 @@ def autoencoder_scores(
         layer = "code"
         if task.images:
             name, layer = IMAGE_RECIPES[task.protocol]
+            layer = settings.layer or layer
             recipe = load_recipe(name)
             recipe.update(
                 hidden_sizes=tuple(recipe["hidden_sizes"]),
@@ -392,7 +394,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--neighbours",
         type=int,
         default=5,
-        help="neighbours of the code's local outlier factor (images)",
+        help="neighbours of the density term's local outlier factor (images)",
+    )
+    parser.add_argument(
+        "--score-layer",
+        choices=list(DENSITY_LAYERS),
+        default=None,
+        help="the density term's layer for images (default: the protocol's, IMAGE_RECIPES)",
     )
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--output", type=Path, default=RESULTS, help=f"folder ({RESULTS})")
@@ -416,6 +424,7 @@ def main(argv: list[str] | None = None) -> int:
         seeds=args.seeds,
         density=not args.no_density,
         neighbours=args.neighbours,
+        layer=args.score_layer,
     )
     load_before = os.getloadavg()[0]
     started = time.perf_counter()

@@ -16,11 +16,11 @@ on the same normal rows of the 70 % and scored on the same 30 %, AUROC of "novel
 
 Methods: `autoencoder` is the score the exported graph serves (`training.novelty.NoveltyScore`,
 the module `aet export` writes, parity-checked against onnxruntime there) of an autoencoder
-trained as `aet pretrain --recipe novelty` (MNIST) or `novelty-small` (optdigits: exported with
-`--score-layer hidden`) trains one, or an MLP sized by the table's width D (tables: hidden 2 D and D, ELU, code D / 4, trained by the `gaussian` loss: a
-decoder that also predicts each value's variance); `ae-recon` its reconstruction term alone;
-for images `ae-unsmoothed` that term without its smoothing and `ae-bce` the mean binary
-cross-entropy served first.
+trained as `aet pretrain --recipe novelty` (MNIST) or `novelty-small` (optdigits, exported with
+`--score-layer hidden`) trains one, or an MLP sized by the table's width D (tables: hidden 2 D
+and D, ELU, code D / 4, trained by the `gaussian` loss: a decoder that also predicts each
+value's variance); `ae-recon` its reconstruction term alone; for images `ae-unsmoothed` that
+term without its smoothing and `ae-bce` the mean binary cross-entropy served first.
 Baselines (scikit-learn, set without test labels): PCA reconstruction error (components
 explaining 90 % of the variance of the normal training rows), IsolationForest (200 trees),
 OneClassSVM (gamma "scale", nu 0.1), LocalOutlierFactor(novelty=True) (20 neighbours), and the

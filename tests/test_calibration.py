@@ -30,8 +30,8 @@ from aet.training.data import load_dataset
 from aet.training.models import ModelConfig, build_autoencoder
 from aet.training.novelty import (
     MahalanobisDistance,
-    OutlierFactor,
     NoveltyScore,
+    OutlierFactor,
     ScoreSettings,
     local_outlier_factor,
     nearest,

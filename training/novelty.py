@@ -158,7 +158,9 @@ def reference_neighbourhoods(reference: torch.Tensor, k: int) -> tuple[torch.Ten
 def check_layer(autoencoder: Autoencoder, layer: str) -> None:
     """A ConfigError unless the density term can read `layer` of `autoencoder`."""
     if layer not in DENSITY_LAYERS:
-        raise ConfigError(f"score_layer: expected one of {', '.join(DENSITY_LAYERS)}; got {layer!r}")
+        raise ConfigError(
+            f"score_layer: expected one of {', '.join(DENSITY_LAYERS)}; got {layer!r}"
+        )
     if layer == "hidden" and not isinstance(autoencoder, MLPAutoencoder):
         raise ConfigError(
             "score_layer: 'hidden' reads the first hidden layer of a fully connected encoder "

@@ -31,7 +31,7 @@ from aet.training.export import (
     StandardizeModule,
     export_encoder,
 )
-from aet.training.models import ModelConfig, build_autoencoder
+from aet.training.models import ModelConfig
 from aet.training.novelty import DEFAULT_NEIGHBOURS, NoveltyScore, ScoreSettings, check_layer
 from aet.training.pretrain import PretrainConfig
 from aet.training.standardize import FeatureStandardizer
@@ -82,7 +82,7 @@ class AutoencoderEmbedder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Bas
         Neighbours of the density term's local outlier factor (images).
     score_layer : {"code", "hidden"}
         What the density term measures: the code, or the encoder's first hidden layer (fully
-        connected encoders; the `novelty-small` recipe's choice for small images).
+        connected encoders; the choice for small images with a small code, docs/novelty.md).
     image_shape : tuple (channels, height, width) or None
         The rows are flattened images of this shape: the novelty score smooths the difference
         between an image and its reconstruction before squaring it (`training.novelty`).
@@ -257,7 +257,7 @@ class AutoencoderEmbedder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Bas
         )
         try:  # the code size against X's width; the data sets' seeded cut, on X's rows
             config.model.check_input(image_shape)
-            check_layer(build_autoencoder(config.model, image_shape), self.score_layer)
+            check_layer(config.model.architecture, self.score_layer)
             dataset = cut_dataset(
                 "array",
                 rows_read,

@@ -16,8 +16,8 @@ on the same normal rows of the 70 % and scored on the same 30 %, AUROC of "novel
 
 Methods: `autoencoder` is the score the exported graph serves (`training.novelty.NoveltyScore`,
 the module `aet export` writes, parity-checked against onnxruntime there) of an autoencoder
-trained as `aet pretrain --recipe novelty` (MNIST) or `novelty-small` (optdigits, exported with
-`--score-layer hidden`) trains one, or an MLP sized by the table's width D (tables: hidden 2 D
+trained as `aet pretrain --recipe novelty` trains one (for optdigits with `--code-size 8`,
+exported with `--score-layer hidden`), or an MLP sized by the table's width D (tables: hidden 2 D
 and D, ELU, code D / 4, trained by the `gaussian` loss: a decoder that also predicts each
 value's variance); `ae-recon` its reconstruction term alone; for images `ae-unsmoothed` that
 term without its smoothing and `ae-bce` the mean binary cross-entropy served first.
@@ -65,9 +65,10 @@ from aet.training.recipes import load_recipe  # noqa: E402
 RESULTS = ROOT / "bench" / "results"
 PROTOCOLS = ("mnist", "optdigits", "wbc", "wine")
 BASELINES = ("pca", "iforest", "ocsvm", "lof", "knn")
-# Per image protocol: the recipe its autoencoder trains with (`aet pretrain --recipe R`) and the
-# layer its score's density term reads (`aet export --score-layer L`), as docs/novelty.md says.
-IMAGE_RECIPES = {"mnist": ("novelty", "code"), "optdigits": ("novelty-small", "hidden")}
+IMAGE_RECIPE = load_recipe("novelty")  # the image autoencoder: `aet pretrain --recipe novelty`
+# Per image protocol: the code size its autoencoder trains with (`--code-size C`) and the layer
+# its score's density term reads (`aet export --score-layer L`), as docs/novelty.md says.
+IMAGE_PROTOCOLS = {"mnist": (IMAGE_RECIPE["code_size"], "code"), "optdigits": (8, "hidden")}
 TABLE_EPOCHS = 120
 TRAIN_FRACTION = 0.7
 
@@ -123,18 +124,18 @@ class Task:
 
 @dataclass(frozen=True)
 class AutoencoderSettings:
-    """The autoencoder fitted per task: for images the hyper-parameters (`AutoencoderEmbedder`
-    names) of the protocol's recipe (`IMAGE_RECIPES`) with `image_epochs` and `code_size`,
-    each unless None, in place of its own; for tables `table_autoencoder` of the table's width,
-    `table_epochs` long."""
+    """The autoencoder fitted per task: for images the `novelty` recipe's hyper-parameters
+    (`AutoencoderEmbedder` names) with `image_epochs` in place of its own, and `code_size` and
+    the density term's `layer` unless None (then the protocol's, `IMAGE_PROTOCOLS`); for tables
+    `table_autoencoder` of the table's width, `table_epochs` long."""
 
-    image_epochs: int | None
+    image_epochs: int
     table_epochs: int
     code_size: int | None = None
     seeds: int = 1
     density: bool = True
     neighbours: int = 5
-    layer: str | None = None  # images: the density term's layer, None: the protocol's
+    layer: str | None = None
 
 
 def load_rows(
@@ -266,14 +267,10 @@ def autoencoder_scores(
     for offset in range(settings.seeds):
         layer = "code"
         if task.images:
-            name, layer = IMAGE_RECIPES[task.protocol]
-            layer = settings.layer or layer
-            recipe = load_recipe(name)
-            recipe.update(
-                hidden_sizes=tuple(recipe["hidden_sizes"]),
-                epochs=settings.image_epochs or recipe["epochs"],
-                code_size=settings.code_size or recipe["code_size"],
-            )
+            code_size, protocol_layer = IMAGE_PROTOCOLS[task.protocol]
+            layer = settings.layer or protocol_layer
+            recipe = {**IMAGE_RECIPE, "hidden_sizes": tuple(IMAGE_RECIPE["hidden_sizes"])}
+            recipe.update(epochs=settings.image_epochs, code_size=settings.code_size or code_size)
             embedder = AutoencoderEmbedder(
                 **recipe, image_shape=task.image_shape, seed=seed + offset
             )
@@ -381,11 +378,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--epochs",
         type=int,
         default=None,
-        help="image autoencoder epochs (default: the recipe's)",
+        help=f"image autoencoder epochs (default: the novelty recipe's {IMAGE_RECIPE['epochs']})",
     )
     parser.add_argument("--seeds", type=int, default=1, help="autoencoders averaged per task")
     parser.add_argument(
-        "--code-size", type=int, default=None, help="image code size (default: the recipe's)"
+        "--code-size", type=int, default=None, help="image code size (default: the protocol's)"
     )
     parser.add_argument(
         "--no-density", action="store_true", help="served score without the code density term"
@@ -400,7 +397,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--score-layer",
         choices=list(DENSITY_LAYERS),
         default=None,
-        help="the density term's layer for images (default: the protocol's, IMAGE_RECIPES)",
+        help="the density term's layer for images (default: the protocol's)",
     )
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--output", type=Path, default=RESULTS, help=f"folder ({RESULTS})")
@@ -409,8 +406,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.protocol = ["table"] if args.data_path is not None else list(PROTOCOLS)
     if args.digits is None:
         args.digits = [2, 8] if args.quick else list(range(10))  # quick: two hard digits
-    if args.epochs is None and args.quick:
-        args.epochs = 20
+    if args.epochs is None:
+        args.epochs = 20 if args.quick else IMAGE_RECIPE["epochs"]
     return args
 
 

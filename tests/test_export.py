@@ -195,7 +195,8 @@ def test_graph_is_small_with_a_dynamic_batch_and_matches_pytorch(exported, run_d
 def test_a_score_on_the_first_hidden_layer_exports_with_parity(exported, run_dir, tmp_path):
     """`--score-layer hidden`: the graph keeps the training rows' first hidden layers (16
     units here) for the density term; export's parity check passes, model.json says what the
-    term measures, and the embedding is the code-layer version's while the score is not."""
+    term measures, the embedding is the code-layer version's while the score is not, and the
+    layer is computed once."""
     version = export(
         ExportConfig(run=run_dir, repository=tmp_path / "exported", score_layer="hidden")
     )
@@ -212,6 +213,13 @@ def test_a_score_on_the_first_hidden_layer_exports_with_parity(exported, run_dir
     ]
     np.testing.assert_allclose(outputs[0][0], outputs[1][0], atol=1e-6)
     assert np.isfinite(outputs[0][1]).all() and not np.allclose(outputs[0][1], outputs[1][1])
+    # The graph computes the first hidden layer once, for the code and the density term alike
+    # (the server's request path gains the reference distances, not a second layer).
+    layers = [
+        sum(node.op_type == "Gemm" for node in onnx.load(folder / "model.onnx").graph.node)
+        for folder in (version, exported)
+    ]
+    assert layers[0] == layers[1]
 
 
 @pytest.mark.parametrize("architecture, hidden_sizes", [("vae", (16,)), ("conv", (4, 8))])

@@ -178,7 +178,7 @@ def test_conv_decoder_restores_odd_image_sizes():
         ({"loss": "l1"}, "valid: bce, mse, gaussian"),
         (
             {"architecture": "conv", "loss": "gaussian", "tied_weights": False},
-            "loss: gaussian .* needs architecture mlp, linear, stacked or vae; got conv",
+            "loss: gaussian .* needs architecture mlp, linear, stacked, vae; got conv",
         ),
         (
             {"hidden_sizes": ()},

@@ -195,7 +195,7 @@ def test_recipes_are_shipped_and_flags_override_them(tmp_path):
     from aet.training.pretrain import PretrainConfig, config_of, configure_parser
     from aet.training.recipes import load_recipe, recipe_names
 
-    assert {"digits", "images", "images-small", "novelty", "novelty-small"} <= set(recipe_names())
+    assert {"digits", "images", "images-small", "novelty"} <= set(recipe_names())
     for name in recipe_names():  # every shipped recipe is a valid configuration
         config_from_mapping(PretrainConfig, load_recipe(name))
 

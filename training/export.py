@@ -110,7 +110,8 @@ class ExportConfig:
         default="code",
         metadata={
             "help": "what the density term measures: the code, or the encoder's first hidden "
-            "layer (fully connected encoders; the `novelty-small` recipe's, docs/novelty.md)",
+            "layer (fully connected encoders; for small images with a small code, "
+            "docs/novelty.md)",
             "choices": list(DENSITY_LAYERS),
         },
     )

@@ -34,6 +34,7 @@ ACTIVATIONS: dict[str, type[nn.Module]] = {
 LOSSES = ("bce", "mse", "gaussian")
 LOG_VARIANCE_BOUND = 8.0  # `gaussian`: the predicted log-variances are clamped to +-8
 TIEABLE = ("mlp", "linear", "stacked")  # architectures built from transposable Linear layers
+FULLY_CONNECTED = (*TIEABLE, "vae")  # MLPAutoencoder and its VAE: every architecture but conv
 
 
 @dataclass(frozen=True)
@@ -100,10 +101,10 @@ class ModelConfig:
             )
         if self.code_size < 1:
             raise ConfigError(f"code_size: expected a positive size; got {self.code_size}")
-        if self.loss == "gaussian" and self.architecture == "conv":
+        if self.loss == "gaussian" and self.architecture not in FULLY_CONNECTED:
             raise ConfigError(
-                "loss: gaussian (a decoder predicting variances) needs architecture mlp, "
-                "linear, stacked or vae; got conv"
+                "loss: gaussian (a decoder predicting variances) needs architecture "
+                f"{', '.join(FULLY_CONNECTED)}; got {self.architecture}"
             )
         if self.tied_weights and self.architecture not in TIEABLE:
             raise ConfigError(

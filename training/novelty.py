@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from aet.config import ConfigError
-from aet.training.models import Autoencoder, MLPAutoencoder
+from aet.training.models import FULLY_CONNECTED, Autoencoder, MLPAutoencoder
 
 DEFAULT_NEIGHBOURS = 5
 MAX_REFERENCE_ROWS = 2000
@@ -155,16 +155,16 @@ def reference_neighbourhoods(reference: torch.Tensor, k: int) -> tuple[torch.Ten
     return k_distance, 1.0 / (reach.mean(1) + _LOF_EPS)
 
 
-def check_layer(autoencoder: Autoencoder, layer: str) -> None:
-    """A ConfigError unless the density term can read `layer` of `autoencoder`."""
+def check_layer(architecture: str, layer: str) -> None:
+    """A ConfigError unless the density term can read `layer` of an `architecture` encoder."""
     if layer not in DENSITY_LAYERS:
         raise ConfigError(
             f"score_layer: expected one of {', '.join(DENSITY_LAYERS)}; got {layer!r}"
         )
-    if layer == "hidden" and not isinstance(autoencoder, MLPAutoencoder):
+    if layer == "hidden" and architecture not in FULLY_CONNECTED:
         raise ConfigError(
             "score_layer: 'hidden' reads the first hidden layer of a fully connected encoder "
-            f"(mlp, linear, stacked, vae); got architecture {autoencoder.config.architecture!r}"
+            f"({', '.join(FULLY_CONNECTED)}); got architecture {architecture!r}"
         )
 
 
@@ -205,34 +205,34 @@ class OutlierFactor(torch.nn.Module):
         )
 
     def outlier_factor(self, squared: torch.Tensor) -> torch.Tensor:
-        """(B,) local outlier factors of codes at `squared` distances (B, R) to the references."""
+        """(B,) local outlier factors of rows at `squared` distances (B, R) to the references."""
         distances, index = nearest(squared, self.neighbours)
         return local_outlier_factor(distances, index, self.k_distance, self.local_density).float()
 
-    def forward(self, code: torch.Tensor) -> torch.Tensor:
-        return self.outlier_factor(squared_distances(code, self.reference))
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.outlier_factor(squared_distances(features, self.reference))
 
     @classmethod
     def of_training(
-        cls, codes: torch.Tensor, neighbours: int, seed: int, layer: str = "code"
+        cls, features: torch.Tensor, neighbours: int, seed: int, layer: str = "code"
     ) -> tuple[OutlierFactor, torch.Tensor]:
-        """The factor over the training rows' features `codes` (N, C) (at most
-        `MAX_REFERENCE_ROWS` of them, a sample seeded by `seed` beyond that), and the (N,)
-        factors of those rows themselves, each leaving its own out where it is a reference."""
-        keep = torch.arange(len(codes))
-        if len(codes) > MAX_REFERENCE_ROWS:
-            chosen = np.random.default_rng(seed).choice(len(codes), MAX_REFERENCE_ROWS, False)
+        """The factor over the training rows' `features` (N, C) (at most `MAX_REFERENCE_ROWS`
+        of them, a sample seeded by `seed` beyond that), and the (N,) factors of those rows
+        themselves, each leaving its own out where it is a reference."""
+        keep = torch.arange(len(features))
+        if len(features) > MAX_REFERENCE_ROWS:
+            chosen = np.random.default_rng(seed).choice(len(features), MAX_REFERENCE_ROWS, False)
             keep = torch.from_numpy(np.sort(chosen))
-        factor = cls(codes[keep].clone(), max(1, min(neighbours, len(keep) - 1)), layer)
-        places = torch.full((len(codes),), -1)  # each row's place among the references
+        factor = cls(features[keep].clone(), max(1, min(neighbours, len(keep) - 1)), layer)
+        places = torch.full((len(features),), -1)  # each row's place among the references
         places[keep] = torch.arange(len(keep))
-        return factor, factor.leaving_out(codes, places)
+        return factor, factor.leaving_out(features, places)
 
-    def leaving_out(self, codes: torch.Tensor, places: torch.Tensor) -> torch.Tensor:
-        """(N,) the factors of `codes`, each leaving out the reference at its place in
+    def leaving_out(self, features: torch.Tensor, places: torch.Tensor) -> torch.Tensor:
+        """(N,) the factors of `features`, each leaving out the reference at its place in
         `places` (-1: none)."""
         factors = []
-        for rows, own in zip(codes.split(1024), places.split(1024), strict=True):
+        for rows, own in zip(features.split(1024), places.split(1024), strict=True):
             squared = squared_distances(rows, self.reference)
             member = torch.nonzero(own >= 0).squeeze(1)
             squared[member, own[member]] = torch.inf
@@ -248,13 +248,13 @@ class MahalanobisDistance(torch.nn.Module):
 
     EIGEN_FLOOR = 1e-6
 
-    def __init__(self, codes: torch.Tensor, layer: str = "code"):
+    def __init__(self, features: torch.Tensor, layer: str = "code"):
         super().__init__()
         self.layer = layer
-        codes = codes.double()
-        mean = codes.mean(0)
-        centred = codes - mean
-        covariance = centred.T @ centred / max(len(codes) - 1, 1)
+        features = features.double()
+        mean = features.mean(0)
+        centred = features - mean
+        covariance = centred.T @ centred / max(len(features) - 1, 1)
         eigenvalues, eigenvectors = torch.linalg.eigh(covariance)
         floor = self.EIGEN_FLOOR * max(float(eigenvalues.clamp(min=0).mean()), _EPS)
         whitening = eigenvectors / eigenvalues.clamp(min=floor).sqrt()
@@ -272,8 +272,8 @@ class MahalanobisDistance(torch.nn.Module):
             "their covariance"
         )
 
-    def forward(self, code: torch.Tensor) -> torch.Tensor:
-        return ((code - self.mean) @ self.whitening).square().sum(1)
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return ((features - self.mean) @ self.whitening).square().sum(1)
 
 
 class NoveltyScore(torch.nn.Module):
@@ -315,7 +315,7 @@ class NoveltyScore(torch.nn.Module):
         x = torch.as_tensor(np.asarray(train, dtype=np.float32))
         if len(x) < 2:
             raise ValueError(f"novelty score: need at least 2 training rows; got {len(x)}")
-        check_layer(autoencoder, settings.layer)
+        check_layer(autoencoder.config.architecture, settings.layer)
         kind = autoencoder.config.resolved_loss
         with torch.no_grad():
             codes = torch.cat([autoencoder.encode(batch) for batch in x.split(1024)])
